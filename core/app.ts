@@ -1,0 +1,155 @@
+import 'reflect-metadata';
+import type { Logger } from 'pino';
+import { ConfigError } from './config/errors.js';
+import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js';
+import type { PetrelConfigInput } from './config/schema.js';
+import { buildContainer } from './di/root.js';
+import type { Spool } from './message/spool.js';
+import { Tokens } from './di/tokens.js';
+import { buildPluginSet } from './plugins/loader.js';
+import type { PluginDefinition } from './plugins/define.js';
+import { createLogger } from './services/logger.js';
+import type { MetricsRegistry } from './services/metrics.js';
+import type { Generation } from './smtp/generation.js';
+import { SmtpServer, type BoundListener } from './smtp/server.js';
+import { loadTls } from './smtp/tls.js';
+
+export interface PetrelOptions {
+  /** A config file; without it (and without `config`), discovery from `cwd`, then the embedded default. */
+  readonly configFile?: string;
+  /** A config object given in code (tests, embedding); relative paths resolve against `cwd`. */
+  readonly config?: PetrelConfigInput;
+  readonly cwd?: string;
+  /** Plugin definitions given in code, referred to by name from the config's `plugins`. */
+  readonly plugins?: readonly PluginDefinition[];
+  /** A logger to use instead of one built from the config. */
+  readonly logger?: Logger;
+}
+
+/**
+ * A running Petrel: the listeners, and the current generation (config + plugins) they serve.
+ * `reload()` builds a whole new generation first and swaps it in only if it is good.
+ */
+export class Petrel {
+  private gen: Generation;
+  private readonly server: SmtpServer;
+  private closed = false;
+  listeners: BoundListener[] = [];
+
+  private constructor(
+    gen: Generation,
+    private readonly opts: PetrelOptions,
+    readonly log: Logger,
+  ) {
+    this.gen = gen;
+    this.server = new SmtpServer(() => this.gen, log);
+  }
+
+  static async start(opts: PetrelOptions = {}): Promise<Petrel> {
+    const loaded = await Petrel.readConfig(opts);
+    const log = opts.logger ?? createLogger({ level: loaded.config.log.level, format: loaded.config.log.format });
+    const gen = await Petrel.build(loaded, opts, log);
+    const app = new Petrel(gen, opts, log);
+    try {
+      app.listeners = await app.server.listen(loaded.config.listeners);
+    } catch (err) {
+      await app.server.close(0);
+      await gen.plugins.retire();
+      throw err;
+    }
+    log.info(
+      { config: loaded.file, plugins: gen.plugins.plugins.map((p) => p.name), hostname: loaded.config.hostname },
+      'petrel started',
+    );
+    return app;
+  }
+
+  private static async readConfig(opts: PetrelOptions): Promise<LoadedConfig> {
+    if (opts.config) {
+      const cwd = opts.cwd ?? process.cwd();
+      return validateConfig(opts.config, '(inline config)', cwd);
+    }
+    return loadConfig({ file: opts.configFile, cwd: opts.cwd });
+  }
+
+  private static async build(
+    loaded: LoadedConfig,
+    opts: PetrelOptions,
+    log: Logger,
+    metrics?: MetricsRegistry,
+  ): Promise<Generation> {
+    const { config, file, baseDir } = loaded;
+    const tls = loadTls(config, file);
+    const container = buildContainer(config, { logger: log, metrics });
+    let spool: Spool;
+    try {
+      spool = container.resolve(Tokens.Spool);
+    } catch (err) {
+      throw ConfigError.one(file, 'spool.dir', `expected a writable folder at ${config.spool.dir}: ${(err as Error).message}`);
+    }
+    const inline = new Map((opts.plugins ?? []).map((p) => [p.name, p]));
+    const plugins = await buildPluginSet({ config, file, baseDir, container, log, inline });
+    return {
+      config,
+      file,
+      container,
+      plugins,
+      tls,
+      spool,
+      log,
+      metrics: container.resolve(Tokens.Metrics),
+      clock: container.resolve(Tokens.Clock),
+    };
+  }
+
+  get generation(): Generation {
+    return this.gen;
+  }
+
+  get metrics(): MetricsRegistry {
+    return this.gen.metrics;
+  }
+
+  /** Port of the first listener of a kind (handy with port 0). */
+  port(kind: BoundListener['kind'] = 'smtp'): number {
+    const l = this.listeners.find((x) => x.kind === kind);
+    if (!l) throw new Error(`no ${kind} listener`);
+    return l.port;
+  }
+
+  /**
+   * Re-reads the config and swaps in a new plugin set for new sessions; sessions in flight finish
+   * on the old one. A bad config is refused (logged and thrown) and the old one keeps running.
+   */
+  async reload(config?: PetrelConfigInput): Promise<void> {
+    let next: Generation;
+    try {
+      const loaded = config
+        ? validateConfig(config, '(inline config)', this.opts.cwd ?? process.cwd())
+        : await Petrel.readConfig({ ...this.opts, configFile: this.opts.configFile ?? this.gen.file });
+      next = await Petrel.build(loaded, this.opts, this.log, this.gen.metrics);
+      const before = JSON.stringify(this.gen.config.listeners);
+      if (JSON.stringify(next.config.listeners) !== before) {
+        this.log.warn('listeners changed in the config; restart to apply them');
+      }
+    } catch (err) {
+      this.log.error({ err: err instanceof ConfigError ? err.message : err }, 'reload refused; keeping the running config');
+      throw err;
+    }
+    const old = this.gen;
+    this.gen = next;
+    this.log.info({ config: next.file, plugins: next.plugins.plugins.map((p) => p.name) }, 'config reloaded');
+    await old.plugins.retire();
+  }
+
+  /** Stops accepting, drains sessions up to the configured deadline, closes the plugins. */
+  async stop(deadlineMs = this.gen.config.timeouts.shutdown): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.log.info({ sessions: this.server.connectionCount, deadlineMs }, 'shutting down');
+    await this.server.close(deadlineMs);
+    await this.gen.plugins.retire();
+    this.log.info('stopped');
+    this.log.flush?.();
+  }
+}

@@ -1,0 +1,107 @@
+#!/usr/bin/env node
+import 'reflect-metadata';
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { stringify } from 'yaml';
+import { Petrel } from '../app.js';
+import { ConfigError } from '../config/errors.js';
+import { loadConfig } from '../config/load.js';
+
+const USAGE = `Usage: petrel <command> [options]
+
+Commands:
+  start [--config FILE]          run the server (SIGHUP reloads the config, SIGTERM stops it)
+  config check [--config FILE]   validate the config and print the effective one
+  help                           this text
+
+Without --config, Petrel looks in the working directory for petrel.config.{yaml,yml,json,ts,mjs},
+.petrelrc[.yaml|.yml|.json] or a "petrel" key in package.json, then uses the embedded default.`;
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+async function start(configFile: string | undefined): Promise<void> {
+  const app = await Petrel.start({ configFile });
+  let stopping = false;
+  process.on('SIGHUP', () => {
+    app.reload().catch(() => undefined); // logged by reload; the old config keeps running
+  });
+  const stop = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    app.log.info({ signal }, 'signal received');
+    app.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        app.log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  // A bug must not take accepted mail down with it silently: log it, and let the service
+  // manager restart us (the durable queue is what guarantees nothing is lost).
+  process.on('uncaughtException', (err) => {
+    app.log.fatal({ err }, 'uncaught exception');
+    process.exitCode = 70;
+    stop('uncaughtException');
+  });
+  process.on('unhandledRejection', (err) => {
+    app.log.error({ err }, 'unhandled promise rejection');
+  });
+}
+
+async function configCheck(configFile: string | undefined): Promise<void> {
+  const loaded = await loadConfig({ file: configFile });
+  process.stdout.write(`# ${loaded.file}: OK\n`);
+  process.stdout.write(stringify(loaded.config));
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: 'string', short: 'c' },
+      help: { type: 'boolean', short: 'h' },
+      version: { type: 'boolean', short: 'v' },
+    },
+  });
+  if (values.version) {
+    process.stdout.write(`${version()}\n`);
+    return 0;
+  }
+  const [cmd, sub] = positionals;
+  if (values.help || !cmd || cmd === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return cmd || values.help ? 0 : 64;
+  }
+  if (cmd === 'start') {
+    await start(values.config);
+    return -1; // keeps running
+  }
+  if (cmd === 'config' && sub === 'check') {
+    await configCheck(values.config);
+    return 0;
+  }
+  process.stderr.write(`petrel: unknown command "${positionals.join(' ')}"\n\n${USAGE}\n`);
+  return 64;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code >= 0) process.exitCode = code;
+  },
+  (err: unknown) => {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`petrel: invalid configuration\n${err.message}\n`);
+      process.exitCode = 78; // EX_CONFIG
+    } else {
+      process.stderr.write(`petrel: ${(err as Error).stack ?? String(err)}\n`);
+      process.exitCode = 1;
+    }
+  },
+);

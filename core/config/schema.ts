@@ -1,0 +1,136 @@
+import { hostname as osHostname } from 'node:os';
+import { isIP } from 'node:net';
+import { z } from 'zod';
+import { parseDuration } from '../util/duration.js';
+
+/** A duration: milliseconds, or a string such as `30s`, `5m`, `4h`. */
+export const duration = z.union([z.number().nonnegative(), z.string()]).transform((v, ctx) => {
+  try {
+    return parseDuration(v);
+  } catch {
+    ctx.addIssue({ code: 'custom', message: `expected a duration like 250ms, 30s, 5m or 4h, got "${v}"` });
+    return z.NEVER;
+  }
+});
+
+const size = z.number().int().positive();
+
+export const limitsSchema = z
+  .object({
+    /** RFC 1870 SIZE: the largest message accepted, in octets. */
+    maxMessageSize: size.default(26_214_400),
+    maxRecipients: size.default(100),
+    /** Longest command line, CRLF included (RFC 5321 §4.5.3.1.4 allows 512 plus extensions). */
+    maxLineLength: z.number().int().min(512).default(2048),
+    /** Unknown or malformed commands before the connection is closed. */
+    maxUnknownCommands: size.default(10),
+    /** Failed AUTH attempts in one session before it is closed. */
+    maxAuthFailures: size.default(3),
+    maxConnections: size.default(1000),
+    maxConnectionsPerIp: size.default(50),
+    /** Bytes of header block parsed at end of data; a longer block is stored but not parsed further. */
+    maxHeaderBytes: size.default(1_048_576),
+  })
+  .strict();
+
+export const timeoutsSchema = z
+  .object({
+    /** Waiting for a complete command line (RFC 5321 §4.5.3.2.7: at least 5 minutes). */
+    command: duration.default(300_000),
+    /** Waiting for the next chunk of message content. */
+    data: duration.default(180_000),
+    /** Hold the greeting this long; a client that talks first is refused (an early talker). */
+    greetingDelay: duration.default(0),
+    /** Per-hook time limit; a plugin entry may override it with `timeout`. */
+    hook: duration.default(30_000),
+    /** On SIGTERM, how long sessions may finish before the rest get `421 4.3.2`. */
+    shutdown: duration.default(30_000),
+  })
+  .strict();
+
+const listenerSchema = z
+  .object({
+    kind: z.enum(['smtp', 'submission', 'submissions']),
+    /** A name for logs; defaults to `kind:port`. */
+    name: z.string().min(1).optional(),
+    address: z
+      .string()
+      .refine((a) => isIP(a) !== 0, { message: 'expected an IP address such as 127.0.0.1 or ::' })
+      .default('127.0.0.1'),
+    port: z.number().int().min(0).max(65535),
+    /** Offer AUTH without TLS on this listener (never on the open internet). */
+    allowInsecureAuth: z.boolean().default(false),
+    /** Per-listener overrides of the top-level `limits`. */
+    limits: limitsSchema.partial().optional(),
+  })
+  .strict();
+
+const certPair = z.object({ cert: z.string().min(1), key: z.string().min(1) }).strict();
+
+const pluginEntry = z.union([
+  z.string().min(1),
+  z
+    .object({
+      name: z.string().min(1),
+      config: z.unknown().optional(),
+      /** Per-plugin hook timeout, overriding `timeouts.hook`. */
+      timeout: duration.optional(),
+      enabled: z.boolean().default(true),
+    })
+    .strict(),
+]);
+
+export const configSchema = z
+  .object({
+    /** The name this server gives itself in the greeting, EHLO reply and Received: headers. */
+    hostname: z.string().min(1).default(osHostname()),
+    listeners: z.array(listenerSchema).min(1),
+    tls: certPair.extend({ sni: z.record(z.string(), certPair).default({}) }).strict().optional(),
+    dns: z
+      .object({
+        servers: z.array(z.string().min(1)).min(1).optional(),
+        /** Per-query timeout. */
+        timeout: duration.default(5000),
+      })
+      .strict()
+      .default({ timeout: 5000 }),
+    limits: limitsSchema.default(limitsSchema.parse({})),
+    timeouts: timeoutsSchema.default(timeoutsSchema.parse({})),
+    smtp: z
+      .object({
+        /**
+         * Bare LF or bare CR in message content: `reject` refuses the message with 5xx (the SMTP
+         * smuggling guard); `normalize` turns each into CRLF. End of data is always CRLF.CRLF.
+         */
+        bareLineEndings: z.enum(['reject', 'normalize']).default('reject'),
+        /** Text after the hostname in the 220 greeting. */
+        banner: z.string().default('ESMTP Petrel'),
+      })
+      .strict()
+      .default({ bareLineEndings: 'reject', banner: 'ESMTP Petrel' }),
+    spool: z
+      .object({
+        dir: z.string().min(1).default('./var/spool'),
+        /** Bodies up to this size stay in memory while received; larger ones spill to the spool. */
+        memoryThreshold: z.number().int().nonnegative().default(262_144),
+      })
+      .strict()
+      .default({ dir: './var/spool', memoryThreshold: 262_144 }),
+    log: z
+      .object({
+        level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+        /** `auto`: pretty on a terminal, JSON otherwise. */
+        format: z.enum(['auto', 'json', 'pretty']).default('auto'),
+      })
+      .strict()
+      .default({ level: 'info', format: 'auto' }),
+    plugins: z.array(pluginEntry).default([]),
+  })
+  .strict();
+
+export type PetrelConfigInput = z.input<typeof configSchema>;
+export type PetrelConfig = z.output<typeof configSchema>;
+export type Limits = z.output<typeof limitsSchema>;
+export type Timeouts = z.output<typeof timeoutsSchema>;
+export type ListenerConfig = PetrelConfig['listeners'][number];
+export type PluginEntry = PetrelConfig['plugins'][number];

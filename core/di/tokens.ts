@@ -1,0 +1,32 @@
+import type { Logger } from 'pino';
+import type { PetrelConfig } from '../config/schema.js';
+import type { Clock } from '../services/clock.js';
+import type { DnsResolver } from '../services/dns.js';
+import type { MetricsRegistry } from '../services/metrics.js';
+import type { Spool } from '../message/spool.js';
+
+/** A DI token that carries the type of what it resolves to. */
+export type Token<T> = symbol & { readonly __type?: T };
+
+function token<T>(name: string): Token<T> {
+  return Symbol.for(`petrel.${name}`) as Token<T>;
+}
+
+/**
+ * Every service the core provides, by token. Plugins get them with `api.resolve(Tokens.X)`.
+ * One file, so that the list of services is the list here.
+ */
+export const Tokens = {
+  /** The validated config of this generation (it changes on reload). */
+  Config: token<PetrelConfig>('Config'),
+  /** The root logger; plugins get a child logger in their setup API instead. */
+  Logger: token<Logger>('Logger'),
+  /** DNS lookups, through `dns.servers` when configured. */
+  Dns: token<DnsResolver>('Dns'),
+  Clock: token<Clock>('Clock'),
+  Metrics: token<MetricsRegistry>('Metrics'),
+  /** Where message bodies are spooled while a session receives them. */
+  Spool: token<Spool>('Spool'),
+} as const;
+
+export type TokenName = keyof typeof Tokens;

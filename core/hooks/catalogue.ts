@@ -1,0 +1,208 @@
+import type { Address } from '../message/address.js';
+import type { Headers, HeaderField } from '../message/headers.js';
+import type { Notes } from '../message/notes.js';
+import type { Readable } from 'node:stream';
+import type { Verdict } from './verdict.js';
+
+/** The kinds of listener (ARCHITECTURE: MX on 25, submission on 587, implicit TLS on 465). */
+export type ListenerKind = 'smtp' | 'submission' | 'submissions';
+
+export interface Endpoint {
+  readonly address: string;
+  readonly port: number;
+}
+
+export interface TlsInfo {
+  readonly protocol: string;
+  readonly cipher: string;
+  /** SNI name the client asked for, if any. */
+  readonly servername?: string;
+}
+
+/** What a plugin may read about the connection. Fields fill in as the session goes on. */
+export interface SessionView {
+  readonly id: string;
+  readonly remote: Endpoint;
+  readonly local: Endpoint;
+  readonly listener: { readonly kind: ListenerKind; readonly name: string };
+  /** The HELO/EHLO the client gave, once accepted. */
+  readonly helo: { readonly verb: 'HELO' | 'EHLO'; readonly hostname: string } | null;
+  readonly tls: TlsInfo | null;
+  /** The authenticated user name, once AUTH succeeded. */
+  readonly user: string | null;
+  readonly startedAt: Date;
+  /** Per-connection notes: survive RSET and new transactions. */
+  readonly notes: Notes;
+}
+
+/** RFC 3461 DSN parameters of a recipient. */
+export interface RecipientParams {
+  /** NOTIFY: NEVER, or any of SUCCESS, FAILURE, DELAY. Absent when the client gave none. */
+  readonly notify?: readonly ('NEVER' | 'SUCCESS' | 'FAILURE' | 'DELAY')[];
+  /** ORCPT: address type and the decoded original recipient. */
+  readonly orcpt?: { readonly type: string; readonly address: string };
+}
+
+export interface Recipient {
+  readonly address: Address;
+  readonly params: RecipientParams;
+}
+
+/** MAIL FROM parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3461 RET/ENVID). */
+export interface MailParams {
+  readonly size?: number;
+  readonly body?: '7BIT' | '8BITMIME';
+  readonly smtputf8: boolean;
+  readonly ret?: 'FULL' | 'HDRS';
+  readonly envid?: string;
+  /** RFC 4954 AUTH= parameter, kept as given (xtext decoded); `<>` when the client sent it. */
+  readonly auth?: string;
+}
+
+export interface TransactionView {
+  readonly id: string;
+  /** The envelope sender; null is the null reverse-path `<>` (bounces). */
+  readonly sender: Address | null;
+  readonly mailParams: MailParams;
+  /** Recipients accepted so far. */
+  readonly recipients: readonly Recipient[];
+  /** Per-transaction notes: cleared at RSET and at the end of each transaction. */
+  readonly notes: Notes;
+}
+
+/** The received message, at `data_post` and `queue`. */
+export interface MessageView {
+  /** Header fields as the client sent them (without headers added here). */
+  readonly headers: Headers;
+  /** Size in octets as received (after dot-unstuffing), without added headers. */
+  readonly size: number;
+  /** Header fields added by the server (`Received:`, and any from `data_post`), newest first. */
+  readonly addedHeaders: readonly HeaderField[];
+  /** The whole message as it will be stored: added headers, then the received octets. */
+  stream(): Readable;
+  /** The received octets only. */
+  streamRaw(): Readable;
+  /** Forces the body onto disk and returns the spool file's path (a queue may adopt it). */
+  toFile(): Promise<string>;
+}
+
+/** Every hook call also gets a signal that aborts when its time is up. */
+interface Base {
+  readonly session: SessionView;
+  readonly signal: AbortSignal;
+}
+
+export interface ConnectContext extends Base {}
+export interface HeloContext extends Base {
+  readonly verb: 'HELO' | 'EHLO';
+  readonly hostname: string;
+}
+export interface CapabilitiesContext extends Base {}
+export interface AuthContext extends Base {
+  readonly mechanism: 'PLAIN' | 'LOGIN';
+  readonly username: string;
+  /** The password. Never log it; the logger redacts `password` keys, but not free text. */
+  readonly password: string;
+  /** SASL authorization identity (PLAIN), or empty. */
+  readonly authzid: string;
+}
+export interface MailContext extends Base {
+  readonly transaction: TransactionView;
+  readonly sender: Address | null;
+  readonly params: MailParams;
+}
+export interface RcptContext extends Base {
+  readonly transaction: TransactionView;
+  readonly recipient: Address;
+  readonly params: RecipientParams;
+}
+export interface DataContext extends Base {
+  readonly transaction: TransactionView;
+}
+export interface DataPostContext extends Base {
+  readonly transaction: TransactionView;
+  readonly message: MessageView;
+  /** Adds a header field on top of the message (above `Received:`). */
+  prependHeader(name: string, value: string): void;
+}
+export interface QueueContext extends Base {
+  readonly transaction: TransactionView;
+  readonly message: MessageView;
+}
+export interface ResetContext extends Base {
+  readonly transaction: TransactionView;
+  /** How the transaction ended. */
+  readonly outcome: 'queued' | 'rejected' | 'aborted';
+}
+export interface DisconnectContext extends Base {}
+export interface UnrecognizedCommandContext extends Base {
+  /** The command verb, upper-cased. */
+  readonly verb: string;
+  /** The rest of the line after the verb. */
+  readonly args: string;
+}
+
+/**
+ * The hook catalogue: every hook name, its context, and what it returns. A plugin can only name
+ * hooks that are keys here; the loader refuses anything else.
+ */
+export interface HookMap {
+  /** A client connected. Deny: `554` greeting and every command but QUIT refused. Defer/disconnect: `421` and close. */
+  connect: (ctx: ConnectContext) => Promise<Verdict>;
+  /** HELO or EHLO. Deny/defer is the reply to HELO/EHLO itself; the client must try again. */
+  helo: (ctx: HeloContext) => Promise<Verdict>;
+  /** Extra EHLO keywords (e.g. `XCLIENT ADDR NAME`). Every plugin's keywords are listed. */
+  capabilities: (ctx: CapabilitiesContext) => Promise<readonly string[]>;
+  /** Verify AUTH credentials. Accept authenticates; deny or nobody accepting is `535 5.7.8`. */
+  auth: (ctx: AuthContext) => Promise<Verdict>;
+  /** MAIL FROM. Proceeding through the chain accepts the sender. */
+  mail: (ctx: MailContext) => Promise<Verdict>;
+  /** RCPT TO. Someone must accept: a recipient nobody accepts is refused (`550 5.7.1`). */
+  rcpt: (ctx: RcptContext) => Promise<Verdict>;
+  /** DATA or the first BDAT, before any content is read. */
+  data: (ctx: DataContext) => Promise<Verdict>;
+  /** The message is received (headers parsed, body spooled), before it is queued. */
+  data_post: (ctx: DataPostContext) => Promise<Verdict>;
+  /** Take ownership. Only an accept gives the client `250`; nobody accepting is `451 4.3.0`. */
+  queue: (ctx: QueueContext) => Promise<Verdict>;
+  /** A transaction ended (queued, rejected or aborted). Runs even when the client has gone. */
+  reset: (ctx: ResetContext) => Promise<void>;
+  /** The connection closed. Runs even when the client has gone. */
+  disconnect: (ctx: DisconnectContext) => Promise<void>;
+  /** A command the engine does not know. Proceed: `500 5.5.1` (`502 5.5.1` for EXPN/ETRN/TURN). */
+  unrecognized_command: (ctx: UnrecognizedCommandContext) => Promise<Verdict>;
+}
+
+export type HookName = keyof HookMap;
+export type HookContext<K extends HookName> = Parameters<HookMap[K]>[0];
+export type HookResult<K extends HookName> = Awaited<ReturnType<HookMap[K]>>;
+
+/** The hooks a plugin implements. */
+export type Hooks = { readonly [K in HookName]?: HookMap[K] };
+
+/** Every hook name, in the order a session meets them. */
+export const HOOK_NAMES: readonly HookName[] = [
+  'connect',
+  'helo',
+  'capabilities',
+  'auth',
+  'mail',
+  'rcpt',
+  'data',
+  'data_post',
+  'queue',
+  'reset',
+  'disconnect',
+  'unrecognized_command',
+] as const;
+
+/** Hooks that return a verdict and stop at the first decisive one. */
+export type VerdictHookName = {
+  [K in HookName]: HookResult<K> extends Verdict ? K : never;
+}[HookName];
+/** Hooks that tell, run every plugin, and ignore failures (after logging them). */
+export type NotifyHookName = 'reset' | 'disconnect';
+
+export function isHookName(name: string): name is HookName {
+  return (HOOK_NAMES as readonly string[]).includes(name);
+}

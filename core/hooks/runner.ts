@@ -1,0 +1,118 @@
+import type { Logger } from 'pino';
+import type { HookContext, HookMap, HookName, NotifyHookName, VerdictHookName } from './catalogue.js';
+import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
+
+export interface RegisteredHook<K extends HookName> {
+  readonly plugin: string;
+  readonly fn: HookMap[K];
+  readonly timeoutMs: number;
+}
+
+export type HookTable = { readonly [K in HookName]: readonly RegisteredHook<K>[] };
+
+export type CallContext<K extends HookName> = Omit<HookContext<K>, 'signal'>;
+
+export interface VerdictOutcome {
+  readonly verdict: Verdict;
+  /** The plugin whose verdict decided, or null when every plugin proceeded. */
+  readonly plugin: string | null;
+  /** The deciding plugin threw or timed out (the verdict is then the generic 451 4.3.0). */
+  readonly failed: boolean;
+}
+
+export class HookTimeoutError extends Error {
+  constructor(plugin: string, hook: string, ms: number) {
+    super(`plugin ${plugin} hook ${hook} did not finish within ${ms} ms`);
+    this.name = 'HookTimeoutError';
+  }
+}
+
+/** What the client sees when a plugin fails: generic text, the detail goes to the log. */
+export const FAILURE_VERDICT: Verdict = defer(451, '4.3.0', 'Temporary local problem, please try again later');
+
+const NO_DECISION: VerdictOutcome = Object.freeze({ verdict: proceed(), plugin: null, failed: false });
+
+/**
+ * Runs the hooks of one plugin set. Chains run in config order; the first decisive verdict wins;
+ * a throw, a timeout or a non-verdict result becomes `451 4.3.0` plus a log line naming plugin
+ * and hook. Never a crash, never a silent accept.
+ */
+export class HookRunner {
+  constructor(
+    private readonly table: HookTable,
+    private readonly log: Logger,
+  ) {}
+
+  has(name: HookName): boolean {
+    return this.table[name].length > 0;
+  }
+
+  async verdict<K extends VerdictHookName>(name: K, ctx: CallContext<K>): Promise<VerdictOutcome> {
+    for (const hook of this.table[name]) {
+      let result: unknown;
+      try {
+        result = await this.call(name, hook, ctx);
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: name, session: ctx.session.id, err }, 'hook failed');
+        return { verdict: FAILURE_VERDICT, plugin: hook.plugin, failed: true };
+      }
+      if (!isVerdict(result)) {
+        this.log.error(
+          { plugin: hook.plugin, hook: name, session: ctx.session.id, got: typeof result },
+          'hook returned something that is not a verdict',
+        );
+        return { verdict: FAILURE_VERDICT, plugin: hook.plugin, failed: true };
+      }
+      if (result.kind !== 'proceed') return { verdict: result, plugin: hook.plugin, failed: false };
+    }
+    return NO_DECISION;
+  }
+
+  /** Runs every plugin's hook; failures are logged and do not stop the others. */
+  async notify<K extends NotifyHookName>(name: K, ctx: CallContext<K>): Promise<void> {
+    for (const hook of this.table[name]) {
+      try {
+        await this.call(name, hook, ctx);
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: name, session: ctx.session.id, err }, 'hook failed');
+      }
+    }
+  }
+
+  /** Collects EHLO keywords from every plugin; a failing plugin adds none. */
+  async capabilities(ctx: CallContext<'capabilities'>): Promise<string[]> {
+    const out: string[] = [];
+    for (const hook of this.table.capabilities) {
+      try {
+        const words = await this.call('capabilities', hook, ctx);
+        if (!Array.isArray(words)) throw new TypeError('capabilities must return an array of strings');
+        for (const w of words) {
+          // A keyword is one line: refuse anything that could inject a reply line.
+          if (typeof w === 'string' && /^[A-Za-z0-9][A-Za-z0-9 =\-_.]*$/.test(w)) out.push(w);
+          else this.log.warn({ plugin: hook.plugin, keyword: String(w) }, 'ignored invalid EHLO keyword');
+        }
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: 'capabilities', session: ctx.session.id, err }, 'hook failed');
+      }
+    }
+    return out;
+  }
+
+  private async call<K extends HookName>(name: K, hook: RegisteredHook<K>, ctx: CallContext<K>): Promise<unknown> {
+    const controller = new AbortController();
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const err = new HookTimeoutError(hook.plugin, name, hook.timeoutMs);
+        controller.abort(err);
+        reject(err);
+      }, hook.timeoutMs);
+    });
+    try {
+      const fn = hook.fn as (c: HookContext<K>) => Promise<unknown>;
+      return await Promise.race([fn({ ...ctx, signal: controller.signal } as HookContext<K>), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}

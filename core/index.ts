@@ -1,0 +1,17 @@
+/**
+ * Petrel's public API: what `import … from 'petrel'` gives a plugin file anywhere on disk.
+ */
+export { z } from 'zod';
+export { definePlugin, type PluginApi, type PluginDefinition } from './plugins/define.js';
+export { proceed, accept, deny, defer, disconnect, type Verdict, type ReplySpec } from './hooks/verdict.js';
+export { defineNote, Notes, type NoteKey } from './message/notes.js';
+export { Tokens, type Token } from './di/tokens.js';
+export { Petrel, type PetrelOptions } from './app.js';
+export { ConfigError } from './config/errors.js';
+export type { Address } from './message/address.js';
+export type { Headers, HeaderField } from './message/headers.js';
+export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
+export type { DnsResolver, MxRecord } from './services/dns.js';
+export type { Clock } from './services/clock.js';
+export type { MetricsRegistry } from './services/metrics.js';
+export type * from './hooks/catalogue.js';

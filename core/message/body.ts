@@ -1,0 +1,125 @@
+import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { once } from 'node:events';
+
+/**
+ * The spooled body of one message: chunks are kept in memory up to a threshold and then spill to
+ * a file in the spool's `incoming/` folder. Either way the body is a list of Buffers or a file —
+ * never one big string — and it is read back as a stream.
+ *
+ * Writes apply back-pressure: `write()` returns a promise when the file stream's buffer is full,
+ * and the session stops reading from the socket until it settles.
+ */
+export class SpooledBody {
+  private chunks: Buffer[] = [];
+  private file: WriteStream | null = null;
+  private filePath: string | null = null;
+  private bytes = 0;
+  private ended = false;
+  private error: Error | null = null;
+
+  constructor(
+    private readonly dir: string,
+    private readonly name: string,
+    private readonly threshold: number,
+  ) {}
+
+  get size(): number {
+    return this.bytes;
+  }
+
+  /** Path of the spilled file, or null while the body is in memory. */
+  get path(): string | null {
+    return this.filePath;
+  }
+
+  write(chunk: Buffer): Promise<void> | undefined {
+    if (this.ended) throw new Error('write after end');
+    if (this.error) throw this.error;
+    if (chunk.length === 0) return undefined;
+    this.bytes += chunk.length;
+    if (this.file) {
+      return this.file.write(chunk) ? undefined : this.drain();
+    }
+    this.chunks.push(chunk);
+    if (this.bytes > this.threshold) return this.spill();
+    return undefined;
+  }
+
+  /** Waits for the file buffer to drain, or rejects with the file's error (disk full, EACCES…). */
+  private drain(): Promise<void> {
+    const file = this.file!;
+    return new Promise((resolve, reject) => {
+      const done = (err?: Error): void => {
+        file.off('drain', done);
+        file.off('error', done);
+        if (err) reject(err);
+        else resolve();
+      };
+      file.on('drain', done);
+      file.on('error', done);
+    });
+  }
+
+  private spill(): Promise<void> | undefined {
+    this.filePath = join(this.dir, this.name);
+    // The spool creates its folder at start; opening is synchronous to order every later write.
+    const file = createWriteStream(this.filePath, { flags: 'wx', mode: 0o600, highWaterMark: 256 * 1024 });
+    file.on('error', (e) => (this.error = e));
+    this.file = file;
+    const pending = this.chunks;
+    this.chunks = [];
+    let full = false;
+    for (const c of pending) full = !file.write(c) || full;
+    return full ? this.drain() : undefined;
+  }
+
+  async end(): Promise<void> {
+    this.ended = true;
+    if (this.file) {
+      const file = this.file;
+      if (this.error) throw this.error;
+      await new Promise<void>((resolve, reject) => {
+        file.once('error', reject);
+        file.end(() => resolve());
+      });
+    }
+  }
+
+  /** Forces the body onto disk (e.g. for a queue that adopts the file) and returns its path. */
+  async toFile(): Promise<string> {
+    if (!this.filePath) {
+      const wasEnded = this.ended;
+      this.ended = false;
+      await this.spill();
+      if (wasEnded) await this.end();
+      else this.ended = false;
+    }
+    return this.filePath!;
+  }
+
+  /** Reads the body back as a stream of Buffers. */
+  stream(): Readable {
+    if (!this.ended) throw new Error('read before end');
+    if (this.filePath) return createReadStream(this.filePath, { highWaterMark: 256 * 1024 });
+    return Readable.from(this.chunks, { objectMode: false });
+  }
+
+  /** Releases memory and removes the spilled file, if any. */
+  async discard(): Promise<void> {
+    this.chunks = [];
+    const file = this.file;
+    this.file = null;
+    if (file && !file.closed) {
+      file.destroy();
+      await once(file, 'close').catch(() => undefined);
+    }
+    if (this.filePath) {
+      const p = this.filePath;
+      this.filePath = null;
+      await rm(p, { force: true });
+    }
+  }
+}

@@ -1,0 +1,70 @@
+export interface HeaderField {
+  /** Field name as written, e.g. `Subject`. */
+  readonly name: string;
+  /** Unfolded value with the leading space removed (RFC 5322 §2.2.3). */
+  readonly value: string;
+}
+
+/**
+ * The header block of a message, parsed once at end of data. Lookups are case-insensitive.
+ * Values are decoded as UTF-8 (RFC 6532 allows it); encoded words are left as they are.
+ */
+export class Headers {
+  private readonly fields: HeaderField[];
+
+  constructor(fields: HeaderField[]) {
+    this.fields = fields;
+  }
+
+  static parse(block: Buffer): Headers {
+    const text = block.toString('utf8');
+    const fields: HeaderField[] = [];
+    let current: { name: string; value: string } | null = null;
+    for (const raw of text.split(/\r?\n/)) {
+      if (raw === '') break;
+      if ((raw.startsWith(' ') || raw.startsWith('\t')) && current) {
+        current.value += raw; // unfolding: drop the CRLF, keep the white space
+        continue;
+      }
+      const colon = raw.indexOf(':');
+      if (colon <= 0) {
+        current = null; // not a header line; ignore (malformed, or the start of a body without a blank line)
+        continue;
+      }
+      current = { name: raw.slice(0, colon).trim(), value: raw.slice(colon + 1).replace(/^[ \t]+/, '') };
+      fields.push(current);
+    }
+    return new Headers(fields);
+  }
+
+  get(name: string): string | undefined {
+    const lower = name.toLowerCase();
+    return this.fields.find((f) => f.name.toLowerCase() === lower)?.value;
+  }
+
+  getAll(name: string): string[] {
+    const lower = name.toLowerCase();
+    return this.fields.filter((f) => f.name.toLowerCase() === lower).map((f) => f.value);
+  }
+
+  has(name: string): boolean {
+    return this.get(name) !== undefined;
+  }
+
+  count(name: string): number {
+    return this.getAll(name).length;
+  }
+
+  list(): readonly HeaderField[] {
+    return this.fields;
+  }
+}
+
+/** Formats one header field for the wire, refusing values that would inject lines. */
+export function formatHeaderField(name: string, value: string): string {
+  if (!/^[\x21-\x39\x3b-\x7e]+$/.test(name)) throw new TypeError(`invalid header name "${name}"`);
+  // Keep folding white space that is already a valid fold; refuse bare CR/LF anywhere else.
+  const folded = value.replace(/\r?\n(?=[ \t])/g, '\r\n');
+  if (/\r(?!\n[ \t])|(?<!\r)\n/.test(folded)) throw new TypeError(`header ${name} has a line break that is not a fold`);
+  return `${name}: ${folded}\r\n`;
+}

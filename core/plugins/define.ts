@@ -1,0 +1,65 @@
+import type { Logger } from 'pino';
+import type { z } from 'zod';
+import type { Hooks } from '../hooks/catalogue.js';
+import type { Token } from '../di/tokens.js';
+
+/** What a plugin's `setup` receives. */
+export interface PluginApi<C> {
+  /** The plugin's name (as in the config). */
+  readonly name: string;
+  /** Its config, validated by its schema (defaults applied). */
+  readonly config: C;
+  /** A child logger tagged with the plugin's name. */
+  readonly log: Logger;
+  /** The server's hostname from the config. */
+  readonly hostname: string;
+  /** The folder of the config file: resolve a plugin's relative paths against it. */
+  readonly baseDir: string;
+  /** A core service (`Tokens.Dns`, `Tokens.Clock`, …), resolved from the server's container. */
+  resolve<T>(token: Token<T>): T;
+  /** Runs when this plugin set is retired (reload or shutdown), after its last session ended. */
+  onClose(fn: () => void | Promise<void>): void;
+}
+
+const BRAND = Symbol.for('petrel.plugin');
+
+export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
+  readonly name: string;
+  readonly config?: S;
+  setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
+  readonly [BRAND]: true;
+}
+
+/**
+ * Declares a plugin. The config schema (zod, re-exported as `z` from `petrel`) is checked at boot;
+ * `setup` runs once per plugin set and returns the hooks, as data, for the core to validate.
+ *
+ * ```ts
+ * export default definePlugin({
+ *   name: 'no-example',
+ *   config: z.object({ message: z.string().default('No mail for example.com') }),
+ *   setup({ config }) {
+ *     return {
+ *       async rcpt({ recipient }) {
+ *         return recipient.domain === 'example.com' ? deny(550, '5.7.1', config.message) : proceed();
+ *       },
+ *     };
+ *   },
+ * });
+ * ```
+ */
+export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, never>>>(def: {
+  name: string;
+  config?: S;
+  setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
+}): PluginDefinition<S> {
+  if (typeof def?.name !== 'string' || !/^[a-z0-9][a-z0-9-_.]*$/i.test(def.name)) {
+    throw new TypeError(`definePlugin: name must be a simple identifier, got ${JSON.stringify(def?.name)}`);
+  }
+  if (typeof def.setup !== 'function') throw new TypeError(`definePlugin(${def.name}): setup must be a function`);
+  return Object.freeze({ ...def, [BRAND]: true as const });
+}
+
+export function isPluginDefinition(v: unknown): v is PluginDefinition {
+  return typeof v === 'object' && v !== null && (v as Record<symbol, unknown>)[BRAND] === true;
+}

@@ -1,0 +1,242 @@
+import { existsSync } from 'node:fs';
+import { createRequire, registerHooks } from 'node:module';
+import { isAbsolute, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import type { Logger } from 'pino';
+import type { DependencyContainer } from 'tsyringe';
+import { ConfigError, zodToConfigError } from '../config/errors.js';
+import type { PetrelConfig, PluginEntry } from '../config/schema.js';
+import { HOOK_NAMES, isHookName, type HookName, type Hooks } from '../hooks/catalogue.js';
+import { HookRunner, type HookTable, type RegisteredHook } from '../hooks/runner.js';
+import { isPluginDefinition, type PluginDefinition } from './define.js';
+import type { Token } from '../di/tokens.js';
+
+export type PluginSource = 'built-in' | 'package' | 'file' | 'inline';
+
+export interface LoadedPlugin {
+  readonly name: string;
+  readonly source: PluginSource;
+  /** Path or URL it was loaded from. */
+  readonly location: string;
+  readonly hooks: readonly HookName[];
+}
+
+const SELF = new URL('../index.js', import.meta.url).href;
+const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
+let resolutionInstalled = false;
+
+/**
+ * Makes `import … from 'petrel'` in a plugin file anywhere on disk resolve to this running
+ * server's own API module, so the plugin shares its types, helpers and `z` with the core.
+ */
+export function installPetrelResolution(): void {
+  if (resolutionInstalled) return;
+  resolutionInstalled = true;
+  registerHooks({
+    resolve(specifier, context, nextResolve) {
+      if (specifier === 'petrel') return { url: SELF, format: 'module', shortCircuit: true };
+      return nextResolve(specifier, context);
+    },
+  });
+}
+
+/**
+ * The plugins of one config generation and the runner for their hooks. Sessions retain the set
+ * they started with; after a reload the old set closes once its last session has released it.
+ */
+export class PluginSet {
+  private refs = 0;
+  private retired = false;
+  private closed = false;
+
+  constructor(
+    readonly runner: HookRunner,
+    readonly plugins: readonly LoadedPlugin[],
+    private readonly closers: readonly { plugin: string; fn: () => void | Promise<void> }[],
+    private readonly log: Logger,
+  ) {}
+
+  retain(): void {
+    this.refs++;
+  }
+
+  release(): void {
+    this.refs--;
+    if (this.retired && this.refs === 0) void this.close();
+  }
+
+  /** No new sessions will use this set; close it when the last one ends. */
+  async retire(): Promise<void> {
+    this.retired = true;
+    if (this.refs === 0) await this.close();
+  }
+
+  private async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const c of [...this.closers].reverse()) {
+      try {
+        await c.fn();
+      } catch (err) {
+        this.log.error({ plugin: c.plugin, err }, 'plugin close failed');
+      }
+    }
+  }
+}
+
+interface Located {
+  definition: PluginDefinition;
+  source: PluginSource;
+  location: string;
+}
+
+function entryParts(entry: PluginEntry): { ref: string; config: unknown; timeout?: number; enabled: boolean } {
+  if (typeof entry === 'string') return { ref: entry, config: undefined, enabled: true };
+  return { ref: entry.name, config: entry.config, timeout: entry.timeout, enabled: entry.enabled };
+}
+
+function looksLikePath(ref: string): boolean {
+  return ref.startsWith('.') || isAbsolute(ref) || /\.(c|m)?(t|j)s$/.test(ref);
+}
+
+async function importDefinition(url: string, file: string, key: string, ref: string): Promise<PluginDefinition> {
+  let mod: { default?: unknown };
+  try {
+    mod = (await import(url)) as { default?: unknown };
+  } catch (err) {
+    throw ConfigError.one(file, key, `expected plugin "${ref}" to load, but it failed: ${(err as Error).message}`);
+  }
+  if (!isPluginDefinition(mod.default)) {
+    throw ConfigError.one(file, key, `expected "${ref}" to have a default export made with definePlugin()`);
+  }
+  return mod.default;
+}
+
+async function locate(
+  ref: string,
+  baseDir: string,
+  file: string,
+  key: string,
+  inline: ReadonlyMap<string, PluginDefinition>,
+): Promise<Located> {
+  const given = inline.get(ref);
+  if (given) return { definition: given, source: 'inline', location: '(inline)' };
+  if (looksLikePath(ref)) {
+    const path = resolve(baseDir, ref);
+    if (!existsSync(path)) throw ConfigError.one(file, key, `expected a plugin file at ${path}`);
+    return {
+      definition: await importDefinition(pathToFileURL(path).href, file, key, ref),
+      source: 'file',
+      location: path,
+    };
+  }
+  if (/^[a-z0-9][a-z0-9-]*$/.test(ref)) {
+    const builtIn = join(BUILT_IN_DIR, ref, 'index.js');
+    if (existsSync(builtIn)) {
+      return {
+        definition: await importDefinition(pathToFileURL(builtIn).href, file, key, ref),
+        source: 'built-in',
+        location: builtIn,
+      };
+    }
+  }
+  const pkg = ref.startsWith('petrel-plugin-') || ref.startsWith('@') ? ref : `petrel-plugin-${ref}`;
+  let resolved: string;
+  try {
+    resolved = createRequire(join(baseDir, 'package.json')).resolve(pkg);
+  } catch {
+    throw ConfigError.one(
+      file,
+      key,
+      `expected a built-in plugin, an installed package "${pkg}", or a path to a .ts/.js file; found none for "${ref}"`,
+    );
+  }
+  return {
+    definition: await importDefinition(pathToFileURL(resolved).href, file, key, ref),
+    source: 'package',
+    location: resolved,
+  };
+}
+
+export interface BuildOptions {
+  readonly config: PetrelConfig;
+  readonly file: string;
+  readonly baseDir: string;
+  readonly container: DependencyContainer;
+  readonly log: Logger;
+  /** Plugin definitions given in code, by the name a config entry uses (tests, embedding). */
+  readonly inline?: ReadonlyMap<string, PluginDefinition>;
+}
+
+/**
+ * Loads, validates and sets up every enabled plugin of a config, in config order. Any problem —
+ * a missing plugin, a schema error, an unknown hook, a throwing setup — is a ConfigError naming
+ * the file, the entry and what was expected; plugins already set up are closed again.
+ */
+export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
+  installPetrelResolution();
+  const { config, file, baseDir, container, log } = opts;
+  const table = Object.fromEntries(HOOK_NAMES.map((h) => [h, [] as RegisteredHook<HookName>[]])) as unknown as {
+    [K in HookName]: RegisteredHook<K>[];
+  };
+  const loaded: LoadedPlugin[] = [];
+  const closers: { plugin: string; fn: () => void | Promise<void> }[] = [];
+  const seen = new Set<string>();
+  const partial = new PluginSet(new HookRunner(table, log), loaded, closers, log);
+  try {
+    for (const [i, entry] of config.plugins.entries()) {
+      const { ref, config: pluginConfig, timeout, enabled } = entryParts(entry);
+      const key = `plugins[${i}]`;
+      if (!enabled) continue;
+      const { definition, source, location } = await locate(ref, baseDir, file, key, opts.inline ?? new Map());
+      const name = definition.name;
+      const label = `${key} (${name})`;
+      if (seen.has(name)) throw ConfigError.one(file, label, `expected each plugin once; "${name}" is listed twice`);
+      seen.add(name);
+
+      let validConfig: unknown = pluginConfig ?? {};
+      if (definition.config) {
+        const parsed = definition.config.safeParse(validConfig);
+        if (!parsed.success) throw zodToConfigError(file, parsed.error, `${label}.config`);
+        validConfig = parsed.data;
+      }
+      const pluginLog = log.child({ plugin: name });
+      let hooks: Hooks;
+      try {
+        hooks = await definition.setup({
+          name,
+          config: validConfig,
+          log: pluginLog,
+          hostname: config.hostname,
+          baseDir,
+          resolve: <T>(token: Token<T>): T => container.resolve<T>(token),
+          onClose: (fn) => closers.push({ plugin: name, fn }),
+        });
+      } catch (err) {
+        if (err instanceof ConfigError) throw err;
+        throw ConfigError.one(file, label, `expected setup to succeed, but it threw: ${(err as Error).message}`);
+      }
+      if (typeof hooks !== 'object' || hooks === null) {
+        throw ConfigError.one(file, label, 'expected setup to return an object of hooks');
+      }
+      const names: HookName[] = [];
+      for (const [hookName, fn] of Object.entries(hooks)) {
+        if (!isHookName(hookName)) {
+          throw ConfigError.one(file, label, `unknown hook "${hookName}"; expected one of ${HOOK_NAMES.join(', ')}`);
+        }
+        if (typeof fn !== 'function') throw ConfigError.one(file, `${label}.${hookName}`, 'expected an async function');
+        (table[hookName] as RegisteredHook<HookName>[]).push({
+          plugin: name,
+          fn: fn as never,
+          timeoutMs: timeout ?? config.timeouts.hook,
+        });
+        names.push(hookName);
+      }
+      loaded.push({ name, source, location, hooks: names });
+    }
+  } catch (err) {
+    await partial.retire();
+    throw err;
+  }
+  return new PluginSet(new HookRunner(table as HookTable, log), loaded, closers, log);
+}

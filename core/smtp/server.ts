@@ -1,0 +1,111 @@
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { Logger } from 'pino';
+import type { ListenerConfig } from '../config/schema.js';
+import type { Generation } from './generation.js';
+import { formatReply } from './reply.js';
+import { SmtpSession, type SessionHost } from './session.js';
+
+export interface BoundListener {
+  readonly name: string;
+  readonly kind: ListenerConfig['kind'];
+  readonly address: string;
+  readonly port: number;
+}
+
+/**
+ * The listeners and the connections on them. It enforces connection limits (in total and per
+ * client address), hands each connection to a session on the current generation, and drains
+ * sessions on shutdown.
+ */
+export class SmtpServer implements SessionHost {
+  private readonly servers: { server: Server; config: ListenerConfig }[] = [];
+  private readonly sessions = new Set<SmtpSession>();
+  private readonly perIp = new Map<string, number>();
+  private stopping = false;
+
+  constructor(
+    private current: () => Generation,
+    private readonly log: Logger,
+  ) {}
+
+  get shuttingDown(): boolean {
+    return this.stopping;
+  }
+
+  get connectionCount(): number {
+    return this.sessions.size;
+  }
+
+  async listen(listeners: readonly ListenerConfig[]): Promise<BoundListener[]> {
+    const bound: BoundListener[] = [];
+    for (const config of listeners) {
+      const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket, config));
+      server.on('error', (err) => this.log.error({ err, listener: config.name }, 'listener error'));
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen({ host: config.address, port: config.port, backlog: 1024 }, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+      const addr = server.address() as AddressInfo;
+      this.servers.push({ server, config });
+      bound.push({ name: config.name ?? config.kind, kind: config.kind, address: addr.address, port: addr.port });
+      this.log.info({ listener: config.name, kind: config.kind, address: addr.address, port: addr.port }, 'listening');
+    }
+    return bound;
+  }
+
+  private accept(socket: Socket, config: ListenerConfig): void {
+    const gen = this.current();
+    const limits = { ...gen.config.limits, ...config.limits };
+    const ip = socket.remoteAddress ?? '';
+    const fromIp = this.perIp.get(ip) ?? 0;
+    socket.on('error', () => undefined);
+    if (this.stopping || this.sessions.size >= limits.maxConnections || fromIp >= limits.maxConnectionsPerIp) {
+      gen.metrics.inc('smtp.connections.refused');
+      const text = this.stopping ? 'Service shutting down' : 'Too many connections, try again later';
+      socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
+      setTimeout(() => socket.destroy(), 1000).unref();
+      return;
+    }
+    this.perIp.set(ip, fromIp + 1);
+    gen.plugins.retain();
+    gen.metrics.inc('smtp.connections');
+    gen.metrics.add('smtp.connections.active', 1);
+    const session = new SmtpSession(socket, config, gen, this);
+    this.sessions.add(session);
+    void session.run().finally(() => {
+      this.sessions.delete(session);
+      const n = (this.perIp.get(ip) ?? 1) - 1;
+      if (n > 0) this.perIp.set(ip, n);
+      else this.perIp.delete(ip);
+      gen.metrics.add('smtp.connections.active', -1);
+      gen.plugins.release();
+      if (this.stopping && this.sessions.size === 0) this.drained?.();
+    });
+  }
+
+  private drained: (() => void) | null = null;
+
+  /**
+   * Stops accepting, lets sessions finish their transaction up to `deadlineMs`, then answers
+   * `421 4.3.2` to the rest and closes them.
+   */
+  async close(deadlineMs: number): Promise<void> {
+    this.stopping = true;
+    await Promise.all(this.servers.map(({ server }) => new Promise<void>((r) => server.close(() => r()))));
+    // Idle sessions (no transaction in progress) are told at once.
+    for (const s of this.sessions) if (!s.inTransaction) s.interrupt();
+    if (this.sessions.size === 0) return;
+    await new Promise<void>((resolve) => {
+      this.drained = resolve;
+      const timer = setTimeout(() => {
+        for (const s of this.sessions) s.interrupt();
+        // Give the interrupted sessions a moment to say 421 and run their disconnect hooks.
+        setTimeout(resolve, 2000).unref();
+      }, deadlineMs);
+      timer.unref();
+    });
+  }
+}

@@ -1,0 +1,838 @@
+import type { Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import type { Limits, ListenerConfig } from '../config/schema.js';
+import type {
+  MailParams,
+  Recipient,
+  RecipientParams,
+  SessionView,
+  TlsInfo,
+  TransactionView,
+} from '../hooks/catalogue.js';
+import type { CallContext, HookRunner } from '../hooks/runner.js';
+import type { ReplySpec, Verdict } from '../hooks/verdict.js';
+import { parsePath, type Address } from '../message/address.js';
+import type { SpooledBody } from '../message/body.js';
+import { Headers } from '../message/headers.js';
+import { ReceivedMessage } from '../message/message.js';
+import { Notes } from '../message/notes.js';
+import { newId } from '../util/ids.js';
+import { ContentReceiver, HeaderCapture } from './content.js';
+import type { Generation } from './generation.js';
+import { parseMailParams, parseRcptParams } from './params.js';
+import { ReadInterruptedError, ReadTimeoutError, SocketReader } from './reader.js';
+import { receivedValue } from './received.js';
+import { formatReply } from './reply.js';
+
+/** What the listener tells a session about the server as a whole. */
+export interface SessionHost {
+  readonly shuttingDown: boolean;
+}
+
+class Transaction implements TransactionView {
+  readonly id = newId();
+  readonly recipients: Recipient[] = [];
+  readonly notes = new Notes();
+  /** Set once DATA or the first BDAT has passed the `data` hook. */
+  dataStarted = false;
+  usedBdat = false;
+  /** A BDAT chunk failed; later chunks are read and refused until RSET. */
+  bdatFailed = false;
+  body: SpooledBody | null = null;
+  content: ContentReceiver | null = null;
+  capture: HeaderCapture | null = null;
+  tooBig = false;
+  storageError: Error | null = null;
+
+  constructor(
+    readonly sender: Address | null,
+    readonly mailParams: MailParams,
+  ) {}
+}
+
+class ClientGoneError extends Error {}
+
+const NOT_IMPLEMENTED = new Set(['EXPN', 'TURN', 'ETRN', 'SEND', 'SOML', 'SAML']);
+const HTTP_VERBS = new Set(['GET', 'POST', 'PUT', 'HEAD', 'CONNECT', 'OPTIONS', 'DELETE']);
+const HELP_TEXT = ['Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH', 'End of HELP info'];
+const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
+
+/**
+ * One SMTP connection, from greeting to close. It parses the wire, keeps the state, asks the
+ * plugins through hooks at each step, and turns their verdicts into replies. Replies are batched
+ * until the client's pipelined commands are used up (RFC 2920).
+ */
+export class SmtpSession implements SessionView {
+  readonly id = newId();
+  readonly startedAt: Date;
+  readonly notes = new Notes();
+  readonly remote: { address: string; port: number };
+  readonly local: { address: string; port: number };
+  readonly listener: { kind: ListenerConfig['kind']; name: string };
+  helo: SessionView['helo'] = null;
+  tls: TlsInfo | null = null;
+  user: string | null = null;
+
+  private socket: Duplex;
+  private readonly reader = new SocketReader();
+  private readonly runner: HookRunner;
+  private readonly log: Logger;
+  private readonly limits: Limits;
+  private pending = '';
+  private tx: Transaction | null = null;
+  private refusedAtConnect = false;
+  private closing = false;
+  private unknownCommands = 0;
+  private authFailures = 0;
+  private messages = 0;
+  private lastReply = '';
+
+  constructor(
+    private readonly raw: Socket,
+    private readonly listenerConfig: ListenerConfig,
+    private readonly gen: Generation,
+    private readonly host: SessionHost,
+  ) {
+    this.socket = raw;
+    this.startedAt = gen.clock.now();
+    this.remote = { address: raw.remoteAddress ?? '', port: raw.remotePort ?? 0 };
+    this.local = { address: raw.localAddress ?? '', port: raw.localPort ?? 0 };
+    this.listener = { kind: listenerConfig.kind, name: listenerConfig.name ?? listenerConfig.kind };
+    this.runner = gen.plugins.runner;
+    this.limits = { ...gen.config.limits, ...listenerConfig.limits };
+    this.log = gen.log.child({ session: this.id });
+    raw.setNoDelay(true);
+    raw.on('error', () => undefined); // reported as the reader seeing the end
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  async run(): Promise<void> {
+    const cfg = this.gen.config;
+    try {
+      // Implicit TLS (RFC 8314): the handshake comes before anything else.
+      if (this.listener.kind === 'submissions') {
+        if (!(await this.upgradeTls())) return;
+      } else {
+        this.reader.attach(this.raw);
+      }
+      if (cfg.timeouts.greetingDelay > 0) await delay(cfg.timeouts.greetingDelay);
+      const connect = await this.runner.verdict('connect', this.base());
+      this.logVerdict('connect', connect.verdict, connect.plugin);
+      // RFC 5321 §3.1: a client must wait for the greeting. Bytes before it mean a bot or a
+      // client that will not read replies; refuse it before it can do anything.
+      if (this.reader.takeArrived() > 0) {
+        this.gen.metrics.inc('smtp.early_talker');
+        this.log.info({ remote: this.remote.address }, 'client talked before the greeting');
+        this.reply(554, '5.5.0', 'Protocol error: client sent data before the greeting');
+        return;
+      }
+      switch (connect.verdict.kind) {
+        case 'deny':
+          this.refusedAtConnect = true;
+          this.replySpec(connect.verdict.reply, null);
+          break;
+        case 'defer':
+        case 'disconnect':
+          this.replySpec(connect.verdict.reply ?? { code: 421, enhanced: '4.7.0', text: 'Closing connection' }, null);
+          return;
+        default:
+          this.reply(220, null, `${cfg.hostname} ${cfg.smtp.banner}`);
+      }
+      while (!this.closing) {
+        if (this.host.shuttingDown && !this.tx) {
+          this.reply(421, '4.3.2', `${cfg.hostname} Service shutting down, closing connection`);
+          break;
+        }
+        if (!this.reader.hasLine()) this.flush();
+        const res = await this.reader.readLine(this.limits.maxLineLength, cfg.timeouts.command);
+        if (res === null) break;
+        if (res.overlong) {
+          this.reply(500, '5.5.2', 'Line too long');
+          if (this.countError()) break;
+          continue;
+        }
+        await this.command(res.line);
+      }
+    } catch (err) {
+      if (err instanceof ReadTimeoutError) {
+        this.gen.metrics.inc('smtp.timeout');
+        this.reply(421, '4.4.2', `${cfg.hostname} Timeout exceeded, closing connection`);
+      } else if (err instanceof ReadInterruptedError) {
+        this.reply(421, '4.3.2', `${cfg.hostname} Service shutting down, closing connection`);
+      } else if (!(err instanceof ClientGoneError)) {
+        this.log.error({ err }, 'session failed');
+        this.reply(421, '4.3.0', `${cfg.hostname} Local error, closing connection`);
+      }
+    } finally {
+      await this.finish();
+    }
+  }
+
+  /** Ends an idle session now, or the session's next wait (server shutdown). */
+  interrupt(): void {
+    this.reader.interrupt(new ReadInterruptedError('shutdown'));
+  }
+
+  get inTransaction(): boolean {
+    return this.tx !== null;
+  }
+
+  private async finish(): Promise<void> {
+    this.flush();
+    this.closing = true;
+    if (!this.socket.destroyed) {
+      this.socket.end();
+      // Give the last reply a moment to leave, then make sure the socket is gone.
+      setTimeout(() => this.socket.destroy(), 2000).unref();
+    }
+    this.reader.detach();
+    if (this.tx) await this.endTransaction('aborted');
+    await this.runner.notify('disconnect', this.base());
+    this.log.info(
+      {
+        remote: this.remote.address,
+        helo: this.helo?.hostname,
+        tls: this.tls?.protocol,
+        user: this.user,
+        messages: this.messages,
+        last: this.lastReply.trim(),
+        ms: Date.now() - this.startedAt.getTime(),
+      },
+      'connection closed',
+    );
+  }
+
+  // ---------------------------------------------------------------- replies
+
+  private reply(code: number, enhanced: string | null, text: string | readonly string[]): void {
+    const r = formatReply(code, enhanced, text);
+    this.pending += r;
+    this.lastReply = r;
+  }
+
+  private replySpec(spec: ReplySpec, enhancedOverride?: null): void {
+    this.reply(spec.code, enhancedOverride === null ? null : spec.enhanced, spec.text);
+  }
+
+  private flush(): void {
+    if (!this.pending) return;
+    if (!this.socket.destroyed && this.socket.writable) this.socket.write(this.pending);
+    this.pending = '';
+  }
+
+  /** Counts an error; true when the session has had too many and was told so. */
+  private countError(): boolean {
+    this.unknownCommands++;
+    if (this.unknownCommands < this.limits.maxUnknownCommands) return false;
+    this.reply(421, '4.7.0', `${this.gen.config.hostname} Too many errors, closing connection`);
+    this.closing = true;
+    return true;
+  }
+
+  /** Replies with a verdict that refused something; true when it also closes the session. */
+  private replyRefusal(v: Verdict): boolean {
+    if (v.kind === 'deny' || v.kind === 'defer') {
+      this.replySpec(v.reply);
+      return false;
+    }
+    if (v.kind === 'disconnect') {
+      this.replySpec(v.reply ?? { code: 421, enhanced: '4.7.0', text: 'Closing connection' });
+      this.closing = true;
+      return true;
+    }
+    return false;
+  }
+
+  private logVerdict(hook: string, v: Verdict, plugin: string | null, extra: Record<string, unknown> = {}): void {
+    if (v.kind === 'proceed') return;
+    const fields = { hook, plugin, verdict: v.kind, ...extra, ...('reply' in v && v.reply ? { code: v.reply.code } : {}) };
+    if (v.kind === 'accept') this.log.debug(fields, 'verdict');
+    else this.log.info(fields, 'verdict');
+  }
+
+  // ---------------------------------------------------------------- dispatch
+
+  private base(): CallContext<'connect'> {
+    return { session: this };
+  }
+
+  private async command(line: Buffer): Promise<void> {
+    if (line.includes(0)) {
+      this.reply(500, '5.5.2', 'NUL bytes are not allowed in commands');
+      this.countError();
+      return;
+    }
+    let text: string;
+    try {
+      text = utf8Decoder.decode(line);
+    } catch {
+      this.reply(500, '5.5.2', 'Invalid octets in command (not UTF-8)');
+      this.countError();
+      return;
+    }
+    const sp = text.indexOf(' ');
+    const verb = (sp < 0 ? text : text.slice(0, sp)).toUpperCase();
+    const args = sp < 0 ? '' : text.slice(sp + 1);
+    const nonAscii = /[^\x00-\x7f]/.test(text);
+    // RFC 6531: UTF-8 in commands only in MAIL/RCPT of a transaction that uses SMTPUTF8.
+    if (nonAscii && verb !== 'MAIL' && verb !== 'RCPT') {
+      this.reply(500, '5.5.2', '8-bit characters are not allowed in this command');
+      this.countError();
+      return;
+    }
+    if (this.refusedAtConnect && verb !== 'QUIT') {
+      this.reply(503, '5.5.1', 'Connection refused; only QUIT is allowed');
+      return;
+    }
+    switch (verb) {
+      case 'HELO':
+      case 'EHLO':
+        return this.cmdHelo(verb, args);
+      case 'MAIL':
+        return this.cmdMail(args);
+      case 'RCPT':
+        return this.cmdRcpt(args);
+      case 'DATA':
+        return this.cmdData(args);
+      case 'BDAT':
+        return this.cmdBdat(args);
+      case 'RSET':
+        if (args.trim()) return this.reply(501, '5.5.4', 'RSET takes no arguments');
+        if (this.tx) await this.endTransaction('aborted');
+        return this.reply(250, '2.0.0', 'OK');
+      case 'NOOP':
+        return this.reply(250, '2.0.0', 'OK');
+      case 'QUIT':
+        this.reply(221, '2.0.0', `${this.gen.config.hostname} Bye`);
+        this.closing = true;
+        return;
+      case 'VRFY':
+        // RFC 5321 §3.5.3: 252 when we will not verify but will accept mail for the address.
+        if (!args.trim()) return this.reply(501, '5.5.4', 'VRFY needs an address');
+        return this.reply(252, '2.5.0', 'Cannot VRFY user, but will accept message and attempt delivery');
+      case 'HELP':
+        return this.reply(214, '2.0.0', HELP_TEXT);
+      case 'STARTTLS':
+        return this.cmdStartTls(args);
+      case 'AUTH':
+        return this.cmdAuth(args);
+      default:
+        return this.cmdUnknown(verb, args);
+    }
+  }
+
+  private async cmdUnknown(verb: string, args: string): Promise<void> {
+    if (HTTP_VERBS.has(verb) && /HTTP\/\d/.test(args)) {
+      // A browser or proxy attack (cross-protocol): no point in talking.
+      this.reply(554, '5.7.0', 'This is an SMTP server');
+      this.closing = true;
+      return;
+    }
+    const { verdict, plugin } = await this.runner.verdict('unrecognized_command', { session: this, verb, args });
+    this.logVerdict('unrecognized_command', verdict, plugin, { verb });
+    if (verdict.kind === 'accept') {
+      const r = verdict.reply;
+      this.reply(r?.code ?? 250, r?.enhanced ?? '2.0.0', r?.text ?? 'OK');
+      return;
+    }
+    if (this.replyRefusal(verdict)) return;
+    if (verdict.kind !== 'proceed') return;
+    if (NOT_IMPLEMENTED.has(verb)) {
+      this.reply(502, '5.5.1', `${verb} not implemented`);
+      return;
+    }
+    this.reply(500, '5.5.1', 'Command unrecognized');
+    this.countError();
+  }
+
+  // ---------------------------------------------------------------- HELO / EHLO
+
+  private async cmdHelo(verb: 'HELO' | 'EHLO', args: string): Promise<void> {
+    const hostname = args.trim();
+    if (!hostname || /\s/.test(hostname)) {
+      this.reply(501, '5.5.4', `Syntax: ${verb} hostname`);
+      return;
+    }
+    // RFC 5321 §4.1.4: HELO/EHLO resets the transaction.
+    if (this.tx) await this.endTransaction('aborted');
+    const { verdict, plugin } = await this.runner.verdict('helo', { session: this, verb, hostname });
+    this.logVerdict('helo', verdict, plugin, { hostname });
+    if (this.replyRefusal(verdict) || verdict.kind === 'deny' || verdict.kind === 'defer') {
+      this.helo = null;
+      return;
+    }
+    this.helo = { verb, hostname };
+    const cfg = this.gen.config;
+    const greeting = `${cfg.hostname} Hello ${hostname} [${this.remote.address}]`;
+    if (verb === 'HELO') {
+      this.reply(250, null, greeting);
+      return;
+    }
+    const words = [
+      'PIPELINING',
+      '8BITMIME',
+      'SMTPUTF8',
+      `SIZE ${this.limits.maxMessageSize}`,
+      'ENHANCEDSTATUSCODES',
+      'DSN',
+      'CHUNKING',
+    ];
+    if (this.gen.tls && !this.tls) words.push('STARTTLS');
+    if (this.authOffered()) words.push('AUTH PLAIN LOGIN');
+    words.push(...(await this.runner.capabilities({ session: this })));
+    this.reply(250, null, [greeting, ...words]);
+  }
+
+  private authOffered(): boolean {
+    return (
+      this.runner.has('auth') && !this.user && (this.tls !== null || this.listenerConfig.allowInsecureAuth)
+    );
+  }
+
+  // ---------------------------------------------------------------- MAIL / RCPT
+
+  private async cmdMail(args: string): Promise<void> {
+    if (!this.helo) return this.reply(503, '5.5.1', 'Send HELO/EHLO first');
+    if (this.tx) return this.reply(503, '5.5.1', 'Sender already specified');
+    if (this.listener.kind !== 'smtp' && !this.user) {
+      return this.reply(530, '5.7.0', 'Authentication required');
+    }
+    const m = /^FROM:/i.exec(args);
+    if (!m) return this.reply(501, '5.5.4', 'Syntax: MAIL FROM:<address>');
+    const path = parsePath(args.slice(5), { utf8: true, allowNull: true, allowPostmaster: false });
+    if (!path.ok) {
+      return path.reason === 'length'
+        ? this.reply(501, '5.1.7', 'Sender address too long')
+        : this.reply(501, '5.1.7', 'Bad sender address syntax');
+    }
+    if (path.rest && this.helo.verb === 'HELO') {
+      return this.reply(555, '5.5.4', 'MAIL parameters need EHLO');
+    }
+    const params = parseMailParams(path.rest, { maxSize: this.limits.maxMessageSize, utf8Offered: true });
+    if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
+    if (path.address?.utf8 && !params.value.smtputf8) {
+      return this.reply(553, '5.6.7', 'Non-ASCII sender address needs SMTPUTF8');
+    }
+    const tx = new Transaction(path.address, params.value);
+    const { verdict, plugin } = await this.runner.verdict('mail', {
+      session: this,
+      transaction: tx,
+      sender: path.address,
+      params: params.value,
+    });
+    this.logVerdict('mail', verdict, plugin, { tx: tx.id, from: path.address?.address ?? '<>' });
+    if (verdict.kind === 'accept' || verdict.kind === 'proceed') {
+      this.tx = tx;
+      const r = verdict.kind === 'accept' ? verdict.reply : undefined;
+      this.reply(r?.code ?? 250, r?.enhanced ?? '2.1.0', r?.text ?? 'Sender OK');
+      return;
+    }
+    this.replyRefusal(verdict);
+  }
+
+  private async cmdRcpt(args: string): Promise<void> {
+    const tx = this.tx;
+    if (!tx) return this.reply(503, '5.5.1', 'Need MAIL before RCPT');
+    if (tx.dataStarted) return this.reply(503, '5.5.1', 'RCPT not allowed during message transfer');
+    const m = /^TO:/i.exec(args);
+    if (!m) return this.reply(501, '5.5.4', 'Syntax: RCPT TO:<address>');
+    if (tx.recipients.length >= this.limits.maxRecipients) {
+      return this.reply(452, '4.5.3', 'Too many recipients');
+    }
+    const path = parsePath(args.slice(3), { utf8: tx.mailParams.smtputf8, allowNull: false, allowPostmaster: true });
+    if (!path.ok) {
+      if (path.reason === 'utf8') return this.reply(553, '5.6.7', 'Non-ASCII recipient address needs SMTPUTF8');
+      return this.reply(501, '5.1.3', path.reason === 'length' ? 'Recipient address too long' : 'Bad recipient address syntax');
+    }
+    const recipient = path.address!;
+    const params = parseRcptParams(path.rest);
+    if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
+    const { verdict, plugin } = await this.runner.verdict('rcpt', {
+      session: this,
+      transaction: tx,
+      recipient,
+      params: params.value,
+    });
+    this.logVerdict('rcpt', verdict, plugin, { tx: tx.id, to: recipient.address });
+    if (verdict.kind === 'accept') {
+      tx.recipients.push({ address: recipient, params: params.value satisfies RecipientParams });
+      const r = verdict.reply;
+      this.reply(r?.code ?? 250, r?.enhanced ?? '2.1.5', r?.text ?? 'Recipient OK');
+      return;
+    }
+    if (verdict.kind === 'proceed') {
+      // Nothing is accepted that no one owns: a recipient no plugin took is refused.
+      this.reply(550, '5.7.1', 'Recipient not accepted here');
+      return;
+    }
+    this.replyRefusal(verdict);
+  }
+
+  // ---------------------------------------------------------------- DATA / BDAT
+
+  /** Checks shared by DATA and the first BDAT; returns false (after replying) when not allowed. */
+  private async startContent(tx: Transaction | null): Promise<boolean> {
+    if (!tx) {
+      this.reply(503, '5.5.1', 'Need MAIL command');
+      return false;
+    }
+    if (tx.recipients.length === 0) {
+      this.reply(554, '5.5.1', 'No valid recipients');
+      return false;
+    }
+    const { verdict, plugin } = await this.runner.verdict('data', { session: this, transaction: tx });
+    this.logVerdict('data', verdict, plugin, { tx: tx.id });
+    if (verdict.kind !== 'accept' && verdict.kind !== 'proceed') {
+      this.replyRefusal(verdict);
+      return false;
+    }
+    tx.dataStarted = true;
+    tx.body = this.gen.spool.createBody(tx.id);
+    tx.content = new ContentReceiver({
+      dotStuffed: !tx.usedBdat,
+      normalize: this.gen.config.smtp.bareLineEndings === 'normalize',
+    });
+    tx.capture = new HeaderCapture(this.limits.maxHeaderBytes);
+    return true;
+  }
+
+  /** Stores content octets, enforcing the size limit; writes wait for the disk (back-pressure). */
+  private async store(tx: Transaction, chunks: readonly Buffer[]): Promise<void> {
+    for (const c of chunks) {
+      if (tx.tooBig || tx.storageError) return;
+      if (tx.body!.size + c.length > this.limits.maxMessageSize) {
+        tx.tooBig = true;
+        await tx.body!.discard();
+        return;
+      }
+      tx.capture!.add(c);
+      try {
+        const wait = tx.body!.write(c);
+        if (wait) await wait;
+      } catch (err) {
+        tx.storageError = err as Error;
+        this.log.error({ err, tx: tx.id }, 'could not spool message content');
+        await tx.body!.discard();
+      }
+    }
+  }
+
+  private async cmdData(args: string): Promise<void> {
+    if (args.trim()) return this.reply(501, '5.5.4', 'DATA takes no arguments');
+    const tx = this.tx;
+    if (tx?.usedBdat) return this.reply(503, '5.5.1', 'DATA not allowed after BDAT');
+    if (!tx || !(await this.startContent(tx))) {
+      if (!tx) this.reply(503, '5.5.1', 'Need MAIL command');
+      return;
+    }
+    this.reply(354, null, 'End data with <CR><LF>.<CR><LF>');
+    this.flush();
+    const timeout = this.gen.config.timeouts.data;
+    for (;;) {
+      const chunk = await this.reader.read(timeout);
+      if (chunk === null) throw new ClientGoneError();
+      const { out, done, rest } = tx.content!.feed(chunk);
+      await this.store(tx!, out);
+      if (done) {
+        if (rest) this.reader.unshift(rest);
+        break;
+      }
+    }
+    await this.finishContent(tx);
+  }
+
+  private async cmdBdat(args: string): Promise<void> {
+    const m = /^(\d{1,15})(?: +(LAST))?\s*$/i.exec(args);
+    if (!m) {
+      // Without a valid size the chunk cannot be skipped, so the stream cannot be resynchronised.
+      this.reply(501, '5.5.4', 'Syntax: BDAT size [LAST]');
+      this.closing = true;
+      return;
+    }
+    const size = Number(m[1]);
+    const last = m[2] !== undefined;
+    let tx = this.tx;
+    let ok = true;
+    if (tx?.bdatFailed) {
+      ok = false;
+      this.reply(503, '5.5.1', 'Previous BDAT failed; send RSET');
+    } else if (tx && tx.dataStarted && !tx.usedBdat) {
+      ok = false;
+      this.reply(503, '5.5.1', 'BDAT not allowed after DATA');
+    } else if (!tx?.dataStarted) {
+      if (tx) tx.usedBdat = true;
+      ok = await this.startContent(tx);
+      if (!ok && tx) tx.bdatFailed = true;
+      tx = this.tx;
+    }
+    // RFC 3030 §2: the chunk's octets follow the command whatever the reply; read them all.
+    const timeout = this.gen.config.timeouts.data;
+    let remaining = size;
+    while (remaining > 0) {
+      const chunk = await this.reader.readUpTo(remaining, timeout);
+      if (chunk === null) throw new ClientGoneError();
+      remaining -= chunk.length;
+      if (ok && tx) await this.store(tx, tx.content!.feed(chunk).out);
+    }
+    if (!ok || !tx) return;
+    if (!last) {
+      if (tx.tooBig) {
+        tx.bdatFailed = true;
+        return this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
+      }
+      if (tx.storageError) {
+        tx.bdatFailed = true;
+        return this.reply(452, '4.3.1', 'Insufficient system storage');
+      }
+      this.reply(250, '2.0.0', `${size} octets received`);
+      return;
+    }
+    await this.finishContent(tx);
+  }
+
+  private async finishContent(tx: Transaction): Promise<void> {
+    const body = tx.body!;
+    if (tx.tooBig) {
+      this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
+      return this.endTransaction('rejected');
+    }
+    if (!tx.storageError) {
+      try {
+        await body.end();
+      } catch (err) {
+        tx.storageError = err as Error;
+        this.log.error({ err, tx: tx.id }, 'could not spool message content');
+      }
+    }
+    if (tx.storageError) {
+      this.reply(452, '4.3.1', 'Insufficient system storage');
+      return this.endTransaction('rejected');
+    }
+    if (tx.content!.bareLineEnding && this.gen.config.smtp.bareLineEndings === 'reject') {
+      // RFC 5321 §2.3.8: CR and LF only as CRLF. Refusing closes the SMTP smuggling hole.
+      this.gen.metrics.inc('smtp.bare_line_ending');
+      this.log.info({ tx: tx.id }, 'refused message with bare LF or CR');
+      this.reply(554, '5.6.0', 'Message contains bare LF or CR; lines must end with CRLF');
+      return this.endTransaction('rejected');
+    }
+    const message = new ReceivedMessage(Headers.parse(tx.capture!.bytes()), body);
+    message.prepend(
+      'Received',
+      receivedValue({
+        session: this,
+        hostname: this.gen.config.hostname,
+        id: tx.id,
+        utf8: tx.mailParams.smtputf8,
+        recipients: tx.recipients.map((r) => r.address.address),
+        date: this.gen.clock.now(),
+      }),
+    );
+    const post = await this.runner.verdict('data_post', {
+      session: this,
+      transaction: tx,
+      message,
+      prependHeader: (name, value) => message.prepend(name, value),
+    });
+    this.logVerdict('data_post', post.verdict, post.plugin, { tx: tx.id });
+    if (post.verdict.kind !== 'accept' && post.verdict.kind !== 'proceed') {
+      this.replyRefusal(post.verdict);
+      return this.endTransaction('rejected');
+    }
+    const queued = await this.runner.verdict('queue', { session: this, transaction: tx, message });
+    if (queued.verdict.kind === 'accept') {
+      const r = queued.verdict.reply;
+      this.reply(r?.code ?? 250, r?.enhanced ?? '2.0.0', r?.text ?? `Ok: queued as ${tx.id}`);
+      this.messages++;
+      this.gen.metrics.inc('smtp.messages.accepted');
+      this.log.info(
+        {
+          tx: tx.id,
+          from: tx.sender?.address ?? '<>',
+          rcpts: tx.recipients.length,
+          size: message.size,
+          queue: queued.plugin,
+        },
+        'message accepted',
+      );
+      return this.endTransaction('queued');
+    }
+    this.gen.metrics.inc('smtp.messages.refused');
+    if (queued.verdict.kind === 'proceed') {
+      this.log.warn({ tx: tx.id }, 'no plugin accepted the message at queue');
+      this.reply(451, '4.3.0', 'Message not queued, please try again later');
+    } else {
+      this.logVerdict('queue', queued.verdict, queued.plugin, { tx: tx.id });
+      this.replyRefusal(queued.verdict);
+    }
+    return this.endTransaction('rejected');
+  }
+
+  private async endTransaction(outcome: 'queued' | 'rejected' | 'aborted'): Promise<void> {
+    const tx = this.tx;
+    if (!tx) return;
+    this.tx = null;
+    try {
+      await this.runner.notify('reset', { session: this, transaction: tx, outcome });
+    } finally {
+      // The queue owner has its own durable copy (or moved the file); the rest belongs to no one.
+      await tx.body?.discard().catch((err: unknown) => this.log.warn({ err }, 'could not remove spool file'));
+    }
+  }
+
+  // ---------------------------------------------------------------- STARTTLS / AUTH
+
+  private async cmdStartTls(args: string): Promise<void> {
+    if (args.trim()) return this.reply(501, '5.5.4', 'STARTTLS takes no arguments');
+    if (this.tls) return this.reply(503, '5.5.1', 'TLS already active');
+    if (!this.gen.tls) return this.reply(454, '4.7.0', 'TLS not available');
+    if (this.tx) await this.endTransaction('aborted');
+    this.reply(220, '2.0.0', 'Ready to start TLS');
+    this.flush();
+    // RFC 3207 §4.2 / CVE-2011-0411: anything the client pipelined after STARTTLS was sent in
+    // plain text and must not be executed inside the TLS session.
+    this.reader.discard();
+    if (!(await this.upgradeTls())) {
+      this.closing = true;
+      return;
+    }
+    // RFC 3207 §4.2: forget everything learnt before TLS.
+    this.helo = null;
+    this.user = null;
+  }
+
+  /** Wraps the socket in TLS; false (after logging) when the handshake failed. */
+  private async upgradeTls(): Promise<boolean> {
+    const contexts = this.gen.tls;
+    if (!contexts) {
+      this.log.error('implicit-TLS listener without tls config');
+      return false;
+    }
+    this.reader.detach();
+    const secure = new TLSSocket(this.raw, {
+      isServer: true,
+      secureContext: contexts.default,
+      SNICallback: (name, cb) => cb(null, contexts.byName(name)),
+    });
+    const ok = await new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), this.gen.config.timeouts.command);
+      secure.once('secure', () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+      secure.once('error', (err) => {
+        clearTimeout(timer);
+        this.log.info({ err: err.message }, 'TLS handshake failed');
+        resolve(false);
+      });
+      secure.once('close', () => {
+        clearTimeout(timer);
+        resolve(false);
+      });
+    });
+    secure.on('error', () => undefined);
+    this.socket = secure;
+    if (!ok) {
+      secure.destroy();
+      return false;
+    }
+    const cipher = secure.getCipher();
+    const servername = (secure as TLSSocket & { servername?: string | false }).servername;
+    this.tls = {
+      protocol: secure.getProtocol() ?? 'TLS',
+      cipher: cipher?.standardName ?? cipher?.name ?? 'unknown',
+      ...(servername ? { servername } : {}),
+    };
+    this.reader.attach(secure);
+    return true;
+  }
+
+  private async cmdAuth(args: string): Promise<void> {
+    if (!this.runner.has('auth')) return this.reply(502, '5.5.1', 'AUTH not available');
+    if (!this.tls && !this.listenerConfig.allowInsecureAuth) {
+      return this.reply(538, '5.7.11', 'Encryption required for requested authentication mechanism');
+    }
+    if (!this.helo) return this.reply(503, '5.5.1', 'Send EHLO first');
+    if (this.user) return this.reply(503, '5.5.1', 'Already authenticated');
+    if (this.tx) return this.reply(503, '5.5.1', 'AUTH not allowed during a mail transaction');
+    const [mech = '', initial] = args.trim().split(/ +/);
+    const mechanism = mech.toUpperCase();
+    if (mechanism !== 'PLAIN' && mechanism !== 'LOGIN') {
+      return this.reply(504, '5.5.4', 'Unrecognized authentication type');
+    }
+    let username: string;
+    let password: string;
+    let authzid = '';
+    if (mechanism === 'PLAIN') {
+      const response = initial ?? (await this.saslPrompt(''));
+      if (response === null) return;
+      const decoded = decodeBase64(response);
+      const parts = decoded?.split('\0');
+      if (!parts || parts.length !== 3) return this.reply(501, '5.5.2', 'Invalid AUTH PLAIN response');
+      [authzid, username, password] = parts as [string, string, string];
+    } else {
+      const u = initial ?? (await this.saslPrompt('VXNlcm5hbWU6'));
+      if (u === null) return;
+      const user = decodeBase64(u);
+      if (user === null) return this.reply(501, '5.5.2', 'Invalid base64');
+      const p = await this.saslPrompt('UGFzc3dvcmQ6');
+      if (p === null) return;
+      const pass = decodeBase64(p);
+      if (pass === null) return this.reply(501, '5.5.2', 'Invalid base64');
+      username = user;
+      password = pass;
+    }
+    const { verdict, plugin } = await this.runner.verdict('auth', {
+      session: this,
+      mechanism,
+      username,
+      password,
+      authzid,
+    });
+    this.logVerdict('auth', verdict, plugin, { mechanism, username });
+    if (verdict.kind === 'accept') {
+      this.user = username;
+      this.gen.metrics.inc('smtp.auth.success');
+      this.reply(235, '2.7.0', 'Authentication successful');
+      return;
+    }
+    this.gen.metrics.inc('smtp.auth.failure');
+    this.authFailures++;
+    if (verdict.kind === 'proceed') this.reply(535, '5.7.8', 'Authentication credentials invalid');
+    else this.replyRefusal(verdict);
+    if (this.authFailures >= this.limits.maxAuthFailures && !this.closing) {
+      this.reply(421, '4.7.0', `${this.gen.config.hostname} Too many failed authentication attempts`);
+      this.closing = true;
+    }
+  }
+
+  /** Sends a 334 challenge and reads the response line; null when the client cancelled. */
+  private async saslPrompt(challenge: string): Promise<string | null> {
+    this.reply(334, null, challenge);
+    this.flush();
+    const res = await this.reader.readLine(this.limits.maxLineLength, this.gen.config.timeouts.command);
+    if (res === null) throw new ClientGoneError();
+    if (res.overlong) {
+      this.reply(500, '5.5.2', 'Line too long');
+      return null;
+    }
+    const line = res.line.toString('latin1').trim();
+    if (line === '*') {
+      this.reply(501, '5.0.0', 'Authentication cancelled');
+      return null;
+    }
+    return line;
+  }
+}
+
+function decodeBase64(s: string): string | null {
+  if (s === '=') return '';
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 !== 0) return null;
+  return Buffer.from(s, 'base64').toString('utf8');
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
