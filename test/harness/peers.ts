@@ -1,0 +1,29 @@
+import { execFileSync } from 'node:child_process';
+import type { TestContext } from 'node:test';
+
+/** CI sets PETREL_REQUIRE_PEERS=1: then a missing peer fails the test instead of skipping it. */
+export const REQUIRE_PEERS = process.env.PETREL_REQUIRE_PEERS === '1';
+
+/** Debian's python3 (with its modules), which may not be the first python3 on PATH. */
+export const PYTHON = ['/usr/bin/python3', 'python3'].find((p) => has(p)) ?? 'python3';
+
+export function has(command: string): boolean {
+  try {
+    execFileSync('sh', ['-c', `command -v ${command}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Returns the path of a real peer program, or skips the test when it is missing — unless
+ * PETREL_REQUIRE_PEERS=1, where a missing peer is a failure.
+ */
+export function requirePeer(t: TestContext, command: string, installHint: string): string | null {
+  if (has(command)) return command;
+  const why = `${command} not installed (${installHint})`;
+  if (REQUIRE_PEERS) throw new Error(`required peer missing: ${why}`);
+  t.skip(why);
+  return null;
+}
