@@ -5,7 +5,7 @@ import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js'
 import type { PetrelConfigInput } from './config/schema.js';
 import { buildContainer } from './di/root.js';
 import type { Spool } from './message/spool.js';
-import { Tokens } from './di/tokens.js';
+import { resolveToken, Tokens } from './di/tokens.js';
 import { buildPluginSet } from './plugins/loader.js';
 import type { PluginDefinition } from './plugins/define.js';
 import { createLogger } from './services/logger.js';
@@ -47,7 +47,8 @@ export class Petrel {
 
   static async start(opts: PetrelOptions = {}): Promise<Petrel> {
     const loaded = await Petrel.readConfig(opts);
-    const log = opts.logger ?? createLogger({ level: loaded.config.log.level, format: loaded.config.log.format });
+    const log =
+      opts.logger ?? createLogger({ level: loaded.config.log.level, format: loaded.config.log.format });
     const gen = await Petrel.build(loaded, opts, log);
     const app = new Petrel(gen, opts, log);
     try {
@@ -58,10 +59,25 @@ export class Petrel {
       throw err;
     }
     log.info(
-      { config: loaded.file, plugins: gen.plugins.plugins.map((p) => p.name), hostname: loaded.config.hostname },
+      {
+        config: loaded.file,
+        plugins: gen.plugins.plugins.map((p) => p.name),
+        hostname: loaded.config.hostname,
+      },
       'petrel started',
     );
     return app;
+  }
+
+  /**
+   * Builds everything `start` would build from a config — TLS, services, every plugin with its
+   * schema and setup — without listening, and closes it again. Returns the plugin names.
+   */
+  static async check(loaded: LoadedConfig, opts: PetrelOptions = {}): Promise<string[]> {
+    const log = opts.logger ?? createLogger({ level: 'warn', format: 'json', destination: process.stderr });
+    const gen = await Petrel.build(loaded, opts, log);
+    await gen.plugins.retire();
+    return gen.plugins.plugins.map((p) => p.name);
   }
 
   private static async readConfig(opts: PetrelOptions): Promise<LoadedConfig> {
@@ -83,9 +99,13 @@ export class Petrel {
     const container = buildContainer(config, { logger: log, metrics });
     let spool: Spool;
     try {
-      spool = container.resolve(Tokens.Spool);
+      spool = resolveToken(container, Tokens.Spool);
     } catch (err) {
-      throw ConfigError.one(file, 'spool.dir', `expected a writable folder at ${config.spool.dir}: ${(err as Error).message}`);
+      throw ConfigError.one(
+        file,
+        'spool.dir',
+        `expected a writable folder at ${config.spool.dir}: ${(err as Error).message}`,
+      );
     }
     const inline = new Map((opts.plugins ?? []).map((p) => [p.name, p]));
     const plugins = await buildPluginSet({ config, file, baseDir, container, log, inline });
@@ -97,8 +117,8 @@ export class Petrel {
       tls,
       spool,
       log,
-      metrics: container.resolve(Tokens.Metrics),
-      clock: container.resolve(Tokens.Clock),
+      metrics: resolveToken(container, Tokens.Metrics),
+      clock: resolveToken(container, Tokens.Clock),
     };
   }
 
@@ -133,7 +153,10 @@ export class Petrel {
         this.log.warn('listeners changed in the config; restart to apply them');
       }
     } catch (err) {
-      this.log.error({ err: err instanceof ConfigError ? err.message : err }, 'reload refused; keeping the running config');
+      this.log.error(
+        { err: err instanceof ConfigError ? err.message : err },
+        'reload refused; keeping the running config',
+      );
       throw err;
     }
     const old = this.gen;

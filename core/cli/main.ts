@@ -18,7 +18,9 @@ Without --config, Petrel looks in the working directory for petrel.config.{yaml,
 .petrelrc[.yaml|.yml|.json] or a "petrel" key in package.json, then uses the embedded default.`;
 
 function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+  const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as {
+    version: string;
+  };
   return pkg.version;
 }
 
@@ -54,9 +56,11 @@ async function start(configFile: string | undefined): Promise<void> {
   });
 }
 
+/** Validates the config and every plugin in it (schemas and setup, as `start` would), then prints it. */
 async function configCheck(configFile: string | undefined): Promise<void> {
   const loaded = await loadConfig({ file: configFile });
-  process.stdout.write(`# ${loaded.file}: OK\n`);
+  const plugins = await Petrel.check(loaded);
+  process.stdout.write(`# ${loaded.file}: OK (plugins: ${plugins.join(', ') || 'none'})\n`);
   process.stdout.write(stringify(loaded.config));
 }
 

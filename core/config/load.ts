@@ -66,7 +66,8 @@ export async function loadConfig(opts: { file?: string; cwd?: string } = {}): Pr
   try {
     if (opts.file) {
       filepath = resolve(cwd, opts.file);
-      if (!existsSync(filepath)) throw ConfigError.one(filepath, '(file)', 'expected a config file at this path');
+      if (!existsSync(filepath))
+        throw ConfigError.one(filepath, '(file)', 'expected a config file at this path');
       const result = await explorer.load(filepath);
       raw = result?.config;
     } else {
@@ -82,14 +83,19 @@ export async function loadConfig(opts: { file?: string; cwd?: string } = {}): Pr
   } catch (err) {
     if (err instanceof ConfigError) throw err;
     const where = (err as { filepath?: string }).filepath ?? opts.file ?? cwd;
-    throw ConfigError.one(where, '(file)', `expected a readable YAML, JSON or module config: ${(err as Error).message}`);
+    throw ConfigError.one(
+      where,
+      '(file)',
+      `expected a readable YAML, JSON or module config: ${(err as Error).message}`,
+    );
   }
   return validateConfig(raw, filepath, dirname(filepath));
 }
 
 /** Validates a config object and resolves its relative paths against `baseDir`. */
 export function validateConfig(raw: unknown, file: string, baseDir: string): LoadedConfig {
-  if (raw === undefined || raw === null) throw ConfigError.one(file, '(top level)', 'expected a config object, found an empty file');
+  if (raw === undefined || raw === null)
+    throw ConfigError.one(file, '(top level)', 'expected a config object, found an empty file');
   const parsed = configSchema.safeParse(raw);
   if (!parsed.success) throw zodToConfigError(file, parsed.error);
   const config = parsed.data;
@@ -106,7 +112,12 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Loa
   const names = new Set<string>();
   config.listeners.forEach((l, i) => {
     l.name ??= l.port === 0 ? `${l.kind}#${i}` : `${l.kind}:${l.port}`;
-    if (names.has(l.name)) throw ConfigError.one(file, `listeners[${i}].name`, `expected a unique name, "${l.name}" is used twice`);
+    if (names.has(l.name))
+      throw ConfigError.one(
+        file,
+        `listeners[${i}].name`,
+        `expected a unique name, "${l.name}" is used twice`,
+      );
     names.add(l.name);
   });
   return { config, file, baseDir };

@@ -85,7 +85,10 @@ export const configSchema = z
     /** The name this server gives itself in the greeting, EHLO reply and Received: headers. */
     hostname: z.string().min(1).default(osHostname()),
     listeners: z.array(listenerSchema).min(1),
-    tls: certPair.extend({ sni: z.record(z.string(), certPair).default({}) }).strict().optional(),
+    tls: certPair
+      .extend({ sni: z.record(z.string(), certPair).default({}) })
+      .strict()
+      .optional(),
     dns: z
       .object({
         servers: z.array(z.string().min(1)).min(1).optional(),

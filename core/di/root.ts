@@ -12,7 +12,10 @@ import { Tokens } from './tokens.js';
  * generation gets its own child container, so services built from config (DNS servers, the
  * spool folder) follow a reload; the logger and metrics live across generations.
  */
-export function buildContainer(config: PetrelConfig, shared: { logger: Logger; metrics?: MetricsRegistry }): DependencyContainer {
+export function buildContainer(
+  config: PetrelConfig,
+  shared: { logger: Logger; metrics?: MetricsRegistry },
+): DependencyContainer {
   const c = rootContainer.createChildContainer();
   c.register(Tokens.Config, { useValue: config });
   c.register(Tokens.Logger, { useValue: shared.logger });

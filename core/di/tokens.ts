@@ -8,6 +8,11 @@ import type { Spool } from '../message/spool.js';
 /** A DI token that carries the type of what it resolves to. */
 export type Token<T> = symbol & { readonly __type?: T };
 
+/** Resolves a token from a container with its type (tsyringe alone types a symbol as unknown). */
+export function resolveToken<T>(container: { resolve<R>(token: symbol): R }, t: Token<T>): T {
+  return container.resolve<T>(t);
+}
+
 function token<T>(name: string): Token<T> {
   return Symbol.for(`petrel.${name}`) as Token<T>;
 }

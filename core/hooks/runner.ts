@@ -28,7 +28,11 @@ export class HookTimeoutError extends Error {
 }
 
 /** What the client sees when a plugin fails: generic text, the detail goes to the log. */
-export const FAILURE_VERDICT: Verdict = defer(451, '4.3.0', 'Temporary local problem, please try again later');
+export const FAILURE_VERDICT: Verdict = defer(
+  451,
+  '4.3.0',
+  'Temporary local problem, please try again later',
+);
 
 const NO_DECISION: VerdictOutcome = Object.freeze({ verdict: proceed(), plugin: null, failed: false });
 
@@ -92,13 +96,20 @@ export class HookRunner {
           else this.log.warn({ plugin: hook.plugin, keyword: String(w) }, 'ignored invalid EHLO keyword');
         }
       } catch (err) {
-        this.log.error({ plugin: hook.plugin, hook: 'capabilities', session: ctx.session.id, err }, 'hook failed');
+        this.log.error(
+          { plugin: hook.plugin, hook: 'capabilities', session: ctx.session.id, err },
+          'hook failed',
+        );
       }
     }
     return out;
   }
 
-  private async call<K extends HookName>(name: K, hook: RegisteredHook<K>, ctx: CallContext<K>): Promise<unknown> {
+  private async call<K extends HookName>(
+    name: K,
+    hook: RegisteredHook<K>,
+    ctx: CallContext<K>,
+  ): Promise<unknown> {
     const controller = new AbortController();
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {

@@ -26,7 +26,9 @@ function checkReply(kind: string, lo: number, code: number, enhanced: string): v
     throw new RangeError(`${kind}() needs a ${lo / 100}xx code, got ${code}`);
   }
   if (!ENHANCED.test(enhanced) || enhanced[0] !== String(code)[0]) {
-    throw new RangeError(`${kind}() needs an enhanced code of class ${lo / 100} (like ${lo / 100}.0.0), got "${enhanced}"`);
+    throw new RangeError(
+      `${kind}() needs an enhanced code of class ${lo / 100} (like ${lo / 100}.0.0), got "${enhanced}"`,
+    );
   }
 }
 
@@ -62,7 +64,11 @@ export function defer(
 }
 
 /** Reply (421 4.7.0 by default) and close the connection. */
-export function disconnect(code = 421, enhanced = '4.7.0', text: string | readonly string[] = 'Closing connection'): Verdict {
+export function disconnect(
+  code = 421,
+  enhanced = '4.7.0',
+  text: string | readonly string[] = 'Closing connection',
+): Verdict {
   if (!Number.isInteger(code) || code < 400 || code > 599) {
     throw new RangeError(`disconnect() needs a 4xx or 5xx code, got ${code}`);
   }
@@ -79,5 +85,7 @@ export function isDecisive(v: Verdict): boolean {
 export function isVerdict(v: unknown): v is Verdict {
   if (typeof v !== 'object' || v === null) return false;
   const kind = (v as { kind?: unknown }).kind;
-  return kind === 'proceed' || kind === 'accept' || kind === 'deny' || kind === 'defer' || kind === 'disconnect';
+  return (
+    kind === 'proceed' || kind === 'accept' || kind === 'deny' || kind === 'defer' || kind === 'disconnect'
+  );
 }

@@ -95,7 +95,8 @@ export function parseMailbox(text: string, utf8: boolean): Address | null {
       if (ch === '"') break;
       if (ch === '\\') {
         const next = text[i + 1];
-        if (next === undefined || (next.charCodeAt(0) < 32 && !utf8) || next.charCodeAt(0) === 127) return null;
+        if (next === undefined || (next.charCodeAt(0) < 32 && !utf8) || next.charCodeAt(0) === 127)
+          return null;
         local += next;
         i += 2;
         continue;
@@ -132,7 +133,8 @@ export function parsePath(
   opts: { utf8: boolean; allowNull: boolean; allowPostmaster: boolean },
 ): PathParse {
   const s = text.replace(/^ +/, ''); // tolerated: `MAIL FROM: <a@b>`
-  if (!s.startsWith('<')) return { ok: false, reason: 'syntax', message: 'address must be in angle brackets' };
+  if (!s.startsWith('<'))
+    return { ok: false, reason: 'syntax', message: 'address must be in angle brackets' };
   // Find the closing bracket, skipping quoted strings.
   let end = -1;
   let inQuote = false;

@@ -65,6 +65,7 @@ export function formatHeaderField(name: string, value: string): string {
   if (!/^[\x21-\x39\x3b-\x7e]+$/.test(name)) throw new TypeError(`invalid header name "${name}"`);
   // Keep folding white space that is already a valid fold; refuse bare CR/LF anywhere else.
   const folded = value.replace(/\r?\n(?=[ \t])/g, '\r\n');
-  if (/\r(?!\n[ \t])|(?<!\r)\n/.test(folded)) throw new TypeError(`header ${name} has a line break that is not a fold`);
+  if (/\r(?!\n[ \t])|(?<!\r)\n/.test(folded))
+    throw new TypeError(`header ${name} has a line break that is not a fold`);
   return `${name}: ${folded}\r\n`;
 }

@@ -56,7 +56,8 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
   if (typeof def?.name !== 'string' || !/^[a-z0-9][a-z0-9-_.]*$/i.test(def.name)) {
     throw new TypeError(`definePlugin: name must be a simple identifier, got ${JSON.stringify(def?.name)}`);
   }
-  if (typeof def.setup !== 'function') throw new TypeError(`definePlugin(${def.name}): setup must be a function`);
+  if (typeof def.setup !== 'function')
+    throw new TypeError(`definePlugin(${def.name}): setup must be a function`);
   return Object.freeze({ ...def, [BRAND]: true as const });
 }
 

@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { createRequire, registerHooks } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -9,7 +9,7 @@ import type { PetrelConfig, PluginEntry } from '../config/schema.js';
 import { HOOK_NAMES, isHookName, type HookName, type Hooks } from '../hooks/catalogue.js';
 import { HookRunner, type HookTable, type RegisteredHook } from '../hooks/runner.js';
 import { isPluginDefinition, type PluginDefinition } from './define.js';
-import type { Token } from '../di/tokens.js';
+import { resolveToken, type Token } from '../di/tokens.js';
 
 export type PluginSource = 'built-in' | 'package' | 'file' | 'inline';
 
@@ -90,7 +90,12 @@ interface Located {
   location: string;
 }
 
-function entryParts(entry: PluginEntry): { ref: string; config: unknown; timeout?: number; enabled: boolean } {
+function entryParts(entry: PluginEntry): {
+  ref: string;
+  config: unknown;
+  timeout?: number;
+  enabled: boolean;
+} {
   if (typeof entry === 'string') return { ref: entry, config: undefined, enabled: true };
   return { ref: entry.name, config: entry.config, timeout: entry.timeout, enabled: entry.enabled };
 }
@@ -99,12 +104,21 @@ function looksLikePath(ref: string): boolean {
   return ref.startsWith('.') || isAbsolute(ref) || /\.(c|m)?(t|j)s$/.test(ref);
 }
 
-async function importDefinition(url: string, file: string, key: string, ref: string): Promise<PluginDefinition> {
+async function importDefinition(
+  url: string,
+  file: string,
+  key: string,
+  ref: string,
+): Promise<PluginDefinition> {
   let mod: { default?: unknown };
   try {
     mod = (await import(url)) as { default?: unknown };
   } catch (err) {
-    throw ConfigError.one(file, key, `expected plugin "${ref}" to load, but it failed: ${(err as Error).message}`);
+    throw ConfigError.one(
+      file,
+      key,
+      `expected plugin "${ref}" to load, but it failed: ${(err as Error).message}`,
+    );
   }
   if (!isPluginDefinition(mod.default)) {
     throw ConfigError.one(file, key, `expected "${ref}" to have a default export made with definePlugin()`);
@@ -125,7 +139,8 @@ async function locate(
     const path = resolve(baseDir, ref);
     if (!existsSync(path)) throw ConfigError.one(file, key, `expected a plugin file at ${path}`);
     return {
-      definition: await importDefinition(pathToFileURL(path).href, file, key, ref),
+      // Keyed by modification time: a reload picks up an edited plugin file, an unchanged one is reused.
+      definition: await importDefinition(`${pathToFileURL(path).href}?mtime=${statSync(path).mtimeMs}`, file, key, ref),
       source: 'file',
       location: path,
     };
@@ -176,7 +191,9 @@ export interface BuildOptions {
 export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   installPetrelResolution();
   const { config, file, baseDir, container, log } = opts;
-  const table = Object.fromEntries(HOOK_NAMES.map((h) => [h, [] as RegisteredHook<HookName>[]])) as unknown as {
+  const table = Object.fromEntries(
+    HOOK_NAMES.map((h) => [h, [] as RegisteredHook<HookName>[]]),
+  ) as unknown as {
     [K in HookName]: RegisteredHook<K>[];
   };
   const loaded: LoadedPlugin[] = [];
@@ -188,10 +205,17 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
       const { ref, config: pluginConfig, timeout, enabled } = entryParts(entry);
       const key = `plugins[${i}]`;
       if (!enabled) continue;
-      const { definition, source, location } = await locate(ref, baseDir, file, key, opts.inline ?? new Map());
+      const { definition, source, location } = await locate(
+        ref,
+        baseDir,
+        file,
+        key,
+        opts.inline ?? new Map(),
+      );
       const name = definition.name;
       const label = `${key} (${name})`;
-      if (seen.has(name)) throw ConfigError.one(file, label, `expected each plugin once; "${name}" is listed twice`);
+      if (seen.has(name))
+        throw ConfigError.one(file, label, `expected each plugin once; "${name}" is listed twice`);
       seen.add(name);
 
       let validConfig: unknown = pluginConfig ?? {};
@@ -209,12 +233,16 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
           log: pluginLog,
           hostname: config.hostname,
           baseDir,
-          resolve: <T>(token: Token<T>): T => container.resolve<T>(token),
+          resolve: <T>(token: Token<T>): T => resolveToken(container, token),
           onClose: (fn) => closers.push({ plugin: name, fn }),
         });
       } catch (err) {
         if (err instanceof ConfigError) throw err;
-        throw ConfigError.one(file, label, `expected setup to succeed, but it threw: ${(err as Error).message}`);
+        throw ConfigError.one(
+          file,
+          label,
+          `expected setup to succeed, but it threw: ${(err as Error).message}`,
+        );
       }
       if (typeof hooks !== 'object' || hooks === null) {
         throw ConfigError.one(file, label, 'expected setup to return an object of hooks');
@@ -222,9 +250,14 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
       const names: HookName[] = [];
       for (const [hookName, fn] of Object.entries(hooks)) {
         if (!isHookName(hookName)) {
-          throw ConfigError.one(file, label, `unknown hook "${hookName}"; expected one of ${HOOK_NAMES.join(', ')}`);
+          throw ConfigError.one(
+            file,
+            label,
+            `unknown hook "${hookName}"; expected one of ${HOOK_NAMES.join(', ')}`,
+          );
         }
-        if (typeof fn !== 'function') throw ConfigError.one(file, `${label}.${hookName}`, 'expected an async function');
+        if (typeof fn !== 'function')
+          throw ConfigError.one(file, `${label}.${hookName}`, 'expected an async function');
         (table[hookName] as RegisteredHook<HookName>[]).push({
           plugin: name,
           fn: fn as never,

@@ -21,13 +21,18 @@ export const REDACT_PATHS = [
 ];
 
 /** pino: JSON to stdout by default, pretty on a terminal; secrets redacted. */
-export function createLogger(opts: { level: string; format: LogFormat; destination?: NodeJS.WritableStream }): Logger {
+export function createLogger(opts: {
+  level: string;
+  format: LogFormat;
+  destination?: NodeJS.WritableStream;
+}): Logger {
   const options = {
     level: opts.level,
     base: { name: 'petrel' },
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
   };
-  const usePretty = opts.format === 'pretty' || (opts.format === 'auto' && !opts.destination && process.stdout.isTTY);
+  const usePretty =
+    opts.format === 'pretty' || (opts.format === 'auto' && !opts.destination && process.stdout.isTTY);
   if (usePretty) {
     return pino(options, pretty({ colorize: true, destination: opts.destination ?? 1, sync: true }));
   }

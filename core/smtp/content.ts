@@ -137,7 +137,11 @@ export class HeaderCapture {
     // Look for the blank line in the new bytes plus the three before them.
     const from = Math.max(0, prevLength - 3);
     const joined = this.bytes();
-    if (joined.indexOf('\r\n\r\n', from) >= 0 || joined.indexOf('\n\n', from) >= 0 || (prevLength === 0 && /^\r?\n/.test(joined.subarray(0, 2).toString('latin1')))) {
+    if (
+      joined.indexOf('\r\n\r\n', from) >= 0 ||
+      joined.indexOf('\n\n', from) >= 0 ||
+      (prevLength === 0 && /^\r?\n/.test(joined.subarray(0, 2).toString('latin1')))
+    ) {
       this.complete = true;
     }
   }

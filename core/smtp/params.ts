@@ -1,11 +1,15 @@
 import type { MailParams, RecipientParams } from '../hooks/catalogue.js';
 
-export type ParamResult<T> = { ok: true; value: T } | { ok: false; code: number; enhanced: string; text: string };
+export type ParamResult<T> =
+  { ok: true; value: T } | { ok: false; code: number; enhanced: string; text: string };
 
 /** RFC 3461 §4: xtext, where `+XX` is a hex-encoded octet. */
 export function decodeXtext(s: string): string | null {
   if (!/^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$/.test(s)) return null;
-  return Buffer.from(s.replace(/\+([0-9A-F]{2})/g, (_, h: string) => String.fromCharCode(parseInt(h, 16))), 'latin1').toString('utf8');
+  return Buffer.from(
+    s.replace(/\+([0-9A-F]{2})/g, (_, h: string) => String.fromCharCode(parseInt(h, 16))),
+    'latin1',
+  ).toString('utf8');
 }
 
 function splitParams(text: string): { key: string; value: string | null }[] | null {
@@ -21,14 +25,21 @@ function splitParams(text: string): { key: string; value: string | null }[] | nu
   return out;
 }
 
-const bad = (text: string, code = 501, enhanced = '5.5.4'): { ok: false; code: number; enhanced: string; text: string } => ({
+const bad = (
+  text: string,
+  code = 501,
+  enhanced = '5.5.4',
+): { ok: false; code: number; enhanced: string; text: string } => ({
   ok: false,
   code,
   enhanced,
   text,
 });
 
-export function parseMailParams(text: string, opts: { maxSize: number; utf8Offered: boolean }): ParamResult<MailParams> {
+export function parseMailParams(
+  text: string,
+  opts: { maxSize: number; utf8Offered: boolean },
+): ParamResult<MailParams> {
   const parts = splitParams(text);
   if (!parts) return bad('Syntax error in parameters');
   let size: number | undefined;
@@ -69,7 +80,8 @@ export function parseMailParams(text: string, opts: { maxSize: number; utf8Offer
       }
       case 'ENVID': {
         const decoded = value === null ? null : decodeXtext(value);
-        if (decoded === null || value!.length > 100) return bad('ENVID must be xtext of at most 100 characters');
+        if (decoded === null || value!.length > 100)
+          return bad('ENVID must be xtext of at most 100 characters');
         envid = decoded;
         break;
       }

@@ -39,7 +39,9 @@ export class SmtpServer implements SessionHost {
   async listen(listeners: readonly ListenerConfig[]): Promise<BoundListener[]> {
     const bound: BoundListener[] = [];
     for (const config of listeners) {
-      const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket, config));
+      const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) =>
+        this.accept(socket, config),
+      );
       server.on('error', (err) => this.log.error({ err, listener: config.name }, 'listener error'));
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
@@ -50,8 +52,16 @@ export class SmtpServer implements SessionHost {
       });
       const addr = server.address() as AddressInfo;
       this.servers.push({ server, config });
-      bound.push({ name: config.name ?? config.kind, kind: config.kind, address: addr.address, port: addr.port });
-      this.log.info({ listener: config.name, kind: config.kind, address: addr.address, port: addr.port }, 'listening');
+      bound.push({
+        name: config.name ?? config.kind,
+        kind: config.kind,
+        address: addr.address,
+        port: addr.port,
+      });
+      this.log.info(
+        { listener: config.name, kind: config.kind, address: addr.address, port: addr.port },
+        'listening',
+      );
     }
     return bound;
   }
@@ -62,7 +72,11 @@ export class SmtpServer implements SessionHost {
     const ip = socket.remoteAddress ?? '';
     const fromIp = this.perIp.get(ip) ?? 0;
     socket.on('error', () => undefined);
-    if (this.stopping || this.sessions.size >= limits.maxConnections || fromIp >= limits.maxConnectionsPerIp) {
+    if (
+      this.stopping ||
+      this.sessions.size >= limits.maxConnections ||
+      fromIp >= limits.maxConnectionsPerIp
+    ) {
       gen.metrics.inc('smtp.connections.refused');
       const text = this.stopping ? 'Service shutting down' : 'Too many connections, try again later';
       socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
@@ -94,7 +108,8 @@ export class SmtpServer implements SessionHost {
    */
   async close(deadlineMs: number): Promise<void> {
     this.stopping = true;
-    await Promise.all(this.servers.map(({ server }) => new Promise<void>((r) => server.close(() => r()))));
+    // close() stops accepting at once; its callback waits for every connection, so don't await it.
+    for (const { server } of this.servers) server.close();
     // Idle sessions (no transaction in progress) are told at once.
     for (const s of this.sessions) if (!s.inTransaction) s.interrupt();
     if (this.sessions.size === 0) return;

@@ -56,7 +56,10 @@ class ClientGoneError extends Error {}
 
 const NOT_IMPLEMENTED = new Set(['EXPN', 'TURN', 'ETRN', 'SEND', 'SOML', 'SAML']);
 const HTTP_VERBS = new Set(['GET', 'POST', 'PUT', 'HEAD', 'CONNECT', 'OPTIONS', 'DELETE']);
-const HELP_TEXT = ['Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH', 'End of HELP info'];
+const HELP_TEXT = [
+  'Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH',
+  'End of HELP info',
+];
 const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
 
 /**
@@ -136,7 +139,10 @@ export class SmtpSession implements SessionView {
           break;
         case 'defer':
         case 'disconnect':
-          this.replySpec(connect.verdict.reply ?? { code: 421, enhanced: '4.7.0', text: 'Closing connection' }, null);
+          this.replySpec(
+            connect.verdict.reply ?? { code: 421, enhanced: '4.7.0', text: 'Closing connection' },
+            null,
+          );
           return;
         default:
           this.reply(220, null, `${cfg.hostname} ${cfg.smtp.banner}`);
@@ -246,9 +252,20 @@ export class SmtpSession implements SessionView {
     return false;
   }
 
-  private logVerdict(hook: string, v: Verdict, plugin: string | null, extra: Record<string, unknown> = {}): void {
+  private logVerdict(
+    hook: string,
+    v: Verdict,
+    plugin: string | null,
+    extra: Record<string, unknown> = {},
+  ): void {
     if (v.kind === 'proceed') return;
-    const fields = { hook, plugin, verdict: v.kind, ...extra, ...('reply' in v && v.reply ? { code: v.reply.code } : {}) };
+    const fields = {
+      hook,
+      plugin,
+      verdict: v.kind,
+      ...extra,
+      ...('reply' in v && v.reply ? { code: v.reply.code } : {}),
+    };
     if (v.kind === 'accept') this.log.debug(fields, 'verdict');
     else this.log.info(fields, 'verdict');
   }
@@ -331,7 +348,11 @@ export class SmtpSession implements SessionView {
       this.closing = true;
       return;
     }
-    const { verdict, plugin } = await this.runner.verdict('unrecognized_command', { session: this, verb, args });
+    const { verdict, plugin } = await this.runner.verdict('unrecognized_command', {
+      session: this,
+      verb,
+      args,
+    });
     this.logVerdict('unrecognized_command', verdict, plugin, { verb });
     if (verdict.kind === 'accept') {
       const r = verdict.reply;
@@ -442,10 +463,19 @@ export class SmtpSession implements SessionView {
     if (tx.recipients.length >= this.limits.maxRecipients) {
       return this.reply(452, '4.5.3', 'Too many recipients');
     }
-    const path = parsePath(args.slice(3), { utf8: tx.mailParams.smtputf8, allowNull: false, allowPostmaster: true });
+    const path = parsePath(args.slice(3), {
+      utf8: tx.mailParams.smtputf8,
+      allowNull: false,
+      allowPostmaster: true,
+    });
     if (!path.ok) {
-      if (path.reason === 'utf8') return this.reply(553, '5.6.7', 'Non-ASCII recipient address needs SMTPUTF8');
-      return this.reply(501, '5.1.3', path.reason === 'length' ? 'Recipient address too long' : 'Bad recipient address syntax');
+      if (path.reason === 'utf8')
+        return this.reply(553, '5.6.7', 'Non-ASCII recipient address needs SMTPUTF8');
+      return this.reply(
+        501,
+        '5.1.3',
+        path.reason === 'length' ? 'Recipient address too long' : 'Bad recipient address syntax',
+      );
     }
     const recipient = path.address!;
     const params = parseRcptParams(path.rest);

@@ -15,17 +15,29 @@ function load(pair: { cert: string; key: string }, file: string, key: string): S
   try {
     cert = readFileSync(pair.cert);
   } catch (err) {
-    throw ConfigError.one(file, `${key}.cert`, `expected a readable PEM certificate at ${pair.cert} (${(err as NodeJS.ErrnoException).code})`);
+    throw ConfigError.one(
+      file,
+      `${key}.cert`,
+      `expected a readable PEM certificate at ${pair.cert} (${(err as NodeJS.ErrnoException).code})`,
+    );
   }
   try {
     pem = readFileSync(pair.key);
   } catch (err) {
-    throw ConfigError.one(file, `${key}.key`, `expected a readable PEM private key at ${pair.key} (${(err as NodeJS.ErrnoException).code})`);
+    throw ConfigError.one(
+      file,
+      `${key}.key`,
+      `expected a readable PEM private key at ${pair.key} (${(err as NodeJS.ErrnoException).code})`,
+    );
   }
   try {
     return createSecureContext({ cert, key: pem, minVersion: 'TLSv1.2' });
   } catch (err) {
-    throw ConfigError.one(file, key, `expected a matching PEM certificate and key: ${(err as Error).message}`);
+    throw ConfigError.one(
+      file,
+      key,
+      `expected a matching PEM certificate and key: ${(err as Error).message}`,
+    );
   }
 }
 

@@ -1,7 +1,8 @@
 /** Parses a duration such as `30s`, `5m`, `4h`, `5d`, `250ms` or a plain number of milliseconds. */
 export function parseDuration(value: string | number): number {
   if (typeof value === 'number') {
-    if (!Number.isFinite(value) || value < 0) throw new RangeError('a duration must be a non-negative number');
+    if (!Number.isFinite(value) || value < 0)
+      throw new RangeError('a duration must be a non-negative number');
     return value;
   }
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);

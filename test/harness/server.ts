@@ -68,13 +68,18 @@ export interface TestServer {
  * certificate, a temporary spool), with the given plugins listed in order.
  */
 export async function startServer(
-  opts: { plugins?: PluginDefinition[]; config?: Partial<PetrelConfigInput>; entries?: PetrelConfigInput['plugins'] } = {},
+  opts: {
+    plugins?: PluginDefinition[];
+    config?: Partial<PetrelConfigInput>;
+    entries?: PetrelConfigInput['plugins'];
+  } = {},
 ): Promise<TestServer> {
   const spoolDir = mkdtempSync(join(tmpdir(), 'petrel-test-'));
   const logs: Record<string, unknown>[] = [];
   const sink = new Writable({
     write(chunk: Buffer, _enc, cb) {
-      for (const line of chunk.toString().split('\n')) if (line) logs.push(JSON.parse(line) as Record<string, unknown>);
+      for (const line of chunk.toString().split('\n'))
+        if (line) logs.push(JSON.parse(line) as Record<string, unknown>);
       cb();
     },
   });
@@ -93,7 +98,8 @@ export async function startServer(
     ...opts.config,
   };
   const app = await Petrel.start({ config, plugins, logger });
-  const portOf = (kind: 'smtp' | 'submission' | 'submissions'): number => app.listeners.find((l) => l.kind === kind)?.port ?? 0;
+  const portOf = (kind: 'smtp' | 'submission' | 'submissions'): number =>
+    app.listeners.find((l) => l.kind === kind)?.port ?? 0;
   return {
     app,
     port: portOf('smtp'),

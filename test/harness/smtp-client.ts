@@ -48,11 +48,19 @@ export class SmtpClient {
     for (const f of w) f();
   }
 
-  static connect(port: number, host = '127.0.0.1', opts: { tls?: boolean; servername?: string } = {}): Promise<SmtpClient> {
+  static connect(
+    port: number,
+    host = '127.0.0.1',
+    opts: { tls?: boolean; servername?: string; localAddress?: string } = {},
+  ): Promise<SmtpClient> {
     return new Promise((resolve, reject) => {
+      const { localAddress } = opts;
       const s = opts.tls
-        ? tlsConnect({ port, host, rejectUnauthorized: false, servername: opts.servername ?? 'mx.test' }, () => resolve(new SmtpClient(s)))
-        : netConnect({ port, host }, () => resolve(new SmtpClient(s)));
+        ? tlsConnect(
+            { port, host, rejectUnauthorized: false, servername: opts.servername ?? 'mx.test' },
+            () => resolve(new SmtpClient(s)),
+          )
+        : netConnect({ port, host, localAddress }, () => resolve(new SmtpClient(s)));
       s.once('error', reject);
     });
   }
@@ -87,7 +95,8 @@ export class SmtpClient {
           raw,
         };
       }
-      if (this.ended) throw new Error(`connection closed while waiting for a reply; unread: ${JSON.stringify(this.buf)}`);
+      if (this.ended)
+        throw new Error(`connection closed while waiting for a reply; unread: ${JSON.stringify(this.buf)}`);
       const left = deadline - Date.now();
       if (left <= 0) throw new Error(`no reply within ${timeoutMs} ms; unread: ${JSON.stringify(this.buf)}`);
       await new Promise<void>((resolve) => {
@@ -126,7 +135,9 @@ export class SmtpClient {
     plain.removeAllListeners('close');
     plain.removeAllListeners('error');
     const secure = await new Promise<TLSSocket>((resolve, reject) => {
-      const s = tlsConnect({ socket: plain as Socket, rejectUnauthorized: false, servername }, () => resolve(s));
+      const s = tlsConnect({ socket: plain as Socket, rejectUnauthorized: false, servername }, () =>
+        resolve(s),
+      );
       s.once('error', reject);
     });
     this.buf = '';

@@ -1,7 +1,13 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { SmtpClient } from '../harness/smtp-client.js';
-import { acceptAllRecipients, memoryQueue, startServer, type CapturedMessage, type TestServer } from '../harness/server.js';
+import {
+  acceptAllRecipients,
+  memoryQueue,
+  startServer,
+  type CapturedMessage,
+  type TestServer,
+} from '../harness/server.js';
 
 describe('RFC 5321 commands', () => {
   let srv: TestServer;
@@ -21,7 +27,16 @@ describe('RFC 5321 commands', () => {
     const c = await SmtpClient.connect(srv.port);
     await c.expect(/^220 /);
     const words = await c.ehlo();
-    for (const w of ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'SIZE 26214400', 'ENHANCEDSTATUSCODES', 'DSN', 'CHUNKING', 'STARTTLS']) {
+    for (const w of [
+      'PIPELINING',
+      '8BITMIME',
+      'SMTPUTF8',
+      'SIZE 26214400',
+      'ENHANCEDSTATUSCODES',
+      'DSN',
+      'CHUNKING',
+      'STARTTLS',
+    ]) {
       assert.ok(words.includes(w), `EHLO lists ${w}: ${words.join(', ')}`);
     }
     assert.ok(!words.some((w) => w.startsWith('AUTH')), 'no AUTH without an auth plugin');
@@ -43,9 +58,18 @@ describe('RFC 5321 commands', () => {
     const m = queued.at(-1)!;
     assert.equal(m.sender, 'alice@crepes.fr');
     assert.deepEqual(m.recipients, ['bob@hamburger.edu']);
-    assert.equal(m.raw.toString(), 'Subject: hi\r\n\r\nHello Bob\r\n.leading dot\r\n', 'dot-unstuffed, terminator removed');
+    assert.equal(
+      m.raw.toString(),
+      'Subject: hi\r\n\r\nHello Bob\r\n.leading dot\r\n',
+      'dot-unstuffed, terminator removed',
+    );
     const id = /queued as (\S+)/.exec(r.text)![1];
-    assert.match(m.data.toString(), new RegExp(`^Received: from client\\.test \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.test \\(Petrel\\) with ESMTP id ${id}\\r\\n\\tfor <bob@hamburger\\.edu>;`));
+    assert.match(
+      m.data.toString(),
+      new RegExp(
+        `^Received: from client\\.test \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.test \\(Petrel\\) with ESMTP id ${id}\\r\\n\\tfor <bob@hamburger\\.edu>;`,
+      ),
+    );
   });
 
   it('answers NOOP, RSET, VRFY and HELP', async () => {

@@ -1,0 +1,75 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { ContentReceiver } from '../../core/smtp/content.js';
+
+function run(chunks: string[], opts = { dotStuffed: true, normalize: false }) {
+  const r = new ContentReceiver(opts);
+  const out: Buffer[] = [];
+  let done = false;
+  let rest: Buffer | null = null;
+  for (const c of chunks) {
+    const res = r.feed(Buffer.from(c, 'latin1'));
+    out.push(...res.out);
+    if (res.done) {
+      done = true;
+      rest = res.rest;
+      break;
+    }
+  }
+  return {
+    text: Buffer.concat(out).toString('latin1'),
+    done,
+    rest: rest?.toString('latin1') ?? null,
+    bare: r.bareLineEnding,
+  };
+}
+
+describe('DATA content: dot-unstuffing and the end of data', () => {
+  it('ends at CRLF.CRLF and returns what follows', () => {
+    const r = run(['a\r\nb\r\n.\r\nQUIT\r\n']);
+    assert.deepEqual(r, { text: 'a\r\nb\r\n', done: true, rest: 'QUIT\r\n', bare: false });
+  });
+
+  it('ends on an empty message', () => {
+    assert.deepEqual(run(['.\r\n']), { text: '', done: true, rest: null, bare: false });
+  });
+
+  it('removes the stuffed dot at the start of a line (RFC 5321 §4.5.2)', () => {
+    assert.equal(run(['..hidden\r\n...two\r\n.\r\n']).text, '.hidden\r\n..two\r\n');
+  });
+
+  it('finds the end whatever the segmentation', () => {
+    const msg = 'Subject: x\r\n\r\n.dot\r\nline\r\n.\r\n';
+    for (let size = 1; size <= 5; size++) {
+      const chunks: string[] = [];
+      for (let i = 0; i < msg.length; i += size) chunks.push(msg.slice(i, i + size));
+      const r = run(chunks);
+      assert.equal(r.text, 'Subject: x\r\n\r\ndot\r\nline\r\n', `segment size ${size}`);
+      assert.ok(r.done);
+      assert.equal(r.bare, false);
+    }
+  });
+
+  it('never ends at a dot after a bare LF, and flags it', () => {
+    const r = run(['a\n.\r\nb\r\n.\r\n']);
+    assert.ok(r.done);
+    assert.equal(r.text, 'a\n.\r\nb\r\n');
+    assert.equal(r.bare, true);
+  });
+
+  it('flags a bare CR, even at the end of a segment', () => {
+    assert.equal(run(['a\rb\r\n.\r\n']).bare, true);
+    assert.equal(run(['a\r', 'b\r\n.\r\n']).bare, true);
+    assert.equal(run(['a\r', '\nb\r\n.\r\n']).bare, false);
+  });
+
+  it('normalises bare LF and CR to CRLF when asked', () => {
+    const r = run(['a\nb\rc\r', 'd\r\n.\r\n'], { dotStuffed: true, normalize: true });
+    assert.equal(r.text, 'a\r\nb\r\nc\r\nd\r\n');
+  });
+
+  it('passes BDAT content through without looking for dots', () => {
+    const r = run(['.\r\n..x\r\n'], { dotStuffed: false, normalize: false });
+    assert.deepEqual(r, { text: '.\r\n..x\r\n', done: false, rest: null, bare: false });
+  });
+});
