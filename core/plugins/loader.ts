@@ -22,6 +22,7 @@ export interface LoadedPlugin {
 }
 
 const SELF = new URL('../index.js', import.meta.url).href;
+const SELF_TESTING = new URL('../testing/index.js', import.meta.url).href;
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;
 
@@ -35,6 +36,7 @@ export function installPetrelResolution(): void {
   registerHooks({
     resolve(specifier, context, nextResolve) {
       if (specifier === 'petrel') return { url: SELF, format: 'module', shortCircuit: true };
+      if (specifier === 'petrel/testing') return { url: SELF_TESTING, format: 'module', shortCircuit: true };
       return nextResolve(specifier, context);
     },
   });

@@ -1,0 +1,112 @@
+/**
+ * A harness for plugin authors: set a plugin up and run one of its hooks with a made-up context,
+ * no server and no sockets. `import { runHook, session, transaction, address } from 'petrel/testing'`.
+ */
+import 'reflect-metadata';
+import pino from 'pino';
+import type { z } from 'zod';
+import { buildContainer } from '../di/root.js';
+import { resolveToken, type Token } from '../di/tokens.js';
+import { validateConfig } from '../config/load.js';
+import type {
+  HookContext,
+  HookName,
+  HookResult,
+  Hooks,
+  SessionView,
+  TransactionView,
+} from '../hooks/catalogue.js';
+import { parsePath, type Address } from '../message/address.js';
+import { Notes } from '../message/notes.js';
+import type { PluginDefinition } from '../plugins/define.js';
+
+/** Parses an address as the engine would (`'bob@example.test'`, UTF-8 allowed). */
+export function address(text: string): Address {
+  const r = parsePath(`<${text}>`, { utf8: true, allowNull: false, allowPostmaster: true });
+  if (!r.ok || !r.address) throw new TypeError(`not a valid address: ${text}`);
+  return r.address;
+}
+
+/** A session as plugins see it; override any field. */
+export function session(over: Partial<SessionView> = {}): SessionView {
+  return {
+    id: 'TESTSESSION',
+    remote: { address: '192.0.2.10', port: 40000 },
+    local: { address: '127.0.0.1', port: 25 },
+    listener: { kind: 'smtp', name: 'smtp:25' },
+    helo: { verb: 'EHLO', hostname: 'client.test' },
+    tls: null,
+    user: null,
+    startedAt: new Date(),
+    notes: new Notes(),
+    ...over,
+  };
+}
+
+/** A transaction as plugins see it; `sender` and `recipients` take address text. */
+export function transaction(
+  over: { sender?: string | null; recipients?: string[] } & Partial<TransactionView> = {},
+): TransactionView {
+  const { sender = 'alice@crepes.test', recipients = [], ...rest } = over;
+  return {
+    id: 'TESTTX',
+    sender: sender === null ? null : address(sender),
+    mailParams: { smtputf8: false },
+    recipients: recipients.map((r) => ({ address: address(r), params: {} })),
+    notes: new Notes(),
+    ...rest,
+  };
+}
+
+export interface SetupOptions<S extends z.ZodType> {
+  /** The plugin's config as it would appear in the config file (validated by its schema). */
+  config?: z.input<S>;
+  hostname?: string;
+  baseDir?: string;
+  /** Services to hand out from `resolve()`, by token, instead of the defaults. */
+  services?: ReadonlyMap<Token<unknown>, unknown>;
+}
+
+/** Sets a plugin up as the loader would (schema-checked config) and returns its hooks. */
+export async function setupPlugin<S extends z.ZodType>(
+  plugin: PluginDefinition<S>,
+  opts: SetupOptions<S> = {},
+): Promise<Hooks> {
+  const parsed = plugin.config ? plugin.config.parse(opts.config ?? {}) : (opts.config ?? {});
+  const { config } = validateConfig(
+    { hostname: opts.hostname ?? 'mx.test', listeners: [{ kind: 'smtp', port: 0 }] },
+    '(test)',
+    opts.baseDir ?? process.cwd(),
+  );
+  const log = pino({ level: 'silent' });
+  let container: ReturnType<typeof buildContainer> | null = null;
+  return plugin.setup({
+    name: plugin.name,
+    config: parsed as z.output<S>,
+    log,
+    hostname: config.hostname,
+    baseDir: opts.baseDir ?? process.cwd(),
+    resolve: <T>(token: Token<T>): T => {
+      if (opts.services?.has(token)) return opts.services.get(token) as T;
+      container ??= buildContainer(config, { logger: log });
+      return resolveToken(container, token);
+    },
+    onClose: () => undefined,
+  });
+}
+
+/**
+ * Runs one hook of a plugin with the given context (a `signal` is added). Throws if the plugin
+ * does not implement the hook.
+ */
+export async function runHook<S extends z.ZodType, K extends HookName>(
+  plugin: PluginDefinition<S>,
+  hook: K,
+  ctx: Omit<HookContext<K>, 'signal'>,
+  opts: SetupOptions<S> = {},
+): Promise<HookResult<K>> {
+  const hooks = await setupPlugin(plugin, opts);
+  const fn = hooks[hook] as ((c: HookContext<K>) => Promise<HookResult<K>>) | undefined;
+  if (!fn) throw new Error(`plugin ${plugin.name} has no ${hook} hook`);
+  return fn({ ...ctx, signal: new AbortController().signal } as HookContext<K>);
+}
