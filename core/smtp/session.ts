@@ -266,8 +266,7 @@ export class SmtpSession implements SessionView {
       ...extra,
       ...('reply' in v && v.reply ? { code: v.reply.code } : {}),
     };
-    if (v.kind === 'accept') this.log.debug(fields, 'verdict');
-    else this.log.info(fields, 'verdict');
+    this.log.info(fields, 'verdict');
   }
 
   // ---------------------------------------------------------------- dispatch
