@@ -3,7 +3,16 @@
  */
 export { z } from 'zod';
 export { definePlugin, type PluginApi, type PluginDefinition } from './plugins/define.js';
-export { proceed, accept, deny, defer, disconnect, type Verdict, type ReplySpec } from './hooks/verdict.js';
+export {
+  proceed,
+  accept,
+  deny,
+  defer,
+  disconnect,
+  routeTo,
+  type Verdict,
+  type ReplySpec,
+} from './hooks/verdict.js';
 export { defineNote, Notes, type NoteKey } from './message/notes.js';
 export { Tokens, type Token } from './di/tokens.js';
 export { Petrel, type PetrelOptions } from './app.js';

@@ -2,7 +2,7 @@ import type { Address } from '../message/address.js';
 import type { Headers, HeaderField } from '../message/headers.js';
 import type { Notes } from '../message/notes.js';
 import type { Readable } from 'node:stream';
-import type { Verdict } from './verdict.js';
+import type { ReplySpec, Verdict } from './verdict.js';
 
 /** The kinds of listener (ARCHITECTURE: MX on 25, submission on 587, implicit TLS on 465). */
 export type ListenerKind = 'smtp' | 'submission' | 'submissions';
@@ -86,6 +86,68 @@ export interface MessageView {
   toFile(): Promise<string>;
 }
 
+// ------------------------------------------------------------------ delivery side
+
+/** A message in the queue, as delivery hooks see it. */
+export interface QueuedMessageView {
+  /** The queue id (the id the client was given in `250 … queued as <id>`). */
+  readonly id: string;
+  readonly sender: Address | null;
+  readonly mailParams: MailParams;
+  readonly receivedAt: Date;
+  /** Octets of the stored message (added headers included). */
+  readonly size: number;
+  /** The stored message exactly as it goes on the wire (before any `transform`). */
+  stream(): Readable;
+}
+
+/** One recipient of a queued message, with its delivery history. */
+export interface DeliveryRecipient {
+  readonly address: Address;
+  readonly params: RecipientParams;
+  /** Attempts made before this one. */
+  readonly attempts: number;
+  /** The last reply from a previous attempt, if any. */
+  readonly lastReply?: RecipientReply;
+  /**
+   * An earlier attempt may have delivered without the queue learning of it (a crash between
+   * delivery and the state update): a transport that can detect a duplicate should check.
+   */
+  readonly maybeDelivered: boolean;
+}
+
+/** Where a recipient goes: the transport that delivers it and what that transport needs. */
+export interface Route {
+  /** A transport name: a `deliver` hook handles the routes it recognises (`maildir`, `lmtp`, …). */
+  readonly transport: string;
+  /** Recipients with the same transport and key are delivered together (one LMTP/SMTP transaction). */
+  readonly key: string;
+  /** Transport-specific data (a mailbox path, a host…). */
+  readonly data: Readonly<Record<string, unknown>>;
+}
+
+/** A reply for one recipient: from the remote server, or made up by the transport. */
+export interface RecipientReply extends ReplySpec {
+  /** Who answered, e.g. `mx.example.test [192.0.2.1]` or `dovecot-lmtp`; absent when local. */
+  readonly remote?: string;
+}
+
+export type DeliveryStatus = 'delivered' | 'deferred' | 'failed';
+
+export interface RecipientResult {
+  /** The recipient's address, as in `DeliveryRecipient.address.address`. */
+  readonly recipient: string;
+  readonly status: DeliveryStatus;
+  readonly reply: RecipientReply;
+}
+
+/** What a transport's `deliver` hook returns: a result for every recipient it was given. */
+export type DeliveryOutcome =
+  { readonly kind: 'proceed' } | { readonly kind: 'results'; readonly results: readonly RecipientResult[] };
+
+/** What a `route` hook returns: a route, or a verdict (deny fails the recipient, defer retries later). */
+export type RouteVerdict = Verdict | { readonly kind: 'route'; readonly route: Route };
+
 /** Every hook call also gets a signal that aborts when its time is up. */
 interface Base {
   readonly session: SessionView;
@@ -142,6 +204,32 @@ export interface UnrecognizedCommandContext extends Base {
   readonly args: string;
 }
 
+/** Delivery hooks run in the queue, not in a session; they get no session. */
+interface DeliveryBase {
+  readonly message: QueuedMessageView;
+  readonly signal: AbortSignal;
+}
+export interface RouteContext extends DeliveryBase {
+  readonly recipient: DeliveryRecipient;
+}
+export interface DeliverContext extends DeliveryBase {
+  readonly route: Route;
+  readonly recipients: readonly DeliveryRecipient[];
+}
+export interface DeliveredContext extends DeliveryBase {
+  readonly recipient: DeliveryRecipient;
+  readonly route: Route | null;
+  readonly result: RecipientResult;
+}
+export interface DeferredContext extends DeliveredContext {
+  /** When the queue will try again. */
+  readonly nextAttemptAt: Date;
+}
+export interface FailedContext extends DeliveredContext {
+  /** Why it is final: the remote refused (`refused`), or the queue lifetime ran out (`expired`). */
+  readonly reason: 'refused' | 'expired' | 'deleted';
+}
+
 /**
  * The hook catalogue: every hook name, its context, and what it returns. A plugin can only name
  * hooks that are keys here; the loader refuses anything else.
@@ -171,6 +259,17 @@ export interface HookMap {
   disconnect: (ctx: DisconnectContext) => Promise<void>;
   /** A command the engine does not know. Proceed: `500 5.5.1` (`502 5.5.1` for EXPN/ETRN/TURN). */
   unrecognized_command: (ctx: UnrecognizedCommandContext) => Promise<Verdict>;
+
+  /** Queue: which transport delivers this recipient. Nobody routing it defers it (and logs why). */
+  route: (ctx: RouteContext) => Promise<RouteVerdict>;
+  /** Queue: a transport delivers the recipients of one route, with a result for each. */
+  deliver: (ctx: DeliverContext) => Promise<DeliveryOutcome>;
+  /** Queue: a recipient was delivered. */
+  delivered: (ctx: DeliveredContext) => Promise<void>;
+  /** Queue: a recipient was deferred and will be tried again. */
+  deferred: (ctx: DeferredContext) => Promise<void>;
+  /** Queue: a recipient failed for good (refused, or its queue lifetime ran out). */
+  failed: (ctx: FailedContext) => Promise<void>;
 }
 
 export type HookName = keyof HookMap;
@@ -194,14 +293,19 @@ export const HOOK_NAMES: readonly HookName[] = [
   'reset',
   'disconnect',
   'unrecognized_command',
+  'route',
+  'deliver',
+  'delivered',
+  'deferred',
+  'failed',
 ] as const;
 
-/** Hooks that return a verdict and stop at the first decisive one. */
+/** Session hooks that return a verdict and stop at the first decisive one. */
 export type VerdictHookName = {
   [K in HookName]: HookResult<K> extends Verdict ? K : never;
 }[HookName];
 /** Hooks that tell, run every plugin, and ignore failures (after logging them). */
-export type NotifyHookName = 'reset' | 'disconnect';
+export type NotifyHookName = 'reset' | 'disconnect' | 'delivered' | 'deferred' | 'failed';
 
 export function isHookName(name: string): name is HookName {
   return (HOOK_NAMES as readonly string[]).includes(name);

@@ -1,5 +1,14 @@
 import type { Logger } from 'pino';
-import type { HookContext, HookMap, HookName, NotifyHookName, VerdictHookName } from './catalogue.js';
+import type {
+  DeliveryOutcome,
+  HookContext,
+  HookMap,
+  HookName,
+  NotifyHookName,
+  RecipientResult,
+  RouteVerdict,
+  VerdictHookName,
+} from './catalogue.js';
 import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
 
 export interface RegisteredHook<K extends HookName> {
@@ -34,6 +43,14 @@ export const FAILURE_VERDICT: Verdict = defer(
   'Temporary local problem, please try again later',
 );
 
+/** Log fields that say where a hook ran: a session, or a queued message. */
+function where(ctx: object): Record<string, string> {
+  const c = ctx as { session?: { id: string }; message?: { id?: string } };
+  if (c.session) return { session: c.session.id };
+  if (c.message?.id) return { queueId: c.message.id };
+  return {};
+}
+
 const NO_DECISION: VerdictOutcome = Object.freeze({ verdict: proceed(), plugin: null, failed: false });
 
 /**
@@ -57,12 +74,12 @@ export class HookRunner {
       try {
         result = await this.call(name, hook, ctx);
       } catch (err) {
-        this.log.error({ plugin: hook.plugin, hook: name, session: ctx.session.id, err }, 'hook failed');
+        this.log.error({ plugin: hook.plugin, hook: name, ...where(ctx), err }, 'hook failed');
         return { verdict: FAILURE_VERDICT, plugin: hook.plugin, failed: true };
       }
       if (!isVerdict(result)) {
         this.log.error(
-          { plugin: hook.plugin, hook: name, session: ctx.session.id, got: typeof result },
+          { plugin: hook.plugin, hook: name, ...where(ctx), got: typeof result },
           'hook returned something that is not a verdict',
         );
         return { verdict: FAILURE_VERDICT, plugin: hook.plugin, failed: true };
@@ -78,7 +95,7 @@ export class HookRunner {
       try {
         await this.call(name, hook, ctx);
       } catch (err) {
-        this.log.error({ plugin: hook.plugin, hook: name, session: ctx.session.id, err }, 'hook failed');
+        this.log.error({ plugin: hook.plugin, hook: name, ...where(ctx), err }, 'hook failed');
       }
     }
   }
@@ -96,13 +113,76 @@ export class HookRunner {
           else this.log.warn({ plugin: hook.plugin, keyword: String(w) }, 'ignored invalid EHLO keyword');
         }
       } catch (err) {
-        this.log.error(
-          { plugin: hook.plugin, hook: 'capabilities', session: ctx.session.id, err },
-          'hook failed',
-        );
+        this.log.error({ plugin: hook.plugin, hook: 'capabilities', ...where(ctx), err }, 'hook failed');
       }
     }
     return out;
+  }
+
+  /** The first plugin that routes (or refuses) the recipient decides; a failure defers it. */
+  async route(ctx: CallContext<'route'>): Promise<{ verdict: RouteVerdict; plugin: string | null }> {
+    for (const hook of this.table.route) {
+      let result: unknown;
+      try {
+        result = await this.call('route', hook, ctx);
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: 'route', ...where(ctx), err }, 'hook failed');
+        return { verdict: FAILURE_VERDICT, plugin: hook.plugin };
+      }
+      const kind = (result as { kind?: unknown } | null)?.kind;
+      if (kind === 'route' || (isVerdict(result) && kind !== 'accept')) {
+        if (kind !== 'proceed') return { verdict: result as RouteVerdict, plugin: hook.plugin };
+        continue;
+      }
+      this.log.error(
+        { plugin: hook.plugin, hook: 'route', ...where(ctx) },
+        'route hook returned neither a route nor a verdict',
+      );
+      return { verdict: FAILURE_VERDICT, plugin: hook.plugin };
+    }
+    return { verdict: proceed(), plugin: null };
+  }
+
+  /**
+   * The transport that recognises the route delivers. Results must cover every recipient; a
+   * recipient left out, a throw or a timeout is deferred with the generic 451 4.3.0.
+   */
+  async deliver(ctx: CallContext<'deliver'>): Promise<{ results: RecipientResult[]; plugin: string | null }> {
+    const deferAll = (text: string): RecipientResult[] =>
+      ctx.recipients.map((r) => ({
+        recipient: r.address.address,
+        status: 'deferred' as const,
+        reply: { code: 451, enhanced: '4.3.0', text },
+      }));
+    for (const hook of this.table.deliver) {
+      let outcome: DeliveryOutcome;
+      try {
+        outcome = (await this.call('deliver', hook, ctx)) as DeliveryOutcome;
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: 'deliver', ...where(ctx), err }, 'hook failed');
+        return { results: deferAll('Temporary local problem'), plugin: hook.plugin };
+      }
+      if (outcome?.kind === 'proceed') continue;
+      if (outcome?.kind !== 'results' || !Array.isArray(outcome.results)) {
+        this.log.error(
+          { plugin: hook.plugin, hook: 'deliver', ...where(ctx) },
+          'deliver hook returned no results',
+        );
+        return { results: deferAll('Temporary local problem'), plugin: hook.plugin };
+      }
+      const byAddress = new Map(outcome.results.map((r) => [r.recipient, r]));
+      const results = ctx.recipients.map(
+        (r) =>
+          byAddress.get(r.address.address) ?? {
+            recipient: r.address.address,
+            status: 'deferred' as const,
+            reply: { code: 451, enhanced: '4.3.0', text: 'Transport gave no result for this recipient' },
+          },
+      );
+      return { results, plugin: hook.plugin };
+    }
+    this.log.error({ transport: ctx.route.transport, ...where(ctx) }, 'no plugin delivers this transport');
+    return { results: deferAll(`No transport "${ctx.route.transport}"`), plugin: null };
   }
 
   private async call<K extends HookName>(

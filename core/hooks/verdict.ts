@@ -89,3 +89,16 @@ export function isVerdict(v: unknown): v is Verdict {
     kind === 'proceed' || kind === 'accept' || kind === 'deny' || kind === 'defer' || kind === 'disconnect'
   );
 }
+
+/** A route decision for the `route` hook: deliver this recipient with `transport`. */
+export function routeTo(
+  transport: string,
+  opts: { key?: string; data?: Record<string, unknown> } = {},
+): {
+  readonly kind: 'route';
+  readonly route: { transport: string; key: string; data: Record<string, unknown> };
+} {
+  if (!/^[a-z0-9][a-z0-9-]*$/.test(transport))
+    throw new TypeError(`routeTo(): bad transport name "${transport}"`);
+  return { kind: 'route', route: { transport, key: opts.key ?? transport, data: opts.data ?? {} } };
+}
