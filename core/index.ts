@@ -2,7 +2,7 @@
  * Petrel's public API: what `import … from 'petrel'` gives a plugin file anywhere on disk.
  */
 export { z } from 'zod';
-export { definePlugin, type PluginApi, type PluginDefinition } from './plugins/define.js';
+export { definePlugin, type PluginApi, type PluginDefinition, type PluginHooks } from './plugins/define.js';
 export {
   proceed,
   accept,
@@ -14,7 +14,7 @@ export {
   type ReplySpec,
 } from './hooks/verdict.js';
 export { defineNote, Notes, type NoteKey } from './message/notes.js';
-export { Tokens, type Token } from './di/tokens.js';
+export { Tokens, defineToken, type Token } from './di/tokens.js';
 export { Petrel, type PetrelOptions } from './app.js';
 export { ConfigError } from './config/errors.js';
 export type { Address } from './message/address.js';

@@ -84,6 +84,23 @@ export const configSchema = z
   .object({
     /** The name this server gives itself in the greeting, EHLO reply and Received: headers. */
     hostname: z.string().min(1).default(osHostname()),
+    /**
+     * Domains this server is the final destination for (its mailboxes). Plugins such as relay
+     * and maildir read it; lower-cased, without a trailing dot.
+     */
+    localDomains: z
+      .array(
+        z
+          .string()
+          .regex(
+            /^[a-z0-9\u0080-\uffff]([a-z0-9\u0080-\uffff-]*[a-z0-9\u0080-\uffff])?(\.[a-z0-9\u0080-\uffff]([a-z0-9\u0080-\uffff-]*[a-z0-9\u0080-\uffff])?)*$/i,
+            {
+              message: 'expected a domain name such as example.com',
+            },
+          )
+          .transform((d) => d.toLowerCase()),
+      )
+      .default([]),
     listeners: z.array(listenerSchema).min(1),
     tls: certPair
       .extend({ sni: z.record(z.string(), certPair).default({}) })

@@ -18,6 +18,14 @@ function token<T>(name: string): Token<T> {
 }
 
 /**
+ * A token for a service a plugin provides to other plugins (`api.provide(token, value)`), e.g.
+ * a user directory. The name should start with the providing plugin's name: `users.Directory`.
+ */
+export function defineToken<T>(name: string): Token<T> {
+  return Symbol(name) as Token<T>;
+}
+
+/**
  * Every service the core provides, by token. Plugins get them with `api.resolve(Tokens.X)`.
  * One file, so that the list of services is the list here.
  */

@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import type { z } from 'zod';
 import type { Hooks } from '../hooks/catalogue.js';
 import type { Token } from '../di/tokens.js';
+import type { HookRunner } from '../hooks/runner.js';
 
 /** What a plugin's `setup` receives. */
 export interface PluginApi<C> {
@@ -15,10 +16,24 @@ export interface PluginApi<C> {
   readonly hostname: string;
   /** The folder of the config file: resolve a plugin's relative paths against it. */
   readonly baseDir: string;
-  /** A core service (`Tokens.Dns`, `Tokens.Clock`, …), resolved from the server's container. */
+  /** A core service (`Tokens.Dns`, `Tokens.Clock`, …) or one a plugin provided, by token. */
   resolve<T>(token: Token<T>): T;
+  /**
+   * Offers a service to the plugins of this config generation (see `defineToken`). Plugins
+   * listed later can resolve it in their setup; any plugin can resolve it inside hooks.
+   */
+  provide<T>(token: Token<T>, value: T): void;
+  /** Runs hooks of this plugin set: for plugins that drive delivery (the queue). */
+  readonly hooks: PluginHooks;
   /** Runs when this plugin set is retired (reload or shutdown), after its last session ended. */
   onClose(fn: () => void | Promise<void>): void;
+}
+
+/** The hook runner calls a plugin may make on its own plugin set (see HookRunner). */
+export interface PluginHooks {
+  route: HookRunner['route'];
+  deliver: HookRunner['deliver'];
+  notify: HookRunner['notify'];
 }
 
 const BRAND = Symbol.for('petrel.plugin');

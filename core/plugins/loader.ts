@@ -7,7 +7,7 @@ import type { DependencyContainer } from 'tsyringe';
 import { ConfigError, zodToConfigError } from '../config/errors.js';
 import type { PetrelConfig, PluginEntry } from '../config/schema.js';
 import { HOOK_NAMES, isHookName, type HookName, type Hooks } from '../hooks/catalogue.js';
-import { HookRunner, type HookTable, type RegisteredHook } from '../hooks/runner.js';
+import { HookRunner, type RegisteredHook } from '../hooks/runner.js';
 import { isPluginDefinition, type PluginDefinition } from './define.js';
 import { resolveToken, type Token } from '../di/tokens.js';
 
@@ -142,7 +142,12 @@ async function locate(
     if (!existsSync(path)) throw ConfigError.one(file, key, `expected a plugin file at ${path}`);
     return {
       // Keyed by modification time: a reload picks up an edited plugin file, an unchanged one is reused.
-      definition: await importDefinition(`${pathToFileURL(path).href}?mtime=${statSync(path).mtimeMs}`, file, key, ref),
+      definition: await importDefinition(
+        `${pathToFileURL(path).href}?mtime=${statSync(path).mtimeMs}`,
+        file,
+        key,
+        ref,
+      ),
       source: 'file',
       location: path,
     };
@@ -201,7 +206,13 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const loaded: LoadedPlugin[] = [];
   const closers: { plugin: string; fn: () => void | Promise<void> }[] = [];
   const seen = new Set<string>();
-  const partial = new PluginSet(new HookRunner(table, log), loaded, closers, log);
+  const runner = new HookRunner(table, log);
+  const partial = new PluginSet(runner, loaded, closers, log);
+  const pluginHooks = {
+    route: runner.route.bind(runner),
+    deliver: runner.deliver.bind(runner),
+    notify: runner.notify.bind(runner),
+  };
   try {
     for (const [i, entry] of config.plugins.entries()) {
       const { ref, config: pluginConfig, timeout, enabled } = entryParts(entry);
@@ -236,6 +247,10 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
           hostname: config.hostname,
           baseDir,
           resolve: <T>(token: Token<T>): T => resolveToken(container, token),
+          provide: <T>(token: Token<T>, value: T): void => {
+            container.register(token, { useValue: value });
+          },
+          hooks: pluginHooks,
           onClose: (fn) => closers.push({ plugin: name, fn }),
         });
       } catch (err) {
@@ -273,5 +288,5 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
     await partial.retire();
     throw err;
   }
-  return new PluginSet(new HookRunner(table as HookTable, log), loaded, closers, log);
+  return new PluginSet(runner, loaded, closers, log);
 }

@@ -91,6 +91,12 @@ export async function setupPlugin<S extends z.ZodType>(
       container ??= buildContainer(config, { logger: log });
       return resolveToken(container, token);
     },
+    provide: () => undefined,
+    hooks: {
+      route: async () => ({ verdict: { kind: 'proceed' }, plugin: null }),
+      deliver: async () => ({ results: [], plugin: null }),
+      notify: async () => undefined,
+    },
     onClose: () => undefined,
   });
 }
