@@ -1,0 +1,125 @@
+import { isAbsolute, join, resolve } from 'node:path';
+import { accept, defer, definePlugin, deny, proceed, Tokens, z } from '../../core/index.js';
+import { formatHeaderField } from '../../core/message/headers.js';
+import { parseDuration } from '../../core/util/duration.js';
+import { QueueEngine } from './engine.js';
+import { parseSchedule } from './schedule.js';
+import type { StoredEnvelope } from './store.js';
+
+const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
+
+const durationText = z.string().refine(
+  (s) => {
+    try {
+      parseDuration(s);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+  { message: 'expected a duration like 30m, 4h or 5d' },
+);
+
+export const queueConfig = z
+  .object({
+    /** Where the queue lives; default `<spool.dir>/queue`. Relative to the config file's folder. */
+    dir: z.string().min(1).optional(),
+    /** Delays between attempts; `...` repeats the last one (RFC 5321 §4.5.4.1: at least 30 minutes apart is usual). */
+    retry: z
+      .string()
+      .default('5m, 10m, 20m, 30m...')
+      .refine(
+        (s) => {
+          try {
+            parseSchedule(s);
+            return true;
+          } catch {
+            return false;
+          }
+        },
+        { message: 'expected a list of durations like "5m, 10m, 30m..."' },
+      ),
+    /** How long a message may stay before its undelivered recipients fail (RFC 5321 §4.5.4.1: 4–5 days). */
+    lifetime: durationText.default('5d'),
+    /** Deliveries in progress at once. */
+    concurrency: z.number().int().positive().default(20),
+    /** Messages larger than this are stored as their own file; smaller ones inline in the journal. */
+    inlineLimit: z.number().int().nonnegative().default(262_144),
+    /** Journal segment size before a new one is started. */
+    segmentSize: z
+      .number()
+      .int()
+      .min(65_536)
+      .default(16 * 1024 * 1024),
+    /** More `Received:` fields than this is a mail loop: refused with 554 5.4.6. */
+    maxReceived: z.number().int().positive().default(50),
+  })
+  .strict();
+
+/**
+ * The durable queue: the owner of the `queue` hook. A message gets `250` only once its octets
+ * and envelope are on stable storage; then each recipient is routed (`route` hook) and delivered
+ * (`deliver` hook), and temporary failures are retried on a schedule until the lifetime runs out.
+ */
+export default definePlugin({
+  name: 'queue',
+  config: queueConfig,
+  async setup({ config, log, resolve: resolveService, baseDir, hooks, onClose }) {
+    const core = resolveService(Tokens.Config);
+    const dir = config.dir
+      ? isAbsolute(config.dir)
+        ? config.dir
+        : resolve(baseDir, config.dir)
+      : join(core.spool.dir, 'queue');
+    const engine = await QueueEngine.acquire(dir, {
+      log,
+      schedule: parseSchedule(config.retry),
+      lifetime: parseDuration(config.lifetime),
+      concurrency: config.concurrency,
+      segmentSize: config.segmentSize,
+      hooks,
+    });
+    onClose(() => QueueEngine.release(engine));
+
+    return {
+      async data_post({ message }) {
+        const hops = message.headers.count('received');
+        if (hops > config.maxReceived) {
+          log.warn({ hops }, 'refused a message with too many Received fields (a mail loop?)');
+          return deny(554, '5.4.6', 'Too many hops: routing loop detected');
+        }
+        return proceed();
+      },
+
+      async queue({ transaction, message }) {
+        const added = message.addedHeaders.map((f) => formatHeaderField(f.name, f.value)).join('');
+        const env: StoredEnvelope = {
+          id: transaction.id,
+          sender: transaction.sender,
+          mailParams: transaction.mailParams,
+          recipients: transaction.recipients.map((r) => ({ address: r.address, params: r.params })),
+          receivedAt: Date.now(),
+          size: message.size + Buffer.byteLength(added),
+          ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),
+        };
+        try {
+          if (env.blob) {
+            await engine.accept(env, { file: await message.toFile() });
+          } else {
+            const chunks: Buffer[] = [];
+            for await (const c of message.stream()) chunks.push(c as Buffer);
+            await engine.accept(env, { inline: chunks });
+          }
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code ?? '';
+          if (STORAGE_ERRORS.has(code)) {
+            log.error({ err, tx: transaction.id }, 'queue storage failed; message refused with 452');
+            return defer(452, '4.3.1', 'Insufficient system storage');
+          }
+          throw err;
+        }
+        return accept({ text: `Ok: queued as ${transaction.id}` });
+      },
+    };
+  },
+});

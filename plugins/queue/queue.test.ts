@@ -1,0 +1,422 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import {
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  appendFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { Petrel } from '../../core/app.js';
+import {
+  accept,
+  definePlugin,
+  deny,
+  routeTo,
+  type DeliveryStatus,
+  type PetrelConfigInput,
+} from '../../core/index.js';
+import { SmtpClient } from '../../test/harness/smtp-client.js';
+import { REQUIRE_PEERS } from '../../test/harness/peers.js';
+import { Journal, segmentName } from './journal.js';
+import { QueueEngine } from './engine.js';
+import { parseSchedule } from './schedule.js';
+
+interface Delivery {
+  id: string;
+  rcpt: string;
+  body: string;
+  maybeDelivered: boolean;
+}
+
+/** A transport for tests: decides per recipient local part, records what it delivered. */
+function testTransport(
+  log: Delivery[],
+  decide: (local: string, attempt: number) => DeliveryStatus = () => 'delivered',
+) {
+  return definePlugin({
+    name: 'test-transport',
+    setup: () => ({
+      rcpt: async () => accept(),
+      route: async ({ recipient }) =>
+        recipient.address.local === 'noroute' ? deny(550, '5.1.1', 'No such mailbox') : routeTo('test'),
+      deliver: async ({ route, message, recipients }) => {
+        if (route.transport !== 'test') return { kind: 'proceed' };
+        const chunks: Buffer[] = [];
+        for await (const c of message.stream()) chunks.push(c as Buffer);
+        const body = Buffer.concat(chunks).toString();
+        return {
+          kind: 'results',
+          results: recipients.map((r) => {
+            const status = decide(r.address.local, r.attempts);
+            if (status === 'delivered') {
+              log.push({ id: message.id, rcpt: r.address.address, body, maybeDelivered: r.maybeDelivered });
+            }
+            const reply =
+              status === 'delivered'
+                ? { code: 250, enhanced: '2.0.0', text: 'ok' }
+                : status === 'deferred'
+                  ? { code: 451, enhanced: '4.2.0', text: 'busy' }
+                  : { code: 550, enhanced: '5.1.1', text: 'gone' };
+            return { recipient: r.address.address, status, reply };
+          }),
+        };
+      },
+    }),
+  });
+}
+
+function notices(into: string[]) {
+  return definePlugin({
+    name: 'test-notices',
+    setup: () => ({
+      delivered: async ({ recipient }) => void into.push(`delivered ${recipient.address.address}`),
+      deferred: async ({ recipient }) => void into.push(`deferred ${recipient.address.address}`),
+      failed: async ({ recipient, reason, result }) =>
+        void into.push(`failed ${recipient.address.address} ${reason} ${result.reply.enhanced}`),
+    }),
+  });
+}
+
+async function start(
+  dir: string,
+  plugins: ReturnType<typeof definePlugin>[],
+  queue: Record<string, unknown> = {},
+) {
+  const config: PetrelConfigInput = {
+    hostname: 'mx.test',
+    listeners: [{ kind: 'smtp', port: 0 }],
+    spool: { dir: join(dir, 'spool') },
+    plugins: [...plugins.map((p) => p.name), { name: 'queue', config: queue }],
+  };
+  return Petrel.start({ config, plugins, logger: pino({ level: 'silent' }) });
+}
+
+async function send(port: number, rcpts: string[], body = 'Subject: test\r\n\r\nhello\r\n'): Promise<string> {
+  const c = await SmtpClient.connect(port);
+  await c.expect(/^220 /);
+  await c.ehlo();
+  await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+  for (const r of rcpts) await c.cmd(`RCPT TO:<${r}>`, /^250 /);
+  await c.cmd('DATA', /^354 /);
+  c.write(`${body}.\r\n`);
+  const reply = await c.expect(/^250 2\.0\.0 Ok: queued as /);
+  await c.cmd('QUIT', /^221 /);
+  return /queued as (\S+)/.exec(reply.text)![1]!;
+}
+
+async function until(check: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe('the durable queue', () => {
+  it('answers 250 with the queue id once the message is in the journal, then delivers it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const app = await start(dir, [testTransport(delivered)]);
+    try {
+      const id = await send(app.port(), ['bob@hamburger.test', 'carol@hamburger.test']);
+      const journal = join(dir, 'spool', 'queue', 'journal');
+      const bytes = readdirSync(journal)
+        .map((f) => readFileSync(join(journal, f)).toString('latin1'))
+        .join('');
+      assert.ok(bytes.includes('hello\r\n') && bytes.includes(id), 'the message is in the journal');
+      await until(() => delivered.length === 2);
+      assert.deepEqual(delivered.map((d) => d.rcpt).sort(), ['bob@hamburger.test', 'carol@hamburger.test']);
+      assert.equal(delivered[0]!.id, id);
+      assert.match(
+        delivered[0]!.body,
+        /^Received: from client\.test .*\r\n(\t.*\r\n)*Subject: test\r\n\r\nhello\r\n$/,
+      );
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('keeps a message whose recipients end in different states, and says so through the hooks', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const events: string[] = [];
+    const decide = (local: string, attempt: number): DeliveryStatus =>
+      local === 'gone' ? 'failed' : local === 'later' && attempt < 2 ? 'deferred' : 'delivered';
+    const app = await start(dir, [testTransport(delivered, decide), notices(events)], {
+      retry: '100ms, 200ms...',
+    });
+    try {
+      await send(app.port(), ['ok@h.test', 'gone@h.test', 'later@h.test', 'noroute@h.test']);
+      await until(() => delivered.some((d) => d.rcpt === 'later@h.test'));
+      assert.deepEqual(
+        events.sort(),
+        [
+          'deferred later@h.test',
+          'deferred later@h.test',
+          'delivered later@h.test',
+          'delivered ok@h.test',
+          'failed gone@h.test refused 5.1.1',
+          'failed noroute@h.test refused 5.1.1',
+        ].sort(),
+      );
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('fails a recipient whose queue lifetime runs out, with status 4.4.7', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const events: string[] = [];
+    const app = await start(dir, [testTransport([], () => 'deferred'), notices(events)], {
+      retry: '100ms...',
+      lifetime: '350ms',
+    });
+    try {
+      await send(app.port(), ['stuck@h.test']);
+      await until(() => events.some((e) => e.startsWith('failed')));
+      assert.equal(events.at(-1), 'failed stuck@h.test expired 4.4.7');
+      assert.ok(events.filter((e) => e.startsWith('deferred')).length >= 2, 'retried on the schedule first');
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('finds every queued message after a restart and delivers it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    let open = false;
+    const delivered: Delivery[] = [];
+    const gate = (): DeliveryStatus => (open ? 'delivered' : 'deferred');
+    let app: Petrel = await start(dir, [testTransport(delivered, gate)], { retry: '1h' });
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++)
+      ids.push(await send(app.port(), [`r${i}@h.test`], `Subject: n${i}\r\n\r\nbody ${i}\r\n`));
+    await new Promise((r) => setTimeout(r, 200));
+    await app.stop(1000);
+    open = true;
+    app = await start(dir, [testTransport(delivered, gate)], { retry: '1h' });
+    try {
+      const engine = QueueEngine.get(join(dir, 'spool', 'queue'))!;
+      assert.equal(engine.store.entries.size, 5, 'all five found again');
+      assert.equal(engine.flush(), 5);
+      await until(() => delivered.length === 5);
+      assert.deepEqual(delivered.map((d) => d.id).sort(), [...ids].sort());
+      assert.ok(
+        delivered.every((d) => !d.maybeDelivered),
+        'a clean stop leaves no doubt',
+      );
+      for (let i = 0; i < 5; i++) assert.ok(delivered.some((d) => d.body.endsWith(`body ${i}\r\n`)));
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('stores large messages as their own file and delivers them byte for byte', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const app = await start(dir, [testTransport(delivered)], { inlineLimit: 1000 });
+    try {
+      const line = 'x'.repeat(76) + '\r\n';
+      const body = `Subject: big\r\n\r\n${line.repeat(5000)}`;
+      await send(app.port(), ['big@h.test'], body);
+      await until(() => delivered.length === 1);
+      assert.ok(delivered[0]!.body.endsWith(body));
+      assert.match(delivered[0]!.body, /^Received: /);
+      await until(() => readdirSync(join(dir, 'spool', 'queue', 'blobs')).length === 0);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses a message with more Received fields than allowed (554 5.4.6)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const app = await start(dir, [testTransport([])], { maxReceived: 3 });
+    try {
+      const c = await SmtpClient.connect(app.port());
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<a@h.test>', /^250 /);
+      await c.cmd('RCPT TO:<b@h.test>', /^250 /);
+      await c.cmd('DATA', /^354 /);
+      c.write(
+        'Received: from a\r\nReceived: from b\r\nReceived: from c\r\nReceived: from d\r\n\r\nloop\r\n.\r\n',
+      );
+      await c.expect(/^554 5\.4\.6 /);
+      c.close();
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the journal', () => {
+  it('cuts off a torn record at the end and keeps everything before it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
+    try {
+      const j = await Journal.open(dir, {
+        segmentSize: 1 << 20,
+        onRecord: () => undefined,
+        onCorrupt: () => undefined,
+      });
+      await j.append(1, [Buffer.from('first')]);
+      await j.append(1, [Buffer.from('second')]);
+      await j.close();
+      const seg = join(dir, segmentName(1));
+      const good = statSync(seg).size;
+      // A crash mid-write: a header promising more bytes than were written.
+      appendFileSync(
+        seg,
+        Buffer.from([0x50, 0x54, 0x52, 0x4c, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0x61, 0x62]),
+      );
+      const seen: string[] = [];
+      const cut: string[] = [];
+      const j2 = await Journal.open(dir, {
+        segmentSize: 1 << 20,
+        onRecord: (_t, p) => seen.push(p.toString()),
+        onCorrupt: (_s, _o, reason) => cut.push(reason),
+      });
+      await j2.close();
+      assert.deepEqual(seen, ['first', 'second']);
+      assert.deepEqual(cut, ['truncated record']);
+      assert.equal(statSync(seg).size, good, 'the torn tail is gone from the file');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('detects a flipped bit by its checksum', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
+    try {
+      const j = await Journal.open(dir, {
+        segmentSize: 1 << 20,
+        onRecord: () => undefined,
+        onCorrupt: () => undefined,
+      });
+      await j.append(1, [Buffer.from('payload')]);
+      await j.close();
+      const seg = join(dir, segmentName(1));
+      const data = readFileSync(seg);
+      data.writeUInt8(data.readUInt8(data.length - 1) ^ 1, data.length - 1);
+      writeFileSync(seg, data);
+      const cut: string[] = [];
+      const j2 = await Journal.open(dir, {
+        segmentSize: 1 << 20,
+        onRecord: () => undefined,
+        onCorrupt: (_s, _o, r) => cut.push(r),
+      });
+      await j2.close();
+      assert.deepEqual(cut, ['checksum mismatch']);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('acknowledges many concurrent appends with few syncs (group commit)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
+    try {
+      const j = await Journal.open(dir, {
+        segmentSize: 1 << 24,
+        onRecord: () => undefined,
+        onCorrupt: () => undefined,
+      });
+      const refs = await Promise.all(
+        Array.from({ length: 200 }, (_, i) => j.append(1, [Buffer.from(`record ${i}`)])),
+      );
+      await j.close();
+      const offsets = new Set(refs.map((r) => r.offset));
+      assert.equal(offsets.size, 200, 'every record has its own place');
+      const seen: string[] = [];
+      const j2 = await Journal.open(dir, {
+        segmentSize: 1 << 24,
+        onRecord: (_t, p) => seen.push(p.toString()),
+        onCorrupt: () => undefined,
+      });
+      await j2.close();
+      assert.equal(seen.length, 200);
+      assert.deepEqual(
+        seen,
+        Array.from({ length: 200 }, (_, i) => `record ${i}`),
+        'in order of append',
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('retry schedules', () => {
+  it('reads "5m, 10m, 30m..." and repeats the last delay', () => {
+    const s = parseSchedule('5m, 10m, 30m...');
+    assert.deepEqual(
+      [1, 2, 3, 4, 9].map((n) => s.delay(n)),
+      [300_000, 600_000, 1_800_000, 1_800_000, 1_800_000],
+    );
+    assert.equal(parseSchedule('1m, 2m').delay(3), null);
+    assert.throws(() => parseSchedule(''), /at least one/);
+    assert.throws(() => parseSchedule('soon'), /duration/);
+  });
+});
+
+describe('a full disk', () => {
+  it('answers 452 4.3.1 when the spool fills up, and loses nothing accepted before', async (t) => {
+    const mnt = mkdtempSync(join(tmpdir(), 'petrel-tmpfs-'));
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { stdio: 'ignore' });
+    } catch {
+      rmSync(mnt, { recursive: true, force: true });
+      if (REQUIRE_PEERS) throw new Error('cannot mount a tmpfs (needs root) for the full-disk test');
+      t.skip('cannot mount a tmpfs here (needs root)');
+      return;
+    }
+    const delivered: Delivery[] = [];
+    let open = false;
+    const gate = (): DeliveryStatus => (open ? 'delivered' : 'deferred');
+    let app: Petrel | null = null;
+    try {
+      mkdirSync(join(mnt, 'spool'));
+      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 });
+      const body = `Subject: fill\r\n\r\n${('y'.repeat(998) + '\r\n').repeat(100)}`;
+      const accepted: string[] = [];
+      let refused = '';
+      for (let i = 0; i < 40 && !refused; i++) {
+        const c = await SmtpClient.connect(app!.port());
+        await c.expect(/^220 /);
+        await c.ehlo();
+        await c.cmd('MAIL FROM:<a@h.test>', /^250 /);
+        await c.cmd('RCPT TO:<b@h.test>', /^250 /);
+        await c.cmd('DATA', /^354 /);
+        c.write(`${body}.\r\n`);
+        const r = await c.reply();
+        if (r.code === 250) accepted.push(/queued as (\S+)/.exec(r.text)![1]!);
+        else refused = r.raw;
+        c.close();
+      }
+      assert.match(refused, /^452 4\.3\.1 /, 'a full disk is a temporary failure');
+      assert.ok(accepted.length > 3, `some messages fit first (${accepted.length})`);
+      await app.stop(1000);
+      app = null;
+      open = true;
+      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 });
+      assert.equal(QueueEngine.get(join(mnt, 'spool', 'queue'))!.flush(), accepted.length);
+      await until(() => delivered.length === accepted.length, 10_000);
+      assert.deepEqual(delivered.map((d) => d.id).sort(), [...accepted].sort());
+    } finally {
+      await app?.stop(1000);
+      execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
+      rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+});

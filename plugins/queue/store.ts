@@ -1,0 +1,343 @@
+import { createReadStream, existsSync } from 'node:fs';
+import { mkdir, open, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import type {
+  DeliveryStatus,
+  MailParams,
+  QueuedMessageView,
+  RecipientParams,
+  RecipientReply,
+  Route,
+} from '../../core/index.js';
+import type { Address } from '../../core/index.js';
+import { Journal, syncDir, type RecordRef } from './journal.js';
+
+export const RecordType = { Message: 1, State: 2 } as const;
+
+/** The envelope as stored in a Message record. */
+export interface StoredEnvelope {
+  readonly id: string;
+  readonly sender: Address | null;
+  readonly mailParams: MailParams;
+  readonly recipients: readonly { readonly address: Address; readonly params: RecipientParams }[];
+  readonly receivedAt: number;
+  /** Octets of the whole stored message. */
+  readonly size: number;
+  /** Large messages: the added header text is here and the body is in `blobs/<id>.eml`. */
+  readonly blob?: { readonly headers: string };
+}
+
+export type RecipientStatus = 'pending' | DeliveryStatus;
+
+export interface RecipientState {
+  status: RecipientStatus;
+  attempts: number;
+  /** Epoch ms of the next attempt (pending/deferred). */
+  nextAttemptAt: number;
+  lastReply?: RecipientReply;
+  lastAttemptAt?: number;
+  route?: Route;
+  /** Set after an unclean stop for recipients that were not final: a delivery may have happened. */
+  maybeDelivered: boolean;
+}
+
+/** What a State record says about one recipient. */
+interface StateUpdate {
+  readonly i: number;
+  readonly s: RecipientStatus;
+  readonly a: number;
+  readonly n: number;
+  readonly r?: RecipientReply;
+  readonly t?: number;
+}
+
+export interface Entry {
+  readonly env: StoredEnvelope;
+  /** Where the message octets are (inline messages). */
+  location: RecordRef | null;
+  /** Offset of the message octets inside the record's payload. */
+  skip: number;
+  readonly rcpts: RecipientState[];
+  /** Segments holding records about this message: they stay until it is final. */
+  readonly segments: Set<number>;
+  busy: boolean;
+}
+
+const CLEAN = 'clean-shutdown';
+
+/**
+ * The queue's contents: every message not yet final, with per-recipient state, rebuilt from the
+ * journal at start. Bodies are written once (into the journal, or as a blob file for large
+ * messages); every state change is a small record appended after them.
+ */
+export class QueueStore {
+  readonly entries = new Map<string, Entry>();
+  /** Live entries per segment. */
+  private readonly segmentRefs = new Map<number, number>();
+  private journal!: Journal;
+  readonly blobDir: string;
+  /** True when the last run did not stop cleanly (so deliveries may have happened unrecorded). */
+  recoveredFromCrash = false;
+
+  constructor(
+    readonly dir: string,
+    private readonly segmentSize: number,
+    private readonly log: { warn(o: object, m: string): void; error(o: object, m: string): void },
+  ) {
+    this.blobDir = join(dir, 'blobs');
+  }
+
+  async open(): Promise<void> {
+    await mkdir(this.blobDir, { recursive: true, mode: 0o700 });
+    const cleanMarker = join(this.dir, CLEAN);
+    this.recoveredFromCrash = existsSync(join(this.dir, 'journal')) && !existsSync(cleanMarker);
+    await rm(cleanMarker, { force: true });
+    this.journal = await Journal.open(join(this.dir, 'journal'), {
+      segmentSize: this.segmentSize,
+      onRecord: (type, payload, ref) => this.replay(type, payload, ref),
+      onCorrupt: (segment, offset, reason) =>
+        this.log.warn(
+          { segment, offset, reason },
+          'queue journal: cut off an incomplete record (crash mid-write)',
+        ),
+    });
+    // Finished messages leave no entry: their segments can go, except the one being written.
+    for (const seg of await this.listSegments()) {
+      if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
+        await this.journal.removeSegment(seg);
+    }
+    // A blob without a Message record was written before a crash and never acknowledged.
+    for (const f of await readdir(this.blobDir)) {
+      const id = f.replace(/\.(eml|tmp)$/, '');
+      if (f.endsWith('.tmp') || !this.entries.get(id)?.env.blob)
+        await rm(join(this.blobDir, f), { force: true });
+    }
+    if (this.recoveredFromCrash) {
+      for (const e of this.entries.values()) {
+        for (const r of e.rcpts)
+          if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
+      }
+    }
+  }
+
+  private async listSegments(): Promise<number[]> {
+    return (await readdir(join(this.dir, 'journal')))
+      .filter((f) => /^\d{8}\.seg$/.test(f))
+      .map((f) => Number(f.slice(0, 8)));
+  }
+
+  private ref(entry: Entry, segment: number): void {
+    if (entry.segments.has(segment)) return;
+    entry.segments.add(segment);
+    this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
+  }
+
+  private replay(type: number, payload: Buffer, ref: RecordRef): void {
+    if (type === RecordType.Message) {
+      const envLen = payload.readUInt32BE(0);
+      const env = JSON.parse(payload.subarray(4, 4 + envLen).toString('utf8')) as StoredEnvelope;
+      const existing = this.entries.get(env.id);
+      const entry: Entry = existing ?? {
+        env,
+        location: null,
+        skip: 0,
+        rcpts: env.recipients.map(() => ({
+          status: 'pending',
+          attempts: 0,
+          nextAttemptAt: env.receivedAt,
+          maybeDelivered: false,
+        })),
+        segments: new Set(),
+        busy: false,
+      };
+      // A relocated copy replaces the old location; the state carries over.
+      entry.location = env.blob ? null : ref;
+      entry.skip = 4 + envLen;
+      this.entries.set(env.id, entry);
+      this.ref(entry, ref.segment);
+    } else if (type === RecordType.State) {
+      const { id, u } = JSON.parse(payload.toString('utf8')) as { id: string; u: StateUpdate[] };
+      const entry = this.entries.get(id);
+      if (!entry) return;
+      this.applyUpdates(entry, u);
+      this.ref(entry, ref.segment);
+      if (this.isFinal(entry)) this.forget(entry);
+    }
+  }
+
+  private applyUpdates(entry: Entry, updates: readonly StateUpdate[]): void {
+    for (const u of updates) {
+      const r = entry.rcpts[u.i];
+      if (!r) continue;
+      r.status = u.s;
+      r.attempts = u.a;
+      r.nextAttemptAt = u.n;
+      if (u.r) r.lastReply = u.r;
+      if (u.t) r.lastAttemptAt = u.t;
+    }
+  }
+
+  isFinal(entry: Entry): boolean {
+    return entry.rcpts.every((r) => r.status === 'delivered' || r.status === 'failed');
+  }
+
+  /** Drops a final entry; segments no longer referenced are removed (after the caller's write). */
+  private forget(entry: Entry): number[] {
+    this.entries.delete(entry.env.id);
+    const free: number[] = [];
+    for (const seg of entry.segments) {
+      const n = (this.segmentRefs.get(seg) ?? 1) - 1;
+      if (n > 0) this.segmentRefs.set(seg, n);
+      else {
+        this.segmentRefs.delete(seg);
+        free.push(seg);
+      }
+    }
+    return free;
+  }
+
+  /**
+   * Stores a new message durably: an inline record for small messages, or a blob file (moved
+   * from the receiving spool, fsynced) plus a record for large ones. Resolves after fsync.
+   */
+  async add(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<Entry> {
+    const envJson = Buffer.from(JSON.stringify(env), 'utf8');
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(envJson.length);
+    if ('file' in body) {
+      const target = join(this.blobDir, `${env.id}.eml`);
+      const fh = await open(body.file, 'r');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      await rename(body.file, target);
+      await syncDir(this.blobDir);
+    }
+    const ref = await this.journal.append(
+      RecordType.Message,
+      'inline' in body ? [len, envJson, ...body.inline] : [len, envJson],
+    );
+    const entry: Entry = {
+      env,
+      location: 'inline' in body ? ref : null,
+      skip: 4 + envJson.length,
+      rcpts: env.recipients.map(() => ({
+        status: 'pending',
+        attempts: 0,
+        nextAttemptAt: env.receivedAt,
+        maybeDelivered: false,
+      })),
+      segments: new Set(),
+      busy: false,
+    };
+    this.entries.set(env.id, entry);
+    this.ref(entry, ref.segment);
+    return entry;
+  }
+
+  /** Records new recipient states durably; a final message is forgotten and its space freed. */
+  async update(entry: Entry, indices: readonly number[]): Promise<void> {
+    const u: StateUpdate[] = indices.map((i) => {
+      const r = entry.rcpts[i]!;
+      return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
+    });
+    const ref = await this.journal.append(RecordType.State, [
+      Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
+    ]);
+    if (!this.entries.has(entry.env.id)) return;
+    this.ref(entry, ref.segment);
+    if (this.isFinal(entry)) {
+      const free = this.forget(entry);
+      if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
+      for (const seg of free) if (seg !== this.journal.currentSegment) await this.journal.removeSegment(seg);
+    }
+  }
+
+  /**
+   * Moves live messages out of old segments that are mostly dead, so that one long-deferred
+   * message does not pin a whole segment for days: a copy and a state snapshot are appended,
+   * then the old segment is removed once nothing refers to it.
+   */
+  async compact(): Promise<void> {
+    const current = this.journal.currentSegment;
+    const old = [...this.segmentRefs.keys()].filter((s) => s < current);
+    for (const seg of old) {
+      const live = [...this.entries.values()].filter((e) => e.segments.has(seg));
+      if (live.some((e) => e.busy)) continue;
+      for (const entry of live) {
+        const parts: Buffer[] = [];
+        for await (const c of this.rawStream(entry)) parts.push(c as Buffer);
+        const envJson = Buffer.from(JSON.stringify(entry.env), 'utf8');
+        const len = Buffer.alloc(4);
+        len.writeUInt32BE(envJson.length);
+        const copy = await this.journal.append(
+          RecordType.Message,
+          entry.env.blob ? [len, envJson] : [len, envJson, ...parts],
+        );
+        const indices = entry.rcpts.map((_, i) => i);
+        const u = indices.map((i) => {
+          const r = entry.rcpts[i]!;
+          return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
+        });
+        const st = await this.journal.append(RecordType.State, [
+          Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
+        ]);
+        if (!entry.env.blob) {
+          entry.location = copy;
+          entry.skip = 4 + envJson.length;
+        }
+        for (const s of entry.segments) {
+          const n = (this.segmentRefs.get(s) ?? 1) - 1;
+          if (n > 0) this.segmentRefs.set(s, n);
+          else this.segmentRefs.delete(s);
+        }
+        entry.segments.clear();
+        this.ref(entry, copy.segment);
+        this.ref(entry, st.segment);
+      }
+      if (!this.segmentRefs.get(seg)) await this.journal.removeSegment(seg);
+    }
+  }
+
+  /** The stored message octets (the body only for blobs). */
+  private rawStream(entry: Entry): Readable {
+    if (entry.env.blob)
+      return createReadStream(join(this.blobDir, `${entry.env.id}.eml`), { highWaterMark: 256 * 1024 });
+    return this.journal.read(entry.location!, entry.skip);
+  }
+
+  /** The message as delivery hooks see it. */
+  view(entry: Entry): QueuedMessageView {
+    const { env } = entry;
+    const store = this;
+    return {
+      id: env.id,
+      sender: env.sender,
+      mailParams: env.mailParams,
+      receivedAt: new Date(env.receivedAt),
+      size: env.size,
+      stream(): Readable {
+        if (!env.blob) return store.rawStream(entry);
+        const head = Buffer.from(env.blob.headers, 'utf8');
+        const body = store.rawStream(entry);
+        return Readable.from(
+          (async function* () {
+            if (head.length) yield head;
+            yield* body;
+          })(),
+          { objectMode: false },
+        );
+      },
+    };
+  }
+
+  /** Marks a clean stop, so the next start does not treat pending deliveries as maybe-done. */
+  async close(): Promise<void> {
+    await this.journal.close();
+    await writeFile(join(this.dir, CLEAN), `${new Date().toISOString()}\n`);
+    await syncDir(this.dir);
+  }
+}
