@@ -312,7 +312,7 @@ export class QueueStore {
   /** The message as delivery hooks see it. */
   view(entry: Entry): QueuedMessageView {
     const { env } = entry;
-    const store = this;
+    const raw = (): Readable => this.rawStream(entry);
     return {
       id: env.id,
       sender: env.sender,
@@ -320,9 +320,9 @@ export class QueueStore {
       receivedAt: new Date(env.receivedAt),
       size: env.size,
       stream(): Readable {
-        if (!env.blob) return store.rawStream(entry);
+        if (!env.blob) return raw();
         const head = Buffer.from(env.blob.headers, 'utf8');
-        const body = store.rawStream(entry);
+        const body = raw();
         return Readable.from(
           (async function* () {
             if (head.length) yield head;
