@@ -12,7 +12,7 @@ import { createLogger } from './services/logger.js';
 import type { MetricsRegistry } from './services/metrics.js';
 import type { Generation } from './smtp/generation.js';
 import { SmtpServer, type BoundListener } from './smtp/server.js';
-import { loadTls } from './smtp/tls.js';
+import { ensureSelfSigned, loadTls } from './smtp/tls.js';
 
 export interface PetrelOptions {
   /** A config file; without it (and without `config`), discovery from `cwd`, then the embedded default. */
@@ -95,6 +95,7 @@ export class Petrel {
     metrics?: MetricsRegistry,
   ): Promise<Generation> {
     const { config, file, baseDir } = loaded;
+    await ensureSelfSigned(config, log);
     const tls = loadTls(config, file);
     const container = buildContainer(config, { logger: log, metrics });
     let spool: Spool;

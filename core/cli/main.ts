@@ -6,12 +6,14 @@ import { stringify } from 'yaml';
 import { Petrel } from '../app.js';
 import { ConfigError } from '../config/errors.js';
 import { loadConfig } from '../config/load.js';
+import { runUserCommand } from './user.js';
 
 const USAGE = `Usage: petrel <command> [options]
 
 Commands:
   start [--config FILE]          run the server (SIGHUP reloads the config, SIGTERM stops it)
   config check [--config FILE]   validate the config and print the effective one
+  user add|passwd|remove|list    manage the users plugin's users (petrel user --help)
   help                           this text
 
 Without --config, Petrel looks in the working directory for petrel.config.{yaml,yml,json,ts,mjs},
@@ -65,6 +67,8 @@ async function configCheck(configFile: string | undefined): Promise<void> {
 }
 
 async function main(argv: string[]): Promise<number> {
+  // `user` has options of its own; it parses its arguments itself.
+  if (argv[0] === 'user') return runUserCommand(argv.slice(1));
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,

@@ -103,7 +103,14 @@ export const configSchema = z
       .default([]),
     listeners: z.array(listenerSchema).min(1),
     tls: certPair
-      .extend({ sni: z.record(z.string(), certPair).default({}) })
+      .extend({
+        sni: z.record(z.string(), certPair).default({}),
+        /**
+         * When `cert` and `key` do not exist yet, generate a self-signed pair there on first start
+         * (development and the embedded default; clients cannot verify it).
+         */
+        selfSigned: z.boolean().default(false),
+      })
       .strict()
       .optional(),
     dns: z

@@ -1,4 +1,8 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { generate } from 'selfsigned';
+import type { Logger } from 'pino';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { ConfigError } from '../config/errors.js';
 import type { PetrelConfig } from '../config/schema.js';
@@ -56,4 +60,42 @@ export function loadTls(config: PetrelConfig, file: string): TlsContexts | null 
       return named.get(n) ?? named.get(`*.${n.slice(n.indexOf('.') + 1)}`) ?? fallback;
     },
   };
+}
+
+/**
+ * With `tls.selfSigned`, writes a self-signed certificate and key where the config says, if they
+ * are not there yet, and says so in the log. Without it nothing is generated: a config whose
+ * files are missing fails at boot rather than fall back to a key anyone could have.
+ */
+export async function ensureSelfSigned(config: PetrelConfig, log: Logger): Promise<void> {
+  const tls = config.tls;
+  if (!tls?.selfSigned || (existsSync(tls.cert) && existsSync(tls.key))) return;
+  const names = [...new Set([config.hostname, 'localhost'])];
+  const pems = await generate([{ name: 'commonName', value: config.hostname }], {
+    keyType: 'ec',
+    curve: 'P-256',
+    algorithm: 'sha256',
+    notAfterDate: new Date(Date.now() + 825 * 86_400_000),
+    extensions: [
+      { name: 'basicConstraints', cA: false },
+      { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
+      { name: 'extKeyUsage', serverAuth: true },
+      {
+        name: 'subjectAltName',
+        altNames: [
+          ...names.map((value) => ({ type: 2 as const, value })),
+          { type: 7, ip: '127.0.0.1' },
+          { type: 7, ip: '::1' },
+        ],
+      },
+    ],
+  });
+  await mkdir(dirname(tls.key), { recursive: true, mode: 0o700 });
+  await mkdir(dirname(tls.cert), { recursive: true });
+  await writeFile(tls.key, pems.private, { mode: 0o600 });
+  await writeFile(tls.cert, pems.cert, { mode: 0o644 });
+  log.warn(
+    { certFile: tls.cert, keyFile: tls.key, names },
+    'generated a self-signed TLS certificate; clients cannot verify it — configure a real certificate for production',
+  );
 }
