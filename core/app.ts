@@ -1,4 +1,5 @@
 import 'reflect-metadata';
+import { existsSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { ConfigError } from './config/errors.js';
 import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js';
@@ -6,7 +7,7 @@ import type { PetrelConfigInput } from './config/schema.js';
 import { buildContainer } from './di/root.js';
 import type { Spool } from './message/spool.js';
 import { resolveToken, Tokens } from './di/tokens.js';
-import { buildPluginSet } from './plugins/loader.js';
+import { buildPluginSet, checkPlugins } from './plugins/loader.js';
 import type { PluginDefinition } from './plugins/define.js';
 import { createLogger } from './services/logger.js';
 import type { MetricsRegistry } from './services/metrics.js';
@@ -73,11 +74,17 @@ export class Petrel {
    * Builds everything `start` would build from a config — TLS, services, every plugin with its
    * schema and setup — without listening, and closes it again. Returns the plugin names.
    */
+  /**
+   * Checks a config the way `start` would, without side effects: certificates are read (unless
+   * they are still to be generated), every plugin is found, loaded and its config validated by its
+   * schema — but no plugin's `setup` runs and nothing is written. Returns the plugin names.
+   */
   static async check(loaded: LoadedConfig, opts: PetrelOptions = {}): Promise<string[]> {
-    const log = opts.logger ?? createLogger({ level: 'warn', format: 'json', destination: process.stderr });
-    const gen = await Petrel.build(loaded, opts, log);
-    await gen.plugins.retire();
-    return gen.plugins.plugins.map((p) => p.name);
+    const { config, file, baseDir } = loaded;
+    if (!config.tls?.selfSigned || (existsSync(config.tls.cert) && existsSync(config.tls.key)))
+      loadTls(config, file);
+    const inline = new Map((opts.plugins ?? []).map((p) => [p.name, p]));
+    return checkPlugins({ config, file, baseDir, inline });
   }
 
   private static async readConfig(opts: PetrelOptions): Promise<LoadedConfig> {

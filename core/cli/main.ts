@@ -37,7 +37,7 @@ async function start(configFile: string | undefined): Promise<void> {
     stopping = true;
     app.log.info({ signal }, 'signal received');
     app.stop().then(
-      () => process.exit(0),
+      () => process.exit(process.exitCode ?? 0),
       (err: unknown) => {
         app.log.error({ err }, 'shutdown failed');
         process.exit(1);
@@ -66,18 +66,30 @@ async function configCheck(configFile: string | undefined): Promise<void> {
   process.stdout.write(stringify(loaded.config));
 }
 
+// `petrel config check | head` closes the pipe early: that is not an error.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err;
+});
+
 async function main(argv: string[]): Promise<number> {
   // `user` has options of its own; it parses its arguments itself.
   if (argv[0] === 'user') return runUserCommand(argv.slice(1));
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      config: { type: 'string', short: 'c' },
-      help: { type: 'boolean', short: 'h' },
-      version: { type: 'boolean', short: 'v' },
-    },
-  });
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        config: { type: 'string', short: 'c' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean', short: 'v' },
+      },
+    });
+  } catch (err) {
+    process.stderr.write(`petrel: ${(err as Error).message}\n\n${USAGE}\n`);
+    return 64; // EX_USAGE
+  }
+  const { values, positionals } = parsed;
   if (values.version) {
     process.stdout.write(`${version()}\n`);
     return 0;

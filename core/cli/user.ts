@@ -87,6 +87,7 @@ function promptHidden(io: UserCommandIo, prompt: string): Promise<string> {
     let value = '';
     const finish = (err: Error | null): void => {
       stdin.off('data', onData);
+      stdin.off('end', onEnd);
       stdin.setRawMode?.(false);
       stdin.pause();
       stderr.write('\n');
@@ -101,7 +102,9 @@ function promptHidden(io: UserCommandIo, prompt: string): Promise<string> {
         else if (ch >= ' ') value += ch;
       }
     };
+    const onEnd = (): void => finish(null);
     stdin.on('data', onData);
+    stdin.once('end', onEnd);
   });
 }
 

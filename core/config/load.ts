@@ -44,6 +44,7 @@ const loadYaml: Loader = async (filepath) => parseYaml(await readFile(filepath, 
 const explorer = cosmiconfig('petrel', {
   searchPlaces: SEARCH_PLACES,
   searchStrategy: 'none',
+  ignoreEmptySearchPlaces: false,
   cache: false,
   loaders: {
     '.ts': importFresh,
@@ -72,7 +73,10 @@ export async function loadConfig(opts: { file?: string; cwd?: string } = {}): Pr
       raw = result?.config;
     } else {
       const found = await explorer.search(cwd);
-      if (found && !found.isEmpty) {
+      if (found && (found.isEmpty || found.config == null)) {
+        throw ConfigError.one(found.filepath, '(top level)', 'expected a config object, found an empty file');
+      }
+      if (found) {
         filepath = found.filepath;
         raw = found.config;
       } else {
@@ -109,6 +113,15 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Loa
       pair.key = abs(pair.key);
     }
   }
+  config.listeners.forEach((l, i) => {
+    if (l.kind === 'submissions' && !config.tls) {
+      throw ConfigError.one(
+        file,
+        `listeners[${i}].kind`,
+        'expected a tls section (cert and key): submissions is implicit TLS',
+      );
+    }
+  });
   const names = new Set<string>();
   config.listeners.forEach((l, i) => {
     l.name ??= l.port === 0 ? `${l.kind}#${i}` : `${l.kind}:${l.port}`;

@@ -48,6 +48,18 @@ export const timeoutsSchema = z
   })
   .strict();
 
+/** Per-listener overrides: the same keys, none defaulted, so unset keys fall back to the top level. */
+const listenerLimitsSchema = z
+  .object(
+    Object.fromEntries(
+      Object.entries(limitsSchema.shape).map(([k, v]) => [
+        k,
+        (v as unknown as z.ZodDefault<z.ZodNumber>).unwrap().optional(),
+      ]),
+    ) as { [K in keyof typeof limitsSchema.shape]: z.ZodOptional<z.ZodNumber> },
+  )
+  .strict();
+
 const listenerSchema = z
   .object({
     kind: z.enum(['smtp', 'submission', 'submissions']),
@@ -61,7 +73,7 @@ const listenerSchema = z
     /** Offer AUTH without TLS on this listener (never on the open internet). */
     allowInsecureAuth: z.boolean().default(false),
     /** Per-listener overrides of the top-level `limits`. */
-    limits: limitsSchema.partial().optional(),
+    limits: listenerLimitsSchema.optional(),
   })
   .strict();
 

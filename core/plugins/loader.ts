@@ -1,6 +1,6 @@
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createRequire, registerHooks } from 'node:module';
-import { isAbsolute, join, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { Logger } from 'pino';
 import type { DependencyContainer } from 'tsyringe';
@@ -25,6 +25,48 @@ const SELF = new URL('../index.js', import.meta.url).href;
 const SELF_TESTING = new URL('../testing/index.js', import.meta.url).href;
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;
+const firstSeen = new Map<string, number>();
+
+/**
+ * The URL to import a plugin file by. The first load uses the plain URL, so a module that another
+ * plugin imports by path is the same instance (shared note keys and tokens match). When the file
+ * has changed since, a reload imports it under its modification time instead, to get the new code.
+ */
+function fileUrl(path: string): string {
+  const mtime = statSync(path).mtimeMs;
+  const seen = firstSeen.get(path);
+  if (seen === undefined) firstSeen.set(path, mtime);
+  const href = pathToFileURL(path).href;
+  return seen === undefined || seen === mtime ? href : `${href}?mtime=${mtime}`;
+}
+
+/** Finds an installed package's ESM entry from `baseDir` (createRequire misses import-only exports). */
+function resolvePackage(pkg: string, baseDir: string): string | null {
+  try {
+    return createRequire(join(baseDir, 'package.json')).resolve(pkg);
+  } catch {
+    // fall through: try the package's own exports/main
+  }
+  for (let dir = baseDir; ; dir = dirname(dir)) {
+    const root = join(dir, 'node_modules', pkg);
+    const manifest = join(root, 'package.json');
+    if (existsSync(manifest)) {
+      const meta = JSON.parse(readFileSync(manifest, 'utf8')) as { exports?: unknown; main?: string };
+      const dot = (e: unknown): unknown =>
+        typeof e === 'object' && e !== null && '.' in e ? (e as Record<string, unknown>)['.'] : e;
+      const pick = (e: unknown): string | undefined => {
+        if (typeof e === 'string') return e;
+        if (typeof e !== 'object' || e === null) return undefined;
+        const o = e as Record<string, unknown>;
+        return pick(o.import) ?? pick(o.node) ?? pick(o.default);
+      };
+      const entry = pick(dot(meta.exports)) ?? meta.main ?? 'index.js';
+      const path = resolve(root, entry);
+      return existsSync(path) ? path : null;
+    }
+    if (dirname(dir) === dir) return null;
+  }
+}
 
 /**
  * Makes `import … from 'petrel'` in a plugin file anywhere on disk resolve to this running
@@ -141,13 +183,7 @@ async function locate(
     const path = resolve(baseDir, ref);
     if (!existsSync(path)) throw ConfigError.one(file, key, `expected a plugin file at ${path}`);
     return {
-      // Keyed by modification time: a reload picks up an edited plugin file, an unchanged one is reused.
-      definition: await importDefinition(
-        `${pathToFileURL(path).href}?mtime=${statSync(path).mtimeMs}`,
-        file,
-        key,
-        ref,
-      ),
+      definition: await importDefinition(fileUrl(path), file, key, ref),
       source: 'file',
       location: path,
     };
@@ -163,10 +199,8 @@ async function locate(
     }
   }
   const pkg = ref.startsWith('petrel-plugin-') || ref.startsWith('@') ? ref : `petrel-plugin-${ref}`;
-  let resolved: string;
-  try {
-    resolved = createRequire(join(baseDir, 'package.json')).resolve(pkg);
-  } catch {
+  const resolved = resolvePackage(pkg, baseDir);
+  if (!resolved) {
     throw ConfigError.one(
       file,
       key,
@@ -289,4 +323,39 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
     throw err;
   }
   return new PluginSet(runner, loaded, closers, log);
+}
+
+/**
+ * Finds and loads every enabled plugin of a config and validates its config by its schema, the
+ * way `buildPluginSet` does, but runs no `setup`: checking a config has no side effects (it must
+ * not, say, open the queue of a server that is running). Returns the plugin names.
+ */
+export async function checkPlugins(opts: {
+  config: PetrelConfig;
+  file: string;
+  baseDir: string;
+  inline?: ReadonlyMap<string, PluginDefinition>;
+}): Promise<string[]> {
+  installPetrelResolution();
+  const names: string[] = [];
+  for (const [i, entry] of opts.config.plugins.entries()) {
+    const { ref, config: pluginConfig, enabled } = entryParts(entry);
+    if (!enabled) continue;
+    const key = `plugins[${i}]`;
+    const { definition } = await locate(ref, opts.baseDir, opts.file, key, opts.inline ?? new Map());
+    const label = `${key} (${definition.name})`;
+    if (names.includes(definition.name)) {
+      throw ConfigError.one(
+        opts.file,
+        label,
+        `expected each plugin once; "${definition.name}" is listed twice`,
+      );
+    }
+    if (definition.config) {
+      const parsed = definition.config.safeParse(pluginConfig ?? {});
+      if (!parsed.success) throw zodToConfigError(opts.file, parsed.error, `${label}.config`);
+    }
+    names.push(definition.name);
+  }
+  return names;
 }

@@ -66,24 +66,35 @@ export class SmtpServer implements SessionHost {
     return bound;
   }
 
-  private accept(socket: Socket, config: ListenerConfig): void {
+  private accept(socket: Socket, bound: ListenerConfig): void {
     const gen = this.current();
-    const limits = { ...gen.config.limits, ...config.limits };
+    // Settings other than address and port follow a reload; the listener keeps its name.
+    const config = gen.config.listeners.find((l) => l.name === bound.name) ?? bound;
     const ip = socket.remoteAddress ?? '';
-    const fromIp = this.perIp.get(ip) ?? 0;
+    const own = this.listenerCounts(config.name ?? '');
     socket.on('error', () => undefined);
-    if (
-      this.stopping ||
-      this.sessions.size >= limits.maxConnections ||
-      fromIp >= limits.maxConnectionsPerIp
-    ) {
+    const global = gen.config.limits;
+    const over =
+      this.sessions.size >= global.maxConnections ||
+      (this.perIp.get(ip) ?? 0) >= global.maxConnectionsPerIp ||
+      (config.limits?.maxConnections !== undefined && own.count >= config.limits.maxConnections) ||
+      (config.limits?.maxConnectionsPerIp !== undefined &&
+        (own.perIp.get(ip) ?? 0) >= config.limits.maxConnectionsPerIp);
+    if (this.stopping || over) {
       gen.metrics.inc('smtp.connections.refused');
       const text = this.stopping ? 'Service shutting down' : 'Too many connections, try again later';
       socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
       setTimeout(() => socket.destroy(), 1000).unref();
       return;
     }
-    this.perIp.set(ip, fromIp + 1);
+    const dec = (m: Map<string, number>): void => {
+      const n = (m.get(ip) ?? 1) - 1;
+      if (n > 0) m.set(ip, n);
+      else m.delete(ip);
+    };
+    this.perIp.set(ip, (this.perIp.get(ip) ?? 0) + 1);
+    own.perIp.set(ip, (own.perIp.get(ip) ?? 0) + 1);
+    own.count++;
     gen.plugins.retain();
     gen.metrics.inc('smtp.connections');
     gen.metrics.add('smtp.connections.active', 1);
@@ -91,13 +102,24 @@ export class SmtpServer implements SessionHost {
     this.sessions.add(session);
     void session.run().finally(() => {
       this.sessions.delete(session);
-      const n = (this.perIp.get(ip) ?? 1) - 1;
-      if (n > 0) this.perIp.set(ip, n);
-      else this.perIp.delete(ip);
+      dec(this.perIp);
+      dec(own.perIp);
+      own.count--;
       gen.metrics.add('smtp.connections.active', -1);
       gen.plugins.release();
       if (this.stopping && this.sessions.size === 0) this.drained?.();
     });
+  }
+
+  private readonly byListener = new Map<string, { count: number; perIp: Map<string, number> }>();
+
+  private listenerCounts(name: string): { count: number; perIp: Map<string, number> } {
+    let c = this.byListener.get(name);
+    if (!c) {
+      c = { count: 0, perIp: new Map() };
+      this.byListener.set(name, c);
+    }
+    return c;
   }
 
   private drained: (() => void) | null = null;

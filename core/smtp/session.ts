@@ -132,17 +132,15 @@ export class SmtpSession implements SessionView {
         this.reply(554, '5.5.0', 'Protocol error: client sent data before the greeting');
         return;
       }
+      // RFC 5321 §3.1/§4.3.2: the greeting is 220, 554 (no service; only QUIT follows) or 421.
       switch (connect.verdict.kind) {
         case 'deny':
           this.refusedAtConnect = true;
-          this.replySpec(connect.verdict.reply, null);
+          this.reply(554, null, connect.verdict.reply.text);
           break;
         case 'defer':
         case 'disconnect':
-          this.replySpec(
-            connect.verdict.reply ?? { code: 421, enhanced: '4.7.0', text: 'Closing connection' },
-            null,
-          );
+          this.reply(421, null, connect.verdict.reply?.text ?? 'Closing connection');
           return;
         default:
           this.reply(220, null, `${cfg.hostname} ${cfg.smtp.banner}`);

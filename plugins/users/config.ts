@@ -1,0 +1,45 @@
+import { resolve } from 'node:path';
+import { z } from '../../core/index.js';
+
+/** The users plugin's config. Paths are relative to the config file's folder. */
+export const usersConfigSchema = z
+  .object({
+    /** The users file (JSON), managed with `petrel user`. */
+    usersFile: z.string().min(1).default('./users.json'),
+    /** An aliases file (YAML or JSON); none by default. */
+    aliasesFile: z.string().min(1).optional(),
+    /** Characters that start a sub-address (`bob+tag@…`); empty turns sub-addressing off. */
+    subaddressSeparator: z
+      .string()
+      .max(8)
+      .regex(/^[-+=_#~&*^$/?{|}`']*$/, {
+        message: 'expected separator characters such as "+" or "+-" (not ".", "%", "!" or "@")',
+      })
+      .default('+'),
+    auth: z
+      .object({
+        /** Failed AUTH attempts from one client address within the window before it is locked out. */
+        maxFailures: z.number().int().positive().default(5),
+        windowSeconds: z.number().int().positive().default(900),
+        /** How long a locked-out client is refused (`454 4.7.0`), even with the right password. */
+        lockoutSeconds: z.number().int().positive().default(900),
+        /** Added to every failed attempt before the reply, to slow down guessing. */
+        delayMs: z.number().int().nonnegative().max(10_000).default(1000),
+      })
+      .strict()
+      .prefault({}),
+  })
+  .strict();
+
+export type UsersConfig = z.output<typeof usersConfigSchema>;
+
+/** Absolute paths of the users and aliases files. */
+export function directoryFiles(
+  config: UsersConfig,
+  baseDir: string,
+): { usersFile: string; aliasesFile: string | null } {
+  return {
+    usersFile: resolve(baseDir, config.usersFile),
+    aliasesFile: config.aliasesFile ? resolve(baseDir, config.aliasesFile) : null,
+  };
+}

@@ -1,0 +1,92 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { accept, defer, definePlugin, deny, proceed, Tokens, type Address } from '../../core/index.js';
+import { AuthThrottle, clientKey } from './auth-throttle.js';
+import { directoryFiles, usersConfigSchema } from './config.js';
+import { DirectoryStore } from './directory-store.js';
+import { Directory } from './directory.js';
+import { DUMMY_HASH, verifyPassword } from './password.js';
+import { normalizeLogin } from './users-file.js';
+
+export { Directory, type DirectoryService } from './directory.js';
+
+/**
+ * users — who is who. The user directory (a users file and an optional aliases file, read again
+ * when they change), AUTH PLAIN/LOGIN against it with per-client throttling and lockout, and
+ * RCPT for the local domains: a recipient there is accepted if it reaches a mailbox, else
+ * `550 5.1.1`. Other plugins use the directory through the `Directory` token.
+ */
+export default definePlugin({
+  name: 'users',
+  config: usersConfigSchema,
+  async setup({ config, log, baseDir, resolve, provide, onClose }) {
+    const { localDomains } = resolve(Tokens.Config);
+    const clock = resolve(Tokens.Clock);
+    const files = directoryFiles(config, baseDir);
+    const store = await DirectoryStore.open({
+      ...files,
+      localDomains,
+      separators: config.subaddressSeparator,
+      log,
+    });
+    provide(Directory, store);
+
+    const { maxFailures, windowSeconds, lockoutSeconds, delayMs } = config.auth;
+    const throttle = new AuthThrottle(
+      { maxFailures, windowMs: windowSeconds * 1000, lockoutMs: lockoutSeconds * 1000 },
+      () => clock.nowMs(),
+    );
+    const sweeper = setInterval(() => throttle.sweep(), 60_000);
+    sweeper.unref();
+    onClose(() => clearInterval(sweeper));
+
+    /** Slows a failed attempt down; cut short if the hook's time runs out. */
+    const pause = (signal: AbortSignal): Promise<void> =>
+      delayMs > 0 ? sleep(delayMs, undefined, { signal }).catch(() => undefined) : Promise.resolve();
+
+    return {
+      async auth({ session, username, password, authzid, signal }) {
+        const client = clientKey(session.remote.address);
+        const fields = { session: session.id, remote: session.remote.address, user: username };
+        const handle = throttle.begin(client);
+        if (handle === null) {
+          log.info(fields, 'AUTH refused: client locked out');
+          await pause(signal);
+          // RFC 4954 §6: 454 4.7.0 is a temporary authentication failure; the client may retry later.
+          return defer(454, '4.7.0', 'Too many failed authentication attempts, try again later');
+        }
+        const login = normalizeLogin(username);
+        const user = (await store.current()).userByLogin(login);
+        // An unknown login costs as much as a wrong password, so timing tells nothing.
+        const passwordOk = await verifyPassword(password, user?.password ?? DUMMY_HASH);
+        // We do not let one user act for another (RFC 4616 §2): the authzid must be empty or the login.
+        const authzOk = authzid === '' || normalizeLogin(authzid) === login;
+        if (user && passwordOk && authzOk) {
+          throttle.succeeded(client, handle);
+          log.info(fields, 'AUTH succeeded');
+          return accept();
+        }
+        const { failures, locked } = throttle.failed(client);
+        const reason = !user ? 'unknown login' : !passwordOk ? 'wrong password' : 'authzid not allowed';
+        log.info({ ...fields, reason, failures }, 'AUTH failed');
+        if (locked) log.warn({ ...fields, lockoutSeconds }, 'client locked out after too many AUTH failures');
+        await pause(signal);
+        return deny(535, '5.7.8', 'Authentication credentials invalid');
+      },
+
+      async rcpt({ recipient }) {
+        let target: Address | string = recipient;
+        if (recipient.domain === '') {
+          // RFC 5321 §4.5.1: `RCPT TO:<postmaster>` without a domain must be accepted; it is the
+          // postmaster of the first local domain.
+          const first = localDomains[0];
+          if (!first) return proceed();
+          target = `postmaster@${first}`;
+        } else if (recipient.literal || !store.isLocalDomain(recipient.domainAscii)) {
+          return proceed();
+        }
+        if (await store.isDeliverable(target)) return accept();
+        return deny(550, '5.1.1', 'No such user here');
+      },
+    };
+  },
+});

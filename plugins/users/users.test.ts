@@ -1,0 +1,328 @@
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { deny, Tokens, type PetrelConfig } from '../../core/index.js';
+import { address, runHook, session, transaction } from '../../core/testing/index.js';
+import { AuthThrottle, clientKey } from './auth-throttle.js';
+import { parseAliasesFile } from './aliases-file.js';
+import { DirectoryData } from './directory-data.js';
+import { DirectoryStore } from './directory-store.js';
+import users from './index.js';
+import { DEFAULT_COST, hashPassword, parseHash, verifyPassword } from './password.js';
+import { DirectoryFileError, parseUsersFile, writeUsersFile } from './users-file.js';
+
+const FAST = { N: 1024, r: 8, p: 1 };
+const silent = pino({ level: 'silent' });
+
+function data(
+  usersJson: object,
+  aliasesYaml = '',
+  opts: { domains?: string[]; separators?: string } = {},
+): DirectoryData {
+  const u = parseUsersFile(JSON.stringify(usersJson), 'users.json').users;
+  const a = parseAliasesFile(aliasesYaml, 'aliases.yaml');
+  const domains = new Set(opts.domains ?? ['hamburger.edu', 'fries.test', 'xn--bcher-kva.test']);
+  return new DirectoryData(u, a, domains, opts.separators ?? '+');
+}
+
+const key = (text: string): { local: string; domain: string; key: string } => {
+  const at = text.lastIndexOf('@');
+  return { local: text.slice(0, at), domain: text.slice(at + 1), key: text };
+};
+
+describe('users: password hashes', () => {
+  it('hashes with scrypt and a random salt in a self-describing string, and verifies it', async () => {
+    const a = await hashPassword('correct horse');
+    const b = await hashPassword('correct horse');
+    assert.match(a, /^\$scrypt\$N=16384,r=8,p=1\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*$/);
+    assert.notEqual(a, b, 'two hashes of one password differ (random salt)');
+    assert.deepEqual({ N: parseHash(a)!.N, r: parseHash(a)!.r, p: parseHash(a)!.p }, DEFAULT_COST);
+    assert.equal(await verifyPassword('correct horse', a), true);
+    assert.equal(await verifyPassword('correct horsf', a), false);
+    assert.equal(await verifyPassword('', a), false);
+  });
+
+  it('verifies hashes of other costs, and refuses malformed or absurd ones', async () => {
+    const cheap = await hashPassword('pw', FAST);
+    assert.equal(await verifyPassword('pw', cheap), true);
+    assert.equal(await verifyPassword('pw', 'pw'), false, 'plain text is never a hash');
+    assert.equal(
+      parseHash('$scrypt$N=1000,r=8,p=1$AAAAAAAAAAA=$AAAAAAAAAAAAAAAAAAAAAA=='),
+      null,
+      'N not 2^k',
+    );
+    assert.equal(
+      parseHash('$scrypt$N=2097152,r=8,p=1$AAAAAAAAAAA=$AAAAAAAAAAAAAAAAAAAAAA=='),
+      null,
+      'N too big',
+    );
+  });
+});
+
+describe('users: the users file', () => {
+  it('refuses a plain-text password, naming the file and the user', () => {
+    assert.throws(
+      () =>
+        parseUsersFile(JSON.stringify({ users: { 'bob@hamburger.edu': { password: 'hunter2' } } }), 'u.json'),
+      (err: Error) =>
+        err instanceof DirectoryFileError &&
+        /u\.json: users\["bob@hamburger\.edu"\]\.password: expected a scrypt/.test(err.message),
+    );
+  });
+
+  it('refuses an address claimed by two users, a login twice, and routing characters', async () => {
+    const password = await hashPassword('x', FAST);
+    const two = {
+      users: {
+        'a@hamburger.edu': { password },
+        'b@hamburger.edu': { password, addresses: ['A@hamburger.edu'] },
+      },
+    };
+    assert.throws(
+      () => parseUsersFile(JSON.stringify(two), 'u.json'),
+      /a@hamburger\.edu already belongs to "a@hamburger\.edu"/,
+    );
+    const twice = { users: { 'a@hamburger.edu': { password }, 'A@Hamburger.EDU': { password } } };
+    assert.throws(
+      () => parseUsersFile(JSON.stringify(twice), 'u.json'),
+      /the same login as "a@hamburger\.edu"/,
+    );
+    const routed = { users: { 'a%b@hamburger.edu': { password } } };
+    assert.throws(() => parseUsersFile(JSON.stringify(routed), 'u.json'), /expected an address/);
+  });
+
+  it('is written atomically with mode 0600', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-users-'));
+    try {
+      const file = join(dir, 'users.json');
+      writeFileSync(file, '{"users":{}}', { mode: 0o644 });
+      await writeUsersFile(file, {
+        users: { 'bob@hamburger.edu': { password: await hashPassword('x', FAST) } },
+      });
+      assert.equal(statSync(file).mode & 0o777, 0o600);
+      assert.equal(parseUsersFile(readFileSync(file, 'utf8'), file).users.length, 1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('users: resolving addresses', () => {
+  let password: string;
+  before(async () => {
+    password = await hashPassword('x', FAST);
+  });
+  const base = (): object => ({
+    users: {
+      'bob@hamburger.edu': { password, addresses: ['robert@hamburger.edu'] },
+      alice: { password, address: 'alice@hamburger.edu' },
+      'ünal@bücher.test': { password },
+    },
+  });
+
+  it('finds a user by any of its addresses, in any case, with the primary address as mailbox', () => {
+    const d = data(base());
+    for (const a of ['bob@hamburger.edu', 'BOB@HAMBURGER.EDU', 'Robert@hamburger.edu']) {
+      const r = d.resolveKey(key(a.toLowerCase()));
+      assert.deepEqual(r?.targets, [
+        { kind: 'local', user: 'bob@hamburger.edu', local: 'bob', domain: 'hamburger.edu', tag: null },
+      ]);
+    }
+    assert.equal(d.resolveKey(key('alice@hamburger.edu'))?.targets[0]?.kind, 'local');
+    assert.equal(d.resolveKey(key('carol@hamburger.edu')), null);
+    assert.equal(d.resolveKey(key('bob@elsewhere.test')), null, 'not a local domain');
+  });
+
+  it('keeps the sub-address as the tag, and follows aliases with it', () => {
+    const d = data(base(), 'sales@hamburger.edu: bob@hamburger.edu\n');
+    assert.deepEqual(d.resolveKey(key('bob+lists@hamburger.edu'))?.targets[0], {
+      kind: 'local',
+      user: 'bob@hamburger.edu',
+      local: 'bob',
+      domain: 'hamburger.edu',
+      tag: 'lists',
+    });
+    assert.equal((d.resolveKey(key('sales+q3@hamburger.edu'))?.targets[0] as { tag: string }).tag, 'q3');
+    assert.equal(d.resolveKey(key('carol+x@hamburger.edu')), null);
+    const off = data(base(), '', { separators: '' });
+    assert.equal(off.resolveKey(key('bob+lists@hamburger.edu')), null, 'separator turned off');
+    const two = data(base(), '', { separators: '+-' });
+    assert.equal((two.resolveKey(key('bob-x+y@hamburger.edu'))?.targets[0] as { tag: string }).tag, 'x+y');
+  });
+
+  it('expands aliases to every mailbox once, marks targets outside localDomains remote, survives loops', () => {
+    const d = data(
+      base(),
+      [
+        'team@hamburger.edu: [bob@hamburger.edu, alice@hamburger.edu, carol@elsewhere.test]',
+        'all@hamburger.edu: [team@hamburger.edu, robert@hamburger.edu]',
+        'loop1@hamburger.edu: loop2@hamburger.edu',
+        'loop2@hamburger.edu: [loop1@hamburger.edu, alice@hamburger.edu]',
+      ].join('\n'),
+    );
+    assert.deepEqual(
+      d
+        .resolveKey(key('all@hamburger.edu'))
+        ?.targets.map((t) => (t.kind === 'local' ? t.user : `remote:${t.address}`)),
+      ['bob@hamburger.edu', 'alice', 'remote:carol@elsewhere.test'],
+    );
+    assert.deepEqual(
+      d.resolveKey(key('loop1@hamburger.edu'))?.targets.map((t) => t.kind === 'local' && t.user),
+      ['alice'],
+    );
+  });
+
+  it('sends unknown users of a domain to its catch-all, but never a local part that looks like a route', () => {
+    const d = data(base(), "'@fries.test': bob@hamburger.edu\n");
+    assert.equal(d.resolveKey(key('anyone@fries.test'))?.targets[0]?.kind, 'local');
+    for (const local of ['user%remote.test', 'remote.test!user', 'user@remote.test']) {
+      assert.equal(d.resolveKey({ local, domain: 'fries.test', key: `${local}@fries.test` }), null, local);
+    }
+    assert.equal(d.resolveKey(key('anyone@hamburger.edu')), null, 'no catch-all there');
+  });
+
+  it('matches IDN domains in either form', () => {
+    const d = data(base());
+    assert.equal(d.resolveKey(key('ünal@xn--bcher-kva.test'))?.targets[0]?.kind, 'local');
+  });
+
+  it('lets a login send as its addresses and their sub-addresses, and nothing else', () => {
+    const d = data(base(), 'sales@hamburger.edu: bob@hamburger.edu\n');
+    assert.equal(d.maySendAs('bob@hamburger.edu', key('bob@hamburger.edu')), true);
+    assert.equal(d.maySendAs('bob@hamburger.edu', key('robert@hamburger.edu')), true);
+    assert.equal(d.maySendAs('bob@hamburger.edu', key('bob+news@hamburger.edu')), true);
+    assert.equal(d.maySendAs('bob@hamburger.edu', key('alice@hamburger.edu')), false);
+    assert.equal(
+      d.maySendAs('bob@hamburger.edu', key('sales@hamburger.edu')),
+      false,
+      'an alias is not an address of his',
+    );
+    assert.equal(d.maySendAs('alice', key('alice@hamburger.edu')), true);
+    assert.equal(d.maySendAs('nobody', key('alice@hamburger.edu')), false);
+  });
+});
+
+describe('users: AUTH throttling', () => {
+  it('counts IPv6 clients by /64 and IPv4-mapped addresses as IPv4', () => {
+    assert.equal(clientKey('192.0.2.7'), '192.0.2.7');
+    assert.equal(clientKey('::ffff:192.0.2.7'), '192.0.2.7');
+    assert.equal(clientKey('2001:db8:1:2:3:4:5:6'), '2001:db8:1:2::/64');
+    assert.equal(clientKey('2001:db8:1:2::9'), '2001:db8:1:2::/64');
+    assert.equal(clientKey('2001:db8::1'), '2001:db8:0:0::/64');
+  });
+
+  it('locks a client out after maxFailures within the window, for lockout, then starts afresh', () => {
+    let now = 0;
+    const t = new AuthThrottle({ maxFailures: 3, windowMs: 60_000, lockoutMs: 10_000 }, () => now);
+    for (let i = 0; i < 3; i++) {
+      assert.notEqual(t.begin('a'), null);
+      t.failed('a');
+      now += 1000;
+    }
+    assert.equal(t.begin('a'), null, 'locked');
+    assert.notEqual(t.begin('b'), null, 'another client is not');
+    now += 10_000;
+    assert.notEqual(t.begin('a'), null, 'lockout over');
+  });
+
+  it('forgets failures older than the window, and does not count successes', () => {
+    let now = 0;
+    const t = new AuthThrottle({ maxFailures: 2, windowMs: 5000, lockoutMs: 60_000 }, () => now);
+    t.begin('a');
+    t.failed('a');
+    now += 6000;
+    t.begin('a');
+    assert.equal(t.failed('a').locked, false);
+    const h = t.begin('a')!;
+    t.succeeded('a', h);
+    assert.notEqual(t.begin('a'), null);
+  });
+
+  it('counts attempts still being checked, so parallel guesses cannot pass the limit', () => {
+    const t = new AuthThrottle({ maxFailures: 2, windowMs: 5000, lockoutMs: 5000 }, () => 0);
+    assert.notEqual(t.begin('a'), null);
+    assert.notEqual(t.begin('a'), null);
+    assert.equal(t.begin('a'), null);
+  });
+});
+
+describe('users: the rcpt hook', () => {
+  let dir: string;
+  const services = new Map<symbol, unknown>();
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'petrel-users-'));
+    const password = await hashPassword('x', FAST);
+    await writeUsersFile(join(dir, 'users.json'), {
+      users: { 'bob@hamburger.edu': { password }, 'postmaster@hamburger.edu': { password } },
+    });
+    const config = { localDomains: ['hamburger.edu'] } as unknown as PetrelConfig;
+    services.set(Tokens.Config, config);
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  const rcpt = (to: string) =>
+    runHook(
+      users,
+      'rcpt',
+      { session: session(), transaction: transaction(), recipient: address(to), params: {} },
+      { baseDir: dir, services },
+    );
+
+  it('accepts a local user, refuses an unknown one with 550 5.1.1, and leaves other domains alone', async () => {
+    assert.equal((await rcpt('bob@hamburger.edu')).kind, 'accept');
+    assert.equal((await rcpt('Bob+x@Hamburger.EDU')).kind, 'accept');
+    assert.deepEqual(await rcpt('carol@hamburger.edu'), deny(550, '5.1.1', 'No such user here'));
+    assert.deepEqual(await rcpt('bob%remote.test@hamburger.edu'), deny(550, '5.1.1', 'No such user here'));
+    assert.equal((await rcpt('bob@remote.test')).kind, 'proceed');
+    assert.equal((await rcpt('bob@[192.0.2.1]')).kind, 'proceed');
+  });
+
+  it('accepts <postmaster> without a domain as the first local domain postmaster', async () => {
+    assert.equal((await rcpt('postmaster')).kind, 'accept');
+  });
+});
+
+describe('users: reloading the files', () => {
+  let dir: string;
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), 'petrel-users-'));
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('starts without a users file, and sees users and aliases as soon as they are written', async () => {
+    const usersFile = join(dir, 'users.json');
+    const aliasesFile = join(dir, 'aliases.yaml');
+    writeFileSync(aliasesFile, '');
+    const store = await DirectoryStore.open({
+      usersFile,
+      aliasesFile,
+      localDomains: ['hamburger.edu'],
+      separators: '+',
+      log: silent,
+    });
+    assert.equal(await store.isDeliverable('bob@hamburger.edu'), false);
+    const password = await hashPassword('x', FAST);
+    await writeUsersFile(usersFile, { users: { 'bob@hamburger.edu': { password } } });
+    assert.equal(await store.isDeliverable('bob@hamburger.edu'), true);
+    writeFileSync(aliasesFile, 'info@hamburger.edu: bob@hamburger.edu\n');
+    assert.equal(await store.isDeliverable('info@hamburger.edu'), true);
+    assert.deepEqual(await store.sendersFor('BOB@hamburger.edu'), ['bob@hamburger.edu']);
+
+    // A file broken by hand is reported and the last good version stays.
+    writeFileSync(usersFile, '{ "users": ');
+    assert.equal(await store.isDeliverable('bob@hamburger.edu'), true);
+    assert.equal(await store.isDeliverable('info@hamburger.edu'), true);
+  });
+
+  it('refuses to start on a bad file, naming it', async () => {
+    const usersFile = join(dir, 'bad.json');
+    writeFileSync(usersFile, JSON.stringify({ users: { 'bob@hamburger.edu': { password: 'hunter2' } } }));
+    await assert.rejects(
+      DirectoryStore.open({ usersFile, aliasesFile: null, localDomains: [], separators: '+', log: silent }),
+      /bad\.json: users\["bob@hamburger\.edu"\]\.password/,
+    );
+  });
+});
