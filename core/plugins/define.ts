@@ -31,6 +31,8 @@ export interface PluginApi<C> {
 
 /** The hook runner calls a plugin may make on its own plugin set (see HookRunner). */
 export interface PluginHooks {
+  /** Settles once every plugin of the set is set up: deliveries must wait for it. */
+  readonly ready: Promise<void>;
   route: HookRunner['route'];
   deliver: HookRunner['deliver'];
   notify: HookRunner['notify'];

@@ -242,7 +242,10 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const seen = new Set<string>();
   const runner = new HookRunner(table, log);
   const partial = new PluginSet(runner, loaded, closers, log);
+  let markReady!: () => void;
+  const ready = new Promise<void>((resolve) => (markReady = resolve));
   const pluginHooks = {
+    ready,
     route: runner.route.bind(runner),
     deliver: runner.deliver.bind(runner),
     notify: runner.notify.bind(runner),
@@ -322,6 +325,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
     await partial.retire();
     throw err;
   }
+  markReady();
   return new PluginSet(runner, loaded, closers, log);
 }
 

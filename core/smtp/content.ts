@@ -119,31 +119,31 @@ export class HeaderCapture {
   private chunks: Buffer[] = [];
   private length = 0;
   private complete = false;
+  /** The last bytes seen, so a blank line split across chunks is still found. */
+  private tail: Buffer = Buffer.alloc(0);
 
   constructor(private readonly max: number) {}
 
+  /** Linear in the bytes added: only the new chunk (and three bytes before it) is searched. */
   add(chunk: Buffer): void {
     if (this.complete) return;
     const room = this.max - this.length;
-    const take = chunk.length > room ? chunk.subarray(0, room) : chunk;
     // Copy: the input slices belong to the socket's buffers.
-    this.chunks.push(Buffer.from(take));
-    const prevLength = this.length;
-    this.length += take.length;
-    if (this.length >= this.max) {
+    const copy = Buffer.from(chunk.length > room ? chunk.subarray(0, room) : chunk);
+    const first = this.length === 0;
+    this.chunks.push(copy);
+    this.length += copy.length;
+    const probe = this.tail.length ? Buffer.concat([this.tail, copy]) : copy;
+    if (
+      this.length >= this.max ||
+      probe.indexOf('\r\n\r\n') >= 0 ||
+      probe.indexOf('\n\n') >= 0 ||
+      (first && (copy[0] === 0x0a || (copy[0] === 0x0d && copy[1] === 0x0a)))
+    ) {
       this.complete = true;
       return;
     }
-    // Look for the blank line in the new bytes plus the three before them.
-    const from = Math.max(0, prevLength - 3);
-    const joined = this.bytes();
-    if (
-      joined.indexOf('\r\n\r\n', from) >= 0 ||
-      joined.indexOf('\n\n', from) >= 0 ||
-      (prevLength === 0 && /^\r?\n/.test(joined.subarray(0, 2).toString('latin1')))
-    ) {
-      this.complete = true;
-    }
+    this.tail = Buffer.from(probe.subarray(Math.max(0, probe.length - 3)));
   }
 
   bytes(): Buffer {

@@ -93,6 +93,7 @@ export async function setupPlugin<S extends z.ZodType>(
     },
     provide: () => undefined,
     hooks: {
+      ready: Promise.resolve(),
       route: async () => ({ verdict: { kind: 'proceed' }, plugin: null }),
       deliver: async () => ({ results: [], plugin: null }),
       notify: async () => undefined,

@@ -28,6 +28,8 @@ export class QueueEngine {
   private timer: NodeJS.Timeout | null = null;
   private compactor: NodeJS.Timeout | null = null;
   private closing = false;
+  /** False until the plugin set that delivers is complete (a transport may come after the queue). */
+  private started = false;
   private idle: (() => void) | null = null;
 
   private constructor(
@@ -39,7 +41,10 @@ export class QueueEngine {
     const known = QueueEngine.open.get(dir);
     if (known) {
       known.users++;
-      known.engine.opts = opts; // the newest plugin set delivers
+      // The newest plugin set delivers, once it is complete; a reload that fails never takes over.
+      void opts.hooks.ready.then(() => {
+        known.engine.opts = opts;
+      });
       return known.engine;
     }
     const store = new QueueStore(dir, opts.segmentSize, opts.log);
@@ -55,7 +60,10 @@ export class QueueEngine {
       engine.store.compact().catch((err: unknown) => opts.log.error({ err }, 'queue compaction failed'));
     }, COMPACT_EVERY);
     engine.compactor.unref();
-    engine.pump();
+    void opts.hooks.ready.then(() => {
+      engine.started = true;
+      engine.pump();
+    });
     return engine;
   }
 
@@ -93,7 +101,7 @@ export class QueueEngine {
   }
 
   private pump(): void {
-    while (!this.closing && this.active < this.opts.concurrency && this.ready.size) {
+    while (this.started && !this.closing && this.active < this.opts.concurrency && this.ready.size) {
       const id = this.ready.values().next().value as string;
       this.ready.delete(id);
       const entry = this.store.entries.get(id);
