@@ -57,6 +57,14 @@ export class Petrel {
     } catch (err) {
       await app.server.close(0);
       await gen.plugins.retire();
+      const e = err as Error & { listener?: number };
+      if (e.listener !== undefined) {
+        throw ConfigError.one(
+          loaded.file,
+          `listeners[${e.listener}]`,
+          `expected a free address and port: ${e.message.replace(/^listeners\[\d+\]: /, '')}`,
+        );
+      }
       throw err;
     }
     log.info(

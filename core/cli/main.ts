@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { Petrel } from '../app.js';
 import { ConfigError } from '../config/errors.js';
-import { loadConfig } from '../config/load.js';
+import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
 import { runUserCommand } from './user.js';
 
 const USAGE = `Usage: petrel <command> [options]
@@ -26,8 +26,31 @@ function version(): string {
   return pkg.version;
 }
 
+/** On the embedded default, say what is running and how to take the first steps. */
+function welcome(app: Petrel): void {
+  const ports = app.listeners.map((l) => `  ${l.kind.padEnd(11)} ${l.address}:${l.port}`).join('\n');
+  const domains = app.generation.config.localDomains.join(', ');
+  process.stderr.write(
+    [
+      `Petrel is running on the embedded default config (${EMBEDDED_CONFIG}).`,
+      ports,
+      `It takes mail for ${domains} into var/mail/<domain>/<user>/Maildir.`,
+      '',
+      'Add a user (asks for a password):',
+      '  npm run petrel -- user add bob@example.test',
+      'Send a first message (needs swaks):',
+      '  swaks --server 127.0.0.1 --port 2525 --from alice@localhost --to bob@example.test',
+      'Submit as bob, with AUTH over STARTTLS (a self-signed certificate was generated):',
+      '  swaks --server 127.0.0.1 --port 2587 --tls --auth-user bob@example.test --from bob@example.test --to bob@example.test',
+      'The message lands in var/mail/example.test/bob/Maildir/new/. Ctrl-C stops the server.',
+      '',
+    ].join('\n'),
+  );
+}
+
 async function start(configFile: string | undefined): Promise<void> {
   const app = await Petrel.start({ configFile });
+  if (app.generation.file === EMBEDDED_CONFIG) welcome(app);
   let stopping = false;
   process.on('SIGHUP', () => {
     app.reload().catch(() => undefined); // logged by reload; the old config keeps running

@@ -42,14 +42,25 @@ export class SmtpServer implements SessionHost {
       const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) =>
         this.accept(socket, config),
       );
-      server.on('error', (err) => this.log.error({ err, listener: config.name }, 'listener error'));
       await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
+        const failed = (err: NodeJS.ErrnoException): void => {
+          const i = listeners.indexOf(config);
+          const why =
+            err.code === 'EADDRINUSE'
+              ? 'it is in use'
+              : err.code === 'EACCES'
+                ? 'permission denied'
+                : err.message;
+          const e = new Error(`listeners[${i}]: cannot listen on ${config.address}:${config.port}: ${why}`);
+          reject(Object.assign(e, { code: err.code, listener: i }));
+        };
+        server.once('error', failed);
         server.listen({ host: config.address, port: config.port, backlog: 1024 }, () => {
-          server.off('error', reject);
+          server.off('error', failed);
           resolve();
         });
       });
+      server.on('error', (err) => this.log.error({ err, listener: config.name }, 'listener error'));
       const addr = server.address() as AddressInfo;
       this.servers.push({ server, config });
       bound.push({
