@@ -4,6 +4,9 @@
  * HELO/EHLO replies (pass `null` for those).
  */
 export function formatReply(code: number, enhanced: string | null, text: string | readonly string[]): string {
+  if (typeof text === 'string' && !/[\r\n]/.test(text)) {
+    return `${code} ${enhanced ? `${enhanced} ${text}` : text}\r\n`;
+  }
   const lines = (typeof text === 'string' ? [text] : text.length ? text : ['']).flatMap((t) =>
     // A plugin's text can never inject a reply line or a bare CR.
     String(t).split(/\r\n|\r|\n/),

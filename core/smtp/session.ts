@@ -81,7 +81,7 @@ export class SmtpSession implements SessionView {
   private socket: Duplex;
   private readonly reader = new SocketReader();
   private readonly runner: HookRunner;
-  private readonly log: Logger;
+  private logger: Logger | null = null;
   private readonly limits: Limits;
   private pending = '';
   private tx: Transaction | null = null;
@@ -105,9 +105,13 @@ export class SmtpSession implements SessionView {
     this.listener = { kind: listenerConfig.kind, name: listenerConfig.name ?? listenerConfig.kind };
     this.runner = gen.plugins.runner;
     this.limits = { ...gen.config.limits, ...listenerConfig.limits };
-    this.log = gen.log.child({ session: this.id });
     raw.setNoDelay(true);
     raw.on('error', () => undefined); // reported as the reader seeing the end
+  }
+
+  /** The session's child logger, made on first use (most sessions log only their summary line). */
+  private get log(): Logger {
+    return (this.logger ??= this.gen.log.child({ session: this.id }));
   }
 
   // ---------------------------------------------------------------- lifecycle
