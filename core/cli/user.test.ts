@@ -259,8 +259,9 @@ describe('petrel user, in process', () => {
     const empty = mkdtempSync(join(tmpdir(), 'petrel-cli-user-'));
     try {
       const where = await locateUsersFile({ cwd: empty });
-      assert.equal(where.usersFile, join(ROOT, 'config', 'users.json'));
-      assert.equal(where.enabled, false);
+      // The embedded default enables the users plugin with its file under var/.
+      assert.equal(where.usersFile, join(ROOT, 'var', 'users.json'));
+      assert.equal(where.enabled, true);
     } finally {
       rmSync(empty, { recursive: true, force: true });
     }

@@ -27,7 +27,7 @@ async function startCli(config: string, cwd: string, port: number): Promise<Chil
   const child = spawn(NODE, [CLI, 'start', '--config', config], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const deadline = Date.now() + 15_000;
+  const deadline = Date.now() + 30_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}: ${err}`);
     try {
@@ -36,7 +36,10 @@ async function startCli(config: string, cwd: string, port: number): Promise<Chil
       c.close();
       return child;
     } catch {
-      if (Date.now() > deadline) throw new Error(`server did not start: ${err}`);
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error(`server did not start: ${err}`);
+      }
       await new Promise((r) => setTimeout(r, 100));
     }
   }

@@ -1,0 +1,111 @@
+/**
+ * lmtp — delivery to an LMTP server (RFC 2033) such as Dovecot's: one transaction per message
+ * and route, a result per recipient from the server's own replies. See README.md.
+ */
+import { isAbsolute, resolve } from 'node:path';
+import { z } from 'zod';
+import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
+import { proceed, routeTo } from '../../core/hooks/verdict.js';
+import { Tokens } from '../../core/di/tokens.js';
+import { duration } from '../../core/config/schema.js';
+import type { RecipientResult } from '../../core/hooks/catalogue.js';
+import { localDomainMap, localDomainOf } from '../maildir/mailboxes.js';
+import { describeDestination, lmtpTransaction, type Destination, type LmtpReply } from './client.js';
+
+export const configSchema = z
+  .object({
+    /** TCP destination: host name or IP address, with `port`. */
+    host: z.string().min(1).optional(),
+    port: z.number().int().min(1).max(65535).optional(),
+    /** Unix socket destination (e.g. `/run/dovecot/lmtp`); relative to the config file's folder. */
+    socket: z.string().min(1).optional(),
+    /** Recipient domains delivered here; default: every one of the config's `localDomains`. */
+    domains: z
+      .array(
+        z
+          .string()
+          .min(1)
+          .transform((d) => d.toLowerCase()),
+      )
+      .optional(),
+    /** The name given in LHLO; default: the server's `hostname`. */
+    lhloName: z
+      .string()
+      .regex(/^(?:[A-Za-z0-9.-]+|\[[^\]\s]+\])$/, { message: 'expected a host name or an address literal' })
+      .optional(),
+    timeouts: z
+      .object({
+        connect: duration.default(10_000),
+        command: duration.default(60_000),
+        data: duration.default(60_000),
+        /** Per reply after the final dot: the server delivers before it answers. */
+        final: duration.default(600_000),
+      })
+      .strict()
+      .prefault({}),
+  })
+  .strict()
+  .refine((c) => (c.socket === undefined) !== (c.host === undefined && c.port === undefined), {
+    message: 'expected either host and port, or socket',
+  })
+  .refine((c) => c.socket !== undefined || (c.host !== undefined && c.port !== undefined), {
+    message: 'expected both host and port',
+  });
+
+export type LmtpConfig = z.output<typeof configSchema>;
+
+/** A recipient's result from its reply: 2xx delivered, 4xx deferred, 5xx failed. */
+function result(recipient: string, reply: LmtpReply, remote?: string): RecipientResult {
+  const status = reply.code < 300 ? 'delivered' : reply.code < 500 ? 'deferred' : 'failed';
+  const text = reply.lines.length === 1 ? reply.lines[0]! : reply.lines;
+  const { code, enhanced } = reply;
+  return { recipient, status, reply: remote ? { code, enhanced, text, remote } : { code, enhanced, text } };
+}
+
+export default definePlugin({
+  name: 'lmtp',
+  config: configSchema,
+  setup(api: PluginApi<LmtpConfig>) {
+    const { config, log } = api;
+    const destination: Destination =
+      config.socket !== undefined
+        ? { path: isAbsolute(config.socket) ? config.socket : resolve(api.baseDir, config.socket) }
+        : { host: config.host!, port: config.port! };
+    const where = describeDestination(destination);
+    const domains = localDomainMap(config.domains ?? api.resolve(Tokens.Config).localDomains);
+    const lhlo = config.lhloName ?? api.hostname;
+
+    return {
+      async route({ recipient }) {
+        if (!localDomainOf(recipient.address, domains)) return proceed();
+        return routeTo('lmtp', { key: `lmtp:${where}` });
+      },
+
+      async deliver({ route, recipients, message, signal }) {
+        if (route.transport !== 'lmtp') return { kind: 'proceed' };
+        const outcome = await lmtpTransaction({
+          destination,
+          lhlo,
+          timeouts: config.timeouts,
+          signal,
+          sender: message.sender,
+          mailParams: message.mailParams,
+          size: message.size,
+          recipients: recipients.map((r) => r.address),
+          content: () => message.stream(),
+        });
+        if (outcome.error)
+          log.warn({ queueId: message.id, lmtp: where, err: outcome.error }, 'LMTP transaction failed');
+        // Whoever nothing decided is tried again; the client sees generic text, the log the cause.
+        const undecided: LmtpReply = outcome.connected
+          ? { code: 451, enhanced: '4.4.2', lines: ['Connection to the LMTP server failed'] }
+          : { code: 451, enhanced: '4.4.1', lines: ['LMTP server not reachable'] };
+        const results = recipients.map((r, i) => {
+          const reply = outcome.replies[i];
+          return reply ? result(r.address.address, reply, where) : result(r.address.address, undecided);
+        });
+        return { kind: 'results', results };
+      },
+    };
+  },
+});

@@ -1,0 +1,218 @@
+/**
+ * maildir — local delivery: recipients in the local domains are written into Maildirs, one file
+ * per recipient and mailbox, with Return-Path and Delivered-To on top. See README.md.
+ */
+import { mkdirSync, chownSync } from 'node:fs';
+import { isAbsolute, join, resolve } from 'node:path';
+import { addAbortSignal } from 'node:stream';
+import { z } from 'zod';
+import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
+import { deny, proceed, routeTo } from '../../core/hooks/verdict.js';
+import { Tokens } from '../../core/di/tokens.js';
+import type { Address } from '../../core/message/address.js';
+import type {
+  DeliveryRecipient,
+  QueuedMessageView,
+  RecipientReply,
+  RecipientResult,
+} from '../../core/hooks/catalogue.js';
+import { Directory, type DirectoryService } from '../users/directory.js';
+import {
+  checkMailboxes,
+  directoryMailboxes,
+  isFolderTag,
+  localDomainMap,
+  localDomainOf,
+  ownMailbox,
+  routeKey,
+  type Mailbox,
+} from './mailboxes.js';
+import { deliveryKey, MailboxGoneError, MaildirStore, type MaildirTarget } from './store.js';
+
+const PLACEHOLDERS = ['{root}', '{domain}', '{user}'];
+
+const mode = z
+  .string()
+  .regex(/^0?[0-7]{3}$/, { message: 'expected an octal mode such as "0600"' })
+  .transform((s) => parseInt(s, 8));
+
+const id = z.number().int().min(0).max(0xfffffffe);
+
+export const configSchema = z
+  .object({
+    /** The folder that holds every mailbox; relative to the config file's folder. */
+    root: z.string().min(1).default('./var/mail'),
+    /** Where a mailbox's Maildir is. */
+    template: z
+      .string()
+      .default('{root}/{domain}/{user}/Maildir')
+      .refine((t) => t.includes('{user}'), { message: 'expected the template to contain {user}' })
+      .refine((t) => (t.match(/\{[^}]*\}/g) ?? []).every((p) => PLACEHOLDERS.includes(p)), {
+        message: `expected only the placeholders ${PLACEHOLDERS.join(', ')}`,
+      }),
+    /** Mode of message files, as an octal string. */
+    fileMode: mode.default(0o600),
+    /** Mode of folders the plugin creates, as an octal string. */
+    dirMode: mode.default(0o700),
+    /** Owner (uid, gid) of everything written; needs Petrel to run as root. */
+    uid: id.optional(),
+    gid: id.optional(),
+    /** Sub-addressed mail (`bob+lists@`) goes to the Maildir++ folder `.lists` of bob's mailbox. */
+    subaddressFolders: z.boolean().default(false),
+    /** Separates user and tag in a local part when there is no directory; empty: no sub-addressing. */
+    recipientDelimiter: z.string().max(1).default('+'),
+    /** Create a mailbox on its first message; when false, mail for a missing one fails (550 5.1.1). */
+    createMailboxes: z.boolean().default(true),
+  })
+  .strict();
+
+export type MaildirConfig = z.output<typeof configSchema>;
+
+function reply(code: number, enhanced: string, text: string): RecipientReply {
+  return { code, enhanced, text };
+}
+
+/** Return-Path and Delivered-To (RFC 5321 §4.4), CR and LF removed so no header can be injected. */
+function traceHeaders(sender: Address | null, recipient: Address): Buffer {
+  const clean = (s: string): string => s.replace(/[\r\n]/g, '');
+  return Buffer.from(
+    `Return-Path: <${clean(sender?.address ?? '')}>\r\nDelivered-To: ${clean(recipient.address)}\r\n`,
+  );
+}
+
+/** The trace headers, then the message; a stalled read ends when the hook's time is up. */
+async function* withHeaders(
+  headers: Buffer,
+  message: QueuedMessageView,
+  signal: AbortSignal,
+): AsyncIterable<Uint8Array> {
+  yield headers;
+  yield* addAbortSignal(signal, message.stream()) as AsyncIterable<Uint8Array>;
+}
+
+/**
+ * The result for an error: temporary unless the mailbox is gone. The text stays generic; the
+ * detail goes to the log.
+ */
+export function resultForError(recipient: string, err: unknown): RecipientResult {
+  if (err instanceof MailboxGoneError)
+    return { recipient, status: 'failed', reply: reply(550, '5.1.1', 'Mailbox unavailable') };
+  switch ((err as NodeJS.ErrnoException | null)?.code) {
+    case 'EDQUOT':
+      return { recipient, status: 'deferred', reply: reply(452, '4.2.2', 'Mailbox full') };
+    case 'ENOSPC':
+      return { recipient, status: 'deferred', reply: reply(452, '4.3.1', 'Insufficient system storage') };
+    default:
+      return { recipient, status: 'deferred', reply: reply(451, '4.3.0', 'Temporary local problem') };
+  }
+}
+
+function checkOwner(config: MaildirConfig): void {
+  const self = process.getuid?.();
+  if (config.uid === undefined || self === undefined || self === 0 || self === config.uid) return;
+  throw new Error(`uid ${config.uid} is set, but Petrel runs as uid ${self}: only root can give files away`);
+}
+
+export default definePlugin({
+  name: 'maildir',
+  config: configSchema,
+  setup(api: PluginApi<MaildirConfig>) {
+    const { config, log } = api;
+    checkOwner(config);
+    const root = resolve(api.baseDir, config.root);
+    // A root made here belongs to the mail owner; an existing one is left as the operator set it.
+    const made = mkdirSync(root, { recursive: true, mode: config.dirMode });
+    if (made && (config.uid !== undefined || config.gid !== undefined))
+      chownSync(root, config.uid ?? -1, config.gid ?? -1);
+    const domains = localDomainMap(api.resolve(Tokens.Config).localDomains);
+    const store = new MaildirStore(config);
+
+    /** The users directory when the users plugin is in this plugin set, else null. */
+    const directory = (): DirectoryService | null => {
+      try {
+        return api.resolve(Directory);
+      } catch {
+        return null;
+      }
+    };
+
+    const target = (m: Mailbox): MaildirTarget => {
+      // Replacer functions: a `$&` in a local part is text, not a replacement pattern.
+      let mailbox = config.template
+        .replaceAll('{root}', () => root)
+        .replaceAll('{domain}', () => m.domain)
+        .replaceAll('{user}', () => m.user);
+      if (!isAbsolute(mailbox)) mailbox = resolve(api.baseDir, mailbox);
+      const folder =
+        config.subaddressFolders && m.tag && isFolderTag(m.tag)
+          ? join(mailbox, `.${m.tag.toLowerCase()}`)
+          : mailbox;
+      return { mailbox, folder };
+    };
+
+    const deliverOne = async (
+      message: QueuedMessageView,
+      recipient: DeliveryRecipient,
+      mailboxes: readonly Mailbox[],
+      signal: AbortSignal,
+    ): Promise<RecipientResult> => {
+      const rcpt = recipient.address.address;
+      const key = deliveryKey(message.id, rcpt);
+      // A retry may follow an attempt that wrote some copies (a crash, or a later mailbox of an
+      // alias that failed): look for them first. A first attempt has nothing to find.
+      const lookFirst = recipient.maybeDelivered || recipient.attempts > 0;
+      const headers = traceHeaders(message.sender, recipient.address);
+      try {
+        for (const mailbox of mailboxes) {
+          const where = target(mailbox);
+          const earlier = lookFirst ? await store.findCopy(where, key) : null;
+          if (earlier) {
+            log.info({ queueId: message.id, rcpt, file: earlier }, 'already delivered, not writing again');
+            continue;
+          }
+          const file = await store.deliver(where, key, withHeaders(headers, message, signal), signal);
+          log.debug({ queueId: message.id, rcpt, file }, 'delivered');
+        }
+        return { recipient: rcpt, status: 'delivered', reply: reply(250, '2.0.0', 'Delivered') };
+      } catch (err) {
+        const result = resultForError(rcpt, err);
+        log.warn({ queueId: message.id, rcpt, err, status: result.status }, 'maildir delivery failed');
+        return result;
+      }
+    };
+
+    return {
+      async route({ recipient, message }) {
+        const domain = localDomainOf(recipient.address, domains);
+        if (!domain) return proceed();
+        const dir = directory();
+        let mailboxes: Mailbox[];
+        if (dir) {
+          const found = directoryMailboxes(await dir.resolve(recipient.address));
+          if (found.remote.length > 0) {
+            // A route sends a recipient to one transport: forwarding is not maildir's to do.
+            if (found.mailboxes.length === 0) return proceed();
+            log.warn(
+              { queueId: message.id, rcpt: recipient.address.address, remote: found.remote },
+              'alias targets outside the local domains are not delivered by maildir',
+            );
+          }
+          mailboxes = found.mailboxes;
+        } else {
+          const own = ownMailbox(recipient.address, domain, config.recipientDelimiter);
+          mailboxes = own ? [own] : [];
+        }
+        if (mailboxes.length === 0) return deny(550, '5.1.1', 'Mailbox unavailable');
+        return routeTo('maildir', { key: routeKey(mailboxes), data: { mailboxes } });
+      },
+
+      async deliver({ route, recipients, message, signal }) {
+        if (route.transport !== 'maildir') return { kind: 'proceed' };
+        const mailboxes = checkMailboxes(route.data.mailboxes);
+        const results: RecipientResult[] = [];
+        for (const r of recipients) results.push(await deliverOne(message, r, mailboxes, signal));
+        return { kind: 'results', results };
+      },
+    };
+  },
+});
