@@ -225,6 +225,17 @@ export interface DeferredContext extends DeliveredContext {
   /** When the queue will try again. */
   readonly nextAttemptAt: Date;
 }
+/** What the next hop accepts, as the transport learnt it (from EHLO/LHLO). */
+export interface PeerCapabilities {
+  readonly eightBitMime: boolean;
+  readonly smtputf8: boolean;
+}
+export interface TransformContext extends DeliveryBase {
+  readonly route: Route;
+  readonly peer: PeerCapabilities;
+  /** The message as it stands: the stored octets, or what earlier transforms made of them. */
+  readonly content: Readable;
+}
 export interface FailedContext extends DeliveredContext {
   /** Why it is final: the remote refused (`refused`), or the queue lifetime ran out (`expired`). */
   readonly reason: 'refused' | 'expired' | 'deleted';
@@ -262,6 +273,12 @@ export interface HookMap {
 
   /** Queue: which transport delivers this recipient. Nobody routing it defers it (and logs why). */
   route: (ctx: RouteContext) => Promise<RouteVerdict>;
+  /**
+   * Delivery: rewrites the message for the next hop (7-bit downgrade, then signing — in config
+   * order). A transport runs the chain once it knows the peer; each plugin returns the content
+   * it was given, or a stream made from it.
+   */
+  transform: (ctx: TransformContext) => Promise<Readable>;
   /** Queue: a transport delivers the recipients of one route, with a result for each. */
   deliver: (ctx: DeliverContext) => Promise<DeliveryOutcome>;
   /** Queue: a recipient was delivered. */
@@ -294,6 +311,7 @@ export const HOOK_NAMES: readonly HookName[] = [
   'disconnect',
   'unrecognized_command',
   'route',
+  'transform',
   'deliver',
   'delivered',
   'deferred',

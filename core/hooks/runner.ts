@@ -9,6 +9,7 @@ import type {
   RouteVerdict,
   VerdictHookName,
 } from './catalogue.js';
+import { Readable } from 'node:stream';
 import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
 
 export interface RegisteredHook<K extends HookName> {
@@ -183,6 +184,33 @@ export class HookRunner {
     }
     this.log.error({ transport: ctx.route.transport, ...where(ctx) }, 'no plugin delivers this transport');
     return { results: deferAll(`No transport "${ctx.route.transport}"`), plugin: null };
+  }
+
+  /**
+   * Runs the transform chain in config order, each plugin getting what the one before returned.
+   * A failure throws (the transport then defers the delivery): a half-transformed message must
+   * never be sent.
+   */
+  async transform(ctx: CallContext<'transform'>): Promise<Readable> {
+    let content = ctx.content;
+    for (const hook of this.table.transform) {
+      let result: unknown;
+      try {
+        result = await this.call('transform', hook, { ...ctx, content });
+      } catch (err) {
+        this.log.error({ plugin: hook.plugin, hook: 'transform', ...where(ctx), err }, 'hook failed');
+        throw err;
+      }
+      if (!(result instanceof Readable)) {
+        this.log.error(
+          { plugin: hook.plugin, hook: 'transform', ...where(ctx) },
+          'transform hook returned no stream',
+        );
+        throw new TypeError(`plugin ${hook.plugin}: transform must return a readable stream`);
+      }
+      content = result;
+    }
+    return content;
   }
 
   private async call<K extends HookName>(

@@ -34,6 +34,7 @@ export interface PluginHooks {
   /** Settles once every plugin of the set is set up: deliveries must wait for it. */
   readonly ready: Promise<void>;
   route: HookRunner['route'];
+  transform: HookRunner['transform'];
   deliver: HookRunner['deliver'];
   notify: HookRunner['notify'];
 }

@@ -247,6 +247,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const pluginHooks = {
     ready,
     route: runner.route.bind(runner),
+    transform: runner.transform.bind(runner),
     deliver: runner.deliver.bind(runner),
     notify: runner.notify.bind(runner),
   };

@@ -95,6 +95,7 @@ export async function setupPlugin<S extends z.ZodType>(
     hooks: {
       ready: Promise.resolve(),
       route: async () => ({ verdict: { kind: 'proceed' }, plugin: null }),
+      transform: async (ctx) => ctx.content,
       deliver: async () => ({ results: [], plugin: null }),
       notify: async () => undefined,
     },
