@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import type { DeliveryRecipient, PluginHooks, RecipientResult, Route } from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
 import { QueueStore, type Entry, type StoredEnvelope } from './store.js';
+import type { MessageSummary } from './api.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -87,17 +88,38 @@ export class QueueEngine {
     this.pump();
   }
 
-  /** Makes deferred recipients due now (all messages, or one). Returns how many messages. */
-  flush(id?: string): number {
+  /** Makes deferred recipients due now: one message, those with a recipient in a domain, or all. */
+  flush(target: string | { id?: string; domain?: string } = {}): number {
+    const { id, domain } = typeof target === 'string' ? { id: target, domain: undefined } : target;
     let n = 0;
     for (const e of this.store.entries.values()) {
       if (id && e.env.id !== id) continue;
+      if (domain && !e.env.recipients.some((r) => r.address.domain === domain.toLowerCase())) continue;
       for (const r of e.rcpts) if (r.status === 'deferred') r.nextAttemptAt = Date.now();
       this.ready.add(e.env.id);
       n++;
     }
     this.pump();
     return n;
+  }
+
+  /** A summary of one message for administration. */
+  summary(entry: Entry): MessageSummary {
+    return {
+      id: entry.env.id,
+      sender: entry.env.sender?.address ?? '',
+      receivedAt: new Date(entry.env.receivedAt),
+      size: entry.env.size,
+      held: false,
+      recipients: entry.rcpts.map((r, i) => ({
+        address: entry.env.recipients[i]!.address.address,
+        status: r.status,
+        attempts: r.attempts,
+        nextAttemptAt: r.status === 'pending' || r.status === 'deferred' ? new Date(r.nextAttemptAt) : null,
+        lastReply: r.lastReply ?? null,
+        lastAttemptAt: r.lastAttemptAt ? new Date(r.lastAttemptAt) : null,
+      })),
+    };
   }
 
   private pump(): void {

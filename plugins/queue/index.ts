@@ -3,6 +3,8 @@ import { accept, defer, definePlugin, deny, proceed, Tokens, z } from '../../cor
 import { formatHeaderField } from '../../core/message/headers.js';
 import { parseDuration } from '../../core/util/duration.js';
 import { QueueEngine } from './engine.js';
+import { Queue } from './api.js';
+import { newId } from '../../core/util/ids.js';
 import { parseSchedule } from './schedule.js';
 import type { StoredEnvelope } from './store.js';
 
@@ -64,7 +66,7 @@ export const queueConfig = z
 export default definePlugin({
   name: 'queue',
   config: queueConfig,
-  async setup({ config, log, resolve: resolveService, baseDir, hooks, onClose }) {
+  async setup({ config, log, resolve: resolveService, baseDir, hooks, onClose, provide }) {
     const core = resolveService(Tokens.Config);
     const dir = config.dir
       ? isAbsolute(config.dir)
@@ -80,6 +82,33 @@ export default definePlugin({
       hooks,
     });
     onClose(() => QueueEngine.release(engine));
+    provide(Queue, {
+      async submit(message) {
+        const id = newId();
+        await engine.accept(
+          {
+            id,
+            sender: message.sender,
+            mailParams: { smtputf8: false, ...message.mailParams },
+            recipients: message.recipients.map((r) => ({ address: r.address, params: r.params ?? {} })),
+            receivedAt: Date.now(),
+            size: message.content.length,
+          },
+          { inline: [message.content] },
+        );
+        log.info(
+          { queueId: id, from: message.sender?.address ?? '<>', rcpts: message.recipients.length },
+          'message submitted by a plugin',
+        );
+        return id;
+      },
+      list: () => [...engine.store.entries.values()].map((e) => engine.summary(e)),
+      get: (id) => {
+        const e = engine.store.entries.get(id);
+        return e ? engine.summary(e) : null;
+      },
+      flush: (target) => engine.flush(target),
+    });
 
     return {
       async data_post({ message }) {

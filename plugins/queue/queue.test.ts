@@ -27,6 +27,9 @@ import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { REQUIRE_PEERS } from '../../test/harness/peers.js';
 import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
+import { Queue } from './api.js';
+import { resolveToken } from '../../core/di/tokens.js';
+import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
 
 interface Delivery {
@@ -256,6 +259,38 @@ describe('the durable queue', () => {
       );
       await c.expect(/^554 5\.4\.6 /);
       c.close();
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the queue service', () => {
+  it('lets a plugin submit a message with the null sender, lists it, and delivers it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    let open = false;
+    const app = await start(dir, [testTransport(delivered, () => (open ? 'delivered' : 'deferred'))], {
+      retry: '1h',
+    });
+    try {
+      const queue = resolveToken(app.generation.container, Queue);
+      const id = await queue.submit({
+        sender: null,
+        recipients: [{ address: address('alice@crepes.test') }],
+        content: Buffer.from('Subject: Undelivered Mail\r\n\r\nreport\r\n'),
+      });
+      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
+      const listed = queue.list().find((m) => m.id === id)!;
+      assert.equal(listed.sender, '');
+      assert.equal(listed.recipients[0]!.lastReply?.text, 'busy');
+      assert.ok(listed.recipients[0]!.nextAttemptAt! > new Date(), 'says when it will try again');
+      open = true;
+      assert.equal(queue.flush({ domain: 'CREPES.test' }), 1);
+      await until(() => delivered.length === 1);
+      assert.equal(delivered[0]!.body, 'Subject: Undelivered Mail\r\n\r\nreport\r\n');
+      await until(() => queue.get(id) === null);
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });
