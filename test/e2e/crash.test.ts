@@ -2,25 +2,11 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SmtpClient } from '../harness/smtp-client.js';
-import { ROOT } from '../harness/server.js';
+import { CLI, freePort, NODE } from './cli.js';
 
-const NODE = process.execPath;
-const CLI = join(ROOT, 'dist', 'core', 'cli', 'main.js');
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-    s.once('error', reject);
-  });
-}
 
 /** Starts the real CLI and resolves once its port answers with a greeting. */
 async function startCli(config: string, cwd: string, port: number): Promise<ChildProcess> {
