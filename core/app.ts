@@ -79,10 +79,6 @@ export class Petrel {
   }
 
   /**
-   * Builds everything `start` would build from a config — TLS, services, every plugin with its
-   * schema and setup — without listening, and closes it again. Returns the plugin names.
-   */
-  /**
    * Checks a config the way `start` would, without side effects: certificates are read (unless
    * they are still to be generated), every plugin is found, loaded and its config validated by its
    * schema — but no plugin's `setup` runs and nothing is written. Returns the plugin names.
@@ -164,8 +160,9 @@ export class Petrel {
         ? validateConfig(config, '(inline config)', this.opts.cwd ?? process.cwd())
         : await Petrel.readConfig({ ...this.opts, configFile: this.opts.configFile ?? this.gen.file });
       next = await Petrel.build(loaded, this.opts, this.log, this.gen.metrics);
-      const before = JSON.stringify(this.gen.config.listeners);
-      if (JSON.stringify(next.config.listeners) !== before) {
+      const sockets = (c: typeof next.config): string =>
+        JSON.stringify(c.listeners.map((l) => [l.name, l.kind, l.address, l.port]));
+      if (sockets(next.config) !== sockets(this.gen.config)) {
         this.log.warn('listeners changed in the config; restart to apply them');
       }
     } catch (err) {

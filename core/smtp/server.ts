@@ -80,7 +80,7 @@ export class SmtpServer implements SessionHost {
   private accept(socket: Socket, bound: ListenerConfig): void {
     const gen = this.current();
     // Settings other than address and port follow a reload; the listener keeps its name.
-    const config = gen.config.listeners.find((l) => l.name === bound.name) ?? bound;
+    const config = gen.config.listeners.find((l) => l.name === bound.name && l.kind === bound.kind) ?? bound;
     const ip = socket.remoteAddress ?? '';
     const own = this.listenerCounts(config.name ?? '');
     socket.on('error', () => undefined);

@@ -748,20 +748,23 @@ export class SmtpSession implements SessionView {
       SNICallback: (name, cb) => cb(null, contexts.byName(name)),
     });
     const ok = await new Promise<boolean>((resolve) => {
-      const timer = setTimeout(() => resolve(false), this.gen.config.timeouts.command);
-      secure.once('secure', () => {
+      const done = (result: boolean): void => {
         clearTimeout(timer);
-        resolve(true);
-      });
-      secure.once('error', (err) => {
-        clearTimeout(timer);
+        secure.off('secure', onSecure);
+        secure.off('error', onError);
+        secure.off('close', onClose);
+        resolve(result);
+      };
+      const onSecure = (): void => done(true);
+      const onError = (err: Error): void => {
         this.log.info({ err: err.message }, 'TLS handshake failed');
-        resolve(false);
-      });
-      secure.once('close', () => {
-        clearTimeout(timer);
-        resolve(false);
-      });
+        done(false);
+      };
+      const onClose = (): void => done(false);
+      const timer = setTimeout(() => done(false), this.gen.config.timeouts.command);
+      secure.once('secure', onSecure);
+      secure.once('error', onError);
+      secure.once('close', onClose);
     });
     secure.on('error', () => undefined);
     this.socket = secure;

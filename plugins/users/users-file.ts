@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { z } from '../../core/index.js';
 import { parseAddressText, type AddressKey } from './addresses.js';
@@ -137,6 +137,7 @@ export async function writeUsersFile(file: string, data: UsersFileData): Promise
   const text = `${JSON.stringify(sorted, null, 2)}\n`;
   parseUsersFile(text, file); // never write a file the server would refuse
   const dir = dirname(file);
+  await mkdir(dir, { recursive: true, mode: 0o700 }); // the first user, before the server ever ran
   const tmp = join(dir, `.${basename(file)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
   const fh = await open(tmp, 'wx', 0o600);
   try {
