@@ -6,6 +6,7 @@ import { stringify } from 'yaml';
 import { Petrel } from '../app.js';
 import { ConfigError } from '../config/errors.js';
 import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
+import { runQueueCommand } from './queue.js';
 import { runUserCommand } from './user.js';
 
 const USAGE = `Usage: petrel <command> [options]
@@ -14,6 +15,7 @@ Commands:
   start [--config FILE]          run the server (SIGHUP reloads the config, SIGTERM stops it)
   config check [--config FILE]   validate the config and print the effective one
   user add|passwd|remove|list    manage the users plugin's users (petrel user --help)
+  queue list|show|flush|...      the running server's queue: why mail waits (petrel queue --help)
   help                           this text
 
 Without --config, Petrel looks in the working directory for petrel.config.{yaml,yml,json,ts,mjs},
@@ -81,7 +83,7 @@ async function start(configFile: string | undefined): Promise<void> {
   });
 }
 
-/** Validates the config and every plugin in it (schemas and setup, as `start` would), then prints it. */
+/** Validates the config and every plugin's config against its schema (no setup runs), then prints it. */
 async function configCheck(configFile: string | undefined): Promise<void> {
   const loaded = await loadConfig({ file: configFile });
   const plugins = await Petrel.check(loaded);
@@ -97,6 +99,7 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
 async function main(argv: string[]): Promise<number> {
   // `user` has options of its own; it parses its arguments itself.
   if (argv[0] === 'user') return runUserCommand(argv.slice(1));
+  if (argv[0] === 'queue') return runQueueCommand(argv.slice(1));
   let parsed;
   try {
     parsed = parseArgs({

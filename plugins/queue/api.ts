@@ -23,6 +23,8 @@ export interface RecipientSummary {
   readonly nextAttemptAt: Date | null;
   readonly lastReply: RecipientReply | null;
   readonly lastAttemptAt: Date | null;
+  /** The transport of the last attempt (`smtp`, `lmtp`, …); null before the first route. */
+  readonly transport: string | null;
 }
 
 export interface MessageSummary {
@@ -30,7 +32,10 @@ export interface MessageSummary {
   readonly sender: string;
   readonly receivedAt: Date;
   readonly size: number;
+  /** Held by the administrator: not attempted until released. */
   readonly held: boolean;
+  /** A delivery attempt is in progress right now. */
+  readonly attempting: boolean;
   readonly recipients: readonly RecipientSummary[];
 }
 
@@ -43,6 +48,23 @@ export interface QueueService {
   get(id: string): MessageSummary | null;
   /** Makes deferred recipients due now: one message, the messages with a recipient in `domain`, or all. */
   flush(target?: { id?: string; domain?: string }): number;
+  /**
+   * Holds a message: it is not attempted (nor flushed) until released. Recorded durably; an
+   * attempt in progress finishes. Resolves to the message, or null when no message has this id.
+   */
+  hold(id: string): Promise<MessageSummary | null>;
+  /** Releases a held message: it is attempted again on its schedule (flush it to try now). */
+  release(id: string): Promise<MessageSummary | null>;
+  /**
+   * Removes a message: its recipients not yet final fail with reason `deleted`, so that no
+   * bounce is sent. Waits for an attempt in progress. Resolves to the message as it ended.
+   */
+  delete(id: string): Promise<MessageSummary | null>;
+  /**
+   * Returns a message to its sender: its recipients not yet final fail now (reason `refused`,
+   * `550 5.0.0 Returned by the administrator`), so a bounce plugin sends a DSN.
+   */
+  bounce(id: string): Promise<MessageSummary | null>;
 }
 
 export const Queue = defineToken<QueueService>('queue.Queue');

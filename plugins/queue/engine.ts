@@ -1,8 +1,15 @@
 import type { Logger } from 'pino';
-import type { DeliveryRecipient, PluginHooks, RecipientResult, Route } from '../../core/index.js';
+import type {
+  DeliveryRecipient,
+  PluginHooks,
+  RecipientReply,
+  RecipientResult,
+  Route,
+} from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
 import { QueueStore, type Entry, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
+import { ControlServer } from './control.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -16,6 +23,10 @@ export interface EngineOptions {
 const COMPACT_EVERY = 60_000;
 const MAX_TIMER = 60_000;
 
+function replyText(text: string | readonly string[]): string {
+  return typeof text === 'string' ? text : text.join(' ');
+}
+
 /**
  * One queue directory's store and scheduler. A config reload sets the plugin up again while the
  * old set still serves sessions: both share this engine (by directory), and deliveries run
@@ -25,6 +36,8 @@ export class QueueEngine {
   private static readonly open = new Map<string, { engine: QueueEngine; users: number }>();
 
   private readonly ready = new Set<string>();
+  /** Messages with a delivery attempt in progress. */
+  private readonly attempting = new Set<string>();
   private active = 0;
   private timer: NodeJS.Timeout | null = null;
   private compactor: NodeJS.Timeout | null = null;
@@ -32,6 +45,11 @@ export class QueueEngine {
   /** False until the plugin set that delivers is complete (a transport may come after the queue). */
   private started = false;
   private idle: (() => void) | null = null;
+  /** Administrative changes waiting for a message's delivery attempt to end, per message id. */
+  private readonly waiting = new Map<string, (() => void)[]>();
+  /** Administrative changes in progress (closing waits for them). */
+  private readonly changes = new Set<Promise<unknown>>();
+  private control: ControlServer | null = null;
 
   private constructor(
     readonly store: QueueStore,
@@ -48,10 +66,18 @@ export class QueueEngine {
       });
       return known.engine;
     }
+    // Refuses a folder that another running server uses; removes a stale socket.
+    await ControlServer.claim(dir);
     const store = new QueueStore(dir, opts.segmentSize, opts.log);
     await store.open();
     const engine = new QueueEngine(store, opts);
     QueueEngine.open.set(dir, { engine, users: 1 });
+    try {
+      engine.control = await ControlServer.listen(dir, engine, opts.log);
+    } catch (err) {
+      // Mail still flows; only `petrel queue` cannot reach this server.
+      opts.log.error({ err, dir }, 'queue control socket unavailable; petrel queue cannot reach this server');
+    }
     opts.log.info(
       { dir, messages: store.entries.size, recoveredFromCrash: store.recoveredFromCrash },
       'queue opened',
@@ -88,19 +114,182 @@ export class QueueEngine {
     this.pump();
   }
 
-  /** Makes deferred recipients due now: one message, those with a recipient in a domain, or all. */
+  /**
+   * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
+   * Held messages are left alone. Returns how many messages were made due.
+   */
   flush(target: string | { id?: string; domain?: string } = {}): number {
-    const { id, domain } = typeof target === 'string' ? { id: target, domain: undefined } : target;
-    let n = 0;
+    return this.flushMessages(typeof target === 'string' ? { id: target } : target).flushed.length;
+  }
+
+  /** `flush`, saying which messages were made due and which matched but are held. */
+  flushMessages(target: { id?: string; domain?: string }): { flushed: string[]; held: string[] } {
+    const { id, domain } = target;
+    const flushed: string[] = [];
+    const held: string[] = [];
     for (const e of this.store.entries.values()) {
       if (id && e.env.id !== id) continue;
       if (domain && !e.env.recipients.some((r) => r.address.domain === domain.toLowerCase())) continue;
+      if (e.held) {
+        held.push(e.env.id);
+        continue;
+      }
       for (const r of e.rcpts) if (r.status === 'deferred') r.nextAttemptAt = Date.now();
       this.ready.add(e.env.id);
-      n++;
+      flushed.push(e.env.id);
     }
     this.pump();
-    return n;
+    return { flushed, held };
+  }
+
+  /** Every message not yet final, oldest first. */
+  list(): MessageSummary[] {
+    return [...this.store.entries.values()]
+      .sort((a, b) => a.env.receivedAt - b.env.receivedAt)
+      .map((e) => this.summary(e));
+  }
+
+  get(id: string): MessageSummary | null {
+    const e = this.store.entries.get(id);
+    return e ? this.summary(e) : null;
+  }
+
+  /** A message's header section as stored (up to `limit` characters), for `petrel queue show`. */
+  async headers(id: string, limit = 16_384): Promise<string> {
+    const entry = this.store.entries.get(id);
+    if (!entry) return '';
+    let text = '';
+    const stream = this.store.view(entry).stream();
+    try {
+      for await (const chunk of stream) {
+        text += (chunk as Buffer).toString('latin1');
+        const end = text.indexOf('\r\n\r\n');
+        if (end >= 0) return Buffer.from(text.slice(0, end + 2), 'latin1').toString('utf8');
+        if (text.length >= limit) break;
+      }
+    } catch {
+      return ''; // finished and removed meanwhile
+    } finally {
+      stream.destroy();
+    }
+    return Buffer.from(text.slice(0, limit), 'latin1').toString('utf8');
+  }
+
+  /**
+   * Holds a message (no attempts until it is released) or releases it, durably. An attempt in
+   * progress is not interrupted. Null when no message has this id.
+   */
+  async hold(id: string, held: boolean): Promise<MessageSummary | null> {
+    const entry = this.store.entries.get(id);
+    if (!entry) return null;
+    this.check();
+    if (entry.held !== held) {
+      await this.tracked(this.store.setHeld(entry, held));
+      this.opts.log.info({ queueId: id }, held ? 'message held by the administrator' : 'message released');
+    }
+    if (!held && this.store.entries.has(id)) {
+      this.ready.add(id);
+      this.pump();
+    }
+    return this.summary(entry);
+  }
+
+  /**
+   * Ends a message now: every recipient not yet final fails, durably, and the `failed` hooks run.
+   * `delete` drops it silently (reason `deleted`: a bounce plugin sends nothing); `bounce` fails
+   * it as refused, so that the sender is told. Waits for a delivery attempt in progress to end.
+   * Returns the message as it ended, or null when no message has this id.
+   */
+  async end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null> {
+    this.check();
+    return this.tracked(
+      this.exclusive(id, async (entry) => {
+        const { hooks, log } = this.opts;
+        const message = this.store.view(entry);
+        const before = entry.rcpts.map((r) => ({ ...r }));
+        const notices: (() => Promise<void>)[] = [];
+        const changed: number[] = [];
+        entry.rcpts.forEach((st, i) => {
+          if (st.status === 'delivered' || st.status === 'failed') return;
+          const recipient = this.recipient(entry, i);
+          const last = st.lastReply;
+          const why = last ? `; last error: ${last.code} ${last.enhanced} ${replyText(last.text)}` : '';
+          const reply: RecipientReply =
+            how === 'delete'
+              ? { code: 550, enhanced: '5.0.0', text: `Deleted by the administrator${why}` }
+              : { code: 550, enhanced: '5.0.0', text: `Returned by the administrator${why}` };
+          st.status = 'failed';
+          st.lastReply = reply;
+          st.maybeDelivered = false;
+          changed.push(i);
+          const result: RecipientResult = { recipient: recipient.address.address, status: 'failed', reply };
+          const route = st.route ?? null;
+          const reason = how === 'delete' ? 'deleted' : 'refused';
+          notices.push(() => hooks.notify('failed', { message, recipient, route, result, reason }));
+        });
+        const final = await this.store.update(entry, changed).catch((err: unknown) => {
+          // Not recorded: as it was, so that what the server says matches what is on disk.
+          before.forEach((r, i) => Object.assign(entry.rcpts[i]!, r));
+          throw err;
+        });
+        const summary = this.summary(entry);
+        log.info(
+          { queueId: id, recipients: changed.length },
+          how === 'delete' ? 'message deleted by the administrator' : 'message returned by the administrator',
+        );
+        for (const n of notices) await n();
+        if (final) await this.store.discard(entry);
+        return summary;
+      }),
+    );
+  }
+
+  /** Refuses changes once the queue is closing. */
+  private check(): void {
+    if (this.closing) throw new Error('the queue is shutting down');
+  }
+
+  private tracked<T>(p: Promise<T>): Promise<T> {
+    this.changes.add(p);
+    const done = (): void => void this.changes.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  /**
+   * Runs `fn` on a message while no delivery attempt is in progress and none can start: it
+   * waits for an attempt to end, then takes the message over (null when it is gone by then).
+   */
+  private async exclusive<T>(id: string, fn: (entry: Entry) => Promise<T>): Promise<T | null> {
+    const entry = this.store.entries.get(id);
+    if (!entry) return null;
+    if (entry.busy) {
+      // The attempt (or change) in progress hands the message over when it ends.
+      await new Promise<void>((resolve) => {
+        const queue = this.waiting.get(id) ?? [];
+        queue.push(resolve);
+        this.waiting.set(id, queue);
+      });
+    } else {
+      entry.busy = true;
+    }
+    try {
+      if (this.store.entries.get(id) !== entry) return null;
+      return await fn(entry);
+    } finally {
+      this.unlock(entry);
+      if (this.store.entries.has(id)) this.ready.add(id);
+      this.pump();
+    }
+  }
+
+  /** Ends a message's busy time, or hands it to the next administrative change waiting for it. */
+  private unlock(entry: Entry): void {
+    const queue = this.waiting.get(entry.env.id);
+    const next = queue?.shift();
+    if (queue && queue.length === 0) this.waiting.delete(entry.env.id);
+    if (next) next();
+    else entry.busy = false;
   }
 
   /** A summary of one message for administration. */
@@ -110,11 +299,13 @@ export class QueueEngine {
       sender: entry.env.sender?.address ?? '',
       receivedAt: new Date(entry.env.receivedAt),
       size: entry.env.size,
-      held: false,
+      held: entry.held,
+      attempting: this.attempting.has(entry.env.id),
       recipients: entry.rcpts.map((r, i) => ({
         address: entry.env.recipients[i]!.address.address,
         status: r.status,
         attempts: r.attempts,
+        transport: r.route?.transport ?? null,
         nextAttemptAt: r.status === 'pending' || r.status === 'deferred' ? new Date(r.nextAttemptAt) : null,
         lastReply: r.lastReply ?? null,
         lastAttemptAt: r.lastAttemptAt ? new Date(r.lastAttemptAt) : null,
@@ -127,11 +318,13 @@ export class QueueEngine {
       const id = this.ready.values().next().value as string;
       this.ready.delete(id);
       const entry = this.store.entries.get(id);
-      if (!entry || entry.busy) continue;
+      if (!entry || entry.busy || entry.held) continue;
       this.active++;
       entry.busy = true;
+      this.attempting.add(id);
       void this.attempt(entry).finally(() => {
-        entry.busy = false;
+        this.attempting.delete(id);
+        this.unlock(entry);
         this.active--;
         if (this.closing && this.active === 0) this.idle?.();
         this.arm();
@@ -146,7 +339,7 @@ export class QueueEngine {
     if (this.closing) return;
     let next = Infinity;
     for (const e of this.store.entries.values()) {
-      if (e.busy || this.ready.has(e.env.id)) continue;
+      if (e.busy || e.held || this.ready.has(e.env.id)) continue;
       for (const r of e.rcpts) {
         if ((r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt < next)
           next = r.nextAttemptAt;
@@ -161,6 +354,7 @@ export class QueueEngine {
       const now = Date.now();
       for (const e of this.store.entries.values()) {
         if (
+          !e.held &&
           e.rcpts.some((r) => (r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt <= now)
         ) {
           this.ready.add(e.env.id);
@@ -281,25 +475,33 @@ export class QueueEngine {
         'delivery attempt',
       );
     }
+    let final = false;
     try {
-      await this.store.update(entry, [...results.keys()]);
+      final = await this.store.update(entry, [...results.keys()]);
     } catch (err) {
       // The outcome is known in memory; after a restart the recipient may be tried again (at least once).
       log.error({ err, queueId: entry.env.id }, 'could not record delivery state');
     }
     for (const n of notices) await n();
+    // The files go only now: the hooks above (a bounce quoting the message) may read it.
+    if (final) await this.store.discard(entry);
   }
 
   private async close(): Promise<void> {
     this.closing = true;
+    await this.control?.close();
     if (this.timer) clearTimeout(this.timer);
     if (this.compactor) clearInterval(this.compactor);
+    const bound = (p: Promise<unknown>): Promise<unknown> =>
+      Promise.race([p, new Promise((resolve) => setTimeout(resolve, 30_000).unref())]);
     if (this.active > 0) {
-      await new Promise<void>((resolve) => {
-        this.idle = resolve;
-        setTimeout(resolve, 30_000).unref();
-      });
+      await bound(
+        new Promise<void>((resolve) => {
+          this.idle = resolve;
+        }),
+      );
     }
+    await bound(Promise.allSettled([...this.changes]));
     await this.store.close();
   }
 }

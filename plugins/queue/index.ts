@@ -102,12 +102,13 @@ export default definePlugin({
         );
         return id;
       },
-      list: () => [...engine.store.entries.values()].map((e) => engine.summary(e)),
-      get: (id) => {
-        const e = engine.store.entries.get(id);
-        return e ? engine.summary(e) : null;
-      },
+      list: () => engine.list(),
+      get: (id) => engine.get(id),
       flush: (target) => engine.flush(target),
+      hold: (id) => engine.hold(id, true),
+      release: (id) => engine.hold(id, false),
+      delete: (id) => engine.end(id, 'delete'),
+      bounce: (id) => engine.end(id, 'bounce'),
     });
 
     return {

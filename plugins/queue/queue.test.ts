@@ -298,6 +298,121 @@ describe('the queue service', () => {
   });
 });
 
+describe('queue administration', () => {
+  /** Reads the whole message in the failed hook, as a bounce quoting it would. */
+  function reader(into: string[]) {
+    return definePlugin({
+      name: 'test-reader',
+      setup: () => ({
+        failed: async ({ message, recipient }) => {
+          const chunks: Buffer[] = [];
+          for await (const c of message.stream()) chunks.push(c as Buffer);
+          into.push(`${recipient.address.address} read ${Buffer.concat(chunks).length}`);
+        },
+      }),
+    });
+  }
+
+  it('holds, releases, deletes and bounces through the service; the failed hooks can read the message', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const seen: string[] = [];
+    const read: string[] = [];
+    let open = false;
+    const gate = (): DeliveryStatus => (open ? 'delivered' : 'deferred');
+    const app = await start(dir, [testTransport(delivered, gate), notices(seen), reader(read)], {
+      retry: '1h...',
+      inlineLimit: 1000,
+    });
+    try {
+      const queue = resolveToken(app.generation.container, Queue);
+      const big = `Subject: big\r\n\r\n${('z'.repeat(78) + '\r\n').repeat(100)}`;
+      const m1 = await send(app.port(), ['one@h.test'], big);
+      const m2 = await send(app.port(), ['two@h.test']);
+      const m3 = await send(app.port(), ['three@h.test']);
+      const attempts = (id: string): number => queue.get(id)?.recipients[0]?.attempts ?? -1;
+      await until(() => [m1, m2, m3].every((id) => attempts(id) === 1));
+
+      const held = await queue.hold(m3);
+      assert.equal(held?.held, true);
+      assert.equal(queue.get(m3)?.held, true);
+      assert.equal(queue.flush(), 2, 'a held message is not flushed');
+      await until(() => attempts(m1) === 2 && attempts(m2) === 2);
+      assert.equal(attempts(m3), 1, 'nor attempted');
+
+      const deleted = await queue.delete(m1);
+      assert.equal(deleted?.recipients[0]?.status, 'failed');
+      assert.match(
+        String(deleted?.recipients[0]?.lastReply?.text),
+        /^Deleted by the administrator; last error: 451 /,
+      );
+      assert.ok(seen.includes('failed one@h.test deleted 5.0.0'), seen.join('\n'));
+      assert.equal(queue.get(m1), null);
+      const size = Number(/read (\d+)/.exec(read.find((r) => r.startsWith('one@h.test')) ?? '')?.[1]);
+      assert.ok(size > big.length, `the failed hook read the whole stored message (${size})`);
+      await until(() => readdirSync(join(dir, 'spool', 'queue', 'blobs')).length === 0);
+
+      const bounced = await queue.bounce(m2);
+      assert.equal(bounced?.recipients[0]?.lastReply?.code, 550);
+      assert.match(String(bounced?.recipients[0]?.lastReply?.text), /^Returned by the administrator/);
+      assert.ok(seen.includes('failed two@h.test refused 5.0.0'), seen.join('\n'));
+      assert.equal(queue.get(m2), null);
+
+      assert.equal(await queue.delete('NOSUCH'), null);
+      assert.equal(await queue.hold('NOSUCH'), null);
+
+      open = true;
+      assert.equal((await queue.release(m3))?.held, false);
+      assert.equal(queue.flush({ id: m3 }), 1);
+      await until(() => queue.get(m3) === null);
+      assert.deepEqual(
+        delivered.map((d) => d.rcpt),
+        ['three@h.test'],
+      );
+      assert.equal(queue.list().length, 0);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('keeps a hold across restarts and across the compaction of the segment that recorded it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    let open = false;
+    const gate = (): DeliveryStatus => (open ? 'delivered' : 'deferred');
+    const queueDir = join(dir, 'spool', 'queue');
+    let app = await start(dir, [testTransport(delivered, gate)], { retry: '1h...' });
+    try {
+      let queue = resolveToken(app.generation.container, Queue);
+      const id = await send(app.port(), ['held@h.test']);
+      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
+      await queue.hold(id);
+      await app.stop(1000);
+
+      app = await start(dir, [testTransport(delivered, gate)], { retry: '1h...' });
+      const segments = (): string[] => readdirSync(join(queueDir, 'journal')).sort();
+      const first = segments()[0]!;
+      await QueueEngine.get(queueDir)!.store.compact();
+      assert.ok(!segments().includes(first), 'the segment with the Hold record was compacted away');
+      await app.stop(1000);
+
+      open = true;
+      app = await start(dir, [testTransport(delivered, gate)], { retry: '1h...' });
+      queue = resolveToken(app.generation.container, Queue);
+      assert.equal(queue.get(id)?.held, true);
+      assert.equal(queue.flush(), 0);
+      await queue.release(id);
+      assert.equal(queue.flush({ id }), 1);
+      await until(() => delivered.length === 1);
+      assert.equal(delivered[0]!.id, id);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('the journal', () => {
   it('cuts off a torn record at the end and keeps everything before it', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));

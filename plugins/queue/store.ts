@@ -13,7 +13,7 @@ import type {
 import type { Address } from '../../core/index.js';
 import { Journal, syncDir, type RecordRef } from './journal.js';
 
-export const RecordType = { Message: 1, State: 2 } as const;
+export const RecordType = { Message: 1, State: 2, Hold: 3 } as const;
 
 /** The envelope as stored in a Message record. */
 export interface StoredEnvelope {
@@ -61,7 +61,10 @@ export interface Entry {
   readonly rcpts: RecipientState[];
   /** Segments holding records about this message: they stay until it is final. */
   readonly segments: Set<number>;
+  /** A delivery attempt or an administrative change is in progress. */
   busy: boolean;
+  /** Held by the administrator: never attempted until released. */
+  held: boolean;
 }
 
 const CLEAN = 'clean-shutdown';
@@ -150,6 +153,7 @@ export class QueueStore {
         })),
         segments: new Set(),
         busy: false,
+        held: false,
       };
       // A relocated copy replaces the old location; the state carries over.
       entry.location = env.blob ? null : ref;
@@ -163,6 +167,12 @@ export class QueueStore {
       this.applyUpdates(entry, u);
       this.ref(entry, ref.segment);
       if (this.isFinal(entry)) this.forget(entry);
+    } else if (type === RecordType.Hold) {
+      const { id, held } = JSON.parse(payload.toString('utf8')) as { id: string; held: boolean };
+      const entry = this.entries.get(id);
+      if (!entry) return;
+      entry.held = held;
+      this.ref(entry, ref.segment);
     }
   }
 
@@ -182,19 +192,14 @@ export class QueueStore {
     return entry.rcpts.every((r) => r.status === 'delivered' || r.status === 'failed');
   }
 
-  /** Drops a final entry; segments no longer referenced are removed (after the caller's write). */
-  private forget(entry: Entry): number[] {
+  /** Drops a final entry and its claim on segments (`discard` removes the files). */
+  private forget(entry: Entry): void {
     this.entries.delete(entry.env.id);
-    const free: number[] = [];
     for (const seg of entry.segments) {
       const n = (this.segmentRefs.get(seg) ?? 1) - 1;
       if (n > 0) this.segmentRefs.set(seg, n);
-      else {
-        this.segmentRefs.delete(seg);
-        free.push(seg);
-      }
+      else this.segmentRefs.delete(seg);
     }
-    return free;
   }
 
   /**
@@ -232,14 +237,20 @@ export class QueueStore {
       })),
       segments: new Set(),
       busy: false,
+      held: false,
     };
     this.entries.set(env.id, entry);
     this.ref(entry, ref.segment);
     return entry;
   }
 
-  /** Records new recipient states durably; a final message is forgotten and its space freed. */
-  async update(entry: Entry, indices: readonly number[]): Promise<void> {
+  /**
+   * Records new recipient states durably. A message whose recipients are now all final is
+   * forgotten (true is returned); its files stay until `discard`, so that the hooks told about
+   * the outcome can still read it. A crash in between leaves nothing behind: at start, segments
+   * and blobs of final messages are removed.
+   */
+  async update(entry: Entry, indices: readonly number[]): Promise<boolean> {
     const u: StateUpdate[] = indices.map((i) => {
       const r = entry.rcpts[i]!;
       return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
@@ -247,12 +258,29 @@ export class QueueStore {
     const ref = await this.journal.append(RecordType.State, [
       Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
     ]);
-    if (!this.entries.has(entry.env.id)) return;
+    if (this.entries.get(entry.env.id) !== entry) return false;
     this.ref(entry, ref.segment);
-    if (this.isFinal(entry)) {
-      const free = this.forget(entry);
-      if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
-      for (const seg of free) if (seg !== this.journal.currentSegment) await this.journal.removeSegment(seg);
+    if (!this.isFinal(entry)) return false;
+    this.forget(entry);
+    return true;
+  }
+
+  /** Records that a message is held, or no longer held, durably. */
+  async setHeld(entry: Entry, held: boolean): Promise<void> {
+    const ref = await this.journal.append(RecordType.Hold, [
+      Buffer.from(JSON.stringify({ id: entry.env.id, held }), 'utf8'),
+    ]);
+    entry.held = held;
+    if (this.entries.get(entry.env.id) === entry) this.ref(entry, ref.segment);
+  }
+
+  /** Removes the files of a message `update` forgot: its blob, and segments nothing else uses. */
+  async discard(entry: Entry): Promise<void> {
+    if (this.entries.get(entry.env.id) === entry) return;
+    if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
+    for (const seg of entry.segments) {
+      if (!this.segmentRefs.has(seg) && seg !== this.journal.currentSegment)
+        await this.journal.removeSegment(seg);
     }
   }
 
@@ -285,6 +313,12 @@ export class QueueStore {
         const st = await this.journal.append(RecordType.State, [
           Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
         ]);
+        // The hold must outlive the segment its record was in.
+        const hold = entry.held
+          ? await this.journal.append(RecordType.Hold, [
+              Buffer.from(JSON.stringify({ id: entry.env.id, held: true }), 'utf8'),
+            ])
+          : null;
         if (!entry.env.blob) {
           entry.location = copy;
           entry.skip = 4 + envJson.length;
@@ -297,6 +331,7 @@ export class QueueStore {
         entry.segments.clear();
         this.ref(entry, copy.segment);
         this.ref(entry, st.segment);
+        if (hold) this.ref(entry, hold.segment);
       }
       if (!this.segmentRefs.get(seg)) await this.journal.removeSegment(seg);
     }

@@ -1,0 +1,407 @@
+import { createConnection } from 'node:net';
+import { isAbsolute, join, resolve } from 'node:path';
+import type { Writable } from 'node:stream';
+import { parseArgs } from 'node:util';
+import { zodToConfigError } from '../config/errors.js';
+import { loadConfig } from '../config/load.js';
+import { queueConfig } from '../../plugins/queue/index.js';
+import {
+  CONTROL_SOCKET,
+  type ControlRequest,
+  type ControlResponse,
+  type WireMessage,
+  type WireRecipient,
+} from '../../plugins/queue/control.js';
+
+export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--json]
+
+Commands:
+  list                        every message waiting, and why: per recipient its status,
+                              attempts, next attempt and the last reply (and who gave it)
+  show <id>                   one message, with its header
+  flush [<id> | --domain D]   try deferred recipients now: all messages, one, or those
+                              with a recipient in domain D
+  hold <id>                   no delivery attempts until it is released
+  release <id>                attempts resume on schedule (flush it to try at once)
+  delete <id>                 remove it; its recipients fail without a bounce
+  bounce <id>                 fail it now and return it to its sender (a bounce plugin
+                              sends the delivery status notification)
+
+Options:
+  --config FILE   the config the server runs with (found as petrel start finds it)
+  --json          print the server's answer as JSON
+
+The command talks to the running server through control.sock in the queue folder (the "queue"
+plugin entry's dir, default <spool.dir>/queue), which only the server's user (and root) may
+open. Exit status: 0 done, 1 no such message (or it is held), 64 bad usage, 69 no server
+running, 70 the server failed, 75 no answer in time, 77 no permission, 78 bad config.`;
+
+/** Where the command writes; the real process's streams by default. */
+export interface QueueCommandIo {
+  readonly stdout: Writable;
+  readonly stderr: Writable;
+  readonly cwd: string;
+  /** How long to wait for the server's answer (delete and bounce wait for an attempt in progress). */
+  readonly timeoutMs: number;
+}
+
+class UsageError extends Error {}
+class CommandError extends Error {
+  constructor(
+    readonly code: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The queue folder a config uses. */
+export interface QueueLocation {
+  readonly dir: string;
+  readonly configFile: string;
+}
+
+/**
+ * Finds the queue folder from a config's `queue` plugin entry (its `dir`, relative to the config
+ * file's folder; by default `<spool.dir>/queue`), as the plugin itself does.
+ */
+export async function locateQueueDir(opts: { configFile?: string; cwd: string }): Promise<QueueLocation> {
+  const loaded = await loadConfig({ file: opts.configFile, cwd: opts.cwd });
+  for (const [i, entry] of loaded.config.plugins.entries()) {
+    const name = typeof entry === 'string' ? entry : entry.name;
+    if (name !== 'queue') continue;
+    if (typeof entry !== 'string' && !entry.enabled) break;
+    const raw = typeof entry === 'string' ? {} : (entry.config ?? {});
+    const parsed = queueConfig.safeParse(raw);
+    if (!parsed.success) throw zodToConfigError(loaded.file, parsed.error, `plugins[${i}] (queue).config`);
+    const { dir } = parsed.data;
+    return {
+      dir: dir
+        ? isAbsolute(dir)
+          ? dir
+          : resolve(loaded.baseDir, dir)
+        : join(loaded.config.spool.dir, 'queue'),
+      configFile: loaded.file,
+    };
+  }
+  throw new CommandError(78, `${loaded.file} does not enable the queue plugin: there is no queue to look at`);
+}
+
+/** Sends one request over the control socket and reads its one-line answer. */
+export function request(
+  socketPath: string,
+  req: ControlRequest,
+  timeoutMs: number,
+): Promise<ControlResponse> {
+  const hint =
+    'Start it with `petrel start` (`npm start` in the project), or pass the --config it runs with.';
+  return new Promise((resolvePromise, reject) => {
+    const socket = createConnection(socketPath);
+    let buffer = '';
+    let settled = false;
+    const finish = (err: Error | null, res?: ControlResponse): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      socket.destroy();
+      if (err) reject(err);
+      else resolvePromise(res!);
+    };
+    const timer = setTimeout(
+      () =>
+        finish(
+          new CommandError(
+            75,
+            `the server did not answer within ${Math.round(timeoutMs / 1000)} s on ${socketPath}`,
+          ),
+        ),
+      timeoutMs,
+    );
+    socket.setEncoding('utf8');
+    socket.once('connect', () => socket.write(`${JSON.stringify(req)}\n`));
+    socket.on('data', (chunk: string) => {
+      buffer += chunk;
+      const nl = buffer.indexOf('\n');
+      if (nl < 0) return;
+      try {
+        finish(null, JSON.parse(buffer.slice(0, nl)) as ControlResponse);
+      } catch {
+        finish(new CommandError(1, `the server sent an answer that is not JSON: ${buffer.slice(0, 200)}`));
+      }
+    });
+    socket.once('end', () =>
+      finish(new CommandError(69, 'the server closed the connection without an answer (is it stopping?)')),
+    );
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      switch (err.code) {
+        case 'ENOENT':
+          return finish(
+            new CommandError(
+              69,
+              `no Petrel server is running for this queue: there is no control socket at ${socketPath}.\n${hint}`,
+            ),
+          );
+        case 'ECONNREFUSED':
+          return finish(
+            new CommandError(
+              69,
+              `no Petrel server is running for this queue: nothing answers on ${socketPath} (left by a server that stopped abruptly).\n${hint}`,
+            ),
+          );
+        case 'EACCES':
+        case 'EPERM':
+          return finish(
+            new CommandError(
+              77,
+              `permission denied on ${socketPath}: run petrel queue as the user the server runs as, or as root`,
+            ),
+          );
+        default:
+          return finish(new CommandError(69, `cannot reach the server on ${socketPath}: ${err.message}`));
+      }
+    });
+  });
+}
+
+/**
+ * `petrel queue list|show|flush|hold|release|delete|bounce`. Returns the exit code (see
+ * QUEUE_USAGE). A bad config throws ConfigError.
+ */
+export async function runQueueCommand(
+  argv: readonly string[],
+  io?: Partial<QueueCommandIo>,
+): Promise<number> {
+  const full: QueueCommandIo = {
+    stdout: io?.stdout ?? process.stdout,
+    stderr: io?.stderr ?? process.stderr,
+    cwd: io?.cwd ?? process.cwd(),
+    timeoutMs: io?.timeoutMs ?? 60_000,
+  };
+  try {
+    return await queueCommand(argv, full);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      full.stderr.write(`petrel queue: ${err.message}\n\n${QUEUE_USAGE}\n`);
+      return 64;
+    }
+    if (err instanceof CommandError) {
+      full.stderr.write(`petrel queue: ${err.message}\n`);
+      return err.code;
+    }
+    throw err;
+  }
+}
+
+const NEEDS_ID = new Set(['show', 'hold', 'release', 'delete', 'bounce']);
+
+async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: [...argv],
+      allowPositionals: true,
+      options: {
+        config: { type: 'string', short: 'c' },
+        domain: { type: 'string', short: 'd' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout.write(`${QUEUE_USAGE}\n`);
+    return 0;
+  }
+  const [sub, id, ...extra] = positionals;
+  if (!sub) throw new UsageError('missing command');
+  if (sub !== 'list' && sub !== 'flush' && !NEEDS_ID.has(sub))
+    throw new UsageError(`unknown command "${sub}"`);
+  if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}"`);
+  if (NEEDS_ID.has(sub) && !id) throw new UsageError(`${sub} needs a queue id (see petrel queue list)`);
+  if (sub === 'list' && id) throw new UsageError('list takes no id (petrel queue show <id> shows one)');
+  if (values.domain !== undefined && sub !== 'flush') throw new UsageError('--domain is only for flush');
+  if (values.domain !== undefined && id) throw new UsageError('flush takes an id or --domain, not both');
+  if (values.domain === '') throw new UsageError('--domain needs a domain');
+
+  const where = await locateQueueDir({ configFile: values.config, cwd: io.cwd });
+  const req = {
+    op: sub,
+    ...(id ? { id } : {}),
+    ...(values.domain ? { domain: values.domain } : {}),
+  } as ControlRequest;
+  const res = await request(join(where.dir, CONTROL_SOCKET), req, io.timeoutMs);
+  if (!res.ok) {
+    throw new CommandError(res.error === 'not-found' || res.error === 'held' ? 1 : 70, res.message);
+  }
+  if (values.json) {
+    io.stdout.write(`${JSON.stringify(res, null, 2)}\n`);
+    return 0;
+  }
+  const now = new Date(res.now);
+  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+  switch (res.op) {
+    case 'list': {
+      if (res.messages.length === 0) {
+        out(`The queue is empty (${where.dir}).`);
+        return 0;
+      }
+      const waiting = res.messages.reduce(
+        (n, m) => n + m.recipients.filter((r) => r.status === 'pending' || r.status === 'deferred').length,
+        0,
+      );
+      out(
+        `${plural(res.messages.length, 'message')} in the queue, ${plural(waiting, 'recipient')} waiting (${where.dir})`,
+      );
+      for (const m of res.messages) out(`\n${describeMessage(m, now)}`);
+      return 0;
+    }
+    case 'show':
+      out(describeMessage(res.message, now, true));
+      if (res.headers) out(`\n  header:\n${indent(res.headers.replace(/\r?\n$/, ''), '    ')}`);
+      return 0;
+    case 'flush': {
+      const scope = id ? '' : values.domain ? ` with a recipient in ${values.domain}` : '';
+      if (res.flushed.length === 0 && res.held.length === 0) out(`No message${scope} to flush.`);
+      else if (id)
+        out(`Flushed ${id}: its deferred recipients are being tried now (petrel queue show ${id}).`);
+      else if (res.flushed.length)
+        out(
+          `Flushed ${plural(res.flushed.length, 'message')}${scope}: deferred recipients are being tried now.`,
+        );
+      if (res.held.length)
+        out(
+          `Left ${plural(res.held.length, 'held message')} alone: ${res.held.join(', ')} (petrel queue release <id> first).`,
+        );
+      return 0;
+    }
+    case 'hold':
+      out(`Held ${res.message.id}: no delivery attempts until petrel queue release ${res.message.id}.`);
+      if (res.message.attempting) out('A delivery attempt already in progress is finishing.');
+      return 0;
+    case 'release': {
+      const next = res.message.recipients
+        .map((r) => (r.nextAttemptAt ? Date.parse(r.nextAttemptAt) : Infinity))
+        .reduce((a, b) => Math.min(a, b), Infinity);
+      const when =
+        next === Infinity
+          ? ''
+          : next <= now.getTime()
+            ? ': it is due now'
+            : `: next attempt ${at(next, now)}`;
+      out(`Released ${res.message.id}${when}; petrel queue flush ${res.message.id} tries at once.`);
+      return 0;
+    }
+    case 'delete': {
+      const n = ended(res.message, 'Deleted by the administrator');
+      out(`Deleted ${res.message.id}: ${plural(n, 'recipient')} dropped; the sender is not told.`);
+      return 0;
+    }
+    case 'bounce': {
+      const n = ended(res.message, 'Returned by the administrator');
+      const to = res.message.sender
+        ? `a bounce plugin returns it to <${res.message.sender}>`
+        : 'it has the null sender, so there is nobody to return it to';
+      out(`Returned ${res.message.id}: ${plural(n, 'recipient')} failed with 550 5.0.0; ${to}.`);
+      return 0;
+    }
+  }
+}
+
+/** How many recipients an administrator's delete or bounce just failed. */
+function ended(m: WireMessage, text: string): number {
+  return m.recipients.filter((r) => r.status === 'failed' && replyText(r.lastReply?.text).startsWith(text))
+    .length;
+}
+
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
+function indent(text: string, pad: string): string {
+  return text
+    .split(/\r?\n/)
+    .map((l) => pad + l)
+    .join('\n');
+}
+
+function replyText(text: string | readonly string[] | undefined): string {
+  if (text === undefined) return '';
+  return typeof text === 'string' ? text : text.join(' ');
+}
+
+/** `2025-06-01 10:02:03` in local time. */
+function clock(ms: number): string {
+  const d = new Date(ms);
+  const p = (n: number): string => String(n).padStart(2, '0');
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
+/** `45s`, `12m`, `3h 5m`, `2d 4h`. */
+export function span(ms: number): string {
+  const s = Math.round(Math.abs(ms) / 1000);
+  if (s < 60) return `${s}s`;
+  const m = Math.round(s / 60);
+  if (m < 60) return `${m}m`;
+  const h = Math.floor(m / 60);
+  if (h < 24) return m % 60 ? `${h}h ${m % 60}m` : `${h}h`;
+  const d = Math.floor(h / 24);
+  return h % 24 ? `${d}d ${h % 24}h` : `${d}d`;
+}
+
+/** An absolute time and how far it is from now: `2025-06-01 10:02:03 (in 12m)` or `(5m ago)`. */
+function at(ms: number, now: Date): string {
+  const diff = ms - now.getTime();
+  const rel =
+    Math.abs(diff) < 1000
+      ? diff > 0
+        ? 'in 1s'
+        : 'just now'
+      : diff > 0
+        ? `in ${span(diff)}`
+        : `${span(diff)} ago`;
+  return `${clock(ms)} (${rel})`;
+}
+
+function size(n: number): string {
+  if (n < 1000) return `${n} bytes`;
+  if (n < 1_000_000) return `${(n / 1000).toFixed(1)} kB`;
+  return `${(n / 1_000_000).toFixed(1)} MB`;
+}
+
+/** One message as a block of text that says why it is still in the queue. */
+export function describeMessage(m: WireMessage, now: Date, detail = false): string {
+  const lines = [`${m.id}  ${size(m.size)}  arrived ${at(Date.parse(m.receivedAt), now)}`];
+  lines.push(`  from:  <${m.sender}>`);
+  if (m.held) lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
+  if (m.attempting) lines.push('  now:   a delivery attempt is in progress');
+  for (const r of m.recipients) {
+    lines.push(`  to:    ${r.address}`);
+    lines.push(`         ${describeRecipient(r, m.held, now)}`);
+    if (r.lastReply) {
+      const who = r.lastReply.remote ? ` from ${r.lastReply.remote}` : '';
+      const when = r.lastAttemptAt ? ` at ${at(Date.parse(r.lastAttemptAt), now)}` : '';
+      lines.push(`         last reply${who}${when}:`);
+      lines.push(`           ${r.lastReply.code} ${r.lastReply.enhanced} ${replyText(r.lastReply.text)}`);
+    }
+    if (detail && r.transport) lines.push(`         transport: ${r.transport}`);
+  }
+  return lines.join('\n');
+}
+
+function describeRecipient(r: WireRecipient, held: boolean, now: Date): string {
+  const tries = r.attempts === 0 ? 'not tried yet' : plural(r.attempts, 'attempt');
+  if (r.status === 'delivered') return `delivered (${tries})`;
+  if (r.status === 'failed') return `failed (${tries})`;
+  const next = r.nextAttemptAt ? Date.parse(r.nextAttemptAt) : null;
+  const when = held
+    ? 'next attempt: none while held'
+    : next === null
+      ? 'no attempt scheduled'
+      : next <= now.getTime()
+        ? 'next attempt: due now'
+        : `next attempt ${at(next, now)}`;
+  return `${r.status}, ${tries}, ${when}`;
+}

@@ -1,0 +1,254 @@
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { chmod, lstat, mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { MessageSummary, RecipientSummary } from './api.js';
+import type { QueueEngine } from './engine.js';
+
+/** The control socket's name inside the queue folder. */
+export const CONTROL_SOCKET = 'control.sock';
+
+export const CONTROL_OPS = ['list', 'show', 'flush', 'delete', 'bounce', 'hold', 'release'] as const;
+export type ControlOp = (typeof CONTROL_OPS)[number];
+
+/** One request: a line of JSON. `show`, `delete`, `bounce`, `hold`, `release` need `id`. */
+export interface ControlRequest {
+  readonly op: ControlOp;
+  readonly id?: string;
+  /** `flush` only: the messages with a recipient in this domain. */
+  readonly domain?: string;
+}
+
+/** A RecipientSummary as it travels: dates are ISO strings. */
+export type WireRecipient = Omit<RecipientSummary, 'nextAttemptAt' | 'lastAttemptAt'> & {
+  readonly nextAttemptAt: string | null;
+  readonly lastAttemptAt: string | null;
+};
+
+/** A MessageSummary as it travels: dates are ISO strings. */
+export type WireMessage = Omit<MessageSummary, 'receivedAt' | 'recipients'> & {
+  readonly receivedAt: string;
+  readonly recipients: readonly WireRecipient[];
+};
+
+/** One response: a line of JSON. `now` is the server's clock, for "in 12m" that does not drift. */
+export type ControlResponse =
+  | { readonly ok: true; readonly op: 'list'; readonly now: string; readonly messages: WireMessage[] }
+  | {
+      readonly ok: true;
+      readonly op: 'show';
+      readonly now: string;
+      readonly message: WireMessage;
+      /** The message's header section (cut at 16 KiB). */
+      readonly headers: string;
+    }
+  | {
+      readonly ok: true;
+      readonly op: 'flush';
+      readonly now: string;
+      /** Messages made due now. */
+      readonly flushed: string[];
+      /** Matching messages left alone because they are held. */
+      readonly held: string[];
+    }
+  | {
+      readonly ok: true;
+      readonly op: 'delete' | 'bounce' | 'hold' | 'release';
+      readonly now: string;
+      readonly message: WireMessage;
+    }
+  | {
+      readonly ok: false;
+      readonly error: 'not-found' | 'held' | 'bad-request' | 'failed';
+      readonly message: string;
+    };
+
+/** Longest request line accepted. */
+const MAX_LINE = 16 * 1024;
+
+function wire(m: MessageSummary): WireMessage {
+  return JSON.parse(JSON.stringify(m)) as WireMessage;
+}
+
+/** Reads a request, or says what is wrong with it. */
+export function parseRequest(line: string): ControlRequest | string {
+  let v: unknown;
+  try {
+    v = JSON.parse(line);
+  } catch {
+    return 'expected a line of JSON';
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'expected a JSON object';
+  const { op, id, domain } = v as Record<string, unknown>;
+  if (typeof op !== 'string' || !(CONTROL_OPS as readonly string[]).includes(op))
+    return `expected "op" to be one of ${CONTROL_OPS.join(', ')}`;
+  if (id !== undefined && (typeof id !== 'string' || id === '')) return 'expected "id" to be a string';
+  if (domain !== undefined && (typeof domain !== 'string' || domain === ''))
+    return 'expected "domain" to be a string';
+  if (op !== 'list' && op !== 'flush' && id === undefined) return `"${op}" needs an "id"`;
+  if (domain !== undefined && op !== 'flush') return '"domain" is only for "flush"';
+  if (op === 'flush' && id !== undefined && domain !== undefined)
+    return 'flush takes "id" or "domain", not both';
+  return {
+    op: op as ControlOp,
+    ...(id === undefined ? {} : { id }),
+    ...(domain === undefined ? {} : { domain }),
+  };
+}
+
+/**
+ * The queue's control socket, `<queue dir>/control.sock`, for `petrel queue`: owner-only
+ * (mode 0600, in a 0700 folder), newline-delimited JSON, one response per request, in order.
+ */
+export class ControlServer {
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(
+    private readonly server: Server,
+    readonly path: string,
+  ) {}
+
+  /**
+   * Before the queue opens its folder: fails when a server already answers on the folder's
+   * socket (two processes must never share a journal), and removes a socket left by a crash.
+   */
+  static async claim(dir: string): Promise<void> {
+    const path = join(dir, CONTROL_SOCKET);
+    const found = await lstat(path).catch(() => null);
+    if (!found) return;
+    if (found.isSocket() && (await answers(path))) {
+      throw new Error(
+        `the queue folder ${dir} is in use by another running Petrel (it answers on ${path}); stop that one first`,
+      );
+    }
+    await rm(path, { force: true });
+  }
+
+  static async listen(dir: string, engine: QueueEngine, log: Logger): Promise<ControlServer> {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const path = join(dir, CONTROL_SOCKET);
+    await rm(path, { force: true });
+    const server = createServer();
+    const control = new ControlServer(server, path);
+    server.on('connection', (socket) => control.serve(socket, engine, log));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      // The socket is bound at once: with this umask it is never more open than 0600.
+      let previous: number | null = null;
+      try {
+        previous = process.umask(0o177);
+      } catch {
+        // worker threads cannot change the umask; the chmod below still applies
+      }
+      try {
+        server.listen(path, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      } finally {
+        if (previous !== null) process.umask(previous);
+      }
+    });
+    server.on('error', (err) => log.error({ err, path }, 'queue control socket error'));
+    await chmod(path, 0o600);
+    return control;
+  }
+
+  private serve(socket: Socket, engine: QueueEngine, log: Logger): void {
+    this.sockets.add(socket);
+    socket.setEncoding('utf8');
+    let buffer = '';
+    let chain = Promise.resolve();
+    const respond = (r: ControlResponse): void => {
+      if (!socket.destroyed) socket.write(`${JSON.stringify(r)}\n`);
+    };
+    socket.on('data', (chunk: string) => {
+      buffer += chunk;
+      if (buffer.length > MAX_LINE && !buffer.includes('\n')) {
+        respond({ ok: false, error: 'bad-request', message: 'request line too long' });
+        socket.end();
+        return;
+      }
+      let nl: number;
+      while ((nl = buffer.indexOf('\n')) >= 0) {
+        const line = buffer.slice(0, nl).trim();
+        buffer = buffer.slice(nl + 1);
+        if (!line) continue;
+        chain = chain.then(async () => {
+          const req = parseRequest(line);
+          if (typeof req === 'string') return respond({ ok: false, error: 'bad-request', message: req });
+          try {
+            respond(await handle(engine, req));
+          } catch (err) {
+            log.error({ err, op: req.op, queueId: req.id }, 'queue control request failed');
+            respond({ ok: false, error: 'failed', message: (err as Error).message });
+          }
+        });
+      }
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => this.sockets.delete(socket));
+  }
+
+  /** Stops answering and removes the socket file. */
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of this.sockets) s.destroy();
+    await closed;
+    await rm(this.path, { force: true });
+  }
+}
+
+async function handle(engine: QueueEngine, req: ControlRequest): Promise<ControlResponse> {
+  const now = new Date().toISOString();
+  const missing = (id: string): ControlResponse => ({
+    ok: false,
+    error: 'not-found',
+    message: `no message ${id} in the queue (delivered, failed or removed already?)`,
+  });
+  switch (req.op) {
+    case 'list':
+      return { ok: true, op: 'list', now, messages: engine.list().map(wire) };
+    case 'show': {
+      const m = engine.get(req.id!);
+      if (!m) return missing(req.id!);
+      return { ok: true, op: 'show', now, message: wire(m), headers: await engine.headers(req.id!) };
+    }
+    case 'flush': {
+      if (req.id && !engine.get(req.id)) return missing(req.id);
+      const { flushed, held } = engine.flushMessages(req);
+      if (req.id && held.length)
+        return {
+          ok: false,
+          error: 'held',
+          message: `${req.id} is held; release it first (petrel queue release ${req.id})`,
+        };
+      return { ok: true, op: 'flush', now, flushed, held };
+    }
+    case 'hold':
+    case 'release': {
+      const m = await engine.hold(req.id!, req.op === 'hold');
+      return m ? { ok: true, op: req.op, now, message: wire(m) } : missing(req.id!);
+    }
+    case 'delete':
+    case 'bounce': {
+      const m = await engine.end(req.id!, req.op);
+      return m ? { ok: true, op: req.op, now, message: wire(m) } : missing(req.id!);
+    }
+  }
+}
+
+/** True when something accepts a connection on the socket within a second. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = createConnection(path);
+    const done = (v: boolean): void => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(v);
+    };
+    const timer = setTimeout(() => done(false), 1000);
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
