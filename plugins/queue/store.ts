@@ -69,6 +69,33 @@ export interface Entry {
 
 const CLEAN = 'clean-shutdown';
 
+/** A new message's recipients: all pending, due at arrival. */
+function freshStates(env: StoredEnvelope): RecipientState[] {
+  return env.recipients.map(() => ({
+    status: 'pending',
+    attempts: 0,
+    nextAttemptAt: env.receivedAt,
+    maybeDelivered: false,
+  }));
+}
+
+/** The head of a Message record: the envelope's length, then the envelope as JSON. */
+function envelopeParts(env: StoredEnvelope): [Buffer, Buffer] {
+  const json = Buffer.from(JSON.stringify(env), 'utf8');
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(json.length);
+  return [len, json];
+}
+
+/** A State record's payload for some recipients of an entry. */
+function statePayload(entry: Entry, indices: readonly number[]): Buffer {
+  const u: StateUpdate[] = indices.map((i) => {
+    const r = entry.rcpts[i]!;
+    return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
+  });
+  return Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8');
+}
+
 /**
  * The queue's contents: every message not yet final, with per-recipient state, rebuilt from the
  * journal at start. Bodies are written once (into the journal, or as a blob file for large
@@ -145,12 +172,7 @@ export class QueueStore {
         env,
         location: null,
         skip: 0,
-        rcpts: env.recipients.map(() => ({
-          status: 'pending',
-          attempts: 0,
-          nextAttemptAt: env.receivedAt,
-          maybeDelivered: false,
-        })),
+        rcpts: freshStates(env),
         segments: new Set(),
         busy: false,
         held: false,
@@ -207,9 +229,7 @@ export class QueueStore {
    * from the receiving spool, fsynced) plus a record for large ones. Resolves after fsync.
    */
   async add(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<Entry> {
-    const envJson = Buffer.from(JSON.stringify(env), 'utf8');
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(envJson.length);
+    const head = envelopeParts(env);
     if ('file' in body) {
       const target = join(this.blobDir, `${env.id}.eml`);
       const fh = await open(body.file, 'r');
@@ -223,18 +243,13 @@ export class QueueStore {
     }
     const ref = await this.journal.append(
       RecordType.Message,
-      'inline' in body ? [len, envJson, ...body.inline] : [len, envJson],
+      'inline' in body ? [...head, ...body.inline] : head,
     );
     const entry: Entry = {
       env,
       location: 'inline' in body ? ref : null,
-      skip: 4 + envJson.length,
-      rcpts: env.recipients.map(() => ({
-        status: 'pending',
-        attempts: 0,
-        nextAttemptAt: env.receivedAt,
-        maybeDelivered: false,
-      })),
+      skip: 4 + head[1].length,
+      rcpts: freshStates(env),
       segments: new Set(),
       busy: false,
       held: false,
@@ -251,13 +266,7 @@ export class QueueStore {
    * and blobs of final messages are removed.
    */
   async update(entry: Entry, indices: readonly number[]): Promise<boolean> {
-    const u: StateUpdate[] = indices.map((i) => {
-      const r = entry.rcpts[i]!;
-      return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
-    });
-    const ref = await this.journal.append(RecordType.State, [
-      Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
-    ]);
+    const ref = await this.journal.append(RecordType.State, [statePayload(entry, indices)]);
     if (this.entries.get(entry.env.id) !== entry) return false;
     this.ref(entry, ref.segment);
     if (!this.isFinal(entry)) return false;
@@ -298,20 +307,16 @@ export class QueueStore {
       for (const entry of live) {
         const parts: Buffer[] = [];
         for await (const c of this.rawStream(entry)) parts.push(c as Buffer);
-        const envJson = Buffer.from(JSON.stringify(entry.env), 'utf8');
-        const len = Buffer.alloc(4);
-        len.writeUInt32BE(envJson.length);
+        const head = envelopeParts(entry.env);
         const copy = await this.journal.append(
           RecordType.Message,
-          entry.env.blob ? [len, envJson] : [len, envJson, ...parts],
+          entry.env.blob ? head : [...head, ...parts],
         );
-        const indices = entry.rcpts.map((_, i) => i);
-        const u = indices.map((i) => {
-          const r = entry.rcpts[i]!;
-          return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
-        });
         const st = await this.journal.append(RecordType.State, [
-          Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8'),
+          statePayload(
+            entry,
+            entry.rcpts.map((_, i) => i),
+          ),
         ]);
         // The hold must outlive the segment its record was in.
         const hold = entry.held
@@ -321,7 +326,7 @@ export class QueueStore {
           : null;
         if (!entry.env.blob) {
           entry.location = copy;
-          entry.skip = 4 + envJson.length;
+          entry.skip = 4 + head[1].length;
         }
         for (const s of entry.segments) {
           const n = (this.segmentRefs.get(s) ?? 1) - 1;
