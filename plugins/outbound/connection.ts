@@ -1,0 +1,427 @@
+/**
+ * One SMTP client connection (RFC 5321) on the core's SocketReader: replies with their enhanced
+ * codes, EHLO with HELO fallback and the capabilities it announces, STARTTLS (RFC 3207), AUTH
+ * PLAIN/LOGIN (RFC 4954), RSET and QUIT. A connection outlives one message: it is bound to the
+ * signal of whichever delivery uses it, and that signal aborting destroys it.
+ */
+import { connect as netConnect, isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { ReadTimeoutError, SocketReader } from '../../core/smtp/reader.js';
+
+/** Where a connection goes: the host name (for logs, SNI and verification) and one of its addresses. */
+export interface PeerAddress {
+  readonly host: string;
+  readonly ip: string;
+  readonly port: number;
+}
+
+export interface SmtpReply {
+  readonly code: number;
+  /** The RFC 3463 code the server gave, or `<class>.0.0` when it gave none. */
+  readonly enhanced: string;
+  /** The text of each line, without code and enhanced code. */
+  readonly lines: readonly string[];
+}
+
+export type Stage =
+  | 'connect'
+  | 'greeting'
+  | 'ehlo'
+  | 'starttls'
+  | 'auth'
+  | 'mail'
+  | 'rcpt'
+  | 'data'
+  | 'body'
+  | 'final'
+  | 'rset'
+  | 'quit';
+
+const PHASE: Record<Stage, string> = {
+  connect: 'while connecting',
+  greeting: 'while receiving the initial server greeting',
+  ehlo: 'while performing the EHLO handshake',
+  starttls: 'while performing the STARTTLS handshake',
+  auth: 'while authenticating',
+  mail: 'while sending MAIL FROM',
+  rcpt: 'while sending RCPT TO',
+  data: 'while sending DATA',
+  body: 'while sending the message body',
+  final: 'while waiting for the reply to the end of data',
+  rset: 'while sending RSET',
+  quit: 'while sending QUIT',
+};
+
+/**
+ * Why a conversation stopped: the network (`network`), a time limit (`timeout`), a reply that
+ * did not allow going on (`reply`), a reply that made no sense (`protocol`) or TLS (`tls`).
+ */
+export class SmtpFailure extends Error {
+  override readonly name = 'SmtpFailure';
+  constructor(
+    readonly stage: Stage,
+    readonly kind: 'network' | 'timeout' | 'reply' | 'protocol' | 'tls',
+    message: string,
+    readonly reply?: SmtpReply,
+  ) {
+    super(message);
+  }
+}
+
+/** `250 2.0.0 first line / second line`, for logs and made-up replies. */
+export function describeReply(r: SmtpReply): string {
+  return `${r.code} ${r.enhanced} ${r.lines.join(' / ')}`.trim();
+}
+
+/** `mx.example.test [192.0.2.1]`: who answered, as results report it. */
+export function describePeer(p: PeerAddress): string {
+  return `${p.host} [${p.ip}]`;
+}
+
+const MAX_LINE = 8192;
+const ENHANCED = /^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)/;
+
+export class SmtpConnection {
+  /** `mx.example.test [192.0.2.1]`. */
+  readonly remote: string;
+  /** EHLO keywords (upper-cased) and their parameters; empty after HELO. */
+  readonly caps = new Map<string, string>();
+  /** The name the server gave in its EHLO/HELO reply. */
+  peerName = '';
+  secure = false;
+  /** Transactions that reached DATA on this connection. */
+  messages = 0;
+
+  private socket: Socket | TLSSocket;
+  private readonly reader = new SocketReader();
+  private lastError: Error | null = null;
+  private signal: AbortSignal | null = null;
+  /** Why the delivery using the connection stopped it (its time ran out), if it did. */
+  private abortedBy: Error | null = null;
+  private isClosed = false;
+  private readonly closeListeners = new Set<() => void>();
+
+  private constructor(
+    private readonly raw: Socket,
+    readonly peer: PeerAddress,
+  ) {
+    this.socket = raw;
+    this.remote = describePeer(peer);
+    this.reader.attach(raw);
+    this.watch(raw);
+  }
+
+  /** Opens a TCP connection (Nagle off: every command and chunk leaves as it is written). */
+  static open(peer: PeerAddress, timeoutMs: number, signal: AbortSignal): Promise<SmtpConnection> {
+    return new Promise((resolve, reject) => {
+      if (signal.aborted) return reject(signal.reason as Error);
+      const socket = netConnect({ host: peer.ip, port: peer.port });
+      const fail = (err: Error): void => {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', onAbort);
+        socket.destroy();
+        const why =
+          (err as NodeJS.ErrnoException).code === 'ECONNREFUSED' ? 'Connection refused' : err.message;
+        reject(
+          new SmtpFailure('connect', 'network', `connect to ${describePeer(peer)}:${peer.port}: ${why}`),
+        );
+      };
+      const onAbort = (): void => fail(signal.reason as Error);
+      const timer = setTimeout(
+        () => fail(new Error(`Connection timed out after ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      signal.addEventListener('abort', onAbort, { once: true });
+      socket.once('error', fail);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', onAbort);
+        socket.off('error', fail);
+        socket.setNoDelay(true);
+        const conn = new SmtpConnection(socket, peer);
+        conn.bind(signal);
+        resolve(conn);
+      });
+    });
+  }
+
+  private watch(s: Socket | TLSSocket): void {
+    s.on('error', (err) => (this.lastError = err));
+    s.once('close', () => {
+      if (this.isClosed) return;
+      this.isClosed = true;
+      for (const fn of this.closeListeners) fn();
+      this.closeListeners.clear();
+    });
+  }
+
+  get closed(): boolean {
+    return this.isClosed || this.socket.destroyed;
+  }
+
+  /** Runs `fn` once when the connection closes; returns a function that cancels it. */
+  onClose(fn: () => void): () => void {
+    if (this.closed) {
+      fn();
+      return () => undefined;
+    }
+    this.closeListeners.add(fn);
+    return () => this.closeListeners.delete(fn);
+  }
+
+  /** From now on, `signal` aborting ends the connection (and whatever wait is pending). */
+  bind(signal: AbortSignal): void {
+    this.unbind();
+    this.signal = signal;
+    if (signal.aborted) this.abort();
+    else signal.addEventListener('abort', this.abort, { once: true });
+  }
+
+  unbind(): void {
+    this.signal?.removeEventListener('abort', this.abort);
+    this.signal = null;
+  }
+
+  private readonly abort = (): void => {
+    const reason = this.signal?.reason;
+    this.abortedBy = reason instanceof Error ? reason : new Error('aborted');
+    this.reader.interrupt(this.abortedBy);
+    this.destroy();
+  };
+
+  /** A failure for a read or write that could not complete. */
+  private lost(stage: Stage, err?: unknown): SmtpFailure {
+    if (err instanceof SmtpFailure) return err;
+    if (this.abortedBy) {
+      return new SmtpFailure(stage, 'timeout', `delivery stopped ${PHASE[stage]}: ${this.abortedBy.message}`);
+    }
+    if (err instanceof ReadTimeoutError || (err instanceof Error && /timed out/.test(err.message)))
+      return new SmtpFailure(stage, 'timeout', `conversation with ${this.remote} timed out ${PHASE[stage]}`);
+    const detail = this.lastError ? ` (${this.lastError.message})` : '';
+    return new SmtpFailure(stage, 'network', `lost connection with ${this.remote} ${PHASE[stage]}${detail}`);
+  }
+
+  /** Reads one reply, all its lines. */
+  async read(stage: Stage, timeoutMs: number): Promise<SmtpReply> {
+    let code = 0;
+    const lines: string[] = [];
+    for (;;) {
+      let got;
+      try {
+        got = await this.reader.readLine(MAX_LINE, timeoutMs);
+      } catch (err) {
+        throw this.lost(stage, err);
+      }
+      if (got === null) throw this.lost(stage);
+      if (got.overlong)
+        throw new SmtpFailure(stage, 'protocol', `${this.remote} sent an overlong reply line`);
+      const line = got.line.toString('utf8');
+      const m = /^([2-5]\d\d)([ -]|$)(.*)$/.exec(line);
+      if (!m || (code && Number(m[1]) !== code)) {
+        throw new SmtpFailure(
+          stage,
+          'protocol',
+          `${this.remote} sent a malformed reply "${line.slice(0, 200)}"`,
+        );
+      }
+      code = Number(m[1]);
+      lines.push(m[3]!);
+      if (m[2] !== '-') break;
+    }
+    const cls = String(code)[0]!;
+    const given = ENHANCED.exec(lines[0]!);
+    const ok = given !== null && given[1] === cls;
+    const enhanced = ok ? `${given[1]}.${given[2]}.${given[3]}` : `${cls}.0.0`;
+    const strip = (l: string): string => {
+      const g = ENHANCED.exec(l);
+      return ok && g ? l.slice(g[0].length) : l;
+    };
+    return { code, enhanced, lines: lines.map(strip) };
+  }
+
+  /** Writes and, when the socket's buffer is full, waits (bounded) until it drains. */
+  write(data: string | Buffer, stage: Stage, timeoutMs: number): Promise<void> {
+    if (this.closed) return Promise.reject(this.lost(stage));
+    if (this.socket.write(data)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const done = (err?: SmtpFailure): void => {
+        clearTimeout(timer);
+        this.socket.off('drain', onDrain);
+        this.socket.off('close', onClose);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onDrain = (): void => done();
+      const onClose = (): void => done(this.lost(stage));
+      const timer = setTimeout(() => {
+        done(new SmtpFailure(stage, 'timeout', `conversation with ${this.remote} timed out ${PHASE[stage]}`));
+        this.destroy();
+      }, timeoutMs);
+      this.socket.on('drain', onDrain);
+      this.socket.on('close', onClose);
+    });
+  }
+
+  /** Sends one command line and reads its reply. */
+  async command(line: string, stage: Stage, timeoutMs: number): Promise<SmtpReply> {
+    await this.write(`${line}\r\n`, stage, timeoutMs);
+    return this.read(stage, timeoutMs);
+  }
+
+  /** Reads the greeting; anything but 220 is a failure carrying the reply. */
+  async greeting(timeoutMs: number): Promise<SmtpReply> {
+    const reply = await this.read('greeting', timeoutMs);
+    if (reply.code !== 220) {
+      throw new SmtpFailure(
+        'greeting',
+        'reply',
+        `${this.remote} refused to talk to me: ${describeReply(reply)}`,
+        reply,
+      );
+    }
+    return reply;
+  }
+
+  /** EHLO, and HELO when the server does not know EHLO (a 5xx). Fills `caps` and `peerName`. */
+  async hello(name: string, timeoutMs: number): Promise<void> {
+    let reply = await this.command(`EHLO ${name}`, 'ehlo', timeoutMs);
+    this.caps.clear();
+    if (reply.code >= 500) reply = await this.command(`HELO ${name}`, 'ehlo', timeoutMs);
+    else if (reply.code === 250) {
+      for (const l of reply.lines.slice(1)) {
+        const [kw = '', ...rest] = l.trim().split(/[ =]/);
+        if (kw) this.caps.set(kw.toUpperCase(), rest.join(' '));
+      }
+    }
+    if (reply.code !== 250) {
+      throw new SmtpFailure(
+        'ehlo',
+        'reply',
+        `${this.remote} refused the EHLO/HELO: ${describeReply(reply)}`,
+        reply,
+      );
+    }
+    this.peerName = (reply.lines[0] ?? '').trim().split(/\s+/)[0] ?? '';
+  }
+
+  /** The server's SIZE limit (RFC 1870), or 0 when it declared none. */
+  get sizeLimit(): number {
+    const n = Number(this.caps.get('SIZE') ?? '');
+    return Number.isSafeInteger(n) && n > 0 ? n : 0;
+  }
+
+  /**
+   * STARTTLS and the handshake. Resolves with the server's reply when it refused STARTTLS (the
+   * session goes on in plain text); a failed handshake throws and leaves the connection dead.
+   * The capabilities are cleared: EHLO again afterwards (RFC 3207 §4.2).
+   */
+  async starttls(options: ConnectionOptions, timeoutMs: number): Promise<SmtpReply | null> {
+    const reply = await this.command('STARTTLS', 'starttls', timeoutMs);
+    if (reply.code !== 220) return reply;
+    // Nothing the server sent before the handshake may be read as if it came over TLS.
+    this.reader.detach();
+    this.reader.discard();
+    const secure = tlsConnect({ ...options, socket: this.raw });
+    this.watch(secure);
+    this.socket = secure;
+    await new Promise<void>((resolve, reject) => {
+      const done = (err?: Error): void => {
+        clearTimeout(timer);
+        secure.off('secureConnect', onSecure);
+        secure.off('error', done);
+        secure.off('close', onClose);
+        if (!err) return resolve();
+        secure.destroy();
+        this.raw.destroy();
+        reject(err);
+      };
+      const onSecure = (): void => done();
+      const onClose = (): void => done(new Error('the connection closed during the handshake'));
+      const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms`)), timeoutMs);
+      secure.once('secureConnect', onSecure);
+      secure.once('error', done);
+      secure.once('close', onClose);
+    }).catch((err: Error) => {
+      throw new SmtpFailure('starttls', 'tls', `TLS handshake with ${this.remote} failed: ${err.message}`);
+    });
+    this.reader.attach(secure);
+    this.secure = true;
+    this.caps.clear();
+    return null;
+  }
+
+  /** The negotiated TLS version and cipher, for logs. */
+  get tlsDescription(): string | null {
+    if (!this.secure) return null;
+    const s = this.socket as TLSSocket;
+    return `${s.getProtocol() ?? '?'} ${s.getCipher()?.name ?? '?'}`;
+  }
+
+  /** AUTH PLAIN, or LOGIN when PLAIN is not offered (RFC 4954). Throws unless the server says 235. */
+  async auth(user: string, pass: string, timeoutMs: number): Promise<void> {
+    const mechanisms = (this.caps.get('AUTH') ?? '').toUpperCase().split(/\s+/);
+    const b64 = (s: string): string => Buffer.from(s, 'utf8').toString('base64');
+    let reply: SmtpReply;
+    if (mechanisms.includes('PLAIN')) {
+      reply = await this.command(`AUTH PLAIN ${b64(`\0${user}\0${pass}`)}`, 'auth', timeoutMs);
+    } else if (mechanisms.includes('LOGIN')) {
+      reply = await this.command('AUTH LOGIN', 'auth', timeoutMs);
+      if (reply.code === 334) reply = await this.command(b64(user), 'auth', timeoutMs);
+      if (reply.code === 334) reply = await this.command(b64(pass), 'auth', timeoutMs);
+    } else {
+      throw new SmtpFailure('auth', 'protocol', `${this.remote} offers neither AUTH PLAIN nor AUTH LOGIN`);
+    }
+    if (reply.code === 334) {
+      // A challenge we cannot answer: cancel the exchange (RFC 4954 §4).
+      await this.write('*\r\n', 'auth', timeoutMs);
+      reply = await this.read('auth', timeoutMs);
+    }
+    if (reply.code !== 235) {
+      throw new SmtpFailure(
+        'auth',
+        'reply',
+        `authentication failed at ${this.remote}: ${describeReply(reply)}`,
+        reply,
+      );
+    }
+  }
+
+  /** RSET before the next transaction; false when the connection is no good any more. */
+  async rset(timeoutMs: number): Promise<boolean> {
+    if (this.closed) return false;
+    try {
+      return (await this.command('RSET', 'rset', timeoutMs)).code === 250;
+    } catch {
+      return false;
+    }
+  }
+
+  /** QUIT politely, briefly; the connection is closed whatever the server says. Never throws. */
+  async quit(timeoutMs: number): Promise<void> {
+    if (!this.closed) {
+      try {
+        await this.command('QUIT', 'quit', timeoutMs);
+      } catch {
+        // the outcome is already known
+      }
+    }
+    this.destroy();
+  }
+
+  destroy(): void {
+    this.unbind();
+    this.reader.detach();
+    this.socket.destroy();
+    this.raw.destroy();
+  }
+}
+
+/** TLS options for STARTTLS with a host: SNI with its name (never an IP), verification as asked. */
+export function tlsOptions(host: string, verify: boolean, ca?: readonly string[]): ConnectionOptions {
+  const named = isIP(host) === 0 && !host.startsWith('[');
+  return {
+    ...(named ? { servername: host } : { host }),
+    rejectUnauthorized: verify,
+    ...(verify && ca ? { ca: [...ca] } : {}),
+  };
+}

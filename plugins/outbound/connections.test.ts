@@ -1,0 +1,288 @@
+import 'reflect-metadata';
+import { describe, it, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer, type Socket } from 'node:net';
+import { startDnsmasq, type Dnsmasq } from '../../test/harness/dnsmasq.js';
+import { FAST, freePortOn, smtpPeer, smtpSink, startSender, summary } from './test-support.js';
+
+async function dnsFor(
+  t: TestContext,
+  mx: readonly { host: string; ip: string; preference: number }[],
+): Promise<Dnsmasq | null> {
+  return startDnsmasq(t, {
+    mx: mx.map((m) => ({ domain: 'a.test', host: m.host, preference: m.preference })),
+    hosts: mx.map((m) => ({ name: m.host, addresses: [m.ip] })),
+  });
+}
+
+async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe('outbound: connection reuse', () => {
+  it('carries 100 messages over at most maxConnectionsPerDestination connections, RSET between them', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    let open = 0;
+    let mostOpen = 0;
+    const peer = await smtpPeer(t, '127.0.0.2', port, {
+      onConnect(_s, cb) {
+        mostOpen = Math.max(mostOpen, ++open);
+        cb();
+      },
+      onClose() {
+        open--;
+      },
+    });
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, idleTimeout: 2000 },
+    });
+    const ids = await Promise.all(
+      Array.from({ length: 100 }, (_, i) =>
+        sender.submit([`u${i}@a.test`], `Subject: ${i}\r\n\r\nbody ${i}\r\n`),
+      ),
+    );
+    for (const id of ids) await sender.settled(id, 1);
+    assert.ok(sender.outcomes.every((o) => o.status === 'delivered'));
+    assert.equal(peer.messages.length, 100);
+    assert.ok(peer.connections.opened <= 5, `${peer.connections.opened} connections for 100 messages`);
+    t.diagnostic(`100 messages over ${peer.connections.opened} connections, at most ${mostOpen} at once`);
+    assert.ok(mostOpen <= 5, `${mostOpen} connections open at once`);
+    // Per connection: the first transaction starts after EHLO, each later one after an RSET.
+    for (const [session, commands] of peer.commands) {
+      const mails = commands.filter((c) => /^MAIL /i.test(c)).length;
+      const rsets = commands.filter((c) => /^RSET$/i.test(c)).length;
+      assert.equal(rsets, Math.max(0, mails - 1), `session ${session}: ${commands.join(' | ')}`);
+      const before = commands.map((c, i) => (/^MAIL /i.test(c) ? commands[i - 1] : null)).filter(Boolean);
+      assert.ok(before.slice(1).every((c) => c === 'RSET'));
+    }
+  });
+
+  it('closes a connection after maxMessagesPerConnection, and idle ones after idleTimeout (with QUIT)', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    const peer = await smtpPeer(t, '127.0.0.2', port);
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: {
+        port,
+        timeouts: FAST,
+        idleTimeout: 300,
+        maxConnectionsPerDestination: 1,
+        maxMessagesPerConnection: 10,
+      },
+    });
+    const ids = await Promise.all(Array.from({ length: 25 }, (_, i) => sender.submit([`u${i}@a.test`])));
+    for (const id of ids) await sender.settled(id, 1);
+    assert.equal(peer.connections.opened, 3);
+    assert.deepEqual(
+      [...new Set(peer.messages.map((m) => m.session))].map(
+        (s) => peer.messages.filter((m) => m.session === s).length,
+      ),
+      [10, 10, 5],
+    );
+    await waitUntil('the idle connection is closed', () => peer.connections.closed === 3, 5000);
+    for (const commands of peer.commands.values()) assert.equal(commands.at(-1), 'QUIT');
+    // A message after the idle close needs a new connection.
+    await sender.settled(await sender.submit(['late@a.test']), 1);
+    assert.equal(peer.connections.opened, 4);
+  });
+
+  it('backs a destination off after repeated connection failures, deferring without connecting', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    // Accepts and hangs up at once: no session can be had.
+    let attempts = 0;
+    const sockets = new Set<Socket>();
+    const rude = createServer((s) => {
+      attempts++;
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+      s.destroy();
+    });
+    await new Promise<void>((r) => rude.listen(port, '127.0.0.2', () => r()));
+    t.after(() => new Promise<void>((r) => rude.close(() => r())));
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, backoffAfter: 2, backoffTime: 60_000 },
+    });
+    for (let i = 0; i < 2; i++) {
+      const [o] = await sender.settled(await sender.submit([`u${i}@a.test`]), 1);
+      assert.deepEqual([o!.status, o!.reply.enhanced], ['deferred', '4.4.2']);
+      assert.match(
+        String(o!.reply.text),
+        /lost connection with mx\.a\.test \[127\.0\.0\.2\] while receiving the initial server greeting/,
+      );
+    }
+    assert.equal(attempts, 2);
+    const [held] = await sender.settled(await sender.submit(['u2@a.test']), 1);
+    assert.deepEqual([held!.status, held!.reply.code, held!.reply.enhanced], ['deferred', 451, '4.4.1']);
+    assert.match(String(held!.reply.text), /backed off until .* after repeated connection failures/);
+    assert.equal(attempts, 2, 'no connection while backed off');
+  });
+});
+
+describe('outbound: failover on temporary refusals', () => {
+  it('moves on to the next MX after a 4xx to MAIL FROM (smtp-sink) and after a 4xx greeting', async (t) => {
+    const port = await freePortOn(['127.0.0.2', '127.0.0.3', '127.0.0.4']);
+    const dns = await dnsFor(t, [
+      { host: 'busy.a.test', ip: '127.0.0.2', preference: 5 },
+      { host: 'sink.a.test', ip: '127.0.0.4', preference: 10 },
+      { host: 'good.a.test', ip: '127.0.0.3', preference: 20 },
+    ]);
+    if (!dns) return;
+    const busy = await smtpPeer(t, '127.0.0.2', port, {
+      onConnect(_s, cb) {
+        cb(Object.assign(new Error('Too busy, try later'), { responseCode: 421 }));
+      },
+    });
+    const sink = await smtpSink(t, '127.0.0.4', port, ['-r', 'mail']);
+    if (!sink) return;
+    const good = await smtpPeer(t, '127.0.0.3', port);
+    const sender = await startSender(t, { dnsServer: dns.server, outbound: { port, timeouts: FAST } });
+    const [o] = await sender.settled(await sender.submit(['bob@a.test']), 1);
+    assert.equal(o!.status, 'delivered');
+    assert.equal(o!.reply.remote, 'good.a.test [127.0.0.3]');
+    assert.equal(good.messages.length, 1);
+    assert.equal(busy.messages.length, 0);
+    assert.match(sink.output(), /MAIL FROM:<alice@petrel\.test>/);
+    assert.doesNotMatch(sink.output(), /RCPT TO/);
+  });
+
+  it('moves on to the next MX when one never greets (greeting timeout)', async (t) => {
+    const port = await freePortOn(['127.0.0.2', '127.0.0.3']);
+    const dns = await dnsFor(t, [
+      { host: 'mute.a.test', ip: '127.0.0.2', preference: 10 },
+      { host: 'good.a.test', ip: '127.0.0.3', preference: 20 },
+    ]);
+    if (!dns) return;
+    const held = new Set<Socket>();
+    const mute = createServer((s) => {
+      held.add(s);
+      s.on('close', () => held.delete(s));
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => mute.listen(port, '127.0.0.2', () => r()));
+    t.after(() => {
+      for (const s of held) s.destroy();
+      return new Promise<void>((r) => mute.close(() => r()));
+    });
+    const good = await smtpPeer(t, '127.0.0.3', port);
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: { ...FAST, greeting: 300 } },
+    });
+    const started = Date.now();
+    const [o] = await sender.settled(await sender.submit(['bob@a.test']), 1);
+    assert.equal(o!.status, 'delivered');
+    assert.equal(o!.reply.remote, 'good.a.test [127.0.0.3]');
+    assert.equal(good.messages.length, 1);
+    assert.ok(Date.now() - started < 5000);
+  });
+
+  it('defers with the last temporary reply when every MX refuses', async (t) => {
+    const port = await freePortOn(['127.0.0.4']);
+    const dns = await dnsFor(t, [{ host: 'sink.a.test', ip: '127.0.0.4', preference: 10 }]);
+    if (!dns) return;
+    const sink = await smtpSink(t, '127.0.0.4', port, ['-r', 'mail']);
+    if (!sink) return;
+    const sender = await startSender(t, { dnsServer: dns.server, outbound: { port, timeouts: FAST } });
+    const [o] = await sender.settled(await sender.submit(['bob@a.test']), 1);
+    assert.deepEqual(summary([o!]), [['bob@a.test', 'deferred', 450, '4.3.0']]);
+    assert.equal(o!.reply.remote, 'sink.a.test [127.0.0.4]');
+  });
+
+  it('falls back to HELO when the peer does not know EHLO (smtp-sink -e)', async (t) => {
+    const port = await freePortOn(['127.0.0.4']);
+    const dns = await dnsFor(t, [{ host: 'sink.a.test', ip: '127.0.0.4', preference: 10 }]);
+    if (!dns) return;
+    const sink = await smtpSink(t, '127.0.0.4', port, ['-e']);
+    if (!sink) return;
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, heloName: 'out.petrel.test' },
+    });
+    const [o] = await sender.settled(await sender.submit(['bob@a.test', 'carol@a.test']), 1);
+    assert.equal(o!.status, 'delivered');
+    const out = sink.output();
+    assert.match(
+      out,
+      /EHLO out\.petrel\.test[\s\S]*HELO out\.petrel\.test[\s\S]*MAIL FROM:<alice@petrel\.test>\n/,
+    );
+    assert.doesNotMatch(out, /SIZE=/, 'no ESMTP parameters after HELO');
+  });
+});
+
+describe('outbound: on the wire', () => {
+  it('pipelines MAIL and RCPTs in one write and sends the body in large chunks, not a line per write', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    // A scripted peer on a real socket: it records every chunk it receives.
+    const chunks: { phase: string; text: string }[] = [];
+    const open = new Set<Socket>();
+    const server = createServer((s) => {
+      open.add(s);
+      s.on('close', () => open.delete(s));
+      let phase = 'commands';
+      let buf = '';
+      s.write('220 scripted ESMTP\r\n');
+      s.on('data', (d: Buffer) => {
+        const text = d.toString('latin1');
+        chunks.push({ phase, text });
+        buf += text;
+        if (phase === 'body') {
+          if (buf.endsWith('\r\n.\r\n')) {
+            phase = 'commands';
+            buf = '';
+            s.write('250 2.0.0 Ok\r\n');
+          }
+          return;
+        }
+        let i: number;
+        while ((i = buf.indexOf('\r\n')) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const verb = line.split(/[ :]/)[0]!.toUpperCase();
+          if (verb === 'EHLO') s.write('250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n');
+          else if (verb === 'DATA') {
+            phase = 'body';
+            s.write('354 go ahead\r\n');
+          } else if (verb === 'QUIT') s.end('221 bye\r\n');
+          else s.write('250 2.0.0 Ok\r\n');
+        }
+      });
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => server.listen(port, '127.0.0.2', () => r()));
+    t.after(() => {
+      for (const s of open) s.destroy();
+      return new Promise<void>((r) => server.close(() => r()));
+    });
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, idleTimeout: 100 },
+    });
+    const lines = Array.from({ length: 20_000 }, (_, i) => `.line ${i} of the message\r\n`).join('');
+    const content = `Subject: big\r\n\r\n${lines}`;
+    const id = await sender.submit(['a1@a.test', 'a2@a.test', 'a3@a.test'], content);
+    assert.ok((await sender.settled(id, 3)).every((o) => o.status === 'delivered'));
+    const mailChunk = chunks.find((c) => c.text.startsWith('MAIL FROM'));
+    assert.equal(
+      mailChunk?.text,
+      `MAIL FROM:<alice@petrel.test>\r\nRCPT TO:<a1@a.test>\r\nRCPT TO:<a2@a.test>\r\nRCPT TO:<a3@a.test>\r\n`,
+    );
+    const body = chunks.filter((c) => c.phase === 'body');
+    assert.ok(body.length < 60, `${body.length} reads for a ${content.length}-octet body of 20,000 lines`);
+    const sent = body.map((c) => c.text).join('');
+    assert.equal(sent, content.replace(/^\./gm, '..') + '.\r\n');
+  });
+});

@@ -1,0 +1,384 @@
+/**
+ * outbound — the SMTP transport for mail to other servers: MX lookup through the core resolver,
+ * failover across MX hosts and their addresses, per-recipient results, connection reuse with
+ * per-destination limits and backoff, opportunistic or required STARTTLS, and a smarthost mode.
+ * See README.md.
+ */
+import { readFileSync } from 'node:fs';
+import { isAbsolute, resolve } from 'node:path';
+import type { Readable } from 'node:stream';
+import { rootCertificates } from 'node:tls';
+import { domainToASCII } from 'node:url';
+import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
+import { proceed, routeTo } from '../../core/hooks/verdict.js';
+import { Tokens } from '../../core/di/tokens.js';
+import type {
+  DeliverContext,
+  DeliveryRecipient,
+  RecipientReply,
+  RecipientResult,
+  Route,
+} from '../../core/hooks/catalogue.js';
+import { configSchema, tlsPolicyFor, type OutboundConfig, type TlsPolicy } from './config.js';
+import {
+  describePeer,
+  describeReply,
+  SmtpConnection,
+  SmtpFailure,
+  tlsOptions,
+  type SmtpReply,
+} from './connection.js';
+import { planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { BusyError, Pool, type Lease } from './pool.js';
+import { madeUp, MessageFacts, transaction, type Decision } from './transaction.js';
+
+export { configSchema, type OutboundConfig } from './config.js';
+
+/** The transport name routes carry. */
+export const TRANSPORT = 'outbound';
+
+/** A TLS or authentication policy stopped the session: deferred with its own status code. */
+class PolicyError extends Error {
+  override readonly name = 'PolicyError';
+  constructor(
+    readonly enhanced: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The peer is this server (it greeted with our own name): a loop, failed at once. */
+class LoopError extends Error {
+  override readonly name = 'LoopError';
+}
+
+/** The deferral that a failed connection attempt leaves, naming the peer. */
+function problem(err: unknown, remote: string): Decision {
+  if (err instanceof PolicyError) return madeUp(451, err.enhanced, err.message, remote);
+  if (err instanceof SmtpFailure) {
+    const r = err.reply;
+    // A temporary refusal from the peer is passed on as it was given.
+    if (err.kind === 'reply' && r && r.code >= 400 && r.code < 500) return asDeferral(r, remote);
+    return madeUp(451, failureStatus(err), err.message, remote);
+  }
+  return madeUp(
+    451,
+    '4.4.2',
+    `Delivery to ${remote} failed: ${(err as Error)?.message ?? String(err)}`,
+    remote,
+  );
+}
+
+/** RFC 3463 status for a failed session: no answer, bad connection, protocol, TLS or authentication. */
+function failureStatus(err: SmtpFailure): string {
+  if (err.kind === 'tls') return '4.7.5';
+  if (err.stage === 'connect') return '4.4.1';
+  if (err.kind === 'protocol') return '4.5.0';
+  if (err.stage === 'auth') return '4.7.8';
+  return '4.4.2';
+}
+
+function asDeferral(r: SmtpReply, remote: string): Decision {
+  const reply: RecipientReply = {
+    code: r.code,
+    enhanced: r.enhanced,
+    text: r.lines.length === 1 ? r.lines[0]! : r.lines,
+    remote,
+  };
+  return { status: 'deferred', reply };
+}
+
+export default definePlugin({
+  name: 'outbound',
+  config: configSchema,
+  setup(api: PluginApi<OutboundConfig>) {
+    const { config, log } = api;
+    const core = api.resolve(Tokens.Config);
+    const dns = api.resolve(Tokens.Dns);
+    const { timeouts, smarthost } = config;
+    const heloName = config.heloName ?? api.hostname;
+    const port = smarthost?.port ?? config.port;
+    const localDomains = new Set(core.localDomains.flatMap((d) => [d, domainToASCII(d) || d]));
+    const self = new Self([api.hostname, heloName], core.listeners);
+    const ca = config.tlsCa
+      ? [
+          ...rootCertificates,
+          readFileSync(isAbsolute(config.tlsCa) ? config.tlsCa : resolve(api.baseDir, config.tlsCa), 'utf8'),
+        ]
+      : undefined;
+    const smarthostKey = smarthost ? `smarthost:${smarthost.host}:${smarthost.port}` : null;
+    const pool = new Pool({
+      maxConnections: config.maxConnectionsPerDestination,
+      maxMessages: config.maxMessagesPerConnection,
+      idleTimeout: config.idleTimeout,
+      backoffAfter: config.backoffAfter,
+      backoffTime: config.backoffTime,
+      quitTimeout: timeouts.quit,
+    });
+    api.onClose(() => pool.close());
+    const txTimeouts = {
+      mail: timeouts.mail,
+      rcpt: timeouts.rcpt,
+      data: timeouts.data,
+      block: timeouts.block,
+      final: timeouts.final,
+    };
+
+    /** Where a route's mail goes: the smarthost's addresses, or the domain's MX hosts'. */
+    async function plan(route: Route): Promise<Plan> {
+      const opts = { dns, families: config.addressFamilies, port, self };
+      if (!smarthost) return planDomain(String(route.data.domain ?? route.key), opts);
+      const p = await planHosts(
+        `the smarthost ${smarthost.host}`,
+        [{ host: smarthost.host, preference: 0 }],
+        opts,
+      );
+      // A smarthost without an address is a configuration problem: keep the mail and retry.
+      if (p.kind === 'failed' && p.reply.enhanced !== '5.4.6') {
+        return { kind: 'deferred', reply: { code: 451, enhanced: '4.4.4', text: p.reply.text } };
+      }
+      return p;
+    }
+
+    /** Connects to one address and brings the session to where MAIL FROM can be sent. */
+    async function openSession(
+      hop: Hop,
+      what: string,
+      policy: TlsPolicy,
+      signal: AbortSignal,
+      plain = false,
+    ): Promise<SmtpConnection> {
+      const conn = await SmtpConnection.open({ host: hop.host, ip: hop.ip, port }, timeouts.connect, signal);
+      try {
+        await conn.greeting(timeouts.greeting);
+        await conn.hello(heloName, timeouts.ehlo);
+        if (self.isName(conn.peerName)) {
+          throw new LoopError(
+            `mail for ${what} loops back to myself (${conn.remote} greeted me with my own name)`,
+          );
+        }
+        if (policy !== 'none' && !plain && conn.caps.has('STARTTLS')) {
+          let refused: SmtpReply | null;
+          try {
+            refused = await conn.starttls(tlsOptions(hop.host, policy === 'require', ca), timeouts.starttls);
+          } catch (err) {
+            if (policy === 'opportunistic' && err instanceof SmtpFailure && err.kind === 'tls') {
+              // Opportunistic TLS must not cost the delivery: the same host again, in plain text.
+              log.info(
+                { remote: conn.remote, err: err.message },
+                'TLS handshake failed; retrying without TLS',
+              );
+              conn.destroy();
+              return openSession(hop, what, policy, signal, true);
+            }
+            throw err;
+          }
+          if (refused && policy === 'require') {
+            throw new PolicyError(
+              '4.7.4',
+              `TLS is required, but ${conn.remote} refused STARTTLS: ${describeReply(refused)}`,
+            );
+          }
+          if (!refused) await conn.hello(heloName, timeouts.ehlo);
+        } else if (policy === 'require') {
+          throw new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
+        }
+        if (smarthost?.auth) {
+          if (!conn.secure) {
+            throw new PolicyError('4.7.4', `Not sending credentials to ${conn.remote} without TLS`);
+          }
+          await conn.auth(smarthost.auth.user, smarthost.auth.pass, timeouts.auth);
+        }
+        return conn;
+      } catch (err) {
+        void conn.quit(timeouts.quit);
+        throw err;
+      }
+    }
+
+    type SessionOutcome =
+      { kind: 'done'; decisions: Decision[]; reusable: boolean } | { kind: 'next'; failure: SmtpFailure };
+
+    /**
+     * The recipients' transaction on a ready connection; recipients the peer put off with `452`
+     * (too many recipients) go in another transaction on the same connection straight away.
+     */
+    async function session(
+      conn: SmtpConnection,
+      ctx: DeliverContext,
+      batch: readonly DeliveryRecipient[],
+      facts: MessageFacts,
+    ): Promise<SessionOutcome> {
+      const decisions: Decision[] = [];
+      let pending = batch.map((_, i) => i);
+      for (let round = 0; ; round++) {
+        // The stored message, read afresh for each transaction; closed whatever becomes of it.
+        let source: Readable | null = null;
+        const out = await transaction({
+          conn,
+          message: facts,
+          recipients: pending.map((i) => batch[i]!),
+          content: (peer) => {
+            source = ctx.message.stream();
+            return api.hooks.transform({ message: ctx.message, route: ctx.route, peer, content: source });
+          },
+          timeouts: txTimeouts,
+          signal: ctx.signal,
+        }).finally(() => (source as Readable | null)?.destroy());
+        if (out.kind === 'next') {
+          // Later rounds keep what the first decided (those recipients stay deferred with their 452).
+          return round === 0 ? out : { kind: 'done', decisions, reusable: false };
+        }
+        if (out.localError) {
+          log.error(
+            { err: out.localError, queueId: ctx.message.id, remote: conn.remote },
+            'local problem during delivery',
+          );
+        }
+        out.decisions.forEach((d, k) => (decisions[pending[k]!] = d));
+        log.debug(
+          {
+            queueId: ctx.message.id,
+            remote: conn.remote,
+            tls: conn.tlsDescription,
+            accepted: out.accepted,
+            rcpts: pending.length,
+          },
+          'transaction finished',
+        );
+        const retry = out.tooMany.map((k) => pending[k]!);
+        if (retry.length === 0 || !out.reusable || conn.messages >= config.maxMessagesPerConnection) {
+          return { kind: 'done', decisions, reusable: out.reusable };
+        }
+        if (!(await conn.rset(timeouts.rset))) return { kind: 'done', decisions, reusable: false };
+        pending = retry;
+      }
+    }
+
+    /** One transaction's worth of recipients: a connection from the pool or a new one, with failover. */
+    async function deliverBatch(
+      ctx: DeliverContext,
+      batch: readonly DeliveryRecipient[],
+      facts: MessageFacts,
+    ): Promise<RecipientResult[]> {
+      const { route, signal } = ctx;
+      const domain = String(route.data.domain ?? route.key);
+      const what = smarthost ? `the smarthost ${smarthost.host}` : domain;
+      const policy: TlsPolicy = smarthost ? smarthost.tls : tlsPolicyFor(config.tls, domain);
+      const dest = pool.get(route.key);
+      const results = (ds: readonly Decision[]): RecipientResult[] =>
+        batch.map((r, i) => ({ recipient: r.address.address, status: ds[i]!.status, reply: ds[i]!.reply }));
+      const every = (d: Decision): RecipientResult[] => results(batch.map(() => d));
+      const heldBack = (): RecipientResult[] | null => {
+        const b = dest.backoff();
+        if (!b) return null;
+        const text = `Delivery to ${what} is backed off until ${b.until.toISOString()} after repeated connection failures (last: ${b.reason})`;
+        return every(madeUp(451, '4.4.1', text));
+      };
+
+      const held = heldBack();
+      if (held) return held;
+      let lease: Lease;
+      try {
+        lease = await dest.acquire(signal, timeouts.wait);
+      } catch (err) {
+        const text = err instanceof BusyError ? `Too busy: ${err.message}` : `Delivery to ${what} stopped`;
+        return every(madeUp(451, '4.4.5', text));
+      }
+      let slotHeld = true;
+      let last: Decision | null = null;
+      const tried = new Set<string>();
+      try {
+        if (lease.conn) {
+          const conn = lease.conn;
+          conn.bind(signal);
+          if (await conn.rset(timeouts.rset)) {
+            const out = await session(conn, ctx, batch, facts);
+            if (out.kind === 'done') {
+              dest.release(conn, out.reusable);
+              slotHeld = false;
+              return results(out.decisions);
+            }
+            tried.add(conn.peer.ip);
+            last = problem(out.failure, conn.remote);
+          }
+          void conn.quit(timeouts.quit);
+        }
+        const again = heldBack();
+        if (again) return again;
+        const p = await plan(route);
+        if (p.kind !== 'hops') {
+          const { code, enhanced, text } = p.reply;
+          return every(madeUp(code, enhanced, String(text)));
+        }
+        let reached = false;
+        let attempts = 0;
+        for (const hop of p.hops) {
+          if (attempts >= config.maxAddresses || signal.aborted) break;
+          if (tried.has(hop.ip)) continue;
+          attempts++;
+          const remote = describePeer({ ...hop, port });
+          let conn: SmtpConnection;
+          try {
+            conn = await openSession(hop, what, policy, signal);
+          } catch (err) {
+            if (err instanceof LoopError) return every(madeUp(554, '5.4.6', err.message, remote));
+            last = problem(err, remote);
+            log.debug(
+              { queueId: ctx.message.id, remote, err: (err as Error).message },
+              'no session; next address',
+            );
+            continue;
+          }
+          reached = true;
+          dest.reached();
+          const out = await session(conn, ctx, batch, facts);
+          if (out.kind === 'done') {
+            dest.release(conn, out.reusable);
+            slotHeld = false;
+            return results(out.decisions);
+          }
+          last = problem(out.failure, conn.remote);
+          log.debug(
+            { queueId: ctx.message.id, remote, err: out.failure.message },
+            'transaction refused; next address',
+          );
+          void conn.quit(timeouts.quit);
+        }
+        if (!reached && attempts > 0 && !signal.aborted) {
+          dest.unreachable(String(last?.reply.text ?? 'no connection'));
+          const b = dest.backoff();
+          if (b)
+            log.warn({ destination: route.key, until: b.until, reason: b.reason }, 'destination backed off');
+        }
+        return every(last ?? madeUp(451, '4.4.4', `No usable address for ${what}`));
+      } finally {
+        if (slotHeld) dest.freeSlot();
+      }
+    }
+
+    return {
+      async route({ recipient }) {
+        const a = recipient.address;
+        // `<postmaster>` without a domain is always local (RFC 5321 §4.5.1).
+        if (!a.domain || localDomains.has(a.domain) || localDomains.has(a.domainAscii)) return proceed();
+        if (smarthostKey) {
+          return routeTo(TRANSPORT, { key: smarthostKey, data: { smarthost: `${smarthost!.host}:${port}` } });
+        }
+        return routeTo(TRANSPORT, { key: a.domainAscii, data: { domain: a.domainAscii } });
+      },
+
+      async deliver(ctx) {
+        if (ctx.route.transport !== TRANSPORT) return { kind: 'proceed' };
+        const facts = new MessageFacts(ctx.message);
+        const results: RecipientResult[] = [];
+        const max = config.maxRecipientsPerTransaction;
+        for (let i = 0; i < ctx.recipients.length; i += max) {
+          results.push(...(await deliverBatch(ctx, ctx.recipients.slice(i, i + max), facts)));
+        }
+        return { kind: 'results', results };
+      },
+    };
+  },
+});
