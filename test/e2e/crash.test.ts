@@ -7,7 +7,6 @@ import { join } from 'node:path';
 import { SmtpClient } from '../harness/smtp-client.js';
 import { CLI, freePort, NODE } from './cli.js';
 
-
 /** Starts the real CLI and resolves once its port answers with a greeting. */
 async function startCli(config: string, cwd: string, port: number): Promise<ChildProcess> {
   const child = spawn(NODE, [CLI, 'start', '--config', config], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
