@@ -44,6 +44,11 @@ const BRAND = Symbol.for('petrel.plugin');
 export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
   readonly name: string;
   readonly config?: S;
+  /**
+   * This plugin's own default time limit per hook call, in ms, for plugins whose work is
+   * slow by nature (a transport talking to remote servers). A config entry's `timeout` still wins.
+   */
+  readonly hookTimeout?: number;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
   readonly [BRAND]: true;
 }
@@ -69,6 +74,7 @@ export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
 export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, never>>>(def: {
   name: string;
   config?: S;
+  hookTimeout?: number;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
 }): PluginDefinition<S> {
   if (typeof def?.name !== 'string' || !/^[a-z0-9][a-z0-9-_.]*$/i.test(def.name)) {

@@ -316,7 +316,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
         (table[hookName] as RegisteredHook<HookName>[]).push({
           plugin: name,
           fn: fn as never,
-          timeoutMs: timeout ?? config.timeouts.hook,
+          timeoutMs: timeout ?? definition.hookTimeout ?? config.timeouts.hook,
         });
         names.push(hookName);
       }

@@ -92,6 +92,9 @@ function asDeferral(r: SmtpReply, remote: string): Decision {
 export default definePlugin({
   name: 'outbound',
   config: configSchema,
+  // One delivery may try several MX addresses, each with its own stage timeouts (RFC 5321
+  // §4.5.3.2: up to 10 minutes for the final reply): the generic 30 s hook limit would cut it off.
+  hookTimeout: 60 * 60_000,
   setup(api: PluginApi<OutboundConfig>) {
     const { config, log } = api;
     const core = api.resolve(Tokens.Config);

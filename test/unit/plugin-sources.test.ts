@@ -99,3 +99,39 @@ describe('where plugins come from', () => {
     }
   });
 });
+
+describe('hook time limits', () => {
+  it('a plugin may declare its own default, and a config entry still overrides it', async () => {
+    const { definePlugin } = await import('../../core/plugins/define.js');
+    const { proceed } = await import('../../core/hooks/verdict.js');
+    const slow = definePlugin({
+      name: 'slow-by-nature',
+      hookTimeout: 400,
+      setup: () => ({ mail: () => new Promise((r) => setTimeout(() => r(proceed()), 200)) }),
+    });
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-timeout-'));
+    try {
+      for (const [entry, expected] of [
+        ['slow-by-nature', /^250 /],
+        [{ name: 'slow-by-nature', timeout: 100 }, /^451 4\.3\.0 /],
+      ] as const) {
+        const app = await Petrel.start({
+          config: { ...base(dir), timeouts: { hook: 50 }, plugins: [entry] },
+          plugins: [slow],
+          logger: pino({ level: 'silent' }),
+        });
+        try {
+          const c = await SmtpClient.connect(app.port());
+          await c.expect(/^220 /);
+          await c.ehlo();
+          await c.cmd('MAIL FROM:<a@example.test>', expected);
+          c.close();
+        } finally {
+          await app.stop(500);
+        }
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
