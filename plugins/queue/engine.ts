@@ -7,6 +7,7 @@ import type {
   Route,
 } from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
+import { DueHeap } from './due-heap.js';
 import { QueueStore, type Entry, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer } from './control.js';
@@ -40,6 +41,8 @@ export class QueueEngine {
   private readonly attempting = new Set<string>();
   private active = 0;
   private timer: NodeJS.Timeout | null = null;
+  private timerAt = Infinity;
+  private readonly due = new DueHeap();
   private compactor: NodeJS.Timeout | null = null;
   private closing = false;
   /** False until the plugin set that delivers is complete (a transport may come after the queue). */
@@ -325,6 +328,7 @@ export class QueueEngine {
       void this.attempt(entry).finally(() => {
         this.attempting.delete(id);
         this.unlock(entry);
+        this.schedule(entry);
         this.active--;
         if (this.closing && this.active === 0) this.idle?.();
         this.arm();
@@ -334,34 +338,59 @@ export class QueueEngine {
     this.arm();
   }
 
-  /** Sets one timer for the earliest deferred attempt. */
+  /** When a message is next due: its earliest pending or deferred recipient, or Infinity. */
+  private nextDue(entry: Entry): number {
+    let next = Infinity;
+    for (const r of entry.rcpts) {
+      if ((r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt < next)
+        next = r.nextAttemptAt;
+    }
+    return next;
+  }
+
+  /** Puts a message on the timetable after an attempt (or a recovery that found it not yet due). */
+  private schedule(entry: Entry): void {
+    const at = this.nextDue(entry);
+    if (at !== Infinity && this.store.entries.get(entry.env.id) === entry) this.due.push(at, entry.env.id);
+  }
+
+  /**
+   * Sets one timer for the earliest due message. The heap may hold stale items (a message
+   * finished, flushed or rescheduled since): they are dropped when they reach the top, so no
+   * call scans the whole queue.
+   */
   private arm(): void {
     if (this.closing) return;
-    let next = Infinity;
-    for (const e of this.store.entries.values()) {
-      if (e.busy || e.held || this.ready.has(e.env.id)) continue;
-      for (const r of e.rcpts) {
-        if ((r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt < next)
-          next = r.nextAttemptAt;
-      }
+    for (;;) {
+      const head = this.due.peek();
+      if (!head) break;
+      const entry = this.store.entries.get(head.id);
+      if (entry && !entry.held && !entry.busy && !this.ready.has(head.id) && this.nextDue(entry) === head.at)
+        break;
+      this.due.pop();
     }
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-    if (next === Infinity) return;
-    const wait = Math.max(0, Math.min(next - Date.now(), MAX_TIMER));
-    this.timer = setTimeout(() => {
+    const head = this.due.peek();
+    if (!head) {
+      if (this.timer) clearTimeout(this.timer);
       this.timer = null;
-      const now = Date.now();
-      for (const e of this.store.entries.values()) {
-        if (
-          !e.held &&
-          e.rcpts.some((r) => (r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt <= now)
-        ) {
-          this.ready.add(e.env.id);
+      return;
+    }
+    if (this.timer && this.timerAt <= head.at) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timerAt = head.at;
+    this.timer = setTimeout(
+      () => {
+        this.timer = null;
+        const now = Date.now();
+        for (let top = this.due.peek(); top && top.at <= now; top = this.due.peek()) {
+          this.due.pop();
+          const entry = this.store.entries.get(top.id);
+          if (entry && !entry.held && this.nextDue(entry) <= now) this.ready.add(top.id);
         }
-      }
-      this.pump();
-    }, wait);
+        this.pump();
+      },
+      Math.max(0, Math.min(head.at - Date.now(), MAX_TIMER)),
+    );
     this.timer.unref();
   }
 

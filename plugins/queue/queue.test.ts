@@ -28,6 +28,7 @@ import { REQUIRE_PEERS } from '../../test/harness/peers.js';
 import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
+import { QueueStore } from './store.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
@@ -408,6 +409,38 @@ describe('queue administration', () => {
       assert.equal(delivered[0]!.id, id);
     } finally {
       await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('queue space', () => {
+  it('removes segments whose messages all finished, also those that were current at the time', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-segments-'));
+    try {
+      const store = new QueueStore(dir, 65_536, { warn: () => undefined, error: () => undefined });
+      await store.open();
+      for (let i = 0; i < 100; i++) {
+        const entry = await store.add(
+          {
+            id: `m${i}`,
+            sender: null,
+            mailParams: { smtputf8: false },
+            recipients: [{ address: address('a@b.test'), params: {} }],
+            receivedAt: Date.now(),
+            size: 10_000,
+          },
+          { inline: [Buffer.alloc(10_000)] },
+        );
+        entry.rcpts[0]!.status = 'delivered';
+        if (await store.update(entry, [0])) await store.discard(entry);
+      }
+      await store.compact();
+      const segments = readdirSync(join(dir, 'journal')).filter((f) => f.endsWith('.seg'));
+      assert.equal(store.entries.size, 0);
+      assert.ok(segments.length <= 2, `only the current segment is left, found ${segments.length}`);
+      await store.close();
+    } finally {
       rmSync(dir, { recursive: true, force: true });
     }
   });

@@ -105,6 +105,8 @@ export class QueueStore {
   readonly entries = new Map<string, Entry>();
   /** Live entries per segment. */
   private readonly segmentRefs = new Map<number, number>();
+  /** Segment files known to exist (from the start, and every segment written since). */
+  private readonly onDisk = new Set<number>();
   private journal!: Journal;
   readonly blobDir: string;
   /** True when the last run did not stop cleanly (so deliveries may have happened unrecorded). */
@@ -136,6 +138,7 @@ export class QueueStore {
     for (const seg of await this.listSegments()) {
       if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
         await this.journal.removeSegment(seg);
+      else this.onDisk.add(seg);
     }
     // A blob without a Message record was written before a crash and never acknowledged.
     for (const f of await readdir(this.blobDir)) {
@@ -158,6 +161,7 @@ export class QueueStore {
   }
 
   private ref(entry: Entry, segment: number): void {
+    this.onDisk.add(segment);
     if (entry.segments.has(segment)) return;
     entry.segments.add(segment);
     this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
@@ -287,9 +291,22 @@ export class QueueStore {
   async discard(entry: Entry): Promise<void> {
     if (this.entries.get(entry.env.id) === entry) return;
     if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
-    for (const seg of entry.segments) {
-      if (!this.segmentRefs.has(seg) && seg !== this.journal.currentSegment)
+    await this.sweep();
+  }
+
+  /**
+   * Removes every segment older than the one being written that no live message refers to. A
+   * segment whose messages all finished while it was still current is caught here once the
+   * journal has moved on (otherwise it would stay until the next start).
+   */
+  private async sweep(): Promise<void> {
+    const current = this.journal.currentSegment;
+    this.onDisk.add(current);
+    for (const seg of [...this.onDisk]) {
+      if (seg < current && !this.segmentRefs.get(seg)) {
+        this.onDisk.delete(seg);
         await this.journal.removeSegment(seg);
+      }
     }
   }
 
@@ -299,6 +316,7 @@ export class QueueStore {
    * then the old segment is removed once nothing refers to it.
    */
   async compact(): Promise<void> {
+    await this.sweep();
     const current = this.journal.currentSegment;
     const old = [...this.segmentRefs.keys()].filter((s) => s < current);
     for (const seg of old) {
