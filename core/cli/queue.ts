@@ -2,6 +2,7 @@ import { createConnection } from 'node:net';
 import { isAbsolute, join, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import { parseArgs } from 'node:util';
+import { CommandError, runSubcommand, UsageError } from './command.js';
 import { zodToConfigError } from '../config/errors.js';
 import { loadConfig } from '../config/load.js';
 import { queueConfig } from '../../plugins/queue/index.js';
@@ -45,16 +46,6 @@ export interface QueueCommandIo {
   readonly timeoutMs: number;
 }
 
-class UsageError extends Error {}
-class CommandError extends Error {
-  constructor(
-    readonly code: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 /** The queue folder a config uses. */
 export interface QueueLocation {
   readonly dir: string;
@@ -84,7 +75,7 @@ export async function locateQueueDir(opts: { configFile?: string; cwd: string })
       configFile: loaded.file,
     };
   }
-  throw new CommandError(78, `${loaded.file} does not enable the queue plugin: there is no queue to look at`);
+  throw new CommandError(`${loaded.file} does not enable the queue plugin: there is no queue to look at`, 78);
 }
 
 /** Sends one request over the control socket and reads its one-line answer. */
@@ -111,8 +102,8 @@ export function request(
       () =>
         finish(
           new CommandError(
-            75,
             `the server did not answer within ${Math.round(timeoutMs / 1000)} s on ${socketPath}`,
+            75,
           ),
         ),
       timeoutMs,
@@ -126,38 +117,38 @@ export function request(
       try {
         finish(null, JSON.parse(buffer.slice(0, nl)) as ControlResponse);
       } catch {
-        finish(new CommandError(1, `the server sent an answer that is not JSON: ${buffer.slice(0, 200)}`));
+        finish(new CommandError(`the server sent an answer that is not JSON: ${buffer.slice(0, 200)}`, 1));
       }
     });
     socket.once('end', () =>
-      finish(new CommandError(69, 'the server closed the connection without an answer (is it stopping?)')),
+      finish(new CommandError('the server closed the connection without an answer (is it stopping?)', 69)),
     );
     socket.once('error', (err: NodeJS.ErrnoException) => {
       switch (err.code) {
         case 'ENOENT':
           return finish(
             new CommandError(
-              69,
               `no Petrel server is running for this queue: there is no control socket at ${socketPath}.\n${hint}`,
+              69,
             ),
           );
         case 'ECONNREFUSED':
           return finish(
             new CommandError(
-              69,
               `no Petrel server is running for this queue: nothing answers on ${socketPath} (left by a server that stopped abruptly).\n${hint}`,
+              69,
             ),
           );
         case 'EACCES':
         case 'EPERM':
           return finish(
             new CommandError(
-              77,
               `permission denied on ${socketPath}: run petrel queue as the user the server runs as, or as root`,
+              77,
             ),
           );
         default:
-          return finish(new CommandError(69, `cannot reach the server on ${socketPath}: ${err.message}`));
+          return finish(new CommandError(`cannot reach the server on ${socketPath}: ${err.message}`, 69));
       }
     });
   });
@@ -177,19 +168,7 @@ export async function runQueueCommand(
     cwd: io?.cwd ?? process.cwd(),
     timeoutMs: io?.timeoutMs ?? 60_000,
   };
-  try {
-    return await queueCommand(argv, full);
-  } catch (err) {
-    if (err instanceof UsageError) {
-      full.stderr.write(`petrel queue: ${err.message}\n\n${QUEUE_USAGE}\n`);
-      return 64;
-    }
-    if (err instanceof CommandError) {
-      full.stderr.write(`petrel queue: ${err.message}\n`);
-      return err.code;
-    }
-    throw err;
-  }
+  return runSubcommand('queue', QUEUE_USAGE, full.stderr, () => queueCommand(argv, full));
 }
 
 const NEEDS_ID = new Set(['show', 'hold', 'release', 'delete', 'bounce']);
@@ -234,7 +213,7 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
   } as ControlRequest;
   const res = await request(join(where.dir, CONTROL_SOCKET), req, io.timeoutMs);
   if (!res.ok) {
-    throw new CommandError(res.error === 'not-found' || res.error === 'held' ? 1 : 70, res.message);
+    throw new CommandError(res.message, res.error === 'not-found' || res.error === 'held' ? 1 : 70);
   }
   if (values.json) {
     io.stdout.write(`${JSON.stringify(res, null, 2)}\n`);

@@ -1,5 +1,6 @@
 import type { Readable, Writable } from 'node:stream';
 import { parseArgs } from 'node:util';
+import { CommandError, runSubcommand, UsageError } from './command.js';
 import { zodToConfigError } from '../config/errors.js';
 import { loadConfig } from '../config/load.js';
 import { parseAddressText } from '../../plugins/users/addresses.js';
@@ -33,9 +34,6 @@ export interface UserCommandIo {
   readonly stderr: Writable;
   readonly cwd: string;
 }
-
-class UsageError extends Error {}
-class CommandError extends Error {}
 
 /** The users file a config uses, and what the command should warn about. */
 export interface UsersFileLocation {
@@ -155,19 +153,7 @@ export async function runUserCommand(argv: readonly string[], io?: Partial<UserC
     stderr: io?.stderr ?? process.stderr,
     cwd: io?.cwd ?? process.cwd(),
   };
-  try {
-    return await userCommand(argv, full);
-  } catch (err) {
-    if (err instanceof UsageError) {
-      full.stderr.write(`petrel user: ${err.message}\n\n${USER_USAGE}\n`);
-      return 64;
-    }
-    if (err instanceof CommandError) {
-      full.stderr.write(`petrel user: ${err.message}\n`);
-      return 1;
-    }
-    throw err;
-  }
+  return runSubcommand('user', USER_USAGE, full.stderr, () => userCommand(argv, full));
 }
 
 async function userCommand(argv: readonly string[], io: UserCommandIo): Promise<number> {
