@@ -1,6 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import {
   mkdirSync,
   mkdtempSync,
@@ -439,6 +440,53 @@ describe('queue space', () => {
       const segments = readdirSync(join(dir, 'journal')).filter((f) => f.endsWith('.seg'));
       assert.equal(store.entries.size, 0);
       assert.ok(segments.length <= 2, `only the current segment is left, found ${segments.length}`);
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('compaction', () => {
+  it('never removes a segment under a delivery that is reading it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-compact-'));
+    try {
+      const store = new QueueStore(dir, 65_536, { warn: () => undefined, error: () => undefined });
+      await store.open();
+      const env = (id: string) => ({
+        id,
+        sender: null,
+        mailParams: { smtputf8: false },
+        recipients: [{ address: address('a@b.test'), params: {} }],
+        receivedAt: Date.now(),
+        size: 40_000,
+      });
+      const live = await store.add(env('live'), { inline: [Buffer.alloc(40_000, 0x61)] });
+      // Fill the segment so the journal moves on; the others finish.
+      for (let i = 0; i < 3; i++) {
+        const e = await store.add(env(`done${i}`), { inline: [Buffer.alloc(40_000)] });
+        e.rcpts[0]!.status = 'delivered';
+        if (await store.update(e, [0])) await store.discard(e);
+      }
+      // A delivery attempt starts while compaction is writing the copy (it may open the old place).
+      const journal = (store as unknown as { journal: { append: (...a: unknown[]) => Promise<unknown> } })
+        .journal;
+      const append = journal.append.bind(journal);
+      journal.append = async (...args: unknown[]) => {
+        const done = await append(...args);
+        live.busy = true;
+        return done;
+      };
+      await store.compact();
+      journal.append = append;
+      assert.ok(
+        existsSync(join(dir, 'journal', segmentName(1))),
+        'the old segment stays while the delivery runs',
+      );
+      live.busy = false;
+      const after: Buffer[] = [];
+      for await (const c of store.view(live).stream()) after.push(c as Buffer);
+      assert.ok(Buffer.concat(after).equals(Buffer.alloc(40_000, 0x61)), 'the relocated copy reads the same');
       await store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -346,12 +346,16 @@ export class QueueStore {
           entry.location = copy;
           entry.skip = 4 + head[1].length;
         }
-        for (const s of entry.segments) {
-          const n = (this.segmentRefs.get(s) ?? 1) - 1;
-          if (n > 0) this.segmentRefs.set(s, n);
-          else this.segmentRefs.delete(s);
+        // A delivery that started while the copy was written may be reading the old place: then the
+        // message keeps its old segments until it is final, and they are not removed under it.
+        if (!entry.busy) {
+          for (const s of entry.segments) {
+            const n = (this.segmentRefs.get(s) ?? 1) - 1;
+            if (n > 0) this.segmentRefs.set(s, n);
+            else this.segmentRefs.delete(s);
+          }
+          entry.segments.clear();
         }
-        entry.segments.clear();
         this.ref(entry, copy.segment);
         this.ref(entry, st.segment);
         if (hold) this.ref(entry, hold.segment);
