@@ -1,0 +1,269 @@
+/**
+ * The relay benchmark (`node dist/bench/relay.js` after a build): how fast Petrel passes mail on,
+ * smtp-source → Petrel → smtp-sink, compared with smtp-source → smtp-sink alone in the same run.
+ *
+ * Petrel runs as a child process (the real CLI) with bench/relay-plugin.ts, which accepts every
+ * recipient and counts what the queue reports about each one; the built-in `queue` (every `250`
+ * after fdatasync, on a real disk); and the built-in `outbound` with a smarthost: an smtp-sink of
+ * its own on another port. The relay rate is messages divided by the time from starting
+ * smtp-source until the plugin has counted every message delivered to that sink. Every run must
+ * deliver every message, with none deferred or failed.
+ *
+ * Figures are written to var/bench-relay-results.json. Environment: BENCH_SCALE multiplies the
+ * message counts (default 1); BENCH_DIR is the folder for the queue (default: the system's
+ * temporary folder, unless that is in memory, then var/ in the repository).
+ */
+import { mkdirSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { RELAY_COUNT_COMMAND } from './relay-plugin.js';
+import {
+  ask,
+  backgroundLoad,
+  BenchError,
+  CLI,
+  cpuSeconds,
+  describeMachine,
+  formatSize,
+  HOST,
+  KB,
+  log,
+  logRound,
+  machineLine,
+  peerPrograms,
+  ratioOf,
+  requireBuilt,
+  ROOT,
+  runMain,
+  sample,
+  scale,
+  sleep,
+  startPetrel,
+  startSink,
+  stop,
+  summarize,
+  table,
+  writeResults,
+  type Probe,
+  type Run,
+  type Sample,
+  type Server,
+  type Target,
+} from './harness.js';
+
+const PLUGIN = join(ROOT, 'dist', 'bench', 'relay-plugin.js');
+const RESULTS = join(ROOT, 'var', 'bench-relay-results.json');
+
+const SIZES = [1 * KB, 100 * KB] as const;
+const SESSIONS = [10, 50] as const;
+/** Messages per run at BENCH_SCALE=1: a few seconds each at relay rates, so the run stays short. */
+const BASE_COUNT: Record<number, Record<number, number>> = {
+  [1 * KB]: { 10: 2000, 50: 3000 },
+  [100 * KB]: { 10: 500, 50: 800 },
+};
+/** Each cell is measured this many times, the two targets taking turns; the median counts. */
+const ROUNDS = 3;
+/** The goal: at 50 sessions and 1 KB, at least a quarter of smtp-sink's direct rate. */
+const TARGET_RATIO = 0.25;
+/** How long Petrel may take to deliver a run's messages after the client is done. */
+const DRAIN_TIMEOUT_MS = 60_000;
+
+const IN_MEMORY = new Set([0x01021994, 0x858458f6]); // tmpfs, ramfs
+
+/** A folder for the queue on a filesystem with a disk under it. */
+function queueBase(): string {
+  const chosen = process.env.BENCH_DIR;
+  if (chosen) {
+    mkdirSync(chosen, { recursive: true });
+    return chosen;
+  }
+  if (!IN_MEMORY.has(statfsSync(tmpdir()).type)) return tmpdir();
+  const fallback = join(ROOT, 'var');
+  mkdirSync(fallback, { recursive: true });
+  return fallback;
+}
+
+interface Counts {
+  readonly queued: number;
+  readonly delivered: number;
+  readonly deferred: number;
+  readonly failed: number;
+}
+
+async function counts(port: number): Promise<Counts> {
+  const reply = await ask(port, RELAY_COUNT_COMMAND);
+  const m = /^250 2\.0\.0 (\d+) (\d+) (\d+) (\d+)$/.exec(reply);
+  if (!m) throw new BenchError(`${RELAY_COUNT_COMMAND} got "${reply}"; is the bench plugin loaded?`);
+  return { queued: Number(m[1]), delivered: Number(m[2]), deferred: Number(m[3]), failed: Number(m[4]) };
+}
+
+/**
+ * Starts the clock just before smtp-source starts and stops it when the plugin has counted every
+ * message of the run delivered to the sink; checks that the queue took exactly the run's messages
+ * and that none was deferred or failed.
+ */
+function relayProbe(petrel: Server): Probe {
+  let before: Counts = { queued: 0, delivered: 0, deferred: 0, failed: 0 };
+  let started = 0n;
+  let cpuBefore = 0;
+  return {
+    async start() {
+      before = await counts(petrel.port);
+      cpuBefore = cpuSeconds(petrel.child.pid!);
+      started = process.hrtime.bigint();
+    },
+    async finish(messages, seconds) {
+      const clientDone = Date.now();
+      let now = await counts(petrel.port);
+      // Every recipient must have an outcome; the run fails unless all of them are deliveries.
+      const unfinished = (c: Counts): boolean =>
+        c.delivered + c.deferred + c.failed - (before.delivered + before.deferred + before.failed) < messages;
+      while (unfinished(now) && Date.now() - clientDone < DRAIN_TIMEOUT_MS) {
+        await sleep(10);
+        now = await counts(petrel.port);
+      }
+      const relaySeconds = Number(process.hrtime.bigint() - started) / 1e9;
+      const relayCpu = (cpuSeconds(petrel.child.pid!) - cpuBefore) / relaySeconds;
+      const queued = now.queued - before.queued;
+      const delivered = now.delivered - before.delivered;
+      const deferred = now.deferred - before.deferred;
+      const failed = now.failed - before.failed;
+      const problems: string[] = [];
+      if (queued !== messages) problems.push(`the queue took ${queued} of ${messages} messages`);
+      if (delivered !== messages) {
+        problems.push(
+          `${delivered} of ${messages} messages delivered ${relaySeconds.toFixed(1)} s after the start`,
+        );
+      }
+      if (deferred || failed) problems.push(`${deferred} recipient(s) deferred, ${failed} failed`);
+      return {
+        problems,
+        figures: { relaySeconds, relayCpu, acceptSeconds: seconds, drainSeconds: relaySeconds - seconds },
+      };
+    },
+  };
+}
+
+/** One run; for Petrel the time and rate are those to the last delivery, not the last `250`. */
+async function measure(
+  source: string,
+  server: Server,
+  size: number,
+  sessions: number,
+  messages: number,
+  probe: Probe | undefined,
+): Promise<Sample> {
+  const s = await sample(source, server, size, sessions, messages, probe);
+  const seconds = s.figures.relaySeconds;
+  if (seconds === undefined) return s;
+  return { ...s, seconds, perSecond: messages / seconds, serverCpu: s.figures.relayCpu ?? s.serverCpu };
+}
+
+async function main(): Promise<number> {
+  const factor = scale();
+  const { source, sink } = peerPrograms();
+  requireBuilt([CLI, PLUGIN], 'npm run build --silent && node dist/bench/relay.js');
+  const machine = describeMachine();
+  const out = process.stdout;
+  const dir = mkdtempSync(join(queueBase(), 'petrel-relay-'));
+  const servers: Server[] = [];
+  try {
+    const idle = await backgroundLoad();
+    out.write(machineLine(machine, idle));
+    if (idle > 0.15) log('warning: the machine is already busy; expect noisy figures');
+
+    // The smtp-sink Petrel relays to, and the one smtp-source talks to directly.
+    const relaySink = await startSink(sink);
+    servers.push(relaySink);
+    const smtpSink = await startSink(sink);
+    servers.push(smtpSink);
+    const plugins = [
+      { name: PLUGIN },
+      { name: 'queue', config: { dir: join(dir, 'queue'), retry: '1m...' } },
+      {
+        name: 'outbound',
+        config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
+      },
+    ];
+    const petrel = await startPetrel(dir, plugins);
+    servers.push(petrel);
+    log(
+      `Petrel on ${HOST}:${petrel.port} (pid ${petrel.child.pid}, queue in ${dir}) relaying to ` +
+        `smtp-sink on ${HOST}:${relaySink.port}; smtp-sink alone on ${HOST}:${smtpSink.port}`,
+    );
+    const probeOf = (server: Server): Probe | undefined =>
+      server === petrel ? relayProbe(petrel) : undefined;
+    const count = (size: number, sessions: number): number =>
+      Math.max(sessions, Math.round((BASE_COUNT[size]?.[sessions] ?? 500) * factor));
+
+    log('warm-up…');
+    for (const server of [petrel, smtpSink]) {
+      const messages = Math.max(10, Math.round(500 * factor));
+      const w = await measure(source, server, 1 * KB, 10, messages, probeOf(server));
+      if (w.failure) throw new BenchError(`warm-up against ${server.target} failed: ${w.failure}`);
+    }
+
+    const runs: Run[] = [];
+    for (const size of SIZES) {
+      for (const sessions of SESSIONS) {
+        const messages = count(size, sessions);
+        const samples = new Map<Target, Sample[]>([
+          ['petrel', []],
+          ['smtp-sink', []],
+        ]);
+        for (let round = 0; round < ROUNDS; round++) {
+          const order = round % 2 ? [smtpSink, petrel] : [petrel, smtpSink];
+          for (const server of order) {
+            const s = await measure(source, server, size, sessions, messages, probeOf(server));
+            samples.get(server.target)!.push(s);
+            logRound(server, size, messages, sessions, round, s);
+            await sleep(300);
+          }
+        }
+        for (const [target, list] of samples) runs.push(summarize(target, size, sessions, messages, list));
+      }
+    }
+
+    const ratio = ratioOf(runs, 1 * KB, 50);
+    const failures = runs.filter((r) => r.failure);
+    const figure = (r: Run, name: string): string =>
+      r.figures[name] === undefined ? '' : r.figures[name].toFixed(2);
+    out.write(
+      `\nRelay throughput (smtp-source, one connection per message; Petrel: first message to last ` +
+        `delivery at smtp-sink, queue fsynced; scale ${factor}, median of ${ROUNDS} rounds):\n\n` +
+        `${table(runs, [
+          { head: 'last 250 s', cell: (r) => figure(r, 'acceptSeconds') },
+          { head: 'drain s', cell: (r) => figure(r, 'drainSeconds') },
+        ])}\n\n`,
+    );
+    out.write(
+      `Petrel (relay)/smtp-sink (direct) at 50 sessions, 1 KB: ${ratio === null ? 'n/a' : ratio.toFixed(2)} ` +
+        `(target ≥ ${TARGET_RATIO}: ${ratio === null ? 'not measured' : ratio >= TARGET_RATIO ? 'met' : 'NOT met'})\n`,
+    );
+    writeResults(RESULTS, {
+      date: new Date().toISOString(),
+      machine,
+      scale: factor,
+      rounds: ROUNDS,
+      backgroundLoad: idle,
+      runs,
+      ratio50x1KB: ratio,
+      targetRatio: TARGET_RATIO,
+    });
+    out.write(`\nWritten to ${RESULTS}\n`);
+
+    if (failures.length) {
+      log(`\n${failures.length} run(s) failed; their figures do not count:`);
+      for (const f of failures) {
+        log(`  ${f.target} ${formatSize(f.size)} × ${f.sessions} sessions: ${f.failure}`);
+      }
+      return 1;
+    }
+    return 0;
+  } finally {
+    await Promise.all(servers.map((s) => stop(s.child)));
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+runMain(main, 'bench');
