@@ -72,7 +72,7 @@ export const configSchema = z
     /** Recipients of one message per SMTP transaction; more go in further transactions. */
     maxRecipientsPerTransaction: z.number().int().positive().default(100),
     /** Connections open at once to one destination (a domain, or the smarthost). */
-    maxConnectionsPerDestination: z.number().int().positive().default(5),
+    maxConnectionsPerDestination: z.number().int().positive().default(20),
     /** Messages sent over one connection before it is closed. */
     maxMessagesPerConnection: z.number().int().positive().default(100),
     /** How long an unused connection stays open for the next message to its destination. */

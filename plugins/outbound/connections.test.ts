@@ -41,7 +41,7 @@ describe('outbound: connection reuse', () => {
     });
     const sender = await startSender(t, {
       dnsServer: dns.server,
-      outbound: { port, timeouts: FAST, idleTimeout: 2000 },
+      outbound: { port, timeouts: FAST, idleTimeout: 2000, maxConnectionsPerDestination: 5 },
     });
     const ids = await Promise.all(
       Array.from({ length: 100 }, (_, i) =>
