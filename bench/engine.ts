@@ -24,7 +24,6 @@ import {
   HOST,
   KB,
   log,
-  logRound,
   machineLine,
   openGreeted,
   peerPrograms,
@@ -38,14 +37,11 @@ import {
   startPetrel,
   startSink,
   stop,
-  summarize,
   table,
   writeResults,
   type Probe,
-  type Run,
-  type Sample,
   type Server,
-  type Target,
+  runMatrix,
 } from './harness.js';
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'discard-plugin.js');
@@ -165,34 +161,16 @@ async function main(): Promise<number> {
     const count = (size: number, sessions: number): number =>
       Math.max(sessions, Math.round((BASE_COUNT[size] ?? 1000) * factor));
 
-    log('warm-up…');
-    for (const server of [petrel, smtpSink]) {
-      const messages = Math.max(10, Math.round(count(1 * KB, 10) / 5));
-      const w = await sample(source, server, 1 * KB, 10, messages, probeOf(server));
-      if (w.failure) throw new BenchError(`warm-up against ${server.target} failed: ${w.failure}`);
-    }
-
-    const runs: Run[] = [];
-    for (const size of SIZES) {
-      for (const sessions of SESSIONS) {
-        const messages = count(size, sessions);
-        const samples = new Map<Target, Sample[]>([
-          ['petrel', []],
-          ['smtp-sink', []],
-        ]);
-        for (let round = 0; round < ROUNDS; round++) {
-          // Take turns going first, so neither always runs on a machine the other just warmed.
-          const order = round % 2 ? [smtpSink, petrel] : [petrel, smtpSink];
-          for (const server of order) {
-            const s = await sample(source, server, size, sessions, messages, probeOf(server));
-            samples.get(server.target)!.push(s);
-            logRound(server, size, messages, sessions, round, s);
-            await sleep(300);
-          }
-        }
-        for (const [target, list] of samples) runs.push(summarize(target, size, sessions, messages, list));
-      }
-    }
+    const runs = await runMatrix({
+      servers: [petrel, smtpSink],
+      sizes: SIZES,
+      sessions: SESSIONS,
+      rounds: ROUNDS,
+      warmupMessages: Math.max(10, Math.round(count(1 * KB, 10) / 5)),
+      count,
+      measure: (server, size, sessions, messages) =>
+        sample(source, server, size, sessions, messages, probeOf(server)),
+    });
 
     const ratio = ratioOf(runs, 1 * KB, 50);
     const failures = runs.filter((r) => r.failure);

@@ -605,3 +605,42 @@ export function runMain(main: () => Promise<number>, name: string): void {
     },
   );
 }
+
+/**
+ * Warms both servers up, then runs every size × sessions cell `rounds` times, Petrel and
+ * smtp-sink taking turns going first (so neither always runs on a machine the other just
+ * warmed), and summarises each cell. `measure` runs one sample; `count` says how many messages.
+ */
+export async function runMatrix(opts: {
+  servers: readonly [Server, Server];
+  sizes: readonly number[];
+  sessions: readonly number[];
+  rounds: number;
+  warmupMessages: number;
+  count: (size: number, sessions: number) => number;
+  measure: (server: Server, size: number, sessions: number, messages: number) => Promise<Sample>;
+}): Promise<Run[]> {
+  const [first, second] = opts.servers;
+  log('warm-up…');
+  for (const server of opts.servers) {
+    const w = await opts.measure(server, 1 * KB, 10, opts.warmupMessages);
+    if (w.failure) throw new BenchError(`warm-up against ${server.target} failed: ${w.failure}`);
+  }
+  const runs: Run[] = [];
+  for (const size of opts.sizes) {
+    for (const sessions of opts.sessions) {
+      const messages = opts.count(size, sessions);
+      const samples = new Map<Target, Sample[]>(opts.servers.map((s) => [s.target, []]));
+      for (let round = 0; round < opts.rounds; round++) {
+        for (const server of round % 2 ? [second, first] : [first, second]) {
+          const s = await opts.measure(server, size, sessions, messages);
+          samples.get(server.target)!.push(s);
+          logRound(server, size, messages, sessions, round, s);
+          await sleep(300);
+        }
+      }
+      for (const [target, list] of samples) runs.push(summarize(target, size, sessions, messages, list));
+    }
+  }
+  return runs;
+}
