@@ -7,6 +7,7 @@ import { addAbortSignal, type Readable } from 'node:stream';
 import type { Address } from '../../core/message/address.js';
 import type { MailParams } from '../../core/hooks/catalogue.js';
 import { SocketReader } from '../../core/smtp/reader.js';
+import { dotStuffed, writeDrained } from '../../core/smtp/client-wire.js';
 
 export type Destination = { readonly host: string; readonly port: number } | { readonly path: string };
 
@@ -55,57 +56,6 @@ export interface LmtpOutcome {
 /** `host:port` or `unix:<path>`, for route keys and logs. */
 export function describeDestination(d: Destination): string {
   return 'path' in d ? `unix:${d.path}` : `${d.host.includes(':') ? `[${d.host}]` : d.host}:${d.port}`;
-}
-
-const DOT = 0x2e;
-const LF = 0x0a;
-const CR = 0x0d;
-const LF_DOT = Buffer.from('\n.');
-const DOT_BUF = Buffer.from('.');
-/** Writes of at least this many octets (the last one excepted): never a line per write. */
-export const WRITE_CHUNK = 65_536;
-
-/**
- * The message as it goes after DATA: every line that starts with a dot gets another one
- * (RFC 5321 §4.5.2), a missing final CRLF is added, then the `.` line. Yields chunks of at least
- * `chunkSize` octets, except the last.
- */
-export async function* dotStuffed(
-  source: AsyncIterable<Uint8Array>,
-  chunkSize = WRITE_CHUNK,
-): AsyncGenerator<Buffer> {
-  let pending: Buffer[] = [];
-  let pendingSize = 0;
-  let lineStart = true;
-  let last = -1;
-  let beforeLast = -1;
-  const add = (b: Buffer): void => {
-    pending.push(b);
-    pendingSize += b.length;
-  };
-  for await (const piece of source) {
-    if (piece.length === 0) continue;
-    const chunk = Buffer.isBuffer(piece) ? piece : Buffer.from(piece.buffer, piece.byteOffset, piece.length);
-    let from = 0;
-    if (lineStart && chunk[0] === DOT) add(DOT_BUF);
-    for (let i = chunk.indexOf(LF_DOT); i !== -1; i = chunk.indexOf(LF_DOT, i + 1)) {
-      add(chunk.subarray(from, i + 1));
-      add(DOT_BUF);
-      from = i + 1;
-    }
-    add(chunk.subarray(from));
-    beforeLast = chunk.length > 1 ? chunk[chunk.length - 2]! : last;
-    last = chunk[chunk.length - 1]!;
-    lineStart = last === LF;
-    if (pendingSize >= chunkSize) {
-      yield Buffer.concat(pending, pendingSize);
-      pending = [];
-      pendingSize = 0;
-    }
-  }
-  const empty = last === -1;
-  add(Buffer.from(empty || (beforeLast === CR && last === LF) ? '.\r\n' : '\r\n.\r\n'));
-  yield Buffer.concat(pending, pendingSize);
 }
 
 export class LmtpProtocolError extends Error {
@@ -183,23 +133,10 @@ class Connection {
   }
 
   /** Writes and, when the socket's buffer is full, waits (bounded) until it drains. */
-  write(data: string | Buffer, timeoutMs: number): Promise<void> {
-    if (this.socket.destroyed) return Promise.reject(this.gone());
-    if (this.socket.write(data)) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      const done = (err?: Error): void => {
-        clearTimeout(timer);
-        this.socket.off('drain', onDrain);
-        this.socket.off('close', onClose);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onDrain = (): void => done();
-      const onClose = (): void => done(this.gone());
-      const timer = setTimeout(() => done(new Error(`sending timed out after ${timeoutMs} ms`)), timeoutMs);
-      this.socket.on('drain', onDrain);
-      this.socket.on('close', onClose);
-    });
+  async write(data: string | Buffer, timeoutMs: number): Promise<void> {
+    const result = await writeDrained(this.socket, data, timeoutMs);
+    if (result === 'closed') throw this.gone();
+    if (result === 'timeout') throw new Error(`sending timed out after ${timeoutMs} ms`);
   }
 
   /** Why the connection is gone: the hook's time ran out, a socket error, or the server hung up. */

@@ -14,7 +14,7 @@ import { Tokens } from '../../core/di/tokens.js';
 import { validateConfig } from '../../core/config/load.js';
 import { setupPlugin } from '../../core/testing/index.js';
 import { deliveryRecipient, queuedMessage } from '../../test/harness/dovecot.js';
-import { dotStuffed } from './client.js';
+import { dotStuffed } from '../../core/smtp/client-wire.js';
 import lmtp from './index.js';
 
 async function collect(source: AsyncIterable<Buffer>): Promise<Buffer[]> {

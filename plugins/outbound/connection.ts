@@ -7,6 +7,7 @@
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { ReadTimeoutError, SocketReader } from '../../core/smtp/reader.js';
+import { writeDrained } from '../../core/smtp/client-wire.js';
 
 /** Where a connection goes: the host name (for logs, SNI and verification) and one of its addresses. */
 export interface PeerAddress {
@@ -240,26 +241,14 @@ export class SmtpConnection {
   }
 
   /** Writes and, when the socket's buffer is full, waits (bounded) until it drains. */
-  write(data: string | Buffer, stage: Stage, timeoutMs: number): Promise<void> {
-    if (this.closed) return Promise.reject(this.lost(stage));
-    if (this.socket.write(data)) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      const done = (err?: SmtpFailure): void => {
-        clearTimeout(timer);
-        this.socket.off('drain', onDrain);
-        this.socket.off('close', onClose);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onDrain = (): void => done();
-      const onClose = (): void => done(this.lost(stage));
-      const timer = setTimeout(() => {
-        done(new SmtpFailure(stage, 'timeout', `conversation with ${this.remote} timed out ${PHASE[stage]}`));
-        this.destroy();
-      }, timeoutMs);
-      this.socket.on('drain', onDrain);
-      this.socket.on('close', onClose);
-    });
+  async write(data: string | Buffer, stage: Stage, timeoutMs: number): Promise<void> {
+    if (this.closed) throw this.lost(stage);
+    const result = await writeDrained(this.socket, data, timeoutMs);
+    if (result === 'closed') throw this.lost(stage);
+    if (result === 'timeout') {
+      this.destroy();
+      throw new SmtpFailure(stage, 'timeout', `conversation with ${this.remote} timed out ${PHASE[stage]}`);
+    }
   }
 
   /** Sends one command line and reads its reply. */

@@ -15,7 +15,7 @@ import type {
   QueuedMessageView,
   RecipientReply,
 } from '../../core/hooks/catalogue.js';
-import { dotStuffed } from '../lmtp/client.js';
+import { dotStuffed } from '../../core/smtp/client-wire.js';
 import { SmtpFailure, type SmtpConnection, type SmtpReply } from './connection.js';
 
 export interface Decision {
