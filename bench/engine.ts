@@ -20,7 +20,6 @@ import {
   BenchError,
   CLI,
   describeMachine,
-  formatSize,
   HOST,
   KB,
   log,
@@ -38,10 +37,10 @@ import {
   startSink,
   stop,
   table,
-  writeResults,
   type Probe,
   type Server,
   runMatrix,
+  finishRuns,
 } from './harness.js';
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'discard-plugin.js');
@@ -173,7 +172,6 @@ async function main(): Promise<number> {
     });
 
     const ratio = ratioOf(runs, 1 * KB, 50);
-    const failures = runs.filter((r) => r.failure);
     out.write(
       `\nThroughput (smtp-source, one connection per message, scale ${factor}, median of ${ROUNDS} rounds):\n\n` +
         `${table(runs)}\n\n`,
@@ -187,7 +185,7 @@ async function main(): Promise<number> {
         `(${memory.rssBeforeKiB} → ${memory.rssAfterKiB} KiB), ${memory.perConnectionKiB.toFixed(1)} KiB per connection\n`,
     );
 
-    writeResults(RESULTS, {
+    return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
       machine,
       scale: factor,
@@ -198,16 +196,6 @@ async function main(): Promise<number> {
       targetRatio: TARGET_RATIO,
       idleConnections: memory,
     });
-    out.write(`\nWritten to ${RESULTS}\n`);
-
-    if (failures.length) {
-      log(`\n${failures.length} run(s) failed; their figures do not count:`);
-      for (const f of failures) {
-        log(`  ${f.target} ${formatSize(f.size)} × ${f.sessions} sessions: ${f.failure}`);
-      }
-      return 1;
-    }
-    return 0;
   } finally {
     await Promise.all(servers.map((s) => stop(s.child)));
     rmSync(dir, { recursive: true, force: true });

@@ -644,3 +644,21 @@ export async function runMatrix(opts: {
   }
   return runs;
 }
+
+/**
+ * Writes the results file and lists the runs that failed (their figures do not count). Returns
+ * the exit code: 1 when any run failed.
+ */
+export function finishRuns(
+  out: NodeJS.WritableStream,
+  file: string,
+  result: { readonly runs: readonly Run[] } & Record<string, unknown>,
+): number {
+  writeResults(file, result);
+  out.write(`\nWritten to ${file}\n`);
+  const failures = result.runs.filter((r) => r.failure);
+  if (!failures.length) return 0;
+  log(`\n${failures.length} run(s) failed; their figures do not count:`);
+  for (const f of failures) log(`  ${f.target} ${formatSize(f.size)} × ${f.sessions} sessions: ${f.failure}`);
+  return 1;
+}

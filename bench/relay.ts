@@ -24,7 +24,6 @@ import {
   CLI,
   cpuSeconds,
   describeMachine,
-  formatSize,
   HOST,
   KB,
   log,
@@ -41,12 +40,12 @@ import {
   startSink,
   stop,
   table,
-  writeResults,
   type Probe,
   type Run,
   type Sample,
   type Server,
   runMatrix,
+  finishRuns,
 } from './harness.js';
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'relay-plugin.js');
@@ -206,7 +205,6 @@ async function main(): Promise<number> {
     });
 
     const ratio = ratioOf(runs, 1 * KB, 50);
-    const failures = runs.filter((r) => r.failure);
     const figure = (r: Run, name: string): string =>
       r.figures[name] === undefined ? '' : r.figures[name].toFixed(2);
     out.write(
@@ -221,7 +219,7 @@ async function main(): Promise<number> {
       `Petrel (relay)/smtp-sink (direct) at 50 sessions, 1 KB: ${ratio === null ? 'n/a' : ratio.toFixed(2)} ` +
         `(target ≥ ${TARGET_RATIO}: ${ratio === null ? 'not measured' : ratio >= TARGET_RATIO ? 'met' : 'NOT met'})\n`,
     );
-    writeResults(RESULTS, {
+    return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
       machine,
       scale: factor,
@@ -231,16 +229,6 @@ async function main(): Promise<number> {
       ratio50x1KB: ratio,
       targetRatio: TARGET_RATIO,
     });
-    out.write(`\nWritten to ${RESULTS}\n`);
-
-    if (failures.length) {
-      log(`\n${failures.length} run(s) failed; their figures do not count:`);
-      for (const f of failures) {
-        log(`  ${f.target} ${formatSize(f.size)} × ${f.sessions} sessions: ${f.failure}`);
-      }
-      return 1;
-    }
-    return 0;
   } finally {
     await Promise.all(servers.map((s) => stop(s.child)));
     rmSync(dir, { recursive: true, force: true });
