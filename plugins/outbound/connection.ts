@@ -92,6 +92,12 @@ export class SmtpConnection {
   secure = false;
   /** Transactions that reached DATA on this connection. */
   messages = 0;
+  /**
+   * No transaction is open: none has started yet, the last one ended with the peer's reply to the
+   * end of data (RFC 5321 §4.1.1.4 clears its state), or RSET was accepted. A clean connection
+   * takes the next MAIL FROM without an RSET first.
+   */
+  clean = true;
 
   private socket: Socket | TLSSocket;
   private readonly reader = new SocketReader();
@@ -379,7 +385,8 @@ export class SmtpConnection {
   async rset(timeoutMs: number): Promise<boolean> {
     if (this.closed) return false;
     try {
-      return (await this.command('RSET', 'rset', timeoutMs)).code === 250;
+      this.clean = (await this.command('RSET', 'rset', timeoutMs)).code === 250;
+      return this.clean;
     } catch {
       return false;
     }

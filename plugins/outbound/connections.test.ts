@@ -24,7 +24,7 @@ async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000):
 }
 
 describe('outbound: connection reuse', () => {
-  it('carries 100 messages over at most maxConnectionsPerDestination connections, RSET between them', async (t) => {
+  it('carries 100 messages over at most maxConnectionsPerDestination connections, straight to MAIL FROM each time', async (t) => {
     const port = await freePortOn(['127.0.0.2']);
     const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
     if (!dns) return;
@@ -54,14 +54,102 @@ describe('outbound: connection reuse', () => {
     assert.ok(peer.connections.opened <= 5, `${peer.connections.opened} connections for 100 messages`);
     t.diagnostic(`100 messages over ${peer.connections.opened} connections, at most ${mostOpen} at once`);
     assert.ok(mostOpen <= 5, `${mostOpen} connections open at once`);
-    // Per connection: the first transaction starts after EHLO, each later one after an RSET.
+    // A completed transaction leaves the session clean: the next one starts with MAIL FROM, no RSET.
     for (const [session, commands] of peer.commands) {
-      const mails = commands.filter((c) => /^MAIL /i.test(c)).length;
-      const rsets = commands.filter((c) => /^RSET$/i.test(c)).length;
-      assert.equal(rsets, Math.max(0, mails - 1), `session ${session}: ${commands.join(' | ')}`);
-      const before = commands.map((c, i) => (/^MAIL /i.test(c) ? commands[i - 1] : null)).filter(Boolean);
-      assert.ok(before.slice(1).every((c) => c === 'RSET'));
+      assert.match(commands[0]!, /^EHLO /, `session ${session}: ${commands.join(' | ')}`);
+      assert.equal(
+        commands.filter((c) => /^RSET$/i.test(c)).length,
+        0,
+        `session ${session}: ${commands.join(' | ')}`,
+      );
+      const mails = commands.map((c, i) => (/^MAIL /i.test(c) ? i : -1)).filter((i) => i >= 0);
+      for (const i of mails.slice(1)) assert.equal(commands[i - 1], 'DATA', `session ${session}`);
     }
+  });
+
+  it('sends RSET before the next message after a transaction that ended without data', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    const peer = await smtpPeer(t, '127.0.0.2', port, {
+      rcpt: (a) => (a.startsWith('nobody@') ? { code: 550, message: '5.1.1 No such user' } : null),
+    });
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, idleTimeout: 5000, maxConnectionsPerDestination: 1 },
+    });
+    const [refused] = await sender.settled(await sender.submit(['nobody@a.test']), 1);
+    assert.deepEqual(summary([refused!]), [['nobody@a.test', 'failed', 550, '5.1.1']]);
+    const [ok] = await sender.settled(await sender.submit(['bob@a.test']), 1);
+    assert.equal(ok!.status, 'delivered');
+    assert.equal(peer.connections.opened, 1);
+    const [commands] = [...peer.commands.values()];
+    const mails = commands!.map((c, i) => (/^MAIL /i.test(c) ? i : -1)).filter((i) => i >= 0);
+    assert.equal(mails.length, 2, commands!.join(' | '));
+    assert.equal(commands![mails[1]! - 1], 'RSET', commands!.join(' | '));
+  });
+
+  it('opens a new connection when a reused one is answered 421 at MAIL FROM, without deferring', async (t) => {
+    const port = await freePortOn(['127.0.0.2']);
+    const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
+    if (!dns) return;
+    // A scripted peer that gives up each connection at its second MAIL FROM (an idle limit shorter
+    // than ours, noticed only when the next transaction starts).
+    let connections = 0;
+    let delivered = 0;
+    const open = new Set<Socket>();
+    const server = createServer((s) => {
+      connections++;
+      open.add(s);
+      s.on('close', () => open.delete(s));
+      s.on('error', () => undefined);
+      let mails = 0;
+      let inBody = false;
+      let buf = '';
+      s.write('220 scripted ESMTP\r\n');
+      s.on('data', (d: Buffer) => {
+        buf += d.toString('latin1');
+        for (;;) {
+          if (inBody) {
+            const end = buf.indexOf('\r\n.\r\n');
+            if (end < 0) return;
+            buf = buf.slice(end + 5);
+            inBody = false;
+            delivered++;
+            s.write('250 2.0.0 Ok\r\n');
+            continue;
+          }
+          const i = buf.indexOf('\r\n');
+          if (i < 0) return;
+          const verb = buf.slice(0, i).split(/[ :]/)[0]!.toUpperCase();
+          buf = buf.slice(i + 2);
+          if (verb === 'EHLO') s.write('250-scripted\r\n250 PIPELINING\r\n');
+          else if (verb === 'MAIL' && ++mails === 2) {
+            s.end('421 4.4.2 scripted: idle for too long\r\n');
+            return;
+          } else if (verb === 'DATA') {
+            inBody = true;
+            s.write('354 go ahead\r\n');
+          } else if (verb === 'QUIT') s.end('221 bye\r\n');
+          else s.write('250 2.0.0 Ok\r\n');
+        }
+      });
+    });
+    await new Promise<void>((r) => server.listen(port, '127.0.0.2', () => r()));
+    t.after(() => {
+      for (const s of open) s.destroy();
+      return new Promise<void>((r) => server.close(() => r()));
+    });
+    const sender = await startSender(t, {
+      dnsServer: dns.server,
+      outbound: { port, timeouts: FAST, idleTimeout: 5000, maxConnectionsPerDestination: 1 },
+    });
+    const [first] = await sender.settled(await sender.submit(['a@a.test']), 1);
+    assert.equal(first!.status, 'delivered');
+    const [second] = await sender.settled(await sender.submit(['b@a.test']), 1);
+    assert.equal(second!.status, 'delivered', JSON.stringify(second));
+    assert.equal(connections, 2);
+    assert.equal(delivered, 2);
   });
 
   it('closes a connection after maxMessagesPerConnection, and idle ones after idleTimeout (with QUIT)', async (t) => {
@@ -222,7 +310,7 @@ describe('outbound: failover on temporary refusals', () => {
 });
 
 describe('outbound: on the wire', () => {
-  it('pipelines MAIL and RCPTs in one write and sends the body in large chunks, not a line per write', async (t) => {
+  it('pipelines MAIL, RCPTs and DATA in one write and sends the body in large chunks, not a line per write', async (t) => {
     const port = await freePortOn(['127.0.0.2']);
     const dns = await dnsFor(t, [{ host: 'mx.a.test', ip: '127.0.0.2', preference: 10 }]);
     if (!dns) return;
@@ -278,7 +366,7 @@ describe('outbound: on the wire', () => {
     const mailChunk = chunks.find((c) => c.text.startsWith('MAIL FROM'));
     assert.equal(
       mailChunk?.text,
-      `MAIL FROM:<alice@petrel.test>\r\nRCPT TO:<a1@a.test>\r\nRCPT TO:<a2@a.test>\r\nRCPT TO:<a3@a.test>\r\n`,
+      `MAIL FROM:<alice@petrel.test>\r\nRCPT TO:<a1@a.test>\r\nRCPT TO:<a2@a.test>\r\nRCPT TO:<a3@a.test>\r\nDATA\r\n`,
     );
     const body = chunks.filter((c) => c.phase === 'body');
     assert.ok(body.length < 60, `${body.length} reads for a ${content.length}-octet body of 20,000 lines`);

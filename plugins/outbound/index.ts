@@ -79,6 +79,14 @@ function failureStatus(err: SmtpFailure): string {
   return '4.4.2';
 }
 
+/**
+ * A failure at the very start of a transaction on a reused connection that the peer had already
+ * given up: the connection was gone, or the peer said 421 (closing) to MAIL FROM.
+ */
+function closedWhileIdle(err: SmtpFailure): boolean {
+  return err.stage === 'mail' && (err.kind === 'network' || err.reply?.code === 421);
+}
+
 function asDeferral(r: SmtpReply, remote: string): Decision {
   const reply: RecipientReply = {
     code: r.code,
@@ -296,15 +304,21 @@ export default definePlugin({
         if (lease.conn) {
           const conn = lease.conn;
           conn.bind(signal);
-          if (await conn.rset(timeouts.rset)) {
+          // A clean connection goes straight to MAIL FROM; one left mid-transaction gets RSET first.
+          const unchecked = conn.clean;
+          if (unchecked || (await conn.rset(timeouts.rset))) {
             const out = await session(conn, ctx, batch, facts);
             if (out.kind === 'done') {
               dest.release(conn, out.reusable);
               slotHeld = false;
               return results(out.decisions);
             }
-            tried.add(conn.peer.ip);
-            last = problem(out.failure, conn.remote);
+            // The peer may have closed it while it was idle (a reset, or 421 at MAIL FROM): that says
+            // nothing about the peer, so a new connection is tried like after a failed RSET.
+            if (!(unchecked && closedWhileIdle(out.failure))) {
+              tried.add(conn.peer.ip);
+              last = problem(out.failure, conn.remote);
+            }
           }
           void conn.quit(timeouts.quit);
         }

@@ -1,8 +1,8 @@
 /**
  * One mail transaction on an open connection: MAIL FROM with the parameters the peer allows
- * (SIZE, BODY=8BITMIME, SMTPUTF8, RET/ENVID), the RCPTs (NOTIFY/ORCPT), pipelined when offered,
- * then the transform chain and DATA with the body dot-stuffed in large chunks. Every recipient
- * ends with a decision from the peer's own replies.
+ * (SIZE, BODY=8BITMIME, SMTPUTF8, RET/ENVID), the RCPTs (NOTIFY/ORCPT) and DATA — in one write
+ * when the peer pipelines, one command at a time otherwise — then the transform chain's output
+ * dot-stuffed in large chunks. Every recipient ends with a decision from the peer's own replies.
  */
 import { isAscii } from 'node:buffer';
 import { addAbortSignal, type Readable } from 'node:stream';
@@ -246,13 +246,39 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
     return line;
   });
 
+  const pipelining = conn.caps.has('PIPELINING');
+  const peer: PeerCapabilities = { eightBitMime: conn.caps.has('8BITMIME'), smtputf8: peerUtf8 };
+  /** The content from the transform chain, or the outcome when that failed. */
+  const prepare = async (
+    which: readonly number[],
+  ): Promise<{ content: Readable } | { outcome: TransactionOutcome }> => {
+    try {
+      return { content: await req.content(peer) };
+    } catch (err) {
+      every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message', remote), which);
+      return { outcome: done(true, err as Error) };
+    }
+  };
+  // RFC 2920 §3.1: when the peer pipelines, DATA ends the same write as MAIL and the RCPTs, so
+  // the content must be ready before anything is sent.
+  let content: Readable | null = null;
+  if (pipelining) {
+    const ready = await prepare(sent);
+    if ('outcome' in ready) return ready.outcome;
+    content = ready.content;
+  }
+  let dataReply: SmtpReply | null = null;
+  conn.clean = false;
   try {
-    // RFC 2920: MAIL and every RCPT in one write when the peer pipelines; else one at a time.
-    const pipelining = conn.caps.has('PIPELINING');
-    if (pipelining) await conn.write([mail, ...rcpts].map((l) => `${l}\r\n`).join(''), 'mail', timeouts.mail);
-    else await conn.write(`${mail}\r\n`, 'mail', timeouts.mail);
+    if (pipelining) {
+      const group = [mail, ...rcpts, 'DATA'].map((l) => `${l}\r\n`).join('');
+      await conn.write(group, 'mail', timeouts.mail);
+    } else {
+      await conn.write(`${mail}\r\n`, 'mail', timeouts.mail);
+    }
     const mailReply = await conn.read('mail', timeouts.mail);
     if (mailReply.code >= 400 && mailReply.code < 500) {
+      content?.destroy();
       return {
         kind: 'next',
         failure: new SmtpFailure(
@@ -264,11 +290,12 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       };
     }
     if (mailReply.code >= 500) {
+      content?.destroy();
       every(decide(mailReply, remote), sent);
       if (!pipelining) return done(true);
-      // The pipelined RCPTs still get (refusing) replies; read them so the connection stays in step.
+      // The pipelined RCPTs and DATA still get (refusing) replies; read them to stay in step.
       try {
-        for (let k = 0; k < rcpts.length; k++) await conn.read('rcpt', timeouts.rcpt);
+        for (let k = 0; k <= rcpts.length; k++) await conn.read('rcpt', timeouts.rcpt);
       } catch {
         return done(false);
       }
@@ -283,33 +310,43 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       else decisions[i] = decide(reply, remote);
       if (reply.code === 452) tooMany.push(i);
     }
+    if (pipelining) dataReply = await conn.read('data', timeouts.data);
   } catch (err) {
+    content?.destroy();
     if (err instanceof SmtpFailure) {
       accepted = [];
       return { kind: 'next', failure: err };
     }
     throw err;
   }
-  if (accepted.length === 0) return done(true);
-
-  let content: Readable;
-  try {
-    content = await req.content({ eightBitMime: conn.caps.has('8BITMIME'), smtputf8: peerUtf8 });
-  } catch (err) {
-    every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message', remote), accepted);
-    return done(true, err as Error);
+  if (accepted.length === 0) {
+    content?.destroy();
+    // A peer that opens DATA without a single recipient (RFC 2920 says it must not) gets no
+    // message: the connection is dropped rather than ended with an empty one.
+    if (dataReply?.code === 354) {
+      conn.destroy();
+      return done(false);
+    }
+    return done(true);
   }
 
-  let dataReply: SmtpReply;
-  try {
-    dataReply = await conn.command('DATA', 'data', timeouts.data);
-  } catch (err) {
-    content.destroy();
-    if (err instanceof SmtpFailure) {
-      accepted = [];
-      return { kind: 'next', failure: err };
+  if (!content) {
+    const ready = await prepare(accepted);
+    if ('outcome' in ready) return ready.outcome;
+    content = ready.content;
+  }
+
+  if (!dataReply) {
+    try {
+      dataReply = await conn.command('DATA', 'data', timeouts.data);
+    } catch (err) {
+      content.destroy();
+      if (err instanceof SmtpFailure) {
+        accepted = [];
+        return { kind: 'next', failure: err };
+      }
+      throw err;
     }
-    throw err;
   }
   if (dataReply.code !== 354) {
     content.destroy();
@@ -349,6 +386,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       return done(false);
     }
     every(decide(final, remote), accepted);
+    conn.clean = true;
     return done(true);
   } catch (err) {
     if (!(err instanceof SmtpFailure)) throw err;
