@@ -18,6 +18,8 @@ export interface EngineOptions {
   lifetime: number;
   concurrency: number;
   segmentSize: number;
+  /** Octets of new messages kept in memory for their first attempt. */
+  memoryCache: number;
   hooks: PluginHooks;
 }
 
@@ -71,7 +73,7 @@ export class QueueEngine {
     }
     // Refuses a folder that another running server uses; removes a stale socket.
     await ControlServer.claim(dir);
-    const store = new QueueStore(dir, opts.segmentSize, opts.log);
+    const store = new QueueStore(dir, opts.segmentSize, opts.log, opts.memoryCache);
     await store.open();
     const engine = new QueueEngine(store, opts);
     QueueEngine.open.set(dir, { engine, users: 1 });
@@ -326,6 +328,8 @@ export class QueueEngine {
       entry.busy = true;
       this.attempting.add(id);
       void this.attempt(entry).finally(() => {
+        // Later attempts (hours apart, if any) read the message from disk.
+        this.store.dropMemory(entry);
         this.attempting.delete(id);
         this.unlock(entry);
         this.schedule(entry);

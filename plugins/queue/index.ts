@@ -47,6 +47,15 @@ export const queueConfig = z
     concurrency: z.number().int().positive().default(20),
     /** Messages larger than this are stored as their own file; smaller ones inline in the journal. */
     inlineLimit: z.number().int().nonnegative().default(262_144),
+    /**
+     * Octets of newly queued inline messages kept in memory for their first delivery attempt, so
+     * that it need not read them back from disk; 0 turns this off.
+     */
+    memoryCache: z
+      .number()
+      .int()
+      .nonnegative()
+      .default(32 * 1024 * 1024),
     /** Journal segment size before a new one is started. */
     segmentSize: z
       .number()
@@ -79,6 +88,7 @@ export default definePlugin({
       lifetime: parseDuration(config.lifetime),
       concurrency: config.concurrency,
       segmentSize: config.segmentSize,
+      memoryCache: config.memoryCache,
       hooks,
     });
     onClose(() => QueueEngine.release(engine));

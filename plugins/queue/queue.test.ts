@@ -246,6 +246,54 @@ describe('the durable queue', () => {
     }
   });
 
+  it('gives the first attempt the octets from memory and a retry the same octets from disk', async () => {
+    for (const memoryCache of [32 * 1024 * 1024, 0]) {
+      const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+      const attempts: { body: string; inMemory: boolean }[] = [];
+      const engineOf = (): QueueEngine => QueueEngine.get(join(dir, 'spool', 'queue'))!;
+      const twice = definePlugin({
+        name: 'test-twice',
+        setup: () => ({
+          rcpt: async () => accept(),
+          route: async () => routeTo('test'),
+          deliver: async ({ message, recipients }) => {
+            const chunks: Buffer[] = [];
+            for await (const c of message.stream()) chunks.push(c as Buffer);
+            const inMemory = engineOf().store.entries.get(message.id)?.memory != null;
+            attempts.push({ body: Buffer.concat(chunks).toString('latin1'), inMemory });
+            const later = attempts.length === 1;
+            return {
+              kind: 'results',
+              results: recipients.map((r) => ({
+                recipient: r.address.address,
+                status: later ? 'deferred' : 'delivered',
+                reply: later
+                  ? { code: 451, enhanced: '4.2.0', text: 'busy' }
+                  : { code: 250, enhanced: '2.0.0', text: 'ok' },
+              })),
+            };
+          },
+        }),
+      });
+      const app = await start(dir, [twice], { retry: '100ms', memoryCache });
+      try {
+        const text = `Subject: twice\r\n\r\n${'8-bit Latin-1: ünïcödé\r\n'.repeat(2000)}`;
+        await send(app.port(), ['bob@h.test'], text);
+        await until(() => attempts.length === 2);
+        assert.deepEqual(
+          attempts.map((a) => a.inMemory),
+          [memoryCache > 0, false],
+          `memoryCache ${memoryCache}`,
+        );
+        assert.ok(attempts[0]!.body.endsWith(text), 'the first attempt has the whole message');
+        assert.equal(attempts[1]!.body, attempts[0]!.body, 'the retry reads the same octets');
+      } finally {
+        await app.stop(1000);
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  });
+
   it('refuses a message with more Received fields than allowed (554 5.4.6)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
     const app = await start(dir, [testTransport([])], { maxReceived: 3 });

@@ -65,9 +65,16 @@ export interface Entry {
   busy: boolean;
   /** Held by the administrator: never attempted until released. */
   held: boolean;
+  /**
+   * The message octets of a new inline message, kept in memory (within the store's budget) so that
+   * its first delivery attempt need not read them back from disk; dropped when that attempt ends.
+   */
+  memory: Buffer | null;
 }
 
 const CLEAN = 'clean-shutdown';
+/** Read size for stored messages. */
+const HIGH_WATER = 256 * 1024;
 
 /** A new message's recipients: all pending, due at arrival. */
 function freshStates(env: StoredEnvelope): RecipientState[] {
@@ -96,6 +103,22 @@ function statePayload(entry: Entry, indices: readonly number[]): Buffer {
   return Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8');
 }
 
+/** A stream of one buffer, in pieces of at most `HIGH_WATER` octets. */
+function bufferStream(buf: Buffer): Readable {
+  let at = 0;
+  return new Readable({
+    highWaterMark: HIGH_WATER,
+    read() {
+      while (at < buf.length) {
+        const piece = buf.subarray(at, at + HIGH_WATER);
+        at += piece.length;
+        if (!this.push(piece)) return;
+      }
+      this.push(null);
+    },
+  });
+}
+
 /**
  * The queue's contents: every message not yet final, with per-recipient state, rebuilt from the
  * journal at start. Bodies are written once (into the journal, or as a blob file for large
@@ -111,11 +134,14 @@ export class QueueStore {
   readonly blobDir: string;
   /** True when the last run did not stop cleanly (so deliveries may have happened unrecorded). */
   recoveredFromCrash = false;
+  /** Octets of message bodies held in memory (`Entry.memory`), at most `memoryLimit`. */
+  private memoryBytes = 0;
 
   constructor(
     readonly dir: string,
     private readonly segmentSize: number,
     private readonly log: { warn(o: object, m: string): void; error(o: object, m: string): void },
+    private readonly memoryLimit = 0,
   ) {
     this.blobDir = join(dir, 'blobs');
   }
@@ -180,6 +206,7 @@ export class QueueStore {
         segments: new Set(),
         busy: false,
         held: false,
+        memory: null,
       };
       // A relocated copy replaces the old location; the state carries over.
       entry.location = env.blob ? null : ref;
@@ -245,10 +272,21 @@ export class QueueStore {
       await rename(body.file, target);
       await syncDir(this.blobDir);
     }
-    const ref = await this.journal.append(
-      RecordType.Message,
-      'inline' in body ? [...head, ...body.inline] : head,
-    );
+    // An inline message small enough for the budget is kept as one buffer for its first attempt.
+    let octets: Buffer[] = 'inline' in body ? body.inline : [];
+    let memory: Buffer | null = null;
+    if ('inline' in body && this.memoryBytes + env.size <= this.memoryLimit) {
+      memory = octets.length === 1 ? octets[0]! : Buffer.concat(octets);
+      octets = [memory];
+      this.memoryBytes += memory.length;
+    }
+    let ref: RecordRef;
+    try {
+      ref = await this.journal.append(RecordType.Message, [...head, ...octets]);
+    } catch (err) {
+      if (memory) this.memoryBytes -= memory.length;
+      throw err;
+    }
     const entry: Entry = {
       env,
       location: 'inline' in body ? ref : null,
@@ -257,6 +295,7 @@ export class QueueStore {
       segments: new Set(),
       busy: false,
       held: false,
+      memory,
     };
     this.entries.set(env.id, entry);
     this.ref(entry, ref.segment);
@@ -287,9 +326,17 @@ export class QueueStore {
     if (this.entries.get(entry.env.id) === entry) this.ref(entry, ref.segment);
   }
 
+  /** Drops the in-memory copy of a message's octets: later reads come from disk. */
+  dropMemory(entry: Entry): void {
+    if (!entry.memory) return;
+    this.memoryBytes -= entry.memory.length;
+    entry.memory = null;
+  }
+
   /** Removes the files of a message `update` forgot: its blob, and segments nothing else uses. */
   async discard(entry: Entry): Promise<void> {
     if (this.entries.get(entry.env.id) === entry) return;
+    this.dropMemory(entry);
     if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
     await this.sweep();
   }
@@ -366,8 +413,9 @@ export class QueueStore {
 
   /** The stored message octets (the body only for blobs). */
   private rawStream(entry: Entry): Readable {
+    if (entry.memory) return bufferStream(entry.memory);
     if (entry.env.blob)
-      return createReadStream(join(this.blobDir, `${entry.env.id}.eml`), { highWaterMark: 256 * 1024 });
+      return createReadStream(join(this.blobDir, `${entry.env.id}.eml`), { highWaterMark: HIGH_WATER });
     return this.journal.read(entry.location!, entry.skip);
   }
 
