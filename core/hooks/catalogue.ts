@@ -139,6 +139,12 @@ export interface RecipientResult {
   readonly recipient: string;
   readonly status: DeliveryStatus;
   readonly reply: RecipientReply;
+  /**
+   * Delivered to a next hop that took the recipient's DSN request over (it offered the DSN
+   * extension, so NOTIFY and ORCPT went along): that hop reports on it from now on, and no
+   * `relayed` report is due from here (RFC 3461 §5.2.2).
+   */
+  readonly dsnPassedOn?: boolean;
 }
 
 /** What a transport's `deliver` hook returns: a result for every recipient it was given. */

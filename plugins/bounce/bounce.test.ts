@@ -80,7 +80,9 @@ function testTransport(delivered: Delivery[], attempts: Attempt[], slowAttempts 
                 : status === 'deferred'
                   ? { code: 451, enhanced: '4.2.0', text: 'busy', remote: REMOTE }
                   : { code: 550, enhanced: '5.1.1', text: 'gone', remote: REMOTE };
-            return { recipient: r.address.address, status, reply };
+            // `dsn…` at remote.test: a next hop that offered DSN and reports itself from now on.
+            const dsnPassedOn = route.transport === 'outbound' && local.startsWith('dsn');
+            return { recipient: r.address.address, status, reply, ...(dsnPassedOn ? { dsnPassedOn } : {}) };
           }),
         };
       },
@@ -508,7 +510,7 @@ describe('bounce: NOTIFY, ORCPT and ENVID (RFC 3461)', () => {
     }
   });
 
-  it('sends a success report for NOTIFY=SUCCESS, relayed through outbound, with ORCPT and ENVID', async () => {
+  it('sends a success report for NOTIFY=SUCCESS, relayed through outbound unless the next hop took DSN over, with ORCPT and ENVID', async () => {
     const h = await start();
     try {
       await send(h.app.port(), {
@@ -516,6 +518,7 @@ describe('bounce: NOTIFY, ORCPT and ENVID (RFC 3461)', () => {
         rcpts: [
           '<ok@h.test> NOTIFY=SUCCESS ORCPT=rfc822;Alias+2BTag@Client.example',
           '<far@remote.test> NOTIFY=SUCCESS,FAILURE',
+          '<dsnfar@remote.test> NOTIFY=SUCCESS',
           '<quiet@h.test>',
         ],
       });
@@ -528,6 +531,7 @@ describe('bounce: NOTIFY, ORCPT and ENVID (RFC 3461)', () => {
       assert.equal(mail.subject, 'Successful Mail Delivery Report');
       assert.equal(field(statusPart(raw).split('\r\n\r\n')[0]!, 'Original-Envelope-Id'), 'QQ314159');
       const byRcpt = new Map(blocks(raw).map((b) => [field(b, 'Final-Recipient'), b]));
+      // dsnfar@ went to a next hop that took NOTIFY over: that hop reports, not this server.
       assert.deepEqual([...byRcpt.keys()].sort(), ['rfc822; far@remote.test', 'rfc822; ok@h.test']);
       const local = byRcpt.get('rfc822; ok@h.test')!;
       assert.equal(field(local, 'Action'), 'delivered');
@@ -543,6 +547,7 @@ describe('bounce: NOTIFY, ORCPT and ENVID (RFC 3461)', () => {
         ['text/rfc822-headers'],
         'a success report returns the header only, whatever RET says',
       );
+      assert.match(raw, /Content-Description: Delivered message headers\r\n/);
     } finally {
       await h.stop();
       rmSync(h.dir, { recursive: true, force: true });

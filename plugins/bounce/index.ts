@@ -240,6 +240,8 @@ export default definePlugin({
 
       async delivered({ message, recipient, route, result }) {
         if (message.sender === null || !recipient.params.notify?.includes('SUCCESS')) return;
+        // The next hop took the request over and reports itself (RFC 3461 §5.2.2).
+        if (result.dsnPassedOn) return;
         const status = STATUS.test(result.reply.enhanced) ? result.reply.enhanced : '2.0.0';
         await add('delivered', message, {
           recipient,

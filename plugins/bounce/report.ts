@@ -385,7 +385,9 @@ export function buildReport(input: ReportInput): BuiltReport {
         : returnedUtf8Header
           ? 'message/global-headers'
           : 'text/rfc822-headers';
-    const description = returned.kind === 'full' ? 'Undelivered message' : 'Undelivered message headers';
+    // A success report returns a message that did arrive.
+    const what = action === 'delivered' || action === 'relayed' ? 'Delivered message' : 'Undelivered message';
+    const description = returned.kind === 'full' ? what : `${what} headers`;
     const cte = eightBit ? `Content-Transfer-Encoding: 8bit${CRLF}` : '';
     parts.push(
       `${CRLF}--${boundary}${CRLF}`,

@@ -237,8 +237,8 @@ describe('outbound: what goes over the wire', () => {
     );
     const outcomes = await sender.settled(id, 2);
     assert.ok(
-      outcomes.every((o) => o.status === 'delivered'),
-      JSON.stringify(outcomes),
+      outcomes.every((o) => o.status === 'delivered' && o.dsnPassedOn),
+      `delivered, and the peer reports from now on: ${JSON.stringify(outcomes)}`,
     );
     const m = peer.messages[0]!;
     assert.equal(m.mailFrom, 'andr\u00e9@petrel.test');
@@ -276,7 +276,8 @@ describe('outbound: what goes over the wire', () => {
     const a = await sender.submit([{ address: 'bob@a.test', notify: ['FAILURE'] }], eight, {
       mailParams: { body: '8BITMIME', smtputf8: false, ret: 'FULL' },
     });
-    await sender.settled(a, 1);
+    const [o] = await sender.settled(a, 1);
+    assert.deepEqual([o!.status, o!.dsnPassedOn], ['delivered', false], 'nobody else reports on it');
     assert.deepEqual(peer.messages[0]!.mailArgs, {}, 'no SIZE, BODY or RET without the extensions');
     assert.deepEqual(peer.messages[0]!.rcpts[0]!.args, {});
     assert.deepEqual(sender.peers.at(-1), { eightBitMime: false, smtputf8: true });

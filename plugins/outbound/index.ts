@@ -279,7 +279,10 @@ export default definePlugin({
       const policy: TlsPolicy = smarthost ? smarthost.tls : tlsPolicyFor(config.tls, domain);
       const dest = pool.get(route.key);
       const results = (ds: readonly Decision[]): RecipientResult[] =>
-        batch.map((r, i) => ({ recipient: r.address.address, status: ds[i]!.status, reply: ds[i]!.reply }));
+        batch.map((r, i) => {
+          const { status, reply, dsnPassedOn } = ds[i]!;
+          return { recipient: r.address.address, status, reply, ...(dsnPassedOn ? { dsnPassedOn } : {}) };
+        });
       const every = (d: Decision): RecipientResult[] => results(batch.map(() => d));
       const heldBack = (): RecipientResult[] | null => {
         const b = dest.backoff();

@@ -9,7 +9,12 @@ import { createServer, connect } from 'node:net';
 import type { TestContext } from 'node:test';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { definePlugin, type PluginDefinition } from '../../core/plugins/define.js';
-import type { DeliveryStatus, PeerCapabilities, RecipientReply } from '../../core/hooks/catalogue.js';
+import type {
+  DeliveryStatus,
+  PeerCapabilities,
+  RecipientReply,
+  RecipientResult,
+} from '../../core/hooks/catalogue.js';
 import type { PetrelConfigInput } from '../../core/config/schema.js';
 import { address } from '../../core/testing/index.js';
 import { acceptAllRecipients, startServer, TLS, type TestServer } from '../../test/harness/server.js';
@@ -247,6 +252,8 @@ export interface Outcome {
   readonly status: DeliveryStatus;
   readonly reply: RecipientReply;
   readonly queueId: string;
+  /** The peer took the DSN request over (RecipientResult.dsnPassedOn). */
+  readonly dsnPassedOn: boolean;
 }
 
 export interface Sender {
@@ -295,13 +302,13 @@ export async function startSender(
     setup(api) {
       holder.queue = api.resolve(Queue);
       const note =
-        (status: DeliveryStatus) =>
-        async (ctx: { message: { id: string }; result: { recipient: string; reply: RecipientReply } }) => {
+        (status: DeliveryStatus) => async (ctx: { message: { id: string }; result: RecipientResult }) => {
           outcomes.push({
             recipient: ctx.result.recipient,
             status,
             reply: ctx.result.reply,
             queueId: ctx.message.id,
+            dsnPassedOn: ctx.result.dsnPassedOn === true,
           });
         };
       return {

@@ -21,6 +21,8 @@ import { SmtpFailure, type SmtpConnection, type SmtpReply } from './connection.j
 export interface Decision {
   readonly status: DeliveryStatus;
   readonly reply: RecipientReply;
+  /** Accepted by a peer that offered DSN: the request went along and the peer reports now. */
+  readonly dsnPassedOn?: boolean;
 }
 
 export interface TransactionTimeouts {
@@ -385,7 +387,8 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       );
       return done(false);
     }
-    every(decide(final, remote), accepted);
+    const decision = decide(final, remote);
+    every(dsn && decision.status === 'delivered' ? { ...decision, dsnPassedOn: true } : decision, accepted);
     conn.clean = true;
     return done(true);
   } catch (err) {

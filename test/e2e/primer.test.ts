@@ -101,7 +101,9 @@ describe('the primer: Alice to Bob across two servers', () => {
         'relay',
         { name: 'users', config: { usersFile: './users.json' } },
         'queue',
+        'bounce',
         { name: 'maildir', config: { root: dovecot.mailRoot, uid: dovecot.uid, gid: dovecot.gid } },
+        { name: 'outbound', config: { port, addressFamilies: ['ipv4'] } },
       ],
     });
     for (const [u, config] of [
@@ -133,6 +135,46 @@ describe('the primer: Alice to Bob across two servers', () => {
     );
     assert.equal(r.code, 0, describeRun(r));
     return /queued as (\S+)/.exec(r.stdout)![1]!;
+  }
+
+  /** Submits over TLS with AUTH through Python's smtplib, asking for a success report (RFC 3461). */
+  async function submitAskingForReport(to: string, subject: string): Promise<void> {
+    const script = [
+      'import smtplib, ssl, sys',
+      'port, user, password, to, subject = sys.argv[1:6]',
+      'ctx = ssl.create_default_context()',
+      'ctx.check_hostname = False',
+      'ctx.verify_mode = ssl.CERT_NONE',
+      "s = smtplib.SMTP('127.0.0.2', int(port))",
+      's.starttls(context=ctx)',
+      's.login(user, password)',
+      "msg = f'From: {user}\\r\\nTo: {to}\\r\\nSubject: {subject}\\r\\n\\r\\nTell me when it is there.\\r\\n'",
+      "s.sendmail(user, [to], msg, mail_options=['ENVID=primer-dsn'], rcpt_options=['NOTIFY=SUCCESS'])",
+      's.quit()',
+    ].join('\n');
+    const r = await run(
+      'python3',
+      ['-c', script, String(submission), alice.address, alice.password, to, subject],
+      { timeoutMs: 30_000 },
+    );
+    assert.equal(r.code, 0, describeRun(r));
+  }
+
+  /** Reports about `subject` in Alice's Maildir at crepes.fr, once `count` have arrived (bounded wait). */
+  async function reportsForAlice(subject: string, count = 1, waitMs = 30_000): Promise<string[]> {
+    const box = project.path('crepes', 'mail', 'crepes.fr', 'alice', 'Maildir', 'new');
+    const found = (): string[] => {
+      try {
+        return readdirSync(box)
+          .map((f) => readFileSync(join(box, f), 'latin1'))
+          .filter((text) => text.includes(subject) && /multipart\/report/i.test(text));
+      } catch {
+        return []; // the mailbox appears with the first message
+      }
+    };
+    const deadline = Date.now() + waitMs;
+    while (found().length < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    return found();
   }
 
   it("Alice's message travels by MX to Bob's Maildir, and Bob reads it over IMAP", async (t) => {
@@ -180,19 +222,7 @@ describe('the primer: Alice to Bob across two servers', () => {
     if (!(await setUp(t))) return;
     const subject = `To nobody ${Date.now()}`;
     await submit('nobody@hamburger.edu', subject, 'Is anyone there?');
-    const box = project.path('crepes', 'mail', 'crepes.fr', 'alice', 'Maildir', 'new');
-    let report: string | null = null;
-    for (let i = 0; i < 150 && !report; i++) {
-      await new Promise((r) => setTimeout(r, 200));
-      try {
-        for (const f of readdirSync(box)) {
-          const text = readFileSync(join(box, f), 'latin1');
-          if (text.includes(subject) && /multipart\/report/i.test(text)) report = text;
-        }
-      } catch {
-        // the mailbox appears with the first message
-      }
-    }
+    const [report] = await reportsForAlice(subject);
     assert.ok(report, `a report arrived in Alice’s Maildir\n${crepes.dump().slice(-6000)}`);
     const parsed = await simpleParser(report!);
     assert.match(parsed.subject ?? '', /Undelivered/i);
@@ -209,5 +239,24 @@ describe('the primer: Alice to Bob across two servers', () => {
     const mx = await SmtpClient.connect(port, '127.0.0.3');
     await mx.expect(/^220 mail\.hamburger\.edu /);
     mx.close();
+  });
+
+  it("Alice asks to hear of delivery: Bob's server reports it, and hers does not say 'relayed' as well", async (t) => {
+    if (!(await setUp(t)) || !requirePeer(t, 'python3', 'apt-get install python3')) return;
+    const subject = `Tell me ${Date.now()}`;
+    await submitAskingForReport(bob.address, subject);
+    await waitForMail(dovecot, 'imap', bob, (m) => m.subject === subject, { timeoutMs: 30_000 });
+    const [report] = await reportsForAlice(subject);
+    assert.ok(report, `a success report arrived in Alice’s Maildir\n${hamburger?.dump().slice(-6000)}`);
+    const parsed = await simpleParser(report);
+    assert.equal(parsed.subject, 'Successful Mail Delivery Report');
+    assert.match(report, /Reporting-MTA: dns; ?mail\.hamburger\.edu/, 'from the server that delivered it');
+    assert.match(report, /Original-Envelope-Id: primer-dsn/);
+    assert.match(report, /Final-Recipient: rfc822; ?bob@hamburger\.edu/);
+    assert.match(report, /Action: delivered/);
+    // crepes.fr passed NOTIFY on to a server that offers DSN: it sends no `relayed` report.
+    await new Promise((r) => setTimeout(r, 1500));
+    const all = await reportsForAlice(subject, 2, 0);
+    assert.equal(all.length, 1, all.map((r) => /Action: \S+/.exec(r)?.[0]).join(', '));
   });
 });
