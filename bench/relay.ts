@@ -11,7 +11,8 @@
  *
  * Figures are written to var/bench-relay-results.json. Environment: BENCH_SCALE multiplies the
  * message counts (default 1); BENCH_DIR is the folder for the queue (default: the system's
- * temporary folder, unless that is in memory, then var/ in the repository).
+ * temporary folder, unless that is in memory, then var/ in the repository); BENCH_PROFILE=1 has
+ * Petrel write a CPU profile into var/profiles/.
  */
 import { mkdirSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -50,6 +51,7 @@ import {
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'relay-plugin.js');
 const RESULTS = join(ROOT, 'var', 'bench-relay-results.json');
+const PROFILES = join(ROOT, 'var', 'profiles');
 
 const SIZES = [1 * KB, 100 * KB] as const;
 const SESSIONS = [10, 50] as const;
@@ -182,7 +184,9 @@ async function main(): Promise<number> {
         config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
       },
     ];
-    const petrel = await startPetrel(dir, plugins);
+    // BENCH_PROFILE=1: a V8 CPU profile of Petrel, written when it stops (open it in Chrome DevTools).
+    const profile = process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${PROFILES}`] : [];
+    const petrel = await startPetrel(dir, plugins, profile);
     servers.push(petrel);
     log(
       `Petrel on ${HOST}:${petrel.port} (pid ${petrel.child.pid}, queue in ${dir}) relaying to ` +
