@@ -127,7 +127,10 @@ export class SmtpSession implements SessionView {
       }
       if (cfg.timeouts.greetingDelay > 0) await delay(cfg.timeouts.greetingDelay);
       const connect = await this.runner.verdict('connect', this.base());
-      this.logVerdict('connect', connect.verdict, connect.plugin);
+      const refusal = connect.verdict.kind;
+      // The greeting can only be 554 or 421 (below), whatever code the plugin chose.
+      const sent = refusal === 'deny' ? 554 : refusal === 'defer' || refusal === 'disconnect' ? 421 : null;
+      this.logVerdict('connect', connect.verdict, connect.plugin, sent ? { code: sent } : {});
       // RFC 5321 §3.1: a client must wait for the greeting. Bytes before it mean a bot or a
       // client that will not read replies; refuse it before it can do anything.
       if (this.reader.takeArrived() > 0) {
@@ -261,12 +264,13 @@ export class SmtpSession implements SessionView {
     extra: Record<string, unknown> = {},
   ): void {
     if (v.kind === 'proceed') return;
+    // `extra` may name the code actually sent where the engine overrides the plugin's.
     const fields = {
       hook,
       plugin,
       verdict: v.kind,
-      ...extra,
       ...('reply' in v && v.reply ? { code: v.reply.code } : {}),
+      ...extra,
     };
     this.log.info(fields, 'verdict');
   }

@@ -34,6 +34,27 @@ describe('hooks drive the session', () => {
     }
   });
 
+  it('connect deny with another 5xx code still greets with 554, and the log says what was sent', async () => {
+    const srv = await startServer({
+      plugins: [
+        definePlugin({
+          name: 'blocklist',
+          setup: () => ({ connect: async () => deny(550, '5.7.1', 'Go away') }),
+        }),
+      ],
+    });
+    try {
+      const c = await SmtpClient.connect(srv.port);
+      await c.expect(/^554 Go away\r\n$/);
+      await c.cmd('QUIT', /^221 2\.0\.0 /);
+      await c.closed();
+      const line = srv.logs.find((l) => l.msg === 'verdict' && l.hook === 'connect');
+      assert.deepEqual([line?.plugin, line?.verdict, line?.code], ['blocklist', 'deny', 554]);
+    } finally {
+      await srv.close();
+    }
+  });
+
   it('connect defer: 421 and close', async () => {
     const srv = await startServer({
       plugins: [
