@@ -3,7 +3,7 @@
  * no server and no sockets. `import { runHook, session, transaction, address } from 'petrel/testing'`.
  */
 import 'reflect-metadata';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import type { z } from 'zod';
 import { buildContainer } from '../di/root.js';
 import { resolveToken, type Token } from '../di/tokens.js';
@@ -65,6 +65,8 @@ export interface SetupOptions<S extends z.ZodType> {
   baseDir?: string;
   /** Services to hand out from `resolve()`, by token, instead of the defaults. */
   services?: ReadonlyMap<Token<unknown>, unknown>;
+  /** The plugin's `log`, to check what it logs; silent by default. */
+  logger?: Logger;
 }
 
 /** Sets a plugin up as the loader would (schema-checked config) and returns its hooks. */
@@ -78,7 +80,7 @@ export async function setupPlugin<S extends z.ZodType>(
     '(test)',
     opts.baseDir ?? process.cwd(),
   );
-  const log = pino({ level: 'silent' });
+  const log = opts.logger ?? pino({ level: 'silent' });
   let container: ReturnType<typeof buildContainer> | null = null;
   return plugin.setup({
     name: plugin.name,

@@ -151,15 +151,12 @@ describe('a TypeScript plugin file outside the project, run by petrel start', { 
     const from = proc.logs.length;
     const c = await connect(port, t);
     await c.ehlo('good.example');
-    const sent = Date.now();
     await c.cmd('MAIL FROM:<slow@example.test>', /^451 4\.3\.0 /);
-    const waited = Date.now() - sent;
-    assert.ok(waited >= 450 && waited < 5000, `the per-plugin timeout applied (${waited} ms)`);
     await c.cmd('MAIL FROM:<sender@example.test>', /^250 2\.1\.0 /);
     c.close();
     const line = await proc.waitForLog((l) => l.msg === 'hook failed' && l.plugin === 'hanger', 5000, from);
     assert.equal(line.hook, 'mail');
-    assert.match(errText(line), /500 ms/);
+    assert.match(errText(line), /500 ms/, 'the per-plugin timeout applied, not the 30 s default');
     const id = await deliver(port, t);
     assert.ok(existsSync(project.path('received', `${id}.eml`)));
     assert.equal(proc.exit, null, 'still running');
