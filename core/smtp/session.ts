@@ -127,10 +127,16 @@ export class SmtpSession implements SessionView {
       }
       if (cfg.timeouts.greetingDelay > 0) await delay(cfg.timeouts.greetingDelay);
       const connect = await this.runner.verdict('connect', this.base());
-      const refusal = connect.verdict.kind;
-      // The greeting can only be 554 or 421 (below), whatever code the plugin chose.
-      const sent = refusal === 'deny' ? 554 : refusal === 'defer' || refusal === 'disconnect' ? 421 : null;
-      this.logVerdict('connect', connect.verdict, connect.plugin, sent ? { code: sent } : {});
+      const v = connect.verdict;
+      // RFC 5321 §3.1/§4.3.2: the greeting is 220, 554 (no service; only QUIT follows) or 421,
+      // whatever code a plugin chose; the log says what was sent.
+      const greeting =
+        v.kind === 'deny'
+          ? { code: 554, text: v.reply.text }
+          : v.kind === 'defer' || v.kind === 'disconnect'
+            ? { code: 421, text: v.reply?.text ?? 'Closing connection' }
+            : { code: 220, text: `${cfg.hostname} ${cfg.smtp.banner}` };
+      this.logVerdict('connect', v, connect.plugin, { code: greeting.code });
       // RFC 5321 §3.1: a client must wait for the greeting. Bytes before it mean a bot or a
       // client that will not read replies; refuse it before it can do anything.
       if (this.reader.takeArrived() > 0) {
@@ -139,19 +145,9 @@ export class SmtpSession implements SessionView {
         this.reply(554, '5.5.0', 'Protocol error: client sent data before the greeting');
         return;
       }
-      // RFC 5321 §3.1/§4.3.2: the greeting is 220, 554 (no service; only QUIT follows) or 421.
-      switch (connect.verdict.kind) {
-        case 'deny':
-          this.refusedAtConnect = true;
-          this.reply(554, null, connect.verdict.reply.text);
-          break;
-        case 'defer':
-        case 'disconnect':
-          this.reply(421, null, connect.verdict.reply?.text ?? 'Closing connection');
-          return;
-        default:
-          this.reply(220, null, `${cfg.hostname} ${cfg.smtp.banner}`);
-      }
+      this.reply(greeting.code, null, greeting.text);
+      if (greeting.code === 421) return;
+      this.refusedAtConnect = greeting.code === 554;
       while (!this.closing) {
         if (this.host.shuttingDown && !this.tx) {
           this.reply(421, '4.3.2', `${cfg.hostname} Service shutting down, closing connection`);

@@ -249,25 +249,14 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   });
 
   const pipelining = conn.caps.has('PIPELINING');
-  const peer: PeerCapabilities = { eightBitMime: conn.caps.has('8BITMIME'), smtputf8: peerUtf8 };
-  /** The content from the transform chain, or the outcome when that failed. */
-  const prepare = async (
-    which: readonly number[],
-  ): Promise<{ content: Readable } | { outcome: TransactionOutcome }> => {
-    try {
-      return { content: await req.content(peer) };
-    } catch (err) {
-      every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message', remote), which);
-      return { outcome: done(true, err as Error) };
-    }
-  };
-  // RFC 2920 §3.1: when the peer pipelines, DATA ends the same write as MAIL and the RCPTs, so
-  // the content must be ready before anything is sent.
-  let content: Readable | null = null;
-  if (pipelining) {
-    const ready = await prepare(sent);
-    if ('outcome' in ready) return ready.outcome;
-    content = ready.content;
+  // The transform chain is set up before anything is sent: with PIPELINING, DATA ends the same
+  // write as MAIL and the RCPTs (RFC 2920 §3.1), and the content must follow its 354 at once.
+  let content: Readable;
+  try {
+    content = await req.content({ eightBitMime: conn.caps.has('8BITMIME'), smtputf8: peerUtf8 });
+  } catch (err) {
+    every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message', remote), sent);
+    return done(true, err as Error);
   }
   let dataReply: SmtpReply | null = null;
   conn.clean = false;
@@ -280,7 +269,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
     }
     const mailReply = await conn.read('mail', timeouts.mail);
     if (mailReply.code >= 400 && mailReply.code < 500) {
-      content?.destroy();
+      content.destroy();
       return {
         kind: 'next',
         failure: new SmtpFailure(
@@ -292,7 +281,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       };
     }
     if (mailReply.code >= 500) {
-      content?.destroy();
+      content.destroy();
       every(decide(mailReply, remote), sent);
       if (!pipelining) return done(true);
       // The pipelined RCPTs and DATA still get (refusing) replies; read them to stay in step.
@@ -314,7 +303,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
     }
     if (pipelining) dataReply = await conn.read('data', timeouts.data);
   } catch (err) {
-    content?.destroy();
+    content.destroy();
     if (err instanceof SmtpFailure) {
       accepted = [];
       return { kind: 'next', failure: err };
@@ -322,7 +311,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
     throw err;
   }
   if (accepted.length === 0) {
-    content?.destroy();
+    content.destroy();
     // A peer that opens DATA without a single recipient (RFC 2920 says it must not) gets no
     // message: the connection is dropped rather than ended with an empty one.
     if (dataReply?.code === 354) {
@@ -330,12 +319,6 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
       return done(false);
     }
     return done(true);
-  }
-
-  if (!content) {
-    const ready = await prepare(accepted);
-    if ('outcome' in ready) return ready.outcome;
-    content = ready.content;
   }
 
   if (!dataReply) {

@@ -190,6 +190,8 @@ export class QueueEngine {
     this.check();
     if (entry.held !== held) {
       await this.tracked(this.store.setHeld(entry, held));
+      // A held message may wait for days: it does not keep memory from newer ones.
+      if (held) this.store.dropMemory(entry);
       this.opts.log.info({ queueId: id }, held ? 'message held by the administrator' : 'message released');
     }
     if (!held && this.store.entries.has(id)) {

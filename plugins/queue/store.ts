@@ -69,7 +69,7 @@ export interface Entry {
    * The message octets of a new inline message, kept in memory (within the store's budget) so that
    * its first delivery attempt need not read them back from disk; dropped when that attempt ends.
    */
-  memory: Buffer | null;
+  memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null;
 }
 
 const CLEAN = 'clean-shutdown';
@@ -103,17 +103,13 @@ function statePayload(entry: Entry, indices: readonly number[]): Buffer {
   return Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8');
 }
 
-/** A stream of one buffer, in pieces of at most `HIGH_WATER` octets. */
-function bufferStream(buf: Buffer): Readable {
-  let at = 0;
+/** A stream of buffers held in memory. */
+function memoryStream(chunks: readonly Buffer[]): Readable {
+  let next = 0;
   return new Readable({
     highWaterMark: HIGH_WATER,
     read() {
-      while (at < buf.length) {
-        const piece = buf.subarray(at, at + HIGH_WATER);
-        at += piece.length;
-        if (!this.push(piece)) return;
-      }
+      while (next < chunks.length) if (!this.push(chunks[next++])) return;
       this.push(null);
     },
   });
@@ -272,19 +268,17 @@ export class QueueStore {
       await rename(body.file, target);
       await syncDir(this.blobDir);
     }
-    // An inline message small enough for the budget is kept as one buffer for its first attempt.
-    let octets: Buffer[] = 'inline' in body ? body.inline : [];
-    let memory: Buffer | null = null;
-    if ('inline' in body && this.memoryBytes + env.size <= this.memoryLimit) {
-      memory = octets.length === 1 ? octets[0]! : Buffer.concat(octets);
-      octets = [memory];
-      this.memoryBytes += memory.length;
-    }
+    const octets = 'inline' in body ? body.inline : [];
+    // An inline message within the budget keeps its chunks in memory for its first attempt.
+    const bytes = octets.reduce((n, c) => n + c.length, 0);
+    const memory =
+      octets.length && this.memoryBytes + bytes <= this.memoryLimit ? { chunks: octets, bytes } : null;
+    if (memory) this.memoryBytes += bytes;
     let ref: RecordRef;
     try {
       ref = await this.journal.append(RecordType.Message, [...head, ...octets]);
     } catch (err) {
-      if (memory) this.memoryBytes -= memory.length;
+      if (memory) this.memoryBytes -= bytes;
       throw err;
     }
     const entry: Entry = {
@@ -329,7 +323,7 @@ export class QueueStore {
   /** Drops the in-memory copy of a message's octets: later reads come from disk. */
   dropMemory(entry: Entry): void {
     if (!entry.memory) return;
-    this.memoryBytes -= entry.memory.length;
+    this.memoryBytes -= entry.memory.bytes;
     entry.memory = null;
   }
 
@@ -413,7 +407,7 @@ export class QueueStore {
 
   /** The stored message octets (the body only for blobs). */
   private rawStream(entry: Entry): Readable {
-    if (entry.memory) return bufferStream(entry.memory);
+    if (entry.memory) return memoryStream(entry.memory.chunks);
     if (entry.env.blob)
       return createReadStream(join(this.blobDir, `${entry.env.id}.eml`), { highWaterMark: HIGH_WATER });
     return this.journal.read(entry.location!, entry.skip);
