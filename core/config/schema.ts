@@ -45,6 +45,11 @@ export const timeoutsSchema = z
     hook: duration.default(30_000),
     /** On SIGTERM, how long sessions may finish before the rest get `421 4.3.2`. */
     shutdown: duration.default(30_000),
+    /**
+     * How long each plugin's `setup` may take at start and on reload; past it the start fails, or
+     * the reload is refused and the running config stays.
+     */
+    setup: duration.default(60_000),
   })
   .strict();
 
@@ -164,6 +169,18 @@ export const configSchema = z
       .strict()
       .default({ level: 'info', format: 'auto' }),
     plugins: z.array(pluginEntry).default([]),
+    /**
+     * Worker processes `petrel start` runs under its primary: a number, or `auto` for one per CPU
+     * core. Each worker serves connections and owns its own part of the queue.
+     */
+    workers: z.union([z.literal('auto'), z.number().int().positive().max(64)]).default(1),
+    /**
+     * A worker whose event loop has not answered for this long (a plugin stuck in a loop) is
+     * killed and replaced by the primary.
+     */
+    watchdog: duration
+      .refine((ms) => ms >= 1000, { message: 'expected a duration of at least 1s' })
+      .default(10_000),
   })
   .strict();
 

@@ -240,6 +240,12 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const loaded: LoadedPlugin[] = [];
   const closers: { plugin: string; fn: () => void | Promise<void> }[] = [];
   const seen = new Set<string>();
+  // Once the build has failed, a setup still running (one that missed its deadline) may yet
+  // register something to close: it is closed at once, so a refused reload leaves nothing open.
+  let abandoned = false;
+  const closeLate = (plugin: string, fn: () => void | Promise<void>): void => {
+    void (async () => fn())().catch((err: unknown) => log.error({ plugin, err }, 'plugin close failed'));
+  };
   const runner = new HookRunner(table, log);
   const partial = new PluginSet(runner, loaded, closers, log);
   let markReady!: () => void;
@@ -278,7 +284,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
       const pluginLog = log.child({ plugin: name });
       let hooks: Hooks;
       try {
-        hooks = await definition.setup({
+        const started = definition.setup({
           name,
           config: validConfig,
           log: pluginLog,
@@ -289,8 +295,18 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
             container.register(token, { useValue: value });
           },
           hooks: pluginHooks,
-          onClose: (fn) => closers.push({ plugin: name, fn }),
+          onClose: (fn) => {
+            if (abandoned) closeLate(name, fn);
+            else closers.push({ plugin: name, fn });
+          },
         });
+        hooks = await withDeadline(started, config.timeouts.setup, () =>
+          ConfigError.one(
+            file,
+            label,
+            `expected setup to finish within ${config.timeouts.setup} ms (timeouts.setup), but it did not`,
+          ),
+        );
       } catch (err) {
         if (err instanceof ConfigError) throw err;
         throw ConfigError.one(
@@ -323,11 +339,25 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
       loaded.push({ name, source, location, hooks: names });
     }
   } catch (err) {
+    abandoned = true;
     await partial.retire();
     throw err;
   }
   markReady();
   return new PluginSet(runner, loaded, closers, log);
+}
+
+/** `promise`, or the error `late()` makes once `ms` have passed without it settling. */
+async function withDeadline<T>(promise: Promise<T> | T, ms: number, late: () => Error): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(late()), ms);
+  });
+  try {
+    return await Promise.race([promise, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
