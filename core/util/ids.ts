@@ -1,8 +1,11 @@
-import { randomBytes } from 'node:crypto';
-
 const ALPHABET = '0123456789BCDFGHJKLMNPQRSTVWXYZ';
 let counter = 0;
-const processTag = randomBytes(2).readUInt16BE(0);
+/**
+ * The process id: no two processes running at once have the same, so the workers of one server
+ * (which share its spool, its Maildirs and its logs) never make the same id. Five digits of base 31
+ * hold every pid Linux can give (pid_max is at most 2^22).
+ */
+const processTag = process.pid % 31 ** 5;
 
 function base(n: number, width: number): string {
   let s = '';
@@ -20,5 +23,5 @@ function base(n: number, width: number): string {
 export function newId(): string {
   counter = (counter + 1) % 0x1000000;
   const ms = Date.now();
-  return base(Math.floor(ms / 1000), 7) + base(ms % 1000, 2) + base(processTag, 4) + base(counter, 5);
+  return base(Math.floor(ms / 1000), 7) + base(ms % 1000, 2) + base(processTag, 5) + base(counter, 5);
 }
