@@ -6,7 +6,8 @@ import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js'
 import type { PetrelConfigInput } from './config/schema.js';
 import { buildContainer } from './di/root.js';
 import type { Spool } from './message/spool.js';
-import { resolveToken, Tokens } from './di/tokens.js';
+import { resolveToken, Tokens, type WorkerInfo } from './di/tokens.js';
+import type { ConnectionGate } from './smtp/gate.js';
 import { buildPluginSet, checkPlugins } from './plugins/loader.js';
 import type { PluginDefinition } from './plugins/define.js';
 import { createLogger } from './services/logger.js';
@@ -25,6 +26,33 @@ export interface PetrelOptions {
   readonly plugins?: readonly PluginDefinition[];
   /** A logger to use instead of one built from the config. */
   readonly logger?: Logger;
+  /**
+   * A config already read (by a supervisor): validated here against `baseDir`, with `file` as its
+   * name in messages. Takes precedence over `configFile` and `config`.
+   */
+  readonly source?: ConfigSource;
+  /** Sockets a supervisor bound, one per listener (by index): listened on instead of binding. */
+  readonly listenHandles?: readonly object[];
+  /** This process's worker slot (default slot 0 of 1). */
+  readonly worker?: WorkerInfo;
+  /** Counts connections against the limits, when they are shared with other processes. */
+  readonly gate?: ConnectionGate;
+}
+
+/** A config as read from its file, not yet validated (what a supervisor hands its workers). */
+export interface ConfigSource {
+  readonly input: unknown;
+  readonly file: string;
+  readonly baseDir: string;
+}
+
+/** A new generation built and set up, not yet serving: `commit()` swaps it in, `abort()` drops it. */
+export interface PreparedReload {
+  readonly file: string;
+  /** The new generation's plugins, in order. */
+  readonly plugins: readonly string[];
+  commit(): Promise<void>;
+  abort(): Promise<void>;
 }
 
 /**
@@ -43,7 +71,7 @@ export class Petrel {
     readonly log: Logger,
   ) {
     this.gen = gen;
-    this.server = new SmtpServer(() => this.gen, log);
+    this.server = new SmtpServer(() => this.gen, log, opts.gate);
   }
 
   static async start(opts: PetrelOptions = {}): Promise<Petrel> {
@@ -53,7 +81,7 @@ export class Petrel {
     const gen = await Petrel.build(loaded, opts, log);
     const app = new Petrel(gen, opts, log);
     try {
-      app.listeners = await app.server.listen(loaded.config.listeners);
+      app.listeners = await app.server.listen(loaded.config.listeners, opts.listenHandles);
     } catch (err) {
       await app.server.close(0);
       await gen.plugins.retire();
@@ -73,7 +101,8 @@ export class Petrel {
         plugins: gen.plugins.plugins.map((p) => p.name),
         hostname: loaded.config.hostname,
       },
-      'petrel started',
+      // Under a supervisor, the primary says `petrel started` once every worker serves.
+      opts.worker ? 'worker started' : 'petrel started',
     );
     return app;
   }
@@ -92,6 +121,7 @@ export class Petrel {
   }
 
   private static async readConfig(opts: PetrelOptions): Promise<LoadedConfig> {
+    if (opts.source) return validateConfig(opts.source.input, opts.source.file, opts.source.baseDir);
     if (opts.config) {
       const cwd = opts.cwd ?? process.cwd();
       return validateConfig(opts.config, '(inline config)', cwd);
@@ -108,7 +138,7 @@ export class Petrel {
     const { config, file, baseDir } = loaded;
     await ensureSelfSigned(config, log);
     const tls = loadTls(config, file);
-    const container = buildContainer(config, { logger: log, metrics });
+    const container = buildContainer(config, { logger: log, metrics, worker: opts.worker });
     let spool: Spool;
     try {
       spool = resolveToken(container, Tokens.Spool);
@@ -154,11 +184,28 @@ export class Petrel {
    * on the old one. A bad config is refused (logged and thrown) and the old one keeps running.
    */
   async reload(config?: PetrelConfigInput): Promise<void> {
+    const source: ConfigSource | undefined = config
+      ? { input: config, file: '(inline config)', baseDir: this.opts.cwd ?? process.cwd() }
+      : undefined;
+    const prepared = await this.prepareReload(source);
+    await prepared.commit();
+  }
+
+  /**
+   * The first half of a reload: builds and sets up the new generation without serving it, so a
+   * supervisor can apply a reload to every worker or to none. `source` defaults to the file the
+   * server runs from, read again. A bad config is logged and thrown; nothing changes.
+   */
+  async prepareReload(source?: ConfigSource): Promise<PreparedReload> {
     let next: Generation;
     try {
-      const loaded = config
-        ? validateConfig(config, '(inline config)', this.opts.cwd ?? process.cwd())
-        : await Petrel.readConfig({ ...this.opts, configFile: this.opts.configFile ?? this.gen.file });
+      const loaded = source
+        ? validateConfig(source.input, source.file, source.baseDir)
+        : await Petrel.readConfig({
+            ...this.opts,
+            source: undefined,
+            configFile: this.opts.configFile ?? this.gen.file,
+          });
       next = await Petrel.build(loaded, this.opts, this.log, this.gen.metrics);
       const sockets = (c: typeof next.config): string =>
         JSON.stringify(c.listeners.map((l) => [l.name, l.kind, l.address, l.port]));
@@ -172,10 +219,27 @@ export class Petrel {
       );
       throw err;
     }
-    const old = this.gen;
-    this.gen = next;
-    this.log.info({ config: next.file, plugins: next.plugins.plugins.map((p) => p.name) }, 'config reloaded');
-    await old.plugins.retire();
+    let settled = false;
+    return {
+      file: next.file,
+      plugins: next.plugins.plugins.map((p) => p.name),
+      commit: async () => {
+        if (settled) return;
+        settled = true;
+        const old = this.gen;
+        this.gen = next;
+        this.log.info(
+          { config: next.file, plugins: next.plugins.plugins.map((p) => p.name) },
+          'config reloaded',
+        );
+        await old.plugins.retire();
+      },
+      abort: async () => {
+        if (settled) return;
+        settled = true;
+        await next.plugins.retire();
+      },
+    };
   }
 
   /** Stops accepting, drains sessions up to the configured deadline, closes the plugins. */

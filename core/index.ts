@@ -14,7 +14,7 @@ export {
   type ReplySpec,
 } from './hooks/verdict.js';
 export { defineNote, Notes, type NoteKey } from './message/notes.js';
-export { Tokens, defineToken, type Token } from './di/tokens.js';
+export { Tokens, defineToken, type Token, type WorkerInfo } from './di/tokens.js';
 export { Petrel, type PetrelOptions } from './app.js';
 export { ConfigError } from './config/errors.js';
 export type { Address } from './message/address.js';

@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { Petrel } from '../app.js';
+import { Supervisor } from '../process/primary.js';
 import { ConfigError } from '../config/errors.js';
 import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
 import { runQueueCommand } from './queue.js';
@@ -29,9 +30,9 @@ function version(): string {
 }
 
 /** On the embedded default, say what is running and how to take the first steps. */
-function welcome(app: Petrel): void {
+function welcome(app: Supervisor): void {
   const ports = app.listeners.map((l) => `  ${l.kind.padEnd(11)} ${l.address}:${l.port}`).join('\n');
-  const domains = app.generation.config.localDomains.join(', ');
+  const domains = app.config.localDomains.join(', ');
   process.stderr.write(
     [
       `Petrel is running on the embedded default config (${EMBEDDED_CONFIG}).`,
@@ -50,12 +51,16 @@ function welcome(app: Petrel): void {
   );
 }
 
+/**
+ * Runs the primary: it binds the listeners and keeps `workers` worker processes serving them
+ * (core/process/primary.ts). Signals arrive here and are passed on to every worker.
+ */
 async function start(configFile: string | undefined): Promise<void> {
-  const app = await Petrel.start({ configFile });
-  if (app.generation.file === EMBEDDED_CONFIG) welcome(app);
+  const app = await Supervisor.start({ configFile });
+  if (app.configFile === EMBEDDED_CONFIG) welcome(app);
   let stopping = false;
   process.on('SIGHUP', () => {
-    app.reload().catch(() => undefined); // logged by reload; the old config keeps running
+    void app.reload(); // a refused reload is logged; the old config keeps running
   });
   const stop = (signal: string): void => {
     if (stopping) return;
@@ -71,8 +76,8 @@ async function start(configFile: string | undefined): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  // A bug must not take accepted mail down with it silently: log it, and let the service
-  // manager restart us (the durable queue is what guarantees nothing is lost).
+  // A bug in the primary must not leave workers unsupervised: log it, stop them, and let the
+  // service manager restart us (the durable queue is what guarantees nothing is lost).
   process.on('uncaughtException', (err) => {
     app.log.fatal({ err }, 'uncaught exception');
     process.exitCode = 70;

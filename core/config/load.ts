@@ -13,6 +13,12 @@ export interface LoadedConfig {
   readonly file: string;
   /** Relative paths in the config are relative to this folder. */
   readonly baseDir: string;
+  /**
+   * The config as read, before validation: what a supervisor hands its workers, so that every
+   * worker (and a replacement started later) runs the config the primary accepted, not whatever
+   * the file says by then.
+   */
+  readonly input: unknown;
 }
 
 /** Where `petrel start` looks, in this order, from the working directory. */
@@ -133,5 +139,5 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Loa
       );
     names.add(l.name);
   });
-  return { config, file, baseDir };
+  return { config, file, baseDir, input: raw };
 }

@@ -5,7 +5,7 @@ import { Spool } from '../message/spool.js';
 import { Clock } from '../services/clock.js';
 import { DnsResolver } from '../services/dns.js';
 import { MetricsRegistry } from '../services/metrics.js';
-import { Tokens } from './tokens.js';
+import { Tokens, type WorkerInfo } from './tokens.js';
 
 /**
  * The composition root: the one place where services are bound to tokens. Each config
@@ -14,9 +14,10 @@ import { Tokens } from './tokens.js';
  */
 export function buildContainer(
   config: PetrelConfig,
-  shared: { logger: Logger; metrics?: MetricsRegistry },
+  shared: { logger: Logger; metrics?: MetricsRegistry; worker?: WorkerInfo },
 ): DependencyContainer {
   const c = rootContainer.createChildContainer();
+  c.register(Tokens.Worker, { useValue: shared.worker ?? { slot: 0, count: 1 } });
   c.register(Tokens.Config, { useValue: config });
   c.register(Tokens.Logger, { useValue: shared.logger });
   if (shared.metrics) c.register(Tokens.Metrics, { useValue: shared.metrics });

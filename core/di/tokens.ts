@@ -5,6 +5,17 @@ import type { DnsResolver } from '../services/dns.js';
 import type { MetricsRegistry } from '../services/metrics.js';
 import type { Spool } from '../message/spool.js';
 
+/**
+ * Which worker this process is. `petrel start` runs `count` worker processes under a primary;
+ * slot `i` (0-based) keeps its number when its process is replaced, so state a worker owns on disk
+ * (its part of the queue) is found again by its replacement. A server started in-process (tests,
+ * embedding) is slot 0 of 1.
+ */
+export interface WorkerInfo {
+  readonly slot: number;
+  readonly count: number;
+}
+
 /** A DI token that carries the type of what it resolves to. */
 export type Token<T> = symbol & { readonly __type?: T };
 
@@ -40,6 +51,8 @@ export const Tokens = {
   Metrics: token<MetricsRegistry>('Metrics'),
   /** Where message bodies are spooled while a session receives them. */
   Spool: token<Spool>('Spool'),
+  /** This worker's slot and the number of workers (see `WorkerInfo`). */
+  Worker: token<WorkerInfo>('Worker'),
 } as const;
 
 export type TokenName = keyof typeof Tokens;

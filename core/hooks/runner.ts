@@ -11,6 +11,7 @@ import type {
 } from './catalogue.js';
 import { Readable } from 'node:stream';
 import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
+import { enterHook, leaveHook } from '../process/activity.js';
 
 export interface RegisteredHook<K extends HookName> {
   readonly plugin: string;
@@ -229,7 +230,15 @@ export class HookRunner {
     });
     try {
       const fn = hook.fn as (c: HookContext<K>) => Promise<unknown>;
-      return await Promise.race([fn({ ...ctx, signal: controller.signal } as HookContext<K>), timeout]);
+      // The mark covers the hook's synchronous part: a watchdog can name a hook stuck in it.
+      const previous = enterHook(hook.plugin, name);
+      let pending: Promise<unknown>;
+      try {
+        pending = fn({ ...ctx, signal: controller.signal } as HookContext<K>);
+      } finally {
+        leaveHook(previous);
+      }
+      return await Promise.race([pending, timeout]);
     } finally {
       clearTimeout(timer);
     }

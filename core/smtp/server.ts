@@ -2,6 +2,7 @@ import { createServer, type AddressInfo, type Server, type Socket } from 'node:n
 import type { Logger } from 'pino';
 import type { ListenerConfig } from '../config/schema.js';
 import type { Generation } from './generation.js';
+import { LocalGate, type ConnectionGate } from './gate.js';
 import { formatReply } from './reply.js';
 import { SmtpSession, type SessionHost } from './session.js';
 
@@ -20,12 +21,13 @@ export interface BoundListener {
 export class SmtpServer implements SessionHost {
   private readonly servers: { server: Server; config: ListenerConfig }[] = [];
   private readonly sessions = new Set<SmtpSession>();
-  private readonly perIp = new Map<string, number>();
   private stopping = false;
 
   constructor(
     private current: () => Generation,
     private readonly log: Logger,
+    /** Counts connections against the limits: this process's own, or shared by every worker. */
+    private readonly gate: ConnectionGate = new LocalGate(),
   ) {}
 
   get shuttingDown(): boolean {
@@ -36,9 +38,18 @@ export class SmtpServer implements SessionHost {
     return this.sessions.size;
   }
 
-  async listen(listeners: readonly ListenerConfig[]): Promise<BoundListener[]> {
+  /**
+   * Listens on each listener's address, or, where `handles` has an entry for it, on that
+   * already-bound socket (a supervisor's, shared by its workers: the kernel hands each new
+   * connection to one of them, and the socket outlives any one worker).
+   */
+  async listen(
+    listeners: readonly ListenerConfig[],
+    handles: readonly object[] = [],
+  ): Promise<BoundListener[]> {
     const bound: BoundListener[] = [];
-    for (const config of listeners) {
+    for (const [index, config] of listeners.entries()) {
+      const handle = handles[index];
       const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) =>
         this.accept(socket, config),
       );
@@ -55,10 +66,12 @@ export class SmtpServer implements SessionHost {
           reject(Object.assign(e, { code: err.code, listener: i }));
         };
         server.once('error', failed);
-        server.listen({ host: config.address, port: config.port, backlog: 1024 }, () => {
+        const ready = (): void => {
           server.off('error', failed);
           resolve();
-        });
+        };
+        if (handle) server.listen(handle, 1024, ready);
+        else server.listen({ host: config.address, port: config.port, backlog: 1024 }, ready);
       });
       server.on('error', (err) => this.log.error({ err, listener: config.name }, 'listener error'));
       const addr = server.address() as AddressInfo;
@@ -82,30 +95,37 @@ export class SmtpServer implements SessionHost {
     // Settings other than address and port follow a reload; the listener keeps its name.
     const config = gen.config.listeners.find((l) => l.name === bound.name && l.kind === bound.kind) ?? bound;
     const ip = socket.remoteAddress ?? '';
-    const own = this.listenerCounts(config.name ?? '');
+    const listener = config.name ?? '';
     socket.on('error', () => undefined);
-    const global = gen.config.limits;
-    const over =
-      this.sessions.size >= global.maxConnections ||
-      (this.perIp.get(ip) ?? 0) >= global.maxConnectionsPerIp ||
-      (config.limits?.maxConnections !== undefined && own.count >= config.limits.maxConnections) ||
-      (config.limits?.maxConnectionsPerIp !== undefined &&
-        (own.perIp.get(ip) ?? 0) >= config.limits.maxConnectionsPerIp);
-    if (this.stopping || over) {
+    const refuse = (text: string): void => {
       gen.metrics.inc('smtp.connections.refused');
-      const text = this.stopping ? 'Service shutting down' : 'Too many connections, try again later';
       socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
       setTimeout(() => socket.destroy(), 1000).unref();
-      return;
-    }
-    const dec = (m: Map<string, number>): void => {
-      const n = (m.get(ip) ?? 1) - 1;
-      if (n > 0) m.set(ip, n);
-      else m.delete(ip);
     };
-    this.perIp.set(ip, (this.perIp.get(ip) ?? 0) + 1);
-    own.perIp.set(ip, (own.perIp.get(ip) ?? 0) + 1);
-    own.count++;
+    if (this.stopping) return refuse('Service shutting down');
+    const global = gen.config.limits;
+    const admitted = this.gate.admit(ip, listener, {
+      maxConnections: global.maxConnections,
+      maxConnectionsPerIp: global.maxConnectionsPerIp,
+      listenerMaxConnections: config.limits?.maxConnections,
+      listenerMaxConnectionsPerIp: config.limits?.maxConnectionsPerIp,
+    });
+    const admittedThen = (ok: boolean): void => {
+      if (!ok) return refuse('Too many connections, try again later');
+      if (this.stopping || socket.destroyed) {
+        this.gate.leave(ip, listener);
+        if (!socket.destroyed) refuse('Service shutting down');
+        return;
+      }
+      this.serve(socket, config, gen, ip, listener);
+    };
+    if (typeof admitted === 'boolean') return admittedThen(admitted);
+    // A shared gate answers over IPC; meanwhile the client's bytes wait in the socket's buffer
+    // (nothing reads them before the session attaches its reader).
+    admitted.then(admittedThen, () => refuse('Service temporarily unavailable'));
+  }
+
+  private serve(socket: Socket, config: ListenerConfig, gen: Generation, ip: string, listener: string): void {
     gen.plugins.retain();
     gen.metrics.inc('smtp.connections');
     gen.metrics.add('smtp.connections.active', 1);
@@ -113,24 +133,11 @@ export class SmtpServer implements SessionHost {
     this.sessions.add(session);
     void session.run().finally(() => {
       this.sessions.delete(session);
-      dec(this.perIp);
-      dec(own.perIp);
-      own.count--;
+      this.gate.leave(ip, listener);
       gen.metrics.add('smtp.connections.active', -1);
       gen.plugins.release();
       if (this.stopping && this.sessions.size === 0) this.drained?.();
     });
-  }
-
-  private readonly byListener = new Map<string, { count: number; perIp: Map<string, number> }>();
-
-  private listenerCounts(name: string): { count: number; perIp: Map<string, number> } {
-    let c = this.byListener.get(name);
-    if (!c) {
-      c = { count: 0, perIp: new Map() };
-      this.byListener.set(name, c);
-    }
-    return c;
   }
 
   private drained: (() => void) | null = null;
