@@ -13,6 +13,7 @@ import {
   type WireMessage,
   type WireRecipient,
 } from '../../plugins/queue/control.js';
+import { existingParts, partDir } from '../../plugins/queue/parts.js';
 
 export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--json]
 
@@ -155,6 +156,45 @@ export function request(
 }
 
 /**
+ * Sends a request to every part of the queue (one per worker, see plugins/queue/parts.ts) and
+ * merges the answers as if they came from one queue: lists are joined (oldest first), a flush
+ * adds up, and a request about one message gets the answer of the part that holds it. Parts
+ * where no server answers are passed over, unless none answers at all.
+ */
+export async function requestAllParts(
+  dir: string,
+  req: ControlRequest,
+  timeoutMs: number,
+): Promise<ControlResponse> {
+  const parts = await existingParts(dir);
+  const settled = await Promise.allSettled(
+    parts.map((k) => request(join(partDir(dir, k), CONTROL_SOCKET), req, timeoutMs)),
+  );
+  const answers: ControlResponse[] = [];
+  let unreachable: unknown = null;
+  for (const r of settled) {
+    if (r.status === 'fulfilled') answers.push(r.value);
+    else if (r.reason instanceof CommandError && r.reason.code === 69) unreachable ??= r.reason;
+    else throw r.reason;
+  }
+  if (answers.length === 0) throw unreachable;
+  const good = answers.filter((a) => a.ok);
+  const first = good[0];
+  if (!first) return answers.find((a) => !a.ok && a.error !== 'not-found') ?? answers[0]!;
+  if (first.op === 'list') {
+    const messages = good.flatMap((a) => (a.ok && a.op === 'list' ? a.messages : []));
+    messages.sort((a, b) => Date.parse(a.receivedAt) - Date.parse(b.receivedAt));
+    return { ...first, messages };
+  }
+  if (first.op === 'flush') {
+    const flushed = good.flatMap((a) => (a.ok && a.op === 'flush' ? a.flushed : []));
+    const held = good.flatMap((a) => (a.ok && a.op === 'flush' ? a.held : []));
+    return { ...first, flushed, held };
+  }
+  return first;
+}
+
+/**
  * `petrel queue list|show|flush|hold|release|delete|bounce`. Returns the exit code (see
  * QUEUE_USAGE). A bad config throws ConfigError.
  */
@@ -211,7 +251,7 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
     ...(id ? { id } : {}),
     ...(values.domain ? { domain: values.domain } : {}),
   } as ControlRequest;
-  const res = await request(join(where.dir, CONTROL_SOCKET), req, io.timeoutMs);
+  const res = await requestAllParts(where.dir, req, io.timeoutMs);
   if (!res.ok) {
     throw new CommandError(res.message, res.error === 'not-found' || res.error === 'held' ? 1 : 70);
   }

@@ -11,6 +11,7 @@ import { DueHeap } from './due-heap.js';
 import { QueueStore, type Entry, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer } from './control.js';
+import { lockPart } from './lock.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -55,6 +56,8 @@ export class QueueEngine {
   /** Administrative changes in progress (closing waits for them). */
   private readonly changes = new Set<Promise<unknown>>();
   private control: ControlServer | null = null;
+  /** Gives the part's lock back (after the store is closed). */
+  private releaseLock: () => Promise<void> = async () => undefined;
 
   private constructor(
     readonly store: QueueStore,
@@ -71,11 +74,19 @@ export class QueueEngine {
       });
       return known.engine;
     }
-    // Refuses a folder that another running server uses; removes a stale socket.
-    await ControlServer.claim(dir);
+    // One process per queue part: a lock file, then the control socket's own check (which also
+    // removes a stale socket).
+    const unlock = await lockPart(dir);
     const store = new QueueStore(dir, opts.segmentSize, opts.log, opts.memoryCache);
-    await store.open();
+    try {
+      await ControlServer.claim(dir);
+      await store.open();
+    } catch (err) {
+      await unlock();
+      throw err;
+    }
     const engine = new QueueEngine(store, opts);
+    engine.releaseLock = unlock;
     QueueEngine.open.set(dir, { engine, users: 1 });
     try {
       engine.control = await ControlServer.listen(dir, engine, opts.log);
@@ -538,5 +549,6 @@ export class QueueEngine {
     }
     await bound(Promise.allSettled([...this.changes]));
     await this.store.close();
+    await this.releaseLock();
   }
 }

@@ -6,6 +6,7 @@ import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
 import { newId } from '../../core/util/ids.js';
 import { parseSchedule } from './schedule.js';
+import { partDir, partsOfSlot } from './parts.js';
 import type { StoredEnvelope } from './store.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
@@ -82,7 +83,8 @@ export default definePlugin({
         ? config.dir
         : resolve(baseDir, config.dir)
       : join(core.spool.dir, 'queue');
-    const engine = await QueueEngine.acquire(dir, {
+    const worker = resolveService(Tokens.Worker);
+    const options = {
       log,
       schedule: parseSchedule(config.retry),
       lifetime: parseDuration(config.lifetime),
@@ -90,8 +92,16 @@ export default definePlugin({
       segmentSize: config.segmentSize,
       memoryCache: config.memoryCache,
       hooks,
-    });
-    onClose(() => QueueEngine.release(engine));
+    };
+    // This worker's own part takes new mail; parts it adopted are delivered from (see parts.ts).
+    const engines: QueueEngine[] = [];
+    onClose(() => Promise.all(engines.map((e) => QueueEngine.release(e))).then(() => undefined));
+    for (const part of await partsOfSlot(dir, worker.slot, worker.count)) {
+      engines.push(await QueueEngine.acquire(partDir(dir, part), options));
+    }
+    const engine = engines[0]!;
+    /** The engine holding a message, if any. */
+    const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.get(id) !== null);
     provide(Queue, {
       async submit(message) {
         const id = newId();
@@ -112,13 +122,16 @@ export default definePlugin({
         );
         return id;
       },
-      list: () => engine.list(),
-      get: (id) => engine.get(id),
-      flush: (target) => engine.flush(target),
-      hold: (id) => engine.hold(id, true),
-      release: (id) => engine.hold(id, false),
-      delete: (id) => engine.end(id, 'delete'),
-      bounce: (id) => engine.end(id, 'bounce'),
+      list: () =>
+        engines.length === 1
+          ? engine.list()
+          : engines.flatMap((e) => e.list()).sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()),
+      get: (id) => holding(id)?.get(id) ?? null,
+      flush: (target) => engines.reduce((n, e) => n + e.flush(target), 0),
+      hold: async (id) => (await holding(id)?.hold(id, true)) ?? null,
+      release: async (id) => (await holding(id)?.hold(id, false)) ?? null,
+      delete: async (id) => (await holding(id)?.end(id, 'delete')) ?? null,
+      bounce: async (id) => (await holding(id)?.end(id, 'bounce')) ?? null,
     });
 
     return {
