@@ -48,6 +48,46 @@ describe('reload and shutdown', () => {
     }
   });
 
+  it('a reload whose plugin setup never finishes is refused at timeouts.setup, and its late resources are closed', async () => {
+    let finishSetup: () => void = () => undefined;
+    const lateClosed: string[] = [];
+    const slow = definePlugin({
+      name: 'slow',
+      config: z.object({ hang: z.boolean() }).strict(),
+      setup: async ({ config, onClose }) => {
+        if (config.hang) {
+          await new Promise<void>((resolve) => (finishSetup = resolve));
+          onClose(() => void lateClosed.push('late'));
+        }
+        return { rcpt: async () => accept() };
+      },
+    });
+    const srv = await startServer({ plugins: [slow], entries: [{ name: 'slow', config: { hang: false } }] });
+    try {
+      await assert.rejects(
+        srv.app.reload({
+          ...srv.app.generation.config,
+          timeouts: { ...srv.app.generation.config.timeouts, setup: 200 },
+          plugins: [{ name: 'slow', config: { hang: true } }],
+        }),
+        /plugins\[0\] \(slow\): expected setup to finish within 200 ms \(timeouts\.setup\)/,
+      );
+      assert.ok(srv.logs.some((l) => l.msg === 'reload refused; keeping the running config'));
+      const c = await SmtpClient.connect(srv.port);
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<a@example.test>', /^250 /);
+      await c.cmd('RCPT TO:<b@example.test>', /^250 /);
+      c.close();
+      // The setup that missed its deadline finishes after all: what it opened is closed at once.
+      finishSetup();
+      for (let i = 0; i < 50 && lateClosed.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.deepEqual(lateClosed, ['late']);
+    } finally {
+      await srv.close();
+    }
+  });
+
   it('a bad config on reload is refused and the old one keeps running', async () => {
     const srv = await startServer({ plugins: [gate], entries: [{ name: 'gate', config: { open: true } }] });
     try {
