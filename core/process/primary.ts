@@ -147,6 +147,7 @@ export class Supervisor {
         hostname: loaded.config.hostname,
         workers: sup.slots.length,
         pids: sup.workerPids,
+        listeners: sup.listeners,
       },
       'petrel started',
     );

@@ -22,6 +22,7 @@ export default definePlugin({
         // A plugin bug that never yields: only the watchdog can end it.
         if (recipient.local === 'spin') for (;;) {}
         if (recipient.local === 'refused') return deny(550, '5.1.1', 'refused by rules');
+        if (recipient.local === 'crash') setTimeout(() => { throw new Error('bug in a timer'); }, 10);
         // Accepted, but no transport routes it: it waits in the queue, deferred.
         if (recipient.domain === 'later.test') return accept();
         return recipient.domain === 'hamburger.test' ? accept() : proceed();
@@ -65,9 +66,10 @@ function project(base: Record<string, unknown>): Setup {
 }
 
 function portOf(p: PetrelProcess): number {
-  const l = p.logs.find((x) => x.msg === 'listening');
-  assert.ok(l, 'a listening line');
-  return l.port as number;
+  const started = p.logs.find((x) => x.msg === 'petrel started');
+  const port = (started?.listeners as { port: number }[] | undefined)?.[0]?.port;
+  assert.ok(port, 'petrel started names the listeners');
+  return port;
 }
 
 function pidsOf(p: PetrelProcess): number[] {
@@ -327,6 +329,48 @@ describe('petrel start with several workers', () => {
       for (const pid of pids) {
         assert.throws(() => process.kill(pid, 0), /ESRCH/, `worker ${pid} is gone`);
       }
+    });
+  });
+
+  describe('one worker', () => {
+    let setup: Setup;
+    let server: PetrelProcess;
+    let port: number;
+    before(async () => {
+      setup = project({ workers: 1, timeouts: { shutdown: '1s' } });
+      server = await start(setup);
+      port = portOf(server);
+    });
+
+    it('a client that connects while the only worker is replaced waits and is served, not refused', async () => {
+      const [victim] = pidsOf(server);
+      const from = server.logs.length;
+      process.kill(victim!, 'SIGKILL');
+      await server.waitForLog((l) => l.msg === 'worker exited; restarting it', 10_000, from);
+      // No worker listens now: the primary's socket holds the connection in its backlog.
+      const id = await sendOne(port, 700);
+      assert.match(id, /queued as /);
+      const again = server.logs.slice(from).find((l) => l.msg === 'worker started' && l.pid !== undefined);
+      assert.ok(again && again.pid !== victim, 'a new worker served it');
+    });
+
+    it('a worker that throws an uncaught exception logs it, exits 70 and is replaced; the server goes on', async () => {
+      const from = server.logs.length;
+      const c = await SmtpClient.connect(port);
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+      c.write('RCPT TO:<crash@hamburger.test>\r\n');
+      const fatal = await server.waitForLog((l) => l.msg === 'uncaught exception', 10_000, from);
+      assert.equal(fatal.level, 60);
+      assert.match(JSON.stringify(fatal.err), /bug in a timer/);
+      // It stops as on SIGTERM: the open session gets timeouts.shutdown to finish.
+      const exited = await server.waitForLog((l) => l.msg === 'worker exited; restarting it', 20_000, from);
+      assert.equal(exited.code, 70);
+      c.close();
+      await server.waitForLog((l) => l.msg === 'worker started' && l.pid !== exited.pid, 15_000, from);
+      await sendOne(port, 701);
+      assert.equal(server.exit, null, 'the primary still runs');
     });
   });
 
