@@ -90,6 +90,7 @@ export class Supervisor {
   >();
   private stopping: Promise<void> | null = null;
   private watchdogTimer: NodeJS.Timeout | null = null;
+  private lastCheck = Date.now();
   listeners: BoundListener[] = [];
   plugins: string[] = [];
 
@@ -139,6 +140,7 @@ export class Supervisor {
       await sup.shutdown();
       throw err;
     }
+    sup.lastCheck = Date.now();
     sup.watchdogTimer = setInterval(() => sup.checkHeartbeats(), BEAT_MS);
     log.info(
       {
@@ -369,6 +371,11 @@ export class Supervisor {
   /** The watchdog: a worker whose heartbeat stopped for `watchdog` is killed and replaced. */
   private checkHeartbeats(): void {
     const now = Date.now();
+    // If the primary itself was held up (its stdout blocked by a slow log reader, say), the
+    // workers' beats are still waiting in their channels: do not count that time against them.
+    const late = now - this.lastCheck - BEAT_MS;
+    this.lastCheck = now;
+    if (late > BEAT_MS) for (const slot of this.slots) slot.lastBeat += late;
     for (const slot of this.slots) {
       const child = slot.child;
       if (!child || slot.replacing || this.stopping) continue;
