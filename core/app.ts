@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import { ConfigError } from './config/errors.js';
 import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js';
 import type { PetrelConfigInput } from './config/schema.js';
-import { buildContainer } from './di/root.js';
+import { buildContainer, openState, statePath } from './di/root.js';
 import type { Spool } from './message/spool.js';
 import { resolveToken, Tokens, type WorkerInfo } from './di/tokens.js';
 import type { ConnectionGate } from './smtp/gate.js';
@@ -12,6 +12,7 @@ import { buildPluginSet, checkPlugins } from './plugins/loader.js';
 import type { PluginDefinition } from './plugins/define.js';
 import { createLogger } from './services/logger.js';
 import type { MetricsRegistry } from './services/metrics.js';
+import type { StateStore } from './services/state.js';
 import type { Generation } from './smtp/generation.js';
 import { SmtpServer, type BoundListener } from './smtp/server.js';
 import { ensureSelfSigned, loadTls } from './smtp/tls.js';
@@ -78,13 +79,19 @@ export class Petrel {
     const loaded = await Petrel.readConfig(opts);
     const log =
       opts.logger ?? createLogger({ level: loaded.config.log.level, format: loaded.config.log.format });
-    const gen = await Petrel.build(loaded, opts, log);
+    // Opened once per process and handed to every generation: what it holds outlives a reload.
+    const state = openState(loaded.config, loaded.file, log);
+    const gen = await Petrel.build(loaded, opts, log, { state }).catch(async (err: unknown) => {
+      await state.close();
+      throw err;
+    });
     const app = new Petrel(gen, opts, log);
     try {
       app.listeners = await app.server.listen(loaded.config.listeners, opts.listenHandles);
     } catch (err) {
       await app.server.close(0);
       await gen.plugins.retire();
+      await state.close();
       const e = err as Error & { listener?: number };
       if (e.listener !== undefined) {
         throw ConfigError.one(
@@ -133,12 +140,12 @@ export class Petrel {
     loaded: LoadedConfig,
     opts: PetrelOptions,
     log: Logger,
-    metrics?: MetricsRegistry,
+    shared: { state: StateStore; metrics?: MetricsRegistry },
   ): Promise<Generation> {
     const { config, file, baseDir } = loaded;
     await ensureSelfSigned(config, log);
     const tls = loadTls(config, file);
-    const container = buildContainer(config, { logger: log, metrics, worker: opts.worker });
+    const container = buildContainer(config, { logger: log, ...shared, worker: opts.worker });
     let spool: Spool;
     try {
       spool = resolveToken(container, Tokens.Spool);
@@ -206,11 +213,17 @@ export class Petrel {
             source: undefined,
             configFile: this.opts.configFile ?? this.gen.file,
           });
-      next = await Petrel.build(loaded, this.opts, this.log, this.gen.metrics);
+      next = await Petrel.build(loaded, this.opts, this.log, {
+        metrics: this.gen.metrics,
+        state: resolveToken(this.gen.container, Tokens.State),
+      });
       const sockets = (c: typeof next.config): string =>
         JSON.stringify(c.listeners.map((l) => [l.name, l.kind, l.address, l.port]));
       if (sockets(next.config) !== sockets(this.gen.config)) {
         this.log.warn('listeners changed in the config; restart to apply them');
+      }
+      if (statePath(next.config) !== statePath(this.gen.config)) {
+        this.log.warn('state changed in the config; restart to apply it');
       }
     } catch (err) {
       this.log.error(
@@ -249,6 +262,7 @@ export class Petrel {
     this.log.info({ sessions: this.server.connectionCount, deadlineMs }, 'shutting down');
     await this.server.close(deadlineMs);
     await this.gen.plugins.retire();
+    await resolveToken(this.gen.container, Tokens.State).close();
     this.log.info('stopped');
     this.log.flush?.();
   }

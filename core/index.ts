@@ -23,4 +23,5 @@ export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 export type { DnsResolver, MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';
 export type { MetricsRegistry } from './services/metrics.js';
+export { StateError, type StateStore } from './services/state.js';
 export type * from './hooks/catalogue.js';

@@ -111,6 +111,7 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Loa
   const config = parsed.data;
   const abs = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
   config.spool.dir = abs(config.spool.dir);
+  if (config.state.path) config.state.path = abs(config.state.path);
   if (config.tls) {
     config.tls.cert = abs(config.tls.cert);
     config.tls.key = abs(config.tls.key);

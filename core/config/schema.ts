@@ -160,6 +160,17 @@ export const configSchema = z
       })
       .strict()
       .default({ dir: './var/spool', memoryThreshold: 262_144 }),
+    /**
+     * Where the State service keeps what the workers share (counters, lockouts). `sqlite`: one
+     * file that every worker of this server opens; `path` defaults to `<spool.dir>/state.sqlite`.
+     */
+    state: z
+      .object({
+        backend: z.enum(['sqlite']).default('sqlite'),
+        path: z.string().min(1).optional(),
+      })
+      .strict()
+      .default({ backend: 'sqlite' }),
     log: z
       .object({
         level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

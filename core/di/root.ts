@@ -1,20 +1,24 @@
+import { join } from 'node:path';
 import { container as rootContainer, type DependencyContainer } from 'tsyringe';
 import type { Logger } from 'pino';
+import { ConfigError } from '../config/errors.js';
 import type { PetrelConfig } from '../config/schema.js';
 import { Spool } from '../message/spool.js';
 import { Clock } from '../services/clock.js';
 import { DnsResolver } from '../services/dns.js';
 import { MetricsRegistry } from '../services/metrics.js';
+import type { StateStore } from '../services/state.js';
+import { SqliteState } from '../services/state-sqlite.js';
 import { Tokens, type WorkerInfo } from './tokens.js';
 
 /**
  * The composition root: the one place where services are bound to tokens. Each config
  * generation gets its own child container, so services built from config (DNS servers, the
- * spool folder) follow a reload; the logger and metrics live across generations.
+ * spool folder) follow a reload; the logger, metrics and the State store live across generations.
  */
 export function buildContainer(
   config: PetrelConfig,
-  shared: { logger: Logger; metrics?: MetricsRegistry; worker?: WorkerInfo },
+  shared: { logger: Logger; state: StateStore; metrics?: MetricsRegistry; worker?: WorkerInfo },
 ): DependencyContainer {
   const c = rootContainer.createChildContainer();
   c.register(Tokens.Worker, { useValue: shared.worker ?? { slot: 0, count: 1 } });
@@ -22,8 +26,33 @@ export function buildContainer(
   c.register(Tokens.Logger, { useValue: shared.logger });
   if (shared.metrics) c.register(Tokens.Metrics, { useValue: shared.metrics });
   else c.registerSingleton(Tokens.Metrics, MetricsRegistry);
+  c.register(Tokens.State, { useValue: shared.state });
   c.registerSingleton(Tokens.Clock, Clock);
   c.registerSingleton(Tokens.Dns, DnsResolver);
   c.registerSingleton(Tokens.Spool, Spool);
   return c;
+}
+
+/** The file the sqlite State backend uses: `state.path`, or `<spool.dir>/state.sqlite`. */
+export function statePath(config: PetrelConfig): string {
+  return config.state.path ?? join(config.spool.dir, 'state.sqlite');
+}
+
+/**
+ * Opens the State store the config names. A server opens it once per process, at start, and keeps
+ * it across reloads (a lockout must not end because the config was reloaded); a changed `state`
+ * section takes effect at the next start. A store that cannot be opened stops the start with a
+ * message naming the key.
+ */
+export function openState(config: PetrelConfig, file: string, log: Logger): StateStore {
+  const path = statePath(config);
+  try {
+    return new SqliteState({ path, log });
+  } catch (err) {
+    throw ConfigError.one(
+      file,
+      config.state.path ? 'state.path' : 'spool.dir',
+      `expected a writable SQLite database at ${path}: ${(err as Error).message}`,
+    );
+  }
 }

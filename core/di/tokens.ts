@@ -4,6 +4,7 @@ import type { Clock } from '../services/clock.js';
 import type { DnsResolver } from '../services/dns.js';
 import type { MetricsRegistry } from '../services/metrics.js';
 import type { Spool } from '../message/spool.js';
+import type { StateStore } from '../services/state.js';
 
 /**
  * Which worker this process is. `petrel start` runs `count` worker processes under a primary;
@@ -51,6 +52,11 @@ export const Tokens = {
   Metrics: token<MetricsRegistry>('Metrics'),
   /** Where message bodies are spooled while a session receives them. */
   Spool: token<Spool>('Spool'),
+  /**
+   * Counters, lockouts and windows shared by every worker of the server (see `StateStore` for the
+   * contract). One store per process, kept across reloads.
+   */
+  State: token<StateStore>('State'),
   /** This worker's slot and the number of workers (see `WorkerInfo`). */
   Worker: token<WorkerInfo>('Worker'),
 } as const;

@@ -19,6 +19,8 @@ import type {
 import { parsePath, type Address } from '../message/address.js';
 import { Notes } from '../message/notes.js';
 import type { PluginDefinition } from '../plugins/define.js';
+import type { StateStore } from '../services/state.js';
+import { SqliteState } from '../services/state-sqlite.js';
 
 /** Parses an address as the engine would (`'bob@example.test'`, UTF-8 allowed). */
 export function address(text: string): Address {
@@ -58,6 +60,15 @@ export function transaction(
   };
 }
 
+/**
+ * A State store of its own for a test (SQLite in memory, nothing on disk), on the given clock so
+ * a test can let keys expire without waiting. Hand it to `setupPlugin` with
+ * `services: new Map([[Tokens.State, store]])` to share it between several set-ups.
+ */
+export function memoryState(opts: { now?: () => number } = {}): StateStore {
+  return new SqliteState({ path: ':memory:', now: opts.now });
+}
+
 export interface SetupOptions<S extends z.ZodType> {
   /** The plugin's config as it would appear in the config file (validated by its schema). */
   config?: z.input<S>;
@@ -90,7 +101,7 @@ export async function setupPlugin<S extends z.ZodType>(
     baseDir: opts.baseDir ?? process.cwd(),
     resolve: <T>(token: Token<T>): T => {
       if (opts.services?.has(token)) return opts.services.get(token) as T;
-      container ??= buildContainer(config, { logger: log });
+      container ??= buildContainer(config, { logger: log, state: memoryState() });
       return resolveToken(container, token);
     },
     provide: () => undefined,

@@ -23,6 +23,13 @@ describe('configuration', () => {
     assert.equal(config.timeouts.command, 300_000);
     assert.equal(config.listeners[0]!.address, '127.0.0.1');
     assert.equal(config.smtp.bareLineEndings, 'reject');
+    assert.deepEqual(config.state, { backend: 'sqlite' }, 'state defaults to <spool.dir>/state.sqlite');
+    const { config: moved } = validateConfig(
+      { listeners: [{ kind: 'smtp', port: 2525 }], state: { path: './shared/state.sqlite' } },
+      '/etc/petrel/petrel.yaml',
+      '/etc/petrel',
+    );
+    assert.equal(moved.state.path, '/etc/petrel/shared/state.sqlite');
   });
 
   it('reads durations such as 30s and 5m', () => {

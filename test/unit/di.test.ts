@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { buildContainer } from '../../core/di/root.js';
+import { memoryState } from '../../core/testing/index.js';
 import { resolveToken, Tokens } from '../../core/di/tokens.js';
 import { validateConfig } from '../../core/config/load.js';
 
@@ -18,7 +19,8 @@ describe('composition root', () => {
         '(test)',
         dir,
       );
-      const c = buildContainer(config, { logger: pino({ level: 'silent' }) });
+      const state = memoryState();
+      const c = buildContainer(config, { logger: pino({ level: 'silent' }), state });
       for (const [name, token] of Object.entries(Tokens)) {
         assert.ok(c.resolve(token) !== undefined, `Tokens.${name} resolves`);
       }
@@ -26,6 +28,7 @@ describe('composition root', () => {
       assert.deepEqual(resolveToken(c, Tokens.Dns).servers(), ['127.0.0.1:5353']);
       assert.equal(c.resolve(Tokens.Clock), c.resolve(Tokens.Clock), 'services are singletons per container');
       assert.equal(resolveToken(c, Tokens.Spool).dir, dir);
+      assert.equal(c.resolve(Tokens.State), state, 'the State store is the one shared across generations');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

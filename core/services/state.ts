@@ -1,0 +1,76 @@
+/**
+ * The State service: small facts with a lifetime that every worker of a server shares —
+ * counters for limits, lockouts, greylisting entries, caches. Plugins get it with
+ * `resolve(Tokens.State)`.
+ *
+ * The contract, for every backend (the embedded `node:sqlite` one here; Redis later):
+ *
+ * - **Keys** are strings that the caller namespaces with its own name first
+ *   (`users:auth:failures:<client>`, `greylist:<triplet>`). A key holds either a value (`get`,
+ *   `set`, `increment`, `compareAndSet`) or a window of events (`addEvent`, `removeEvent`,
+ *   `countEvents`), not both; `delete` removes either.
+ * - **Everything expires.** Every write gives a lifetime (`ttlMs`, `windowMs`); there are no
+ *   keys that live for ever, so what an attacker can make the store hold is bounded by time.
+ *   A key reads as absent from the moment it expires; its storage is reclaimed later.
+ * - **Each operation is atomic** across every process that opens the same store: all workers of
+ *   one server share `<spool.dir>/state.sqlite`. Two workers incrementing one key at once get two
+ *   different results and neither increment is lost; of two racing `compareAndSet` calls with the
+ *   same expectation, one succeeds. Operations are not grouped into transactions: a caller that
+ *   needs several to agree orders them so that every interleaving is safe (the AUTH lockout in
+ *   plugins/users/auth-throttle.ts counts an attempt first and checks the limit after).
+ * - **Time** is the store's: lifetimes and windows are measured on one clock for every process
+ *   (sqlite: the machine's clock; Redis: the server's).
+ * - **Values** are strings; `increment` keeps a decimal integer under its key.
+ * - **Durability:** what is stored survives a restart and a reload, but the last writes before a
+ *   power loss may be lost. Nothing that must never be lost belongs here (that is the queue).
+ * - **Failure:** any operation may reject with a `StateError` — the store cannot be opened or
+ *   written (disk full, permissions), another process held it longer than the busy timeout, or
+ *   it was closed. The caller must handle it and decide whether its feature fails closed or open.
+ *   A hook that lets it propagate gives the client the generic `451 4.3.0` and logs plugin and
+ *   hook: that is failing closed, and it is what the AUTH lockout does, because a lockout that
+ *   lets guesses through whenever its counts cannot be read is no lockout at all, and an attacker
+ *   could bring that about (by filling the disk, say). Legitimate users get a temporary failure
+ *   and retry.
+ */
+export interface StateStore {
+  /** The value under `key`, or null when there is none (or it expired). */
+  get(key: string): Promise<string | null>;
+  /** Stores `value` under `key` for `ttlMs`, replacing any value and its lifetime. */
+  set(key: string, value: string, opts: { ttlMs: number }): Promise<void>;
+  /** Removes the value or window under `key`; true when there was one. */
+  delete(key: string): Promise<boolean>;
+  /**
+   * Adds `by` (default 1) to the integer under `key` and returns the result. An absent key starts
+   * from 0 and lives `ttlMs` from now; later increments do not extend that lifetime, so a counter
+   * counts within a fixed window and then starts again. Rejects when the value is not an integer.
+   */
+  increment(key: string, opts: { ttlMs: number; by?: number }): Promise<number>;
+  /**
+   * Replaces the value under `key` with `next` only if it is `expected` now (null: absent), and
+   * says whether it did. `next` null deletes it. `compareAndSet(k, null, v, …)` is "set if absent".
+   */
+  compareAndSet(
+    key: string,
+    expected: string | null,
+    next: string,
+    opts: { ttlMs: number },
+  ): Promise<boolean>;
+  compareAndSet(key: string, expected: string | null, next: null): Promise<boolean>;
+  /**
+   * Records an event `id` under `key` now, kept for `windowMs`, and returns how many events under
+   * the key fall within the last `windowMs` (this one included). The same id again moves the
+   * event to now rather than adding a second one.
+   */
+  addEvent(key: string, id: string, opts: { windowMs: number }): Promise<number>;
+  /** Removes the event `id` from under `key`; true when it was there. */
+  removeEvent(key: string, id: string): Promise<boolean>;
+  /** How many events under `key` fall within the last `windowMs`. */
+  countEvents(key: string, opts: { windowMs: number }): Promise<number>;
+  /** Closes the store; later operations reject. The server calls it when it stops. */
+  close(): Promise<void>;
+}
+
+/** An operation of the State service failed; `cause` has the backend's error. */
+export class StateError extends Error {
+  override readonly name = 'StateError';
+}
