@@ -1,18 +1,12 @@
+import { randomUUID } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
+import type { StateStore } from '../../core/index.js';
 
 export interface ThrottleOptions {
   /** Failures from one client within the window that lock it out. */
   readonly maxFailures: number;
   readonly windowMs: number;
   readonly lockoutMs: number;
-  /** Clients tracked at most; the oldest entries go first when full. */
-  readonly maxClients?: number;
-}
-
-interface Entry {
-  /** When each failure (or attempt still being checked) happened, oldest first. */
-  stamps: number[];
-  lockedUntil: number;
 }
 
 /**
@@ -37,91 +31,68 @@ export function clientKey(address: string): string {
 }
 
 /**
- * Counts failed AUTH attempts per client across connections, and locks a client out once it
- * has failed `maxFailures` times within the window. An attempt counts as a failure from the
- * moment it starts until it succeeds, so parallel connections cannot each get a guess in before
- * the first failure is recorded.
+ * Counts failed AUTH attempts per client across connections and across every worker (the counts
+ * live in the State service), and locks a client out once it has failed `maxFailures` times
+ * within the window. An attempt counts as a failure from the moment it starts until it succeeds,
+ * so parallel connections cannot each get a guess in before the first failure is recorded.
+ *
+ * Under the client's key, the State service holds a window of attempts
+ * (`users:auth:attempts:<client>`, one event per attempt that failed or is still being checked)
+ * and, while it is locked out, a value (`users:auth:lockout:<client>`) that expires when the
+ * lockout ends. Starting a lockout empties the window, so a client whose lockout ended starts
+ * afresh. Several workers run these steps at once; the order of the steps makes every
+ * interleaving safe (see `begin` and `failed`).
+ *
+ * A State failure rejects, and the auth hook lets it become `451 4.3.0`: the lockout fails
+ * closed, since a limit that lets guesses through when it cannot count is no limit.
  */
 export class AuthThrottle {
-  private readonly clients = new Map<string, Entry>();
-
   constructor(
+    private readonly state: StateStore,
     private readonly opts: ThrottleOptions,
-    private readonly now: () => number,
   ) {}
 
-  /** Milliseconds the client is still locked out for; 0 when it may try. */
-  lockedFor(key: string): number {
-    const e = this.entry(key, false);
-    if (!e) return 0;
-    const t = this.now();
-    if (e.lockedUntil > t) return e.lockedUntil - t;
-    // Attempts still being checked already fill the allowance: wait for their outcome.
-    return e.stamps.length >= this.opts.maxFailures ? 1 : 0;
+  /**
+   * Starts an attempt (counted as a failure until `succeeded`). Resolves to its id, or to null
+   * when the client is locked out and must not even be checked.
+   */
+  async begin(client: string): Promise<string | null> {
+    const k = keys(client);
+    // Cheap refusal during a lockout: a hammering client costs a read, not a write.
+    if ((await this.state.get(k.lockout)) !== null) return null;
+    // Counted first, checked after: two workers cannot both slip under the limit between a check
+    // and a count. The lockout is checked again because one may have started in between (a
+    // failure elsewhere sets it, then empties the window this attempt may have just joined).
+    const id = randomUUID();
+    const attempts = await this.state.addEvent(k.attempts, id, { windowMs: this.opts.windowMs });
+    if (attempts > this.opts.maxFailures || (await this.state.get(k.lockout)) !== null) {
+      await this.state.removeEvent(k.attempts, id);
+      return null;
+    }
+    return id;
   }
 
   /**
-   * Starts an attempt (counted as a failure until `succeeded`). Returns a handle, or null when
-   * the client is locked out and must not even be checked.
+   * The attempt failed: it stays counted. When the count reaches the limit, a lockout starts —
+   * once: `lockedOut` is true only for the failure that started it.
    */
-  begin(key: string): number | null {
-    if (this.lockedFor(key) > 0) return null;
-    const e = this.entry(key, true)!;
-    const t = this.now();
-    e.stamps.push(t);
-    return t;
-  }
-
-  /** The attempt failed: keeps it counted, and starts a lockout when the limit is reached. */
-  failed(key: string): { failures: number; locked: boolean } {
-    const e = this.entry(key, true)!;
-    const locked = e.stamps.length >= this.opts.maxFailures;
-    if (locked && e.lockedUntil <= this.now()) e.lockedUntil = this.now() + this.opts.lockoutMs;
-    return { failures: e.stamps.length, locked };
+  async failed(client: string): Promise<{ failures: number; lockedOut: boolean }> {
+    const k = keys(client);
+    const failures = await this.state.countEvents(k.attempts, { windowMs: this.opts.windowMs });
+    if (failures < this.opts.maxFailures) return { failures, lockedOut: false };
+    // "Set if absent": a lockout already running (another worker's) is not extended.
+    const lockedOut = await this.state.compareAndSet(k.lockout, null, '1', { ttlMs: this.opts.lockoutMs });
+    // Lock first, then forget the failures: an attempt that starts in between sees the lockout.
+    if (lockedOut) await this.state.delete(k.attempts);
+    return { failures, lockedOut };
   }
 
   /** The attempt succeeded: it no longer counts. Earlier failures still do, until they expire. */
-  succeeded(key: string, handle: number): void {
-    const e = this.entry(key, false);
-    if (!e) return;
-    const i = e.stamps.lastIndexOf(handle);
-    if (i >= 0) e.stamps.splice(i, 1);
+  async succeeded(client: string, id: string): Promise<void> {
+    await this.state.removeEvent(keys(client).attempts, id);
   }
+}
 
-  /** Forgets clients with nothing left to remember. */
-  sweep(): void {
-    for (const key of [...this.clients.keys()]) this.entry(key, false);
-  }
-
-  get size(): number {
-    return this.clients.size;
-  }
-
-  private entry(key: string, create: boolean): Entry | undefined {
-    const t = this.now();
-    let e = this.clients.get(key);
-    if (e) {
-      if (e.lockedUntil > 0 && e.lockedUntil <= t) {
-        // A lockout that ended starts the client afresh.
-        e.lockedUntil = 0;
-        e.stamps = [];
-      }
-      const since = t - this.opts.windowMs;
-      while (e.stamps.length && e.stamps[0]! <= since) e.stamps.shift();
-      if (e.stamps.length === 0 && e.lockedUntil <= t && !create) {
-        this.clients.delete(key);
-        return undefined;
-      }
-    }
-    if (!e && create) {
-      const max = this.opts.maxClients ?? 100_000;
-      if (this.clients.size >= max) {
-        const oldest = this.clients.keys().next().value;
-        if (oldest !== undefined) this.clients.delete(oldest);
-      }
-      e = { stamps: [], lockedUntil: 0 };
-      this.clients.set(key, e);
-    }
-    return e;
-  }
+function keys(client: string): { attempts: string; lockout: string } {
+  return { attempts: `users:auth:attempts:${client}`, lockout: `users:auth:lockout:${client}` };
 }

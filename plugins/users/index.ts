@@ -18,9 +18,8 @@ export { Directory, type DirectoryService } from './directory.js';
 export default definePlugin({
   name: 'users',
   config: usersConfigSchema,
-  async setup({ config, log, baseDir, resolve, provide, onClose }) {
+  async setup({ config, log, baseDir, resolve, provide }) {
     const { localDomains } = resolve(Tokens.Config);
-    const clock = resolve(Tokens.Clock);
     const files = directoryFiles(config, baseDir);
     const store = await DirectoryStore.open({
       ...files,
@@ -31,13 +30,12 @@ export default definePlugin({
     provide(Directory, store);
 
     const { maxFailures, windowSeconds, lockoutSeconds, delayMs } = config.auth;
-    const throttle = new AuthThrottle(
-      { maxFailures, windowMs: windowSeconds * 1000, lockoutMs: lockoutSeconds * 1000 },
-      () => clock.nowMs(),
-    );
-    const sweeper = setInterval(() => throttle.sweep(), 60_000);
-    sweeper.unref();
-    onClose(() => clearInterval(sweeper));
+    // The counts live in the State service: shared by every worker, kept across reloads.
+    const throttle = new AuthThrottle(resolve(Tokens.State), {
+      maxFailures,
+      windowMs: windowSeconds * 1000,
+      lockoutMs: lockoutSeconds * 1000,
+    });
 
     /** Slows a failed attempt down; cut short if the hook's time runs out. */
     const pause = (signal: AbortSignal): Promise<void> =>
@@ -47,8 +45,8 @@ export default definePlugin({
       async auth({ session, username, password, authzid, signal }) {
         const client = clientKey(session.remote.address);
         const fields = { session: session.id, remote: session.remote.address, user: username };
-        const handle = throttle.begin(client);
-        if (handle === null) {
+        const attempt = await throttle.begin(client);
+        if (attempt === null) {
           log.info(fields, 'AUTH refused: client locked out');
           await pause(signal);
           // RFC 4954 §6: 454 4.7.0 is a temporary authentication failure; the client may retry later.
@@ -61,14 +59,19 @@ export default definePlugin({
         // We do not let one user act for another (RFC 4616 §2): the authzid must be empty or the login.
         const authzOk = authzid === '' || normalizeLogin(authzid) === login;
         if (user && passwordOk && authzOk) {
-          throttle.succeeded(client, handle);
+          // This attempt was checked within the limit, so the login stands even if it cannot be
+          // taken off the count; it then counts as one failure until the window ends.
+          await throttle.succeeded(client, attempt).catch((err: unknown) => {
+            log.warn({ ...fields, err }, 'AUTH attempt could not be uncounted');
+          });
           log.info(fields, 'AUTH succeeded');
           return accept();
         }
-        const { failures, locked } = throttle.failed(client);
+        const { failures, lockedOut } = await throttle.failed(client);
         const reason = !user ? 'unknown login' : !passwordOk ? 'wrong password' : 'authzid not allowed';
         log.info({ ...fields, reason, failures }, 'AUTH failed');
-        if (locked) log.warn({ ...fields, lockoutSeconds }, 'client locked out after too many AUTH failures');
+        if (lockedOut)
+          log.warn({ ...fields, lockoutSeconds }, 'client locked out after too many AUTH failures');
         await pause(signal);
         return deny(535, '5.7.8', 'Authentication credentials invalid');
       },

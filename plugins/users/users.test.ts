@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { deny, Tokens, type PetrelConfig } from '../../core/index.js';
-import { address, runHook, session, transaction } from '../../core/testing/index.js';
+import { address, memoryState, runHook, session, transaction } from '../../core/testing/index.js';
 import { AuthThrottle, clientKey } from './auth-throttle.js';
 import { parseAliasesFile } from './aliases-file.js';
 import { DirectoryData } from './directory-data.js';
@@ -214,38 +214,50 @@ describe('users: AUTH throttling', () => {
     assert.equal(clientKey('2001:db8::1'), '2001:db8:0:0::/64');
   });
 
-  it('locks a client out after maxFailures within the window, for lockout, then starts afresh', () => {
+  it('locks a client out after maxFailures within the window, for lockout, then starts afresh', async () => {
     let now = 0;
-    const t = new AuthThrottle({ maxFailures: 3, windowMs: 60_000, lockoutMs: 10_000 }, () => now);
+    const t = new AuthThrottle(memoryState({ now: () => now }), {
+      maxFailures: 3,
+      windowMs: 60_000,
+      lockoutMs: 10_000,
+    });
     for (let i = 0; i < 3; i++) {
-      assert.notEqual(t.begin('a'), null);
-      t.failed('a');
+      assert.notEqual(await t.begin('a'), null);
+      assert.equal((await t.failed('a')).lockedOut, i === 2, 'the third failure starts the lockout');
       now += 1000;
     }
-    assert.equal(t.begin('a'), null, 'locked');
-    assert.notEqual(t.begin('b'), null, 'another client is not');
+    assert.equal(await t.begin('a'), null, 'locked');
+    assert.notEqual(await t.begin('b'), null, 'another client is not');
     now += 10_000;
-    assert.notEqual(t.begin('a'), null, 'lockout over');
+    assert.notEqual(await t.begin('a'), null, 'lockout over');
+    assert.equal((await t.failed('a')).failures, 1, 'with the old failures forgotten');
   });
 
-  it('forgets failures older than the window, and does not count successes', () => {
+  it('forgets failures older than the window, and does not count successes', async () => {
     let now = 0;
-    const t = new AuthThrottle({ maxFailures: 2, windowMs: 5000, lockoutMs: 60_000 }, () => now);
-    t.begin('a');
-    t.failed('a');
+    const t = new AuthThrottle(memoryState({ now: () => now }), {
+      maxFailures: 2,
+      windowMs: 5000,
+      lockoutMs: 60_000,
+    });
+    await t.begin('a');
+    await t.failed('a');
     now += 6000;
-    t.begin('a');
-    assert.equal(t.failed('a').locked, false);
-    const h = t.begin('a')!;
-    t.succeeded('a', h);
-    assert.notEqual(t.begin('a'), null);
+    await t.begin('a');
+    assert.equal((await t.failed('a')).lockedOut, false);
+    const h = (await t.begin('a'))!;
+    await t.succeeded('a', h);
+    assert.notEqual(await t.begin('a'), null);
   });
 
-  it('counts attempts still being checked, so parallel guesses cannot pass the limit', () => {
-    const t = new AuthThrottle({ maxFailures: 2, windowMs: 5000, lockoutMs: 5000 }, () => 0);
-    assert.notEqual(t.begin('a'), null);
-    assert.notEqual(t.begin('a'), null);
-    assert.equal(t.begin('a'), null);
+  it('counts attempts still being checked, so parallel guesses cannot pass the limit', async () => {
+    const t = new AuthThrottle(memoryState({ now: () => 0 }), {
+      maxFailures: 2,
+      windowMs: 5000,
+      lockoutMs: 5000,
+    });
+    const started = await Promise.all([t.begin('a'), t.begin('a'), t.begin('a'), t.begin('a')]);
+    assert.equal(started.filter((h) => h !== null).length, 2);
   });
 });
 
