@@ -10,6 +10,7 @@ import {
   type TestServer,
 } from '../../test/harness/server.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
+import { resolveToken, Tokens } from '../../core/di/tokens.js';
 import { hashPassword } from './password.js';
 import { writeUsersFile } from './users-file.js';
 
@@ -200,5 +201,86 @@ describe('users: AUTH lockout', () => {
     const other = await starttls(srv, '127.0.0.2');
     await other.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^235 2\.7\.0 /);
     other.close();
+  });
+});
+
+describe('users: one AUTH lockout for every worker, kept across reloads', () => {
+  // Two servers on one spool stand for two workers of one server: each runs its own copy of the
+  // plugin, and opens the State store (`<spool.dir>/state.sqlite`) on its own.
+  let a: TestServer;
+  let b: TestServer;
+  let spool: string;
+  let files: Awaited<ReturnType<typeof directory>>;
+  before(async () => {
+    files = await directory();
+    spool = mkdtempSync(join(tmpdir(), 'petrel-shared-spool-'));
+    const opts = {
+      entries: [
+        {
+          name: 'users',
+          config: {
+            usersFile: files.usersFile,
+            auth: { maxFailures: 2, windowSeconds: 60, lockoutSeconds: 60, delayMs: 0 },
+          },
+        },
+      ],
+      config: { localDomains: ['hamburger.edu'], spool: { dir: spool } },
+    };
+    a = await startServer(opts);
+    b = await startServer(opts);
+  });
+  after(async () => {
+    await a.close();
+    await b.close();
+    rmSync(spool, { recursive: true, force: true });
+    rmSync(files.dir, { recursive: true, force: true });
+  });
+
+  it('counts failures on both workers together, and both refuse the client once it is locked out', async () => {
+    const c = await submissions(a);
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess1')}`, /^535 5\.7\.8 /);
+    c.close();
+    const d = await submissions(b);
+    await d.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess2')}`, /^535 5\.7\.8 /);
+    d.close();
+    assert.ok(
+      b.logs.some((l) => l.msg === 'client locked out after too many AUTH failures'),
+      'the second failure, on the other worker, reached the limit',
+    );
+
+    for (const srv of [a, b]) {
+      const e = await submissions(srv);
+      await e.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^454 4\.7\.0 Too many failed/);
+      e.close();
+    }
+    const other = await starttls(a, '127.0.0.2');
+    await other.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^235 2\.7\.0 /);
+    other.close();
+  });
+
+  it('keeps the lockout when the config is reloaded', async () => {
+    const c = await starttls(a, '127.0.0.4');
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess1')}`, /^535 5\.7\.8 /);
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess2')}`, /^535 5\.7\.8 /);
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^454 4\.7\.0 /);
+    c.close();
+    await a.app.reload(a.config);
+    assert.ok(a.logs.some((l) => l.msg === 'config reloaded'));
+    const d = await starttls(a, '127.0.0.4');
+    await d.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^454 4\.7\.0 /);
+    d.close();
+  });
+
+  it('fails closed when the State store fails: 451 4.3.0, the password is not checked', async () => {
+    await resolveToken(b.app.generation.container, Tokens.State).close();
+    const c = await starttls(b, '127.0.0.3');
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^451 4\.3\.0 /);
+    c.close();
+    assert.ok(
+      b.logs.some(
+        (l) => l.plugin === 'users' && l.hook === 'auth' && /store is closed/.test(JSON.stringify(l)),
+      ),
+      'the log names the plugin, the hook and the cause',
+    );
   });
 });

@@ -60,6 +60,8 @@ export interface TestServer {
   /** JSON log lines written so far. */
   readonly logs: Record<string, unknown>[];
   readonly spoolDir: string;
+  /** The config it was started with (for `app.reload(config)`). */
+  readonly config: PetrelConfigInput;
   close(): Promise<void>;
 }
 
@@ -107,6 +109,7 @@ export async function startServer(
     submissionsPort: portOf('submissions'),
     logs,
     spoolDir,
+    config,
     async close() {
       await app.stop(1000);
       rmSync(spoolDir, { recursive: true, force: true });
