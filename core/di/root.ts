@@ -49,10 +49,9 @@ export function openState(config: PetrelConfig, file: string, log: Logger): Stat
   try {
     return new SqliteState({ path, log });
   } catch (err) {
-    throw ConfigError.one(
-      file,
-      config.state.path ? 'state.path' : 'spool.dir',
-      `expected a writable SQLite database at ${path}: ${(err as Error).message}`,
-    );
+    const why = (err as Error).message;
+    if (!config.state.path)
+      throw ConfigError.one(file, 'spool.dir', `expected a writable folder at ${config.spool.dir}: ${why}`);
+    throw ConfigError.one(file, 'state.path', `expected a writable SQLite database at ${path}: ${why}`);
   }
 }
