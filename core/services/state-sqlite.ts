@@ -43,7 +43,7 @@ export class SqliteState implements StateStore {
   private readonly db: DatabaseSync;
   private readonly now: () => number;
   private readonly log: Logger | undefined;
-  private readonly sweeper: NodeJS.Timeout;
+  private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
   private readonly q: Record<
     | 'begin'
@@ -105,8 +105,11 @@ export class SqliteState implements StateStore {
       this.db.close();
       throw err;
     }
-    this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
-    this.sweeper.unref();
+    // A store in memory belongs to one test and is dropped with it; a timer would keep it alive.
+    if (opts.path !== ':memory:') {
+      this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
+      this.sweeper.unref();
+    }
   }
 
   get(key: string): Promise<string | null> {
