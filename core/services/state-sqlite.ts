@@ -21,7 +21,9 @@ const SCHEMA_VERSION = 1;
 /**
  * How long an operation waits for another process's write lock. node:sqlite is synchronous, so
  * this is time the worker's event loop stands still: writes here take microseconds, and the bound
- * stays far below the watchdog (`watchdog`, 10 s by default).
+ * stays far below the watchdog (`watchdog`, 10 s by default). SQLite's wait is not a queue (the
+ * waiter retries, every 100 ms at most), so a process that wrote without pause could keep another
+ * out past it; a worker's writes come between sessions' other work and leave the lock free.
  */
 const BUSY_TIMEOUT_MS = 2000;
 const SWEEP_INTERVAL_MS = 60_000;
@@ -35,6 +37,8 @@ export interface SqliteStateOptions {
   readonly now?: () => number;
   /** Where a failed sweep is reported. */
   readonly log?: Logger;
+  /** How long to wait for another process's write lock (default 2 s, see BUSY_TIMEOUT_MS). */
+  readonly busyTimeoutMs?: number;
 }
 
 type Row = Record<string, unknown>;
@@ -66,7 +70,7 @@ export class SqliteState implements StateStore {
     this.now = opts.now ?? Date.now;
     this.log = opts.log;
     if (opts.path !== ':memory:') mkdirSync(dirname(opts.path), { recursive: true, mode: 0o700 });
-    this.db = new DatabaseSync(opts.path, { timeout: BUSY_TIMEOUT_MS });
+    this.db = new DatabaseSync(opts.path, { timeout: opts.busyTimeoutMs ?? BUSY_TIMEOUT_MS });
     try {
       // WAL: readers do not block the writer nor it them. NORMAL: a commit is not fsynced (only
       // checkpoints are); safe against a crashed process, may lose the last writes on power loss.

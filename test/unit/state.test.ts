@@ -153,12 +153,15 @@ describe('State service: the sqlite store', () => {
   it('stays atomic while another process writes to the same file at the same time', async () => {
     const path = join(dir, 'processes.sqlite');
     const CHILD_OPS = 3000;
+    // Both processes write without pause, which no worker does; SQLite's lock is not a queue, so
+    // one could keep the other waiting past the 2 s default. What is tested here is atomicity.
+    const busyTimeoutMs = 60_000;
     // The other process: opens the file, waits for "go", then increments and adds events.
     const script = join(dir, 'child.mjs');
     writeFileSync(
       script,
       `import { SqliteState } from ${JSON.stringify(STATE_MODULE)};
-       const s = new SqliteState({ path: ${JSON.stringify(path)} });
+       const s = new SqliteState({ path: ${JSON.stringify(path)}, busyTimeoutMs: ${busyTimeoutMs} });
        process.stdout.write('ready\\n');
        process.stdin.once('data', async () => {
          for (let i = 0; i < ${CHILD_OPS}; i++) {
@@ -180,7 +183,7 @@ describe('State service: the sqlite store', () => {
       );
     });
 
-    const a = new SqliteState({ path });
+    const a = new SqliteState({ path, busyTimeoutMs });
     open.push(a);
     child.stdin.write('go\n');
     let done = false;
