@@ -356,6 +356,8 @@ export function describeMessage(m: WireMessage, now: Date, detail = false): stri
   lines.push(`  from:  <${m.sender}>`);
   if (m.held) lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
   if (m.attempting) lines.push('  now:   a delivery attempt is in progress');
+  if (m.unrecorded)
+    lines.push(`  not recorded: the attempt's outcome cannot be written (${m.unrecorded}); retrying`);
   for (const r of m.recipients) {
     lines.push(`  to:    ${r.address}`);
     lines.push(`         ${describeRecipient(r, m.held, now)}`);

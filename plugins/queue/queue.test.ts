@@ -3,17 +3,21 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import {
+  appendFileSync,
+  closeSync,
   mkdirSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   rmSync,
   statSync,
   writeFileSync,
-  appendFileSync,
+  writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import pino from 'pino';
 import { Petrel } from '../../core/app.js';
 import {
@@ -29,10 +33,12 @@ import { REQUIRE_PEERS } from '../../test/harness/peers.js';
 import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
-import { QueueStore } from './store.js';
+import { QueueStore, type Entry, type RecipientState } from './store.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
+import { describeMessage } from '../../core/cli/queue.js';
+import type { WireMessage } from './control.js';
 
 interface Delivery {
   id: string;
@@ -94,6 +100,7 @@ async function start(
   dir: string,
   plugins: ReturnType<typeof definePlugin>[],
   queue: Record<string, unknown> = {},
+  logger: pino.Logger = pino({ level: 'silent' }),
 ) {
   const config: PetrelConfigInput = {
     hostname: 'mx.test',
@@ -101,7 +108,7 @@ async function start(
     spool: { dir: join(dir, 'spool') },
     plugins: [...plugins.map((p) => p.name), { name: 'queue', config: queue }],
   };
-  return Petrel.start({ config, plugins, logger: pino({ level: 'silent' }) });
+  return Petrel.start({ config, plugins, logger });
 }
 
 async function send(port: number, rcpts: string[], body = 'Subject: test\r\n\r\nhello\r\n'): Promise<string> {
@@ -463,6 +470,11 @@ describe('queue administration', () => {
   });
 });
 
+/** The first recipient's state once delivered, for `store.update`. */
+function delivered(entry: Entry): Map<number, RecipientState> {
+  return new Map([[0, { ...entry.rcpts[0]!, status: 'delivered' as const }]]);
+}
+
 describe('queue space', () => {
   it('removes segments whose messages all finished, also those that were current at the time', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-segments-'));
@@ -481,8 +493,7 @@ describe('queue space', () => {
           },
           { inline: [Buffer.alloc(10_000)] },
         );
-        entry.rcpts[0]!.status = 'delivered';
-        if (await store.update(entry, [0])) await store.discard(entry);
+        if (await store.update(entry, delivered(entry))) await store.discard(entry);
       }
       await store.compact();
       const segments = readdirSync(join(dir, 'journal')).filter((f) => f.endsWith('.seg'));
@@ -513,8 +524,7 @@ describe('compaction', () => {
       // Fill the segment so the journal moves on; the others finish.
       for (let i = 0; i < 3; i++) {
         const e = await store.add(env(`done${i}`), { inline: [Buffer.alloc(40_000)] });
-        e.rcpts[0]!.status = 'delivered';
-        if (await store.update(e, [0])) await store.discard(e);
+        if (await store.update(e, delivered(e))) await store.discard(e);
       }
       // A delivery attempt starts while compaction is writing the copy (it may open the old place).
       const journal = (store as unknown as { journal: { append: (...a: unknown[]) => Promise<unknown> } })
@@ -694,6 +704,141 @@ describe('a full disk', () => {
       await until(() => delivered.length === accepted.length, 10_000);
       assert.deepEqual(delivered.map((d) => d.id).sort(), [...accepted].sort());
     } finally {
+      await app?.stop(1000);
+      execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
+      rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+
+  it('retries recording delivery state on a full disk: the message never looks finished, and is delivered once', async (t) => {
+    const mnt = mkdtempSync(join(tmpdir(), 'petrel-tmpfs-'));
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { stdio: 'ignore' });
+    } catch {
+      rmSync(mnt, { recursive: true, force: true });
+      if (REQUIRE_PEERS) throw new Error('cannot mount a tmpfs (needs root) for the full-disk test');
+      t.skip('cannot mount a tmpfs here (needs root)');
+      return;
+    }
+    const lines: Record<string, unknown>[] = [];
+    const logger = pino(
+      { level: 'info' },
+      new Writable({
+        write(chunk: Buffer, _enc, done) {
+          for (const l of chunk.toString().split('\n'))
+            if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
+          done();
+        },
+      }),
+    );
+    const logged = (msg: string, id: string): boolean => lines.some((l) => l.msg === msg && l.queueId === id);
+    // The transport waits for the test to let each attempt finish.
+    let release = (): void => undefined;
+    let gate = Promise.resolve();
+    const close = (): void => {
+      gate = new Promise((r) => (release = r));
+    };
+    const calls: Delivery[] = [];
+    const slow = definePlugin({
+      name: 'test-slow',
+      setup: () => ({
+        rcpt: async () => accept(),
+        route: async () => routeTo('slow'),
+        deliver: async ({ message, recipients }) => {
+          calls.push({ id: message.id, rcpt: '', body: '', maybeDelivered: recipients[0]!.maybeDelivered });
+          await gate;
+          // A long (multi-line) reply makes the State record larger than a page, so that a full
+          // filesystem refuses it whatever room is left in the segment's last page.
+          const text = 'delivered '.repeat(600);
+          return {
+            kind: 'results',
+            results: recipients.map((r) => ({
+              recipient: r.address.address,
+              status: 'delivered',
+              reply: { code: 250, enhanced: '2.0.0', text },
+            })),
+          };
+        },
+      }),
+    });
+    const events: string[] = [];
+    const filler = join(mnt, 'filler');
+    const fill = (): void => {
+      const fd = openSync(filler, 'w');
+      for (const size of [1 << 16, 4096, 1]) {
+        const chunk = Buffer.alloc(size);
+        try {
+          for (;;) writeSync(fd, chunk);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+        }
+      }
+      closeSync(fd);
+    };
+    const queueDir = join(mnt, 'spool', 'queue');
+    let app: Petrel | null = null;
+    try {
+      mkdirSync(join(mnt, 'spool'));
+      app = await start(mnt, [slow, notices(events)], { retry: '1h' }, logger);
+      let queue = resolveToken(app.generation.container, Queue);
+
+      // Delivered while the disk is full: the outcome cannot be recorded.
+      close();
+      const first = await send(app.port(), ['bob@h.test']);
+      await until(() => calls.length === 1);
+      fill();
+      release();
+      await until(() => logged('could not record delivery state; retrying', first));
+      const stuck = queue.get(first)!;
+      assert.equal(stuck.recipients[0]!.status, 'pending', 'not delivered until the disk says so');
+      assert.equal(stuck.recipients[0]!.attempts, 0);
+      assert.match(stuck.unrecorded ?? '', /^ENOSPC: /);
+      const listed = describeMessage(JSON.parse(JSON.stringify(stuck)) as WireMessage, new Date());
+      assert.match(listed, /not recorded: the attempt's outcome cannot be written \(ENOSPC: /);
+      assert.match(listed, /pending, not tried yet/);
+      assert.doesNotMatch(listed, /delivered/);
+      assert.deepEqual(events, [], 'nobody is told before it is recorded');
+
+      // Room again: the record is written on the next try, and nothing is delivered twice.
+      rmSync(filler);
+      await until(() => queue.get(first) === null, 10_000);
+      assert.equal(calls.length, 1, 'delivered once');
+      assert.deepEqual(events, ['delivered bob@h.test']);
+      assert.ok(logged('delivery state recorded after earlier failures', first));
+      assert.equal(
+        lines.find((l) => l.msg === 'could not record delivery state; retrying')?.level,
+        50,
+        'at error level',
+      );
+
+      // Still full at shutdown: no clean-stop mark, so the next start treats it as after a crash.
+      close();
+      const second = await send(app.port(), ['carol@h.test']);
+      await until(() => calls.length === 2);
+      fill();
+      release();
+      await until(() => logged('could not record delivery state; retrying', second));
+      await app.stop(1000);
+      app = null;
+      assert.ok(
+        lines.some(
+          (l) =>
+            l.msg ===
+            'queue closed with delivery outcomes not recorded; the next start treats them as after a crash',
+        ),
+      );
+      assert.ok(!existsSync(join(queueDir, 'clean-shutdown')));
+      rmSync(filler);
+      app = await start(mnt, [slow, notices(events)], { retry: '1h' }, logger);
+      queue = resolveToken(app.generation.container, Queue);
+      assert.equal(queue.get(second)?.recipients[0]?.status, 'pending');
+      queue.flush();
+      await until(() => queue.get(second) === null, 10_000);
+      assert.equal(calls.length, 3);
+      assert.equal(calls[2]!.id, second);
+      assert.equal(calls[2]!.maybeDelivered, true, 'the transport is told it may have delivered it already');
+    } finally {
+      release();
       await app?.stop(1000);
       execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
       rmSync(mnt, { recursive: true, force: true });

@@ -94,13 +94,22 @@ function envelopeParts(env: StoredEnvelope): [Buffer, Buffer] {
   return [len, json];
 }
 
-/** A State record's payload for some recipients of an entry. */
-function statePayload(entry: Entry, indices: readonly number[]): Buffer {
-  const u: StateUpdate[] = indices.map((i) => {
-    const r = entry.rcpts[i]!;
-    return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
-  });
-  return Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8');
+/** A State record's payload: the given states of some recipients (by index) of a message. */
+function statePayload(id: string, states: ReadonlyMap<number, RecipientState>): Buffer {
+  const u: StateUpdate[] = [...states].map(([i, r]) => ({
+    i,
+    s: r.status,
+    a: r.attempts,
+    n: r.nextAttemptAt,
+    r: r.lastReply,
+    t: r.lastAttemptAt,
+  }));
+  return Buffer.from(JSON.stringify({ id, u }), 'utf8');
+}
+
+/** Every recipient's state, for a snapshot. */
+function allStates(entry: Entry): Map<number, RecipientState> {
+  return new Map(entry.rcpts.map((r, i) => [i, r]));
 }
 
 /** A stream of buffers held in memory. */
@@ -297,13 +306,16 @@ export class QueueStore {
   }
 
   /**
-   * Records new recipient states durably. A message whose recipients are now all final is
-   * forgotten (true is returned); its files stay until `discard`, so that the hooks told about
-   * the outcome can still read it. A crash in between leaves nothing behind: at start, segments
-   * and blobs of final messages are removed.
+   * Records new states of some recipients (by index) durably, and only then gives them to the
+   * entry: when the State record cannot be written (a full disk, an I/O error), this rejects and
+   * the entry still says what the disk says, so nothing looks finished that is not recorded so.
+   * A message whose recipients are now all final is forgotten (true is returned); its files stay
+   * until `discard`, so that the hooks told about the outcome can still read it. A crash in
+   * between leaves nothing behind: at start, segments and blobs of final messages are removed.
    */
-  async update(entry: Entry, indices: readonly number[]): Promise<boolean> {
-    const ref = await this.journal.append(RecordType.State, [statePayload(entry, indices)]);
+  async update(entry: Entry, states: ReadonlyMap<number, RecipientState>): Promise<boolean> {
+    const ref = await this.journal.append(RecordType.State, [statePayload(entry.env.id, states)]);
+    for (const [i, st] of states) Object.assign(entry.rcpts[i]!, st);
     if (this.entries.get(entry.env.id) !== entry) return false;
     this.ref(entry, ref.segment);
     if (!this.isFinal(entry)) return false;
@@ -372,10 +384,7 @@ export class QueueStore {
           entry.env.blob ? head : [...head, ...parts],
         );
         const st = await this.journal.append(RecordType.State, [
-          statePayload(
-            entry,
-            entry.rcpts.map((_, i) => i),
-          ),
+          statePayload(entry.env.id, allStates(entry)),
         ]);
         // The hold must outlive the segment its record was in.
         const hold = entry.held
@@ -438,9 +447,14 @@ export class QueueStore {
     };
   }
 
-  /** Marks a clean stop, so the next start does not treat pending deliveries as maybe-done. */
-  async close(): Promise<void> {
+  /**
+   * Closes the journal and marks a clean stop, so the next start does not treat pending
+   * deliveries as maybe done. `clean: false` (an outcome that could not be recorded) leaves the
+   * mark out: the next start then tells the transports those recipients may have been delivered.
+   */
+  async close(clean = true): Promise<void> {
     await this.journal.close();
+    if (!clean) return;
     await writeFile(join(this.dir, CLEAN), `${new Date().toISOString()}\n`);
     await syncDir(this.dir);
   }
