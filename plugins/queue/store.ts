@@ -2,33 +2,21 @@ import { createReadStream, existsSync } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import type {
-  DeliveryStatus,
-  MailParams,
-  QueuedMessageView,
-  RecipientParams,
-  RecipientReply,
-  Route,
-} from '../../core/index.js';
-import type { Address } from '../../core/index.js';
-import { Journal, syncDir, type RecordRef } from './journal.js';
+import type { QueuedMessageView, RecipientReply, Route } from '../../core/index.js';
+import { syncDir } from './durable-fs.js';
+import { Journal, listSegments, type DamageReport, type RecordRef } from './journal.js';
+import { QUARANTINE_DIR, quarantineBlob } from './quarantine.js';
+import {
+  decodeRecord,
+  describeDamage,
+  RecordType,
+  type DamageContents,
+  type RecipientStatus,
+  type StateUpdate,
+  type StoredEnvelope,
+} from './records.js';
 
-export const RecordType = { Message: 1, State: 2, Hold: 3 } as const;
-
-/** The envelope as stored in a Message record. */
-export interface StoredEnvelope {
-  readonly id: string;
-  readonly sender: Address | null;
-  readonly mailParams: MailParams;
-  readonly recipients: readonly { readonly address: Address; readonly params: RecipientParams }[];
-  readonly receivedAt: number;
-  /** Octets of the whole stored message. */
-  readonly size: number;
-  /** Large messages: the added header text is here and the body is in `blobs/<id>.eml`. */
-  readonly blob?: { readonly headers: string };
-}
-
-export type RecipientStatus = 'pending' | DeliveryStatus;
+export { RecordType, type RecipientStatus, type StoredEnvelope } from './records.js';
 
 export interface RecipientState {
   status: RecipientStatus;
@@ -40,16 +28,6 @@ export interface RecipientState {
   route?: Route;
   /** Set after an unclean stop for recipients that were not final: a delivery may have happened. */
   maybeDelivered: boolean;
-}
-
-/** What a State record says about one recipient. */
-interface StateUpdate {
-  readonly i: number;
-  readonly s: RecipientStatus;
-  readonly a: number;
-  readonly n: number;
-  readonly r?: RecipientReply;
-  readonly t?: number;
 }
 
 export interface Entry {
@@ -72,7 +50,8 @@ export interface Entry {
   memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null;
 }
 
-const CLEAN = 'clean-shutdown';
+/** Present in the queue folder only after an orderly stop. */
+export const CLEAN_SHUTDOWN = 'clean-shutdown';
 /** Read size for stored messages. */
 const HIGH_WATER = 256 * 1024;
 
@@ -153,29 +132,43 @@ export class QueueStore {
 
   async open(): Promise<void> {
     await mkdir(this.blobDir, { recursive: true, mode: 0o700 });
-    const cleanMarker = join(this.dir, CLEAN);
-    this.recoveredFromCrash = existsSync(join(this.dir, 'journal')) && !existsSync(cleanMarker);
-    await rm(cleanMarker, { force: true });
-    this.journal = await Journal.open(join(this.dir, 'journal'), {
+    const cleanMarker = join(this.dir, CLEAN_SHUTDOWN);
+    const journalDir = join(this.dir, 'journal');
+    const cleanStop = existsSync(cleanMarker);
+    this.recoveredFromCrash = existsSync(journalDir) && !cleanStop;
+    const found: DamageReport[] = [];
+    /** Ids of the Message records read intact (a damaged one may have an intact copy). */
+    const intact = new Set<string>();
+    this.journal = await Journal.open(journalDir, {
       segmentSize: this.segmentSize,
-      onRecord: (type, payload, ref) => this.replay(type, payload, ref),
-      onCorrupt: (segment, offset, reason) =>
-        this.log.warn(
-          { segment, offset, reason },
-          'queue journal: cut off an incomplete record (crash mid-write)',
-        ),
+      cleanStop,
+      quarantineDir: join(this.dir, QUARANTINE_DIR),
+      onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact),
+      onDamage: (d) => found.push(d),
+      describe: describeDamage,
     });
+    // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
+    await rm(cleanMarker, { force: true });
+    const damaged = this.reportDamage(found, intact, cleanStop);
     // Finished messages leave no entry: their segments can go, except the one being written.
-    for (const seg of await this.listSegments()) {
+    for (const seg of await listSegments(journalDir)) {
       if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
         await this.journal.removeSegment(seg);
       else this.onDisk.add(seg);
     }
-    // A blob without a Message record was written before a crash and never acknowledged.
+    // A blob without a Message record was written before a crash and never acknowledged; unless
+    // the journal is damaged, when it may be the body of a message whose record was lost.
     for (const f of await readdir(this.blobDir)) {
       const id = f.replace(/\.(eml|tmp)$/, '');
-      if (f.endsWith('.tmp') || !this.entries.get(id)?.env.blob)
-        await rm(join(this.blobDir, f), { force: true });
+      if (!f.endsWith('.tmp') && this.entries.get(id)?.env.blob) continue;
+      const path = join(this.blobDir, f);
+      if (damaged && f.endsWith('.eml')) {
+        const kept = await quarantineBlob(join(this.dir, QUARANTINE_DIR), path, id);
+        this.log.error(
+          { queueId: id, quarantine: kept },
+          'queue journal damaged: the body of a large message with no readable record is set aside in quarantine',
+        );
+      } else await rm(path, { force: true });
     }
     if (this.recoveredFromCrash) {
       for (const e of this.entries.values()) {
@@ -185,10 +178,58 @@ export class QueueStore {
     }
   }
 
-  private async listSegments(): Promise<number[]> {
-    return (await readdir(join(this.dir, 'journal')))
-      .filter((f) => /^\d{8}\.seg$/.test(f))
-      .map((f) => Number(f.slice(0, 8)));
+  /**
+   * Logs what recovery found, one line per damaged range: a torn tail at warn, damage at error
+   * with what it cost. A lost Message record is a lost message (named when its envelope is still
+   * legible); a lost State record may have said that a recipient was delivered, so the message's
+   * waiting recipients are marked as maybe delivered (a possible duplicate, never a loss).
+   * Returns true when there was damage (not just a torn tail).
+   */
+  private reportDamage(
+    found: readonly DamageReport[],
+    intact: ReadonlySet<string>,
+    cleanStop: boolean,
+  ): boolean {
+    let damaged = false;
+    for (const d of found) {
+      const where = { segment: d.file, start: d.start, end: d.end, bytes: d.end - d.start, reason: d.reason };
+      if (d.action === 'cut') {
+        this.log.warn(
+          { ...where, kind: 'torn-tail' },
+          'queue journal: cut off a torn write at the end of the newest segment (an unclean stop; it was never acknowledged)',
+        );
+        continue;
+      }
+      damaged = true;
+      const c: DamageContents = describeDamage(d.bytes);
+      const live = (id: string): Entry | undefined => this.entries.get(id);
+      for (const id of c.states) {
+        for (const r of live(id)?.rcpts ?? [])
+          if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
+      }
+      const fields = {
+        ...where,
+        kind: 'damage',
+        cleanStop,
+        ...(d.quarantine ? { quarantine: d.quarantine } : {}),
+        ...(d.alreadyQuarantined ? { alreadyQuarantined: true } : {}),
+        ...(d.error ? { err: d.error } : {}),
+        recordHeaders: c.headers,
+        lostMessages: c.messages.filter((id) => !intact.has(id)),
+        ...(c.messages.some((id) => intact.has(id))
+          ? { intactCopy: c.messages.filter((id) => intact.has(id)) }
+          : {}),
+        mayBeRetried: c.states.filter((id) => live(id)),
+        ...(c.holds.some((id) => live(id)) ? { holdMayBeLost: c.holds.filter((id) => live(id)) } : {}),
+      };
+      this.log.error(
+        fields,
+        d.action === 'quarantined'
+          ? 'queue journal damaged: the damaged bytes are set aside in quarantine; the intact records after them are kept'
+          : 'queue journal damaged and the quarantine copy failed: the segment is kept whole',
+      );
+    }
+    return damaged;
   }
 
   private ref(entry: Entry, segment: number): void {
@@ -198,10 +239,13 @@ export class QueueStore {
     this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
   }
 
-  private replay(type: number, payload: Buffer, ref: RecordRef): void {
-    if (type === RecordType.Message) {
-      const envLen = payload.readUInt32BE(0);
-      const env = JSON.parse(payload.subarray(4, 4 + envLen).toString('utf8')) as StoredEnvelope;
+  /** Replays one record; answers why when it cannot be read (then it is damage). */
+  private replay(type: number, payload: Buffer, ref: RecordRef, intact: Set<string>): string | void {
+    const rec = decodeRecord(type, payload);
+    if (typeof rec === 'string') return rec;
+    if (rec.type === RecordType.Message) {
+      const { env, skip } = rec;
+      intact.add(env.id);
       const existing = this.entries.get(env.id);
       const entry: Entry = existing ?? {
         env,
@@ -215,21 +259,19 @@ export class QueueStore {
       };
       // A relocated copy replaces the old location; the state carries over.
       entry.location = env.blob ? null : ref;
-      entry.skip = 4 + envLen;
+      entry.skip = skip;
       this.entries.set(env.id, entry);
       this.ref(entry, ref.segment);
-    } else if (type === RecordType.State) {
-      const { id, u } = JSON.parse(payload.toString('utf8')) as { id: string; u: StateUpdate[] };
-      const entry = this.entries.get(id);
+    } else if (rec.type === RecordType.State) {
+      const entry = this.entries.get(rec.id);
       if (!entry) return;
-      this.applyUpdates(entry, u);
+      this.applyUpdates(entry, rec.u);
       this.ref(entry, ref.segment);
       if (this.isFinal(entry)) this.forget(entry);
-    } else if (type === RecordType.Hold) {
-      const { id, held } = JSON.parse(payload.toString('utf8')) as { id: string; held: boolean };
-      const entry = this.entries.get(id);
+    } else if (rec.type === RecordType.Hold) {
+      const entry = this.entries.get(rec.id);
       if (!entry) return;
-      entry.held = held;
+      entry.held = rec.held;
       this.ref(entry, ref.segment);
     }
   }
@@ -455,7 +497,7 @@ export class QueueStore {
   async close(clean = true): Promise<void> {
     await this.journal.close();
     if (!clean) return;
-    await writeFile(join(this.dir, CLEAN), `${new Date().toISOString()}\n`);
+    await writeFile(join(this.dir, CLEAN_SHUTDOWN), `${new Date().toISOString()}\n`);
     await syncDir(this.dir);
   }
 }
