@@ -1,6 +1,15 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  cpSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -10,11 +19,14 @@ import { accept, definePlugin, routeTo, type PetrelConfigInput } from '../../cor
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
+import { petrel } from '../../test/e2e/cli.js';
+import { describeRun } from '../../test/e2e/run.js';
 import { Queue } from './api.js';
 import { QueueEngine } from './engine.js';
 import { Journal, segmentName, type DamageReport } from './journal.js';
 import { RecordType } from './records.js';
 import { QueueStore } from './store.js';
+import type { VerifyResult } from './verify.js';
 
 type LogLine = Record<string, unknown> & { level: number; msg: string };
 
@@ -238,12 +250,24 @@ async function damageAndRecover(
 
 describe('recovery from a damaged journal', () => {
   it('a flipped bit costs the one record it is in', async () => {
-    const { lost, reports, dir } = await damageAndRecover((data, records) => {
-      const victim = records.filter((r) => r.type === RecordType.Message)[10]!;
-      const at = victim.end - 40; // in the body, after the envelope
-      data[at] = data[at]! ^ 0x04;
-      return { data, hit: [at, at + 1] };
-    });
+    const { lost, reports, dir } = await damageAndRecover(
+      (data, records) => {
+        const victim = records.filter((r) => r.type === RecordType.Message)[10]!;
+        const at = victim.end - 40; // in the body, after the envelope
+        data[at] = data[at]! ^ 0x04;
+        return { data, hit: [at, at + 1] };
+      },
+      async (queueDir) => {
+        // Before the damage, for contrast: the journal as the server left it verifies.
+        const r = await petrel(['queue', 'verify', '--dir', queueDir], queueDir);
+        assert.equal(r.code, 0, describeRun(r));
+        assert.match(
+          r.stdout,
+          /^ {2}00000001\.seg {2}80 records: 40 messages, 40 state, 0 hold; no damage$/m,
+        );
+        assert.match(r.stdout, /^No damage\.$/m);
+      },
+    );
     try {
       assert.equal(lost.length, 1);
       assert.equal(reports.length, 1);
@@ -303,6 +327,54 @@ describe('recovery from a damaged journal', () => {
         (reports[0]!.lostMessages as string[]).includes(lost[0]!),
         'the message with a legible envelope is named',
       );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('petrel queue verify', () => {
+  it('reads every part of a queue without a server: a summary line per segment, exit 65 on damage, --json', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-verify-'));
+    try {
+      const { segment, queueDir } = await queueOf(dir, 30);
+      const original = readFileSync(segment);
+      const messages = layout(original).filter((r) => r.type === RecordType.Message);
+      const victim = messages[7]!;
+      const damaged = Buffer.from(original);
+      damaged.fill(0, victim.start + 100, victim.start + 200);
+      writeFileSync(segment, damaged);
+      // A second part (a queue split between workers), intact, and stopped cleanly too.
+      cpSync(join(queueDir, 'journal'), join(queueDir, 'part-2', 'journal'), { recursive: true });
+      writeFileSync(join(queueDir, 'part-2', 'journal', segmentName(1)), original);
+      writeFileSync(join(queueDir, 'part-2', 'clean-shutdown'), '');
+
+      const r = await petrel(['queue', 'verify', '--dir', queueDir], dir);
+      assert.equal(r.code, 65, describeRun(r));
+      const lines = r.stdout.trimEnd().split('\n');
+      assert.deepEqual(lines, [
+        `${join(queueDir, 'journal')}: 1 segment, stopped cleanly`,
+        '  00000001.seg  59 records: 29 messages, 30 state, 0 hold; 1 damaged range',
+        `    damaged bytes ${victim.start}-${victim.end} (${victim.end - victim.start} bytes): checksum mismatch; lost messages named: ${victim.id}; not set aside yet (the next start does it)`,
+        `${join(queueDir, 'part-2', 'journal')}: 1 segment, stopped cleanly`,
+        '  00000001.seg  60 records: 30 messages, 30 state, 0 hold; no damage',
+        'Damaged: 1 range. A message is named where its envelope is legible in the damaged bytes; others there are lost unnamed.',
+        'See "After a journal damage report" in docs/operations.md.',
+      ]);
+
+      const j = await petrel(['queue', 'verify', '--dir', queueDir, '--json'], dir);
+      assert.equal(j.code, 65, describeRun(j));
+      const found = JSON.parse(j.stdout) as VerifyResult;
+      assert.equal(found.damaged, 1);
+      assert.deepEqual(
+        found.parts.map((p) => p.dir),
+        [queueDir, join(queueDir, 'part-2')],
+      );
+      assert.deepEqual(found.parts[0]!.segments[0]!.ranges[0]!.lostMessages, [victim.id]);
+
+      const none = await petrel(['queue', 'verify', '--dir', join(dir, 'nothing')], dir);
+      assert.equal(none.code, 66, describeRun(none));
+      assert.match(none.stderr, /no queue journal in /);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
