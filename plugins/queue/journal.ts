@@ -94,6 +94,8 @@ function recordAt(data: Buffer, pos: number): { type: number; length: number } |
  * the damaged ranges. After a record that fails, the scan looks for the next magic whose whole
  * record verifies and resumes there: it never trusts the failed record's length (a damaged length
  * would skip intact records), and a magic that merely occurs in damaged bytes is not enough.
+ * (A whole record carried unencoded inside a damaged message's octets would verify and be taken;
+ * that needs a message that carries a journal file, and damage in exactly that message.)
  * `onRecord` may answer with a reason when a verified record still cannot be read; that record is
  * damage too. No I/O: recovery and `petrel queue verify` share it.
  */
@@ -315,7 +317,7 @@ export class Journal {
   private async rotate(): Promise<void> {
     const next = this.segment + 1;
     const fh = await Journal.create(this.dir, next);
-    await this.fh.close();
+    await finish(this.fh, this.offset);
     this.fh = fh;
     this.segment = next;
     this.offset = 0;
@@ -339,7 +341,22 @@ export class Journal {
   async close(): Promise<void> {
     this.closed = true;
     while (this.flushing) await this.flushing;
-    await this.fh.close();
+    await finish(this.fh, this.offset);
+  }
+}
+
+/**
+ * Closes a segment that is done with, ending it at its last acknowledged record: bytes of a failed
+ * batch that could not be truncated away then must not read as damage at the next start.
+ */
+async function finish(fh: FileHandle, end: number): Promise<void> {
+  try {
+    if ((await fh.stat()).size > end) {
+      await fh.truncate(end);
+      await fh.datasync();
+    }
+  } finally {
+    await fh.close();
   }
 }
 

@@ -676,7 +676,23 @@ describe('a full disk', () => {
       await app.stop(1000);
       app = null;
       open = true;
-      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 });
+      const lines: Record<string, unknown>[] = [];
+      const logger = pino(
+        { level: 'info' },
+        new Writable({
+          write(chunk: Buffer, _enc, done) {
+            for (const l of chunk.toString().split('\n'))
+              if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
+            done();
+          },
+        }),
+      );
+      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 }, logger);
+      assert.deepEqual(
+        lines.filter((l) => l.kind === 'damage' || l.kind === 'torn-tail'),
+        [],
+        'a refused write leaves nothing that reads as damage or a torn tail',
+      );
       assert.equal(QueueEngine.get(join(mnt, 'spool', 'queue'))!.flush(), accepted.length);
       await until(() => delivered.length === accepted.length, 10_000);
       assert.deepEqual(delivered.map((d) => d.id).sort(), [...accepted].sort());

@@ -227,6 +227,10 @@ async function damageAndRecover(
     [...expected].sort(),
     `every intact message delivered once (${expected.length} of 40)`,
   );
+  assert.ok(
+    delivered.every((d) => d.maybeDelivered),
+    'after damage, as after a crash, a transport is told a delivery may have happened',
+  );
   const reports = damageLines(lines);
   assert.ok(reports.length >= 1, 'the damage is reported');
   for (const r of reports) {

@@ -170,19 +170,14 @@ export class QueueStore {
         );
       } else await rm(path, { force: true });
     }
-    if (this.recoveredFromCrash) {
-      for (const e of this.entries.values()) {
-        for (const r of e.rcpts)
-          if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
-      }
-    }
+    if (this.recoveredFromCrash) this.markMaybeDelivered();
   }
 
   /**
    * Logs what recovery found, one line per damaged range: a torn tail at warn, damage at error
    * with what it cost. A lost Message record is a lost message (named when its envelope is still
-   * legible); a lost State record may have said that a recipient was delivered, so the message's
-   * waiting recipients are marked as maybe delivered (a possible duplicate, never a loss).
+   * legible); a lost State record may have said that a recipient was delivered, so waiting
+   * recipients are marked as maybe delivered (a possible duplicate, never a loss).
    * Returns true when there was damage (not just a torn tail).
    */
   private reportDamage(
@@ -203,10 +198,6 @@ export class QueueStore {
       damaged = true;
       const c: DamageContents = describeDamage(d.bytes);
       const live = (id: string): Entry | undefined => this.entries.get(id);
-      for (const id of c.states) {
-        for (const r of live(id)?.rcpts ?? [])
-          if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
-      }
       const fields = {
         ...where,
         kind: 'damage',
@@ -229,7 +220,17 @@ export class QueueStore {
           : 'queue journal damaged and the quarantine copy failed: the segment is kept whole',
       );
     }
+    // A lost State record may have said that a recipient was delivered, and one whose id is not
+    // legible could be any message's: every waiting recipient is treated as after a crash.
+    if (damaged) this.markMaybeDelivered();
     return damaged;
+  }
+
+  /** After a crash or damage: a waiting recipient may have been delivered without a record of it. */
+  private markMaybeDelivered(): void {
+    for (const e of this.entries.values()) {
+      for (const r of e.rcpts) if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
+    }
   }
 
   private ref(entry: Entry, segment: number): void {
