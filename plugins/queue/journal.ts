@@ -173,7 +173,7 @@ export class Journal {
     private offset: number,
     private readonly segmentSize: number,
     /** Damaged segments whose quarantine copy failed: never removed while this process runs. */
-    private readonly pinned: ReadonlySet<number>,
+    private readonly pinned: Set<number>,
   ) {}
 
   /** The segment being appended to (never compacted away). */
@@ -330,6 +330,11 @@ export class Journal {
       end: ref.offset + ref.length - 1,
       highWaterMark: 256 * 1024,
     });
+  }
+
+  /** Keeps a segment on disk for as long as this process runs (`removeSegment` leaves it). */
+  keep(n: number): void {
+    this.pinned.add(n);
   }
 
   async removeSegment(n: number): Promise<void> {

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import {
   cpSync,
   existsSync,
+  mkdirSync,
   mkdtempSync,
   readdirSync,
   readFileSync,
@@ -587,14 +588,30 @@ describe('journal recovery rules', () => {
       const data = readFileSync(seg);
       data.fill(0, 0, 12); // the big message's record header
       writeFileSync(seg, data);
+      // First the body cannot be moved (a folder is in the way): it stays, and so does the segment.
+      mkdirSync(join(dir, 'quarantine', 'blob-big.eml'), { recursive: true });
 
       store = storeIn(dir, errors);
       await store.open();
       assert.deepEqual([...store.entries.keys()], ['small']);
+      assert.match(String(errors.find((e) => e.queueId === 'big')?.msg), /could not be set aside; it stays/);
+      assert.ok(existsSync(join(dir, 'blobs', 'big.eml')));
+      const small = store.entries.get('small')!;
+      const done = new Map([[0, { ...small.rcpts[0]!, status: 'delivered' as const }]]);
+      if (await store.update(small, done)) await store.discard(small);
+      await store.compact();
+      assert.ok(existsSync(seg), 'the damaged segment stays, so that the next start finds the damage again');
+      await store.close();
+
+      rmSync(join(dir, 'quarantine', 'blob-big.eml'), { recursive: true });
+      errors.length = 0;
+      store = storeIn(dir, errors);
+      await store.open();
       const kept = errors.find((e) => e.queueId === 'big');
       assert.match(String(kept?.msg), /body of a large message with no readable record is set aside/);
       assert.equal(readFileSync(kept!.quarantine as string, 'utf8'), 'a large body\r\n');
       assert.ok(!existsSync(join(dir, 'blobs', 'big.eml')));
+      assert.equal(errors.find((e) => e.kind === 'damage')?.alreadyQuarantined, true);
       await store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -150,25 +150,37 @@ export class QueueStore {
     // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
     await rm(cleanMarker, { force: true });
     const damaged = this.reportDamage(found, intact, cleanStop);
-    // Finished messages leave no entry: their segments can go, except the one being written.
-    for (const seg of await listSegments(journalDir)) {
-      if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
-        await this.journal.removeSegment(seg);
-      else this.onDisk.add(seg);
-    }
     // A blob without a Message record was written before a crash and never acknowledged; unless
     // the journal is damaged, when it may be the body of a message whose record was lost.
     for (const f of await readdir(this.blobDir)) {
       const id = f.replace(/\.(eml|tmp)$/, '');
       if (!f.endsWith('.tmp') && this.entries.get(id)?.env.blob) continue;
       const path = join(this.blobDir, f);
-      if (damaged && f.endsWith('.eml')) {
+      // (A message whose record is intact and which finished leaves a blob that can go.)
+      if (!damaged || !f.endsWith('.eml') || intact.has(id)) {
+        await rm(path, { force: true });
+        continue;
+      }
+      try {
         const kept = await quarantineBlob(join(this.dir, QUARANTINE_DIR), path, id);
         this.log.error(
           { queueId: id, quarantine: kept },
           'queue journal damaged: the body of a large message with no readable record is set aside in quarantine',
         );
-      } else await rm(path, { force: true });
+      } catch (err) {
+        // The damaged segments stay too, so that the next start finds the damage and tries again.
+        for (const d of found) if (d.action !== 'cut') this.journal.keep(d.segment);
+        this.log.error(
+          { err, queueId: id, blob: path },
+          'queue journal damaged: the body of a large message with no readable record could not be set aside; it stays where it is',
+        );
+      }
+    }
+    // Finished messages leave no entry: their segments can go, except the one being written.
+    for (const seg of await listSegments(journalDir)) {
+      if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
+        await this.journal.removeSegment(seg);
+      else this.onDisk.add(seg);
     }
     if (this.recoveredFromCrash) this.markMaybeDelivered();
   }
