@@ -181,6 +181,18 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     assert.ok(Date.parse(rcpt.nextAttemptAt!) > Date.now() + 50 * 60_000);
   });
 
+  it('verify reads the journal of the running server without disturbing it: a line per segment, exit 0', async () => {
+    const r = await queue('verify');
+    assert.equal(r.code, 0, describeRun(r));
+    assert.match(
+      r.stdout,
+      /spool\/queue\/journal: 1 segment, not stopped cleanly \(a server is running, or the last one crashed\)$/m,
+    );
+    assert.match(r.stdout, /^ {2}00000001\.seg {2}2 records: 1 message, 1 state, 0 hold; no damage$/m);
+    assert.match(r.stdout, /^No damage\.$/m);
+    assert.equal((await listJson()).length, 1, 'the server goes on');
+  });
+
   it('the control socket is owner-only (0600) and speaks one line of JSON per request', async () => {
     const path = join(dir, 'spool', 'queue', 'control.sock');
     const st = statSync(path);
@@ -360,6 +372,9 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       [['flush', 'X', '--domain', 'stuck.test'], 64, /an id or --domain, not both/],
       [['list', '--domain', 'stuck.test'], 64, /--domain is only for flush/],
       [['list', '--bogus'], 64, /Unknown option/],
+      [['verify', 'X'], 64, /verify takes no id/],
+      [['list', '--dir', 'x'], 64, /--dir is only for verify/],
+      [['verify', '--dir', 'x'], 64, /verify takes --config or --dir, not both/],
     ];
     for (const [args, code, stderr] of cases) {
       const r = await queue(...args);

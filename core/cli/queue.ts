@@ -14,8 +14,16 @@ import {
   type WireRecipient,
 } from '../../plugins/queue/control.js';
 import { existingParts, partDir } from '../../plugins/queue/parts.js';
+import {
+  describeVerify,
+  verifyQueue,
+  VERIFY_CLEAN,
+  VERIFY_DAMAGED,
+  VERIFY_NO_JOURNAL,
+} from '../../plugins/queue/verify.js';
 
 export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--json]
+       petrel queue verify [--config FILE | --dir DIR] [--json]
 
 Commands:
   list                        every message waiting, and why: per recipient its status,
@@ -28,15 +36,20 @@ Commands:
   delete <id>                 remove it; its recipients fail without a bounce
   bounce <id>                 fail it now and return it to its sender (a bounce plugin
                               sends the delivery status notification)
+  verify                      read every record of the journal, without a server and
+                              without changing anything: one line per segment, and each
+                              damaged range with what it held
 
 Options:
   --config FILE   the config the server runs with (found as petrel start finds it)
-  --json          print the server's answer as JSON
+  --dir DIR       verify only: the queue folder to check, instead of the config's
+  --json          print the server's answer (verify: the findings) as JSON
 
-The command talks to the running server through control.sock in the queue folder (the "queue"
-plugin entry's dir, default <spool.dir>/queue), which only the server's user (and root) may
-open. Exit status: 0 done, 1 no such message (or it is held), 64 bad usage, 69 no server
-running, 70 the server failed, 75 no answer in time, 77 no permission, 78 bad config.`;
+The commands but verify talk to the running server through control.sock in the queue folder
+(the "queue" plugin entry's dir, default <spool.dir>/queue), which only the server's user (and
+root) may open. Exit status: 0 done, 1 no such message (or it is held), 64 bad usage, 69 no
+server running, 70 the server failed, 75 no answer in time, 77 no permission, 78 bad config.
+verify: 0 no damage, 65 damage found, 66 no journal in the folder.`;
 
 /** Where the command writes; the real process's streams by default. */
 export interface QueueCommandIo {
@@ -222,6 +235,7 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
       options: {
         config: { type: 'string', short: 'c' },
         domain: { type: 'string', short: 'd' },
+        dir: { type: 'string' },
         json: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -236,6 +250,15 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
   }
   const [sub, id, ...extra] = positionals;
   if (!sub) throw new UsageError('missing command');
+  if (values.dir !== undefined && sub !== 'verify') throw new UsageError('--dir is only for verify');
+  if (sub === 'verify') {
+    if (id) throw new UsageError('verify takes no id');
+    if (values.domain !== undefined) throw new UsageError('--domain is only for flush');
+    if (values.dir === '') throw new UsageError('--dir needs a folder');
+    if (values.dir !== undefined && values.config !== undefined)
+      throw new UsageError('verify takes --config or --dir, not both');
+    return verify(values.dir, values.config, values.json === true, io);
+  }
   if (sub !== 'list' && sub !== 'flush' && !NEEDS_ID.has(sub))
     throw new UsageError(`unknown command "${sub}"`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}"`);
@@ -329,6 +352,25 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
   }
 }
 
+/** `petrel queue verify`: reads the journal files; never talks to the server. */
+async function verify(
+  dir: string | undefined,
+  configFile: string | undefined,
+  json: boolean,
+  io: QueueCommandIo,
+): Promise<number> {
+  const where = dir ? resolve(io.cwd, dir) : (await locateQueueDir({ configFile, cwd: io.cwd })).dir;
+  const result = await verifyQueue(where);
+  if (result.parts.length === 0)
+    throw new CommandError(
+      `no queue journal in ${where} (neither ${join(where, 'journal')} nor a part-*/journal in it)`,
+      VERIFY_NO_JOURNAL,
+    );
+  if (json) io.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+  else io.stdout.write(`${describeVerify(result).join('\n')}\n`);
+  return result.damaged ? VERIFY_DAMAGED : VERIFY_CLEAN;
+}
+
 /** How many recipients an administrator's delete or bounce just failed. */
 function ended(m: WireMessage, text: string): number {
   return m.recipients.filter((r) => r.status === 'failed' && replyText(r.lastReply?.text).startsWith(text))
@@ -396,6 +438,8 @@ export function describeMessage(m: WireMessage, now: Date, detail = false): stri
   lines.push(`  from:  <${m.sender}>`);
   if (m.held) lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
   if (m.attempting) lines.push('  now:   a delivery attempt is in progress');
+  if (m.unrecorded)
+    lines.push(`  not recorded: the attempt's outcome cannot be written (${m.unrecorded}); retrying`);
   for (const r of m.recipients) {
     lines.push(`  to:    ${r.address}`);
     lines.push(`         ${describeRecipient(r, m.held, now)}`);

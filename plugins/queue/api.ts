@@ -36,6 +36,12 @@ export interface MessageSummary {
   readonly held: boolean;
   /** A delivery attempt is in progress right now. */
   readonly attempting: boolean;
+  /**
+   * Present while the outcome of the attempt in progress cannot be written to disk (a full disk,
+   * an I/O error): the error. The queue keeps retrying the record; until it succeeds the
+   * recipients show their last recorded state, never the unrecorded outcome.
+   */
+  readonly unrecorded?: string;
   readonly recipients: readonly RecipientSummary[];
 }
 

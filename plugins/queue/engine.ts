@@ -8,7 +8,7 @@ import type {
 } from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
-import { QueueStore, type Entry, type StoredEnvelope } from './store.js';
+import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer } from './control.js';
 import { lockPart } from './lock.js';
@@ -26,6 +26,9 @@ export interface EngineOptions {
 
 const COMPACT_EVERY = 60_000;
 const MAX_TIMER = 60_000;
+/** Back-off between tries to record an attempt's outcome: doubling from the first to the last. */
+const RECORD_RETRY_FIRST = 500;
+const RECORD_RETRY_MAX = 30_000;
 
 function replyText(text: string | readonly string[]): string {
   return typeof text === 'string' ? text : text.join(' ');
@@ -58,6 +61,10 @@ export class QueueEngine {
   private control: ControlServer | null = null;
   /** Gives the part's lock back (after the store is closed). */
   private releaseLock: () => Promise<void> = async () => undefined;
+  /** Messages whose last attempt's outcome is not on disk yet, with the error that stops it. */
+  private readonly unrecorded = new Map<string, string>();
+  /** Back-off waits in progress, woken early when the queue closes. */
+  private readonly sleepers = new Set<() => void>();
 
   private constructor(
     readonly store: QueueStore,
@@ -224,9 +231,8 @@ export class QueueEngine {
       this.exclusive(id, async (entry) => {
         const { hooks, log } = this.opts;
         const message = this.store.view(entry);
-        const before = entry.rcpts.map((r) => ({ ...r }));
         const notices: (() => Promise<void>)[] = [];
-        const changed: number[] = [];
+        const states = new Map<number, RecipientState>();
         entry.rcpts.forEach((st, i) => {
           if (st.status === 'delivered' || st.status === 'failed') return;
           const recipient = this.recipient(entry, i);
@@ -236,23 +242,17 @@ export class QueueEngine {
             how === 'delete'
               ? { code: 550, enhanced: '5.0.0', text: `Deleted by the administrator${why}` }
               : { code: 550, enhanced: '5.0.0', text: `Returned by the administrator${why}` };
-          st.status = 'failed';
-          st.lastReply = reply;
-          st.maybeDelivered = false;
-          changed.push(i);
+          states.set(i, { ...st, status: 'failed', lastReply: reply, maybeDelivered: false });
           const result: RecipientResult = { recipient: recipient.address.address, status: 'failed', reply };
           const route = st.route ?? null;
           const reason = how === 'delete' ? 'deleted' : 'refused';
           notices.push(() => hooks.notify('failed', { message, recipient, route, result, reason }));
         });
-        const final = await this.store.update(entry, changed).catch((err: unknown) => {
-          // Not recorded: as it was, so that what the server says matches what is on disk.
-          before.forEach((r, i) => Object.assign(entry.rcpts[i]!, r));
-          throw err;
-        });
+        // Not recorded (it throws): the message stays as it was, as the disk has it.
+        const final = await this.store.update(entry, states);
         const summary = this.summary(entry);
         log.info(
-          { queueId: id, recipients: changed.length },
+          { queueId: id, recipients: states.size },
           how === 'delete' ? 'message deleted by the administrator' : 'message returned by the administrator',
         );
         for (const n of notices) await n();
@@ -319,6 +319,7 @@ export class QueueEngine {
       size: entry.env.size,
       held: entry.held,
       attempting: this.attempting.has(entry.env.id),
+      ...(this.unrecorded.has(entry.env.id) ? { unrecorded: this.unrecorded.get(entry.env.id)! } : {}),
       recipients: entry.rcpts.map((r, i) => ({
         address: entry.env.recipients[i]!.address.address,
         status: r.status,
@@ -468,8 +469,11 @@ export class QueueEngine {
 
     const finished = Date.now();
     const notices: (() => Promise<void>)[] = [];
+    const states = new Map<number, RecipientState>();
     for (const [i, { result, route }] of results) {
-      const st = entry.rcpts[i]!;
+      // A copy: the entry changes only once the outcome is recorded (`store.update`).
+      const st: RecipientState = { ...entry.rcpts[i]! };
+      states.set(i, st);
       const recipient = this.recipient(entry, i);
       st.attempts++;
       st.lastAttemptAt = finished;
@@ -521,20 +525,63 @@ export class QueueEngine {
         'delivery attempt',
       );
     }
-    let final = false;
-    try {
-      final = await this.store.update(entry, [...results.keys()]);
-    } catch (err) {
-      // The outcome is known in memory; after a restart the recipient may be tried again (at least once).
-      log.error({ err, queueId: entry.env.id }, 'could not record delivery state');
-    }
+    const final = await this.record(entry, states);
+    // Not recorded before shutdown: the next start tries these recipients again, and tells them then.
+    if (final === null) return;
     for (const n of notices) await n();
     // The files go only now: the hooks above (a bounce quoting the message) may read it.
     if (final) await this.store.discard(entry);
   }
 
+  /**
+   * Records an attempt's outcome. While the State record cannot be written (a full disk, an I/O
+   * error) it retries with a back-off rather than give up: the deliveries happened, and trying
+   * them again would duplicate them. Until then the message keeps its recorded state (never
+   * "delivered" before the disk says so), stays busy, and `list` says why (`unrecorded`).
+   * Resolves like `store.update`, or null when the queue closes first.
+   */
+  private async record(entry: Entry, states: ReadonlyMap<number, RecipientState>): Promise<boolean | null> {
+    const { log } = this.opts;
+    const id = entry.env.id;
+    for (let tries = 1, delay = RECORD_RETRY_FIRST; ; tries++) {
+      try {
+        const final = await this.store.update(entry, states);
+        if (this.unrecorded.delete(id))
+          log.warn({ queueId: id, tries }, 'delivery state recorded after earlier failures');
+        return final;
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        this.unrecorded.set(id, e.code ? `${e.code}: ${e.message}` : e.message);
+        if (this.closing) {
+          log.error(
+            { err, queueId: id, tries },
+            'could not record delivery state before shutdown; the next start tries these recipients again',
+          );
+          return null;
+        }
+        log.error({ err, queueId: id, tries, retryInMs: delay }, 'could not record delivery state; retrying');
+        await this.pause(delay);
+        delay = Math.min(delay * 2, RECORD_RETRY_MAX);
+      }
+    }
+  }
+
+  /** Waits `ms`, or less when the queue starts closing. */
+  private pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = (): void => {
+        clearTimeout(timer);
+        this.sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this.sleepers.add(wake);
+    });
+  }
+
   private async close(): Promise<void> {
     this.closing = true;
+    for (const wake of [...this.sleepers]) wake();
     await this.control?.close();
     if (this.timer) clearTimeout(this.timer);
     if (this.compactor) clearInterval(this.compactor);
@@ -548,7 +595,14 @@ export class QueueEngine {
       );
     }
     await bound(Promise.allSettled([...this.changes]));
-    await this.store.close();
+    // An outcome not on disk: no clean-stop mark, so the next start treats those recipients as
+    // maybe delivered (and the transports can spot a duplicate).
+    if (this.unrecorded.size)
+      this.opts.log.error(
+        { queueIds: [...this.unrecorded.keys()] },
+        'queue closed with delivery outcomes not recorded; the next start treats them as after a crash',
+      );
+    await this.store.close(this.unrecorded.size === 0);
     await this.releaseLock();
   }
 }

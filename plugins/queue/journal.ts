@@ -1,5 +1,7 @@
 import { constants, createReadStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, type FileHandle } from 'node:fs/promises';
+import { syncDir } from './durable-fs.js';
+import { quarantine } from './quarantine.js';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
@@ -8,14 +10,22 @@ import { crc32 } from 'node:zlib';
  * The queue's write-ahead journal: numbered segment files of checksummed records, appended with
  * group commit. Every record handed to `append()` while a sync is in flight joins the next batch;
  * a batch is one `writev` and one `fdatasync`, and each `append()` resolves only after the sync
- * that covers its own bytes. A torn record at the end (a crash mid-write) fails its checksum and
- * is cut off at recovery; nothing after it was ever acknowledged.
+ * that covers its own bytes.
  *
  * Record: magic "PTRL" | type u8 | 3 zero bytes | payload length u32 | crc32 u32 | payload.
- * The crc covers the type, the length and the payload.
+ * The crc covers the type, the zero bytes, the length and the payload.
+ *
+ * Recovery (`open`) reads every segment with `scanSegment`, the one reader of this format (the
+ * offline `petrel queue verify` uses it too). A record that does not verify does not end the
+ * scan: it resumes at the next record that does, so one bad record costs that record only. The
+ * damaged bytes are copied to the quarantine folder and fsynced before anything else changes; the
+ * segment itself is left as it is. The one exception is a torn tail — the last write of an
+ * unclean stop, cut short, with nothing intact after it, at the end of the newest segment — which
+ * was never acknowledged and is cut off.
  */
 
 const MAGIC = 0x5054524c;
+const MAGIC_BYTES = Buffer.from('PTRL', 'latin1');
 const HEADER = 16;
 const MAX_BATCH_BYTES = 8 * 1024 * 1024;
 
@@ -49,6 +59,108 @@ function header(type: number, parts: readonly Buffer[], length: number): Buffer 
   return h;
 }
 
+/** A damaged byte range of a segment, as a scan finds it. */
+export interface DamagedRange {
+  readonly segment: number;
+  /** First damaged byte: where the record that failed begins. */
+  readonly start: number;
+  /** Where the next record that verifies begins, or the end of the file. */
+  readonly end: number;
+  readonly reason: string;
+  /**
+   * A torn tail: the last write of an unclean stop, cut short. Only at the end of the newest
+   * segment, with no intact record after it, and only when the last run did not stop cleanly.
+   */
+  readonly tornTail: boolean;
+}
+
+/** The type and length of the record at `pos` once its checksum verifies, or why it does not. */
+function recordAt(data: Buffer, pos: number): { type: number; length: number } | string {
+  if (data.length - pos < HEADER) return 'truncated header';
+  if (data.readUInt32BE(pos) !== MAGIC) return 'bad magic';
+  const length = data.readUInt32BE(pos + 8);
+  // A length past the end is a write cut short, or a damaged length field: the checksum cannot tell.
+  if (length > data.length - pos - HEADER) return 'length runs past the end of the segment';
+  const crc = crc32(
+    data.subarray(pos + HEADER, pos + HEADER + length),
+    crc32(data.subarray(pos + 4, pos + 12)),
+  );
+  if (crc >>> 0 !== data.readUInt32BE(pos + 12)) return 'checksum mismatch';
+  return { type: data.readUInt8(pos + 4), length };
+}
+
+/**
+ * Reads one segment's records in order, handing each one that verifies to `onRecord`, and returns
+ * the damaged ranges. After a record that fails, the scan looks for the next magic whose whole
+ * record verifies and resumes there: it never trusts the failed record's length (a damaged length
+ * would skip intact records), and a magic that merely occurs in damaged bytes is not enough.
+ * (A whole record carried unencoded inside a damaged message's octets would verify and be taken;
+ * that needs a message that carries a journal file, and damage in exactly that message.)
+ * `onRecord` may answer with a reason when a verified record still cannot be read; that record is
+ * damage too. No I/O: recovery and `petrel queue verify` share it.
+ */
+export function scanSegment(
+  data: Buffer,
+  segment: number,
+  opts: {
+    /** The newest segment after an unclean stop: a damaged tail may be a torn write. */
+    tornTailPossible: boolean;
+    onRecord: (type: number, payload: Buffer, ref: RecordRef) => string | void;
+  },
+): DamagedRange[] {
+  const damage: DamagedRange[] = [];
+  let pos = 0;
+  while (pos < data.length) {
+    const found = recordAt(data, pos);
+    if (typeof found !== 'string') {
+      const ref = { segment, offset: pos + HEADER, length: found.length };
+      const unreadable = opts.onRecord(found.type, data.subarray(ref.offset, ref.offset + ref.length), ref);
+      const end = ref.offset + ref.length;
+      if (unreadable) damage.push({ segment, start: pos, end, reason: unreadable, tornTail: false });
+      pos = end;
+      continue;
+    }
+    let next = data.indexOf(MAGIC_BYTES, pos + 1);
+    while (next >= 0 && typeof recordAt(data, next) === 'string') next = data.indexOf(MAGIC_BYTES, next + 1);
+    const end = next < 0 ? data.length : next;
+    damage.push({
+      segment,
+      start: pos,
+      end,
+      reason: found,
+      tornTail: opts.tornTailPossible && end === data.length,
+    });
+    pos = end;
+  }
+  return damage;
+}
+
+/** The segment numbers in a journal folder, oldest first. */
+export async function listSegments(dir: string): Promise<number[]> {
+  return (await readdir(dir))
+    .filter((f) => /^\d{8}\.seg$/.test(f))
+    .map((f) => Number(f.slice(0, 8)))
+    .sort((a, b) => a - b);
+}
+
+/** What recovery did about one damaged range. */
+export interface DamageReport extends DamagedRange {
+  /** The segment file. */
+  readonly file: string;
+  /** The damaged bytes. */
+  readonly bytes: Buffer;
+  /**
+   * `cut`: a torn tail, cut off. `quarantined`: copied to `quarantine` (fsynced), the segment
+   * left as it was. `kept`: the copy could not be made (`error`); the segment is kept whole and
+   * is not removed while this process runs.
+   */
+  readonly action: 'cut' | 'quarantined' | 'kept';
+  readonly quarantine?: string;
+  /** The same bytes were already in quarantine (found by an earlier start). */
+  readonly alreadyQuarantined?: boolean;
+  readonly error?: Error;
+}
+
 export class Journal {
   private queue: Pending[] = [];
   private flushing: Promise<void> | null = null;
@@ -60,6 +172,8 @@ export class Journal {
     private segment: number,
     private offset: number,
     private readonly segmentSize: number,
+    /** Damaged segments whose quarantine copy failed: never removed while this process runs. */
+    private readonly pinned: Set<number>,
   ) {}
 
   /** The segment being appended to (never compacted away). */
@@ -72,63 +186,67 @@ export class Journal {
   }
 
   /**
-   * Opens the journal in `dir`, replaying every intact record through `onRecord` in order and
-   * cutting off a torn tail. Appending continues in a fresh segment.
+   * Opens the journal in `dir`, replaying every intact record through `onRecord` in order (see
+   * `scanSegment`). Each damaged range is copied to `quarantineDir` and fsynced, then reported
+   * through `onDamage`; a torn tail is cut off instead. Appending continues in a fresh segment.
    */
   static async open(
     dir: string,
     opts: {
       segmentSize: number;
-      onRecord: (type: number, payload: Buffer, ref: RecordRef) => void;
-      onCorrupt: (segment: number, offset: number, reason: string) => void;
+      /** The last run stopped cleanly: then nothing at all can be a torn write. */
+      cleanStop: boolean;
+      quarantineDir: string;
+      onRecord: (type: number, payload: Buffer, ref: RecordRef) => string | void;
+      onDamage: (report: DamageReport) => void;
+      /** What the damaged bytes held, for the quarantine's metadata. */
+      describe?: (bytes: Buffer) => object;
     },
   ): Promise<Journal> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    const segments = (await readdir(dir))
-      .filter((f) => /^\d{8}\.seg$/.test(f))
-      .map((f) => Number(f.slice(0, 8)))
-      .sort((a, b) => a - b);
+    const segments = await listSegments(dir);
+    const pinned = new Set<number>();
     for (const n of segments) {
       const path = join(dir, segmentName(n));
       const data = await readFile(path);
-      let pos = 0;
-      while (pos < data.length) {
-        const bad = (reason: string): void => opts.onCorrupt(n, pos, reason);
-        if (data.length - pos < HEADER) {
-          bad('truncated header');
-          break;
+      const damage = scanSegment(data, n, {
+        tornTailPossible: !opts.cleanStop && n === segments.at(-1),
+        onRecord: opts.onRecord,
+      });
+      // Copies first: the torn tail is cut (the only change to a segment) once they are stable.
+      for (const d of damage) {
+        if (d.tornTail) continue;
+        const bytes = data.subarray(d.start, d.end);
+        try {
+          const q = await quarantine(opts.quarantineDir, path, d, bytes, opts.describe?.(bytes) ?? {});
+          opts.onDamage({
+            ...d,
+            file: path,
+            bytes,
+            action: 'quarantined',
+            quarantine: q.path,
+            alreadyQuarantined: q.existed,
+          });
+        } catch (err) {
+          pinned.add(n);
+          opts.onDamage({ ...d, file: path, bytes, action: 'kept', error: err as Error });
         }
-        if (data.readUInt32BE(pos) !== MAGIC) {
-          bad('bad magic');
-          break;
-        }
-        const type = data.readUInt8(pos + 4);
-        const length = data.readUInt32BE(pos + 8);
-        const start = pos + HEADER;
-        if (start + length > data.length) {
-          bad('truncated record');
-          break;
-        }
-        const payload = data.subarray(start, start + length);
-        const crc = crc32(payload, crc32(data.subarray(pos + 4, pos + 12))) >>> 0;
-        if (crc !== data.readUInt32BE(pos + 12)) {
-          bad('checksum mismatch');
-          break;
-        }
-        opts.onRecord(type, payload, { segment: n, offset: start, length });
-        pos = start + length;
       }
-      if (pos < data.length) {
-        // Nothing past a torn record was acknowledged: cut it off so it is never read again.
+      const torn = damage.find((d) => d.tornTail);
+      if (torn) {
         const fh = await open(path, 'r+');
-        await fh.truncate(pos);
-        await fh.sync();
-        await fh.close();
+        try {
+          await fh.truncate(torn.start);
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        opts.onDamage({ ...torn, file: path, bytes: data.subarray(torn.start, torn.end), action: 'cut' });
       }
     }
     const next = (segments.at(-1) ?? 0) + 1;
     const fh = await Journal.create(dir, next);
-    return new Journal(dir, fh, next, 0, opts.segmentSize);
+    return new Journal(dir, fh, next, 0, opts.segmentSize, pinned);
   }
 
   private static async create(dir: string, n: number): Promise<FileHandle> {
@@ -199,7 +317,7 @@ export class Journal {
   private async rotate(): Promise<void> {
     const next = this.segment + 1;
     const fh = await Journal.create(this.dir, next);
-    await this.fh.close();
+    await finish(this.fh, this.offset);
     this.fh = fh;
     this.segment = next;
     this.offset = 0;
@@ -214,8 +332,13 @@ export class Journal {
     });
   }
 
+  /** Keeps a segment on disk for as long as this process runs (`removeSegment` leaves it). */
+  keep(n: number): void {
+    this.pinned.add(n);
+  }
+
   async removeSegment(n: number): Promise<void> {
-    if (n === this.segment) return;
+    if (n === this.segment || this.pinned.has(n)) return;
     await rm(this.segmentPath(n), { force: true });
     await syncDir(this.dir);
   }
@@ -223,7 +346,22 @@ export class Journal {
   async close(): Promise<void> {
     this.closed = true;
     while (this.flushing) await this.flushing;
-    await this.fh.close();
+    await finish(this.fh, this.offset);
+  }
+}
+
+/**
+ * Closes a segment that is done with, ending it at its last acknowledged record: bytes of a failed
+ * batch that could not be truncated away then must not read as damage at the next start.
+ */
+async function finish(fh: FileHandle, end: number): Promise<void> {
+  try {
+    if ((await fh.stat()).size > end) {
+      await fh.truncate(end);
+      await fh.datasync();
+    }
+  } finally {
+    await fh.close();
   }
 }
 
@@ -239,14 +377,5 @@ async function writeAll(fh: FileHandle, buffers: Buffer[], position: number): Pr
       bufs = bufs.slice(1);
     }
     if (n > 0 && bufs.length) bufs = [bufs[0]!.subarray(n), ...bufs.slice(1)];
-  }
-}
-
-export async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
   }
 }

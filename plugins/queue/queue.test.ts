@@ -3,17 +3,20 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import {
+  appendFileSync,
+  closeSync,
   mkdirSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   rmSync,
   statSync,
-  writeFileSync,
-  appendFileSync,
+  writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import pino from 'pino';
 import { Petrel } from '../../core/app.js';
 import {
@@ -29,10 +32,12 @@ import { REQUIRE_PEERS } from '../../test/harness/peers.js';
 import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
-import { QueueStore } from './store.js';
+import { QueueStore, type Entry, type RecipientState } from './store.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
+import { describeMessage } from '../../core/cli/queue.js';
+import type { WireMessage } from './control.js';
 
 interface Delivery {
   id: string;
@@ -94,6 +99,7 @@ async function start(
   dir: string,
   plugins: ReturnType<typeof definePlugin>[],
   queue: Record<string, unknown> = {},
+  logger: pino.Logger = pino({ level: 'silent' }),
 ) {
   const config: PetrelConfigInput = {
     hostname: 'mx.test',
@@ -101,7 +107,7 @@ async function start(
     spool: { dir: join(dir, 'spool') },
     plugins: [...plugins.map((p) => p.name), { name: 'queue', config: queue }],
   };
-  return Petrel.start({ config, plugins, logger: pino({ level: 'silent' }) });
+  return Petrel.start({ config, plugins, logger });
 }
 
 async function send(port: number, rcpts: string[], body = 'Subject: test\r\n\r\nhello\r\n'): Promise<string> {
@@ -463,6 +469,11 @@ describe('queue administration', () => {
   });
 });
 
+/** The first recipient's state once delivered, for `store.update`. */
+function delivered(entry: Entry): Map<number, RecipientState> {
+  return new Map([[0, { ...entry.rcpts[0]!, status: 'delivered' as const }]]);
+}
+
 describe('queue space', () => {
   it('removes segments whose messages all finished, also those that were current at the time', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-segments-'));
@@ -481,8 +492,7 @@ describe('queue space', () => {
           },
           { inline: [Buffer.alloc(10_000)] },
         );
-        entry.rcpts[0]!.status = 'delivered';
-        if (await store.update(entry, [0])) await store.discard(entry);
+        if (await store.update(entry, delivered(entry))) await store.discard(entry);
       }
       await store.compact();
       const segments = readdirSync(join(dir, 'journal')).filter((f) => f.endsWith('.seg'));
@@ -513,8 +523,7 @@ describe('compaction', () => {
       // Fill the segment so the journal moves on; the others finish.
       for (let i = 0; i < 3; i++) {
         const e = await store.add(env(`done${i}`), { inline: [Buffer.alloc(40_000)] });
-        e.rcpts[0]!.status = 'delivered';
-        if (await store.update(e, [0])) await store.discard(e);
+        if (await store.update(e, delivered(e))) await store.discard(e);
       }
       // A delivery attempt starts while compaction is writing the copy (it may open the old place).
       const journal = (store as unknown as { journal: { append: (...a: unknown[]) => Promise<unknown> } })
@@ -543,14 +552,25 @@ describe('compaction', () => {
 });
 
 describe('the journal', () => {
-  it('cuts off a torn record at the end and keeps everything before it', async () => {
+  /** Opens a journal folder with recovery's callbacks defaulted. */
+  function openJournal(
+    dir: string,
+    opts: Partial<Parameters<typeof Journal.open>[1]> = {},
+  ): Promise<Journal> {
+    return Journal.open(dir, {
+      segmentSize: 1 << 20,
+      cleanStop: false,
+      quarantineDir: join(dir, 'quarantine'),
+      onRecord: () => undefined,
+      onDamage: () => undefined,
+      ...opts,
+    });
+  }
+
+  it('cuts off a torn record at the end of the newest segment after an unclean stop, and keeps everything before it', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
     try {
-      const j = await Journal.open(dir, {
-        segmentSize: 1 << 20,
-        onRecord: () => undefined,
-        onCorrupt: () => undefined,
-      });
+      const j = await openJournal(dir);
       await j.append(1, [Buffer.from('first')]);
       await j.append(1, [Buffer.from('second')]);
       await j.close();
@@ -563,42 +583,14 @@ describe('the journal', () => {
       );
       const seen: string[] = [];
       const cut: string[] = [];
-      const j2 = await Journal.open(dir, {
-        segmentSize: 1 << 20,
-        onRecord: (_t, p) => seen.push(p.toString()),
-        onCorrupt: (_s, _o, reason) => cut.push(reason),
+      const j2 = await openJournal(dir, {
+        onRecord: (_t, p) => void seen.push(p.toString()),
+        onDamage: (d) => void cut.push(`${d.action} ${d.reason}`),
       });
       await j2.close();
       assert.deepEqual(seen, ['first', 'second']);
-      assert.deepEqual(cut, ['truncated record']);
+      assert.deepEqual(cut, ['cut length runs past the end of the segment']);
       assert.equal(statSync(seg).size, good, 'the torn tail is gone from the file');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
-  });
-
-  it('detects a flipped bit by its checksum', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
-    try {
-      const j = await Journal.open(dir, {
-        segmentSize: 1 << 20,
-        onRecord: () => undefined,
-        onCorrupt: () => undefined,
-      });
-      await j.append(1, [Buffer.from('payload')]);
-      await j.close();
-      const seg = join(dir, segmentName(1));
-      const data = readFileSync(seg);
-      data.writeUInt8(data.readUInt8(data.length - 1) ^ 1, data.length - 1);
-      writeFileSync(seg, data);
-      const cut: string[] = [];
-      const j2 = await Journal.open(dir, {
-        segmentSize: 1 << 20,
-        onRecord: () => undefined,
-        onCorrupt: (_s, _o, r) => cut.push(r),
-      });
-      await j2.close();
-      assert.deepEqual(cut, ['checksum mismatch']);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -607,11 +599,7 @@ describe('the journal', () => {
   it('acknowledges many concurrent appends with few syncs (group commit)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-journal-'));
     try {
-      const j = await Journal.open(dir, {
-        segmentSize: 1 << 24,
-        onRecord: () => undefined,
-        onCorrupt: () => undefined,
-      });
+      const j = await openJournal(dir, { segmentSize: 1 << 24 });
       const refs = await Promise.all(
         Array.from({ length: 200 }, (_, i) => j.append(1, [Buffer.from(`record ${i}`)])),
       );
@@ -619,10 +607,9 @@ describe('the journal', () => {
       const offsets = new Set(refs.map((r) => r.offset));
       assert.equal(offsets.size, 200, 'every record has its own place');
       const seen: string[] = [];
-      const j2 = await Journal.open(dir, {
+      const j2 = await openJournal(dir, {
         segmentSize: 1 << 24,
-        onRecord: (_t, p) => seen.push(p.toString()),
-        onCorrupt: () => undefined,
+        onRecord: (_t, p) => void seen.push(p.toString()),
       });
       await j2.close();
       assert.equal(seen.length, 200);
@@ -689,11 +676,162 @@ describe('a full disk', () => {
       await app.stop(1000);
       app = null;
       open = true;
-      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 });
+      const lines: Record<string, unknown>[] = [];
+      const logger = pino(
+        { level: 'info' },
+        new Writable({
+          write(chunk: Buffer, _enc, done) {
+            for (const l of chunk.toString().split('\n'))
+              if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
+            done();
+          },
+        }),
+      );
+      app = await start(mnt, [testTransport(delivered, gate)], { retry: '1h', inlineLimit: 1 << 20 }, logger);
+      assert.deepEqual(
+        lines.filter((l) => l.kind === 'damage' || l.kind === 'torn-tail'),
+        [],
+        'a refused write leaves nothing that reads as damage or a torn tail',
+      );
       assert.equal(QueueEngine.get(join(mnt, 'spool', 'queue'))!.flush(), accepted.length);
       await until(() => delivered.length === accepted.length, 10_000);
       assert.deepEqual(delivered.map((d) => d.id).sort(), [...accepted].sort());
     } finally {
+      await app?.stop(1000);
+      execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
+      rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+
+  it('retries recording delivery state on a full disk: the message never looks finished, and is delivered once', async (t) => {
+    const mnt = mkdtempSync(join(tmpdir(), 'petrel-tmpfs-'));
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { stdio: 'ignore' });
+    } catch {
+      rmSync(mnt, { recursive: true, force: true });
+      if (REQUIRE_PEERS) throw new Error('cannot mount a tmpfs (needs root) for the full-disk test');
+      t.skip('cannot mount a tmpfs here (needs root)');
+      return;
+    }
+    const lines: Record<string, unknown>[] = [];
+    const logger = pino(
+      { level: 'info' },
+      new Writable({
+        write(chunk: Buffer, _enc, done) {
+          for (const l of chunk.toString().split('\n'))
+            if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
+          done();
+        },
+      }),
+    );
+    const logged = (msg: string, id: string): boolean => lines.some((l) => l.msg === msg && l.queueId === id);
+    // The transport waits for the test to let each attempt finish.
+    let release = (): void => undefined;
+    let gate = Promise.resolve();
+    const close = (): void => {
+      gate = new Promise((r) => (release = r));
+    };
+    const calls: Delivery[] = [];
+    const slow = definePlugin({
+      name: 'test-slow',
+      setup: () => ({
+        rcpt: async () => accept(),
+        route: async () => routeTo('slow'),
+        deliver: async ({ message, recipients }) => {
+          calls.push({ id: message.id, rcpt: '', body: '', maybeDelivered: recipients[0]!.maybeDelivered });
+          await gate;
+          // A long (multi-line) reply makes the State record larger than a page, so that a full
+          // filesystem refuses it whatever room is left in the segment's last page.
+          const text = 'delivered '.repeat(600);
+          return {
+            kind: 'results',
+            results: recipients.map((r) => ({
+              recipient: r.address.address,
+              status: 'delivered',
+              reply: { code: 250, enhanced: '2.0.0', text },
+            })),
+          };
+        },
+      }),
+    });
+    const events: string[] = [];
+    const filler = join(mnt, 'filler');
+    const fill = (): void => {
+      const fd = openSync(filler, 'w');
+      for (const size of [1 << 16, 4096, 1]) {
+        const chunk = Buffer.alloc(size);
+        try {
+          for (;;) writeSync(fd, chunk);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+        }
+      }
+      closeSync(fd);
+    };
+    const queueDir = join(mnt, 'spool', 'queue');
+    let app: Petrel | null = null;
+    try {
+      mkdirSync(join(mnt, 'spool'));
+      app = await start(mnt, [slow, notices(events)], { retry: '1h' }, logger);
+      let queue = resolveToken(app.generation.container, Queue);
+
+      // Delivered while the disk is full: the outcome cannot be recorded.
+      close();
+      const first = await send(app.port(), ['bob@h.test']);
+      await until(() => calls.length === 1);
+      fill();
+      release();
+      await until(() => logged('could not record delivery state; retrying', first));
+      const stuck = queue.get(first)!;
+      assert.equal(stuck.recipients[0]!.status, 'pending', 'not delivered until the disk says so');
+      assert.equal(stuck.recipients[0]!.attempts, 0);
+      assert.match(stuck.unrecorded ?? '', /^ENOSPC: /);
+      const listed = describeMessage(JSON.parse(JSON.stringify(stuck)) as WireMessage, new Date());
+      assert.match(listed, /not recorded: the attempt's outcome cannot be written \(ENOSPC: /);
+      assert.match(listed, /pending, not tried yet/);
+      assert.doesNotMatch(listed, /delivered/);
+      assert.deepEqual(events, [], 'nobody is told before it is recorded');
+
+      // Room again: the record is written on the next try, and nothing is delivered twice.
+      rmSync(filler);
+      await until(() => queue.get(first) === null, 10_000);
+      assert.equal(calls.length, 1, 'delivered once');
+      assert.deepEqual(events, ['delivered bob@h.test']);
+      assert.ok(logged('delivery state recorded after earlier failures', first));
+      assert.equal(
+        lines.find((l) => l.msg === 'could not record delivery state; retrying')?.level,
+        50,
+        'at error level',
+      );
+
+      // Still full at shutdown: no clean-stop mark, so the next start treats it as after a crash.
+      close();
+      const second = await send(app.port(), ['carol@h.test']);
+      await until(() => calls.length === 2);
+      fill();
+      release();
+      await until(() => logged('could not record delivery state; retrying', second));
+      await app.stop(1000);
+      app = null;
+      assert.ok(
+        lines.some(
+          (l) =>
+            l.msg ===
+            'queue closed with delivery outcomes not recorded; the next start treats them as after a crash',
+        ),
+      );
+      assert.ok(!existsSync(join(queueDir, 'clean-shutdown')));
+      rmSync(filler);
+      app = await start(mnt, [slow, notices(events)], { retry: '1h' }, logger);
+      queue = resolveToken(app.generation.container, Queue);
+      assert.equal(queue.get(second)?.recipients[0]?.status, 'pending');
+      queue.flush();
+      await until(() => queue.get(second) === null, 10_000);
+      assert.equal(calls.length, 3);
+      assert.equal(calls[2]!.id, second);
+      assert.equal(calls[2]!.maybeDelivered, true, 'the transport is told it may have delivered it already');
+    } finally {
+      release();
       await app?.stop(1000);
       execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
       rmSync(mnt, { recursive: true, force: true });

@@ -2,33 +2,21 @@ import { createReadStream, existsSync } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import type {
-  DeliveryStatus,
-  MailParams,
-  QueuedMessageView,
-  RecipientParams,
-  RecipientReply,
-  Route,
-} from '../../core/index.js';
-import type { Address } from '../../core/index.js';
-import { Journal, syncDir, type RecordRef } from './journal.js';
+import type { QueuedMessageView, RecipientReply, Route } from '../../core/index.js';
+import { syncDir } from './durable-fs.js';
+import { Journal, listSegments, type DamageReport, type RecordRef } from './journal.js';
+import { QUARANTINE_DIR, quarantineBlob } from './quarantine.js';
+import {
+  decodeRecord,
+  describeDamage,
+  RecordType,
+  type DamageContents,
+  type RecipientStatus,
+  type StateUpdate,
+  type StoredEnvelope,
+} from './records.js';
 
-export const RecordType = { Message: 1, State: 2, Hold: 3 } as const;
-
-/** The envelope as stored in a Message record. */
-export interface StoredEnvelope {
-  readonly id: string;
-  readonly sender: Address | null;
-  readonly mailParams: MailParams;
-  readonly recipients: readonly { readonly address: Address; readonly params: RecipientParams }[];
-  readonly receivedAt: number;
-  /** Octets of the whole stored message. */
-  readonly size: number;
-  /** Large messages: the added header text is here and the body is in `blobs/<id>.eml`. */
-  readonly blob?: { readonly headers: string };
-}
-
-export type RecipientStatus = 'pending' | DeliveryStatus;
+export { RecordType, type RecipientStatus, type StoredEnvelope } from './records.js';
 
 export interface RecipientState {
   status: RecipientStatus;
@@ -40,16 +28,6 @@ export interface RecipientState {
   route?: Route;
   /** Set after an unclean stop for recipients that were not final: a delivery may have happened. */
   maybeDelivered: boolean;
-}
-
-/** What a State record says about one recipient. */
-interface StateUpdate {
-  readonly i: number;
-  readonly s: RecipientStatus;
-  readonly a: number;
-  readonly n: number;
-  readonly r?: RecipientReply;
-  readonly t?: number;
 }
 
 export interface Entry {
@@ -72,7 +50,8 @@ export interface Entry {
   memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null;
 }
 
-const CLEAN = 'clean-shutdown';
+/** Present in the queue folder only after an orderly stop. */
+export const CLEAN_SHUTDOWN = 'clean-shutdown';
 /** Read size for stored messages. */
 const HIGH_WATER = 256 * 1024;
 
@@ -94,13 +73,22 @@ function envelopeParts(env: StoredEnvelope): [Buffer, Buffer] {
   return [len, json];
 }
 
-/** A State record's payload for some recipients of an entry. */
-function statePayload(entry: Entry, indices: readonly number[]): Buffer {
-  const u: StateUpdate[] = indices.map((i) => {
-    const r = entry.rcpts[i]!;
-    return { i, s: r.status, a: r.attempts, n: r.nextAttemptAt, r: r.lastReply, t: r.lastAttemptAt };
-  });
-  return Buffer.from(JSON.stringify({ id: entry.env.id, u }), 'utf8');
+/** A State record's payload: the given states of some recipients (by index) of a message. */
+function statePayload(id: string, states: ReadonlyMap<number, RecipientState>): Buffer {
+  const u: StateUpdate[] = [...states].map(([i, r]) => ({
+    i,
+    s: r.status,
+    a: r.attempts,
+    n: r.nextAttemptAt,
+    r: r.lastReply,
+    t: r.lastAttemptAt,
+  }));
+  return Buffer.from(JSON.stringify({ id, u }), 'utf8');
+}
+
+/** Every recipient's state, for a snapshot. */
+function allStates(entry: Entry): Map<number, RecipientState> {
+  return new Map(entry.rcpts.map((r, i) => [i, r]));
 }
 
 /** A stream of buffers held in memory. */
@@ -144,42 +132,117 @@ export class QueueStore {
 
   async open(): Promise<void> {
     await mkdir(this.blobDir, { recursive: true, mode: 0o700 });
-    const cleanMarker = join(this.dir, CLEAN);
-    this.recoveredFromCrash = existsSync(join(this.dir, 'journal')) && !existsSync(cleanMarker);
-    await rm(cleanMarker, { force: true });
-    this.journal = await Journal.open(join(this.dir, 'journal'), {
+    const cleanMarker = join(this.dir, CLEAN_SHUTDOWN);
+    const journalDir = join(this.dir, 'journal');
+    const cleanStop = existsSync(cleanMarker);
+    this.recoveredFromCrash = existsSync(journalDir) && !cleanStop;
+    const found: DamageReport[] = [];
+    /** Ids of the Message records read intact (a damaged one may have an intact copy). */
+    const intact = new Set<string>();
+    this.journal = await Journal.open(journalDir, {
       segmentSize: this.segmentSize,
-      onRecord: (type, payload, ref) => this.replay(type, payload, ref),
-      onCorrupt: (segment, offset, reason) =>
-        this.log.warn(
-          { segment, offset, reason },
-          'queue journal: cut off an incomplete record (crash mid-write)',
-        ),
+      cleanStop,
+      quarantineDir: join(this.dir, QUARANTINE_DIR),
+      onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact),
+      onDamage: (d) => found.push(d),
+      describe: describeDamage,
     });
+    // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
+    await rm(cleanMarker, { force: true });
+    const damaged = this.reportDamage(found, intact, cleanStop);
+    // A blob without a Message record was written before a crash and never acknowledged; unless
+    // the journal is damaged, when it may be the body of a message whose record was lost.
+    for (const f of await readdir(this.blobDir)) {
+      const id = f.replace(/\.(eml|tmp)$/, '');
+      if (!f.endsWith('.tmp') && this.entries.get(id)?.env.blob) continue;
+      const path = join(this.blobDir, f);
+      // (A message whose record is intact and which finished leaves a blob that can go.)
+      if (!damaged || !f.endsWith('.eml') || intact.has(id)) {
+        await rm(path, { force: true });
+        continue;
+      }
+      try {
+        const kept = await quarantineBlob(join(this.dir, QUARANTINE_DIR), path, id);
+        this.log.error(
+          { queueId: id, quarantine: kept },
+          'queue journal damaged: the body of a large message with no readable record is set aside in quarantine',
+        );
+      } catch (err) {
+        // The damaged segments stay too, so that the next start finds the damage and tries again.
+        for (const d of found) if (d.action !== 'cut') this.journal.keep(d.segment);
+        this.log.error(
+          { err, queueId: id, blob: path },
+          'queue journal damaged: the body of a large message with no readable record could not be set aside; it stays where it is',
+        );
+      }
+    }
     // Finished messages leave no entry: their segments can go, except the one being written.
-    for (const seg of await this.listSegments()) {
+    for (const seg of await listSegments(journalDir)) {
       if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
         await this.journal.removeSegment(seg);
       else this.onDisk.add(seg);
     }
-    // A blob without a Message record was written before a crash and never acknowledged.
-    for (const f of await readdir(this.blobDir)) {
-      const id = f.replace(/\.(eml|tmp)$/, '');
-      if (f.endsWith('.tmp') || !this.entries.get(id)?.env.blob)
-        await rm(join(this.blobDir, f), { force: true });
-    }
-    if (this.recoveredFromCrash) {
-      for (const e of this.entries.values()) {
-        for (const r of e.rcpts)
-          if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
-      }
-    }
+    if (this.recoveredFromCrash) this.markMaybeDelivered();
   }
 
-  private async listSegments(): Promise<number[]> {
-    return (await readdir(join(this.dir, 'journal')))
-      .filter((f) => /^\d{8}\.seg$/.test(f))
-      .map((f) => Number(f.slice(0, 8)));
+  /**
+   * Logs what recovery found, one line per damaged range: a torn tail at warn, damage at error
+   * with what it cost. A lost Message record is a lost message (named when its envelope is still
+   * legible); a lost State record may have said that a recipient was delivered, so waiting
+   * recipients are marked as maybe delivered (a possible duplicate, never a loss).
+   * Returns true when there was damage (not just a torn tail).
+   */
+  private reportDamage(
+    found: readonly DamageReport[],
+    intact: ReadonlySet<string>,
+    cleanStop: boolean,
+  ): boolean {
+    let damaged = false;
+    for (const d of found) {
+      const where = { segment: d.file, start: d.start, end: d.end, bytes: d.end - d.start, reason: d.reason };
+      if (d.action === 'cut') {
+        this.log.warn(
+          { ...where, kind: 'torn-tail' },
+          'queue journal: cut off a torn write at the end of the newest segment (an unclean stop; it was never acknowledged)',
+        );
+        continue;
+      }
+      damaged = true;
+      const c: DamageContents = describeDamage(d.bytes);
+      const live = (id: string): Entry | undefined => this.entries.get(id);
+      const fields = {
+        ...where,
+        kind: 'damage',
+        cleanStop,
+        ...(d.quarantine ? { quarantine: d.quarantine } : {}),
+        ...(d.alreadyQuarantined ? { alreadyQuarantined: true } : {}),
+        ...(d.error ? { err: d.error } : {}),
+        recordHeaders: c.headers,
+        lostMessages: c.messages.filter((id) => !intact.has(id)),
+        ...(c.messages.some((id) => intact.has(id))
+          ? { intactCopy: c.messages.filter((id) => intact.has(id)) }
+          : {}),
+        mayBeRetried: c.states.filter((id) => live(id)),
+        ...(c.holds.some((id) => live(id)) ? { holdMayBeLost: c.holds.filter((id) => live(id)) } : {}),
+      };
+      this.log.error(
+        fields,
+        d.action === 'quarantined'
+          ? 'queue journal damaged: the damaged bytes are set aside in quarantine; the intact records after them are kept'
+          : 'queue journal damaged and the quarantine copy failed: the segment is kept whole',
+      );
+    }
+    // A lost State record may have said that a recipient was delivered, and one whose id is not
+    // legible could be any message's: every waiting recipient is treated as after a crash.
+    if (damaged) this.markMaybeDelivered();
+    return damaged;
+  }
+
+  /** After a crash or damage: a waiting recipient may have been delivered without a record of it. */
+  private markMaybeDelivered(): void {
+    for (const e of this.entries.values()) {
+      for (const r of e.rcpts) if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
+    }
   }
 
   private ref(entry: Entry, segment: number): void {
@@ -189,10 +252,13 @@ export class QueueStore {
     this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
   }
 
-  private replay(type: number, payload: Buffer, ref: RecordRef): void {
-    if (type === RecordType.Message) {
-      const envLen = payload.readUInt32BE(0);
-      const env = JSON.parse(payload.subarray(4, 4 + envLen).toString('utf8')) as StoredEnvelope;
+  /** Replays one record; answers why when it cannot be read (then it is damage). */
+  private replay(type: number, payload: Buffer, ref: RecordRef, intact: Set<string>): string | void {
+    const rec = decodeRecord(type, payload);
+    if (typeof rec === 'string') return rec;
+    if (rec.type === RecordType.Message) {
+      const { env, skip } = rec;
+      intact.add(env.id);
       const existing = this.entries.get(env.id);
       const entry: Entry = existing ?? {
         env,
@@ -206,21 +272,19 @@ export class QueueStore {
       };
       // A relocated copy replaces the old location; the state carries over.
       entry.location = env.blob ? null : ref;
-      entry.skip = 4 + envLen;
+      entry.skip = skip;
       this.entries.set(env.id, entry);
       this.ref(entry, ref.segment);
-    } else if (type === RecordType.State) {
-      const { id, u } = JSON.parse(payload.toString('utf8')) as { id: string; u: StateUpdate[] };
-      const entry = this.entries.get(id);
+    } else if (rec.type === RecordType.State) {
+      const entry = this.entries.get(rec.id);
       if (!entry) return;
-      this.applyUpdates(entry, u);
+      this.applyUpdates(entry, rec.u);
       this.ref(entry, ref.segment);
       if (this.isFinal(entry)) this.forget(entry);
-    } else if (type === RecordType.Hold) {
-      const { id, held } = JSON.parse(payload.toString('utf8')) as { id: string; held: boolean };
-      const entry = this.entries.get(id);
+    } else if (rec.type === RecordType.Hold) {
+      const entry = this.entries.get(rec.id);
       if (!entry) return;
-      entry.held = held;
+      entry.held = rec.held;
       this.ref(entry, ref.segment);
     }
   }
@@ -297,13 +361,16 @@ export class QueueStore {
   }
 
   /**
-   * Records new recipient states durably. A message whose recipients are now all final is
-   * forgotten (true is returned); its files stay until `discard`, so that the hooks told about
-   * the outcome can still read it. A crash in between leaves nothing behind: at start, segments
-   * and blobs of final messages are removed.
+   * Records new states of some recipients (by index) durably, and only then gives them to the
+   * entry: when the State record cannot be written (a full disk, an I/O error), this rejects and
+   * the entry still says what the disk says, so nothing looks finished that is not recorded so.
+   * A message whose recipients are now all final is forgotten (true is returned); its files stay
+   * until `discard`, so that the hooks told about the outcome can still read it. A crash in
+   * between leaves nothing behind: at start, segments and blobs of final messages are removed.
    */
-  async update(entry: Entry, indices: readonly number[]): Promise<boolean> {
-    const ref = await this.journal.append(RecordType.State, [statePayload(entry, indices)]);
+  async update(entry: Entry, states: ReadonlyMap<number, RecipientState>): Promise<boolean> {
+    const ref = await this.journal.append(RecordType.State, [statePayload(entry.env.id, states)]);
+    for (const [i, st] of states) Object.assign(entry.rcpts[i]!, st);
     if (this.entries.get(entry.env.id) !== entry) return false;
     this.ref(entry, ref.segment);
     if (!this.isFinal(entry)) return false;
@@ -372,10 +439,7 @@ export class QueueStore {
           entry.env.blob ? head : [...head, ...parts],
         );
         const st = await this.journal.append(RecordType.State, [
-          statePayload(
-            entry,
-            entry.rcpts.map((_, i) => i),
-          ),
+          statePayload(entry.env.id, allStates(entry)),
         ]);
         // The hold must outlive the segment its record was in.
         const hold = entry.held
@@ -438,10 +502,15 @@ export class QueueStore {
     };
   }
 
-  /** Marks a clean stop, so the next start does not treat pending deliveries as maybe-done. */
-  async close(): Promise<void> {
+  /**
+   * Closes the journal and marks a clean stop, so the next start does not treat pending
+   * deliveries as maybe done. `clean: false` (an outcome that could not be recorded) leaves the
+   * mark out: the next start then tells the transports those recipients may have been delivered.
+   */
+  async close(clean = true): Promise<void> {
     await this.journal.close();
-    await writeFile(join(this.dir, CLEAN), `${new Date().toISOString()}\n`);
+    if (!clean) return;
+    await writeFile(join(this.dir, CLEAN_SHUTDOWN), `${new Date().toISOString()}\n`);
     await syncDir(this.dir);
   }
 }
