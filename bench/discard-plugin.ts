@@ -7,18 +7,17 @@
  * session state, hooks, content receiving) without a queue or a disk in the way.
  *
  * So that the benchmark can check that the server really took what the client says it sent, it
- * counts the messages it accepted and tells the count to the command `XBENCHCOUNT`
- * (`250 2.0.0 <count>`). Every other unknown command is left to the engine.
+ * counts the messages it accepted and tells the count on its count socket (see
+ * bench/count-socket.ts): `<accepted>`, since the worker started.
  */
-import { accept, definePlugin, proceed } from '../core/index.js';
-
-/** The command that reports how many messages were accepted since the server started. */
-export const COUNT_COMMAND = 'XBENCHCOUNT';
+import { accept, definePlugin } from '../core/index.js';
+import { serveCounts } from './count-socket.js';
 
 export default definePlugin({
   name: 'bench-discard',
-  setup: () => {
+  setup: async ({ baseDir, onClose }) => {
     let accepted = 0;
+    await serveCounts(baseDir, () => [accepted], onClose);
     return {
       rcpt: async () => accept(),
       // The engine has received the whole body by now and removes it at the end of the
@@ -27,8 +26,6 @@ export default definePlugin({
         accepted++;
         return accept();
       },
-      unrecognized_command: async ({ verb }) =>
-        verb === COUNT_COMMAND ? accept({ code: 250, enhanced: '2.0.0', text: String(accepted) }) : proceed(),
     };
   },
 });

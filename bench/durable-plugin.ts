@@ -11,13 +11,12 @@
  *
  * So that the benchmark can check that the queue really took what the client says it sent, the
  * plugin counts transactions that ended `queued` (the queue's `250`, given only after fsync),
- * recipients delivered, and anything else (deferred, failed, a size mismatch). The command
- * `XBENCHDURABLE` reports them: `250 2.0.0 <queued> <delivered> <other>`.
+ * recipients delivered, and anything else (deferred, failed, a size mismatch). It tells them on
+ * its count socket (see bench/count-socket.ts): `<queued> <delivered> <other>`, since the worker
+ * started; each worker counts what went through its own part of the queue.
  */
-import { accept, definePlugin, proceed, routeTo, z } from '../core/index.js';
-
-/** The command that reports the counts since the server started. */
-export const DURABLE_COUNT_COMMAND = 'XBENCHDURABLE';
+import { accept, definePlugin, routeTo, z } from '../core/index.js';
+import { serveCounts } from './count-socket.js';
 
 /** The transport name the plugin routes every recipient to. */
 const TRANSPORT = 'discard';
@@ -25,10 +24,11 @@ const TRANSPORT = 'discard';
 export default definePlugin({
   name: 'bench-durable',
   config: z.object({ readBack: z.boolean().default(false) }).strict(),
-  setup: ({ config, log }) => {
+  setup: async ({ config, log, baseDir, onClose }) => {
     let queued = 0;
     let delivered = 0;
     let other = 0;
+    await serveCounts(baseDir, () => [queued, delivered, other], onClose);
     return {
       rcpt: async () => accept(),
       reset: async ({ outcome }) => {
@@ -75,10 +75,6 @@ export default definePlugin({
       failed: async () => {
         other++;
       },
-      unrecognized_command: async ({ verb }) =>
-        verb === DURABLE_COUNT_COMMAND
-          ? accept({ code: 250, enhanced: '2.0.0', text: `${queued} ${delivered} ${other}` })
-          : proceed(),
     };
   },
 });

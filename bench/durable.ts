@@ -1,17 +1,19 @@
 /**
  * The durable benchmark (`node dist/bench/durable.js` after a build): how fast Petrel takes mail
- * into its fsynced queue, compared with Postfix's smtp-sink on the same machine in the same run.
+ * into its fsynced queue, with one worker process and with two, compared with Postfix's smtp-sink
+ * on the same machine in the same run.
  *
- * Petrel runs as a child process (the real CLI) with the built-in `queue` plugin, which answers
- * `250` only once the message is in its journal and fdatasync'd, and bench/durable-plugin.ts,
- * which accepts every recipient, routes everything to a transport that discards it, and counts
- * what was queued and delivered. So every message goes the queue's whole way: stored, synced,
+ * Petrel runs as a child process (the real CLI: a primary and its workers, each worker with its
+ * own part of the queue) with the built-in `queue` plugin, which answers `250` only once the
+ * message is in its journal and fdatasync'd, and bench/durable-plugin.ts, which accepts every
+ * recipient, routes everything to a transport that discards it, and counts what was queued and
+ * delivered. So every message goes the queue's whole way: stored, synced,
  * routed, delivered, its state recorded, its space freed. Postfix's smtp-source is the client for
- * both servers, with a new connection per message.
+ * every server, with a new connection per message.
  *
  * Besides the rates it prints the fdatasync latency of the queue's filesystem and, when `perf`
- * can count system calls, how many fdatasyncs the server made: messages per sync is what group
- * commit buys. Figures are written to var/bench-durable-results.json.
+ * can count system calls, how many fdatasyncs the server's workers made: messages per sync is
+ * what group commit buys. Figures are written to var/bench-durable-results.json.
  *
  * Environment: BENCH_SCALE multiplies the message counts (default 1; e.g. 0.1 for a quick look);
  * BENCH_DIR is the folder for the queue (default: the system's temporary folder, unless that is
@@ -19,8 +21,8 @@
  *
  * Options: `--read-back` makes the transport read every stored message back from the queue
  * before discarding it, as a real transport would. `--profile`, instead of the benchmark, runs
- * Petrel alone with `--cpu-prof` at 50 sessions with 1 KB messages and prints where its CPU time
- * went (the profile is kept in var/).
+ * Petrel alone (one worker) with `--cpu-prof` at 50 sessions with 1 KB messages and prints where
+ * its worker's CPU time went (the profiles are kept in var/).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statfsSync, statSync } from 'node:fs';
@@ -28,12 +30,12 @@ import { open } from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { DURABLE_COUNT_COMMAND } from './durable-plugin.js';
 import {
-  ask,
   backgroundLoad,
   BenchError,
   CLI,
+  busiestShare,
+  countEveryWorker,
   describeMachine,
   findProgram,
   HOST,
@@ -43,7 +45,9 @@ import {
   median,
   peerPrograms,
   percent,
-  ratioOf,
+  processColumns,
+  ratioLine,
+  ratiosOf,
   requireBuilt,
   ROOT,
   runMain,
@@ -53,11 +57,15 @@ import {
   startPetrel,
   startSink,
   stop,
+  sumOf,
   table,
+  WORKER_COUNTS,
+  workerPids,
   type Column,
   type Probe,
   type Run,
   type Server,
+  type WorkerCounts,
   runMatrix,
   finishRuns,
 } from './harness.js';
@@ -75,7 +83,7 @@ const BASE_COUNT: Record<number, Record<number, number>> = {
   [1 * KB]: { 1: 1000, 10: 3000, 50: 5000 },
   [100 * KB]: { 1: 500, 10: 1000, 50: 1500 },
 };
-/** Each cell is measured this many times, the two servers taking turns; the median counts. */
+/** Each cell is measured this many times, the servers taking turns; the median counts. */
 const ROUNDS = 5;
 /** The goal: at 50 sessions and 1 KB, at least 40% of smtp-sink's rate, every 250 fsynced. */
 const TARGET_RATIO = 0.4;
@@ -158,10 +166,10 @@ async function syncLatency(dir: string, probes: number): Promise<SyncLatency> {
 const SYNC_EVENTS = ['syscalls:sys_enter_fdatasync', 'syscalls:sys_enter_fsync'] as const;
 
 /**
- * Counts the fdatasync and fsync calls of one process with `perf stat` (syscall tracepoints,
- * counted in the kernel, so the process is not slowed down). The events are opened disabled and
- * switched on and off through perf's control pipe, which acknowledges each switch, so that a
- * count covers exactly the time between `start()` and `stop()`.
+ * Counts the fdatasync and fsync calls of some processes (all their threads) with `perf stat`
+ * (syscall tracepoints, counted in the kernel, so the processes are not slowed down). The events
+ * are opened disabled and switched on and off through perf's control pipe, which acknowledges each
+ * switch, so that a count covers exactly the time between `start()` and `stop()`.
  */
 class SyncCounter {
   private readonly closed: Promise<void>;
@@ -175,10 +183,10 @@ class SyncCounter {
     for (const fd of [3, 4]) (child.stdio[fd] as Readable | Writable).on('error', () => undefined);
   }
 
-  /** Attaches to `pid`, or returns null when perf is missing or may not count (not root, say). */
-  static async attach(perf: string, pid: number): Promise<SyncCounter | null> {
+  /** Attaches to `pids`, or returns null when perf is missing or may not count (not root, say). */
+  static async attach(perf: string, pids: readonly number[]): Promise<SyncCounter | null> {
     const args = ['stat', '-x,', '-D', '-1', '--control', 'fd:3,4', '-e', SYNC_EVENTS.join(',')];
-    const child = spawn(perf, [...args, '-p', String(pid)], {
+    const child = spawn(perf, [...args, '-p', pids.join(',')], {
       stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'],
     });
     let stderr = '';
@@ -243,37 +251,37 @@ interface Counts {
   readonly queued: number;
   readonly delivered: number;
   readonly other: number;
+  /** Each worker's counts, in the plugin's order. */
+  readonly byWorker: WorkerCounts;
 }
 
-/** Asks the bench plugin what has been queued and delivered since the server started. */
-async function counts(port: number): Promise<Counts> {
-  const reply = await ask(port, DURABLE_COUNT_COMMAND);
-  const m = /^250 2\.0\.0 (\d+) (\d+) (\d+)$/.exec(reply);
-  if (!m) throw new BenchError(`${DURABLE_COUNT_COMMAND} got "${reply}"; is the bench plugin loaded?`);
-  return { queued: Number(m[1]), delivered: Number(m[2]), other: Number(m[3]) };
+/** Asks the bench plugin in every worker what it has queued and delivered since it started, and adds up. */
+async function counts(server: Server): Promise<Counts> {
+  const byWorker = await countEveryWorker(server, 3);
+  return { queued: sumOf(byWorker, 0), delivered: sumOf(byWorker, 1), other: sumOf(byWorker, 2), byWorker };
 }
 
 /**
  * Checks that the queue took (answered 250 after fsync) exactly the messages of the run and then
  * delivered every one, waiting for the deliveries still under way when the client finished; and
- * counts the syncs from the start of the run to the last delivery.
+ * counts the workers' syncs from the start of the run to the last delivery.
  */
 function durableProbe(server: Server, perf: string | null): Probe {
-  let before: Counts = { queued: 0, delivered: 0, other: 0 };
+  let before: Counts = { queued: 0, delivered: 0, other: 0, byWorker: new Map() };
   let counter: SyncCounter | null = null;
   return {
     async start() {
-      before = await counts(server.port);
-      counter = perf ? await SyncCounter.attach(perf, server.child.pid!) : null;
+      before = await counts(server);
+      counter = perf ? await SyncCounter.attach(perf, workerPids(server)) : null;
     },
     async finish(messages, seconds) {
       const problems: string[] = [];
       const started = Date.now();
-      let now = await counts(server.port);
+      let now = await counts(server);
       while (now.delivered - before.delivered < messages && now.other === before.other) {
         if (Date.now() - started > DRAIN_TIMEOUT_MS) break;
         await sleep(20);
-        now = await counts(server.port);
+        now = await counts(server);
       }
       const drainSeconds = (Date.now() - started) / 1000;
       const syncs = counter ? await counter.stop() : null;
@@ -286,6 +294,8 @@ function durableProbe(server: Server, perf: string | null): Probe {
       }
       if (other) problems.push(`${other} recipients deferred or failed`);
       const figures: Record<string, number> = { drainSeconds };
+      const busiestWorker = busiestShare(before.byWorker, now.byWorker, 0);
+      if (busiestWorker !== undefined) figures.busiestWorker = busiestWorker;
       if (syncs) {
         figures.fdatasync = syncs.fdatasync;
         figures.fsync = syncs.fsync;
@@ -305,7 +315,7 @@ function evenProbe(server: Server, perf: string): Probe {
   let counter: SyncCounter | null = null;
   return {
     async start() {
-      counter = await SyncCounter.attach(perf, server.child.pid!);
+      counter = await SyncCounter.attach(perf, workerPids(server));
     },
     async finish() {
       await counter?.stop();
@@ -314,12 +324,27 @@ function evenProbe(server: Server, perf: string): Probe {
   };
 }
 
-/** Segment files left in the journal (after the last delivery only the one being written should be). */
-function segments(queueDir: string): { files: number; bytes: number } {
-  const dir = join(queueDir, 'journal');
-  const files = readdirSync(dir).filter((f) => f.endsWith('.seg'));
-  const bytes = files.reduce((n, f) => n + statSync(join(dir, f)).size, 0);
-  return { files: files.length, bytes };
+/**
+ * Segment files left in the journals of a queue's parts (the queue folder itself, and a `part-<k>`
+ * folder for each further worker): after the last delivery only the one being written in each
+ * part should be.
+ */
+function segments(queueDir: string): { parts: number; files: number; bytes: number } {
+  const parts = [
+    queueDir,
+    ...readdirSync(queueDir)
+      .filter((f) => /^part-\d+$/.test(f))
+      .map((f) => join(queueDir, f)),
+  ];
+  let files = 0;
+  let bytes = 0;
+  for (const part of parts) {
+    const dir = join(part, 'journal');
+    const found = readdirSync(dir).filter((f) => f.endsWith('.seg'));
+    files += found.length;
+    bytes += found.reduce((n, f) => n + statSync(join(dir, f)).size, 0);
+  }
+  return { parts: parts.length, files, bytes };
 }
 
 // ---------------------------------------------------------------- the CPU profile
@@ -375,12 +400,16 @@ function summarizeProfile(file: string, top: number): string {
   return lines.join('\n');
 }
 
-/** Runs Petrel alone under `--cpu-prof` at 50 sessions, 1 KB, and summarizes the profile. */
+/**
+ * Runs Petrel alone (one worker) under `--cpu-prof` at 50 sessions, 1 KB, and summarizes the
+ * profile of its worker. The primary, which only supervises, writes a profile of its own beside it.
+ */
 async function profile(source: string, base: string): Promise<number> {
   const dir = mkdtempSync(join(base, 'petrel-durable-'));
   const profiles = join(ROOT, 'var', `durable-profile-${Date.now()}`);
   mkdirSync(profiles, { recursive: true });
-  const petrel = await startDurablePetrel(dir, ['--cpu-prof', `--cpu-prof-dir=${profiles}`]);
+  const petrel = await startDurablePetrel(dir, 1, ['--cpu-prof', `--cpu-prof-dir=${profiles}`]);
+  const [worker] = workerPids(petrel);
   try {
     const probe = durableProbe(petrel, null);
     const messages = Math.max(50, Math.round(5000 * scale()));
@@ -395,8 +424,13 @@ async function profile(source: string, base: string): Promise<number> {
     await stop(petrel.child);
     rmSync(dir, { recursive: true, force: true });
   }
-  const file = readdirSync(profiles).find((f) => f.endsWith('.cpuprofile'));
-  if (!file) throw new BenchError(`no profile was written to ${profiles}`);
+  // Node names a profile CPU.<date>.<time>.<pid>.<thread>.<sequence>.cpuprofile; thread 0 is the
+  // worker's main thread (its watchdog thread writes one too).
+  const file = readdirSync(profiles).find((f) => {
+    const [, , , pid, thread] = f.split('.');
+    return f.endsWith('.cpuprofile') && pid === String(worker) && thread === '0';
+  });
+  if (!file) throw new BenchError(`no profile of the worker (pid ${worker}) was written to ${profiles}`);
   process.stdout.write(
     `\n${summarizeProfile(join(profiles, file), 30)}\n\nProfile: ${join(profiles, file)}\n`,
   );
@@ -405,12 +439,16 @@ async function profile(source: string, base: string): Promise<number> {
 
 // ---------------------------------------------------------------- main
 
-function startDurablePetrel(dir: string, nodeArgs: readonly string[] = []): Promise<Server> {
+/** The queue folder of a Petrel whose config is in `dir`. */
+const queueOf = (dir: string): string => join(dir, 'queue');
+
+/** Starts Petrel with the bench plugin and the queue; its config, spool and queue go in `dir`. */
+function startDurablePetrel(dir: string, workers: number, nodeArgs: readonly string[] = []): Promise<Server> {
   const plugins = [
     { name: PLUGIN, config: { readBack: READ_BACK } },
-    { name: 'queue', config: { dir: join(dir, 'queue'), retry: '1h' } },
+    { name: 'queue', config: { dir: queueOf(dir), retry: '1h' } },
   ];
-  return startPetrel(dir, plugins, nodeArgs);
+  return startPetrel(dir, plugins, workers, nodeArgs);
 }
 
 function columns(): Column[] {
@@ -420,6 +458,7 @@ function columns(): Column[] {
     { head: 'fdatasync/s', cell: (r) => figure(r, 'fdatasyncPerSecond', 0) },
     { head: 'msg/fdatasync', cell: (r) => figure(r, 'messagesPerFdatasync', 2) },
     { head: 'drain s', cell: (r) => figure(r, 'drainSeconds', 2) },
+    ...processColumns(),
   ];
 }
 
@@ -433,7 +472,6 @@ async function main(): Promise<number> {
   const machine = describeMachine();
   const out = process.stdout;
   const dir = mkdtempSync(join(base, 'petrel-durable-'));
-  const queueDir = join(dir, 'queue');
   const servers: Server[] = [];
   try {
     const idle = await backgroundLoad();
@@ -449,22 +487,32 @@ async function main(): Promise<number> {
     );
     if (IN_MEMORY.has(fs)) log(`warning: ${dir} is in memory; the syncs cost nothing there`);
 
-    const petrel = await startDurablePetrel(dir);
-    servers.push(petrel);
+    // Each Petrel has a folder (and so a queue) of its own.
+    const queueDirs = new Map<Server, string>();
+    for (const workers of WORKER_COUNTS) {
+      const own = join(dir, `workers-${workers}`);
+      const petrel = await startDurablePetrel(own, workers);
+      servers.push(petrel);
+      queueDirs.set(petrel, queueOf(own));
+      log(
+        `${petrel.target} on ${HOST}:${petrel.port} (primary ${petrel.child.pid}, ` +
+          `workers ${workerPids(petrel).join(', ')})`,
+      );
+    }
     const smtpSink = await startSink(sink);
     servers.push(smtpSink);
-    log(`Petrel on ${HOST}:${petrel.port} (pid ${petrel.child.pid}), smtp-sink on ${HOST}:${smtpSink.port}`);
+    log(`smtp-sink on ${HOST}:${smtpSink.port}`);
 
     const perf = findProgram('perf');
     let counting = false;
     if (perf) {
-      const trial = await SyncCounter.attach(perf, petrel.child.pid!);
+      const trial = await SyncCounter.attach(perf, workerPids(servers[0]!));
       counting = (await trial?.stop()) != null;
     }
     if (!counting) log('perf cannot count system calls here: no fdatasync figures');
     const probeOf = (server: Server): Probe | undefined =>
-      server === petrel
-        ? durableProbe(petrel, counting ? perf : null)
+      server !== smtpSink
+        ? durableProbe(server, counting ? perf : null)
         : counting && perf
           ? evenProbe(server, perf)
           : undefined;
@@ -473,7 +521,7 @@ async function main(): Promise<number> {
       Math.max(sessions, Math.round((BASE_COUNT[size]?.[sessions] ?? 500) * factor));
 
     const runs = await runMatrix({
-      servers: [petrel, smtpSink],
+      servers,
       sizes: SIZES,
       sessions: SESSIONS,
       rounds: ROUNDS,
@@ -482,22 +530,27 @@ async function main(): Promise<number> {
       measure: (server, size, sessions, messages) =>
         sample(source, server, size, sessions, messages, probeOf(server)),
     });
-    const journal = segments(queueDir);
+    const journals = [...queueDirs].map(([server, queueDir]) => ({
+      target: server.target,
+      ...segments(queueDir),
+    }));
 
-    const ratio = ratioOf(runs, 1 * KB, 50);
+    const ratios = ratiosOf(runs, 1 * KB, 50);
     out.write(
       `\nDurable throughput (smtp-source, one connection per message, every 250 after fdatasync, ` +
-        `scale ${factor}, median of ${ROUNDS} rounds${READ_BACK ? ', messages read back' : ''}):\n\n` +
-        `${table(runs, columns())}\n\n`,
+        `scale ${factor}, median of ${ROUNDS} rounds${READ_BACK ? ', messages read back' : ''}; ` +
+        `petrel×n: n worker processes):\n\n${table(runs, columns())}\n\n`,
     );
-    out.write(
-      `Petrel (durable)/smtp-sink at 50 sessions, 1 KB: ${ratio === null ? 'n/a' : ratio.toFixed(2)} ` +
-        `(target ≥ ${TARGET_RATIO}: ${ratio === null ? 'not measured' : ratio >= TARGET_RATIO ? 'met' : 'NOT met'})\n`,
-    );
-    out.write(
-      `Journal after the last delivery: ${journal.files} segment file(s), ${(journal.bytes / 2 ** 20).toFixed(1)} MiB\n`,
-    );
-    if (journal.files > 1) log('warning: segments of finished messages were left in the journal');
+    out.write(ratioLine('Petrel (durable)/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO));
+    for (const j of journals) {
+      out.write(
+        `Journal of ${j.target} after the last delivery: ${j.files} segment file(s) in ${j.parts} part(s), ` +
+          `${(j.bytes / 2 ** 20).toFixed(1)} MiB\n`,
+      );
+      // Each part keeps the segment it is writing.
+      if (j.files > j.parts)
+        log(`warning: segments of finished messages were left in the journal of ${j.target}`);
+    }
 
     return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
@@ -510,9 +563,9 @@ async function main(): Promise<number> {
       syncCounting: counting,
       readBack: READ_BACK,
       runs,
-      ratio50x1KB: ratio,
+      ratio50x1KB: ratios,
       targetRatio: TARGET_RATIO,
-      journalAfter: journal,
+      journalAfter: journals,
     });
   } finally {
     await Promise.all(servers.map((s) => stop(s.child)));

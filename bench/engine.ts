@@ -1,24 +1,25 @@
 /**
  * The engine benchmark (`npm run bench`): how fast Petrel takes mail compared with Postfix's
- * smtp-sink on the same machine in the same run, and what an idle connection costs.
+ * smtp-sink on the same machine in the same run, with one worker process and with two, and what
+ * an idle connection costs.
  *
- * Petrel runs as a child process (the real CLI) with one plugin that accepts and discards every
- * message (bench/discard-plugin.ts). Postfix's smtp-source is the client for both servers, with a
- * new connection per message. smtp-sink, a minimal C server that throws mail away, is the upper
- * bound. Figures are printed and written to var/bench-results.json.
+ * Petrel runs as a child process (the real CLI: a primary and its workers) with one plugin that
+ * accepts and discards every message (bench/discard-plugin.ts). Postfix's smtp-source is the
+ * client for every server, with a new connection per message. smtp-sink, a minimal C server that
+ * throws mail away, is the upper bound. Figures are printed and written to var/bench-results.json.
  *
  * Environment: BENCH_SCALE multiplies the message counts (default 1; e.g. 0.1 for a quick look).
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { COUNT_COMMAND } from './discard-plugin.js';
 import {
-  ask,
   backgroundLoad,
   BenchError,
   CLI,
+  busiestShare,
+  countEveryWorker,
   describeMachine,
   HOST,
   KB,
@@ -26,19 +27,26 @@ import {
   machineLine,
   openGreeted,
   peerPrograms,
-  ratioOf,
+  processColumns,
+  ratioLine,
+  ratiosOf,
   requireBuilt,
   ROOT,
   runMain,
   sample,
   scale,
+  serverRssKiB,
   sleep,
   startPetrel,
   startSink,
   stop,
+  sumOf,
   table,
+  WORKER_COUNTS,
+  workerPids,
   type Probe,
   type Server,
+  type WorkerCounts,
   runMatrix,
   finishRuns,
 } from './harness.js';
@@ -57,6 +65,7 @@ const IDLE_CONNECTIONS = 1000;
 const TARGET_RATIO = 0.5;
 
 interface MemoryResult {
+  readonly workers: number;
   readonly connections: number;
   readonly rssBeforeKiB: number;
   readonly rssAfterKiB: number;
@@ -64,37 +73,30 @@ interface MemoryResult {
   readonly perConnectionKiB: number;
 }
 
-/** Resident set size of a process, in KiB. */
-function rssKiB(pid: number): number {
-  const m = /^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (!m) throw new BenchError(`no VmRSS for process ${pid}`);
-  return Number(m[1]);
-}
-
 /** Starts Petrel with the discard plugin; its config and spool go in `dir` (created). */
-function startDiscardPetrel(dir: string): Promise<Server> {
-  return startPetrel(dir, [PLUGIN]);
+function startDiscardPetrel(dir: string, workers: number): Promise<Server> {
+  return startPetrel(dir, [PLUGIN], workers);
 }
 
-/** Asks the discard plugin how many messages Petrel has accepted so far. */
-async function acceptedCount(port: number): Promise<number> {
-  const reply = await ask(port, COUNT_COMMAND);
-  const m = /^250 2\.0\.0 (\d+)$/.exec(reply);
-  if (!m) throw new BenchError(`${COUNT_COMMAND} got "${reply}"; is the discard plugin loaded?`);
-  return Number(m[1]);
-}
-
-/** Checks that the discard plugin accepted exactly the messages of the run. */
-function countProbe(port: number): Probe {
-  let before = 0;
+/**
+ * Checks that the discard plugins of all workers together accepted exactly the messages of the
+ * run, and keeps the share the busiest worker took.
+ */
+function countProbe(server: Server): Probe {
+  let before: WorkerCounts = new Map();
   return {
     async start() {
-      before = await acceptedCount(port);
+      before = await countEveryWorker(server, 1);
     },
     async finish(messages) {
-      const accepted = (await acceptedCount(port)) - before;
+      const after = await countEveryWorker(server, 1);
+      const accepted = sumOf(after, 0) - sumOf(before, 0);
+      const busiestWorker = busiestShare(before, after, 0);
+      const figures: Record<string, number> = busiestWorker === undefined ? {} : { busiestWorker };
       return {
-        problems: accepted === messages ? [] : [`Petrel accepted ${accepted} of ${messages} messages`],
+        problems:
+          accepted === messages ? [] : [`${server.target} accepted ${accepted} of ${messages} messages`],
+        figures,
       };
     },
   };
@@ -102,28 +104,35 @@ function countProbe(port: number): Probe {
 
 /**
  * Opens `connections` connections to a Petrel of its own (so that garbage left by other traffic
- * cannot hide the growth), waits for every greeting, and compares the RSS before and after.
+ * cannot hide the growth), waits for every greeting, and compares the RSS of the whole server
+ * (primary and workers) before and after.
  */
-async function idleMemory(dir: string, connections: number): Promise<MemoryResult> {
-  const server = await startDiscardPetrel(dir);
-  const pid = server.child.pid!;
+async function idleMemory(dir: string, workers: number, connections: number): Promise<MemoryResult> {
+  const server = await startDiscardPetrel(dir, workers);
   const sockets: Socket[] = [];
   try {
     // Let the first sessions load and compile their code paths, so the baseline includes that.
-    const warm = await Promise.all(Array.from({ length: 20 }, () => openGreeted(server.port)));
+    const warm = await Promise.all(Array.from({ length: 20 * workers }, () => openGreeted(server.port)));
     for (const s of warm) s.destroy();
     await sleep(1000);
-    const rssBeforeKiB = rssKiB(pid);
+    const rssBeforeKiB = serverRssKiB(server);
     const batch = 100;
     for (let i = 0; i < connections; i += batch) {
       const n = Math.min(batch, connections - i);
       sockets.push(...(await Promise.all(Array.from({ length: n }, () => openGreeted(server.port)))));
     }
     await sleep(1000);
-    const rssAfterKiB = rssKiB(pid);
+    const rssAfterKiB = serverRssKiB(server);
     const totalKiB = rssAfterKiB - rssBeforeKiB;
     if (server.complaints.length) throw new BenchError(`Petrel said:\n${server.complaints.join('\n')}`);
-    return { connections, rssBeforeKiB, rssAfterKiB, totalKiB, perConnectionKiB: totalKiB / connections };
+    return {
+      workers,
+      connections,
+      rssBeforeKiB,
+      rssAfterKiB,
+      totalKiB,
+      perConnectionKiB: totalKiB / connections,
+    };
   } finally {
     for (const s of sockets) s.destroy();
     await stop(server.child);
@@ -146,22 +155,31 @@ async function main(): Promise<number> {
     out.write(machineLine(machine, idle));
     if (idle > 0.15) log('warning: the machine is already busy; expect noisy figures');
 
-    log(`idle connections: opening ${IDLE_CONNECTIONS} to a fresh Petrel…`);
-    const memory = await idleMemory(join(dir, 'idle'), IDLE_CONNECTIONS);
+    const memory: MemoryResult[] = [];
+    for (const workers of WORKER_COUNTS) {
+      log(`idle connections: opening ${IDLE_CONNECTIONS} to a fresh Petrel with ${workers} worker(s)…`);
+      memory.push(await idleMemory(join(dir, `idle-${workers}`), workers, IDLE_CONNECTIONS));
+    }
 
-    const petrel = await startDiscardPetrel(join(dir, 'throughput'));
-    servers.push(petrel);
+    for (const workers of WORKER_COUNTS) {
+      const petrel = await startDiscardPetrel(join(dir, `throughput-${workers}`), workers);
+      servers.push(petrel);
+      log(
+        `${petrel.target} on ${HOST}:${petrel.port} (primary ${petrel.child.pid}, ` +
+          `workers ${workerPids(petrel).join(', ')})`,
+      );
+    }
     const smtpSink = await startSink(sink);
     servers.push(smtpSink);
-    log(`Petrel on ${HOST}:${petrel.port} (pid ${petrel.child.pid}), smtp-sink on ${HOST}:${smtpSink.port}`);
+    log(`smtp-sink on ${HOST}:${smtpSink.port}`);
     const probeOf = (server: Server): Probe | undefined =>
-      server === petrel ? countProbe(petrel.port) : undefined;
+      server === smtpSink ? undefined : countProbe(server);
 
     const count = (size: number, sessions: number): number =>
       Math.max(sessions, Math.round((BASE_COUNT[size] ?? 1000) * factor));
 
     const runs = await runMatrix({
-      servers: [petrel, smtpSink],
+      servers,
       sizes: SIZES,
       sessions: SESSIONS,
       rounds: ROUNDS,
@@ -171,19 +189,19 @@ async function main(): Promise<number> {
         sample(source, server, size, sessions, messages, probeOf(server)),
     });
 
-    const ratio = ratioOf(runs, 1 * KB, 50);
+    const ratios = ratiosOf(runs, 1 * KB, 50);
     out.write(
-      `\nThroughput (smtp-source, one connection per message, scale ${factor}, median of ${ROUNDS} rounds):\n\n` +
-        `${table(runs)}\n\n`,
+      `\nThroughput (smtp-source, one connection per message, scale ${factor}, median of ${ROUNDS} rounds; ` +
+        `petrel×n: n worker processes):\n\n${table(runs, processColumns())}\n\n`,
     );
-    out.write(
-      `Petrel/smtp-sink at 50 sessions, 1 KB: ${ratio === null ? 'n/a' : ratio.toFixed(2)} ` +
-        `(target ≥ ${TARGET_RATIO}: ${ratio === null ? 'not measured' : ratio >= TARGET_RATIO ? 'met' : 'NOT met'})\n\n`,
-    );
-    out.write(
-      `Idle connections: ${memory.connections} greeted connections added ${memory.totalKiB} KiB to Petrel's RSS ` +
-        `(${memory.rssBeforeKiB} → ${memory.rssAfterKiB} KiB), ${memory.perConnectionKiB.toFixed(1)} KiB per connection\n`,
-    );
+    out.write(`${ratioLine('Petrel/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO)}\n`);
+    for (const m of memory) {
+      out.write(
+        `Idle connections, ${m.workers} worker${m.workers === 1 ? '' : 's'}: ${m.connections} greeted ` +
+          `connections added ${m.totalKiB} KiB to the RSS of Petrel's processes (${m.rssBeforeKiB} → ${m.rssAfterKiB} KiB), ` +
+          `${m.perConnectionKiB.toFixed(1)} KiB per connection\n`,
+      );
+    }
 
     return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
@@ -192,7 +210,7 @@ async function main(): Promise<number> {
       rounds: ROUNDS,
       backgroundLoad: idle,
       runs,
-      ratio50x1KB: ratio,
+      ratio50x1KB: ratios,
       targetRatio: TARGET_RATIO,
       idleConnections: memory,
     });

@@ -1,15 +1,17 @@
 /**
- * What the benchmarks share: starting Petrel (the real CLI) and Postfix's smtp-sink, running
- * Postfix's smtp-source against either and checking the run, reading CPU figures from /proc, and
- * printing the results as a table.
+ * What the benchmarks share: starting Petrel (the real CLI, with one or more worker processes) and
+ * Postfix's smtp-sink, running Postfix's smtp-source against either and checking the run, reading
+ * CPU and memory figures of a server's whole process tree from /proc, asking the bench plugin in
+ * every worker of a Petrel for its counts, and printing the results as a table.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { cpus, release, totalmem } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
+import { countSocketPath } from './count-socket.js';
 
 export const HOST = '127.0.0.1';
 /** The repository root (this file runs from dist/bench/). */
@@ -19,7 +21,18 @@ export const CLI = join(ROOT, 'dist', 'core', 'cli', 'main.js');
 export const KB = 1024;
 export const EX_UNAVAILABLE = 69;
 
-export type Target = 'petrel' | 'smtp-sink';
+/**
+ * What a run measured: Petrel with one worker (`petrel`, the figures of earlier versions, which
+ * ran in one process), Petrel with n workers (`petrel×n`), or smtp-sink.
+ */
+export type Target = 'petrel' | `petrel×${number}` | 'smtp-sink';
+
+/** The numbers of workers each benchmark runs Petrel with, side by side with smtp-sink. */
+export const WORKER_COUNTS = [1, 2] as const;
+
+export function petrelTarget(workers: number): Target {
+  return workers === 1 ? 'petrel' : `petrel×${workers}`;
+}
 
 /** One smtp-source run against one server. */
 export interface Sample {
@@ -157,14 +170,102 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
+// ---------------------------------------------------------------- a server's processes
+
+/**
+ * The children of a process: the union of its threads' lists in /proc (a child is listed under
+ * the thread that forked it).
+ */
+export function childPids(pid: number): number[] {
+  let tasks: string[];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return []; // it has exited
+  }
+  const children = new Set<number>();
+  for (const task of tasks) {
+    try {
+      const list = readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8').trim();
+      for (const child of list ? list.split(/\s+/) : []) children.add(Number(child));
+    } catch {
+      // the thread has ended
+    }
+  }
+  return [...children];
+}
+
+/** A process and all its descendants. */
+export function processTree(pid: number): number[] {
+  const all = [pid];
+  for (let i = 0; i < all.length; i++) all.push(...childPids(all[i]!));
+  return all;
+}
+
+/**
+ * The processes that do a server's work: for Petrel the workers (the children of the `petrel
+ * start` primary, which only supervises), for smtp-sink the one process.
+ */
+export function workerPids(server: Server): number[] {
+  const pid = server.child.pid!;
+  return server.target === 'smtp-sink' ? [pid] : childPids(pid);
+}
+
 const TICKS_PER_SECOND = 100; // USER_HZ on Linux
 
-/** CPU seconds (user + system) a process has used so far. */
-export function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after the command name (which may contain spaces) start at field 3.
+/**
+ * CPU seconds (user + system, all threads) a process has used so far (`own`), and those of its
+ * children that have exited and been waited for (`reaped`). 0 for a process that has exited.
+ */
+function cpuOf(pid: number): { own: number; reaped: number } {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return { own: 0, reaped: 0 }; // it exited between listing and reading; its parent's `reaped` has it now
+  }
+  // Fields after the command name (which may contain spaces) start at field 3: utime is field 14.
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
+  const [utime = 0, stime = 0, cutime = 0, cstime = 0] = fields.slice(11, 15).map(Number);
+  return { own: (utime + stime) / TICKS_PER_SECOND, reaped: (cutime + cstime) / TICKS_PER_SECOND };
+}
+
+/**
+ * CPU seconds the whole server has used so far: its process and every descendant (Petrel's
+ * primary and workers), with the children they reaped, so that the sum does not go back when a
+ * worker ends.
+ */
+export function serverCpuSeconds(server: Server): number {
+  return processTree(server.child.pid!).reduce((sum, pid) => {
+    const cpu = cpuOf(pid);
+    return sum + cpu.own + cpu.reaped;
+  }, 0);
+}
+
+/** CPU seconds the server's first process alone has used: Petrel's primary. */
+function primaryCpuSeconds(server: Server): number {
+  return cpuOf(server.child.pid!).own;
+}
+
+/** Resident set size of one process, in KiB (0 if it has exited). */
+function rssKiB(pid: number): number {
+  let status: string;
+  try {
+    status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return 0;
+  }
+  return Number(/^VmRSS:\s+(\d+) kB$/m.exec(status)?.[1] ?? 0);
+}
+
+/**
+ * Resident memory of the whole server, in KiB: the sum over its processes. Pages the processes
+ * share (Node's own code, mapped by each) count once per process, so the sum overstates the
+ * memory a server of several processes takes; differences (what connections add) are private
+ * memory and not affected.
+ */
+export function serverRssKiB(server: Server): number {
+  return processTree(server.child.pid!).reduce((sum, pid) => sum + rssKiB(pid), 0);
 }
 
 /** Busy and total CPU ticks of the whole machine, all cores (the first line of /proc/stat). */
@@ -221,33 +322,84 @@ export function openGreeted(port: number, timeoutMs = 10_000): Promise<Socket> {
   });
 }
 
-/** Sends one command on a greeted socket and returns the reply's last line. */
-export function command(socket: Socket, line: string): Promise<string> {
+// ---------------------------------------------------------------- the bench plugins' counts
+
+/** Each worker's counts, by process id, as a bench plugin tells them. */
+export type WorkerCounts = ReadonlyMap<number, readonly number[]>;
+
+/**
+ * Asks the bench plugin in every worker of a Petrel for its counts (`fields` numbers), on each
+ * worker's count socket (bench/count-socket.ts). A worker still setting up has no socket yet: it
+ * is asked again until it answers, or fails after 15 s.
+ */
+export async function countEveryWorker(server: Server, fields: number): Promise<WorkerCounts> {
+  const pids = workerPids(server);
+  if (!pids.length || !server.dir) throw new BenchError(`${server.target} has no worker processes`);
+  const dir = server.dir;
+  const counts = await Promise.all(
+    pids.map(async (pid) => {
+      const path = countSocketPath(dir, pid);
+      const deadline = Date.now() + 15_000;
+      for (;;) {
+        try {
+          return await readCounts(path, fields);
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          const starting = code === 'ENOENT' || code === 'ECONNREFUSED';
+          if (!starting || Date.now() > deadline) {
+            throw new BenchError(
+              `no counts from worker ${pid} of ${server.target} (${path}): ${String(err)}`,
+            );
+          }
+          await sleep(50);
+        }
+      }
+    }),
+  );
+  return new Map(pids.map((pid, i) => [pid, counts[i]!]));
+}
+
+/** Reads the one line a count socket answers with. */
+function readCounts(path: string, fields: number): Promise<number[]> {
   return new Promise((resolve, reject) => {
+    const socket = connect(path);
     let got = '';
-    const onData = (chunk: Buffer): void => {
-      got += chunk.toString('latin1');
-      const last = /(?:^|\r\n)(\d{3} [^\r\n]*)\r\n$/.exec(got);
-      if (!last?.[1]) return;
-      socket.off('data', onData);
-      resolve(last[1]);
-    };
-    socket.on('data', onData);
-    socket.once('error', reject);
-    socket.write(`${line}\r\n`);
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error('no answer within 10 s'));
+    }, 10_000);
+    socket.setEncoding('utf8');
+    socket.on('data', (s: string) => (got += s));
+    socket.once('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    socket.once('end', () => {
+      clearTimeout(timer);
+      const numbers = got.trim().split(' ').map(Number);
+      if (numbers.length === fields && numbers.every(Number.isInteger)) resolve(numbers);
+      else reject(new BenchError(`${path} answered "${got.trim()}"; expected ${fields} counts`));
+    });
   });
 }
 
-/** Sends one command on a connection of its own and returns the reply's last line. */
-export async function ask(port: number, line: string): Promise<string> {
-  const socket = await openGreeted(port);
-  try {
-    const reply = await command(socket, line);
-    await command(socket, 'QUIT');
-    return reply;
-  } finally {
-    socket.destroy();
-  }
+/** One count (`field`) added up over every worker. */
+export function sumOf(counts: WorkerCounts, field: number): number {
+  let sum = 0;
+  for (const numbers of counts.values()) sum += numbers[field] ?? 0;
+  return sum;
+}
+
+/**
+ * The largest share of a run's count (`field`, between `before` and `after`) that one worker
+ * took: 0.5 is an even split over two workers, 1 means one worker took everything. Undefined with
+ * one worker, or when nothing was counted.
+ */
+export function busiestShare(before: WorkerCounts, after: WorkerCounts, field: number): number | undefined {
+  if (after.size < 2) return undefined;
+  const taken = [...after].map(([pid, numbers]) => (numbers[field] ?? 0) - (before.get(pid)?.[field] ?? 0));
+  const total = taken.reduce((a, b) => a + b, 0);
+  return total > 0 ? Math.max(...taken) / total : undefined;
 }
 
 /** Retries until something accepts connections and greets on `port`, or the process exits. */
@@ -282,6 +434,8 @@ async function waitForGreeting(
 
 export interface Server {
   readonly target: Target;
+  /** Petrel's folder (its config, spool and the bench plugin's count sockets); null for smtp-sink. */
+  readonly dir: string | null;
   readonly port: number;
   readonly child: ChildProcess;
   /** Log lines at warn or worse (Petrel), or anything the server printed (smtp-sink). */
@@ -313,18 +467,21 @@ function isComplaint(line: string): boolean {
 }
 
 /**
- * Starts Petrel with the given plugin list; its config and spool go in `dir` (created).
- * `nodeArgs` go to Node before the CLI (e.g. `--cpu-prof`).
+ * Starts Petrel with the given plugin list and `workers` worker processes; its config and spool go
+ * in `dir` (created). `nodeArgs` go to Node before the CLI (e.g. `--cpu-prof`); the primary passes
+ * them on to its workers.
  */
 export async function startPetrel(
   dir: string,
   plugins: readonly unknown[],
+  workers: number,
   nodeArgs: readonly string[] = [],
 ): Promise<Server> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
   const config = {
     hostname: 'bench.test',
+    workers,
     listeners: [{ kind: 'smtp', address: HOST, port }],
     limits: { maxConnections: 2000, maxConnectionsPerIp: 2000 },
     spool: { dir: join(dir, 'spool') },
@@ -343,7 +500,7 @@ export async function startPetrel(
     child,
     waitForGreeting(port, child, 'Petrel', () => complaints.join('\n')),
   );
-  return { target: 'petrel', port, child, complaints };
+  return { target: petrelTarget(workers), dir, port, child, complaints };
 }
 
 export async function startSink(program: string): Promise<Server> {
@@ -357,7 +514,7 @@ export async function startSink(program: string): Promise<Server> {
     child,
     waitForGreeting(port, child, 'smtp-sink', () => complaints.join('\n')),
   );
-  return { target: 'smtp-sink', port, child, complaints };
+  return { target: 'smtp-sink', dir: null, port, child, complaints };
 }
 
 /** Waits for a server to come up; one that does not is stopped before the error goes on. */
@@ -445,11 +602,14 @@ export async function sample(
 ): Promise<Sample> {
   await probe?.start();
   const complaintsBefore = server.complaints.length;
-  const serverBefore = cpuSeconds(server.child.pid!);
+  const petrel = server.target !== 'smtp-sink';
+  const serverBefore = serverCpuSeconds(server);
+  const primaryBefore = petrel ? primaryCpuSeconds(server) : 0;
   const machineBefore = machineTicks();
   const timeoutMs = 300_000;
   const r = await runSource(source, server.port, size, messages, sessions, timeoutMs);
-  const serverCpu = (cpuSeconds(server.child.pid!) - serverBefore) / r.seconds;
+  const serverCpu = (serverCpuSeconds(server) - serverBefore) / r.seconds;
+  const primaryCpu = (primaryCpuSeconds(server) - primaryBefore) / r.seconds;
   const machineAfter = machineTicks();
   const machineCpu =
     (machineAfter.busy - machineBefore.busy) / (machineAfter.total - machineBefore.total || 1);
@@ -471,7 +631,7 @@ export async function sample(
     perSecond: messages / r.seconds,
     serverCpu,
     machineCpu,
-    figures: checked.figures ?? {},
+    figures: { ...(petrel ? { primaryCpu } : {}), ...checked.figures },
     failure: problems.length ? problems.join('; ') : null,
   };
 }
@@ -533,12 +693,45 @@ export function logRound(
 
 // ---------------------------------------------------------------- report
 
-export function ratioOf(runs: readonly Run[], size: number, sessions: number): number | null {
+/** A Petrel target's median rate over smtp-sink's in one cell (default: one worker), or null. */
+export function ratioOf(
+  runs: readonly Run[],
+  size: number,
+  sessions: number,
+  target: Target = 'petrel',
+): number | null {
   const find = (t: Target): Run | undefined =>
     runs.find((r) => r.target === t && r.size === size && r.sessions === sessions && !r.failure);
-  const p = find('petrel');
+  const p = find(target);
   const s = find('smtp-sink');
   return p && s ? p.perSecond / s.perSecond : null;
+}
+
+/** Every Petrel target's ratio to smtp-sink at one cell: `{ petrel: …, 'petrel×2': … }`. */
+export function ratiosOf(
+  runs: readonly Run[],
+  size: number,
+  sessions: number,
+): Record<string, number | null> {
+  const targets = [...new Set(runs.map((r) => r.target))].filter((t) => t !== 'smtp-sink');
+  return Object.fromEntries(targets.map((t) => [t, ratioOf(runs, size, sessions, t)]));
+}
+
+/**
+ * The summary line of a benchmark: each Petrel target's ratio to smtp-sink at one cell, and
+ * whether the single-worker ratio (the one the target was set for) meets it.
+ */
+export function ratioLine(what: string, ratios: Record<string, number | null>, target: number): string {
+  const shown = (r: number | null | undefined): string => (r == null ? 'n/a' : r.toFixed(2));
+  const single = ratios.petrel;
+  const others = Object.entries(ratios)
+    .filter(([t]) => t !== 'petrel')
+    .map(([t, r]) => `; ${t}: ${shown(r)}`)
+    .join('');
+  return (
+    `${what}: ${shown(single)} with one worker ` +
+    `(target ≥ ${target}: ${single == null ? 'not measured' : single >= target ? 'met' : 'NOT met'})${others}\n`
+  );
 }
 
 export function percent(share: number): string {
@@ -549,6 +742,24 @@ export function percent(share: number): string {
 export interface Column {
   readonly head: string;
   cell(run: Run): string;
+}
+
+/**
+ * The columns about Petrel's processes: how much of a core the primary used (it runs no sessions,
+ * but with several workers it counts their connections for the shared limits), and the largest
+ * share of a run's messages one worker took (`busiestWorker`, a figure the count probes keep).
+ */
+export function processColumns(): Column[] {
+  return [
+    {
+      head: 'primary CPU',
+      cell: (r) => (r.figures.primaryCpu === undefined ? '' : percent(r.figures.primaryCpu)),
+    },
+    {
+      head: 'busiest worker',
+      cell: (r) => (r.figures.busiestWorker === undefined ? '' : percent(r.figures.busiestWorker)),
+    },
+  ];
 }
 
 export function table(runs: readonly Run[], extra: readonly Column[] = []): string {
@@ -568,7 +779,7 @@ export function table(runs: readonly Run[], extra: readonly Column[] = []): stri
   const rows = runs.map((r) => {
     const cells = [r.target, formatSize(r.size), String(r.sessions), String(r.messages)];
     if (r.failure) return [...cells, '-', 'FAILED', '-', '-', '-', '', ...extra.map(() => '')];
-    const ratio = r.target === 'petrel' ? ratioOf(runs, r.size, r.sessions) : null;
+    const ratio = r.target === 'smtp-sink' ? null : ratioOf(runs, r.size, r.sessions, r.target);
     return [
       ...cells,
       r.seconds.toFixed(2),
@@ -607,12 +818,13 @@ export function runMain(main: () => Promise<number>, name: string): void {
 }
 
 /**
- * Warms both servers up, then runs every size × sessions cell `rounds` times, Petrel and
- * smtp-sink taking turns going first (so neither always runs on a machine the other just
- * warmed), and summarises each cell. `measure` runs one sample; `count` says how many messages.
+ * Warms every server up, then runs every size × sessions cell `rounds` times, the servers taking
+ * turns: each round starts one server further along (a, b, c; then b, c, a; …), so that none
+ * always runs first or always on a machine another just warmed. Summarises each cell by server.
+ * `measure` runs one sample; `count` says how many messages.
  */
 export async function runMatrix(opts: {
-  servers: readonly [Server, Server];
+  servers: readonly Server[];
   sizes: readonly number[];
   sessions: readonly number[];
   rounds: number;
@@ -620,7 +832,7 @@ export async function runMatrix(opts: {
   count: (size: number, sessions: number) => number;
   measure: (server: Server, size: number, sessions: number, messages: number) => Promise<Sample>;
 }): Promise<Run[]> {
-  const [first, second] = opts.servers;
+  const servers = opts.servers;
   log('warm-up…');
   for (const server of opts.servers) {
     const w = await opts.measure(server, 1 * KB, 10, opts.warmupMessages);
@@ -630,9 +842,10 @@ export async function runMatrix(opts: {
   for (const size of opts.sizes) {
     for (const sessions of opts.sessions) {
       const messages = opts.count(size, sessions);
-      const samples = new Map<Target, Sample[]>(opts.servers.map((s) => [s.target, []]));
+      const samples = new Map<Target, Sample[]>(servers.map((s) => [s.target, []]));
       for (let round = 0; round < opts.rounds; round++) {
-        for (const server of round % 2 ? [second, first] : [first, second]) {
+        const turn = round % servers.length;
+        for (const server of [...servers.slice(turn), ...servers.slice(0, turn)]) {
           const s = await opts.measure(server, size, sessions, messages);
           samples.get(server.target)!.push(s);
           logRound(server, size, messages, sessions, round, s);

@@ -4,22 +4,21 @@
  * domain) and counts what happens to each recipient behind the queue, where `outbound` delivers it
  * to its smarthost. It routes and delivers nothing itself.
  *
- * The command `XBENCHRELAY` reports the counts since the server started:
- * `250 2.0.0 <queued> <delivered> <deferred> <failed>`, where `queued` counts transactions that
- * ended with the queue's `250` and the others count recipients.
+ * It tells the counts since the worker started on its count socket (see bench/count-socket.ts):
+ * `<queued> <delivered> <deferred> <failed>`, where `queued` counts transactions that ended with
+ * the queue's `250` and the others count recipients.
  */
-import { accept, definePlugin, proceed } from '../core/index.js';
-
-/** The command that reports the counts since the server started. */
-export const RELAY_COUNT_COMMAND = 'XBENCHRELAY';
+import { accept, definePlugin } from '../core/index.js';
+import { serveCounts } from './count-socket.js';
 
 export default definePlugin({
   name: 'bench-relay',
-  setup: ({ log }) => {
+  setup: async ({ log, baseDir, onClose }) => {
     let queued = 0;
     let delivered = 0;
     let deferred = 0;
     let failed = 0;
+    await serveCounts(baseDir, () => [queued, delivered, deferred, failed], onClose);
     return {
       rcpt: async () => accept(),
       reset: async ({ outcome }) => {
@@ -36,10 +35,6 @@ export default definePlugin({
         failed++;
         log.warn({ result }, 'bench: recipient failed');
       },
-      unrecognized_command: async ({ verb }) =>
-        verb === RELAY_COUNT_COMMAND
-          ? accept({ code: 250, enhanced: '2.0.0', text: `${queued} ${delivered} ${deferred} ${failed}` })
-          : proceed(),
     };
   },
 });

@@ -1,50 +1,57 @@
 /**
  * The relay benchmark (`node dist/bench/relay.js` after a build): how fast Petrel passes mail on,
- * smtp-source → Petrel → smtp-sink, compared with smtp-source → smtp-sink alone in the same run.
+ * smtp-source → Petrel → smtp-sink, with one worker process and with two, compared with
+ * smtp-source → smtp-sink alone in the same run.
  *
- * Petrel runs as a child process (the real CLI) with bench/relay-plugin.ts, which accepts every
- * recipient and counts what the queue reports about each one; the built-in `queue` (every `250`
- * after fdatasync, on a real disk); and the built-in `outbound` with a smarthost: an smtp-sink of
- * its own on another port. The relay rate is messages divided by the time from starting
- * smtp-source until the plugin has counted every message delivered to that sink. Every run must
- * deliver every message, with none deferred or failed.
+ * Petrel runs as a child process (the real CLI: a primary and its workers) with
+ * bench/relay-plugin.ts, which accepts every recipient and counts what the queue reports about
+ * each one; the built-in `queue` (every `250` after fdatasync, on a real disk); and the built-in
+ * `outbound` with a smarthost: an smtp-sink of its own on another port. The relay rate is
+ * messages divided by the time from starting smtp-source until the plugin has counted every
+ * message delivered to that sink. Every run must deliver every message, with none deferred or
+ * failed.
  *
  * Figures are written to var/bench-relay-results.json. Environment: BENCH_SCALE multiplies the
  * message counts (default 1); BENCH_DIR is the folder for the queue (default: the system's
  * temporary folder, unless that is in memory, then var/ in the repository); BENCH_PROFILE=1 has
- * Petrel write a CPU profile into var/profiles/.
+ * each of Petrel's processes write a CPU profile into var/profiles/.
  */
 import { mkdirSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { RELAY_COUNT_COMMAND } from './relay-plugin.js';
 import {
-  ask,
   backgroundLoad,
-  BenchError,
   CLI,
-  cpuSeconds,
+  busiestShare,
+  countEveryWorker,
   describeMachine,
   HOST,
   KB,
   log,
   machineLine,
   peerPrograms,
-  ratioOf,
+  processColumns,
+  ratioLine,
+  ratiosOf,
   requireBuilt,
   ROOT,
   runMain,
   sample,
   scale,
+  serverCpuSeconds,
   sleep,
   startPetrel,
   startSink,
   stop,
+  sumOf,
   table,
+  WORKER_COUNTS,
+  workerPids,
   type Probe,
   type Run,
   type Sample,
   type Server,
+  type WorkerCounts,
   runMatrix,
   finishRuns,
 } from './harness.js';
@@ -60,7 +67,7 @@ const BASE_COUNT: Record<number, Record<number, number>> = {
   [1 * KB]: { 10: 2000, 50: 3000 },
   [100 * KB]: { 10: 500, 50: 800 },
 };
-/** Each cell is measured this many times, the two targets taking turns; the median counts. */
+/** Each cell is measured this many times, the targets taking turns; the median counts. */
 const ROUNDS = 3;
 /** The goal: at 50 sessions and 1 KB, at least a quarter of smtp-sink's direct rate. */
 const TARGET_RATIO = 0.25;
@@ -87,13 +94,20 @@ interface Counts {
   readonly delivered: number;
   readonly deferred: number;
   readonly failed: number;
+  /** Each worker's counts, in the plugin's order. */
+  readonly byWorker: WorkerCounts;
 }
 
-async function counts(port: number): Promise<Counts> {
-  const reply = await ask(port, RELAY_COUNT_COMMAND);
-  const m = /^250 2\.0\.0 (\d+) (\d+) (\d+) (\d+)$/.exec(reply);
-  if (!m) throw new BenchError(`${RELAY_COUNT_COMMAND} got "${reply}"; is the bench plugin loaded?`);
-  return { queued: Number(m[1]), delivered: Number(m[2]), deferred: Number(m[3]), failed: Number(m[4]) };
+/** The bench plugin's counts, added up over every worker. */
+async function counts(server: Server): Promise<Counts> {
+  const byWorker = await countEveryWorker(server, 4);
+  const [queued, delivered, deferred, failed] = [0, 1, 2, 3].map((i) => sumOf(byWorker, i)) as [
+    number,
+    number,
+    number,
+    number,
+  ];
+  return { queued, delivered, deferred, failed, byWorker };
 }
 
 /**
@@ -102,27 +116,27 @@ async function counts(port: number): Promise<Counts> {
  * and that none was deferred or failed.
  */
 function relayProbe(petrel: Server): Probe {
-  let before: Counts = { queued: 0, delivered: 0, deferred: 0, failed: 0 };
+  let before: Counts = { queued: 0, delivered: 0, deferred: 0, failed: 0, byWorker: new Map() };
   let started = 0n;
   let cpuBefore = 0;
   return {
     async start() {
-      before = await counts(petrel.port);
-      cpuBefore = cpuSeconds(petrel.child.pid!);
+      before = await counts(petrel);
+      cpuBefore = serverCpuSeconds(petrel);
       started = process.hrtime.bigint();
     },
     async finish(messages, seconds) {
       const clientDone = Date.now();
-      let now = await counts(petrel.port);
+      let now = await counts(petrel);
       // Every recipient must have an outcome; the run fails unless all of them are deliveries.
       const unfinished = (c: Counts): boolean =>
         c.delivered + c.deferred + c.failed - (before.delivered + before.deferred + before.failed) < messages;
       while (unfinished(now) && Date.now() - clientDone < DRAIN_TIMEOUT_MS) {
         await sleep(10);
-        now = await counts(petrel.port);
+        now = await counts(petrel);
       }
       const relaySeconds = Number(process.hrtime.bigint() - started) / 1e9;
-      const relayCpu = (cpuSeconds(petrel.child.pid!) - cpuBefore) / relaySeconds;
+      const relayCpu = (serverCpuSeconds(petrel) - cpuBefore) / relaySeconds;
       const queued = now.queued - before.queued;
       const delivered = now.delivered - before.delivered;
       const deferred = now.deferred - before.deferred;
@@ -135,9 +149,16 @@ function relayProbe(petrel: Server): Probe {
         );
       }
       if (deferred || failed) problems.push(`${deferred} recipient(s) deferred, ${failed} failed`);
+      const busiestWorker = busiestShare(before.byWorker, now.byWorker, 0);
       return {
         problems,
-        figures: { relaySeconds, relayCpu, acceptSeconds: seconds, drainSeconds: relaySeconds - seconds },
+        figures: {
+          relaySeconds,
+          relayCpu,
+          acceptSeconds: seconds,
+          drainSeconds: relaySeconds - seconds,
+          ...(busiestWorker === undefined ? {} : { busiestWorker }),
+        },
       };
     },
   };
@@ -176,29 +197,37 @@ async function main(): Promise<number> {
     servers.push(relaySink);
     const smtpSink = await startSink(sink);
     servers.push(smtpSink);
-    const plugins = [
-      { name: PLUGIN },
-      { name: 'queue', config: { dir: join(dir, 'queue'), retry: '1m...' } },
-      {
-        name: 'outbound',
-        config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
-      },
-    ];
-    // BENCH_PROFILE=1: a V8 CPU profile of Petrel, written when it stops (open it in Chrome DevTools).
+    // BENCH_PROFILE=1: a V8 CPU profile of each of Petrel's processes, written when it stops
+    // (open it in Chrome DevTools); the file names carry the process ids logged below.
     const profile = process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${PROFILES}`] : [];
-    const petrel = await startPetrel(dir, plugins, profile);
-    servers.push(petrel);
-    log(
-      `Petrel on ${HOST}:${petrel.port} (pid ${petrel.child.pid}, queue in ${dir}) relaying to ` +
-        `smtp-sink on ${HOST}:${relaySink.port}; smtp-sink alone on ${HOST}:${smtpSink.port}`,
-    );
+    const petrels: Server[] = [];
+    for (const workers of WORKER_COUNTS) {
+      // Each Petrel has a folder (and so a queue) of its own; both relay to the same sink.
+      const own = join(dir, `workers-${workers}`);
+      const plugins = [
+        { name: PLUGIN },
+        { name: 'queue', config: { dir: join(own, 'queue'), retry: '1m...' } },
+        {
+          name: 'outbound',
+          config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
+        },
+      ];
+      const petrel = await startPetrel(own, plugins, workers, profile);
+      servers.push(petrel);
+      petrels.push(petrel);
+      log(
+        `${petrel.target} on ${HOST}:${petrel.port} (primary ${petrel.child.pid}, workers ` +
+          `${workerPids(petrel).join(', ')}, queue in ${own}) relaying to smtp-sink on ${HOST}:${relaySink.port}`,
+      );
+    }
+    log(`smtp-sink alone on ${HOST}:${smtpSink.port}`);
     const probeOf = (server: Server): Probe | undefined =>
-      server === petrel ? relayProbe(petrel) : undefined;
+      petrels.includes(server) ? relayProbe(server) : undefined;
     const count = (size: number, sessions: number): number =>
       Math.max(sessions, Math.round((BASE_COUNT[size]?.[sessions] ?? 500) * factor));
 
     const runs = await runMatrix({
-      servers: [petrel, smtpSink],
+      servers: [...petrels, smtpSink],
       sizes: SIZES,
       sessions: SESSIONS,
       rounds: ROUNDS,
@@ -208,21 +237,20 @@ async function main(): Promise<number> {
         measure(source, server, size, sessions, messages, probeOf(server)),
     });
 
-    const ratio = ratioOf(runs, 1 * KB, 50);
+    const ratios = ratiosOf(runs, 1 * KB, 50);
     const figure = (r: Run, name: string): string =>
       r.figures[name] === undefined ? '' : r.figures[name].toFixed(2);
     out.write(
       `\nRelay throughput (smtp-source, one connection per message; Petrel: first message to last ` +
-        `delivery at smtp-sink, queue fsynced; scale ${factor}, median of ${ROUNDS} rounds):\n\n` +
+        `delivery at smtp-sink, queue fsynced; scale ${factor}, median of ${ROUNDS} rounds; ` +
+        `petrel×n: n worker processes):\n\n` +
         `${table(runs, [
           { head: 'last 250 s', cell: (r) => figure(r, 'acceptSeconds') },
           { head: 'drain s', cell: (r) => figure(r, 'drainSeconds') },
+          ...processColumns(),
         ])}\n\n`,
     );
-    out.write(
-      `Petrel (relay)/smtp-sink (direct) at 50 sessions, 1 KB: ${ratio === null ? 'n/a' : ratio.toFixed(2)} ` +
-        `(target ≥ ${TARGET_RATIO}: ${ratio === null ? 'not measured' : ratio >= TARGET_RATIO ? 'met' : 'NOT met'})\n`,
-    );
+    out.write(ratioLine('Petrel (relay)/smtp-sink (direct) at 50 sessions, 1 KB', ratios, TARGET_RATIO));
     return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
       machine,
@@ -230,7 +258,7 @@ async function main(): Promise<number> {
       rounds: ROUNDS,
       backgroundLoad: idle,
       runs,
-      ratio50x1KB: ratio,
+      ratio50x1KB: ratios,
       targetRatio: TARGET_RATIO,
     });
   } finally {
