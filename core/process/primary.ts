@@ -221,7 +221,11 @@ export class Supervisor {
     this.relayLines(child.stdio[REPORT_FD] as Readable, (line) => this.watchdogReport(slot, line));
     child.on('message', (m: FromWorker) => this.onMessage(slot, child, m));
     child.once('exit', (code, signal) => this.onExit(slot, child, code, signal));
-    child.on('error', (err) => this.log.error({ err, worker: slot.slot }, 'worker channel error'));
+    child.on('error', (err: NodeJS.ErrnoException) => {
+      // A message to a worker that is exiting: its exit is handled on its own.
+      if (err.code === 'EPIPE' || err.code === 'ERR_IPC_CHANNEL_CLOSED') return;
+      this.log.error({ err, worker: slot.slot }, 'worker channel error');
+    });
     this.handles.forEach((h, index) => this.send(child, { t: 'listen', index }, h));
     this.send(child, {
       t: 'start',
