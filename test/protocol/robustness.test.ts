@@ -2,6 +2,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { SmtpClient } from '../harness/smtp-client.js';
+import { definePlugin, deny } from '../../core/index.js';
 import {
   acceptAllRecipients,
   memoryQueue,
@@ -293,6 +294,58 @@ describe('slow, early and too many clients', () => {
         clearInterval(drip);
       }
       c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('does not let a client drip an AUTH response past the command timeout', async () => {
+    const auth = definePlugin({
+      name: 'test-auth-refuse',
+      setup: () => ({ auth: async () => deny(535, '5.7.8', 'Authentication credentials invalid') }),
+    });
+    const srv = await startServer({
+      plugins: [auth],
+      config: {
+        listeners: [{ kind: 'smtp', address: '127.0.0.1', port: 0, allowInsecureAuth: true }],
+        timeouts: { command: '400ms' },
+      },
+    });
+    try {
+      const c = await session(srv);
+      await c.cmd('AUTH LOGIN', /^334 VXNlcm5hbWU6/);
+      const drip = setInterval(() => c.write('Y'), 100);
+      try {
+        await c.expect(/^421 4\.4\.2 /, 3000);
+      } finally {
+        clearInterval(drip);
+      }
+      assert.ok(
+        srv.logs.some((l) => l.msg === 'deadline passed, closing connection' && l.deadline === 'command'),
+      );
+      c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('gives a TLS handshake that drips one deadline for the whole of it, and logs why it ended', async () => {
+    const srv = await startServer({ config: { timeouts: { command: '400ms' } } });
+    try {
+      const s = connect(srv.submissionsPort, '127.0.0.1');
+      s.on('error', () => undefined);
+      const closed = new Promise<void>((resolve) => s.once('close', () => resolve()));
+      // A TLS record header announcing 512 octets of handshake, which then arrive one at a time.
+      s.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00]));
+      const drip = setInterval(() => s.write(Buffer.from([0])), 100);
+      try {
+        await closed;
+      } finally {
+        clearInterval(drip);
+      }
+      assert.ok(
+        srv.logs.some((l) => l.msg === 'deadline passed, closing connection' && l.deadline === 'tls'),
+      );
     } finally {
       await srv.close();
     }
