@@ -13,7 +13,7 @@ import type {
 } from '../hooks/catalogue.js';
 import type { CallContext, HookRunner } from '../hooks/runner.js';
 import type { ReplySpec, Verdict } from '../hooks/verdict.js';
-import { parsePath, type Address } from '../message/address.js';
+import { makeAddress, parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
 import { Headers } from '../message/headers.js';
 import { ReceivedMessage } from '../message/message.js';
@@ -594,7 +594,17 @@ export class SmtpSession implements SessionView {
         path.reason === 'length' ? 'Recipient address too long' : 'Bad recipient address syntax',
       );
     }
-    const recipient = path.address!;
+    let recipient = path.address!;
+    if (recipient.domain === '') {
+      // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted. It is the postmaster
+      // of the first local domain, so that plugins, routes and transports see an ordinary address.
+      const home = this.gen.config.localDomains[0];
+      if (!home) {
+        this.log.warn({ tx: tx.id }, 'RCPT TO:<postmaster> refused: localDomains is empty');
+        return this.reply(550, '5.1.1', 'No local postmaster mailbox here');
+      }
+      recipient = makeAddress('postmaster', home);
+    }
     const params = parseRcptParams(path.rest);
     if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
     const { verdict, plugin } = await this.runner.verdict('rcpt', {

@@ -1,5 +1,6 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { accept, definePlugin } from '../../core/index.js';
 import type { PetrelConfigInput } from '../../core/config/schema.js';
 import { SmtpClient } from '../harness/smtp-client.js';
 import {
@@ -122,6 +123,53 @@ describe('NUL in message content', () => {
       c.close();
     } finally {
       await strip.srv.close();
+    }
+  });
+});
+
+describe('RCPT TO:<postmaster>', () => {
+  const seen: string[] = [];
+  const recorder = definePlugin({
+    name: 'test-record-rcpt',
+    setup: () => ({
+      async rcpt({ recipient }) {
+        seen.push(recipient.address);
+        return accept();
+      },
+    }),
+  });
+
+  it('reaches the plugins and the transaction as postmaster@ the first local domain', async () => {
+    const queued: CapturedMessage[] = [];
+    const srv = await startServer({
+      plugins: [recorder, memoryQueue(queued)],
+      config: { localDomains: ['first.test', 'second.test'] },
+    });
+    try {
+      const c = await ready(srv);
+      await c.cmd('RCPT TO:<PostMaster>', /^250 2\.1\.5 /);
+      await c.cmd('DATA', /^354 /);
+      c.write('Subject: hello postmaster\r\n\r\nhi\r\n.\r\n');
+      await c.expect(/^250 /);
+      assert.equal(seen.at(-1), 'postmaster@first.test');
+      assert.deepEqual(queued[0]!.recipients, ['b@example.test', 'postmaster@first.test']);
+      c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('is refused with 550 5.1.1 by a server without local domains, rather than accepted and lost', async () => {
+    const srv = await startServer({ plugins: [recorder] });
+    try {
+      const c = await ready(srv);
+      const before = seen.length;
+      await c.cmd('RCPT TO:<postmaster>', /^550 5\.1\.1 /);
+      assert.equal(seen.length, before, 'no plugin was asked to take an address that leads nowhere');
+      assert.ok(srv.logs.some((l) => /RCPT TO:<postmaster> refused/.test(String(l.msg))));
+      c.close();
+    } finally {
+      await srv.close();
     }
   });
 });

@@ -104,7 +104,6 @@ describe('bad input gets a clear reply', () => {
     const c = await session(srv);
     await c.cmd('MAIL FROM:<>', /^250 /);
     await c.cmd('RCPT TO:<"john smith"@example.test>', /^250 2\.1\.5 /);
-    await c.cmd('RCPT TO:<postmaster>', /^250 2\.1\.5 /);
     await c.cmd('RCPT TO:<bob@[192.0.2.1]>', /^250 2\.1\.5 /);
     c.close();
   });
