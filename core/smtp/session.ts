@@ -736,15 +736,15 @@ export class SmtpSession implements SessionView {
       if (ok && tx) await this.store(tx, tx.content!.feed(chunk).out);
     }
     if (!ok || !tx) return;
+    if (!last && (tx.tooBig || tx.storageError)) {
+      // The message has failed: its content phase (and deadline) is over; RSET comes next.
+      tx.bdatFailed = true;
+      tx.deadline = null;
+      return tx.tooBig
+        ? this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size')
+        : this.reply(452, '4.3.1', 'Insufficient system storage');
+    }
     if (!last) {
-      if (tx.tooBig) {
-        tx.bdatFailed = true;
-        return this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
-      }
-      if (tx.storageError) {
-        tx.bdatFailed = true;
-        return this.reply(452, '4.3.1', 'Insufficient system storage');
-      }
       this.reply(250, '2.0.0', `${size} octets received`);
       return;
     }

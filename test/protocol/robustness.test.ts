@@ -350,6 +350,30 @@ describe('slow, early and too many clients', () => {
     }
   });
 
+  it('after a BDAT message fails, gives the client timeouts.command for its RSET, not what is left of the content deadline', async () => {
+    const srv = await startServer({
+      plugins: [acceptAllRecipients],
+      config: {
+        limits: { maxMessageSize: 100 },
+        timeouts: { command: '3s', data: '200ms', minDataRate: 1000 },
+      },
+    });
+    try {
+      const c = await session(srv);
+      await c.cmd('MAIL FROM:<a@example.test>', /^250 /);
+      await c.cmd('RCPT TO:<b@example.test>', /^250 /);
+      const chunk = 'x'.repeat(200);
+      c.write(`BDAT ${chunk.length}\r\n${chunk}`);
+      await c.expect(/^552 5\.3\.4 /);
+      // The content deadline (200 ms + 200 ms for 200 octets) has long passed; the command one has not.
+      await new Promise((r) => setTimeout(r, 1000));
+      await c.cmd('RSET', /^250 /);
+      c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
   it('closes a session whose DATA stalls, after the data timeout', async () => {
     const srv = await startServer({
       plugins: [acceptAllRecipients],
