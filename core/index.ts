@@ -25,12 +25,11 @@ export type { Clock } from './services/clock.js';
 export type { MetricsRegistry } from './services/metrics.js';
 export type * from './hooks/catalogue.js';
 // The wire, for plugins that speak SMTP-family protocols or serve a socket of their own.
-export { SocketReader, ReadTimeoutError, ReadInterruptedError, type LineResult } from './smtp/reader.js';
+export { SocketReader, ReadTimeoutError } from './smtp/reader.js';
 export {
   readReply,
   writeDrained,
   dotStuffed,
   MalformedReplyError,
-  MAX_REPLY_LINES,
   type WireReply,
 } from './smtp/client-wire.js';
