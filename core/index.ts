@@ -25,3 +25,12 @@ export type { Clock } from './services/clock.js';
 export type { MetricsRegistry } from './services/metrics.js';
 export { StateError, type StateStore } from './services/state.js';
 export type * from './hooks/catalogue.js';
+// The wire, for plugins that speak SMTP-family protocols or serve a socket of their own.
+export { SocketReader, ReadTimeoutError } from './smtp/reader.js';
+export {
+  readReply,
+  writeDrained,
+  dotStuffed,
+  MalformedReplyError,
+  type WireReply,
+} from './smtp/client-wire.js';

@@ -35,10 +35,22 @@ export const limitsSchema = z
 
 export const timeoutsSchema = z
   .object({
-    /** Waiting for a complete command line (RFC 5321 §4.5.3.2.7: at least 5 minutes). */
+    /**
+     * A complete command line, counted from the start of the wait (RFC 5321 §4.5.3.2.7: at least
+     * 5 minutes). Also each AUTH response, the TLS handshake, and a client that does not read its
+     * replies (they may not pile up past a small bound).
+     */
     command: duration.default(300_000),
-    /** Waiting for the next chunk of message content. */
+    /**
+     * The base of one message's content deadline (DATA, or all BDAT chunks of one message): the
+     * whole content must arrive within `data` plus its size at `minDataRate`.
+     */
     data: duration.default(180_000),
+    /**
+     * Octets per second: each octet of content received extends the content deadline by
+     * `1000 / minDataRate` ms (Postfix's `smtpd_min_data_rate`).
+     */
+    minDataRate: z.number().int().positive().default(500),
     /** Hold the greeting this long; a client that talks first is refused (an early talker). */
     greetingDelay: duration.default(0),
     /** Per-hook time limit; a plugin entry may override it with `timeout`. */
@@ -147,11 +159,16 @@ export const configSchema = z
          * smuggling guard); `normalize` turns each into CRLF. End of data is always CRLF.CRLF.
          */
         bareLineEndings: z.enum(['reject', 'normalize']).default('reject'),
+        /**
+         * NUL octets in message content (RFC 5321 text lines have none; without BINARYMIME,
+         * RFC 6152 §2 forbids them): `reject` refuses the message with 5xx; `strip` removes them.
+         */
+        nul: z.enum(['reject', 'strip']).default('reject'),
         /** Text after the hostname in the 220 greeting. */
         banner: z.string().default('ESMTP Petrel'),
       })
       .strict()
-      .default({ bareLineEndings: 'reject', banner: 'ESMTP Petrel' }),
+      .default({ bareLineEndings: 'reject', nul: 'reject', banner: 'ESMTP Petrel' }),
     spool: z
       .object({
         dir: z.string().min(1).default('./var/spool'),

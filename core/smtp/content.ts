@@ -20,19 +20,43 @@ export interface FeedResult {
  * CRLF "." CRLF. A line starts only after CRLF, so `<LF>.<CR><LF>`, `<CR><LF>.<LF>` and the like
  * never end the data here (SMTP smuggling: another server must not see a different end than we do).
  *
- * Either way (DATA or BDAT), a bare LF or bare CR (RFC 5321 §2.3.8) sets `bareLineEnding`; with
- * `normalize` each is also rewritten to CRLF in the output.
+ * Either way (DATA or BDAT), the same rules: a bare LF or bare CR (RFC 5321 §2.3.8) sets
+ * `bareLineEnding`, and with `normalize` each is also rewritten to CRLF in the output; a CR that
+ * ends the content (the last octet of a `BDAT … LAST` message) is bare too (see `end()`). A NUL
+ * octet sets `nul`, and with `stripNul` is left out of the output. NULs are removed only after
+ * the line structure and the end of data were decided on the octets as received, so that removing
+ * them can never make an end of data (`<CR><LF><NUL>.<CR><LF>` is content, here as anywhere).
  */
 export class ContentReceiver {
   bareLineEnding = false;
+  nul = false;
   private atLineStart = true;
   /** Previous input ended with a CR whose meaning depends on the next byte. */
   private pendingCR = false;
   private carry: Buffer | null = null;
 
-  constructor(private readonly opts: { dotStuffed: boolean; normalize: boolean }) {}
+  constructor(private readonly opts: { dotStuffed: boolean; normalize: boolean; stripNul: boolean }) {}
 
   feed(input: Buffer): FeedResult {
+    // memchr: next to nothing on the common path, where there is none.
+    if (input.indexOf(0) < 0) return this.parse(input);
+    this.nul = true;
+    const result = this.parse(input);
+    return this.opts.stripNul ? { ...result, out: result.out.map(withoutNul) } : result;
+  }
+
+  /**
+   * The content is complete (after the last octet of `BDAT … LAST`): a CR still waiting for its
+   * LF is a bare CR. Returns what is left to store (the LF that completes it, with `normalize`).
+   */
+  end(): Buffer[] {
+    if (!this.pendingCR) return [];
+    this.pendingCR = false;
+    this.bareLineEnding = true;
+    return this.opts.normalize ? [LF_ONLY] : [];
+  }
+
+  private parse(input: Buffer): FeedResult {
     const buf = this.carry ? Buffer.concat([this.carry, input]) : input;
     this.carry = null;
     const out: Buffer[] = [];
@@ -109,6 +133,17 @@ export class ContentReceiver {
     flush(buf.length);
     return { out, done: false, rest: null };
   }
+}
+
+/** The octets of `b` without its NULs (a copy only when there is one). */
+function withoutNul(b: Buffer): Buffer {
+  if (b.indexOf(0) < 0) return b;
+  let kept = 0;
+  for (const octet of b) if (octet !== 0) kept++;
+  const out = Buffer.allocUnsafeSlow(kept);
+  let n = 0;
+  for (const octet of b) if (octet !== 0) out[n++] = octet;
+  return out;
 }
 
 /**

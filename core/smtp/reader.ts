@@ -16,16 +16,23 @@ export class ReadInterruptedError extends Error {
 
 export type LineResult = { readonly line: Buffer; readonly overlong: false } | { readonly overlong: true };
 
-const HIGH_WATER = 1024 * 1024;
+/**
+ * Unread input above which the socket is paused: with one socket read (at most 64 KiB) on top,
+ * the most a reader ever holds. Part of the per-session memory budget (docs/security.md).
+ */
+export const READER_HIGH_WATER = 256 * 1024;
 const LF = 0x0a;
+const EMPTY = Buffer.alloc(0);
 
 /**
  * Buffers what a socket sends and hands it out as command lines or raw chunks, with back-pressure
- * (the socket is paused while more than 1 MiB waits) and per-read time limits. A time limit runs
- * from the start of the read, so a client dripping one byte at a time cannot hold it open.
+ * (the socket is paused while more than `READER_HIGH_WATER` octets wait) and deadlines. Every read
+ * takes an absolute deadline (`Date.now()` milliseconds, or `Infinity`), not a duration: a caller
+ * that gives the same deadline to many reads bounds them all together, so a client dripping one
+ * byte at a time cannot hold a step open by sending something now and then.
  */
 export class SocketReader {
-  private buf: Buffer = Buffer.alloc(0);
+  private buf: Buffer = EMPTY;
   private socket: Duplex | null = null;
   private ended = false;
   private wake: (() => void) | null = null;
@@ -36,7 +43,7 @@ export class SocketReader {
   private readonly onData = (chunk: Buffer): void => {
     this.arrived += chunk.length;
     this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
-    if (this.buf.length > HIGH_WATER) this.socket?.pause();
+    if (this.buf.length > READER_HIGH_WATER) this.socket?.pause();
     this.notify();
   };
 
@@ -81,7 +88,7 @@ export class SocketReader {
 
   /** Drops everything buffered (RFC 3207 / CVE-2011-0411: nothing pipelined behind STARTTLS). */
   discard(): void {
-    this.buf = Buffer.alloc(0);
+    this.buf = EMPTY;
   }
 
   /** Puts bytes back in front (what followed the end of data belongs to the next command). */
@@ -103,8 +110,9 @@ export class SocketReader {
 
   private consume(n: number): Buffer {
     const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    if (this.buf.length <= HIGH_WATER && this.socket?.isPaused()) this.socket.resume();
+    // An empty view would still hold the whole chunk it was cut from: let it go.
+    this.buf = n < this.buf.length ? this.buf.subarray(n) : EMPTY;
+    if (this.buf.length <= READER_HIGH_WATER && this.socket?.isPaused()) this.socket.resume();
     return out;
   }
 
@@ -115,10 +123,12 @@ export class SocketReader {
     return new Promise((resolve, reject) => {
       const ms = deadline - Date.now();
       if (ms <= 0) return reject(new ReadTimeoutError(phase));
-      const timer = setTimeout(() => {
-        this.wake = null;
-        reject(new ReadTimeoutError(phase));
-      }, ms);
+      const timer = Number.isFinite(ms)
+        ? setTimeout(() => {
+            this.wake = null;
+            reject(new ReadTimeoutError(phase));
+          }, ms)
+        : undefined;
       this.wake = () => {
         clearTimeout(timer);
         if (this.interrupted) reject(this.interrupted);
@@ -130,10 +140,9 @@ export class SocketReader {
   /**
    * The next line without its LF (and without a CR before it), or `{ overlong: true }` when the
    * line exceeded `max` octets (the rest of it up to the LF is then discarded), or null when the
-   * peer has gone.
+   * peer has gone. Throws `ReadTimeoutError` when no whole line has come by `deadline`.
    */
-  async readLine(max: number, timeoutMs: number): Promise<LineResult | null> {
-    const deadline = Date.now() + timeoutMs;
+  async readLine(max: number, deadline: number): Promise<LineResult | null> {
     let overlong = false;
     for (;;) {
       if (this.interrupted && !this.hasLine()) throw this.interrupted;
@@ -156,9 +165,8 @@ export class SocketReader {
     }
   }
 
-  /** Everything buffered (at least one byte), or null when the peer has gone. */
-  async read(timeoutMs: number): Promise<Buffer | null> {
-    const deadline = Date.now() + timeoutMs;
+  /** Everything buffered (at least one byte) by `deadline`, or null when the peer has gone. */
+  async read(deadline: number): Promise<Buffer | null> {
     while (this.buf.length === 0) {
       if (this.ended) return null;
       await this.waitForData(deadline, 'data');
@@ -166,9 +174,8 @@ export class SocketReader {
     return this.consume(this.buf.length);
   }
 
-  /** Up to `n` bytes (at least one), or null when the peer has gone (BDAT chunks). */
-  async readUpTo(n: number, timeoutMs: number): Promise<Buffer | null> {
-    const deadline = Date.now() + timeoutMs;
+  /** Up to `n` bytes (at least one) by `deadline`, or null when the peer has gone (BDAT chunks). */
+  async readUpTo(n: number, deadline: number): Promise<Buffer | null> {
     while (this.buf.length === 0) {
       if (this.ended) return null;
       await this.waitForData(deadline, 'data');

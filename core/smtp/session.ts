@@ -13,16 +13,17 @@ import type {
 } from '../hooks/catalogue.js';
 import type { CallContext, HookRunner } from '../hooks/runner.js';
 import type { ReplySpec, Verdict } from '../hooks/verdict.js';
-import { parsePath, type Address } from '../message/address.js';
+import { makeAddress, parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
 import { Headers } from '../message/headers.js';
 import { ReceivedMessage } from '../message/message.js';
 import { Notes } from '../message/notes.js';
 import { newId } from '../util/ids.js';
 import { ContentReceiver, HeaderCapture } from './content.js';
+import { ContentDeadline } from './deadline.js';
 import type { Generation } from './generation.js';
 import { parseMailParams, parseRcptParams } from './params.js';
-import { ReadInterruptedError, ReadTimeoutError, SocketReader } from './reader.js';
+import { ReadInterruptedError, ReadTimeoutError, SocketReader, type LineResult } from './reader.js';
 import { receivedValue } from './received.js';
 import { formatReply } from './reply.js';
 
@@ -43,6 +44,8 @@ class Transaction implements TransactionView {
   body: SpooledBody | null = null;
   content: ContentReceiver | null = null;
   capture: HeaderCapture | null = null;
+  /** While the content is being received: when it must be complete. */
+  deadline: ContentDeadline | null = null;
   tooBig = false;
   storageError: Error | null = null;
 
@@ -53,6 +56,26 @@ class Transaction implements TransactionView {
 }
 
 class ClientGoneError extends Error {}
+
+/** A deadline passed: for a command line, for a message's content, or for the client to read its replies. */
+class DeadlineError extends Error {
+  constructor(
+    readonly reason: 'command' | 'content' | 'replies',
+    readonly detail: Record<string, unknown> = {},
+  ) {
+    super(`${reason} deadline passed`);
+  }
+}
+
+/**
+ * Reply octets not yet taken by the client (ours plus the socket's buffer) above which the
+ * session reads no further command until the socket drains. Pipelining (RFC 2920) lets a client
+ * send many commands before it reads; this keeps a client that never reads from filling memory
+ * with replies. Part of the per-session memory budget (docs/security.md).
+ */
+export const REPLY_BOUND = 64 * 1024;
+/** Commands answered from the input buffer in a row before other sessions get a turn. */
+const BURST = 256;
 
 const NOT_IMPLEMENTED = new Set(['EXPN', 'TURN', 'ETRN', 'SEND', 'SOML', 'SAML']);
 const HTTP_VERBS = new Set(['GET', 'POST', 'PUT', 'HEAD', 'CONNECT', 'OPTIONS', 'DELETE']);
@@ -148,13 +171,23 @@ export class SmtpSession implements SessionView {
       this.reply(greeting.code, null, greeting.text);
       if (greeting.code === 421) return;
       this.refusedAtConnect = greeting.code === 554;
+      let burst = 0;
       while (!this.closing) {
         if (this.host.shuttingDown && !this.tx) {
           this.reply(421, '4.3.2', `${cfg.hostname} Service shutting down, closing connection`);
           break;
         }
-        if (!this.reader.hasLine()) this.flush();
-        const res = await this.reader.readLine(this.limits.maxLineLength, cfg.timeouts.command);
+        // Replies go out when the client's pipelined commands are used up (RFC 2920 §3.1), or
+        // when they pile up: then no command is read until the client has taken them.
+        if (this.pending.length + this.socket.writableLength > REPLY_BOUND) await this.makeRoom();
+        else if (!this.reader.hasLine()) {
+          this.flush();
+          burst = 0;
+        } else if (++burst >= BURST) {
+          burst = 0;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+        }
+        const res = await this.readCommandLine();
         if (res === null) break;
         if (res.overlong) {
           this.reply(500, '5.5.2', 'Line too long');
@@ -164,8 +197,9 @@ export class SmtpSession implements SessionView {
         await this.command(res.line);
       }
     } catch (err) {
-      if (err instanceof ReadTimeoutError) {
+      if (err instanceof DeadlineError) {
         this.gen.metrics.inc('smtp.timeout');
+        this.log.info({ deadline: err.reason, ...err.detail }, 'deadline passed, closing connection');
         this.reply(421, '4.4.2', `${cfg.hostname} Timeout exceeded, closing connection`);
       } else if (err instanceof ReadInterruptedError) {
         this.reply(421, '4.3.2', `${cfg.hostname} Service shutting down, closing connection`);
@@ -180,7 +214,9 @@ export class SmtpSession implements SessionView {
 
   /** Ends an idle session now, or the session's next wait (server shutdown). */
   interrupt(): void {
-    this.reader.interrupt(new ReadInterruptedError('shutdown'));
+    const err = new ReadInterruptedError('shutdown');
+    this.reader.interrupt(err);
+    this.stopWaitingForRoom?.(err);
   }
 
   get inTransaction(): boolean {
@@ -228,6 +264,86 @@ export class SmtpSession implements SessionView {
     if (!this.pending) return;
     if (!this.socket.destroyed && this.socket.writable) this.socket.write(this.pending);
     this.pending = '';
+  }
+
+  private stopWaitingForRoom: ((err: Error) => void) | null = null;
+
+  /**
+   * Sends what is pending and, while more than `REPLY_BOUND` octets of replies are still unsent,
+   * waits for the socket to drain: the session reads no command meanwhile, so the reader pauses
+   * the socket once its own buffer is full. A client that does not read its replies within
+   * `timeouts.command` is cut off.
+   */
+  private async makeRoom(): Promise<void> {
+    this.flush();
+    const socket = this.socket;
+    if (socket.writableLength <= REPLY_BOUND || socket.destroyed) return;
+    const waited = Date.now();
+    await new Promise<void>((resolve, reject) => {
+      const done = (err?: Error): void => {
+        clearTimeout(timer);
+        socket.off('drain', onDrain);
+        socket.off('close', onDrain);
+        this.stopWaitingForRoom = null;
+        if (err) reject(err);
+        else resolve();
+      };
+      const onDrain = (): void => done();
+      const timer = setTimeout(
+        () =>
+          done(
+            new DeadlineError('replies', {
+              unsent: socket.writableLength,
+              ms: Date.now() - waited,
+            }),
+          ),
+        this.gen.config.timeouts.command,
+      );
+      socket.on('drain', onDrain);
+      // A closed socket never drains; the next read then sees the end.
+      socket.on('close', onDrain);
+      this.stopWaitingForRoom = done;
+    });
+  }
+
+  /**
+   * The next command line, within `timeouts.command` from now; between the chunks of a BDAT
+   * message, also within the message's content deadline (the command lines are part of it).
+   */
+  private async readCommandLine(): Promise<LineResult | null> {
+    const commandBy = Date.now() + this.gen.config.timeouts.command;
+    const content = this.tx?.deadline ?? null;
+    const contentBy = content ? content.at : Infinity;
+    try {
+      return await this.reader.readLine(this.limits.maxLineLength, Math.min(commandBy, contentBy));
+    } catch (err) {
+      if (!(err instanceof ReadTimeoutError)) throw err;
+      throw content && contentBy <= commandBy
+        ? new DeadlineError('content', content.describe())
+        : new DeadlineError('command');
+    }
+  }
+
+  /** Message content octets (up to `max`), by the content deadline, which they then extend. */
+  private async readContent(deadline: ContentDeadline, max?: number): Promise<Buffer> {
+    let chunk: Buffer | null;
+    try {
+      chunk =
+        max === undefined
+          ? await this.reader.read(deadline.at)
+          : await this.reader.readUpTo(max, deadline.at);
+    } catch (err) {
+      if (err instanceof ReadTimeoutError) throw new DeadlineError('content', deadline.describe());
+      throw err;
+    }
+    if (chunk === null) throw new ClientGoneError();
+    deadline.add(chunk.length);
+    return chunk;
+  }
+
+  private newContentDeadline(): ContentDeadline {
+    const t = this.gen.config.timeouts;
+    return new ContentDeadline(t.data, t.minDataRate);
   }
 
   /** Counts an error; true when the session has had too many and was told so. */
@@ -478,7 +594,17 @@ export class SmtpSession implements SessionView {
         path.reason === 'length' ? 'Recipient address too long' : 'Bad recipient address syntax',
       );
     }
-    const recipient = path.address!;
+    let recipient = path.address!;
+    if (recipient.domain === '') {
+      // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted. It is the postmaster
+      // of the first local domain, so that plugins, routes and transports see an ordinary address.
+      const home = this.gen.config.localDomains[0];
+      if (!home) {
+        this.log.warn({ tx: tx.id }, 'RCPT TO:<postmaster> refused: localDomains is empty');
+        return this.reply(550, '5.1.1', 'No local postmaster mailbox here');
+      }
+      recipient = makeAddress('postmaster', home);
+    }
     const params = parseRcptParams(path.rest);
     if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
     const { verdict, plugin } = await this.runner.verdict('rcpt', {
@@ -525,8 +651,10 @@ export class SmtpSession implements SessionView {
     tx.content = new ContentReceiver({
       dotStuffed: !tx.usedBdat,
       normalize: this.gen.config.smtp.bareLineEndings === 'normalize',
+      stripNul: this.gen.config.smtp.nul === 'strip',
     });
     tx.capture = new HeaderCapture(this.limits.maxHeaderBytes);
+    tx.deadline = this.newContentDeadline();
     return true;
   }
 
@@ -561,10 +689,9 @@ export class SmtpSession implements SessionView {
     }
     this.reply(354, null, 'End data with <CR><LF>.<CR><LF>');
     this.flush();
-    const timeout = this.gen.config.timeouts.data;
+    const deadline = tx.deadline!;
     for (;;) {
-      const chunk = await this.reader.read(timeout);
-      if (chunk === null) throw new ClientGoneError();
+      const chunk = await this.readContent(deadline);
       const { out, done, rest } = tx.content!.feed(chunk);
       await this.store(tx!, out);
       if (done) {
@@ -599,25 +726,25 @@ export class SmtpSession implements SessionView {
       if (!ok && tx) tx.bdatFailed = true;
       tx = this.tx;
     }
-    // RFC 3030 §2: the chunk's octets follow the command whatever the reply; read them all.
-    const timeout = this.gen.config.timeouts.data;
+    // RFC 3030 §2: the chunk's octets follow the command whatever the reply; read them all, by
+    // the message's content deadline (a chunk outside a message gets one of its own).
+    const deadline = (ok && tx?.deadline) || this.newContentDeadline();
     let remaining = size;
     while (remaining > 0) {
-      const chunk = await this.reader.readUpTo(remaining, timeout);
-      if (chunk === null) throw new ClientGoneError();
+      const chunk = await this.readContent(deadline, remaining);
       remaining -= chunk.length;
       if (ok && tx) await this.store(tx, tx.content!.feed(chunk).out);
     }
     if (!ok || !tx) return;
+    if (!last && (tx.tooBig || tx.storageError)) {
+      // The message has failed: its content phase (and deadline) is over; RSET comes next.
+      tx.bdatFailed = true;
+      tx.deadline = null;
+      return tx.tooBig
+        ? this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size')
+        : this.reply(452, '4.3.1', 'Insufficient system storage');
+    }
     if (!last) {
-      if (tx.tooBig) {
-        tx.bdatFailed = true;
-        return this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
-      }
-      if (tx.storageError) {
-        tx.bdatFailed = true;
-        return this.reply(452, '4.3.1', 'Insufficient system storage');
-      }
       this.reply(250, '2.0.0', `${size} octets received`);
       return;
     }
@@ -626,6 +753,9 @@ export class SmtpSession implements SessionView {
 
   private async finishContent(tx: Transaction): Promise<void> {
     const body = tx.body!;
+    tx.deadline = null;
+    // A CR still waiting for its LF is bare (the last octet of a BDAT message), as in DATA.
+    await this.store(tx, tx.content!.end());
     if (tx.tooBig) {
       this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
       return this.endTransaction('rejected');
@@ -647,6 +777,14 @@ export class SmtpSession implements SessionView {
       this.gen.metrics.inc('smtp.bare_line_ending');
       this.log.info({ tx: tx.id }, 'refused message with bare LF or CR');
       this.reply(554, '5.6.0', 'Message contains bare LF or CR; lines must end with CRLF');
+      return this.endTransaction('rejected');
+    }
+    if (tx.content!.nul && this.gen.config.smtp.nul === 'reject') {
+      // RFC 5321 §2.3.8 text lines, and 8BITMIME content (RFC 6152 §2), have no NUL; relayed
+      // unchanged, it would reach software that ends a string at the first NUL.
+      this.gen.metrics.inc('smtp.nul');
+      this.log.info({ tx: tx.id }, 'refused message with NUL octets');
+      this.reply(554, '5.6.0', 'Message contains NUL octets, which SMTP does not allow');
       return this.endTransaction('rejected');
     }
     const message = new ReceivedMessage(Headers.parse(tx.capture!.bytes()), body);
@@ -761,7 +899,12 @@ export class SmtpSession implements SessionView {
         done(false);
       };
       const onClose = (): void => done(false);
-      const timer = setTimeout(() => done(false), this.gen.config.timeouts.command);
+      // One deadline for the whole handshake, however slowly its records arrive.
+      const timer = setTimeout(() => {
+        this.gen.metrics.inc('smtp.timeout');
+        this.log.info({ deadline: 'tls' }, 'deadline passed, closing connection');
+        done(false);
+      }, this.gen.config.timeouts.command);
       secure.once('secure', onSecure);
       secure.once('error', onError);
       secure.once('close', onClose);
@@ -846,7 +989,7 @@ export class SmtpSession implements SessionView {
   private async saslPrompt(challenge: string): Promise<string | null> {
     this.reply(334, null, challenge);
     this.flush();
-    const res = await this.reader.readLine(this.limits.maxLineLength, this.gen.config.timeouts.command);
+    const res = await this.readCommandLine();
     if (res === null) throw new ClientGoneError();
     if (res.overlong) {
       this.reply(500, '5.5.2', 'Line too long');

@@ -40,9 +40,9 @@ export default definePlugin({
     const domains = new Set(config.domains.map((d) => d.toLowerCase()));
     const mailboxes = config.mailboxes ? new Set(config.mailboxes.map((m) => m.toLowerCase())) : null;
 
-    /** One of our domains, or the bare `<postmaster>` (its domain is ''). */
+    /** One of our domains (the core hands the bare `<postmaster>` over as postmaster@ the first local domain). */
     const isOurDomain = (domain: string, domainAscii: string): boolean =>
-      domain === '' || domains.has(domain) || domains.has(domainAscii);
+      domains.has(domain) || domains.has(domainAscii);
 
     return {
       async rcpt({ recipient }) {

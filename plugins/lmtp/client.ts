@@ -6,8 +6,14 @@ import { connect, type Socket } from 'node:net';
 import { addAbortSignal, type Readable } from 'node:stream';
 import type { Address } from '../../core/message/address.js';
 import type { MailParams } from '../../core/hooks/catalogue.js';
-import { SocketReader } from '../../core/smtp/reader.js';
-import { dotStuffed, writeDrained } from '../../core/smtp/client-wire.js';
+import {
+  dotStuffed,
+  MalformedReplyError,
+  readReply,
+  SocketReader,
+  writeDrained,
+  type WireReply,
+} from '../../core/index.js';
 
 export type Destination = { readonly host: string; readonly port: number } | { readonly path: string };
 
@@ -22,13 +28,8 @@ export interface LmtpTimeouts {
   readonly final: number;
 }
 
-export interface LmtpReply {
-  readonly code: number;
-  /** The RFC 3463 code the server gave, or `<class>.0.0` when it gave none. */
-  readonly enhanced: string;
-  /** The text of each line, without code and enhanced code. */
-  readonly lines: readonly string[];
-}
+/** A reply: its code, RFC 3463 code (`<class>.0.0` when none was given) and lines of text. */
+export type LmtpReply = WireReply;
 
 export interface LmtpRequest {
   readonly destination: Destination;
@@ -61,9 +62,6 @@ export function describeDestination(d: Destination): string {
 export class LmtpProtocolError extends Error {
   override readonly name = 'LmtpProtocolError';
 }
-
-const MAX_LINE = 8192;
-const ENHANCED = /^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)/;
 
 /** One connection to an LMTP server. */
 class Connection {
@@ -110,26 +108,17 @@ class Connection {
     });
   }
 
-  /** Reads one reply (all its lines). */
+  /** Reads one reply (all its lines), within `timeoutMs` for the whole of it. */
   async reply(timeoutMs: number): Promise<LmtpReply> {
-    let code = 0;
-    const lines: string[] = [];
-    for (;;) {
-      const got = await this.reader.readLine(MAX_LINE, timeoutMs);
-      if (got === null) throw this.gone();
-      if (got.overlong) throw new LmtpProtocolError('reply line too long');
-      const line = got.line.toString('utf8');
-      const m = /^([2-5]\d\d)([ -]|$)(.*)$/.exec(line);
-      if (!m || (code && Number(m[1]) !== code)) throw new LmtpProtocolError(`bad reply line "${line}"`);
-      code = Number(m[1]);
-      lines.push(m[3]!);
-      if (m[2] !== '-') break;
+    let reply: LmtpReply | null;
+    try {
+      reply = await readReply(this.reader, Date.now() + timeoutMs);
+    } catch (err) {
+      if (err instanceof MalformedReplyError) throw new LmtpProtocolError(`the server sent ${err.message}`);
+      throw err;
     }
-    const cls = String(code)[0]!;
-    const given = ENHANCED.exec(lines[0]!);
-    const enhanced = given && given[1] === cls ? `${given[1]}.${given[2]}.${given[3]}` : `${cls}.0.0`;
-    const strip = (l: string): string => (given && l.startsWith(given[0]) ? l.slice(given[0].length) : l);
-    return { code, enhanced, lines: lines.map(strip) };
+    if (reply === null) throw this.gone();
+    return reply;
   }
 
   /** Writes and, when the socket's buffer is full, waits (bounded) until it drains. */

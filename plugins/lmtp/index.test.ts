@@ -15,7 +15,7 @@ import { Tokens } from '../../core/di/tokens.js';
 import { validateConfig } from '../../core/config/load.js';
 import { setupPlugin } from '../../core/testing/index.js';
 import { deliveryRecipient, queuedMessage } from '../../test/harness/dovecot.js';
-import { dotStuffed } from '../../core/smtp/client-wire.js';
+import { dotStuffed } from '../../core/index.js';
 import lmtp from './index.js';
 
 async function collect(source: AsyncIterable<Buffer>): Promise<Buffer[]> {
@@ -331,6 +331,19 @@ describe('lmtp: failures', () => {
     assert.deepEqual(summary(results), [['bob@example.test', 'deferred', 451]]);
     assert.equal(results[0]!.reply.enhanced, '4.4.2');
     assert.deepEqual(errors, ['timed out waiting for command'], 'ended by the command timeout');
+  });
+
+  it('a server that drips its LHLO reply a line at a time is given up on at the command timeout', async () => {
+    const { port } = await scripted((line, socket) => {
+      if (!/^LHLO /.test(line)) return;
+      const timer = setInterval(() => socket.write('250-still here\r\n'), 50);
+      socket.on('close', () => clearInterval(timer));
+    });
+    const { logger, errors } = errorLog();
+    const hooks = await plugin({ host: '127.0.0.1', port, timeouts: { command: '300ms' } }, logger);
+    const results = await deliver(hooks, [deliveryRecipient('bob@example.test')], queuedMessage('x'));
+    assert.deepEqual(summary(results), [['bob@example.test', 'deferred', 451]]);
+    assert.deepEqual(errors, ['timed out waiting for command'], 'one deadline for the whole reply');
   });
 
   it('a connection lost after the dot keeps the replies already given and defers the rest', async () => {

@@ -6,8 +6,14 @@
  */
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
-import { ReadTimeoutError, SocketReader } from '../../core/smtp/reader.js';
-import { writeDrained } from '../../core/smtp/client-wire.js';
+import {
+  MalformedReplyError,
+  ReadTimeoutError,
+  readReply,
+  SocketReader,
+  writeDrained,
+  type WireReply,
+} from '../../core/index.js';
 
 /** Where a connection goes: the host name (for logs, SNI and verification) and one of its addresses. */
 export interface PeerAddress {
@@ -16,13 +22,8 @@ export interface PeerAddress {
   readonly port: number;
 }
 
-export interface SmtpReply {
-  readonly code: number;
-  /** The RFC 3463 code the server gave, or `<class>.0.0` when it gave none. */
-  readonly enhanced: string;
-  /** The text of each line, without code and enhanced code. */
-  readonly lines: readonly string[];
-}
+/** A reply: its code, RFC 3463 code (`<class>.0.0` when none was given) and lines of text. */
+export type SmtpReply = WireReply;
 
 export type Stage =
   | 'connect'
@@ -78,9 +79,6 @@ export function describeReply(r: SmtpReply): string {
 export function describePeer(p: PeerAddress): string {
   return `${p.host} [${p.ip}]`;
 }
-
-const MAX_LINE = 8192;
-const ENHANCED = /^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)/;
 
 export class SmtpConnection {
   /** `mx.example.test [192.0.2.1]`. */
@@ -208,42 +206,18 @@ export class SmtpConnection {
     return new SmtpFailure(stage, 'network', `lost connection with ${this.remote} ${PHASE[stage]}${detail}`);
   }
 
-  /** Reads one reply, all its lines. */
+  /** Reads one reply, all its lines, within `timeoutMs` for the whole of it. */
   async read(stage: Stage, timeoutMs: number): Promise<SmtpReply> {
-    let code = 0;
-    const lines: string[] = [];
-    for (;;) {
-      let got;
-      try {
-        got = await this.reader.readLine(MAX_LINE, timeoutMs);
-      } catch (err) {
-        throw this.lost(stage, err);
-      }
-      if (got === null) throw this.lost(stage);
-      if (got.overlong)
-        throw new SmtpFailure(stage, 'protocol', `${this.remote} sent an overlong reply line`);
-      const line = got.line.toString('utf8');
-      const m = /^([2-5]\d\d)([ -]|$)(.*)$/.exec(line);
-      if (!m || (code && Number(m[1]) !== code)) {
-        throw new SmtpFailure(
-          stage,
-          'protocol',
-          `${this.remote} sent a malformed reply "${line.slice(0, 200)}"`,
-        );
-      }
-      code = Number(m[1]);
-      lines.push(m[3]!);
-      if (m[2] !== '-') break;
+    let reply: SmtpReply | null;
+    try {
+      reply = await readReply(this.reader, Date.now() + timeoutMs);
+    } catch (err) {
+      if (err instanceof MalformedReplyError)
+        throw new SmtpFailure(stage, 'protocol', `${this.remote} sent ${err.message}`);
+      throw this.lost(stage, err);
     }
-    const cls = String(code)[0]!;
-    const given = ENHANCED.exec(lines[0]!);
-    const ok = given !== null && given[1] === cls;
-    const enhanced = ok ? `${given[1]}.${given[2]}.${given[3]}` : `${cls}.0.0`;
-    const strip = (l: string): string => {
-      const g = ENHANCED.exec(l);
-      return ok && g ? l.slice(g[0].length) : l;
-    };
-    return { code, enhanced, lines: lines.map(strip) };
+    if (reply === null) throw this.lost(stage);
+    return reply;
   }
 
   /** Writes and, when the socket's buffer is full, waits (bounded) until it drains. */

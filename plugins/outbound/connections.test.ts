@@ -280,6 +280,54 @@ describe('outbound: failover on temporary refusals', () => {
     await waitUntil('the mute connection is closed', () => held.size === 0);
   });
 
+  for (const [label, talk] of [
+    [
+      'drips its greeting one continuation line at a time (one deadline for the whole reply)',
+      (s: Socket) => {
+        const timer = setInterval(() => s.write('220-still greeting\r\n'), 50);
+        s.on('close', () => clearInterval(timer));
+      },
+    ],
+    [
+      'sends a greeting of endless continuation lines (a reply has at most 512)',
+      (s: Socket) => {
+        const timer = setInterval(() => s.write('220-endless\r\n'.repeat(100)), 10);
+        s.on('close', () => clearInterval(timer));
+      },
+    ],
+  ] as const) {
+    it(`moves on to the next MX when one ${label}`, async (t) => {
+      const port = await freePortOn(['127.0.0.2', '127.0.0.3']);
+      const dns = await dnsFor(t, [
+        { host: 'chatty.a.test', ip: '127.0.0.2', preference: 10 },
+        { host: 'good.a.test', ip: '127.0.0.3', preference: 20 },
+      ]);
+      if (!dns) return;
+      const held = new Set<Socket>();
+      const chatty = createServer((s) => {
+        held.add(s);
+        s.on('close', () => held.delete(s));
+        s.on('error', () => undefined);
+        s.resume();
+        talk(s);
+      });
+      await new Promise<void>((r) => chatty.listen(port, '127.0.0.2', () => r()));
+      t.after(() => {
+        for (const s of held) s.destroy();
+        return new Promise<void>((r) => chatty.close(() => r()));
+      });
+      const good = await smtpPeer(t, '127.0.0.3', port);
+      const sender = await startSender(t, {
+        dnsServer: dns.server,
+        outbound: { port, timeouts: { ...FAST, greeting: 500 } },
+      });
+      const [o] = await sender.settled(await sender.submit(['bob@a.test']), 1);
+      assert.equal(o!.status, 'delivered');
+      assert.equal(o!.reply.remote, 'good.a.test [127.0.0.3]');
+      assert.equal(good.messages.length, 1);
+    });
+  }
+
   it('defers with the last temporary reply when every MX refuses', async (t) => {
     const port = await freePortOn(['127.0.0.4']);
     const dns = await dnsFor(t, [{ host: 'sink.a.test', ip: '127.0.0.4', preference: 10 }]);

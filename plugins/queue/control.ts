@@ -2,6 +2,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { chmod, lstat, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
+import { SocketReader, writeDrained } from '../../core/index.js';
 import type { MessageSummary, RecipientSummary } from './api.js';
 import type { QueueEngine } from './engine.js';
 
@@ -65,6 +66,10 @@ export type ControlResponse =
 
 /** Longest request line accepted. */
 const MAX_LINE = 16 * 1024;
+/** A connection that sends no whole request for this long is closed. */
+const IDLE_MS = 10 * 60_000;
+/** A client that does not take a response within this long is cut off. */
+const WRITE_MS = 60_000;
 
 function wire(m: MessageSummary): WireMessage {
   return JSON.parse(JSON.stringify(m)) as WireMessage;
@@ -99,6 +104,9 @@ export function parseRequest(line: string): ControlRequest | string {
 /**
  * The queue's control socket, `<queue dir>/control.sock`, for `petrel queue`: owner-only
  * (mode 0600, in a 0700 folder), newline-delimited JSON, one response per request, in order.
+ * Requests are taken one at a time, and the next is read only once the socket has taken the
+ * response (back-pressure): a client that sends requests and never reads the answers stops being
+ * read, holds at most one response in memory, and is cut off after `WRITE_MS`.
  */
 export class ControlServer {
   private readonly sockets = new Set<Socket>();
@@ -156,38 +164,54 @@ export class ControlServer {
 
   private serve(socket: Socket, engine: QueueEngine, log: Logger): void {
     this.sockets.add(socket);
-    socket.setEncoding('utf8');
-    let buffer = '';
-    let chain = Promise.resolve();
-    const respond = (r: ControlResponse): void => {
-      if (!socket.destroyed) socket.write(`${JSON.stringify(r)}\n`);
-    };
-    socket.on('data', (chunk: string) => {
-      buffer += chunk;
-      if (buffer.length > MAX_LINE && !buffer.includes('\n')) {
-        respond({ ok: false, error: 'bad-request', message: 'request line too long' });
-        socket.end();
-        return;
-      }
-      let nl: number;
-      while ((nl = buffer.indexOf('\n')) >= 0) {
-        const line = buffer.slice(0, nl).trim();
-        buffer = buffer.slice(nl + 1);
-        if (!line) continue;
-        chain = chain.then(async () => {
-          const req = parseRequest(line);
-          if (typeof req === 'string') return respond({ ok: false, error: 'bad-request', message: req });
-          try {
-            respond(await handle(engine, req));
-          } catch (err) {
-            log.error({ err, op: req.op, queueId: req.id }, 'queue control request failed');
-            respond({ ok: false, error: 'failed', message: (err as Error).message });
-          }
-        });
-      }
-    });
     socket.on('error', () => undefined);
     socket.on('close', () => this.sockets.delete(socket));
+    const reader = new SocketReader();
+    reader.attach(socket);
+    void this.converse(socket, reader, engine, log)
+      .then(
+        () => socket.end(), // let the last response leave
+        () => socket.destroy(), // idle past IDLE_MS, or not reading its responses
+      )
+      .finally(() => reader.detach());
+  }
+
+  /** One request at a time: read a line, answer it, wait until the socket took the answer. */
+  private async converse(
+    socket: Socket,
+    reader: SocketReader,
+    engine: QueueEngine,
+    log: Logger,
+  ): Promise<void> {
+    const respond = (r: ControlResponse): Promise<'ok' | 'closed' | 'timeout'> =>
+      writeDrained(socket, `${JSON.stringify(r)}\n`, WRITE_MS);
+    for (;;) {
+      const got = await reader.readLine(MAX_LINE, Date.now() + IDLE_MS);
+      if (got === null) return;
+      if (got.overlong) {
+        await respond({ ok: false, error: 'bad-request', message: 'request line too long' });
+        return;
+      }
+      const line = got.line.toString('utf8').trim();
+      if (!line) continue;
+      const req = parseRequest(line);
+      let response: ControlResponse;
+      if (typeof req === 'string') response = { ok: false, error: 'bad-request', message: req };
+      else {
+        try {
+          response = await handle(engine, req);
+        } catch (err) {
+          log.error({ err, op: req.op, queueId: req.id }, 'queue control request failed');
+          response = { ok: false, error: 'failed', message: (err as Error).message };
+        }
+      }
+      const sent = await respond(response);
+      if (sent === 'closed') return;
+      if (sent === 'timeout') {
+        log.warn({ ms: WRITE_MS }, 'queue control client did not read its responses; cutting it off');
+        throw new Error('client not reading');
+      }
+    }
   }
 
   /** Stops answering and removes the socket file. */

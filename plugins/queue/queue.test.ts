@@ -14,6 +14,8 @@ import {
   statSync,
   writeSync,
 } from 'node:fs';
+import { once } from 'node:events';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -835,6 +837,38 @@ describe('a full disk', () => {
       await app?.stop(1000);
       execFileSync('umount', ['-l', mnt], { stdio: 'ignore' });
       rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the control socket', () => {
+  it('stops reading a client that does not read its answers, and answers every request once it does', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const app = await start(dir, []);
+    try {
+      const socket = connect(join(dir, 'spool', 'queue', 'control.sock'));
+      await once(socket, 'connect');
+      socket.pause(); // read nothing for now
+      const REQUESTS = 200_000;
+      const line = `${JSON.stringify({ op: 'list' })}\n`;
+      socket.write(line.repeat(REQUESTS));
+      // Far more requests than the socket buffers hold: a server that keeps reading while its
+      // answers pile up takes them all within a second or two (and its memory grows by the
+      // answers); one that stops reading leaves them with the client.
+      await new Promise((r) => setTimeout(r, 4000));
+      assert.ok(socket.writableLength > 0, 'the server stopped taking requests while its answers waited');
+      let received = '';
+      socket.setEncoding('utf8');
+      socket.on('data', (d: string) => (received += d));
+      socket.resume();
+      await until(() => received.split('\n').length > REQUESTS, 60_000);
+      const answers = received.split('\n').filter(Boolean);
+      assert.equal(answers.length, REQUESTS, 'one answer per request');
+      assert.ok(answers.every((a) => (JSON.parse(a) as { ok: boolean; op: string }).op === 'list'));
+      socket.destroy();
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });

@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
 import { z } from '../../core/index.js';
+import { parseAddressText } from './addresses.js';
 
 /** The users plugin's config. Paths are relative to the config file's folder. */
 export const usersConfigSchema = z
@@ -8,6 +9,14 @@ export const usersConfigSchema = z
     usersFile: z.string().min(1).default('./users.json'),
     /** An aliases file (YAML or JSON); none by default. */
     aliasesFile: z.string().min(1).optional(),
+    /**
+     * Where mail for `postmaster@` a local domain goes when that address has no user or alias of
+     * its own (RFC 5321 §4.5.1); by default, wherever postmaster@ the first local domain goes.
+     */
+    postmaster: z
+      .string()
+      .refine((a) => parseAddressText(a) !== null, { message: 'expected an address such as bob@example.com' })
+      .optional(),
     /** Characters that start a sub-address (`bob+tag@…`); empty turns sub-addressing off. */
     subaddressSeparator: z
       .string()

@@ -22,6 +22,11 @@ export class DirectoryData {
     private readonly localDomains: ReadonlySet<string>,
     /** Each character separates a sub-address (`+` in `bob+tag`); empty turns sub-addressing off. */
     private readonly separators: string,
+    /**
+     * Where `postmaster@` a local domain goes when that address reaches nothing of its own, tried
+     * in order: RFC 5321 §4.5.1 requires the postmaster of every domain the server takes mail for.
+     */
+    private readonly postmasters: readonly AddressKey[] = [],
   ) {
     for (const u of users) {
       this.byLogin.set(u.login, u);
@@ -57,12 +62,36 @@ export class DirectoryData {
       if (!this.localDomains.has(domain))
         out.push(`catch-all @${domain} is not in localDomains; it is never used`);
     }
+    for (const domain of this.localDomains) {
+      if (!this.resolveKey(keyOf('postmaster', domain))) {
+        out.push(
+          `postmaster@${domain} reaches no mailbox, so RCPT TO it is refused (RFC 5321 §4.5.1 requires it): ` +
+            "give it a user or an alias, or set the users plugin's `postmaster`",
+        );
+      }
+    }
     return out;
   }
 
-  /** Where an address at a local domain goes; null when nowhere (or the domain is not local). */
+  /**
+   * Where an address at a local domain goes; null when nowhere (or the domain is not local).
+   * `postmaster@` a local domain that reaches nothing of its own goes where the first of the
+   * postmaster fallbacks goes.
+   */
   resolveKey(addr: AddressKey): Resolution | null {
     if (!this.localDomains.has(addr.domain)) return null;
+    let targets = this.targetsOf(addr);
+    if (targets.length === 0 && addr.local === 'postmaster') {
+      for (const fallback of this.postmasters) {
+        if (fallback.key === addr.key) continue;
+        targets = this.targetsOf(fallback);
+        if (targets.length) break;
+      }
+    }
+    return targets.length ? { address: addr.key, targets } : null;
+  }
+
+  private targetsOf(addr: AddressKey): ResolvedTarget[] {
     const targets: ResolvedTarget[] = [];
     const seen = new Set<string>();
     this.lookup(addr.local, addr.domain, null, 0, new Set(), (t) => {
@@ -71,7 +100,7 @@ export class DirectoryData {
       seen.add(id);
       targets.push(t);
     });
-    return targets.length ? { address: addr.key, targets } : null;
+    return targets;
   }
 
   /**

@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Address } from '../../core/index.js';
-import { asciiDomain, keyOf, type AddressKey } from './addresses.js';
+import { asciiDomain, keyOf, parseAddressText, type AddressKey } from './addresses.js';
 import { NO_ALIASES, readAliasesFile, type Aliases } from './aliases-file.js';
 import { DirectoryData } from './directory-data.js';
 import type { DirectoryService, Resolution } from './directory.js';
@@ -12,6 +12,8 @@ export interface DirectoryStoreOptions {
   readonly aliasesFile: string | null;
   readonly localDomains: readonly string[];
   readonly separators: string;
+  /** Where postmaster@ a local domain goes when it reaches nothing of its own (address text). */
+  readonly postmaster?: string | undefined;
   readonly log: Logger;
 }
 
@@ -75,7 +77,13 @@ export class DirectoryStore implements DirectoryService {
   private static async load(opts: DirectoryStoreOptions): Promise<DirectoryData> {
     const users: UserRecord[] = (await readUsersFile(opts.usersFile))?.users ?? [];
     const aliases: Aliases = opts.aliasesFile ? await readAliasesFile(opts.aliasesFile) : NO_ALIASES;
-    const data = new DirectoryData(users, aliases, domainSet(opts.localDomains), opts.separators);
+    const data = new DirectoryData(
+      users,
+      aliases,
+      domainSet(opts.localDomains),
+      opts.separators,
+      postmasterFallbacks(opts),
+    );
     for (const w of data.warnings()) opts.log.warn({ file: opts.aliasesFile }, w);
     return data;
   }
@@ -133,6 +141,16 @@ export class DirectoryStore implements DirectoryService {
     if (!key) return false;
     return (await this.current()).maySendAs(normalizeLogin(login), key);
   }
+}
+
+/** The configured postmaster, then postmaster@ the first local domain. */
+function postmasterFallbacks(opts: DirectoryStoreOptions): AddressKey[] {
+  const out: AddressKey[] = [];
+  const configured = opts.postmaster ? parseAddressText(opts.postmaster) : null;
+  if (configured) out.push(configured);
+  const first = opts.localDomains[0];
+  if (first) out.push(keyOf('postmaster', asciiDomain(first) ?? first));
+  return out;
 }
 
 function domainSet(domains: readonly string[]): Set<string> {

@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { accept, defer, definePlugin, deny, proceed, Tokens, type Address } from '../../core/index.js';
+import { accept, defer, definePlugin, deny, proceed, Tokens } from '../../core/index.js';
 import { AuthThrottle, clientKey } from './auth-throttle.js';
 import { directoryFiles, usersConfigSchema } from './config.js';
 import { DirectoryStore } from './directory-store.js';
@@ -25,6 +25,7 @@ export default definePlugin({
       ...files,
       localDomains,
       separators: config.subaddressSeparator,
+      postmaster: config.postmaster,
       log,
     });
     provide(Directory, store);
@@ -76,18 +77,11 @@ export default definePlugin({
         return deny(535, '5.7.8', 'Authentication credentials invalid');
       },
 
+      // The engine hands `RCPT TO:<postmaster>` over as postmaster@ the first local domain, and
+      // the directory sends postmaster@ any local domain to a mailbox (see README, RCPT).
       async rcpt({ recipient }) {
-        let target: Address | string = recipient;
-        if (recipient.domain === '') {
-          // RFC 5321 §4.5.1: `RCPT TO:<postmaster>` without a domain must be accepted; it is the
-          // postmaster of the first local domain.
-          const first = localDomains[0];
-          if (!first) return proceed();
-          target = `postmaster@${first}`;
-        } else if (recipient.literal || !store.isLocalDomain(recipient.domainAscii)) {
-          return proceed();
-        }
-        if (await store.isDeliverable(target)) return accept();
+        if (recipient.literal || !store.isLocalDomain(recipient.domainAscii)) return proceed();
+        if (await store.isDeliverable(recipient)) return accept();
         return deny(550, '5.1.1', 'No such user here');
       },
     };

@@ -17,21 +17,21 @@ import { DirectoryFileError, parseUsersFile, writeUsersFile } from './users-file
 const FAST = { N: 1024, r: 8, p: 1 };
 const silent = pino({ level: 'silent' });
 
-function data(
-  usersJson: object,
-  aliasesYaml = '',
-  opts: { domains?: string[]; separators?: string } = {},
-): DirectoryData {
-  const u = parseUsersFile(JSON.stringify(usersJson), 'users.json').users;
-  const a = parseAliasesFile(aliasesYaml, 'aliases.yaml');
-  const domains = new Set(opts.domains ?? ['hamburger.edu', 'fries.test', 'xn--bcher-kva.test']);
-  return new DirectoryData(u, a, domains, opts.separators ?? '+');
-}
-
 const key = (text: string): { local: string; domain: string; key: string } => {
   const at = text.lastIndexOf('@');
   return { local: text.slice(0, at), domain: text.slice(at + 1), key: text };
 };
+
+function data(
+  usersJson: object,
+  aliasesYaml = '',
+  opts: { domains?: string[]; separators?: string; postmasters?: string[] } = {},
+): DirectoryData {
+  const u = parseUsersFile(JSON.stringify(usersJson), 'users.json').users;
+  const a = parseAliasesFile(aliasesYaml, 'aliases.yaml');
+  const domains = new Set(opts.domains ?? ['hamburger.edu', 'fries.test', 'xn--bcher-kva.test']);
+  return new DirectoryData(u, a, domains, opts.separators ?? '+', (opts.postmasters ?? []).map(key));
+}
 
 describe('users: password hashes', () => {
   it('hashes with scrypt and a random salt in a self-describing string, and verifies it', async () => {
@@ -184,6 +184,34 @@ describe('users: resolving addresses', () => {
     assert.equal(d.resolveKey(key('anyone@hamburger.edu')), null, 'no catch-all there');
   });
 
+  it('sends postmaster@ every local domain to its own entry, else the first fallback that reaches a mailbox', () => {
+    const user = (t: { kind: string; user?: string; address?: string } | undefined): string | undefined =>
+      t?.kind === 'local' ? t.user : t?.address;
+    // No entry and no fallback: nowhere, and the load says so.
+    const none = data(base());
+    assert.equal(none.resolveKey(key('postmaster@fries.test')), null);
+    assert.ok(none.warnings().some((w) => w.startsWith('postmaster@fries.test reaches no mailbox')));
+    // The defaults the store gives: the configured postmaster first, then postmaster@ the first domain.
+    const d = data(base(), 'postmaster@hamburger.edu: alice@hamburger.edu\n', {
+      postmasters: ['postmaster@hamburger.edu'],
+    });
+    assert.equal(user(d.resolveKey(key('postmaster@hamburger.edu'))?.targets[0]), 'alice');
+    assert.equal(user(d.resolveKey(key('postmaster@fries.test'))?.targets[0]), 'alice');
+    assert.equal(d.resolveKey(key('postmaster@fries.test'))?.address, 'postmaster@fries.test');
+    assert.deepEqual(d.warnings(), []);
+    const configured = data(base(), 'postmaster@hamburger.edu: alice@hamburger.edu\n', {
+      postmasters: ['bob@hamburger.edu', 'postmaster@hamburger.edu'],
+    });
+    assert.equal(user(configured.resolveKey(key('postmaster@fries.test'))?.targets[0]), 'bob@hamburger.edu');
+    assert.equal(
+      user(configured.resolveKey(key('postmaster@hamburger.edu'))?.targets[0]),
+      'alice',
+      "a domain's own entry wins",
+    );
+    // Only postmaster itself: other unknown local parts stay unknown.
+    assert.equal(configured.resolveKey(key('hostmaster@fries.test')), null);
+  });
+
   it('matches IDN domains in either form', () => {
     const d = data(base());
     assert.equal(d.resolveKey(key('ünal@xn--bcher-kva.test'))?.targets[0]?.kind, 'local');
@@ -270,7 +298,7 @@ describe('users: the rcpt hook', () => {
     await writeUsersFile(join(dir, 'users.json'), {
       users: { 'bob@hamburger.edu': { password }, 'postmaster@hamburger.edu': { password } },
     });
-    const config = { localDomains: ['hamburger.edu'] } as unknown as PetrelConfig;
+    const config = { localDomains: ['hamburger.edu', 'fries.test'] } as unknown as PetrelConfig;
     services.set(Tokens.Config, config);
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
@@ -292,8 +320,9 @@ describe('users: the rcpt hook', () => {
     assert.equal((await rcpt('bob@[192.0.2.1]')).kind, 'proceed');
   });
 
-  it('accepts <postmaster> without a domain as the first local domain postmaster', async () => {
-    assert.equal((await rcpt('postmaster')).kind, 'accept');
+  it('accepts postmaster@ a local domain that has no entry of its own, for the first local domain postmaster', async () => {
+    assert.equal((await rcpt('postmaster@hamburger.edu')).kind, 'accept');
+    assert.equal((await rcpt('PostMaster@fries.test')).kind, 'accept');
   });
 });
 

@@ -2,8 +2,15 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { ContentReceiver, HeaderCapture } from '../../core/smtp/content.js';
 
-function run(chunks: string[], opts = { dotStuffed: true, normalize: false }) {
-  const r = new ContentReceiver(opts);
+interface Options {
+  dotStuffed: boolean;
+  normalize: boolean;
+  stripNul?: boolean;
+}
+
+/** Feeds the chunks; for BDAT (not dot-stuffed) the content then ends, as at `BDAT … LAST`. */
+function run(chunks: string[], opts: Options = { dotStuffed: true, normalize: false }) {
+  const r = new ContentReceiver({ stripNul: false, ...opts });
   const out: Buffer[] = [];
   let done = false;
   let rest: Buffer | null = null;
@@ -16,22 +23,24 @@ function run(chunks: string[], opts = { dotStuffed: true, normalize: false }) {
       break;
     }
   }
+  if (!opts.dotStuffed) out.push(...r.end());
   return {
     text: Buffer.concat(out).toString('latin1'),
     done,
     rest: rest?.toString('latin1') ?? null,
     bare: r.bareLineEnding,
+    nul: r.nul,
   };
 }
 
 describe('DATA content: dot-unstuffing and the end of data', () => {
   it('ends at CRLF.CRLF and returns what follows', () => {
     const r = run(['a\r\nb\r\n.\r\nQUIT\r\n']);
-    assert.deepEqual(r, { text: 'a\r\nb\r\n', done: true, rest: 'QUIT\r\n', bare: false });
+    assert.deepEqual(r, { text: 'a\r\nb\r\n', done: true, rest: 'QUIT\r\n', bare: false, nul: false });
   });
 
   it('ends on an empty message', () => {
-    assert.deepEqual(run(['.\r\n']), { text: '', done: true, rest: null, bare: false });
+    assert.deepEqual(run(['.\r\n']), { text: '', done: true, rest: null, bare: false, nul: false });
   });
 
   it('removes the stuffed dot at the start of a line (RFC 5321 §4.5.2)', () => {
@@ -70,7 +79,46 @@ describe('DATA content: dot-unstuffing and the end of data', () => {
 
   it('passes BDAT content through without looking for dots', () => {
     const r = run(['.\r\n..x\r\n'], { dotStuffed: false, normalize: false });
-    assert.deepEqual(r, { text: '.\r\n..x\r\n', done: false, rest: null, bare: false });
+    assert.deepEqual(r, { text: '.\r\n..x\r\n', done: false, rest: null, bare: false, nul: false });
+  });
+
+  it('flags a bare CR as the very last octet of BDAT content, as DATA would', () => {
+    assert.equal(run(['line\r\nlast\r'], { dotStuffed: false, normalize: false }).bare, true);
+    assert.equal(run(['line\r\nlast\r', ''], { dotStuffed: false, normalize: false }).bare, true);
+    // A CRLF split between two chunks is a line end, not a bare CR.
+    assert.equal(run(['last\r', '\n'], { dotStuffed: false, normalize: false }).bare, false);
+  });
+
+  it('completes a final bare CR of BDAT content to CRLF when normalising', () => {
+    const r = run(['last\r'], { dotStuffed: false, normalize: true });
+    assert.equal(r.text, 'last\r\n');
+  });
+});
+
+describe('NUL in content', () => {
+  it('flags a NUL and keeps the content as received when not stripping', () => {
+    const r = run(['a\0b\r\n.\r\n']);
+    assert.equal(r.nul, true);
+    assert.equal(r.text, 'a\0b\r\n');
+  });
+
+  it('strips NULs when asked, in DATA and BDAT alike', () => {
+    const data = run(['\0a\0b\r\n', 'c\0\r\n.\r\n'], { dotStuffed: true, normalize: false, stripNul: true });
+    assert.equal(data.text, 'ab\r\nc\r\n');
+    assert.equal(data.nul, true);
+    const bdat = run(['\0a\0b\r\n', 'c\0\r\n'], { dotStuffed: false, normalize: false, stripNul: true });
+    assert.equal(bdat.text, 'ab\r\nc\r\n');
+  });
+
+  it('never makes an end of data out of a line that only a NUL kept from being one', () => {
+    const r = run(['a\r\n\0.\r\nMAIL FROM:<evil@example.test>\r\n.\r\n'], {
+      dotStuffed: true,
+      normalize: false,
+      stripNul: true,
+    });
+    assert.ok(r.done);
+    assert.equal(r.rest, null);
+    assert.equal(r.text, 'a\r\n.\r\nMAIL FROM:<evil@example.test>\r\n');
   });
 });
 
