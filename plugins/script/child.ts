@@ -58,9 +58,9 @@ function send(message: object): void {
 }
 
 /**
- * The script is the body of a strict-mode function of `hook`, `session`, `envelope`, `headers`
- * and `header(name)`. Its input arrives as JSON text, is parsed and deep-frozen inside the
- * sandbox, and its verdict leaves as JSON text made inside the sandbox.
+ * The script is the body of a strict-mode function of `hook`, `session`, `envelope`, `headers`,
+ * `header(name)` and `headersTruncated`. Its input arrives as JSON text, is parsed and
+ * deep-frozen inside the sandbox, and its verdict leaves as JSON text made inside the sandbox.
  */
 const PROLOGUE = `(function () {
   'use strict';
@@ -69,7 +69,7 @@ const PROLOGUE = `(function () {
     if (typeof v === 'object' && v !== null) { freeze(v); for (const k of keys(v)) deepFreeze(v[k]); }
     return v;
   };
-  const rule = function (hook, session, envelope, headers, header) {
+  const rule = function (hook, session, envelope, headers, header, headersTruncated) {
     'use strict';
 `;
 const EPILOGUE = `
@@ -81,7 +81,9 @@ const EPILOGUE = `
       const field = ctx.headers.find((h) => h.name.toLowerCase() === lower);
       return field === undefined ? undefined : field.value;
     };
-    const verdict = rule.call(undefined, ctx.hook, ctx.session, ctx.envelope, ctx.headers, header);
+    const verdict = rule.call(
+      undefined, ctx.hook, ctx.session, ctx.envelope, ctx.headers, header, ctx.headersTruncated,
+    );
     return stringify(verdict === undefined ? null : verdict);
   };
 })()`;
