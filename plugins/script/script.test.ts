@@ -217,6 +217,7 @@ switch (sender) {
   case 'throw': throw new Error('boom');
   case 'garbage': return { action: 'explode' };
   case 'nothing': return;
+  case 'huge': return 'x'.repeat(1 << 20);
   case 'mutate': envelope.sender.domain = 'elsewhere.test'; return 'continue';
   case 'require': return require('fs');
   case 'exit': process.exit(0); return 'continue';
@@ -330,6 +331,7 @@ describe('script: hostile scripts', () => {
     await refusedAndReplaced('throw@hostile.test', /the script threw: Error: boom/);
     await refusedAndReplaced('garbage@hostile.test', /no valid verdict/);
     await refusedAndReplaced('nothing@hostile.test', /no valid verdict/);
+    await refusedAndReplaced('huge@hostile.test', /broke the protocol: a reply line is too long/);
     await refusedAndReplaced(
       'mutate@hostile.test',
       /the script threw: TypeError: Cannot assign to read only property/,
