@@ -24,14 +24,14 @@ const MAX_SCRIPT_BYTES = 1024 * 1024;
 async function readScripts(
   config: ScriptConfig,
   baseDir: string,
-): Promise<{ name: string; path: string; source: string; hooks: ScriptHook[] }[]> {
+): Promise<{ name: string; source: string; hooks: ScriptHook[] }[]> {
   return Promise.all(
     config.scripts.map(async ({ file, hooks }) => {
       const path = resolve(baseDir, file);
       const size = (await stat(path)).size;
       if (size > MAX_SCRIPT_BYTES)
         throw new Error(`${file} is ${size} octets; a script may have at most ${MAX_SCRIPT_BYTES}`);
-      return { name: file, path, source: await readFile(path, 'utf8'), hooks };
+      return { name: file, source: await readFile(path, 'utf8'), hooks };
     }),
   );
 }
@@ -46,7 +46,7 @@ async function useNamespaces(
   if (mode === 'require') throw new Error(`namespaces: require, but ${why}`);
   log.warn(
     {},
-    `${why}: script processes run without network and PID namespaces; only Node's permission model and vm2 stand between a script and the network`,
+    `${why}: script processes run without network and PID namespaces, and only vm2 keeps a script off the network (Node 24's permission model does not cover it)`,
   );
   return false;
 }

@@ -12,7 +12,8 @@ import { fileURLToPath } from 'node:url';
  *    no script process outlives it, even after a SIGKILL; `no_new_privs`.
  * 2. `unshare` (util-linux), when namespaces are on: new user, network, PID and mount namespaces.
  *    The network namespace has no interface but a loopback that is down, so no IP traffic at all;
- *    in the PID namespace the script process sees and signals no other process.
+ *    in the PID namespace (with its own /proc) the script process sees and signals no other
+ *    process. Inside, it keeps Petrel's user id, so it holds no capability to undo any of this.
  * 3. `prlimit` (util-linux): `RLIMIT_DATA` bounds all the process's memory, V8 heap and array
  *    buffers alike (with `--jitless`, V8 reserves no code range, so a small limit works);
  *    `RLIMIT_FSIZE` 0 (no file can grow), `RLIMIT_CORE` 0 (no core dump holding mail),
