@@ -17,6 +17,8 @@ export { defineNote, Notes, type NoteKey } from './message/notes.js';
 export { Tokens, defineToken, type Token, type WorkerInfo } from './di/tokens.js';
 export { Petrel, type PetrelOptions } from './app.js';
 export { ConfigError } from './config/errors.js';
+/** A zod schema for a config duration: milliseconds, or a string such as `250ms`, `30s`, `5m`. */
+export { duration } from './config/schema.js';
 export type { Address } from './message/address.js';
 export type { Headers, HeaderField } from './message/headers.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
