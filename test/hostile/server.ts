@@ -176,6 +176,22 @@ export function seeded(seed: number): () => number {
 }
 
 /** The deadline log lines for a cause (`command`, `content` or `replies`), from `from` on. */
+/**
+ * Waits for the first log line of a deadline with this cause: a worker's lines reach the log
+ * through the primary, so one may arrive just after the client saw its connection close.
+ */
+export function deadlineLine(
+  petrel: PetrelProcess,
+  cause: string,
+  from = 0,
+): Promise<Record<string, unknown>> {
+  return petrel.waitForLog(
+    (l) => l.msg === 'deadline passed, closing connection' && l.deadline === cause,
+    10_000,
+    from,
+  );
+}
+
 export function deadlineLines(petrel: PetrelProcess, cause: string, from = 0): Record<string, unknown>[] {
   return petrel.logs
     .slice(from)
