@@ -1,9 +1,10 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { mailIds } from '../harness/maildir.js';
 import { SmtpClient } from '../harness/smtp-client.js';
 import { CLI, freePort, NODE } from './cli.js';
 
@@ -28,22 +29,6 @@ async function startCli(config: string, cwd: string, port: number): Promise<Chil
       await new Promise((r) => setTimeout(r, 100));
     }
   }
-}
-
-function mailIds(root: string): string[] {
-  const ids: string[] = [];
-  const walk = (dir: string): void => {
-    for (const e of readdirSync(dir, { withFileTypes: true })) {
-      const p = join(dir, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (/\/(new|cur)$/.test(dir)) {
-        const m = /^Message-ID: <([^>]+)>/im.exec(readFileSync(p, 'latin1'));
-        if (m) ids.push(m[1]!);
-      }
-    }
-  };
-  if (existsSync(root)) walk(root);
-  return ids;
 }
 
 describe('crash safety', () => {

@@ -1,9 +1,10 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
+import { mailIds } from '../harness/maildir.js';
 import { SmtpClient } from '../harness/smtp-client.js';
 import { petrel, PetrelProcess, type LogLine } from '../e2e/cli.js';
 
@@ -93,22 +94,6 @@ async function sendOne(port: number, n: number, to = `bob${n % 5}@hamburger.test
   } finally {
     c.close();
   }
-}
-
-function mailIds(root: string): string[] {
-  const ids: string[] = [];
-  const walk = (dir: string): void => {
-    for (const e of readdirSync(dir, { withFileTypes: true })) {
-      const p = join(dir, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (/\/(new|cur)$/.test(dir)) {
-        const m = /^Message-ID: <([^>]+)>/im.exec(readFileSync(p, 'latin1'));
-        if (m) ids.push(m[1]!);
-      }
-    }
-  };
-  if (existsSync(root)) walk(root);
-  return ids;
 }
 
 /** Waits until every id is in a Maildir; then checks none is there twice. */
