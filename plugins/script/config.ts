@@ -46,8 +46,12 @@ export const scriptConfigSchema = z
       .default(128 * 1024),
     /** May a script answer `accept`? Off: an untrusted script can refuse, never let through. */
     allowAccept: z.boolean().default(false),
-    /** Linux namespaces around each process (no network, no other processes in sight). */
-    namespaces: z.enum(['auto', 'require', 'off']).default('auto'),
+    /**
+     * Linux namespaces around each process (no network, no other processes in sight). Required by
+     * default: without them only vm2 keeps a script off the network, so running without them is
+     * something an operator chooses (`auto` or `off`), not something that happens quietly.
+     */
+    namespaces: z.enum(['auto', 'require', 'off']).default('require'),
     /** The verdict when a script fails: loops, runs out of memory, throws, returns garbage. */
     onFailure: failureDecision.default({
       action: 'defer',
