@@ -25,6 +25,13 @@ import type { Generation } from './generation.js';
 import { parseMailParams, parseRcptParams } from './params.js';
 import { ReadInterruptedError, ReadTimeoutError, SocketReader, type LineResult } from './reader.js';
 import { receivedValue } from './received.js';
+import {
+  deepFreeze,
+  SessionViewOf,
+  TransactionViewOf,
+  type SessionState,
+  type TransactionState,
+} from './views.js';
 import { formatReply } from './reply.js';
 
 /** What the listener tells a session about the server as a whole. */
@@ -32,10 +39,13 @@ export interface SessionHost {
   readonly shuttingDown: boolean;
 }
 
-class Transaction implements TransactionView {
+class Transaction implements TransactionState {
   readonly id = newId();
-  readonly recipients: Recipient[] = [];
   readonly notes = new Notes();
+  /** Recipients accepted so far, frozen: hooks get this array itself, through `view`. */
+  acceptedRecipients: readonly Recipient[] = Object.freeze([]);
+  /** What hooks get: a read-only view (views.ts). */
+  readonly view: TransactionView = new TransactionViewOf(this);
   /** Set once DATA or the first BDAT has passed the `data` hook. */
   dataStarted = false;
   usedBdat = false;
@@ -52,7 +62,18 @@ class Transaction implements TransactionView {
   constructor(
     readonly sender: Address | null,
     readonly mailParams: MailParams,
-  ) {}
+  ) {
+    deepFreeze(sender);
+    deepFreeze(mailParams);
+  }
+
+  get recipients(): readonly Recipient[] {
+    return this.acceptedRecipients;
+  }
+
+  addRecipient(r: Recipient): void {
+    this.acceptedRecipients = Object.freeze([...this.acceptedRecipients, deepFreeze(r)]);
+  }
 }
 
 class ClientGoneError extends Error {}
@@ -90,7 +111,7 @@ const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
  * plugins through hooks at each step, and turns their verdicts into replies. Replies are batched
  * until the client's pipelined commands are used up (RFC 2920).
  */
-export class SmtpSession implements SessionView {
+export class SmtpSession implements SessionState {
   readonly id = newId();
   readonly startedAt: Date;
   readonly notes = new Notes();
@@ -100,6 +121,8 @@ export class SmtpSession implements SessionView {
   helo: SessionView['helo'] = null;
   tls: TlsInfo | null = null;
   user: string | null = null;
+  /** What hooks get: a read-only view of this session (views.ts), never the session itself. */
+  readonly view: SessionView = new SessionViewOf(this);
 
   private socket: Duplex;
   private readonly reader = new SocketReader();
@@ -123,9 +146,12 @@ export class SmtpSession implements SessionView {
   ) {
     this.socket = raw;
     this.startedAt = gen.clock.now();
-    this.remote = { address: raw.remoteAddress ?? '', port: raw.remotePort ?? 0 };
-    this.local = { address: raw.localAddress ?? '', port: raw.localPort ?? 0 };
-    this.listener = { kind: listenerConfig.kind, name: listenerConfig.name ?? listenerConfig.kind };
+    this.remote = Object.freeze({ address: raw.remoteAddress ?? '', port: raw.remotePort ?? 0 });
+    this.local = Object.freeze({ address: raw.localAddress ?? '', port: raw.localPort ?? 0 });
+    this.listener = Object.freeze({
+      kind: listenerConfig.kind,
+      name: listenerConfig.name ?? listenerConfig.kind,
+    });
     this.runner = gen.plugins.runner;
     this.limits = { ...gen.config.limits, ...listenerConfig.limits };
     raw.setNoDelay(true);
@@ -390,7 +416,7 @@ export class SmtpSession implements SessionView {
   // ---------------------------------------------------------------- dispatch
 
   private base(): CallContext<'connect'> {
-    return { session: this };
+    return { session: this.view };
   }
 
   private async command(line: Buffer): Promise<void> {
@@ -466,7 +492,7 @@ export class SmtpSession implements SessionView {
       return;
     }
     const { verdict, plugin } = await this.runner.verdict('unrecognized_command', {
-      session: this,
+      session: this.view,
       verb,
       args,
     });
@@ -496,7 +522,7 @@ export class SmtpSession implements SessionView {
     }
     // RFC 5321 §4.1.4: HELO/EHLO resets the transaction.
     if (this.tx) await this.endTransaction('aborted');
-    const { verdict, plugin } = await this.runner.verdict('helo', { session: this, verb, hostname });
+    const { verdict, plugin } = await this.runner.verdict('helo', { session: this.view, verb, hostname });
     this.logVerdict('helo', verdict, plugin, { hostname });
     if (this.replyRefusal(verdict) || verdict.kind === 'deny' || verdict.kind === 'defer') {
       this.helo = null;
@@ -520,7 +546,7 @@ export class SmtpSession implements SessionView {
     ];
     if (this.gen.tls && !this.tls) words.push('STARTTLS');
     if (this.authOffered()) words.push('AUTH PLAIN LOGIN');
-    words.push(...(await this.runner.capabilities({ session: this })));
+    words.push(...(await this.runner.capabilities({ session: this.view })));
     this.reply(250, null, [greeting, ...words]);
   }
 
@@ -556,8 +582,8 @@ export class SmtpSession implements SessionView {
     }
     const tx = new Transaction(path.address, params.value);
     const { verdict, plugin } = await this.runner.verdict('mail', {
-      session: this,
-      transaction: tx,
+      session: this.view,
+      transaction: tx.view,
       sender: path.address,
       params: params.value,
     });
@@ -608,14 +634,14 @@ export class SmtpSession implements SessionView {
     const params = parseRcptParams(path.rest);
     if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
     const { verdict, plugin } = await this.runner.verdict('rcpt', {
-      session: this,
-      transaction: tx,
+      session: this.view,
+      transaction: tx.view,
       recipient,
       params: params.value,
     });
     this.logVerdict('rcpt', verdict, plugin, { tx: tx.id, to: recipient.address });
     if (verdict.kind === 'accept') {
-      tx.recipients.push({ address: recipient, params: params.value satisfies RecipientParams });
+      tx.addRecipient({ address: recipient, params: params.value satisfies RecipientParams });
       const r = verdict.reply;
       this.reply(r?.code ?? 250, r?.enhanced ?? '2.1.5', r?.text ?? 'Recipient OK');
       return;
@@ -640,7 +666,10 @@ export class SmtpSession implements SessionView {
       this.reply(554, '5.5.1', 'No valid recipients');
       return false;
     }
-    const { verdict, plugin } = await this.runner.verdict('data', { session: this, transaction: tx });
+    const { verdict, plugin } = await this.runner.verdict('data', {
+      session: this.view,
+      transaction: tx.view,
+    });
     this.logVerdict('data', verdict, plugin, { tx: tx.id });
     if (verdict.kind !== 'accept' && verdict.kind !== 'proceed') {
       this.replyRefusal(verdict);
@@ -791,7 +820,7 @@ export class SmtpSession implements SessionView {
     message.prepend(
       'Received',
       receivedValue({
-        session: this,
+        session: this.view,
         hostname: this.gen.config.hostname,
         id: tx.id,
         utf8: tx.mailParams.smtputf8,
@@ -800,8 +829,8 @@ export class SmtpSession implements SessionView {
       }),
     );
     const post = await this.runner.verdict('data_post', {
-      session: this,
-      transaction: tx,
+      session: this.view,
+      transaction: tx.view,
       message,
       prependHeader: (name, value) => message.prepend(name, value),
     });
@@ -810,7 +839,7 @@ export class SmtpSession implements SessionView {
       this.replyRefusal(post.verdict);
       return this.endTransaction('rejected');
     }
-    const queued = await this.runner.verdict('queue', { session: this, transaction: tx, message });
+    const queued = await this.runner.verdict('queue', { session: this.view, transaction: tx.view, message });
     if (queued.verdict.kind === 'accept') {
       const r = queued.verdict.reply;
       this.reply(r?.code ?? 250, r?.enhanced ?? '2.0.0', r?.text ?? `Ok: queued as ${tx.id}`);
@@ -844,7 +873,7 @@ export class SmtpSession implements SessionView {
     if (!tx) return;
     this.tx = null;
     try {
-      await this.runner.notify('reset', { session: this, transaction: tx, outcome });
+      await this.runner.notify('reset', { session: this.view, transaction: tx.view, outcome });
     } finally {
       // The queue owner has its own durable copy (or moved the file); the rest belongs to no one.
       await tx.body?.discard().catch((err: unknown) => this.log.warn({ err }, 'could not remove spool file'));
@@ -962,7 +991,7 @@ export class SmtpSession implements SessionView {
       password = pass;
     }
     const { verdict, plugin } = await this.runner.verdict('auth', {
-      session: this,
+      session: this.view,
       mechanism,
       username,
       password,

@@ -2,6 +2,7 @@
  * A harness for plugin authors: set a plugin up and run one of its hooks with a made-up context,
  * no server and no sockets. `import { runHook, session, transaction, address } from 'petrel/testing'`.
  */
+import { deepFreeze, SessionViewOf, TransactionViewOf } from '../smtp/views.js';
 import 'reflect-metadata';
 import pino, { type Logger } from 'pino';
 import type { z } from 'zod';
@@ -29,9 +30,12 @@ export function address(text: string): Address {
   return r.address;
 }
 
-/** A session as plugins see it; override any field. */
+/**
+ * A session as plugins see it — the same read-only view the engine hands hooks, so a plugin that
+ * assigns to it fails here as it would in a server; override any field.
+ */
 export function session(over: Partial<SessionView> = {}): SessionView {
-  return {
+  return new SessionViewOf({
     id: 'TESTSESSION',
     remote: { address: '192.0.2.10', port: 40000 },
     local: { address: '127.0.0.1', port: 25 },
@@ -42,15 +46,15 @@ export function session(over: Partial<SessionView> = {}): SessionView {
     startedAt: new Date(),
     notes: new Notes(),
     ...over,
-  };
+  });
 }
 
-/** A transaction as plugins see it; `sender` and `recipients` take address text. */
+/** A transaction as plugins see it (a read-only view); `sender` and `recipients` take address text. */
 export function transaction(
   over: { sender?: string | null; recipients?: string[] } & Partial<TransactionView> = {},
 ): TransactionView {
   const { sender = 'alice@crepes.test', recipients = [], ...rest } = over;
-  return {
+  const state = {
     id: 'TESTTX',
     sender: sender === null ? null : address(sender),
     mailParams: { smtputf8: false },
@@ -58,6 +62,7 @@ export function transaction(
     notes: new Notes(),
     ...rest,
   };
+  return new TransactionViewOf({ ...state, acceptedRecipients: deepFreeze([...state.recipients]) });
 }
 
 /**

@@ -311,6 +311,85 @@ describe('hooks drive the session', () => {
     }
   });
 
+  it('hooks get a read-only view of the session: setting the user fails the hook, and there is no socket to reach', async () => {
+    const seen: Record<string, unknown> = {};
+    const srv = await startServer({
+      plugins: [
+        definePlugin({
+          name: 'meddler',
+          setup: () => ({
+            // As a JavaScript plugin would, with nothing from TypeScript to stop it.
+            mail: async ({ session }) => {
+              const s = session as unknown as Record<string, unknown>;
+              seen.keys = Object.keys(s);
+              seen.socket = s.socket ?? s.raw ?? s.reader;
+              seen.frozen = Object.isFrozen(s);
+              s.user = 'postmaster@example.test'; // throws: the hook fails
+              return proceed();
+            },
+          }),
+        }),
+        acceptAllRecipients,
+      ],
+    });
+    try {
+      const c = await greeted(srv.port);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<a@example.test>', /^451 4\.3\.0 /);
+      assert.deepEqual(seen.keys, []);
+      assert.equal(seen.socket, undefined);
+      assert.equal(seen.frozen, true);
+      assert.ok(
+        srv.logs.some((l) => l.msg === 'hook failed' && l.plugin === 'meddler' && l.hook === 'mail'),
+        'the assignment failed the hook, and the log says which',
+      );
+      c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('a transaction view cannot be changed by a plugin', async () => {
+    const seen: Record<string, unknown> = {};
+    const srv = await startServer({
+      plugins: [
+        definePlugin({
+          name: 'meddler',
+          setup: () => ({
+            rcpt: async ({ session, transaction }) => {
+              seen.user = session.user;
+              try {
+                (transaction.recipients as unknown as unknown[]).push({ address: 'x@evil.test' });
+              } catch (err) {
+                seen.push = (err as Error).name;
+              }
+              try {
+                (transaction.sender as unknown as Record<string, unknown>).domain = 'evil.test';
+              } catch (err) {
+                seen.sender = (err as Error).name;
+              }
+              return proceed();
+            },
+          }),
+        }),
+        acceptAllRecipients,
+        memoryQueue([]),
+      ],
+    });
+    try {
+      const c = await greeted(srv.port);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<a@example.test>', /^250 /);
+      await c.cmd('RCPT TO:<b@example.test>', /^250 /);
+      assert.equal(seen.user, null);
+      assert.equal(seen.push, 'TypeError');
+      assert.equal(seen.sender, 'TypeError');
+      c.close();
+    } finally {
+      await srv.close();
+    }
+  });
+
   it('disconnect verdict replies and closes', async () => {
     const srv = await startServer({
       plugins: [
