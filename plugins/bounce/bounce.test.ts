@@ -430,6 +430,7 @@ describe('bounce: the hooks alone', () => {
         return 'R1';
       },
       get: () => null,
+      settings: { lifetime: 5 * 86_400_000, retryDelays: [300_000], repeatLast: true },
     }) as unknown as QueueService;
   const signal = new AbortController().signal;
 

@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import { definePlugin } from '../../core/plugins/define.js';
 import { Tokens } from '../../core/di/tokens.js';
-import { duration, type PetrelConfig } from '../../core/config/schema.js';
+import { duration } from '../../core/config/schema.js';
 import type {
   DeliveryRecipient,
   QueuedMessageView,
@@ -18,7 +18,6 @@ import type {
 } from '../../core/hooks/catalogue.js';
 import { makeAddress, type Address } from '../../core/message/address.js';
 import { newId } from '../../core/util/ids.js';
-import { parseDuration } from '../../core/util/duration.js';
 import { Queue, type QueueService } from '../queue/api.js';
 import { buildReport, readOriginal, type Action, type ReportRecipient, type Returned } from './report.js';
 import { WarnedLog } from './warned.js';
@@ -72,25 +71,6 @@ interface Batch {
 
 const STATUS = /^[245]\.\d{1,3}\.\d{1,3}$/;
 
-/** The queue's lifetime from its config entry (for Will-Retry-Until), or null when not known. */
-export function queueLifetime(config: PetrelConfig): number | null {
-  for (const entry of config.plugins) {
-    const name = typeof entry === 'string' ? entry : entry.name;
-    if (name !== 'queue') continue;
-    if (typeof entry !== 'string' && entry.enabled === false) continue;
-    const given =
-      typeof entry === 'string' ? undefined : (entry.config as { lifetime?: unknown } | undefined);
-    const lifetime = given?.lifetime;
-    try {
-      // The queue's documented default.
-      return parseDuration(typeof lifetime === 'string' || typeof lifetime === 'number' ? lifetime : '5d');
-    } catch {
-      return null;
-    }
-  }
-  return null;
-}
-
 /** NOTIFY (RFC 3461 §4.1): absent means FAILURE and DELAY at the MTA's discretion; NEVER means none. */
 function wants(recipient: DeliveryRecipient, what: 'SUCCESS' | 'FAILURE' | 'DELAY'): boolean {
   const notify = recipient.params.notify;
@@ -109,7 +89,6 @@ export default definePlugin({
         : resolve(baseDir, config.dir)
       : join(core.spool.dir, 'bounce');
     const postmaster = makeAddress('postmaster', core.localDomains[0] ?? hostname);
-    const lifetime = queueLifetime(core);
     const delayWarning = config.delayWarning === false ? 0 : config.delayWarning;
     const relayed = new Set(config.relayedTransports);
     const warned =
@@ -152,7 +131,7 @@ export default definePlugin({
       if (!batch) return Promise.resolve();
       pending.delete(key);
       if (batch.timer) clearTimeout(batch.timer);
-      const p = send(batch, { log, hostname, postmaster, lifetime, getQueue })
+      const p = send(batch, { log, hostname, postmaster, getQueue })
         .catch((err: unknown) =>
           log.error({ err, queueId: batch.message.id }, 'could not queue a delivery report; it is lost'),
         )
@@ -259,7 +238,6 @@ interface SendContext {
   readonly log: Logger;
   readonly hostname: string;
   readonly postmaster: Address;
-  readonly lifetime: number | null;
   readonly getQueue: () => QueueService;
 }
 
@@ -269,8 +247,8 @@ async function send(batch: Batch, ctx: SendContext): Promise<void> {
   const audience = message.sender === null ? 'postmaster' : 'sender';
   const to = message.sender ?? ctx.postmaster;
   const returned = await batch.returned;
-  const willRetryUntil =
-    ctx.lifetime === null ? undefined : new Date(message.receivedAt.getTime() + ctx.lifetime);
+  // The queue says how long it keeps a message (RFC 3464 §2.3.9 Will-Retry-Until).
+  const willRetryUntil = new Date(message.receivedAt.getTime() + ctx.getQueue().settings.lifetime);
   const recipients: ReportRecipient[] = batch.items.map((item) => ({
     address: item.recipient.address,
     ...(item.recipient.params.orcpt ? { orcpt: item.recipient.params.orcpt } : {}),

@@ -45,8 +45,20 @@ export interface MessageSummary {
   readonly recipients: readonly RecipientSummary[];
 }
 
+/** How the queue treats a message; other plugins read it here, not from the queue's config. */
+export interface QueueSettings {
+  /** How long a message may wait before its undelivered recipients fail, in milliseconds. */
+  readonly lifetime: number;
+  /** The delays between attempts, in milliseconds. */
+  readonly retryDelays: readonly number[];
+  /** Whether the last delay repeats until the lifetime runs out (`30m...`). */
+  readonly repeatLast: boolean;
+}
+
 /** The queue as other plugins and the administration commands see it. */
 export interface QueueService {
+  /** The lifetime and retry schedule in force (for a report's Will-Retry-Until, say). */
+  readonly settings: QueueSettings;
   /** Stores a new message durably (resolves after fsync) and schedules it now. Returns its id. */
   submit(message: Submission): Promise<string>;
   /** Every message not yet final. */

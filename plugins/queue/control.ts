@@ -4,7 +4,20 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { SocketReader, writeDrained } from '../../core/index.js';
 import type { MessageSummary, RecipientSummary } from './api.js';
-import type { QueueEngine } from './engine.js';
+
+/**
+ * What the control socket needs of a queue part. The engine provides it; this module does not
+ * know the engine, so the two depend on each other in one direction only (engine → control).
+ */
+export interface ControlTarget {
+  list(): MessageSummary[];
+  get(id: string): MessageSummary | null;
+  /** The message's header section as stored, cut at a limit. */
+  headers(id: string): Promise<string>;
+  flushMessages(target: { id?: string; domain?: string }): { flushed: string[]; held: string[] };
+  hold(id: string, held: boolean): Promise<MessageSummary | null>;
+  end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null>;
+}
 
 /** The control socket's name inside the queue folder. */
 export const CONTROL_SOCKET = 'control.sock';
@@ -132,7 +145,7 @@ export class ControlServer {
     await rm(path, { force: true });
   }
 
-  static async listen(dir: string, engine: QueueEngine, log: Logger): Promise<ControlServer> {
+  static async listen(dir: string, engine: ControlTarget, log: Logger): Promise<ControlServer> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
     const path = join(dir, CONTROL_SOCKET);
     await rm(path, { force: true });
@@ -162,7 +175,7 @@ export class ControlServer {
     return control;
   }
 
-  private serve(socket: Socket, engine: QueueEngine, log: Logger): void {
+  private serve(socket: Socket, engine: ControlTarget, log: Logger): void {
     this.sockets.add(socket);
     socket.on('error', () => undefined);
     socket.on('close', () => this.sockets.delete(socket));
@@ -180,7 +193,7 @@ export class ControlServer {
   private async converse(
     socket: Socket,
     reader: SocketReader,
-    engine: QueueEngine,
+    engine: ControlTarget,
     log: Logger,
   ): Promise<void> {
     const respond = (r: ControlResponse): Promise<'ok' | 'closed' | 'timeout'> =>
@@ -223,7 +236,7 @@ export class ControlServer {
   }
 }
 
-async function handle(engine: QueueEngine, req: ControlRequest): Promise<ControlResponse> {
+async function handle(engine: ControlTarget, req: ControlRequest): Promise<ControlResponse> {
   const now = new Date().toISOString();
   const missing = (id: string): ControlResponse => ({
     ok: false,

@@ -10,7 +10,7 @@ import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
 import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
-import { ControlServer } from './control.js';
+import { ControlServer, type ControlTarget } from './control.js';
 import { lockPart } from './lock.js';
 
 export interface EngineOptions {
@@ -39,7 +39,7 @@ function replyText(text: string | readonly string[]): string {
  * old set still serves sessions: both share this engine (by directory), and deliveries run
  * through the hooks of the newest plugin set. It closes when the last user releases it.
  */
-export class QueueEngine {
+export class QueueEngine implements ControlTarget {
   private static readonly open = new Map<string, { engine: QueueEngine; users: number }>();
 
   private readonly ready = new Set<string>();

@@ -84,10 +84,12 @@ export default definePlugin({
         : resolve(baseDir, config.dir)
       : join(core.spool.dir, 'queue');
     const worker = resolveService(Tokens.Worker);
+    const schedule = parseSchedule(config.retry);
+    const lifetime = parseDuration(config.lifetime);
     const options = {
       log,
-      schedule: parseSchedule(config.retry),
-      lifetime: parseDuration(config.lifetime),
+      schedule,
+      lifetime,
       concurrency: config.concurrency,
       segmentSize: config.segmentSize,
       memoryCache: config.memoryCache,
@@ -103,6 +105,7 @@ export default definePlugin({
     /** The engine holding a message, if any. */
     const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.get(id) !== null);
     provide(Queue, {
+      settings: Object.freeze({ lifetime, retryDelays: schedule.delays, repeatLast: schedule.repeatLast }),
       async submit(message) {
         const id = newId();
         await engine.accept(

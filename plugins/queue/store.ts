@@ -107,6 +107,16 @@ function memoryStream(chunks: readonly Buffer[]): Readable {
  * The queue's contents: every message not yet final, with per-recipient state, rebuilt from the
  * journal at start. Bodies are written once (into the journal, or as a blob file for large
  * messages); every state change is a small record appended after them.
+ *
+ * Contract, for the engine (its only user):
+ * - `add` resolves only once the message and its envelope are on stable storage; it rejects
+ *   (nothing kept) on a write error, which the caller turns into a 4xx.
+ * - `update` changes a recipient's recorded state only after the State record is on disk; on a
+ *   write error it rejects and the entry is as before, so the caller retries. A message whose
+ *   recipients are all final is forgotten then, but its files stay until `discard`.
+ * - Records are applied in journal order at `open`; damaged ones are set aside (journal.ts), never
+ *   dropped silently, and after damage every waiting recipient counts as maybe delivered.
+ * - One process at a time: the engine holds the part's lock while the store is open.
  */
 export class QueueStore {
   readonly entries = new Map<string, Entry>();
