@@ -2,7 +2,14 @@
  * Petrel's public API: what `import … from 'petrel'` gives a plugin file anywhere on disk.
  */
 export { z } from 'zod';
-export { definePlugin, type PluginApi, type PluginDefinition, type PluginHooks } from './plugins/define.js';
+export {
+  definePlugin,
+  TRANSFORM_PHASES,
+  type PluginApi,
+  type PluginDefinition,
+  type PluginHooks,
+  type TransformPhase,
+} from './plugins/define.js';
 export {
   proceed,
   accept,

@@ -49,9 +49,19 @@ export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
    * slow by nature (a transport talking to remote servers). A config entry's `timeout` still wins.
    */
   readonly hookTimeout?: number;
+  /**
+   * Where this plugin's `transform` runs in the chain: every `rewrite` transform (a 7-bit
+   * downgrade, a footer) before every `sign` transform (DKIM, an ARC seal), whatever the config
+   * order; config order holds within a phase. Default `rewrite`.
+   */
+  readonly transformPhase?: TransformPhase;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
   readonly [BRAND]: true;
 }
+
+/** The phases of the transform chain, in the order they run. */
+export const TRANSFORM_PHASES = ['rewrite', 'sign'] as const;
+export type TransformPhase = (typeof TRANSFORM_PHASES)[number];
 
 /**
  * Declares a plugin. The config schema (zod, re-exported as `z` from `petrel`) is checked at boot;
@@ -75,6 +85,7 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
   name: string;
   config?: S;
   hookTimeout?: number;
+  transformPhase?: TransformPhase;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
 }): PluginDefinition<S> {
   if (typeof def?.name !== 'string' || !/^[a-z0-9][a-z0-9-_.]*$/i.test(def.name)) {
@@ -82,6 +93,11 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
   }
   if (typeof def.setup !== 'function')
     throw new TypeError(`definePlugin(${def.name}): setup must be a function`);
+  if (def.transformPhase !== undefined && !TRANSFORM_PHASES.includes(def.transformPhase)) {
+    throw new TypeError(
+      `definePlugin(${def.name}): transformPhase must be one of ${TRANSFORM_PHASES.join(', ')}, got ${JSON.stringify(def.transformPhase)}`,
+    );
+  }
   return Object.freeze({ ...def, [BRAND]: true as const });
 }
 

@@ -8,7 +8,7 @@ import { ConfigError, zodToConfigError } from '../config/errors.js';
 import type { PetrelConfig, PluginEntry } from '../config/schema.js';
 import { HOOK_NAMES, isHookName, type HookName, type Hooks } from '../hooks/catalogue.js';
 import { HookRunner, type RegisteredHook } from '../hooks/runner.js';
-import { isPluginDefinition, type PluginDefinition } from './define.js';
+import { isPluginDefinition, TRANSFORM_PHASES, type PluginDefinition } from './define.js';
 import { resolveToken, type Token } from '../di/tokens.js';
 
 export type PluginSource = 'built-in' | 'package' | 'file' | 'inline';
@@ -240,6 +240,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const loaded: LoadedPlugin[] = [];
   const closers: { plugin: string; fn: () => void | Promise<void> }[] = [];
   const seen = new Set<string>();
+  const definitions: PluginDefinition[] = [];
   // Once the build has failed, a setup still running (one that missed its deadline) may yet
   // register something to close: it is closed at once, so a refused reload leaves nothing open.
   let abandoned = false;
@@ -271,6 +272,12 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
       );
       const name = definition.name;
       const label = `${key} (${name})`;
+      if (definition.transformPhase !== undefined && !TRANSFORM_PHASES.includes(definition.transformPhase))
+        throw ConfigError.one(
+          file,
+          label,
+          `expected transformPhase to be one of ${TRANSFORM_PHASES.join(', ')}`,
+        );
       if (seen.has(name))
         throw ConfigError.one(file, label, `expected each plugin once; "${name}" is listed twice`);
       seen.add(name);
@@ -337,12 +344,21 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
         names.push(hookName);
       }
       loaded.push({ name, source, location, hooks: names });
+      definitions.push(definition);
     }
   } catch (err) {
     abandoned = true;
     await partial.retire();
     throw err;
   }
+  // Transforms run by phase (rewrite before sign), in config order within a phase: a signer can
+  // never see a message that a later transform would still change. The sort is stable.
+  const phaseOf = new Map(
+    definitions.map((d) => [d.name, TRANSFORM_PHASES.indexOf(d.transformPhase ?? 'rewrite')]),
+  );
+  (table.transform as RegisteredHook<'transform'>[]).sort(
+    (a, b) => (phaseOf.get(a.plugin) ?? 0) - (phaseOf.get(b.plugin) ?? 0),
+  );
   markReady();
   return new PluginSet(runner, loaded, closers, log);
 }

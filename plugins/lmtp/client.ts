@@ -5,7 +5,7 @@
 import { connect, type Socket } from 'node:net';
 import { addAbortSignal, type Readable } from 'node:stream';
 import type { Address } from '../../core/message/address.js';
-import type { MailParams } from '../../core/hooks/catalogue.js';
+import type { MailParams, PeerCapabilities } from '../../core/hooks/catalogue.js';
 import {
   dotStuffed,
   MalformedReplyError,
@@ -41,8 +41,12 @@ export interface LmtpRequest {
   readonly mailParams: MailParams;
   readonly size: number;
   readonly recipients: readonly Address[];
-  /** The message as stored (CRLF lines); streamed, dot-stuffed on the way. */
-  readonly content: () => Readable;
+  /**
+   * The message to send (CRLF lines), made once the server's capabilities are known and before
+   * MAIL, so that a failure to make it (the transform chain) costs no half-sent transaction.
+   * Streamed, dot-stuffed on the way; the client destroys it when the transaction ends.
+   */
+  readonly content: (peer: PeerCapabilities) => Readable | Promise<Readable>;
 }
 
 export interface LmtpOutcome {
@@ -166,6 +170,7 @@ export async function lmtpTransaction(req: LmtpRequest): Promise<LmtpOutcome> {
   const replies: (LmtpReply | null)[] = req.recipients.map(() => null);
   const all = (r: LmtpReply): void => replies.forEach((_, i) => (replies[i] ??= r));
   let conn: Connection;
+  let content: Readable | null = null;
   try {
     conn = await Connection.open(req.destination, timeouts.connect, req.signal);
   } catch (err) {
@@ -184,6 +189,7 @@ export async function lmtpTransaction(req: LmtpRequest): Promise<LmtpOutcome> {
       all(NO_SMTPUTF8);
       return { replies, error: null, connected: true };
     }
+    content = await req.content({ eightBitMime: caps.has('8BITMIME'), smtputf8: caps.has('SMTPUTF8') });
     let mail = `MAIL FROM:<${req.sender?.address ?? ''}>`;
     if (req.mailParams.body === '8BITMIME' && caps.has('8BITMIME')) mail += ' BODY=8BITMIME';
     if (utf8) mail += ' SMTPUTF8';
@@ -223,8 +229,8 @@ export async function lmtpTransaction(req: LmtpRequest): Promise<LmtpOutcome> {
         for (const i of accepted) replies[i] = data;
       } else {
         // A stalled read of the spool ends too when the hook's time is up.
-        const content = addAbortSignal(req.signal, req.content());
-        for await (const chunk of dotStuffed(content)) await conn.write(chunk, timeouts.data);
+        const stream = addAbortSignal(req.signal, content);
+        for await (const chunk of dotStuffed(stream)) await conn.write(chunk, timeouts.data);
         // RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
         for (const i of accepted) {
           const reply = await conn.reply(timeouts.final);
@@ -238,6 +244,7 @@ export async function lmtpTransaction(req: LmtpRequest): Promise<LmtpOutcome> {
   } catch (err) {
     return { replies, error: err as Error, connected: true };
   } finally {
+    content?.destroy();
     conn.close();
   }
 }

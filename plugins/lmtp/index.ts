@@ -3,6 +3,7 @@
  * and route, a result per recipient from the server's own replies. See README.md.
  */
 import { isAbsolute, resolve } from 'node:path';
+import type { Readable } from 'node:stream';
 import { z } from 'zod';
 import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
 import { proceed, routeTo } from '../../core/hooks/verdict.js';
@@ -83,6 +84,7 @@ export default definePlugin({
 
       async deliver({ route, recipients, message, signal }) {
         if (route.transport !== 'lmtp') return { kind: 'proceed' };
+        let source: Readable | null = null;
         const outcome = await lmtpTransaction({
           destination,
           lhlo,
@@ -92,8 +94,12 @@ export default definePlugin({
           mailParams: message.mailParams,
           size: message.size,
           recipients: recipients.map((r) => r.address),
-          content: () => message.stream(),
-        });
+          // Every transport runs the same transform chain; the peer says what it takes.
+          content: (peer) => {
+            source = message.stream();
+            return api.hooks.transform({ message, route, peer, content: source });
+          },
+        }).finally(() => (source as Readable | null)?.destroy());
         if (outcome.error)
           log.warn({ queueId: message.id, lmtp: where, err: outcome.error }, 'LMTP transaction failed');
         // Whoever nothing decided is tried again; the client sees generic text, the log the cause.

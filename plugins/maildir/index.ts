@@ -4,7 +4,7 @@
  */
 import { mkdirSync, chownSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
-import { addAbortSignal } from 'node:stream';
+import { addAbortSignal, type Readable } from 'node:stream';
 import { z } from 'zod';
 import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
 import { deny, proceed, routeTo } from '../../core/hooks/verdict.js';
@@ -15,6 +15,8 @@ import type {
   QueuedMessageView,
   RecipientReply,
   RecipientResult,
+  PeerCapabilities,
+  Route,
 } from '../../core/hooks/catalogue.js';
 import { Directory, type DirectoryService } from '../users/directory.js';
 import {
@@ -80,14 +82,28 @@ function traceHeaders(sender: Address | null, recipient: Address): Buffer {
   );
 }
 
-/** The trace headers, then the message; a stalled read ends when the hook's time is up. */
+/** A mailbox takes any octets: 8-bit content and UTF-8 headers (RFC 6152, RFC 6531) as stored. */
+const MAILBOX: PeerCapabilities = Object.freeze({ eightBitMime: true, smtputf8: true });
+
+/**
+ * The trace headers, then the message as the transform chain makes it (every transport runs the
+ * same chain); a stalled read ends when the hook's time is up. The stored stream is closed
+ * whatever becomes of the copy.
+ */
 async function* withHeaders(
   headers: Buffer,
   message: QueuedMessageView,
+  transformed: (content: Readable) => Promise<Readable>,
   signal: AbortSignal,
 ): AsyncIterable<Uint8Array> {
-  yield headers;
-  yield* addAbortSignal(signal, message.stream()) as AsyncIterable<Uint8Array>;
+  const source = message.stream();
+  try {
+    const content = await transformed(source);
+    yield headers;
+    yield* addAbortSignal(signal, content) as AsyncIterable<Uint8Array>;
+  } finally {
+    source.destroy();
+  }
 }
 
 /**
@@ -152,10 +168,13 @@ export default definePlugin({
 
     const deliverOne = async (
       message: QueuedMessageView,
+      route: Route,
       recipient: DeliveryRecipient,
       mailboxes: readonly Mailbox[],
       signal: AbortSignal,
     ): Promise<RecipientResult> => {
+      const transformed = (content: Readable): Promise<Readable> =>
+        api.hooks.transform({ message, route, peer: MAILBOX, content });
       const rcpt = recipient.address.address;
       const key = deliveryKey(message.id, rcpt);
       // A retry may follow an attempt that wrote some copies (a crash, or a later mailbox of an
@@ -170,7 +189,12 @@ export default definePlugin({
             log.info({ queueId: message.id, rcpt, file: earlier }, 'already delivered, not writing again');
             continue;
           }
-          const file = await store.deliver(where, key, withHeaders(headers, message, signal), signal);
+          const file = await store.deliver(
+            where,
+            key,
+            withHeaders(headers, message, transformed, signal),
+            signal,
+          );
           log.debug({ queueId: message.id, rcpt, file }, 'delivered');
         }
         return { recipient: rcpt, status: 'delivered', reply: reply(250, '2.0.0', 'Delivered') };
@@ -210,7 +234,7 @@ export default definePlugin({
         if (route.transport !== 'maildir') return { kind: 'proceed' };
         const mailboxes = checkMailboxes(route.data.mailboxes);
         const results: RecipientResult[] = [];
-        for (const r of recipients) results.push(await deliverOne(message, r, mailboxes, signal));
+        for (const r of recipients) results.push(await deliverOne(message, route, r, mailboxes, signal));
         return { kind: 'results', results };
       },
     };

@@ -15,11 +15,13 @@ export const mime7bitConfigSchema = z
  * or no UTF-8 header text (no SMTPUTF8, RFC 6531). 8-bit parts are re-encoded, text as
  * quoted-printable and anything else as base64; 8-bit header text becomes RFC 2047 encoded
  * words. The MIME structure, nested messages and every header field stay. It streams: the
- * message is never held whole. List it before any plugin that signs the message.
+ * message is never held whole. It runs in the `rewrite` phase, so always before a signer.
  */
 export default definePlugin({
   name: 'mime-7bit',
   config: mime7bitConfigSchema,
+  // A downgrade changes the octets: it must come before anything that signs them.
+  transformPhase: 'rewrite',
   setup({ config, log }) {
     return {
       async transform({ message, peer, content }) {
