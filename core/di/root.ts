@@ -55,8 +55,17 @@ export function stateTarget(config: PetrelConfig): string {
  */
 export function openState(config: PetrelConfig, file: string, log: Logger): StateStore {
   const redis = config.state.redis;
-  if (config.state.backend === 'redis' && redis)
-    return new RedisState({ url: redis.url, prefix: redis.prefix, timeoutMs: redis.timeout, log });
+  if (config.state.backend === 'redis' && redis) {
+    try {
+      return new RedisState({ url: redis.url, prefix: redis.prefix, timeoutMs: redis.timeout, log });
+    } catch (err) {
+      throw ConfigError.one(
+        file,
+        'state.redis.url',
+        `expected a Redis URL the client accepts: ${(err as Error).message}`,
+      );
+    }
+  }
   const path = statePath(config);
   try {
     return new SqliteState({ path, log });
