@@ -375,4 +375,28 @@ describe('users: one AUTH lockout for servers sharing a Redis', { skip: redisMis
     }
     assert.ok(a.logs.some((l) => l.msg === 'state: the Redis server is reachable again'));
   });
+
+  it('starts while Redis is unreachable, and fails AUTH closed', async () => {
+    const down = await startServer({
+      entries: [{ name: 'users', config: { usersFile: files.usersFile, auth: { delayMs: 0 } } }],
+      config: {
+        localDomains: ['hamburger.edu'],
+        // Port 1: nothing listens there.
+        state: { backend: 'redis' as const, redis: { url: 'redis://127.0.0.1:1', timeout: 300 } },
+      },
+    });
+    try {
+      const c = await starttls(down);
+      await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^451 4\.3\.0 /);
+      await c.cmd('NOOP', /^250 /);
+      c.close();
+      assert.ok(
+        down.logs.some(
+          (l) => l.plugin === 'users' && /the Redis server is unreachable/.test(JSON.stringify(l)),
+        ),
+      );
+    } finally {
+      await down.close();
+    }
+  });
 });
