@@ -161,8 +161,8 @@ export class RedisState implements StateStore {
     this.now = opts.now;
     this.client = createClient({
       url: opts.url,
-      // An operation while the connection is down fails now (and its caller fails closed) rather
-      // than waiting in a queue for a Redis that may not come back.
+      // No queue while the connection is down: an operation waits for the connection itself,
+      // within its deadline (see run), and is not sent at all once that has passed.
       disableOfflineQueue: true,
       socket: {
         connectTimeout: this.timeoutMs,
@@ -282,22 +282,22 @@ export class RedisState implements StateStore {
       arguments: [this.now ? String(this.now()) : '', ...argv],
     };
     let timer: NodeJS.Timeout | undefined;
+    let expired = false;
     // One deadline for the whole operation: waiting for the connection, then for the answer.
+    // (Once sent, an operation whose answer comes too late may still have been applied.)
     const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () =>
-          reject(
-            fail(
-              this.client.isReady
-                ? `the Redis server did not answer within ${this.timeoutMs} ms`
-                : 'the Redis server is unreachable',
-            ),
-          ),
-        this.timeoutMs,
-      );
+      timer = setTimeout(() => {
+        expired = true;
+        const why = this.client.isReady
+          ? `the Redis server did not answer within ${this.timeoutMs} ms`
+          : 'the Redis server is unreachable';
+        reject(fail(why));
+      }, this.timeoutMs);
     });
     const call = async (): Promise<unknown> => {
       await this.connected();
+      // The caller was already told it failed: do not apply it behind its back.
+      if (expired) return undefined;
       try {
         return await this.client.evalSha(script.sha, options);
       } catch (err) {

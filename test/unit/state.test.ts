@@ -341,6 +341,11 @@ describe('State service: the Redis store', { skip: redisMissing }, () => {
     await redis.start();
     await whenBack(() => a.set('test:outage', 'after', { ttlMs: 60_000 }));
     assert.equal(await a.get('test:outage'), 'after');
+    assert.equal(
+      await a.get('test:outage-count'),
+      null,
+      'an operation that failed while Redis was down is not applied once it is back',
+    );
   });
 
   it('rejects with a StateError when Redis does not answer within the timeout', async () => {
