@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import { ConfigError } from './config/errors.js';
 import { loadConfig, validateConfig, type LoadedConfig } from './config/load.js';
 import type { PetrelConfigInput } from './config/schema.js';
-import { buildContainer, openState, statePath } from './di/root.js';
+import { buildContainer, openState, stateTarget } from './di/root.js';
 import type { Spool } from './message/spool.js';
 import { resolveToken, Tokens, type WorkerInfo } from './di/tokens.js';
 import type { ConnectionGate } from './smtp/gate.js';
@@ -222,7 +222,7 @@ export class Petrel {
       if (sockets(next.config) !== sockets(this.gen.config)) {
         this.log.warn('listeners changed in the config; restart to apply them');
       }
-      if (statePath(next.config) !== statePath(this.gen.config)) {
+      if (stateTarget(next.config) !== stateTarget(this.gen.config)) {
         this.log.warn('state changed in the config; restart to apply it');
       }
     } catch (err) {

@@ -180,13 +180,51 @@ export const configSchema = z
     /**
      * Where the State service keeps what the workers share (counters, lockouts). `sqlite`: one
      * file that every worker of this server opens; `path` defaults to `<spool.dir>/state.sqlite`.
+     * `redis`: a Redis server named by `redis.url`, for servers on several machines.
      */
     state: z
       .object({
-        backend: z.enum(['sqlite']).default('sqlite'),
+        backend: z.enum(['sqlite', 'redis']).default('sqlite'),
         path: z.string().min(1).optional(),
+        redis: z
+          .object({
+            url: z.string().refine(
+              (u) => {
+                try {
+                  return ['redis:', 'rediss:'].includes(new URL(u).protocol);
+                } catch {
+                  return false;
+                }
+              },
+              { message: 'expected a URL such as redis://127.0.0.1:6379 or rediss://user:password@host' },
+            ),
+            /** Put before every key, so several servers or programs can share one Redis. */
+            prefix: z.string().default('petrel:'),
+            /** How long an operation waits for Redis's answer before it fails. */
+            timeout: duration
+              .refine((ms) => ms > 0, { message: 'expected a duration greater than 0' })
+              .default(2000),
+          })
+          .strict()
+          .optional(),
       })
       .strict()
+      .superRefine((s, ctx) => {
+        if (s.backend === 'redis' && !s.redis)
+          ctx.addIssue({
+            code: 'custom',
+            path: ['redis'],
+            message: 'expected redis: { url } with backend: redis',
+          });
+        if (s.backend === 'redis' && s.path)
+          ctx.addIssue({ code: 'custom', path: ['path'], message: 'expected no path with backend: redis' });
+        if (s.backend === 'sqlite' && s.redis)
+          ctx.addIssue({
+            code: 'custom',
+            path: ['backend'],
+            message: 'expected backend: redis to use redis',
+          });
+      })
       .default({ backend: 'sqlite' }),
     log: z
       .object({

@@ -8,6 +8,7 @@ import { Clock } from '../services/clock.js';
 import { DnsResolver } from '../services/dns.js';
 import { MetricsRegistry } from '../services/metrics.js';
 import type { StateStore } from '../services/state.js';
+import { RedisState } from '../services/state-redis.js';
 import { SqliteState } from '../services/state-sqlite.js';
 import { Tokens, type WorkerInfo } from './tokens.js';
 
@@ -38,13 +39,33 @@ export function statePath(config: PetrelConfig): string {
   return config.state.path ?? join(config.spool.dir, 'state.sqlite');
 }
 
+/** What the State store is opened on; a reload that changes it warns that a restart applies it. */
+export function stateTarget(config: PetrelConfig): string {
+  return config.state.backend === 'redis'
+    ? JSON.stringify(config.state.redis)
+    : `sqlite ${statePath(config)}`;
+}
+
 /**
  * Opens the State store the config names. A server opens it once per process, at start, and keeps
  * it across reloads (a lockout must not end because the config was reloaded); a changed `state`
  * section takes effect at the next start. A store that cannot be opened stops the start with a
- * message naming the key.
+ * message naming the key. A Redis server that cannot be reached does not: the store reconnects on
+ * its own and its operations fail (closed, for the callers) until Redis is back.
  */
 export function openState(config: PetrelConfig, file: string, log: Logger): StateStore {
+  const redis = config.state.redis;
+  if (config.state.backend === 'redis' && redis) {
+    try {
+      return new RedisState({ url: redis.url, prefix: redis.prefix, timeoutMs: redis.timeout, log });
+    } catch (err) {
+      throw ConfigError.one(
+        file,
+        'state.redis.url',
+        `expected a Redis URL the client accepts: ${(err as Error).message}`,
+      );
+    }
+  }
   const path = statePath(config);
   try {
     return new SqliteState({ path, log });

@@ -3,7 +3,8 @@
  * counters for limits, lockouts, greylisting entries, caches. Plugins get it with
  * `resolve(Tokens.State)`.
  *
- * The contract, for every backend (the embedded `node:sqlite` one here; Redis later):
+ * The contract, for every backend (the embedded `node:sqlite` one in state-sqlite.ts, Redis in
+ * state-redis.ts; test/unit/state.test.ts runs the same contract tests against both):
  *
  * - **Keys** are strings that the caller namespaces with its own name first
  *   (`users:auth:failures:<client>`, `greylist:<triplet>`). A key holds either a value (`get`,
@@ -13,19 +14,22 @@
  *   keys that live for ever, so what an attacker can make the store hold is bounded by time.
  *   A key reads as absent from the moment it expires; its storage is reclaimed later.
  * - **Each operation is atomic** across every process that opens the same store: all workers of
- *   one server share `<spool.dir>/state.sqlite`. Two workers incrementing one key at once get two
- *   different results and neither increment is lost; of two racing `compareAndSet` calls with the
- *   same expectation, one succeeds. Operations are not grouped into transactions: a caller that
- *   needs several to agree orders them so that every interleaving is safe (the AUTH lockout in
- *   plugins/users/auth-throttle.ts counts an attempt first and checks the limit after).
+ *   one server share `<spool.dir>/state.sqlite`, or every server configured with one Redis.
+ *   Two workers incrementing one key at once get two different results and neither increment is
+ *   lost; of two racing `compareAndSet` calls with the same expectation, one succeeds.
+ *   Operations are not grouped into transactions: a caller that needs several to agree orders
+ *   them so that every interleaving is safe (the AUTH lockout in plugins/users/auth-throttle.ts
+ *   counts an attempt first and checks the limit after).
  * - **Time** is the store's: lifetimes and windows are measured on one clock for every process
  *   (sqlite: the machine's clock; Redis: the server's).
  * - **Values** are strings; `increment` keeps a decimal integer under its key.
  * - **Durability:** what is stored survives a restart and a reload, but the last writes before a
- *   power loss may be lost. Nothing that must never be lost belongs here (that is the queue).
+ *   power loss may be lost (Redis: as far as its own persistence settings keep it). Nothing that
+ *   must never be lost belongs here (that is the queue).
  * - **Failure:** any operation may reject with a `StateError` — the store cannot be opened or
- *   written (disk full, permissions), another process held it longer than the busy timeout, or
- *   it was closed. The caller must handle it and decide whether its feature fails closed or open.
+ *   written (disk full, permissions), another process held it longer than the busy timeout,
+ *   Redis cannot be reached or did not answer in time, or the store was closed. The caller must
+ *   handle it and decide whether its feature fails closed or open.
  *   A hook that lets it propagate gives the client the generic `451 4.3.0` and logs plugin and
  *   hook: that is failing closed, and it is what the AUTH lockout does, because a lockout that
  *   lets guesses through whenever its counts cannot be read is no lockout at all, and an attacker

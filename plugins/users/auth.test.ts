@@ -11,6 +11,7 @@ import {
 } from '../../test/harness/server.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { resolveToken, Tokens } from '../../core/di/tokens.js';
+import { redisMissing, startRedis, type RedisPeer } from '../../test/harness/redis.js';
 import { hashPassword } from './password.js';
 import { writeUsersFile } from './users-file.js';
 
@@ -282,5 +283,120 @@ describe('users: one AUTH lockout for every worker, kept across reloads', () => 
       ),
       'the log names the plugin, the hook and the cause',
     );
+  });
+});
+
+describe('users: one AUTH lockout for servers sharing a Redis', { skip: redisMissing }, () => {
+  // Two servers with their own spools, as on two machines: the lockout is shared through Redis.
+  let redis: RedisPeer;
+  let a: TestServer;
+  let b: TestServer;
+  let files: Awaited<ReturnType<typeof directory>>;
+  before(async () => {
+    files = await directory();
+    redis = await startRedis();
+    const opts = {
+      entries: [
+        {
+          name: 'users',
+          config: {
+            usersFile: files.usersFile,
+            auth: { maxFailures: 2, windowSeconds: 60, lockoutSeconds: 60, delayMs: 0 },
+          },
+        },
+      ],
+      config: {
+        localDomains: ['hamburger.edu'],
+        state: { backend: 'redis' as const, redis: { url: redis.url, timeout: 500 } },
+      },
+    };
+    a = await startServer(opts);
+    b = await startServer(opts);
+  });
+  after(async () => {
+    await a.close();
+    await b.close();
+    await redis.stop();
+    rmSync(files.dir, { recursive: true, force: true });
+  });
+
+  it('counts failures on both servers together, and both refuse the client once it is locked out', async () => {
+    const c = await submissions(a);
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess1')}`, /^535 5\.7\.8 /);
+    c.close();
+    const d = await submissions(b);
+    await d.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', 'guess2')}`, /^535 5\.7\.8 /);
+    d.close();
+    assert.ok(b.logs.some((l) => l.msg === 'client locked out after too many AUTH failures'));
+    for (const srv of [a, b]) {
+      const e = await submissions(srv);
+      await e.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^454 4\.7\.0 Too many failed/);
+      e.close();
+    }
+    const other = await starttls(a, '127.0.0.2');
+    await other.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^235 2\.7\.0 /);
+    other.close();
+  });
+
+  it('fails closed while Redis is down (451 4.3.0, other commands still served), and recovers', async () => {
+    await redis.stop();
+    const c = await starttls(a, '127.0.0.3');
+    await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^451 4\.3\.0 /);
+    await c.cmd('NOOP', /^250 /);
+    await c.cmd('RSET', /^250 /);
+    c.close();
+    const m = await SmtpClient.connect(a.port, '127.0.0.1');
+    await m.expect(/^220 /);
+    await m.ehlo();
+    await m.cmd('MAIL FROM:<someone@fries.test>', /^250 /);
+    m.close();
+    assert.ok(
+      a.logs.some((l) => l.plugin === 'users' && l.hook === 'auth' && /Redis server/.test(JSON.stringify(l))),
+      'the log names the plugin, the hook and the cause',
+    );
+    assert.ok(
+      a.logs.some(
+        (l) => l.msg === 'state: the Redis server is unreachable; operations fail until it is back',
+      ),
+    );
+
+    await redis.start();
+    // The client reconnects on its own, backing off: retry on new connections until it has.
+    for (let i = 0; ; i++) {
+      const d = await starttls(a, '127.0.0.3');
+      const r = await d.cmd(
+        `AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`,
+        /^(235 2\.7\.0|451 4\.3\.0) /,
+      );
+      d.close();
+      if (r.code === 235) break;
+      assert.ok(i < 50, 'AUTH works again once Redis is back');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(a.logs.some((l) => l.msg === 'state: the Redis server is reachable again'));
+  });
+
+  it('starts while Redis is unreachable, and fails AUTH closed', async () => {
+    const down = await startServer({
+      entries: [{ name: 'users', config: { usersFile: files.usersFile, auth: { delayMs: 0 } } }],
+      config: {
+        localDomains: ['hamburger.edu'],
+        // Port 1: nothing listens there.
+        state: { backend: 'redis' as const, redis: { url: 'redis://127.0.0.1:1', timeout: 300 } },
+      },
+    });
+    try {
+      const c = await starttls(down);
+      await c.cmd(`AUTH PLAIN ${plain('bob@hamburger.edu', PASSWORD)}`, /^451 4\.3\.0 /);
+      await c.cmd('NOOP', /^250 /);
+      c.close();
+      assert.ok(
+        down.logs.some(
+          (l) => l.plugin === 'users' && /the Redis server is unreachable/.test(JSON.stringify(l)),
+        ),
+      );
+    } finally {
+      await down.close();
+    }
   });
 });

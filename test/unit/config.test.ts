@@ -32,6 +32,30 @@ describe('configuration', () => {
     assert.equal(moved.state.path, '/etc/petrel/shared/state.sqlite');
   });
 
+  it('reads a Redis State back end, with its defaults', () => {
+    const { config } = validateConfig(
+      {
+        listeners: [{ kind: 'smtp', port: 2525 }],
+        state: { backend: 'redis', redis: { url: 'redis://:secret@10.0.0.5:6379/2' } },
+      },
+      'f',
+      '/',
+    );
+    assert.deepEqual(config.state, {
+      backend: 'redis',
+      redis: { url: 'redis://:secret@10.0.0.5:6379/2', prefix: 'petrel:', timeout: 2000 },
+    });
+    const { config: tuned } = validateConfig(
+      {
+        listeners: [{ kind: 'smtp', port: 2525 }],
+        state: { backend: 'redis', redis: { url: 'rediss://h', prefix: 'mx1:', timeout: '500ms' } },
+      },
+      'f',
+      '/',
+    );
+    assert.deepEqual(tuned.state.redis, { url: 'rediss://h', prefix: 'mx1:', timeout: 500 });
+  });
+
   it('reads durations such as 30s and 5m', () => {
     const { config } = validateConfig(
       { listeners: [{ kind: 'smtp', port: 1 }], timeouts: { command: '5m', hook: '30s', data: 1500 } },
@@ -69,6 +93,25 @@ describe('configuration', () => {
       [
         { listeners: [{ kind: 'smtp', port: 1 }], smtp: { bareLineEndings: 'allow' } },
         /smtp\.bareLineEndings: expected one of "reject", "normalize"/,
+      ],
+      [
+        { listeners: [{ kind: 'smtp', port: 1 }], state: { backend: 'redis' } },
+        /^petrel\.yaml: state\.redis: expected redis: \{ url \} with backend: redis/m,
+      ],
+      [
+        { listeners: [{ kind: 'smtp', port: 1 }], state: { redis: { url: 'redis://127.0.0.1' } } },
+        /^petrel\.yaml: state\.backend: expected backend: redis to use redis/m,
+      ],
+      [
+        { listeners: [{ kind: 'smtp', port: 1 }], state: { backend: 'redis', redis: { url: 'http://h' } } },
+        /^petrel\.yaml: state\.redis\.url: expected a URL such as redis:\/\/127\.0\.0\.1:6379/m,
+      ],
+      [
+        {
+          listeners: [{ kind: 'smtp', port: 1 }],
+          state: { backend: 'redis', path: './s.sqlite', redis: { url: 'redis://h' } },
+        },
+        /^petrel\.yaml: state\.path: expected no path with backend: redis/m,
       ],
     ];
     for (const [raw, pattern] of cases) {

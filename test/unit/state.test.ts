@@ -4,20 +4,178 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setImmediate as tick } from 'node:timers/promises';
+import { setTimeout as sleep, setImmediate as tick } from 'node:timers/promises';
+import { createClient } from 'redis';
+import { RedisState } from '../../core/services/state-redis.js';
 import { SqliteState } from '../../core/services/state-sqlite.js';
-import { StateError } from '../../core/services/state.js';
+import { StateError, type StateStore } from '../../core/services/state.js';
+import { redisMissing, startRedis, type RedisPeer } from '../harness/redis.js';
 
 const STATE_MODULE = new URL('../../core/services/state-sqlite.js', import.meta.url).href;
+
+/** A back end under test: how to open a store on its one shared storage, as each worker does. */
+interface Backend {
+  readonly name: string;
+  readonly skip: string | false;
+  setup(): Promise<void>;
+  teardown(): Promise<void>;
+  open(clock: () => number): StateStore;
+}
+
+/**
+ * The contract of state.ts, the same tests for every back end. The stores' clock is the test's,
+ * moved by hand; it starts at the real time so that what a back end stores with its own expiry
+ * (Redis) is not reclaimed before the test's clock says so.
+ */
+function contract(backend: Backend): void {
+  describe(`State service contract: ${backend.name}`, { skip: backend.skip }, () => {
+    const base = Date.now();
+    let now: number;
+    const clock = (): number => now;
+    const open: StateStore[] = [];
+    /** A store on the shared storage, as another worker process would open it. */
+    const store = (): StateStore => {
+      const s = backend.open(clock);
+      open.push(s);
+      return s;
+    };
+    before(() => backend.setup());
+    after(async () => {
+      for (const s of open) await s.close();
+      await backend.teardown();
+    });
+
+    it('keeps a value for its lifetime, then reads it as absent', async () => {
+      now = base + 1_000_000;
+      const a = store();
+      await a.set('test:ttl', 'hello', { ttlMs: 1000 });
+      now += 999;
+      assert.equal(await a.get('test:ttl'), 'hello');
+      now += 1;
+      assert.equal(await a.get('test:ttl'), null, 'expired at its lifetime');
+      assert.equal(await a.delete('test:ttl'), false, 'an expired key is not there to delete');
+      await a.set('test:ttl', 'again', { ttlMs: 1000 });
+      assert.equal(await a.delete('test:ttl'), true);
+      assert.equal(await a.get('test:ttl'), null);
+    });
+
+    it('shares values between two stores opened on one file, as two workers do', async () => {
+      now = base + 2_000_000;
+      const a = store();
+      const b = store();
+      await a.set('test:shared', 'from a', { ttlMs: 60_000 });
+      assert.equal(await b.get('test:shared'), 'from a');
+      assert.equal(await b.delete('test:shared'), true);
+      assert.equal(await a.get('test:shared'), null);
+    });
+
+    it('increments atomically from two stores, within a window fixed at the first increment', async () => {
+      now = base + 3_000_000;
+      const a = store();
+      const b = store();
+      const results = await Promise.all(
+        Array.from({ length: 50 }, (_, i) => (i % 2 ? a : b).increment('test:count', { ttlMs: 10_000 })),
+      );
+      assert.deepEqual(
+        results.sort((x, y) => x - y),
+        Array.from({ length: 50 }, (_, i) => i + 1),
+        'each increment saw its own result',
+      );
+      assert.equal(await a.increment('test:count', { ttlMs: 10_000, by: 5 }), 55);
+      now += 9_999;
+      assert.equal(
+        await b.increment('test:count', { ttlMs: 10_000 }),
+        56,
+        'later increments keep the lifetime',
+      );
+      now += 1;
+      assert.equal(await b.increment('test:count', { ttlMs: 10_000 }), 1, 'then it starts again');
+      await a.set('test:text', 'abc', { ttlMs: 10_000 });
+      await assert.rejects(a.increment('test:text', { ttlMs: 10_000 }), (err: unknown) => {
+        assert.ok(err instanceof StateError);
+        assert.match(err.message, /state increment "test:text": the value is not an integer/);
+        return true;
+      });
+      assert.equal(await a.get('test:text'), 'abc', 'and leaves it alone');
+    });
+
+    it('compare-and-set: one of two racing stores wins; a wrong expectation changes nothing', async () => {
+      now = base + 4_000_000;
+      const a = store();
+      const b = store();
+      const won = await Promise.all([
+        a.compareAndSet('test:lock', null, 'a', { ttlMs: 5000 }),
+        b.compareAndSet('test:lock', null, 'b', { ttlMs: 5000 }),
+      ]);
+      // Which one wins depends on the back end's ordering (two connections to Redis race).
+      assert.equal(won.filter(Boolean).length, 1, 'exactly one wins');
+      const [winner, loser] = won[0] ? ['a', 'b'] : ['b', 'a'];
+      assert.equal(await b.get('test:lock'), winner);
+      assert.equal(await b.compareAndSet('test:lock', loser, null), false);
+      assert.equal(await b.compareAndSet('test:lock', winner, 'c', { ttlMs: 5000 }), true);
+      assert.equal(await a.get('test:lock'), 'c');
+      assert.equal(await a.compareAndSet('test:lock', 'c', null), true, 'null deletes');
+      assert.equal(await a.get('test:lock'), null);
+      await a.set('test:lock', 'old', { ttlMs: 100 });
+      now += 100;
+      assert.equal(
+        await a.compareAndSet('test:lock', null, 'new', { ttlMs: 100 }),
+        true,
+        'expired is absent',
+      );
+    });
+
+    it('counts events in a sliding window, and removes one by its id', async () => {
+      now = base + 5_000_000;
+      const a = store();
+      const b = store();
+      const window = { windowMs: 1000 };
+      assert.equal(await a.addEvent('test:window', 'e1', window), 1);
+      now += 400;
+      assert.equal(await b.addEvent('test:window', 'e2', window), 2);
+      assert.equal(await a.addEvent('test:window', 'e3', window), 3);
+      assert.equal(await a.addEvent('test:window', 'e3', window), 3, 'the same id is one event');
+      now += 600;
+      assert.equal(await b.countEvents('test:window', window), 2, 'e1 left the window');
+      assert.equal(await b.removeEvent('test:window', 'e2'), true);
+      assert.equal(await b.removeEvent('test:window', 'e2'), false);
+      assert.equal(await a.countEvents('test:window', window), 1);
+      assert.equal(await a.countEvents('test:window', { windowMs: 100 }), 0, 'a shorter window counts less');
+      assert.equal(await a.delete('test:window'), true, 'delete removes a window');
+      assert.equal(await a.countEvents('test:window', window), 0);
+    });
+  });
+}
+
+let sqliteDir: string;
+contract({
+  name: 'sqlite',
+  skip: false,
+  setup: async () => {
+    sqliteDir = mkdtempSync(join(tmpdir(), 'petrel-state-'));
+  },
+  teardown: async () => rmSync(sqliteDir, { recursive: true, force: true }),
+  open: (now) => new SqliteState({ path: join(sqliteDir, 'state.sqlite'), now }),
+});
+
+let contractRedis: RedisPeer | undefined;
+contract({
+  name: 'redis',
+  skip: redisMissing,
+  setup: async () => {
+    contractRedis = await startRedis();
+  },
+  teardown: async () => contractRedis?.stop(),
+  open: (now) => new RedisState({ url: contractRedis!.url, prefix: 'test:', now }),
+});
 
 describe('State service: the sqlite store', () => {
   let dir: string;
   let now: number;
-  const clock = (): number => now;
   const open: SqliteState[] = [];
-  /** A store on the shared file, as another worker process would open it. */
-  const store = (path = join(dir, 'state.sqlite')): SqliteState => {
-    const s = new SqliteState({ path, now: clock });
+  /** A store on the given file. */
+  const store = (path: string): SqliteState => {
+    const s = new SqliteState({ path, now: () => now });
     open.push(s);
     return s;
   };
@@ -28,100 +186,6 @@ describe('State service: the sqlite store', () => {
   after(async () => {
     for (const s of open) await s.close();
     rmSync(dir, { recursive: true, force: true });
-  });
-
-  it('keeps a value for its lifetime, then reads it as absent', async () => {
-    now = 1_000_000;
-    const a = store();
-    await a.set('test:ttl', 'hello', { ttlMs: 1000 });
-    now += 999;
-    assert.equal(await a.get('test:ttl'), 'hello');
-    now += 1;
-    assert.equal(await a.get('test:ttl'), null, 'expired at its lifetime');
-    assert.equal(await a.delete('test:ttl'), false, 'an expired key is not there to delete');
-    await a.set('test:ttl', 'again', { ttlMs: 1000 });
-    assert.equal(await a.delete('test:ttl'), true);
-    assert.equal(await a.get('test:ttl'), null);
-  });
-
-  it('shares values between two stores opened on one file, as two workers do', async () => {
-    now = 2_000_000;
-    const a = store();
-    const b = store();
-    await a.set('test:shared', 'from a', { ttlMs: 60_000 });
-    assert.equal(await b.get('test:shared'), 'from a');
-    assert.equal(await b.delete('test:shared'), true);
-    assert.equal(await a.get('test:shared'), null);
-  });
-
-  it('increments atomically from two stores, within a window fixed at the first increment', async () => {
-    now = 3_000_000;
-    const a = store();
-    const b = store();
-    const results = await Promise.all(
-      Array.from({ length: 50 }, (_, i) => (i % 2 ? a : b).increment('test:count', { ttlMs: 10_000 })),
-    );
-    assert.deepEqual(
-      results.sort((x, y) => x - y),
-      Array.from({ length: 50 }, (_, i) => i + 1),
-      'each increment saw its own result',
-    );
-    assert.equal(await a.increment('test:count', { ttlMs: 10_000, by: 5 }), 55);
-    now += 9_999;
-    assert.equal(
-      await b.increment('test:count', { ttlMs: 10_000 }),
-      56,
-      'later increments keep the lifetime',
-    );
-    now += 1;
-    assert.equal(await b.increment('test:count', { ttlMs: 10_000 }), 1, 'then it starts again');
-    await a.set('test:text', 'abc', { ttlMs: 10_000 });
-    await assert.rejects(a.increment('test:text', { ttlMs: 10_000 }), (err: unknown) => {
-      assert.ok(err instanceof StateError);
-      assert.match(err.message, /state increment "test:text": the value is not an integer/);
-      return true;
-    });
-    assert.equal(await a.get('test:text'), 'abc', 'and leaves it alone');
-  });
-
-  it('compare-and-set: one of two racing stores wins; a wrong expectation changes nothing', async () => {
-    now = 4_000_000;
-    const a = store();
-    const b = store();
-    const won = await Promise.all([
-      a.compareAndSet('test:lock', null, 'a', { ttlMs: 5000 }),
-      b.compareAndSet('test:lock', null, 'b', { ttlMs: 5000 }),
-    ]);
-    assert.deepEqual(won, [true, false]);
-    assert.equal(await b.get('test:lock'), 'a');
-    assert.equal(await b.compareAndSet('test:lock', 'b', null), false);
-    assert.equal(await b.compareAndSet('test:lock', 'a', 'b', { ttlMs: 5000 }), true);
-    assert.equal(await a.get('test:lock'), 'b');
-    assert.equal(await a.compareAndSet('test:lock', 'b', null), true, 'null deletes');
-    assert.equal(await a.get('test:lock'), null);
-    await a.set('test:lock', 'old', { ttlMs: 100 });
-    now += 100;
-    assert.equal(await a.compareAndSet('test:lock', null, 'new', { ttlMs: 100 }), true, 'expired is absent');
-  });
-
-  it('counts events in a sliding window, and removes one by its id', async () => {
-    now = 5_000_000;
-    const a = store();
-    const b = store();
-    const window = { windowMs: 1000 };
-    assert.equal(await a.addEvent('test:window', 'e1', window), 1);
-    now += 400;
-    assert.equal(await b.addEvent('test:window', 'e2', window), 2);
-    assert.equal(await a.addEvent('test:window', 'e3', window), 3);
-    assert.equal(await a.addEvent('test:window', 'e3', window), 3, 'the same id is one event');
-    now += 600;
-    assert.equal(await b.countEvents('test:window', window), 2, 'e1 left the window');
-    assert.equal(await b.removeEvent('test:window', 'e2'), true);
-    assert.equal(await b.removeEvent('test:window', 'e2'), false);
-    assert.equal(await a.countEvents('test:window', window), 1);
-    assert.equal(await a.countEvents('test:window', { windowMs: 100 }), 0, 'a shorter window counts less');
-    assert.equal(await a.delete('test:window'), true, 'delete removes a window');
-    assert.equal(await a.countEvents('test:window', window), 0);
   });
 
   it('sweeps expired keys and events away', async () => {
@@ -201,5 +265,113 @@ describe('State service: the sqlite store', () => {
     assert.equal(await a.countEvents('test:proc-window', { windowMs: 600_000 }), CHILD_OPS + seen.length);
     const gaps = seen.filter((v, i) => i > 0 && v !== seen[i - 1]! + 1).length;
     assert.ok(gaps > 0, 'the two processes really wrote in between each other');
+  });
+});
+
+describe('State service: the Redis store', { skip: redisMissing }, () => {
+  let redis: RedisPeer;
+  const open: StateStore[] = [];
+  const store = (opts: Partial<ConstructorParameters<typeof RedisState>[0]> = {}): RedisState => {
+    const s = new RedisState({ url: redis.url, ...opts });
+    open.push(s);
+    return s;
+  };
+  /** A plain client, to look at what the store wrote. */
+  const raw = async <T>(fn: (c: ReturnType<typeof createClient>) => Promise<T>): Promise<T> => {
+    const c = createClient({ url: redis.url });
+    await c.connect();
+    try {
+      return await fn(c);
+    } finally {
+      c.destroy();
+    }
+  };
+  /** Retries `op` until it resolves: the store has reconnected. */
+  const whenBack = async <T>(op: () => Promise<T>): Promise<T> => {
+    for (let i = 0; ; i++) {
+      try {
+        return await op();
+      } catch (err) {
+        if (i === 200) throw err;
+        await sleep(50);
+      }
+    }
+  };
+
+  before(async () => {
+    redis = await startRedis();
+  });
+  after(async () => {
+    for (const s of open) await s.close();
+    await redis.stop();
+  });
+
+  it("measures lifetimes on Redis's clock, and lets Redis reclaim what expired", async () => {
+    const a = store();
+    await a.set('test:clock', 'v', { ttlMs: 60_000 });
+    await a.addEvent('test:clock-window', 'e1', { windowMs: 60_000 });
+    for (const key of ['petrel:k:test:clock', 'petrel:k:test:clock-window', 'petrel:e:test:clock-window']) {
+      const ttl = await raw((c) => c.pTTL(key));
+      assert.ok(ttl > 0 && ttl <= 60_000, `${key} expires in Redis too (PTTL ${ttl})`);
+    }
+    await a.set('test:short', 'v', { ttlMs: 20 });
+    await sleep(50);
+    assert.equal(await a.get('test:short'), null);
+    assert.equal(await raw((c) => c.exists('petrel:k:test:short')), 0, 'and Redis dropped the key');
+  });
+
+  it('keeps each prefix to itself, so servers can share one Redis', async () => {
+    const a = store({ prefix: 'one:' });
+    const b = store({ prefix: 'two:' });
+    await a.set('test:prefix', 'a', { ttlMs: 60_000 });
+    assert.equal(await b.get('test:prefix'), null);
+    assert.deepEqual(await raw((c) => c.keys('*test:prefix')), ['one:k:test:prefix']);
+  });
+
+  it('rejects with a StateError while Redis is down, and works again once it is back', async () => {
+    const a = store();
+    await a.set('test:outage', 'before', { ttlMs: 60_000 });
+    await redis.stop();
+    await assert.rejects(a.get('test:outage'), (err: unknown) => {
+      assert.ok(err instanceof StateError);
+      assert.match(err.message, /^state get "test:outage": /);
+      return true;
+    });
+    await assert.rejects(a.increment('test:outage-count', { ttlMs: 60_000 }), StateError);
+    await redis.start();
+    await whenBack(() => a.set('test:outage', 'after', { ttlMs: 60_000 }));
+    assert.equal(await a.get('test:outage'), 'after');
+    assert.equal(
+      await a.get('test:outage-count'),
+      null,
+      'an operation that failed while Redis was down is not applied once it is back',
+    );
+  });
+
+  it('rejects with a StateError when Redis does not answer within the timeout', async () => {
+    const a = store({ timeoutMs: 200 });
+    await a.set('test:frozen', 'v', { ttlMs: 60_000 });
+    redis.pause();
+    try {
+      await assert.rejects(
+        a.get('test:frozen'),
+        /state get "test:frozen": the Redis server did not answer within 200 ms/,
+      );
+    } finally {
+      redis.resume();
+    }
+    assert.equal(await whenBack(() => a.get('test:frozen')), 'v');
+  });
+
+  it('starts without Redis: operations reject until it can be reached', async () => {
+    const a = new RedisState({ url: 'redis://127.0.0.1:1', timeoutMs: 200 });
+    open.push(a);
+    await assert.rejects(a.get('test:none'), /state get "test:none": the Redis server is unreachable/);
+  });
+
+  it('rejects with a StateError once closed', async () => {
+    const a = new RedisState({ url: redis.url });
+    await a.close();
+    await assert.rejects(a.get('test:x'), /state get "test:x": the store is closed/);
   });
 });
