@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { encode as qpEncode, wrap as qpWrap } from 'libqp';
-import type { Address, RecipientReply } from '../../core/index.js';
+import { foldHeaderField, type Address, type RecipientReply } from '../../core/index.js';
 import { rfc5322Date } from '../../core/util/date.js';
 
 /** RFC 3464 §2.3.3: what happened to a recipient. (`expanded` is not something Petrel does.) */
@@ -165,21 +165,9 @@ function replyText(reply: RecipientReply): string {
   return lines.map((l) => `${reply.code} ${reply.enhanced} ${l}`).join(`${CRLF}    `);
 }
 
-/** Folds a field at spaces so that lines stay under 78 characters where they can. */
+/** A field of the report, folded at spaces so that lines stay under 78 characters where they can. */
 export function foldField(name: string, value: string): string {
-  const words = value.split(' ');
-  const lines: string[] = [];
-  let line = `${name}:`;
-  for (const w of words) {
-    if (line.length + 1 + w.length > 78 && line.length > name.length + 1 && /\S$/.test(line)) {
-      lines.push(line);
-      line = ` ${w}`;
-    } else {
-      line += ` ${w}`;
-    }
-  }
-  lines.push(line);
-  return lines.join(CRLF) + CRLF;
+  return foldHeaderField(name, value, 78) + CRLF;
 }
 
 function hasEightBit(buf: Buffer): boolean {
