@@ -126,7 +126,7 @@ function replyLine(reply: RecipientReply): string {
 }
 
 /** The diagnostic-type of a reply made here (see `remoteFields`). */
-export const LOCAL_DIAGNOSTIC = 'X-Petrel';
+const LOCAL_DIAGNOSTIC = 'X-Petrel';
 
 /**
  * Remote-MTA and Diagnostic-Code for one recipient. A reply carries `remote` only when another
@@ -138,8 +138,8 @@ export const LOCAL_DIAGNOSTIC = 'X-Petrel';
  * so a decision of ours has none, even when it concerns a peer. §2.3.6 types a diagnostic by the
  * transport that issued it; `smtp;` is an SMTP (or LMTP) reply as the peer sent it, which a
  * reader may quote as the peer's words. Our own diagnostic is kept (the reason is worth having)
- * under a private x-token type (RFC 3464 §2.1 `diagnostic-type`, as Postfix's `X-Postfix;`),
- * with the text only: the code it would carry is ours too, and `Status` already has it.
+ * under a private `X-` diagnostic-type (only `smtp` is registered; Postfix writes `X-Postfix;`
+ * the same way), with the text only: its code would be ours too, and `Status` already has it.
  */
 function remoteFields(reply: RecipientReply): string {
   if (reply.remote === undefined)
