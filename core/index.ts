@@ -28,6 +28,7 @@ export { ConfigError } from './config/errors.js';
 export { duration } from './config/schema.js';
 export type { Address } from './message/address.js';
 export type { Headers, HeaderField } from './message/headers.js';
+export { foldHeaderField } from './message/headers.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 export type { DnsResolver, MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';

@@ -128,7 +128,12 @@ export interface Route {
 
 /** A reply for one recipient: from the remote server, or made up by the transport. */
 export interface RecipientReply extends ReplySpec {
-  /** Who answered, e.g. `mx.example.test [192.0.2.1]` or `dovecot-lmtp`; absent when local. */
+  /**
+   * Who sent this reply, e.g. `mx.example.test [192.0.2.1]` or `127.0.0.1:24`. Set only on a
+   * reply a server actually sent; absent on one made up here (a local delivery, a timeout, a
+   * peer lacking an extension the message needs, an expired lifetime), even when it concerns a
+   * peer: the text names that peer. Bounces report `Remote-MTA` and an `smtp;` diagnostic from it.
+   */
   readonly remote?: string;
 }
 

@@ -69,3 +69,28 @@ export function formatHeaderField(name: string, value: string): string {
     throw new TypeError(`header ${name} has a line break that is not a fold`);
   return `${name}: ${folded}\r\n`;
 }
+
+/**
+ * Folds an unfolded header field into lines of at most `width` characters where it can, for the
+ * wire, without the final CRLF. It folds only before white space that is already in the value
+ * (RFC 5322 §2.2.3: unfolding removes the CRLF alone, so the value reads back exactly), never
+ * straight after the colon: the first word of the value stays on the field's first line. A fold
+ * there would leave an empty first line that some parsers read as a leading space or refuse, and
+ * RFC 2047 §5 wants an encoded word in unstructured text to follow the colon's space. A word
+ * longer than a line is left whole, and no line is only white space.
+ */
+export function foldHeaderField(name: string, value: string, width = 76): string {
+  const pieces = value.replace(/^[ \t]+/, '').split(/(?=[ \t])/);
+  const lines: string[] = [];
+  let line = `${name}: ${pieces[0] ?? ''}`;
+  for (const piece of pieces.slice(1)) {
+    if (line.length + piece.length > width && /[^ \t]/.test(lines.length ? line : pieces[0]!)) {
+      lines.push(line);
+      line = piece;
+    } else {
+      line += piece;
+    }
+  }
+  lines.push(line);
+  return lines.join('\r\n');
+}

@@ -25,6 +25,34 @@ function splitParams(text: string): { key: string; value: string | null }[] | nu
   return out;
 }
 
+/**
+ * Tracks which parameters a command has named. RFC 5321 §4.1.2 gives no rule for a parameter
+ * named twice; a repeat with the same value changes nothing and is accepted, as Postfix and
+ * Haraka do (Python's smtplib sends `SMTPUTF8` twice when the caller asked for it and the
+ * message needs it too). A repeat with another value is a contradiction and is refused.
+ * Keyword values (BODY, RET, NOTIFY) compare without case, like the keywords themselves.
+ */
+class SeenParams {
+  readonly #values = new Map<string, string | null>();
+  readonly #keywordValued: ReadonlySet<string>;
+  constructor(keywordValued: ReadonlySet<string>) {
+    this.#keywordValued = keywordValued;
+  }
+
+  /** 'new' the first time, 'same' for a harmless repeat, 'conflict' for a contradicting one. */
+  check(key: string, value: string | null): 'new' | 'same' | 'conflict' {
+    const v = value !== null && this.#keywordValued.has(key) ? value.toUpperCase() : value;
+    if (!this.#values.has(key)) {
+      this.#values.set(key, v);
+      return 'new';
+    }
+    return this.#values.get(key) === v ? 'same' : 'conflict';
+  }
+}
+
+const MAIL_KEYWORD_VALUED = new Set(['BODY', 'RET']);
+const RCPT_KEYWORD_VALUED = new Set(['NOTIFY']);
+
 const bad = (
   text: string,
   code = 501,
@@ -48,10 +76,11 @@ export function parseMailParams(
   let ret: MailParams['ret'];
   let envid: string | undefined;
   let auth: string | undefined;
-  const seen = new Set<string>();
+  const seen = new SeenParams(MAIL_KEYWORD_VALUED);
   for (const { key, value } of parts) {
-    if (seen.has(key)) return bad(`Duplicate parameter ${key}`);
-    seen.add(key);
+    const repeat = seen.check(key, value);
+    if (repeat === 'conflict') return bad(`Duplicate parameter ${key}`);
+    if (repeat === 'same') continue;
     switch (key) {
       case 'SIZE': {
         if (value === null || !/^\d{1,20}$/.test(value)) return bad('SIZE needs a number of octets');
@@ -105,10 +134,11 @@ export function parseRcptParams(text: string): ParamResult<RecipientParams> {
   if (!parts) return bad('Syntax error in parameters');
   let notify: RecipientParams['notify'];
   let orcpt: RecipientParams['orcpt'];
-  const seen = new Set<string>();
+  const seen = new SeenParams(RCPT_KEYWORD_VALUED);
   for (const { key, value } of parts) {
-    if (seen.has(key)) return bad(`Duplicate parameter ${key}`);
-    seen.add(key);
+    const repeat = seen.check(key, value);
+    if (repeat === 'conflict') return bad(`Duplicate parameter ${key}`);
+    if (repeat === 'same') continue;
     switch (key) {
       case 'NOTIFY': {
         const list = (value ?? '').toUpperCase().split(',');

@@ -10,10 +10,12 @@ import { Petrel } from '../../core/app.js';
 import {
   accept,
   definePlugin,
+  deny,
   routeTo,
   type DeliveryRecipient,
   type PetrelConfigInput,
   type QueuedMessageView,
+  type RecipientReply,
   type RecipientResult,
 } from '../../core/index.js';
 import { address, setupPlugin } from '../../core/testing/index.js';
@@ -45,7 +47,8 @@ interface Attempt {
 const REMOTE = 'mx.h.test [192.0.2.7]';
 
 /**
- * A transport for tests, deciding by local part: `gone…` fails (550 5.1.1), `stuck…` is always
+ * A transport for tests, deciding by local part: `nowhere…` has no route (a failure decided here,
+ * not by a peer), `gone…` fails (550 5.1.1), `stuck…` is always
  * deferred (451 4.2.0), `slow…` is deferred for its first `slowAttempts` attempts, anything else
  * is delivered. Recipients at `remote.test` go through a transport named `outbound`.
  */
@@ -55,7 +58,9 @@ function testTransport(delivered: Delivery[], attempts: Attempt[], slowAttempts 
     setup: () => ({
       rcpt: async () => accept(),
       route: async ({ recipient }) =>
-        routeTo(recipient.address.domain === 'remote.test' ? 'outbound' : 'test'),
+        recipient.address.local.startsWith('nowhere')
+          ? deny(550, '5.4.4', 'No route to this destination')
+          : routeTo(recipient.address.domain === 'remote.test' ? 'outbound' : 'test'),
       deliver: async ({ route, message, recipients }) => {
         if (route.transport !== 'test' && route.transport !== 'outbound') return { kind: 'proceed' };
         const chunks: Buffer[] = [];
@@ -246,6 +251,33 @@ describe('bounce: failure reports', () => {
     }
   });
 
+  it("reports a failure decided here without Remote-MTA or an smtp diagnostic; a peer's 5xx keeps both", async () => {
+    const h = await start();
+    try {
+      await send(h.app.port(), { rcpts: ['nowhere@h.test', 'gone@h.test'] });
+      await until(() => reportsTo(h, 'alice@crepes.test').length === 1);
+      const raw = reportsTo(h, 'alice@crepes.test')[0]!.body;
+      const [local, peer, ...more] = blocks(raw);
+      assert.equal(more.length, 0);
+      assert.equal(field(local!, 'Final-Recipient'), 'rfc822; nowhere@h.test');
+      assert.equal(field(local!, 'Status'), '5.4.4');
+      assert.equal(field(local!, 'Remote-MTA'), undefined);
+      assert.equal(field(local!, 'Diagnostic-Code'), 'X-Petrel; No route to this destination');
+      assert.equal(field(peer!, 'Final-Recipient'), 'rfc822; gone@h.test');
+      assert.equal(field(peer!, 'Remote-MTA'), 'dns; mx.h.test');
+      assert.equal(field(peer!, 'Diagnostic-Code'), 'smtp; 550 5.1.1 gone');
+      const mail = await parse(raw);
+      assert.match(
+        mail.text ?? '',
+        /<nowhere@h\.test>: not delivered; the reason:\n {4}550 5\.4\.4 No route/,
+      );
+      assert.match(mail.text ?? '', /<gone@h\.test>: refused by mx\.h\.test \[192\.0\.2\.7\], which said:/);
+    } finally {
+      await h.stop();
+      rmSync(h.dir, { recursive: true, force: true });
+    }
+  });
+
   it('puts recipients that fail together into one report', async () => {
     const h = await start();
     try {
@@ -276,10 +308,11 @@ describe('bounce: failure reports', () => {
       assert.equal(field(block!, 'Final-Recipient'), 'rfc822; stuck@h.test');
       assert.equal(field(block!, 'Action'), 'failed');
       assert.equal(field(block!, 'Status'), '4.4.7');
-      assert.equal(field(block!, 'Remote-MTA'), 'dns; mx.h.test');
+      // The queue gave up, not the peer: no Remote-MTA, and the diagnostic is ours, not `smtp;`.
+      assert.equal(field(block!, 'Remote-MTA'), undefined);
       assert.match(
         field(block!, 'Diagnostic-Code') ?? '',
-        /^smtp; 451 4\.4\.7 Message expired .*last error: busy$/,
+        /^X-Petrel; Message expired .*; last error: mx\.h\.test \[192\.0\.2\.7\] said: 451 4\.2\.0 busy$/,
       );
       const mail = await parse(raw);
       assert.equal(mail.subject, 'Undelivered Mail Returned to Sender');
@@ -661,6 +694,44 @@ describe('bounce: report helpers', () => {
     assert.ok(capped.kind === 'headers' && capped.why === 'too-large');
   });
 
+  it("gives a decision made here a local diagnostic and no Remote-MTA, and a peer's reply both", () => {
+    const recipient = (local: string, reply: RecipientReply) => ({
+      address: address(`${local}@h.test`),
+      action: 'failed' as const,
+      status: reply.enhanced,
+      reply,
+      lastAttemptAt: new Date(0),
+    });
+    const report = buildReport({
+      hostname: 'mx.test',
+      audience: 'sender',
+      to: address('alice@crepes.test'),
+      queueId: 'Q1',
+      arrivalDate: new Date(0),
+      smtputf8: false,
+      recipients: [
+        // What outbound decides when the peer lacks SMTPUTF8: the peer never said it.
+        recipient('ann', {
+          code: 553,
+          enhanced: '5.6.7',
+          text: 'mx.h.test [192.0.2.7] does not support SMTPUTF8, which the message header needs',
+        }),
+        recipient('bob', { code: 550, enhanced: '5.1.1', text: ['No such user', 'here'], remote: REMOTE }),
+      ],
+      returned: { kind: 'none', why: 'unavailable' },
+      date: new Date(0),
+      messageId: 'M1',
+    });
+    const [ann, bob] = blocks(report.content.toString('utf8'));
+    assert.equal(field(ann!, 'Remote-MTA'), undefined);
+    assert.equal(
+      field(ann!, 'Diagnostic-Code'),
+      'X-Petrel; mx.h.test [192.0.2.7] does not support SMTPUTF8, which the message header needs',
+    );
+    assert.equal(field(bob!, 'Remote-MTA'), 'dns; mx.h.test');
+    assert.equal(field(bob!, 'Diagnostic-Code'), 'smtp; 550 5.1.1 No such user here');
+  });
+
   it('keeps an internationalised report valid: UTF-8 text quoted-printable, SMTPUTF8 when needed', async () => {
     const report = buildReport({
       hostname: 'mx.test',
@@ -674,7 +745,7 @@ describe('bounce: report helpers', () => {
           address: address('zoë@h.test'),
           action: 'failed',
           status: '5.1.1',
-          reply: { code: 550, enhanced: '5.1.1', text: 'Zoë is gone' },
+          reply: { code: 550, enhanced: '5.1.1', text: 'Zoë is gone', remote: REMOTE },
           lastAttemptAt: new Date(0),
         },
       ],
@@ -691,7 +762,7 @@ describe('bounce: report helpers', () => {
     const mail = await simpleParser(report.content);
     assert.match(
       mail.text ?? '',
-      /<zoë@h\.test>: refused; the reason given was:\n {4}550 5\.1\.1 Zoë is gone/,
+      /<zoë@h\.test>: refused by mx\.h\.test \[192\.0\.2\.7\], which said:\n {4}550 5\.1\.1 Zoë is gone/,
     );
   });
 });

@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { encode as qpEncode, wrap as qpWrap } from 'libqp';
-import type { Address, RecipientReply } from '../../core/index.js';
+import { foldHeaderField, type Address, type RecipientReply } from '../../core/index.js';
 import { rfc5322Date } from '../../core/util/date.js';
 
 /** RFC 3464 §2.3.3: what happened to a recipient. (`expanded` is not something Petrel does.) */
@@ -122,9 +122,42 @@ export function remoteMtaName(remote: string | undefined): string | null {
 
 /** A reply as one line of printable ASCII (for Diagnostic-Code; the human part keeps the original). */
 function replyLine(reply: RecipientReply): string {
+  return `${reply.code} ${reply.enhanced} ${diagnosticText(reply)}`;
+}
+
+/** The diagnostic-type of a reply made here (see `remoteFields`). */
+const LOCAL_DIAGNOSTIC = 'X-Petrel';
+
+/**
+ * Remote-MTA and Diagnostic-Code for one recipient. A reply carries `remote` only when another
+ * server sent it (a transport's contract); anything else is a decision made here: the queue's
+ * lifetime ran out, no route, the administrator returned it, the peer lacks an extension the
+ * message needs, a local mailbox failed.
+ *
+ * We read RFC 3464 §2.3.5 strictly: Remote-MTA names the MTA that *reported* the status to us,
+ * so a decision of ours has none, even when it concerns a peer. §2.3.6 types a diagnostic by the
+ * transport that issued it; `smtp;` is an SMTP (or LMTP) reply as the peer sent it, which a
+ * reader may quote as the peer's words. Our own diagnostic is kept (the reason is worth having)
+ * under a private `X-` diagnostic-type (only `smtp` is registered; Postfix writes `X-Postfix;`
+ * the same way), with the text only: its code would be ours too, and `Status` already has it.
+ */
+function remoteFields(reply: RecipientReply): string {
+  if (reply.remote === undefined)
+    return foldField('Diagnostic-Code', `${LOCAL_DIAGNOSTIC}; ${diagnosticText(reply)}`);
+  const mta = remoteMtaName(reply.remote);
+  return (
+    (mta ? foldField('Remote-MTA', `dns; ${mta}`) : '') +
+    foldField('Diagnostic-Code', `smtp; ${replyLine(reply)}`)
+  );
+}
+
+/** A reply's text as one line of printable ASCII. */
+function diagnosticText(reply: RecipientReply): string {
   const text = typeof reply.text === 'string' ? reply.text : reply.text.join(' ');
-  const flat = `${reply.code} ${reply.enhanced} ${text}`.replace(/[\r\n\t]+/g, ' ');
-  return flat.replace(/[^\x20-\x7e]/g, '?').trim();
+  return text
+    .replace(/[\r\n\t]+/g, ' ')
+    .replace(/[^\x20-\x7e]/g, '?')
+    .trim();
 }
 
 function replyText(reply: RecipientReply): string {
@@ -132,21 +165,9 @@ function replyText(reply: RecipientReply): string {
   return lines.map((l) => `${reply.code} ${reply.enhanced} ${l}`).join(`${CRLF}    `);
 }
 
-/** Folds a field at spaces so that lines stay under 78 characters where they can. */
+/** A field of the report, folded at spaces so that lines stay under 78 characters where they can. */
 export function foldField(name: string, value: string): string {
-  const words = value.split(' ');
-  const lines: string[] = [];
-  let line = `${name}:`;
-  for (const w of words) {
-    if (line.length + 1 + w.length > 78 && line.length > name.length + 1 && /\S$/.test(line)) {
-      lines.push(line);
-      line = ` ${w}`;
-    } else {
-      line += ` ${w}`;
-    }
-  }
-  lines.push(line);
-  return lines.join(CRLF) + CRLF;
+  return foldHeaderField(name, value, 78) + CRLF;
 }
 
 function hasEightBit(buf: Buffer): boolean {
@@ -257,7 +278,7 @@ function humanPart(input: ReportInput, action: Action): string {
             ? `${who}: still undeliverable when the message's time in the queue ran out.`
             : remote
               ? `${who}: refused by ${remote}, which said:`
-              : `${who}: refused; the reason given was:`,
+              : `${who}: not delivered; the reason:`,
         );
         break;
       case 'delayed':
@@ -312,9 +333,7 @@ function deliveryStatusPart(input: ReportInput): string {
     s += foldField('Final-Recipient', finalRecipient(r.address));
     s += foldField('Action', r.action);
     s += foldField('Status', r.status);
-    const mta = remoteMtaName(r.reply.remote);
-    if (mta) s += foldField('Remote-MTA', `dns; ${mta}`);
-    s += foldField('Diagnostic-Code', `smtp; ${replyLine(r.reply)}`);
+    s += remoteFields(r.reply);
     s += foldField('Last-Attempt-Date', rfc5322Date(r.lastAttemptAt));
     if (r.action === 'delayed' && r.willRetryUntil)
       s += foldField('Will-Retry-Until', rfc5322Date(r.willRetryUntil));

@@ -154,8 +154,11 @@ function unexpected(stage: string, reply: LmtpReply): LmtpProtocolError {
   return new LmtpProtocolError(`${stage} answered ${reply.code} ${reply.lines.join(' / ')}`);
 }
 
-/** What we say for the server when it cannot take a UTF-8 address (RFC 6531 §3.2). */
-const NO_SMTPUTF8: LmtpReply = {
+/**
+ * What we say for the server when it cannot take a UTF-8 address (RFC 6531 §3.2). Our decision,
+ * not the server's reply: the one reply in an outcome that the server did not send.
+ */
+export const NO_SMTPUTF8: LmtpReply = {
   code: 553,
   enhanced: '5.6.7',
   lines: ['The LMTP server does not support SMTPUTF8 (non-ASCII address)'],

@@ -251,6 +251,9 @@ describe('lmtp: deliver', () => {
       ['jörg@example.test', 'failed', 553],
     ]);
     assert.equal(results[1]!.reply.enhanced, '5.6.7');
+    // Decided here, not said by the server: it is not reported as the server's reply.
+    assert.equal(results[1]!.reply.remote, undefined);
+    assert.equal(results[0]!.reply.remote, `127.0.0.1:${port}`);
     assert.deepEqual(received[0]!.rcpts, ['bob@example.test']);
     assert.deepEqual(received[0]!.mailArgs.BODY, undefined);
     assert.deepEqual(received[0]!.mailArgs.SMTPUTF8, undefined);

@@ -11,7 +11,13 @@ import { Tokens } from '../../core/di/tokens.js';
 import { duration } from '../../core/config/schema.js';
 import type { RecipientResult } from '../../core/hooks/catalogue.js';
 import { localDomainMap, localDomainOf } from '../maildir/mailboxes.js';
-import { describeDestination, lmtpTransaction, type Destination, type LmtpReply } from './client.js';
+import {
+  describeDestination,
+  lmtpTransaction,
+  NO_SMTPUTF8,
+  type Destination,
+  type LmtpReply,
+} from './client.js';
 
 export const configSchema = z
   .object({
@@ -106,9 +112,12 @@ export default definePlugin({
         const undecided: LmtpReply = outcome.connected
           ? { code: 451, enhanced: '4.4.2', lines: ['Connection to the LMTP server failed'] }
           : { code: 451, enhanced: '4.4.1', lines: ['LMTP server not reachable'] };
+        // Only a reply the server sent names it as `remote` (a bounce reports that as the
+        // server's own words); what we decided for it does not.
         const results = recipients.map((r, i) => {
           const reply = outcome.replies[i];
-          return reply ? result(r.address.address, reply, where) : result(r.address.address, undecided);
+          if (!reply) return result(r.address.address, undecided);
+          return result(r.address.address, reply, reply === NO_SMTPUTF8 ? undefined : where);
         });
         return { kind: 'results', results };
       },

@@ -22,6 +22,35 @@ describe('encodeHeaderLine', () => {
     assert.equal(libmime.decodeWords(line.replace(/\r\n/g, '').replace(/^Subject:\s*/, '')), subject);
   });
 
+  it('keeps the first encoded word on the field line: no fold straight after the colon', () => {
+    const subject = '你好'.repeat(40);
+    for (const name of ['Subject', 'X-A-Rather-Long-Field-Name', 'X-'.padEnd(60, 'y')]) {
+      const line = encodeHeaderLine(binary(`${name}: ${subject}`));
+      assertFolded(line);
+      const [first, ...rest] = line.split('\r\n');
+      assert.ok(first!.startsWith(`${name}: =?UTF-8?Q?`), first);
+      // RFC 2047 §2: 76 characters a line, unless the name alone leaves no room for a word.
+      if (name.length < 30) assert.ok(first!.length <= 76, first);
+      assert.ok(
+        rest.every((l) => l.length <= 76 && /^ =\?UTF-8\?Q\?/.test(l)),
+        line,
+      );
+      assert.equal(
+        libmime.decodeWords(
+          line
+            .slice(name.length + 1)
+            .replace(/\r\n/g, '')
+            .trim(),
+        ),
+        subject,
+      );
+    }
+    const from = encodeHeaderLine(
+      binary('From: "Jörg Müller-Lüdenscheidt von und zu Überlingen" <jorg@crepes.test>'),
+    );
+    assert.match(from, /^From: =\?UTF-8\?Q\?J=C3=B6rg/);
+  });
+
   it('reads octets that are not UTF-8 in the given charset, else as Windows-1252', () => {
     assert.equal(decodeHeaderOctets(Buffer.from('Grüße', 'latin1')), 'Grüße');
     assert.equal(decodeHeaderOctets(Buffer.from([0xc7, 0xc4, 0xd2]), 'koi8-r'), 'гдр');

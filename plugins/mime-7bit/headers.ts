@@ -4,9 +4,16 @@
  */
 import { domainToASCII } from 'node:url';
 import libmime from 'libmime';
+import { foldHeaderField } from '../../core/index.js';
 
-/** Encoded words are kept to this length, so that folded lines stay near 78 characters. */
-const WORD_LENGTH = 75;
+/**
+ * RFC 2047 §2: a line holding an encoded word is at most 76 characters, so an encoded word on a
+ * continuation line (after its space) is at most 75.
+ */
+const LINE_LENGTH = 76;
+const WORD_LENGTH = LINE_LENGTH - 1;
+/** The shortest encoded word we write: room for a few characters after `=?UTF-8?Q?`. */
+const MIN_WORD_LENGTH = 40;
 
 /** Header fields whose value is an address list (RFC 5322 §3.6.2, §3.6.3, §3.6.6 and kin). */
 const ADDRESS_FIELDS = new Set([
@@ -62,7 +69,10 @@ export function decodeHeaderOctets(octets: Buffer, charset?: string | false): st
 
 /**
  * Rewrites one raw header line (field name, colon, value, folds) that holds 8-bit octets into a
- * 7-bit line, folded at 76 characters. `binary` has one char per octet.
+ * 7-bit line, folded at 76 characters with the first word on the field's first line
+ * (`foldHeaderField`). Encoded words are made short enough that the first one fits there after
+ * the name, unless the name is so long that it leaves less than `MIN_WORD_LENGTH`, when the first
+ * line is longer. `binary` has one char per octet.
  */
 export function encodeHeaderLine(binary: string, charset?: string | false): string {
   const colon = binary.indexOf(':');
@@ -73,11 +83,12 @@ export function encodeHeaderLine(binary: string, charset?: string | false): stri
     .replace(/\r?\n(?=[ \t])/g, '')
     .trim();
   const key = name.toLowerCase();
+  const words = Math.max(MIN_WORD_LENGTH, Math.min(WORD_LENGTH, LINE_LENGTH - `${name}: `.length));
   let encoded: string;
-  if (ADDRESS_FIELDS.has(key)) encoded = encodeAddressList(value);
-  else if (PARAMETER_FIELDS.has(key)) encoded = encodeParameters(value);
-  else encoded = encodeText(value);
-  return libmime.foldLines(`${ascii(name)}: ${ascii(encoded)}`, 76);
+  if (ADDRESS_FIELDS.has(key)) encoded = encodeAddressList(value, words);
+  else if (PARAMETER_FIELDS.has(key)) encoded = encodeParameters(value, words);
+  else encoded = encodeText(value, words);
+  return foldHeaderField(ascii(name), ascii(encoded), LINE_LENGTH);
 }
 
 /** Whatever is left that is not ASCII (there should be nothing) becomes `?`. */
@@ -86,14 +97,14 @@ function ascii(text: string): string {
 }
 
 /** Unstructured text (`Subject`, `Comments`, unknown fields): non-ASCII words become encoded words. */
-export function encodeText(value: string): string {
-  return NON_ASCII.test(value) ? libmime.encodeWords(value, 'Q', WORD_LENGTH) : value;
+export function encodeText(value: string, wordLength = WORD_LENGTH): string {
+  return NON_ASCII.test(value) ? libmime.encodeWords(value, 'Q', wordLength) : value;
 }
 
 /** `Content-Type` / `Content-Disposition`: the value as it was, parameters re-encoded (RFC 2231). */
-export function encodeParameters(value: string): string {
+export function encodeParameters(value: string, wordLength = WORD_LENGTH): string {
   const parsed = libmime.parseHeaderValue(value);
-  if (!parsed.value || NON_ASCII.test(parsed.value)) return encodeText(value);
+  if (!parsed.value || NON_ASCII.test(parsed.value)) return encodeText(value, wordLength);
   return libmime.buildHeaderValue({ value: parsed.value, params: parsed.params });
 }
 
@@ -161,25 +172,25 @@ function tokenize(value: string): Token[] {
 const isAscii = (tokens: readonly Token[]): boolean => tokens.every((t) => !NON_ASCII.test(t.raw));
 
 /** A comment with non-ASCII text: encoded words inside the parentheses (RFC 2047 §5 (2)). */
-function encodeComment(token: Token): string {
+function encodeComment(token: Token, wordLength: number): string {
   if (!NON_ASCII.test(token.raw)) return token.raw;
-  return `(${libmime.encodeWords(token.text, 'Q', WORD_LENGTH)})`;
+  return `(${libmime.encodeWords(token.text, 'Q', wordLength)})`;
 }
 
 /** Display name or group name: the whole phrase becomes encoded words when any of it is not ASCII. */
-function encodePhrase(tokens: readonly Token[]): string {
+function encodePhrase(tokens: readonly Token[], wordLength: number): string {
   if (isAscii(tokens)) return tokens.map((t) => t.raw).join('');
   let out = '';
   let words: string[] = [];
   const flush = (): void => {
     const text = words.join('').replace(/\s+/g, ' ').trim();
-    if (text) out += (out && !out.endsWith(' ') ? ' ' : '') + libmime.encodeWord(text, 'Q', WORD_LENGTH);
+    if (text) out += (out && !out.endsWith(' ') ? ' ' : '') + libmime.encodeWord(text, 'Q', wordLength);
     words = [];
   };
   for (const t of tokens) {
     if (t.kind === 'comment') {
       flush();
-      out += (out ? ' ' : '') + encodeComment(t);
+      out += (out ? ' ' : '') + encodeComment(t, wordLength);
     } else {
       words.push(t.text);
     }
@@ -204,14 +215,19 @@ function asciiAddress(address: string): string | null {
  * group (`=?UTF-8?Q?…?= :;`) whose name shows the display name and the address, the form
  * RFC 6857 uses, so that the reader still sees both.
  */
-function encodeMailbox(phrase: readonly Token[], angle: Token | null, trailing: readonly Token[]): string {
-  const rest = trailing.map((t) => (t.kind === 'comment' ? encodeComment(t) : t.raw)).join('');
+function encodeMailbox(
+  phrase: readonly Token[],
+  angle: Token | null,
+  trailing: readonly Token[],
+  wordLength: number,
+): string {
+  const rest = trailing.map((t) => (t.kind === 'comment' ? encodeComment(t, wordLength) : t.raw)).join('');
   let address: string;
   let name: string;
   let nameText: string;
   if (angle) {
     address = angle.text.trim();
-    name = encodePhrase(phrase);
+    name = encodePhrase(phrase, wordLength);
     nameText = phrase
       .filter((t) => t.kind !== 'comment')
       .map((t) => t.text)
@@ -226,7 +242,7 @@ function encodeMailbox(phrase: readonly Token[], angle: Token | null, trailing: 
       .join('');
     name = phrase
       .filter((t) => t.kind === 'comment')
-      .map(encodeComment)
+      .map((t) => encodeComment(t, wordLength))
       .join(' ');
     nameText = '';
   }
@@ -236,7 +252,7 @@ function encodeMailbox(phrase: readonly Token[], angle: Token | null, trailing: 
     return `${converted}${name ? ` ${name}` : ''}${rest}`;
   }
   const shown = nameText ? `${nameText} <${address}>` : address;
-  return `${libmime.encodeWord(shown, 'Q', WORD_LENGTH)} :;${rest}`;
+  return `${libmime.encodeWord(shown, 'Q', wordLength)} :;${rest}`;
 }
 
 /**
@@ -244,7 +260,7 @@ function encodeMailbox(phrase: readonly Token[], angle: Token | null, trailing: 
  * encoded words; non-ASCII domains become punycode; addresses, angle brackets, commas and groups
  * stay where they were, and a mailbox that is all ASCII is left exactly as it was written.
  */
-export function encodeAddressList(value: string): string {
+export function encodeAddressList(value: string, wordLength = WORD_LENGTH): string {
   if (!NON_ASCII.test(value)) return value;
   const tokens = tokenize(value);
   let out = '';
@@ -264,7 +280,7 @@ export function encodeAddressList(value: string): string {
         .slice(0, start)
         .map((t) => t.raw)
         .join('');
-      out += encodeMailbox(pending.slice(start, end), angle, trailing);
+      out += encodeMailbox(pending.slice(start, end), angle, trailing, wordLength);
     }
     pending = [];
     angle = null;
@@ -274,7 +290,7 @@ export function encodeAddressList(value: string): string {
     if (t.kind === 'special') {
       if (t.raw === ':' && !angle) {
         // A group name.
-        out += `${encodePhrase(pending)}:`;
+        out += `${encodePhrase(pending, wordLength)}:`;
         pending = [];
         trailing = [];
         continue;

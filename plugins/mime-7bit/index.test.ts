@@ -7,7 +7,9 @@ import { simpleParser, type AddressObject } from 'mailparser';
 import SMTPConnection from 'nodemailer/lib/smtp-connection/index.js';
 import { SMTPServer } from 'smtp-server';
 import { routeTo, type PeerCapabilities } from '../../core/index.js';
-import { runHook, setupPlugin } from '../../core/testing/index.js';
+import { address, runHook, setupPlugin } from '../../core/testing/index.js';
+import { readWithPython } from '../../test/harness/python-email.js';
+import { buildReport } from '../bounce/report.js';
 import mime7bit from './index.js';
 
 const SEVEN_BIT: PeerCapabilities = { eightBitMime: false, smtputf8: false };
@@ -701,5 +703,82 @@ describe('mime-7bit: through a real 7-bit peer (smtp-server with hide8BITMIME)',
     const stored = received.at(-1)!;
     assertSevenBit(stored);
     assert.deepEqual(await digest(stored), await digest(message));
+  });
+
+  /** Downgrades `message` for this 7-bit peer, sends it there, and returns what the peer stored. */
+  async function deliver(message: Buffer): Promise<Buffer> {
+    const content = await runHook(mime7bit, 'transform', context(Readable.from([message]), SEVEN_BIT));
+    const connection = new SMTPConnection({ host: '127.0.0.1', port, ignoreTLS: true });
+    await new Promise<void>((resolve, reject) =>
+      connection.connect((err) => (err ? reject(err) : resolve())),
+    );
+    await new Promise<void>((resolve, reject) =>
+      connection.send({ from: 'zoe@crepes.test', to: ['li@example.test'] }, content, (err) =>
+        err ? reject(err) : resolve(),
+      ),
+    );
+    connection.quit();
+    const stored = received.at(-1)!;
+    assertSevenBit(stored);
+    return stored;
+  }
+
+  const LONG_SUBJECT = 'Grüße aus Zürich — 你好，世界！ '.repeat(3).trim();
+
+  it("folds a long encoded Subject after its first word, and Python's email parser reads it back exactly", async (t) => {
+    const stored = await deliver(mime('From: zoe@crepes.test', `Subject: ${LONG_SUBJECT}`, '', 'hällo', ''));
+    const header = stored.toString('latin1').split('\r\n\r\n')[0]!;
+    assert.match(header, /^Subject: =\?UTF-8\?Q\?Gr=C3=BC/m, 'the first encoded word on the first line');
+    assert.ok(
+      header.split('\r\n').every((l) => l.length <= 76),
+      `RFC 2047 §2: lines of at most 76 characters\n${header}`,
+    );
+    const read = await readWithPython(t, stored);
+    if (!read) return;
+    assert.equal(read.subject, LONG_SUBJECT);
+  });
+
+  it("returns a bounced message whose long Subject Python's email parser reads back exactly", async (t) => {
+    const original = mime(
+      'From: zoe@crepes.test',
+      `Subject: ${LONG_SUBJECT}`,
+      'MIME-Version: 1.0',
+      'Content-Type: text/plain; charset=utf-8',
+      'Content-Transfer-Encoding: 8bit',
+      '',
+      'hällo',
+      '',
+    );
+    const report = buildReport({
+      hostname: 'mx.test',
+      audience: 'sender',
+      to: address('zoe@crepes.test'),
+      queueId: 'Q1',
+      arrivalDate: new Date(0),
+      smtputf8: false,
+      recipients: [
+        {
+          address: address('li@example.test'),
+          action: 'failed',
+          status: '5.1.1',
+          reply: {
+            code: 550,
+            enhanced: '5.1.1',
+            text: 'No such user',
+            remote: 'mx.example.test [192.0.2.7]',
+          },
+          lastAttemptAt: new Date(0),
+        },
+      ],
+      returned: { kind: 'full', content: original },
+      date: new Date(0),
+      messageId: 'M1',
+    });
+    assert.ok(report.eightBit, 'the returned message is 8-bit: the report needs the downgrade');
+    const stored = await deliver(report.content);
+    const read = await readWithPython(t, stored);
+    if (!read) return;
+    assert.equal(read.subject, 'Undelivered Mail Returned to Sender');
+    assert.deepEqual(read.attached, [{ subject: LONG_SUBJECT }]);
   });
 });

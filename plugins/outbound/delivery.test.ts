@@ -334,6 +334,10 @@ describe('outbound: what goes over the wire', () => {
       ],
     );
     assert.deepEqual(peer.messages[0]!.mailArgs.SMTPUTF8, undefined);
+    // Decided here, not said by the peer: no `remote`, so a bounce does not quote the peer.
+    const failed = (await sender.settled(a, 2)).find((o) => o.status === 'failed')!;
+    assert.equal(failed.reply.remote, undefined);
+    assert.match(String(failed.reply.text), /^mx\.a\.test \[127\.0\.0\.2\] does not support SMTPUTF8/);
     // A UTF-8 header with an all-ASCII envelope cannot go either (RFC 6531 §3.2)…
     const b = await sender.submit(['bob@a.test'], 'Subject: gr\u00fc\u00dfe\r\n\r\nhi\r\n', {
       mailParams: { smtputf8: true },

@@ -55,19 +55,14 @@ class LoopError extends Error {
 
 /** The deferral that a failed connection attempt leaves, naming the peer. */
 function problem(err: unknown, remote: string): Decision {
-  if (err instanceof PolicyError) return madeUp(451, err.enhanced, err.message, remote);
+  if (err instanceof PolicyError) return madeUp(451, err.enhanced, err.message);
   if (err instanceof SmtpFailure) {
     const r = err.reply;
     // A temporary refusal from the peer is passed on as it was given.
     if (err.kind === 'reply' && r && r.code >= 400 && r.code < 500) return asDeferral(r, remote);
-    return madeUp(451, failureStatus(err), err.message, remote);
+    return madeUp(451, failureStatus(err), err.message);
   }
-  return madeUp(
-    451,
-    '4.4.2',
-    `Delivery to ${remote} failed: ${(err as Error)?.message ?? String(err)}`,
-    remote,
-  );
+  return madeUp(451, '4.4.2', `Delivery to ${remote} failed: ${(err as Error)?.message ?? String(err)}`);
 }
 
 /** RFC 3463 status for a failed session: no answer, bad connection, protocol, TLS or authentication. */
@@ -343,7 +338,7 @@ export default definePlugin({
           try {
             conn = await openSession(hop, what, policy, signal);
           } catch (err) {
-            if (err instanceof LoopError) return every(madeUp(554, '5.4.6', err.message, remote));
+            if (err instanceof LoopError) return every(madeUp(554, '5.4.6', err.message));
             last = problem(err, remote);
             log.debug(
               { queueId: ctx.message.id, remote, err: (err as Error).message },

@@ -134,10 +134,14 @@ export function decide(reply: SmtpReply, remote: string): Decision {
   return { status, reply: { code: reply.code, enhanced: reply.enhanced, text, remote } };
 }
 
-/** A decision made here (not a reply from the peer), still naming the peer it concerns. */
-export function madeUp(code: number, enhanced: string, text: string, remote?: string): Decision {
+/**
+ * A decision made here, not a reply from the peer: it carries no `remote`, which names only a
+ * server that answered (a bounce reports `Remote-MTA` and an `smtp;` diagnostic from it). The
+ * text names the peer the decision concerns, where there is one.
+ */
+export function madeUp(code: number, enhanced: string, text: string): Decision {
   const status = code < 300 ? 'delivered' : code < 500 ? 'deferred' : 'failed';
-  return { status, reply: remote ? { code, enhanced, text, remote } : { code, enhanced, text } };
+  return { status, reply: { code, enhanced, text } };
 }
 
 export type TransactionOutcome =
@@ -178,7 +182,8 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   const done = (reusable: boolean, localError?: Error): TransactionOutcome => ({
     kind: 'done',
     decisions: decisions.map(
-      (d) => d ?? madeUp(451, '4.3.0', 'Transaction ended without a reply for this recipient', remote),
+      (d) =>
+        d ?? madeUp(451, '4.3.0', `The transaction with ${remote} ended without a reply for this recipient`),
     ),
     reusable,
     accepted: accepted.length,
@@ -193,12 +198,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   const limit = conn.sizeLimit;
   if (limit && message.size > limit) {
     every(
-      madeUp(
-        552,
-        '5.3.4',
-        `Message size ${message.size} exceeds the limit of ${limit} octets of ${remote}`,
-        remote,
-      ),
+      madeUp(552, '5.3.4', `Message size ${message.size} exceeds the limit of ${limit} octets of ${remote}`),
     );
     return done(true);
   }
@@ -207,7 +207,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   const peerUtf8 = conn.caps.has('SMTPUTF8');
   if (!peerUtf8) {
     const noUtf8 = (what: string): Decision =>
-      madeUp(553, '5.6.7', `${remote} does not support SMTPUTF8, which ${what} needs`, remote);
+      madeUp(553, '5.6.7', `${remote} does not support SMTPUTF8, which ${what} needs`);
     if (message.sender && localNeedsUtf8(message.sender)) {
       every(noUtf8('the sender address'));
       return done(true);
@@ -255,7 +255,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   try {
     content = await req.content({ eightBitMime: conn.caps.has('8BITMIME'), smtputf8: peerUtf8 });
   } catch (err) {
-    every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message', remote), sent);
+    every(madeUp(451, '4.3.0', 'Temporary local problem preparing the message'), sent);
     return done(true, err as Error);
   }
   let dataReply: SmtpReply | null = null;
@@ -350,22 +350,17 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
     content.destroy();
     conn.destroy();
     if (err instanceof SmtpFailure) {
-      every(madeUp(451, '4.4.2', err.message, remote), accepted);
+      every(madeUp(451, '4.4.2', err.message), accepted);
       return done(false);
     }
-    every(madeUp(451, '4.3.0', 'Temporary local problem reading the message', remote), accepted);
+    every(madeUp(451, '4.3.0', 'Temporary local problem reading the message'), accepted);
     return done(false, err as Error);
   }
   try {
     const final = await conn.read('final', timeouts.final);
     if (final.code >= 300 && final.code < 400) {
       every(
-        madeUp(
-          451,
-          '4.5.0',
-          `${remote} sent an unexpected reply to the end of data: ${describe(final)}`,
-          remote,
-        ),
+        madeUp(451, '4.5.0', `${remote} sent an unexpected reply to the end of data: ${describe(final)}`),
         accepted,
       );
       return done(false);
@@ -377,7 +372,7 @@ export async function transaction(req: TransactionRequest): Promise<TransactionO
   } catch (err) {
     if (!(err instanceof SmtpFailure)) throw err;
     // The peer may have taken the message: at least once, so it is tried again later.
-    every(madeUp(451, '4.4.2', err.message, remote), accepted);
+    every(madeUp(451, '4.4.2', err.message), accepted);
     return done(false);
   }
 }

@@ -493,13 +493,17 @@ export class QueueEngine implements ControlTarget {
         if (next - entry.env.receivedAt > lifetime) {
           st.status = 'failed';
           const days = Math.round((finished - entry.env.receivedAt) / 3_600_000) / 24;
+          // The queue gives up, not the peer: the reply is ours, so it carries no `remote`
+          // (which would make a bounce report it as the peer's), and its text names the peer.
+          const { code, enhanced, text, remote } = result.reply;
+          const from = remote ? `${remote} said: ` : '';
           const expired: RecipientResult = {
             recipient: result.recipient,
             status: 'failed',
             reply: {
-              ...result.reply,
+              code,
               enhanced: '4.4.7',
-              text: `Message expired after ${days} days in the queue; last error: ${String(result.reply.text)}`,
+              text: `Message expired after ${days} days in the queue; last error: ${from}${code} ${enhanced} ${replyText(text)}`,
             },
           };
           st.lastReply = expired.reply;

@@ -24,6 +24,7 @@ interface SmtplibJob {
   readonly to: readonly string[];
   readonly subject: string;
   readonly body: string;
+  readonly mail_options?: readonly string[];
 }
 
 interface SmtplibReport {
@@ -95,6 +96,35 @@ describe('Python smtplib against Petrel', () => {
       /^Received: from python\.test \(\[127\.0\.0\.1\]\)\r\n\tby mx\.test \(Petrel\) with UTF8SMTP id /,
     );
     assert.match(received, /\r\n\tfor <用户@例子\.test>;/);
+  });
+
+  it("send_message(msg, mail_options=['SMTPUTF8']) repeats SMTPUTF8 and the message is accepted", async (t) => {
+    const token = randomUUID();
+    const n = queued.length;
+    const subject = `Grüße ${token}`;
+    const report = await smtplib(t, {
+      port: srv.port,
+      mode: 'send_message',
+      mail_options: ['SMTPUTF8'],
+      from: 'josé@example.test',
+      to: ['用户@例子.test'],
+      subject,
+      body: `Hallo ${token}\n`,
+    });
+    if (!report) return;
+    // smtplib adds its own SMTPUTF8 to the caller's for a message that needs it: MAIL names it twice.
+    assert.equal(
+      report.mail_options.filter((o) => o === 'SMTPUTF8').length,
+      2,
+      `smtplib sent: ${report.mail_options.join(' ')}`,
+    );
+    assert.deepEqual(report.refused, {});
+    assert.equal(queued.length, n + 1, 'one message queued');
+    const m = queued.at(-1)!;
+    assert.equal(m.sender, 'josé@example.test');
+    assert.deepEqual(m.recipients, ['用户@例子.test']);
+    assert.deepEqual(m.raw, Buffer.from(report.data_b64, 'base64'));
+    assert.match(m.data.toString('utf8'), /with UTF8SMTP id /);
   });
 
   it('sends with sendmail after starttls(), verifying the certificate, and records ESMTPS', async (t) => {

@@ -124,6 +124,41 @@ describe('ESMTP extensions', () => {
     c.close();
   });
 
+  it('a parameter repeated with the same value is accepted; a conflicting repeat is refused', async () => {
+    const c = await SmtpClient.connect(srv.port);
+    await c.expect(/^220 /);
+    await c.ehlo();
+    await c.cmd(
+      'MAIL FROM:<a@example.test> BODY=7BIT BODY=8BITMIME',
+      /^501 5\.5\.4 Duplicate parameter BODY/,
+    );
+    await c.cmd('MAIL FROM:<a@example.test> RET=FULL RET=HDRS', /^501 5\.5\.4 Duplicate parameter RET/);
+    await c.cmd('MAIL FROM:<a@example.test> SMTPUTF8 SMTPUTF8 BODY=8BITMIME body=8bitmime', /^250 2\.1\.0 /);
+    await c.cmd(
+      'RCPT TO:<b@example.test> NOTIFY=FAILURE NOTIFY=SUCCESS',
+      /^501 5\.5\.4 Duplicate parameter NOTIFY/,
+    );
+    await c.cmd(
+      'RCPT TO:<b@example.test> ORCPT=rfc822;b@example.test ORCPT=rfc822;x@example.test',
+      /^501 5\.5\.4 Duplicate parameter ORCPT/,
+    );
+    await c.cmd(
+      'RCPT TO:<b@example.test> NOTIFY=FAILURE,DELAY NOTIFY=failure,delay ORCPT=rfc822;b@example.test ORCPT=rfc822;b@example.test',
+      /^250 2\.1\.5 /,
+    );
+    await c.cmd('DATA', /^354 /);
+    c.write('Subject: repeats\r\n\r\n.\r\n');
+    await c.expect(/^250 /);
+    const env = envelopes.at(-1)!;
+    assert.equal(env.params.smtputf8, true);
+    assert.equal(env.params.body, '8BITMIME');
+    assert.deepEqual(
+      env.recipients.map((r) => r.params),
+      [{ notify: ['FAILURE', 'DELAY'], orcpt: { type: 'rfc822', address: 'b@example.test' } }],
+    );
+    c.close();
+  });
+
   it('ENHANCEDSTATUSCODES: every reply after the greeting and EHLO carries one', async () => {
     const c = await SmtpClient.connect(srv.port);
     await c.expect(/^220 mx\.test /);
