@@ -2,7 +2,16 @@
  * Petrel's public API: what `import … from 'petrel'` gives a plugin file anywhere on disk.
  */
 export { z } from 'zod';
-export { definePlugin, type PluginApi, type PluginDefinition, type PluginHooks } from './plugins/define.js';
+export {
+  definePlugin,
+  type PluginApi,
+  type PluginDefinition,
+  type PluginHooks,
+  type PluginCommand,
+  type CommandApi,
+} from './plugins/define.js';
+/** For commands plugins add to `petrel` (see `definePlugin({ commands })`). */
+export { CommandError, UsageError, runSubcommand } from './cli/command.js';
 export {
   proceed,
   accept,
