@@ -8,9 +8,9 @@ import { Supervisor } from '../process/primary.js';
 import { ConfigError } from '../config/errors.js';
 import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
 import { CORE_COMMANDS } from '../plugins/define.js';
-import { configuredCommands, runPluginCommand } from '../plugins/commands.js';
+import { configOption, configuredCommands, runPluginCommand } from '../plugins/commands.js';
 import { listPlugins } from '../plugins/loader.js';
-import { runSubcommand } from './command.js';
+import { runSubcommand, UsageError } from './command.js';
 import { PLUGIN_NEW_USAGE, pluginNew } from './plugin-new.js';
 
 const USAGE = `Usage: petrel <command> [options]
@@ -131,11 +131,7 @@ async function plugin(args: readonly string[]): Promise<number> {
       process.stdout.write(`${PLUGIN_NEW_USAGE}\n`);
       return 0;
     }
-    if (sub !== 'new') {
-      process.stderr.write(`petrel plugin: ${sub ? `unknown command "${sub}"` : 'missing command'}\n\n`);
-      process.stderr.write(`${PLUGIN_NEW_USAGE}\n`);
-      return 64;
-    }
+    if (sub !== 'new') throw new UsageError(sub ? `unknown command "${sub}"` : 'missing command');
     const dir = await pluginNew(rest, process.cwd());
     process.stdout.write(`created ${dir}: index.ts, index.test.ts and README.md (see its README)\n`);
     return 0;
@@ -150,7 +146,9 @@ async function main(argv: string[]): Promise<number> {
     const io = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr, cwd: process.cwd() };
     const code = await runPluginCommand(argv, io);
     if (code !== null) return code;
-    process.stderr.write(`petrel: unknown command "${argv.join(' ')}"\n\n${await usage(undefined)}\n`);
+    process.stderr.write(
+      `petrel: unknown command "${argv.join(' ')}"\n\n${await usage(configOption(argv.slice(1)))}\n`,
+    );
     return 64;
   }
   let parsed;

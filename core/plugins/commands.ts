@@ -26,7 +26,7 @@ class CommandExit extends Error {
  * The `--config FILE` (or `-c FILE`) among a plugin command's arguments: the core reads it to
  * find the config, and leaves it in the arguments for the command, whose usage names it too.
  */
-function configOption(args: readonly string[]): string | undefined {
+export function configOption(args: readonly string[]): string | undefined {
   const { values } = parseArgs({
     args: [...args],
     strict: false,
