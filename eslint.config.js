@@ -2,6 +2,53 @@
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
+/** `..` repeated `n` times: how a file `n` folders deep reaches the repository root. */
+const up = (n) => Array.from({ length: n }, () => '..').join('/');
+
+// The core knows SMTP and nothing about plugins: no file under core/ imports from plugins/.
+// Relative paths only mean plugins/ at the right depth, hence one block per depth
+// (test/unit/layering.test.ts checks the same by resolving every import).
+const coreKnowsNoPlugins = [1, 2, 3, 4].map((depth) => ({
+  files: [
+    `core/${Array(depth - 1)
+      .fill('*/')
+      .join('')}*.ts`,
+  ],
+  rules: {
+    'no-restricted-imports': [
+      'error',
+      {
+        patterns: [
+          {
+            group: [`${up(depth)}/plugins`, `${up(depth)}/plugins/**`],
+            message:
+              'core/ must not import plugins/: a plugin contributes to the core (hooks, commands, services).',
+          },
+        ],
+      },
+    ],
+  },
+}));
+
+// Plugins use the public API (`petrel`, here core/index.js) and nothing deeper. Not every built-in
+// plugin does yet; these files do, and stay so.
+const publicApiOnly = {
+  files: ['plugins/queue/cli.ts', 'plugins/users/cli.ts'],
+  rules: {
+    'no-restricted-imports': [
+      'error',
+      {
+        patterns: [
+          {
+            group: ['../../core/**', '!../../core/index.js'],
+            message: "Plugins import only the public API: 'petrel' (../../core/index.js in this repository).",
+          },
+        ],
+      },
+    ],
+  },
+};
+
 export default tseslint.config(
   { ignores: ['dist/**', 'node_modules/**', 'var/**', 'test/fixtures/**'] },
   js.configs.recommended,
@@ -14,6 +61,8 @@ export default tseslint.config(
       'no-control-regex': 'off',
     },
   },
+  ...coreKnowsNoPlugins,
+  publicApiOnly,
   {
     files: ['**/*.js', '**/*.mjs'],
     languageOptions: { globals: { process: 'readonly', console: 'readonly' } },

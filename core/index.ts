@@ -9,7 +9,11 @@ export {
   type PluginDefinition,
   type PluginHooks,
   type TransformPhase,
+  type PluginCommand,
+  type CommandApi,
 } from './plugins/define.js';
+/** For commands plugins add to `petrel` (see `definePlugin({ commands })`). */
+export { CommandError, UsageError, runSubcommand } from './cli/command.js';
 export {
   proceed,
   accept,

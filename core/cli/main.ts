@@ -7,20 +7,42 @@ import { Petrel } from '../app.js';
 import { Supervisor } from '../process/primary.js';
 import { ConfigError } from '../config/errors.js';
 import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
-import { runQueueCommand } from './queue.js';
-import { runUserCommand } from './user.js';
+import { CORE_COMMANDS } from '../plugins/define.js';
+import { configOption, configuredCommands, runPluginCommand } from '../plugins/commands.js';
+import { listPlugins } from '../plugins/loader.js';
+import { runSubcommand, UsageError } from './command.js';
+import { PLUGIN_NEW_USAGE, pluginNew } from './plugin-new.js';
 
 const USAGE = `Usage: petrel <command> [options]
 
 Commands:
   start [--config FILE]          run the server (SIGHUP reloads the config, SIGTERM stops it)
   config check [--config FILE]   validate the config and print the effective one
-  user add|passwd|remove|list    manage the users plugin's users (petrel user --help)
-  queue list|show|flush|...      the running server's queue: why mail waits (petrel queue --help)
-  help                           this text
+  plugin new NAME                create the folder NAME with a plugin, its README and its test
+  help                           this text, with the commands of the configured plugins
 
 Without --config, Petrel looks in the working directory for petrel.config.{yaml,yml,json,ts,mjs},
-.petrelrc[.yaml|.yml|.json] or a "petrel" key in package.json, then uses the embedded default.`;
+.petrelrc[.yaml|.yml|.json] or a "petrel" key in package.json, then uses the embedded default.
+Plugins add commands of their own (petrel user, petrel queue, ...): they are listed below.`;
+
+/**
+ * The usage text, then the commands the configured plugins contribute, each with its one line.
+ * A config that cannot be read does not hide the usage: it says why the list is missing.
+ */
+async function usage(configFile: string | undefined): Promise<string> {
+  let section: string;
+  try {
+    const loaded = await loadConfig({ file: configFile });
+    const commands = configuredCommands(loaded.file, await listPlugins(loaded));
+    const width = Math.max(31, ...commands.map((c) => c.name.length + 2));
+    const lines = commands.map((c) => `  ${c.name.padEnd(width)}${c.command.description} [${c.plugin.name}]`);
+    section = `Commands from the plugins of ${loaded.file}:\n${lines.join('\n') || '  (none)'}`;
+  } catch (err) {
+    const why = err instanceof ConfigError ? err.message : (err as Error).message;
+    section = `Commands from plugins: none listed, the config could not be read:\n${why}`;
+  }
+  return `${USAGE}\n\n${section}`;
+}
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as {
@@ -101,10 +123,34 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   if (err.code !== 'EPIPE') throw err;
 });
 
+/** `petrel plugin new NAME`. */
+async function plugin(args: readonly string[]): Promise<number> {
+  const [sub, ...rest] = args;
+  return runSubcommand('plugin', PLUGIN_NEW_USAGE, process.stderr, async () => {
+    if (sub === '--help' || sub === '-h') {
+      process.stdout.write(`${PLUGIN_NEW_USAGE}\n`);
+      return 0;
+    }
+    if (sub !== 'new') throw new UsageError(sub ? `unknown command "${sub}"` : 'missing command');
+    const dir = await pluginNew(rest, process.cwd());
+    process.stdout.write(`created ${dir}: index.ts, index.test.ts and README.md (see its README)\n`);
+    return 0;
+  });
+}
+
 async function main(argv: string[]): Promise<number> {
-  // `user` has options of its own; it parses its arguments itself.
-  if (argv[0] === 'user') return runUserCommand(argv.slice(1));
-  if (argv[0] === 'queue') return runQueueCommand(argv.slice(1));
+  const [first] = argv;
+  if (first === 'plugin') return plugin(argv.slice(1));
+  // A name the core does not know is a plugin's command: it parses its own arguments.
+  if (first && !first.startsWith('-') && !CORE_COMMANDS.includes(first)) {
+    const io = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr, cwd: process.cwd() };
+    const code = await runPluginCommand(argv, io);
+    if (code !== null) return code;
+    process.stderr.write(
+      `petrel: unknown command "${argv.join(' ')}"\n\n${await usage(configOption(argv.slice(1)))}\n`,
+    );
+    return 64;
+  }
   let parsed;
   try {
     parsed = parseArgs({
@@ -127,7 +173,7 @@ async function main(argv: string[]): Promise<number> {
   }
   const [cmd, sub] = positionals;
   if (values.help || !cmd || cmd === 'help') {
-    process.stdout.write(`${USAGE}\n`);
+    process.stdout.write(`${await usage(values.config)}\n`);
     return cmd || values.help ? 0 : 64;
   }
   if (cmd === 'start') {

@@ -1,8 +1,10 @@
+import type { Readable, Writable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { z } from 'zod';
 import type { Hooks } from '../hooks/catalogue.js';
 import type { Token } from '../di/tokens.js';
 import type { HookRunner } from '../hooks/runner.js';
+import type { PetrelConfig } from '../config/schema.js';
 
 /** What a plugin's `setup` receives. */
 export interface PluginApi<C> {
@@ -39,6 +41,55 @@ export interface PluginHooks {
   notify: HookRunner['notify'];
 }
 
+/**
+ * What a plugin's command handler receives: `petrel <command> …` run by a person at a shell.
+ * The config is the one `petrel start` would use (`--config FILE`, else found in the working
+ * directory, else the embedded default), validated, with the plugin's own entry validated by its
+ * schema; the plugin's `setup` does not run, so a command never opens what a running server holds.
+ */
+export interface CommandApi<C> {
+  /** The command's name as typed (`queue` in `petrel queue list`). */
+  readonly command: string;
+  /** The arguments after the command's name, as typed, `--config FILE` included. */
+  readonly args: readonly string[];
+  /** Standard input; a terminal has `isTTY` and `setRawMode` (to read a password without echo). */
+  readonly stdin: Readable & { isTTY?: boolean; setRawMode?: (mode: boolean) => unknown };
+  readonly stdout: Writable;
+  readonly stderr: Writable;
+  /** The working directory the command was run in. */
+  readonly cwd: string;
+  /** The config file in use (the embedded default's path when none was found). */
+  readonly configFile: string;
+  /** The config file's folder: resolve the plugin's relative paths against it, as `setup` does. */
+  readonly baseDir: string;
+  /** The core's config, validated, defaults applied. */
+  readonly petrel: PetrelConfig;
+  /**
+   * The plugin's config, validated by its schema: its entry's `config`, or the schema's defaults
+   * when the config file does not list the plugin (see `entry`).
+   */
+  readonly config: C;
+  /** Where the config lists this plugin (`plugins[2]`) and whether it is enabled; null if it does not. */
+  readonly entry: { readonly key: string; readonly enabled: boolean } | null;
+  /** Ends the command at once with this exit code (nothing more is printed). */
+  exit(code: number): never;
+}
+
+/**
+ * A subcommand a plugin adds to `petrel`. `run` resolves to the exit code (0 done; 64 bad usage
+ * and 78 bad config, as the BSD sysexits). A `UsageError` or `CommandError` it throws is printed
+ * as `petrel <command>: <message>` with exit 64 or the error's code (`runSubcommand` also prints
+ * the command's usage on a UsageError).
+ */
+export interface PluginCommand<C = unknown> {
+  /** One line for `petrel --help`. */
+  readonly description: string;
+  run(cli: CommandApi<C>): Promise<number>;
+}
+
+/** The names the core keeps for its own commands. */
+export const CORE_COMMANDS: readonly string[] = ['start', 'config', 'help', 'plugin'];
+
 const BRAND = Symbol.for('petrel.plugin');
 
 export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
@@ -56,6 +107,8 @@ export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
    */
   readonly transformPhase?: TransformPhase;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
+  /** Subcommands of `petrel` this plugin contributes, by name (`petrel <name> …`). */
+  readonly commands?: Readonly<Record<string, PluginCommand<z.output<S>>>>;
   readonly [BRAND]: true;
 }
 
@@ -80,6 +133,9 @@ export type TransformPhase = (typeof TRANSFORM_PHASES)[number];
  *   },
  * });
  * ```
+ *
+ * `commands` adds subcommands to `petrel` (`petrel <name> …`), each a one-line description and an
+ * async handler that receives a `CommandApi`; see docs/plugins.md, "Commands from plugins".
  */
 export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, never>>>(def: {
   name: string;
@@ -87,6 +143,7 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
   hookTimeout?: number;
   transformPhase?: TransformPhase;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
+  commands?: Record<string, PluginCommand<z.output<S>>>;
 }): PluginDefinition<S> {
   if (typeof def?.name !== 'string' || !/^[a-z0-9][a-z0-9-_.]*$/i.test(def.name)) {
     throw new TypeError(`definePlugin: name must be a simple identifier, got ${JSON.stringify(def?.name)}`);
@@ -97,6 +154,16 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
     throw new TypeError(
       `definePlugin(${def.name}): transformPhase must be one of ${TRANSFORM_PHASES.join(', ')}, got ${JSON.stringify(def.transformPhase)}`,
     );
+  }
+  for (const [command, spec] of Object.entries(def.commands ?? {})) {
+    const where = `definePlugin(${def.name}): command "${command}"`;
+    if (!/^[a-z][a-z0-9-]*$/.test(command))
+      throw new TypeError(`${where}: a name must be lower-case letters, digits and dashes`);
+    if (CORE_COMMANDS.includes(command))
+      throw new TypeError(`${where}: the name is one of petrel's own (${CORE_COMMANDS.join(', ')})`);
+    if (typeof spec?.description !== 'string' || !/^[^\n]+$/.test(spec.description))
+      throw new TypeError(`${where}: description must be one line of text`);
+    if (typeof spec.run !== 'function') throw new TypeError(`${where}: run must be a function`);
   }
   return Object.freeze({ ...def, [BRAND]: true as const });
 }

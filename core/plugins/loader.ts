@@ -1,4 +1,4 @@
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { createRequire, registerHooks } from 'node:module';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -409,4 +409,62 @@ export async function checkPlugins(opts: {
     names.push(definition.name);
   }
   return names;
+}
+
+/** One plugin a config lists, found and loaded but not set up. */
+export interface ListedPlugin {
+  readonly definition: PluginDefinition;
+  /** Its entry's key, `plugins[2]`. */
+  readonly key: string;
+  readonly enabled: boolean;
+  /** Its entry's `config`, not yet validated. */
+  readonly config: unknown;
+}
+
+/**
+ * Finds and loads the plugins a config lists, in config order, and runs no `setup`. Disabled
+ * entries are loaded only if `disabled` is set (a disabled entry may name a file that is gone).
+ */
+export async function listPlugins(opts: {
+  config: PetrelConfig;
+  file: string;
+  baseDir: string;
+  inline?: ReadonlyMap<string, PluginDefinition>;
+}): Promise<ListedPlugin[]> {
+  installPetrelResolution();
+  const listed: ListedPlugin[] = [];
+  for (const [i, entry] of opts.config.plugins.entries()) {
+    const { ref, config, enabled } = entryParts(entry);
+    if (!enabled) continue;
+    const key = `plugins[${i}]`;
+    const { definition } = await locate(ref, opts.baseDir, opts.file, key, opts.inline ?? new Map());
+    listed.push({ definition, key, enabled, config });
+  }
+  return listed;
+}
+
+/** The config entry that names plugin `name` (a built-in's name), enabled or not, if any. */
+export function entryNamed(
+  config: PetrelConfig,
+  name: string,
+): { key: string; enabled: boolean; config: unknown } | null {
+  for (const [i, entry] of config.plugins.entries()) {
+    const { ref, config: raw, enabled } = entryParts(entry);
+    if (ref === name) return { key: `plugins[${i}]`, enabled, config: raw };
+  }
+  return null;
+}
+
+/** The names of the built-in plugins (the folders of plugins/ with an index). */
+export function builtInNames(): string[] {
+  return readdirSync(BUILT_IN_DIR)
+    .filter((n) => /^[a-z0-9][a-z0-9-]*$/.test(n) && existsSync(join(BUILT_IN_DIR, n, 'index.js')))
+    .sort();
+}
+
+/** Loads a built-in plugin by name (no setup). */
+export async function builtInPlugin(name: string): Promise<PluginDefinition> {
+  installPetrelResolution();
+  const path = join(BUILT_IN_DIR, name, 'index.js');
+  return importDefinition(pathToFileURL(path).href, path, 'plugin', name);
 }

@@ -19,7 +19,8 @@ import type {
 } from '../hooks/catalogue.js';
 import { parsePath, type Address } from '../message/address.js';
 import { Notes } from '../message/notes.js';
-import type { PluginDefinition } from '../plugins/define.js';
+import type { CommandApi, PluginDefinition } from '../plugins/define.js';
+import { commandApi as buildCommandApi, runCommandOf, type CommandIo } from '../plugins/commands.js';
 import type { StateStore } from '../services/state.js';
 import { SqliteState } from '../services/state-sqlite.js';
 
@@ -135,4 +136,38 @@ export async function runHook<S extends z.ZodType, K extends HookName>(
   const fn = hooks[hook] as ((c: HookContext<K>) => Promise<HookResult<K>>) | undefined;
   if (!fn) throw new Error(`plugin ${plugin.name} has no ${hook} hook`);
   return fn({ ...ctx, signal: new AbortController().signal } as HookContext<K>);
+}
+
+/** Streams and folder for `runCommand`; any left out are the process's own. */
+export type CommandOptions = Partial<CommandIo>;
+
+function commandIo(opts: CommandOptions): CommandIo {
+  return {
+    stdin: opts.stdin ?? process.stdin,
+    stdout: opts.stdout ?? process.stdout,
+    stderr: opts.stderr ?? process.stderr,
+    cwd: opts.cwd ?? process.cwd(),
+  };
+}
+
+/**
+ * Runs a plugin's command in this process as `petrel <argv…>` would (`argv[0]` is the command's
+ * name): the config found from `cwd` or `--config`, the plugin's entry validated, no setup.
+ * Resolves to the exit code; what it prints goes to the given streams.
+ */
+export function runCommand(
+  plugin: PluginDefinition,
+  argv: readonly string[],
+  opts: CommandOptions = {},
+): Promise<number> {
+  return runCommandOf(plugin, argv, commandIo(opts));
+}
+
+/** The `CommandApi` a plugin's command `argv[0]` would receive, to test a part of a command. */
+export function commandApi<C>(
+  plugin: PluginDefinition,
+  argv: readonly string[],
+  opts: CommandOptions = {},
+): Promise<CommandApi<C>> {
+  return buildCommandApi<C>(plugin, argv, commandIo(opts));
 }

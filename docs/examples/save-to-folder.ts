@@ -10,11 +10,13 @@
  *       config:
  *         folder: ./mail
  *         domains: [example.test]
+ *
+ * It also adds a command, `petrel saved [--config FILE]`, that lists the saved messages.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { accept, defer, definePlugin, deny, proceed, z } from 'petrel';
+import { accept, CommandError, defer, definePlugin, deny, proceed, z } from 'petrel';
 
 export default definePlugin({
   name: 'save-to-folder',
@@ -101,5 +103,23 @@ export default definePlugin({
         return accept({ code: 250, enhanced: '2.0.0', text: `Ok: saved as ${name}` });
       },
     };
+  },
+
+  // `petrel saved`: the command gets the same validated config as setup, but setup does not run.
+  commands: {
+    saved: {
+      description: 'list the messages save-to-folder has saved (petrel saved [--config FILE])',
+      async run({ config, baseDir, stdout }) {
+        const folder = resolve(baseDir, config.folder);
+        const names = await readdir(folder).catch((err: NodeJS.ErrnoException) => {
+          if (err.code === 'ENOENT') return [] as string[];
+          throw new CommandError(`cannot read ${folder}: ${err.message}`);
+        });
+        const saved = names.filter((n) => n.endsWith('.eml')).sort();
+        for (const name of saved) stdout.write(`${name}\t${(await stat(join(folder, name))).size}\n`);
+        stdout.write(`${saved.length} saved in ${folder}\n`);
+        return 0;
+      },
+    },
   },
 });

@@ -1,4 +1,3 @@
-import { isAbsolute, join, resolve } from 'node:path';
 import { accept, defer, definePlugin, deny, proceed, Tokens, z } from '../../core/index.js';
 import { formatHeaderField } from '../../core/message/headers.js';
 import { parseDuration } from '../../core/util/duration.js';
@@ -6,7 +5,8 @@ import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
 import { newId } from '../../core/util/ids.js';
 import { parseSchedule } from './schedule.js';
-import { partDir, partsOfSlot } from './parts.js';
+import { partDir, partsOfSlot, queueDir } from './parts.js';
+import { queueCommand } from './cli.js';
 import type { StoredEnvelope } from './store.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
@@ -22,6 +22,8 @@ const durationText = z.string().refine(
   },
   { message: 'expected a duration like 30m, 4h or 5d' },
 );
+
+export type QueueConfig = z.output<typeof queueConfig>;
 
 export const queueConfig = z
   .object({
@@ -76,13 +78,10 @@ export const queueConfig = z
 export default definePlugin({
   name: 'queue',
   config: queueConfig,
+  commands: { queue: queueCommand },
   async setup({ config, log, resolve: resolveService, baseDir, hooks, onClose, provide }) {
     const core = resolveService(Tokens.Config);
-    const dir = config.dir
-      ? isAbsolute(config.dir)
-        ? config.dir
-        : resolve(baseDir, config.dir)
-      : join(core.spool.dir, 'queue');
+    const dir = queueDir(config.dir, baseDir, core.spool.dir);
     const worker = resolveService(Tokens.Worker);
     const schedule = parseSchedule(config.retry);
     const lifetime = parseDuration(config.lifetime);

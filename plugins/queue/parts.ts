@@ -1,5 +1,14 @@
 import { readdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
+
+/**
+ * The queue folder: the entry's `dir` (relative to the config file's folder), by default
+ * `<spool.dir>/queue`. The plugin and `petrel queue` find it the same way.
+ */
+export function queueDir(dir: string | undefined, baseDir: string, spoolDir: string): string {
+  if (!dir) return join(spoolDir, 'queue');
+  return isAbsolute(dir) ? dir : resolve(baseDir, dir);
+}
 
 /**
  * The queue's parts. Each worker process owns one part of the queue folder, so that no two

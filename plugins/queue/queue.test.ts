@@ -38,7 +38,7 @@ import { QueueStore, type Entry, type RecipientState } from './store.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
-import { describeMessage } from '../../core/cli/queue.js';
+import { describeMessage } from './cli.js';
 import type { WireMessage } from './control.js';
 
 interface Delivery {

@@ -1,6 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { accept, defer, definePlugin, deny, proceed, Tokens } from '../../core/index.js';
 import { AuthThrottle, clientKey } from './auth-throttle.js';
+import { userCommand } from './cli.js';
 import { directoryFiles, usersConfigSchema } from './config.js';
 import { DirectoryStore } from './directory-store.js';
 import { Directory } from './directory.js';
@@ -18,6 +19,7 @@ export { Directory, type DirectoryService } from './directory.js';
 export default definePlugin({
   name: 'users',
   config: usersConfigSchema,
+  commands: { user: userCommand },
   async setup({ config, log, baseDir, resolve, provide }) {
     const { localDomains } = resolve(Tokens.Config);
     const files = directoryFiles(config, baseDir);

@@ -61,6 +61,16 @@ function startCli(configFile: string, timeoutMs = 20_000): Promise<Running> {
   });
 }
 
+/** Runs the CLI to its end. */
+function runCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  return new Promise((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr })));
+}
+
 /** Resolves with the exit code, or null if the process is still running after `timeoutMs`. */
 function exited(child: ChildProcess, timeoutMs: number): Promise<number | null> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
@@ -148,6 +158,16 @@ describe('docs/examples/save-to-folder.ts, loaded by the real CLI', () => {
     } finally {
       c.close();
     }
+  });
+
+  it('its command `petrel saved` lists what it saved, and `petrel --help` names the command', async () => {
+    const config = join(dir, 'petrel.config.yaml');
+    const saved = await runCli(['saved', '--config', config]);
+    assert.equal(saved.code, 0, saved.stderr);
+    const [name] = readdirSync(mailDir);
+    assert.match(saved.stdout, new RegExp(`^${name}\\t\\d+\\n1 saved in ${mailDir}\\n$`));
+    const help = await runCli(['--help', '--config', config]);
+    assert.match(help.stdout, /^ {2}saved +list the messages save-to-folder has saved/m);
   });
 
   it('stops on SIGTERM with exit code 0', async () => {

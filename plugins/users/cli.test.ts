@@ -6,13 +6,16 @@ import { join } from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 import pino from 'pino';
 import { stringify } from 'yaml';
-import { Petrel } from '../app.js';
+import { Petrel } from '../../core/app.js';
+import { commandApi, runCommand } from '../../core/testing/index.js';
 import { CLI, NODE } from '../../test/e2e/cli.js';
 import { describeRun, killRunning, run, type RunResult } from '../../test/e2e/run.js';
 import { requirePeer } from '../../test/harness/peers.js';
 import { ROOT, TLS } from '../../test/harness/server.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
-import { locateUsersFile, runUserCommand } from './user.js';
+import { locateUsersFile } from './cli.js';
+import usersPlugin from './index.js';
+import type { UsersConfig } from './config.js';
 
 const plain = (user: string, pass: string): string =>
   `AUTH PLAIN ${Buffer.from(`\0${user}\0${pass}`, 'utf8').toString('base64')}`;
@@ -236,7 +239,7 @@ describe('petrel user, in process', () => {
           cb();
         },
       });
-      const code = await runUserCommand(['add', 'erin@hamburger.edu'], {
+      const code = await runCommand(usersPlugin, ['user', 'add', 'erin@hamburger.edu'], {
         stdin: Object.assign(stdin, { setRawMode }),
         stdout,
         stderr,
@@ -248,7 +251,7 @@ describe('petrel user, in process', () => {
       const users = JSON.parse(readFileSync(join(dir, 'users.json'), 'utf8')) as {
         users: Record<string, { password: string }>;
       };
-      const { verifyPassword } = await import('../../plugins/users/password.js');
+      const { verifyPassword } = await import('./password.js');
       assert.equal(await verifyPassword('tty secret', users.users['erin@hamburger.edu']!.password), true);
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -258,7 +261,7 @@ describe('petrel user, in process', () => {
   it('uses the embedded default config, and its folder, when the working directory has no config', async () => {
     const empty = mkdtempSync(join(tmpdir(), 'petrel-cli-user-'));
     try {
-      const where = await locateUsersFile({ cwd: empty });
+      const where = locateUsersFile(await commandApi<UsersConfig>(usersPlugin, ['user'], { cwd: empty }));
       // The embedded default enables the users plugin with its file under var/.
       assert.equal(where.usersFile, join(ROOT, 'var', 'users.json'));
       assert.equal(where.enabled, true);

@@ -1,18 +1,22 @@
-import type { Readable, Writable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { parseArgs } from 'node:util';
-import { CommandError, runSubcommand, UsageError } from './command.js';
-import { zodToConfigError } from '../config/errors.js';
-import { loadConfig } from '../config/load.js';
-import { parseAddressText } from '../../plugins/users/addresses.js';
-import { directoryFiles, usersConfigSchema } from '../../plugins/users/config.js';
-import { hashPassword } from '../../plugins/users/password.js';
+import {
+  CommandError,
+  runSubcommand,
+  UsageError,
+  type CommandApi,
+  type PluginCommand,
+} from '../../core/index.js';
+import { parseAddressText } from './addresses.js';
+import { directoryFiles, type UsersConfig } from './config.js';
+import { hashPassword } from './password.js';
 import {
   DirectoryFileError,
   normalizeLogin,
   readUsersFile,
   writeUsersFile,
   type UsersFileData,
-} from '../../plugins/users/users-file.js';
+} from './users-file.js';
 
 export const USER_USAGE = `Usage: petrel user <command> [--config FILE]
 
@@ -27,13 +31,7 @@ The password is asked for without echo on a terminal, or read from the first lin
 input otherwise (echo 'pass' | petrel user add bob@example.com). The users file is the one the
 config's "users" plugin entry names (usersFile, default ./users.json next to the config file).`;
 
-/** Where the command reads and writes; the real process's streams by default. */
-export interface UserCommandIo {
-  readonly stdin: Readable & { isTTY?: boolean; setRawMode?: (mode: boolean) => unknown };
-  readonly stdout: Writable;
-  readonly stderr: Writable;
-  readonly cwd: string;
-}
+type UserCommandIo = Pick<CommandApi<UsersConfig>, 'stdin' | 'stdout' | 'stderr'>;
 
 /** The users file a config uses, and what the command should warn about. */
 export interface UsersFileLocation {
@@ -45,32 +43,17 @@ export interface UsersFileLocation {
 }
 
 /**
- * Finds the users file from a config's `users` plugin entry (its `usersFile`, relative to the
+ * Finds the users file from the config's `users` plugin entry (its `usersFile`, relative to the
  * config file's folder). Without such an entry, the plugin's default next to the config file.
  */
-export async function locateUsersFile(opts: {
-  configFile?: string;
-  cwd: string;
-}): Promise<UsersFileLocation> {
-  const loaded = await loadConfig({ file: opts.configFile, cwd: opts.cwd });
-  let raw: unknown = {};
-  let enabled = false;
-  let key = '';
-  for (const [i, entry] of loaded.config.plugins.entries()) {
-    const name = typeof entry === 'string' ? entry : entry.name;
-    if (name !== 'users') continue;
-    raw = typeof entry === 'string' ? {} : (entry.config ?? {});
-    enabled = typeof entry === 'string' || entry.enabled;
-    key = `plugins[${i}] (users).config`;
-    break;
-  }
-  const parsed = usersConfigSchema.safeParse(raw);
-  if (!parsed.success) throw zodToConfigError(loaded.file, parsed.error, key);
+export function locateUsersFile(
+  cli: Pick<CommandApi<UsersConfig>, 'config' | 'baseDir' | 'configFile' | 'entry' | 'petrel'>,
+): UsersFileLocation {
   return {
-    usersFile: directoryFiles(parsed.data, loaded.baseDir).usersFile,
-    configFile: loaded.file,
-    enabled,
-    localDomains: loaded.config.localDomains,
+    usersFile: directoryFiles(cli.config, cli.baseDir).usersFile,
+    configFile: cli.configFile,
+    enabled: cli.entry?.enabled ?? false,
+    localDomains: cli.petrel.localDomains,
   };
 }
 
@@ -143,24 +126,19 @@ function checkAddress(text: string, what: string): string {
 }
 
 /**
- * `petrel user add|passwd|remove|list`. Returns the exit code: 0 done, 1 refused (an existing
- * user, an unknown one, a bad password), 64 bad usage. A bad config throws ConfigError.
+ * `petrel user add|passwd|remove|list`. Resolves to the exit code: 0 done, 1 refused (an existing
+ * user, an unknown one, a bad password), 64 bad usage.
  */
-export async function runUserCommand(argv: readonly string[], io?: Partial<UserCommandIo>): Promise<number> {
-  const full: UserCommandIo = {
-    stdin: io?.stdin ?? process.stdin,
-    stdout: io?.stdout ?? process.stdout,
-    stderr: io?.stderr ?? process.stderr,
-    cwd: io?.cwd ?? process.cwd(),
-  };
-  return runSubcommand('user', USER_USAGE, full.stderr, () => userCommand(argv, full));
-}
+export const userCommand: PluginCommand<UsersConfig> = {
+  description: "add, change, remove and list the users plugin's users (petrel user --help)",
+  run: (cli) => runSubcommand('user', USER_USAGE, cli.stderr, () => user(cli)),
+};
 
-async function userCommand(argv: readonly string[], io: UserCommandIo): Promise<number> {
+async function user(io: CommandApi<UsersConfig>): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({
-      args: [...argv],
+      args: [...io.args],
       allowPositionals: true,
       options: {
         config: { type: 'string', short: 'c' },
@@ -181,7 +159,7 @@ async function userCommand(argv: readonly string[], io: UserCommandIo): Promise<
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}"`);
   if (sub !== 'add' && values.address?.length) throw new UsageError('--address is only for add');
 
-  const where = await locateUsersFile({ configFile: values.config, cwd: io.cwd });
+  const where = locateUsersFile(io);
   const { usersFile } = where;
   if (!where.enabled) {
     io.stderr.write(

@@ -1,26 +1,23 @@
 import { createConnection } from 'node:net';
-import { isAbsolute, join, resolve } from 'node:path';
-import type { Writable } from 'node:stream';
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { CommandError, runSubcommand, UsageError } from './command.js';
-import { zodToConfigError } from '../config/errors.js';
-import { loadConfig } from '../config/load.js';
-import { queueConfig } from '../../plugins/queue/index.js';
+import {
+  CommandError,
+  runSubcommand,
+  UsageError,
+  type CommandApi,
+  type PluginCommand,
+} from '../../core/index.js';
 import {
   CONTROL_SOCKET,
   type ControlRequest,
   type ControlResponse,
   type WireMessage,
   type WireRecipient,
-} from '../../plugins/queue/control.js';
-import { existingParts, partDir } from '../../plugins/queue/parts.js';
-import {
-  describeVerify,
-  verifyQueue,
-  VERIFY_CLEAN,
-  VERIFY_DAMAGED,
-  VERIFY_NO_JOURNAL,
-} from '../../plugins/queue/verify.js';
+} from './control.js';
+import type { QueueConfig } from './index.js';
+import { existingParts, partDir, queueDir } from './parts.js';
+import { describeVerify, verifyQueue, VERIFY_CLEAN, VERIFY_DAMAGED, VERIFY_NO_JOURNAL } from './verify.js';
 
 export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--json]
        petrel queue verify [--config FILE | --dir DIR] [--json]
@@ -51,14 +48,8 @@ root) may open. Exit status: 0 done, 1 no such message (or it is held), 64 bad u
 server running, 70 the server failed, 75 no answer in time, 77 no permission, 78 bad config.
 verify: 0 no damage, 65 damage found, 66 no journal in the folder.`;
 
-/** Where the command writes; the real process's streams by default. */
-export interface QueueCommandIo {
-  readonly stdout: Writable;
-  readonly stderr: Writable;
-  readonly cwd: string;
-  /** How long to wait for the server's answer (delete and bounce wait for an attempt in progress). */
-  readonly timeoutMs: number;
-}
+/** How long to wait for the server's answer (delete and bounce wait for an attempt in progress). */
+const ANSWER_TIMEOUT_MS = 60_000;
 
 /** The queue folder a config uses. */
 export interface QueueLocation {
@@ -67,29 +58,19 @@ export interface QueueLocation {
 }
 
 /**
- * Finds the queue folder from a config's `queue` plugin entry (its `dir`, relative to the config
+ * Finds the queue folder from the config's `queue` plugin entry (its `dir`, relative to the config
  * file's folder; by default `<spool.dir>/queue`), as the plugin itself does.
  */
-export async function locateQueueDir(opts: { configFile?: string; cwd: string }): Promise<QueueLocation> {
-  const loaded = await loadConfig({ file: opts.configFile, cwd: opts.cwd });
-  for (const [i, entry] of loaded.config.plugins.entries()) {
-    const name = typeof entry === 'string' ? entry : entry.name;
-    if (name !== 'queue') continue;
-    if (typeof entry !== 'string' && !entry.enabled) break;
-    const raw = typeof entry === 'string' ? {} : (entry.config ?? {});
-    const parsed = queueConfig.safeParse(raw);
-    if (!parsed.success) throw zodToConfigError(loaded.file, parsed.error, `plugins[${i}] (queue).config`);
-    const { dir } = parsed.data;
-    return {
-      dir: dir
-        ? isAbsolute(dir)
-          ? dir
-          : resolve(loaded.baseDir, dir)
-        : join(loaded.config.spool.dir, 'queue'),
-      configFile: loaded.file,
-    };
+export function locateQueueDir(
+  cli: Pick<CommandApi<QueueConfig>, 'config' | 'baseDir' | 'configFile' | 'entry' | 'petrel'>,
+): QueueLocation {
+  if (!cli.entry?.enabled) {
+    throw new CommandError(
+      `${cli.configFile} does not enable the queue plugin: there is no queue to look at`,
+      78,
+    );
   }
-  throw new CommandError(`${loaded.file} does not enable the queue plugin: there is no queue to look at`, 78);
+  return { dir: queueDir(cli.config.dir, cli.baseDir, cli.petrel.spool.dir), configFile: cli.configFile };
 }
 
 /** Sends one request over the control socket and reads its one-line answer. */
@@ -207,30 +188,19 @@ export async function requestAllParts(
   return first;
 }
 
-/**
- * `petrel queue list|show|flush|hold|release|delete|bounce`. Returns the exit code (see
- * QUEUE_USAGE). A bad config throws ConfigError.
- */
-export async function runQueueCommand(
-  argv: readonly string[],
-  io?: Partial<QueueCommandIo>,
-): Promise<number> {
-  const full: QueueCommandIo = {
-    stdout: io?.stdout ?? process.stdout,
-    stderr: io?.stderr ?? process.stderr,
-    cwd: io?.cwd ?? process.cwd(),
-    timeoutMs: io?.timeoutMs ?? 60_000,
-  };
-  return runSubcommand('queue', QUEUE_USAGE, full.stderr, () => queueCommand(argv, full));
-}
+/** `petrel queue list|show|flush|hold|release|delete|bounce|verify`; the exit codes are in QUEUE_USAGE. */
+export const queueCommand: PluginCommand<QueueConfig> = {
+  description: "the running server's queue: why mail waits (petrel queue --help)",
+  run: (cli) => runSubcommand('queue', QUEUE_USAGE, cli.stderr, () => queue(cli)),
+};
 
 const NEEDS_ID = new Set(['show', 'hold', 'release', 'delete', 'bounce']);
 
-async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promise<number> {
+async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({
-      args: [...argv],
+      args: [...io.args],
       allowPositionals: true,
       options: {
         config: { type: 'string', short: 'c' },
@@ -257,7 +227,7 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
     if (values.dir === '') throw new UsageError('--dir needs a folder');
     if (values.dir !== undefined && values.config !== undefined)
       throw new UsageError('verify takes --config or --dir, not both');
-    return verify(values.dir, values.config, values.json === true, io);
+    return verify(values.dir, values.json === true, io);
   }
   if (sub !== 'list' && sub !== 'flush' && !NEEDS_ID.has(sub))
     throw new UsageError(`unknown command "${sub}"`);
@@ -268,13 +238,13 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
   if (values.domain !== undefined && id) throw new UsageError('flush takes an id or --domain, not both');
   if (values.domain === '') throw new UsageError('--domain needs a domain');
 
-  const where = await locateQueueDir({ configFile: values.config, cwd: io.cwd });
+  const where = locateQueueDir(io);
   const req = {
     op: sub,
     ...(id ? { id } : {}),
     ...(values.domain ? { domain: values.domain } : {}),
   } as ControlRequest;
-  const res = await requestAllParts(where.dir, req, io.timeoutMs);
+  const res = await requestAllParts(where.dir, req, ANSWER_TIMEOUT_MS);
   if (!res.ok) {
     throw new CommandError(res.message, res.error === 'not-found' || res.error === 'held' ? 1 : 70);
   }
@@ -353,13 +323,8 @@ async function queueCommand(argv: readonly string[], io: QueueCommandIo): Promis
 }
 
 /** `petrel queue verify`: reads the journal files; never talks to the server. */
-async function verify(
-  dir: string | undefined,
-  configFile: string | undefined,
-  json: boolean,
-  io: QueueCommandIo,
-): Promise<number> {
-  const where = dir ? resolve(io.cwd, dir) : (await locateQueueDir({ configFile, cwd: io.cwd })).dir;
+async function verify(dir: string | undefined, json: boolean, io: CommandApi<QueueConfig>): Promise<number> {
+  const where = dir ? resolve(io.cwd, dir) : locateQueueDir(io).dir;
   const result = await verifyQueue(where);
   if (result.parts.length === 0)
     throw new CommandError(

@@ -8,7 +8,7 @@ import { stringify } from 'yaml';
 import { freePort, petrel, PetrelProcess } from '../../test/e2e/cli.js';
 import { describeRun, killRunning, type RunResult } from '../../test/e2e/run.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
-import { span } from './queue.js';
+import { span } from './cli.js';
 
 /**
  * A transport as a user would write one: it takes mail for `domain` and cannot reach the next
