@@ -30,9 +30,13 @@ export { Petrel, type PetrelOptions } from './app.js';
 export { ConfigError } from './config/errors.js';
 /** A zod schema for a config duration: milliseconds, or a string such as `250ms`, `30s`, `5m`. */
 export { duration } from './config/schema.js';
-export type { Address } from './message/address.js';
-export type { Headers, HeaderField } from './message/headers.js';
-export { foldHeaderField } from './message/headers.js';
+export { makeAddress, type Address } from './message/address.js';
+export { localDomainMap, localDomainOf } from './message/domains.js';
+export { Headers, formatHeaderField, foldHeaderField, type HeaderField } from './message/headers.js';
+// Small helpers every plugin may want, the same ones the core uses.
+export { parseDuration } from './util/duration.js';
+export { rfc5322Date } from './util/date.js';
+export { newId } from './util/ids.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 export type { DnsResolver, MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';

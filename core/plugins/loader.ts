@@ -23,6 +23,15 @@ export interface LoadedPlugin {
 
 const SELF = new URL('../index.js', import.meta.url).href;
 const SELF_TESTING = new URL('../testing/index.js', import.meta.url).href;
+/**
+ * The published service contracts of built-in plugins (package.json `exports`): what another
+ * plugin imports to use the queue or the user directory, as `petrel/queue` and `petrel/users`.
+ */
+const SUBPATHS: Readonly<Record<string, string>> = {
+  'petrel/testing': SELF_TESTING,
+  'petrel/queue': new URL('../../plugins/queue/api.js', import.meta.url).href,
+  'petrel/users': new URL('../../plugins/users/directory.js', import.meta.url).href,
+};
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;
 const firstSeen = new Map<string, number>();
@@ -78,7 +87,8 @@ export function installPetrelResolution(): void {
   registerHooks({
     resolve(specifier, context, nextResolve) {
       if (specifier === 'petrel') return { url: SELF, format: 'module', shortCircuit: true };
-      if (specifier === 'petrel/testing') return { url: SELF_TESTING, format: 'module', shortCircuit: true };
+      const sub = SUBPATHS[specifier];
+      if (sub) return { url: sub, format: 'module', shortCircuit: true };
       return nextResolve(specifier, context);
     },
   });

@@ -4,20 +4,21 @@
  * original sender gets a `multipart/report`, submitted with the null sender `<>` through the
  * queue like any other message. See README.md.
  */
+import {
+  definePlugin,
+  Tokens,
+  duration,
+  type DeliveryRecipient,
+  type QueuedMessageView,
+  type RecipientResult,
+  type Route,
+  makeAddress,
+  type Address,
+  newId,
+} from '../../core/index.js';
 import { isAbsolute, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
-import { definePlugin } from '../../core/plugins/define.js';
-import { Tokens } from '../../core/di/tokens.js';
-import { duration } from '../../core/config/schema.js';
-import type {
-  DeliveryRecipient,
-  QueuedMessageView,
-  RecipientResult,
-  Route,
-} from '../../core/hooks/catalogue.js';
-import { makeAddress, type Address } from '../../core/message/address.js';
-import { newId } from '../../core/util/ids.js';
 import { Queue, type QueueService } from '../queue/api.js';
 import { buildReport, readOriginal, type Action, type ReportRecipient, type Returned } from './report.js';
 import { WarnedLog } from './warned.js';

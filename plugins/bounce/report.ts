@@ -6,8 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { encode as qpEncode, wrap as qpWrap } from 'libqp';
-import { foldHeaderField, type Address, type RecipientReply } from '../../core/index.js';
-import { rfc5322Date } from '../../core/util/date.js';
+import { foldHeaderField, type Address, type RecipientReply, rfc5322Date } from '../../core/index.js';
 
 /** RFC 3464 §2.3.3: what happened to a recipient. (`expanded` is not something Petrel does.) */
 export type Action = 'failed' | 'delayed' | 'delivered' | 'relayed';

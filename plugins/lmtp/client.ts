@@ -4,8 +4,6 @@
  */
 import { connect, type Socket } from 'node:net';
 import { addAbortSignal, type Readable } from 'node:stream';
-import type { Address } from '../../core/message/address.js';
-import type { MailParams, PeerCapabilities } from '../../core/hooks/catalogue.js';
 import {
   dotStuffed,
   MalformedReplyError,
@@ -13,6 +11,9 @@ import {
   SocketReader,
   writeDrained,
   type WireReply,
+  type Address,
+  type MailParams,
+  type PeerCapabilities,
 } from '../../core/index.js';
 
 export type Destination = { readonly host: string; readonly port: number } | { readonly path: string };

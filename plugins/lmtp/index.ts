@@ -2,15 +2,20 @@
  * lmtp — delivery to an LMTP server (RFC 2033) such as Dovecot's: one transaction per message
  * and route, a result per recipient from the server's own replies. See README.md.
  */
+import {
+  definePlugin,
+  type PluginApi,
+  proceed,
+  routeTo,
+  Tokens,
+  duration,
+  type RecipientResult,
+  localDomainMap,
+  localDomainOf,
+} from '../../core/index.js';
 import { isAbsolute, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
-import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
-import { proceed, routeTo } from '../../core/hooks/verdict.js';
-import { Tokens } from '../../core/di/tokens.js';
-import { duration } from '../../core/config/schema.js';
-import type { RecipientResult } from '../../core/hooks/catalogue.js';
-import { localDomainMap, localDomainOf } from '../maildir/mailboxes.js';
 import {
   describeDestination,
   lmtpTransaction,

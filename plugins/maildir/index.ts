@@ -2,29 +2,32 @@
  * maildir — local delivery: recipients in the local domains are written into Maildirs, one file
  * per recipient and mailbox, with Return-Path and Delivered-To on top. See README.md.
  */
+import {
+  definePlugin,
+  type PluginApi,
+  deny,
+  proceed,
+  routeTo,
+  Tokens,
+  type Address,
+  type DeliveryRecipient,
+  type QueuedMessageView,
+  type RecipientReply,
+  type RecipientResult,
+  type PeerCapabilities,
+  type Route,
+  localDomainMap,
+  localDomainOf,
+} from '../../core/index.js';
 import { mkdirSync, chownSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { z } from 'zod';
-import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
-import { deny, proceed, routeTo } from '../../core/hooks/verdict.js';
-import { Tokens } from '../../core/di/tokens.js';
-import type { Address } from '../../core/message/address.js';
-import type {
-  DeliveryRecipient,
-  QueuedMessageView,
-  RecipientReply,
-  RecipientResult,
-  PeerCapabilities,
-  Route,
-} from '../../core/hooks/catalogue.js';
 import { Directory, type DirectoryService } from '../users/directory.js';
 import {
   checkMailboxes,
   directoryMailboxes,
   isFolderTag,
-  localDomainMap,
-  localDomainOf,
   ownMailbox,
   routeKey,
   type Mailbox,

@@ -1,5 +1,4 @@
-import { domainToASCII } from 'node:url';
-import type { Address } from '../../core/message/address.js';
+import { type Address } from '../../core/index.js';
 import type { Resolution } from '../users/directory.js';
 
 /** A final mailbox: the user's folder under the domain, and a sub-address tag when one was given. */
@@ -25,25 +24,6 @@ export function isSafeComponent(name: string): boolean {
  */
 export function isFolderTag(tag: string): boolean {
   return /^[a-z0-9_-]{1,64}$/i.test(tag);
-}
-
-/**
- * Maps both spellings of each local domain (as configured, and its A-label) to the A-label: the
- * form the users directory gives, so a mailbox's folder is the same with or without a directory.
- */
-export function localDomainMap(domains: readonly string[]): ReadonlyMap<string, string> {
-  const map = new Map<string, string>();
-  for (const d of domains) {
-    const ascii = domainToASCII(d) || d;
-    map.set(d, ascii);
-    map.set(ascii, ascii);
-  }
-  return map;
-}
-
-/** The local domain (A-label) an address belongs to, or null. */
-export function localDomainOf(address: Address, domains: ReadonlyMap<string, string>): string | null {
-  return domains.get(address.domain) ?? domains.get(address.domainAscii) ?? null;
 }
 
 /**

@@ -1,5 +1,5 @@
+import { duration } from '../../core/index.js';
 import { z } from 'zod';
-import { duration } from '../../core/config/schema.js';
 
 /** A TLS policy: `none` never asks, `opportunistic` uses STARTTLS when offered, `require` insists and verifies. */
 export const tlsPolicy = z.enum(['none', 'opportunistic', 'require']);

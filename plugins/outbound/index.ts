@@ -4,21 +4,23 @@
  * per-destination limits and backoff, opportunistic or required STARTTLS, and a smarthost mode.
  * See README.md.
  */
+import {
+  definePlugin,
+  type PluginApi,
+  proceed,
+  routeTo,
+  Tokens,
+  type DeliverContext,
+  type DeliveryRecipient,
+  type RecipientReply,
+  type RecipientResult,
+  type Route,
+} from '../../core/index.js';
 import { readFileSync } from 'node:fs';
 import { isAbsolute, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
 import { domainToASCII } from 'node:url';
-import { definePlugin, type PluginApi } from '../../core/plugins/define.js';
-import { proceed, routeTo } from '../../core/hooks/verdict.js';
-import { Tokens } from '../../core/di/tokens.js';
-import type {
-  DeliverContext,
-  DeliveryRecipient,
-  RecipientReply,
-  RecipientResult,
-  Route,
-} from '../../core/hooks/catalogue.js';
 import { configSchema, tlsPolicyFor, type OutboundConfig, type TlsPolicy } from './config.js';
 import {
   describePeer,

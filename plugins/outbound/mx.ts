@@ -4,10 +4,9 @@
  * null MX (RFC 7505); then every address of each host, in the configured family order. Our own
  * listeners are recognised so that a domain pointing back at us is a loop, not a delivery.
  */
+import { type DnsResolver, type ReplySpec } from '../../core/index.js';
 import { isIP, isIPv4 } from 'node:net';
 import { networkInterfaces } from 'node:os';
-import type { DnsResolver } from '../../core/services/dns.js';
-import type { ReplySpec } from '../../core/hooks/verdict.js';
 
 export type Family = 'ipv4' | 'ipv6';
 

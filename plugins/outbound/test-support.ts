@@ -3,19 +3,20 @@
  * 127.0.0.x addresses, and an in-process Petrel with the queue and this transport whose results
  * a test can wait for.
  */
+import {
+  definePlugin,
+  type PluginDefinition,
+  type DeliveryStatus,
+  type PeerCapabilities,
+  type RecipientReply,
+  type RecipientResult,
+  type PetrelConfigInput,
+} from '../../core/index.js';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createServer, connect } from 'node:net';
 import type { TestContext } from 'node:test';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
-import { definePlugin, type PluginDefinition } from '../../core/plugins/define.js';
-import type {
-  DeliveryStatus,
-  PeerCapabilities,
-  RecipientReply,
-  RecipientResult,
-} from '../../core/hooks/catalogue.js';
-import type { PetrelConfigInput } from '../../core/config/schema.js';
 import { address } from '../../core/testing/index.js';
 import { acceptAllRecipients, startServer, TLS, type TestServer } from '../../test/harness/server.js';
 import { has, requirePeer } from '../../test/harness/peers.js';

@@ -4,18 +4,18 @@
  * when the peer pipelines, one command at a time otherwise — then the transform chain's output
  * dot-stuffed in large chunks. Every recipient ends with a decision from the peer's own replies.
  */
+import {
+  type Address,
+  type DeliveryRecipient,
+  type DeliveryStatus,
+  type MailParams,
+  type PeerCapabilities,
+  type QueuedMessageView,
+  type RecipientReply,
+  dotStuffed,
+} from '../../core/index.js';
 import { isAscii } from 'node:buffer';
 import { addAbortSignal, type Readable } from 'node:stream';
-import type { Address } from '../../core/message/address.js';
-import type {
-  DeliveryRecipient,
-  DeliveryStatus,
-  MailParams,
-  PeerCapabilities,
-  QueuedMessageView,
-  RecipientReply,
-} from '../../core/hooks/catalogue.js';
-import { dotStuffed } from '../../core/smtp/client-wire.js';
 import { SmtpFailure, type SmtpConnection, type SmtpReply } from './connection.js';
 
 export interface Decision {

@@ -1,9 +1,17 @@
-import { accept, defer, definePlugin, deny, proceed, Tokens, z } from '../../core/index.js';
-import { formatHeaderField } from '../../core/message/headers.js';
-import { parseDuration } from '../../core/util/duration.js';
+import {
+  accept,
+  defer,
+  definePlugin,
+  deny,
+  proceed,
+  Tokens,
+  z,
+  formatHeaderField,
+  parseDuration,
+  newId,
+} from '../../core/index.js';
 import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
-import { newId } from '../../core/util/ids.js';
 import { parseSchedule } from './schedule.js';
 import { partDir, partsOfSlot, queueDir } from './parts.js';
 import { queueCommand } from './cli.js';

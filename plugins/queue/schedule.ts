@@ -1,5 +1,3 @@
-import { parseDuration } from '../../core/util/duration.js';
-
 /**
  * A retry schedule such as `5m, 10m, 30m...`: the delay before each retry in turn; a trailing
  * `...` repeats the last delay until the queue lifetime runs out.
@@ -36,3 +34,4 @@ export function parseSchedule(text: string): RetrySchedule {
     },
   };
 }
+import { parseDuration } from '../../core/index.js';

@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { definePlugin, deny, proceed, Tokens, z, type SessionView } from '../../core/index.js';
-import { rfc5322Date } from '../../core/util/date.js';
+import { definePlugin, deny, proceed, Tokens, z, type SessionView, rfc5322Date } from '../../core/index.js';
 import { Directory, type DirectoryService } from '../users/directory.js';
 
 export const submissionConfigSchema = z
