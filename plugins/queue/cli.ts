@@ -15,7 +15,7 @@ import {
   type WireMessage,
   type WireRecipient,
 } from './control.js';
-import type { QueueConfig } from './index.js';
+import type { QueueConfig } from './config.js';
 import { existingParts, partDir, queueDir } from './parts.js';
 import { describeVerify, verifyQueue, VERIFY_CLEAN, VERIFY_DAMAGED, VERIFY_NO_JOURNAL } from './verify.js';
 

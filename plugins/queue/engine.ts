@@ -157,7 +157,7 @@ export class QueueEngine implements ControlTarget {
         held.push(e.env.id);
         continue;
       }
-      for (const r of e.rcpts) if (r.status === 'deferred') r.nextAttemptAt = Date.now();
+      this.store.makeDue(e, Date.now());
       this.ready.add(e.env.id);
       flushed.push(e.env.id);
     }
@@ -289,7 +289,7 @@ export class QueueEngine implements ControlTarget {
         this.waiting.set(id, queue);
       });
     } else {
-      entry.busy = true;
+      this.store.setBusy(entry, true);
     }
     try {
       if (this.store.entries.get(id) !== entry) return null;
@@ -307,7 +307,7 @@ export class QueueEngine implements ControlTarget {
     const next = queue?.shift();
     if (queue && queue.length === 0) this.waiting.delete(entry.env.id);
     if (next) next();
-    else entry.busy = false;
+    else this.store.setBusy(entry, false);
   }
 
   /** A summary of one message for administration. */
@@ -339,7 +339,7 @@ export class QueueEngine implements ControlTarget {
       const entry = this.store.entries.get(id);
       if (!entry || entry.busy || entry.held) continue;
       this.active++;
-      entry.busy = true;
+      this.store.setBusy(entry, true);
       this.attempting.add(id);
       void this.attempt(entry).finally(() => {
         // Later attempts (hours apart, if any) read the message from disk.

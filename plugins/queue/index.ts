@@ -5,7 +5,6 @@ import {
   deny,
   proceed,
   Tokens,
-  z,
   formatHeaderField,
   parseDuration,
   newId,
@@ -13,70 +12,14 @@ import {
 import { QueueEngine } from './engine.js';
 import { Queue } from './api.js';
 import { parseSchedule } from './schedule.js';
+import { queueConfig } from './config.js';
 import { partDir, partsOfSlot, queueDir } from './parts.js';
 import { queueCommand } from './cli.js';
 import type { StoredEnvelope } from './store.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
 
-const durationText = z.string().refine(
-  (s) => {
-    try {
-      parseDuration(s);
-      return true;
-    } catch {
-      return false;
-    }
-  },
-  { message: 'expected a duration like 30m, 4h or 5d' },
-);
-
-export type QueueConfig = z.output<typeof queueConfig>;
-
-export const queueConfig = z
-  .object({
-    /** Where the queue lives; default `<spool.dir>/queue`. Relative to the config file's folder. */
-    dir: z.string().min(1).optional(),
-    /** Delays between attempts; `...` repeats the last one (RFC 5321 §4.5.4.1: at least 30 minutes apart is usual). */
-    retry: z
-      .string()
-      .default('5m, 10m, 20m, 30m...')
-      .refine(
-        (s) => {
-          try {
-            parseSchedule(s);
-            return true;
-          } catch {
-            return false;
-          }
-        },
-        { message: 'expected a list of durations like "5m, 10m, 30m..."' },
-      ),
-    /** How long a message may stay before its undelivered recipients fail (RFC 5321 §4.5.4.1: 4–5 days). */
-    lifetime: durationText.default('5d'),
-    /** Deliveries in progress at once. */
-    concurrency: z.number().int().positive().default(20),
-    /** Messages larger than this are stored as their own file; smaller ones inline in the journal. */
-    inlineLimit: z.number().int().nonnegative().default(262_144),
-    /**
-     * Octets of newly queued inline messages kept in memory for their first delivery attempt, so
-     * that it need not read them back from disk; 0 turns this off.
-     */
-    memoryCache: z
-      .number()
-      .int()
-      .nonnegative()
-      .default(32 * 1024 * 1024),
-    /** Journal segment size before a new one is started. */
-    segmentSize: z
-      .number()
-      .int()
-      .min(65_536)
-      .default(16 * 1024 * 1024),
-    /** More `Received:` fields than this is a mail loop: refused with 554 5.4.6. */
-    maxReceived: z.number().int().positive().default(50),
-  })
-  .strict();
+export { queueConfig, type QueueConfig } from './config.js';
 
 /**
  * The durable queue: the owner of the `queue` hook. A message gets `250` only once its octets

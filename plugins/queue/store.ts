@@ -397,6 +397,22 @@ export class QueueStore {
     if (this.entries.get(entry.env.id) === entry) this.ref(entry, ref.segment);
   }
 
+  /**
+   * Marks a message as being worked on (a delivery attempt, an administrative change), or no
+   * longer: compaction leaves a busy message's segments alone.
+   */
+  setBusy(entry: Entry, busy: boolean): void {
+    entry.busy = busy;
+  }
+
+  /**
+   * Makes a message's deferred recipients due at `now` (an administrator's flush). Not recorded:
+   * after a restart they are due on their recorded schedule again, which is no later.
+   */
+  makeDue(entry: Entry, now: number): void {
+    for (const r of entry.rcpts) if (r.status === 'deferred') r.nextAttemptAt = now;
+  }
+
   /** Drops the in-memory copy of a message's octets: later reads come from disk. */
   dropMemory(entry: Entry): void {
     if (!entry.memory) return;
