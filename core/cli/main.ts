@@ -115,7 +115,25 @@ async function configCheck(configFile: string | undefined): Promise<void> {
   const loaded = await loadConfig({ file: configFile });
   const plugins = await Petrel.check(loaded);
   process.stdout.write(`# ${loaded.file}: OK (plugins: ${plugins.join(', ') || 'none'})\n`);
-  process.stdout.write(stringify(loaded.config));
+  process.stdout.write(stringify(withoutSecrets(loaded.config)));
+}
+
+const SECRET_KEY = /^(password|pass|secret|secrets|token)$/i;
+
+/**
+ * The config as `config check` prints it: a secret never reaches a terminal or a log that
+ * captured the output — the value of a key such as `password` or `secret`, and the password in a
+ * URL (`redis://user:password@host`) are replaced with `[redacted]`.
+ */
+function withoutSecrets(value: unknown, key = ''): unknown {
+  if (SECRET_KEY.test(key) && value !== undefined && value !== null) return '[redacted]';
+  if (typeof value === 'string') {
+    return value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/@:\s]*:)[^/@\s]+@/i, '$1[redacted]@');
+  }
+  if (Array.isArray(value)) return value.map((v) => withoutSecrets(v));
+  if (value && typeof value === 'object')
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, withoutSecrets(v, k)]));
+  return value;
 }
 
 // `petrel config check | head` closes the pipe early: that is not an error.

@@ -249,6 +249,18 @@ describe('petrel start and config check on bad and good configs', { timeout: 60_
     assert.deepEqual(effective.plugins, [{ name: MY_RULES, timeout: 500, config: RULES, enabled: true }]);
   });
 
+  it('config check never prints a secret: a password in a URL or under a secret-named key', async () => {
+    const file = project.writeConfig('secrets.yaml', {
+      ...userConfig(port, [{ name: MY_RULES, config: { ...RULES, secret: 'plugin-secret-42' } }]),
+      state: { backend: 'redis', redis: { url: 'redis://petrel:hunter2-redis@127.0.0.1:6399/0' } },
+    });
+    const r = await petrel(['config', 'check', '--config', file], project.dir);
+    assert.equal(r.code, 0, describeRun(r));
+    assert.doesNotMatch(r.stdout + r.stderr, /hunter2-redis|plugin-secret-42/);
+    assert.match(r.stdout, /url: redis:\/\/petrel:\[redacted\]@127\.0\.0\.1:6399\/0/);
+    assert.match(r.stdout, /secret: "?\[redacted\]"?/);
+  });
+
   it('config check refuses a plugin config that start would refuse', async () => {
     const file = project.writeConfig(
       'check-bad-plugin-config.yaml',
