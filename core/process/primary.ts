@@ -110,10 +110,6 @@ export class Supervisor {
     return this.loaded.file;
   }
 
-  get workerCount(): number {
-    return this.slots.length;
-  }
-
   /** Process ids of the running workers, by slot (null while one is being replaced). */
   get workerPids(): (number | null)[] {
     return this.slots.map((s) => s.child?.pid ?? null);

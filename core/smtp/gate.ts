@@ -61,8 +61,4 @@ export class LocalGate implements ConnectionGate {
     own.count--;
     dec(own.perIp, ip);
   }
-
-  get open(): number {
-    return this.total;
-  }
 }
