@@ -21,6 +21,7 @@ export {
   defer,
   disconnect,
   routeTo,
+  expandTo,
   type Verdict,
   type ReplySpec,
 } from './hooks/verdict.js';

@@ -105,6 +105,13 @@ export interface QueuedMessageView {
 export interface DeliveryRecipient {
   readonly address: Address;
   readonly params: RecipientParams;
+  /**
+   * The envelope sender this recipient is delivered with: the message's own sender, unless the
+   * `expand` hook that produced this recipient gave it another (a forwarded copy's SRS address).
+   */
+  readonly sender: Address | null;
+  /** The accepted recipient this one was expanded from (an alias, a forwarding), if any. */
+  readonly expandedFrom?: Address;
   /** Attempts made before this one. */
   readonly attempts: number;
   /** The last reply from a previous attempt, if any. */
@@ -155,6 +162,23 @@ export interface RecipientResult {
 /** What a transport's `deliver` hook returns: a result for every recipient it was given. */
 export type DeliveryOutcome =
   { readonly kind: 'proceed' } | { readonly kind: 'results'; readonly results: readonly RecipientResult[] };
+
+/** One address an accepted recipient expands into (see the `expand` hook). */
+export interface ExpandTarget {
+  readonly address: Address;
+  /**
+   * The envelope sender to deliver this target with, when it is not the message's own (a
+   * forwarded copy goes out with an SRS address); null for `<>`. Absent: the message's sender.
+   */
+  readonly sender?: Address | null;
+}
+
+/**
+ * What an `expand` hook returns: `proceed()` (the recipient stays as it is) or `expandTo([...])`
+ * (the recipient is replaced by its targets).
+ */
+export type ExpandVerdict =
+  { readonly kind: 'proceed' } | { readonly kind: 'expand'; readonly targets: readonly ExpandTarget[] };
 
 /** What a `route` hook returns: a route, or a verdict (deny fails the recipient, defer retries later). */
 export type RouteVerdict = Verdict | { readonly kind: 'route'; readonly route: Route };
@@ -215,6 +239,19 @@ export interface UnrecognizedCommandContext extends Base {
   readonly args: string;
 }
 
+/**
+ * At acceptance, for each recipient, before the message is stored: the plugin that owns the
+ * message (the queue) asks what the recipient stands for. No session view: a queue also runs it
+ * for messages a plugin submits (a bounce).
+ */
+export interface ExpandContext {
+  /** The message's envelope sender; null for `<>`. */
+  readonly sender: Address | null;
+  readonly mailParams: MailParams;
+  readonly recipient: Recipient;
+  readonly signal: AbortSignal;
+}
+
 /** Delivery hooks run in the queue, not in a session; they get no session. */
 interface DeliveryBase {
   readonly message: QueuedMessageView;
@@ -225,6 +262,8 @@ export interface RouteContext extends DeliveryBase {
 }
 export interface DeliverContext extends DeliveryBase {
   readonly route: Route;
+  /** The envelope sender to use: every recipient of one delivery has the same (`recipient.sender`). */
+  readonly sender: Address | null;
   readonly recipients: readonly DeliveryRecipient[];
 }
 export interface DeliveredContext extends DeliveryBase {
@@ -282,6 +321,13 @@ export interface HookMap {
   /** A command the engine does not know. Proceed: `500 5.5.1` (`502 5.5.1` for EXPN/ETRN/TURN). */
   unrecognized_command: (ctx: UnrecognizedCommandContext) => Promise<Verdict>;
 
+  /**
+   * Queue, at acceptance: what a recipient stands for. The first plugin that answers
+   * `expandTo([...])` replaces the recipient by its targets (an alias's mailboxes, a forwarding
+   * address); each target keeps the recipient's NOTIFY, and its ORCPT names the recipient as
+   * accepted. Targets are not expanded again. A failure refuses the message for now (`451 4.3.0`).
+   */
+  expand: (ctx: ExpandContext) => Promise<ExpandVerdict>;
   /** Queue: which transport delivers this recipient. Nobody routing it defers it (and logs why). */
   route: (ctx: RouteContext) => Promise<RouteVerdict>;
   /**
@@ -321,6 +367,7 @@ export const HOOK_NAMES: readonly HookName[] = [
   'reset',
   'disconnect',
   'unrecognized_command',
+  'expand',
   'route',
   'transform',
   'deliver',

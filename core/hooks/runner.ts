@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import type {
   DeliveryOutcome,
+  ExpandTarget,
   HookContext,
   HookMap,
   HookName,
@@ -51,6 +52,20 @@ function where(ctx: object): Record<string, string> {
   if (c.session) return { session: c.session.id };
   if (c.message?.id) return { queueId: c.message.id };
   return {};
+}
+
+function isAddress(a: unknown): boolean {
+  return typeof a === 'object' && a !== null && typeof (a as { address?: unknown }).address === 'string';
+}
+
+function isTarget(t: unknown): boolean {
+  const x = t as { address?: unknown; sender?: unknown } | null;
+  return (
+    typeof x === 'object' &&
+    x !== null &&
+    isAddress(x.address) &&
+    (x.sender === undefined || x.sender === null || isAddress(x.sender))
+  );
 }
 
 const NO_DECISION: VerdictOutcome = Object.freeze({ verdict: proceed(), plugin: null, failed: false });
@@ -119,6 +134,43 @@ export class HookRunner {
       }
     }
     return out;
+  }
+
+  /**
+   * The first plugin that expands the recipient decides; null when every plugin proceeded. A
+   * throw, a timeout or an answer that is not an expansion throws (after a log line naming the
+   * plugin): where the recipient goes is unknown, so the caller must not store the message.
+   */
+  async expand(
+    ctx: CallContext<'expand'>,
+  ): Promise<{ targets: readonly ExpandTarget[]; plugin: string } | null> {
+    for (const hook of this.table.expand) {
+      let result: unknown;
+      try {
+        result = await this.call('expand', hook, ctx);
+      } catch (err) {
+        this.log.error(
+          { plugin: hook.plugin, hook: 'expand', rcpt: ctx.recipient.address.address, err },
+          'hook failed',
+        );
+        throw err;
+      }
+      const r = result as { kind?: unknown; targets?: unknown } | null;
+      if (r?.kind === 'proceed') continue;
+      if (
+        r?.kind === 'expand' &&
+        Array.isArray(r.targets) &&
+        r.targets.length > 0 &&
+        r.targets.every(isTarget)
+      )
+        return { targets: r.targets as ExpandTarget[], plugin: hook.plugin };
+      this.log.error(
+        { plugin: hook.plugin, hook: 'expand', rcpt: ctx.recipient.address.address },
+        'expand hook returned neither proceed() nor expandTo([...])',
+      );
+      throw new TypeError(`plugin ${hook.plugin}: expand must return proceed() or expandTo([...])`);
+    }
+    return null;
   }
 
   /** The first plugin that routes (or refuses) the recipient decides; a failure defers it. */

@@ -1,3 +1,4 @@
+import type { Address } from '../message/address.js';
 /**
  * Verdicts are what a hook decides. The engine alone turns a verdict into a wire reply,
  * so a plugin never writes to the socket and never chooses the reply's shape.
@@ -33,10 +34,10 @@ function checkReply(kind: string, lo: number, code: number, enhanced: string): v
 }
 
 /** Not my decision: the next plugin in config order is asked. */
-export function proceed(): Verdict {
+export function proceed(): { readonly kind: 'proceed' } {
   return PROCEED;
 }
-const PROCEED: Verdict = Object.freeze({ kind: 'proceed' });
+const PROCEED = Object.freeze({ kind: 'proceed' } as const);
 
 /** Decide yes. The rest of the chain is skipped. Code and text default per hook (250 2.x.x Ok). */
 export function accept(reply?: Partial<ReplySpec>): Verdict {
@@ -88,6 +89,18 @@ export function isVerdict(v: unknown): v is Verdict {
   return (
     kind === 'proceed' || kind === 'accept' || kind === 'deny' || kind === 'defer' || kind === 'disconnect'
   );
+}
+
+/**
+ * An answer for the `expand` hook: the recipient stands for these addresses (each with the
+ * envelope sender to use for it, when that is not the message's own).
+ */
+export function expandTo(
+  targets: readonly { readonly address: Address; readonly sender?: Address | null }[],
+): { readonly kind: 'expand'; readonly targets: readonly { address: Address; sender?: Address | null }[] } {
+  if (!Array.isArray(targets) || targets.length === 0)
+    throw new TypeError('expandTo() needs at least one target');
+  return { kind: 'expand', targets: targets.map((t) => ({ ...t })) };
 }
 
 /** A route decision for the `route` hook: deliver this recipient with `transport`. */

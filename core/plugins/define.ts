@@ -35,6 +35,7 @@ export interface PluginApi<C> {
 export interface PluginHooks {
   /** Settles once every plugin of the set is set up: deliveries must wait for it. */
   readonly ready: Promise<void>;
+  expand: HookRunner['expand'];
   route: HookRunner['route'];
   transform: HookRunner['transform'];
   deliver: HookRunner['deliver'];

@@ -263,6 +263,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
   const ready = new Promise<void>((resolve) => (markReady = resolve));
   const pluginHooks = {
     ready,
+    expand: runner.expand.bind(runner),
     route: runner.route.bind(runner),
     transform: runner.transform.bind(runner),
     deliver: runner.deliver.bind(runner),

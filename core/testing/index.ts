@@ -113,6 +113,7 @@ export async function setupPlugin<S extends z.ZodType>(
     provide: () => undefined,
     hooks: {
       ready: Promise.resolve(),
+      expand: async () => null,
       route: async () => ({ verdict: { kind: 'proceed' }, plugin: null }),
       transform: async (ctx) => ctx.content,
       deliver: async () => ({ results: [], plugin: null }),

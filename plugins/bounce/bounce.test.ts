@@ -448,6 +448,7 @@ describe('bounce: the hooks alone', () => {
   const recipient: DeliveryRecipient = {
     address: address('gone@h.test'),
     params: {},
+    sender: null,
     attempts: 0,
     maybeDelivered: false,
   };

@@ -149,6 +149,7 @@ async function deliver(
     route: { transport: 'lmtp', key: 'lmtp:x', data: {} },
     recipients,
     message,
+    sender: message.sender,
     signal,
   });
   assert.equal(out.kind, 'results');

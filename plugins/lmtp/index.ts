@@ -93,7 +93,7 @@ export default definePlugin({
         return routeTo('lmtp', { key: `lmtp:${where}` });
       },
 
-      async deliver({ route, recipients, message, signal }) {
+      async deliver({ route, recipients, message, sender, signal }) {
         if (route.transport !== 'lmtp') return { kind: 'proceed' };
         let source: Readable | null = null;
         const outcome = await lmtpTransaction({
@@ -101,7 +101,7 @@ export default definePlugin({
           lhlo,
           timeouts: config.timeouts,
           signal,
-          sender: message.sender,
+          sender,
           mailParams: message.mailParams,
           size: message.size,
           recipients: recipients.map((r) => r.address),

@@ -97,7 +97,7 @@ async function deliver(
   }
   const results: RecipientResult[] = [];
   for (const g of groups.values()) {
-    const out = await hooks.deliver!({ ...g, message, signal: signal() });
+    const out = await hooks.deliver!({ ...g, message, sender: message.sender, signal: signal() });
     assert.equal(out.kind, 'results');
     if (out.kind === 'results') results.push(...out.results);
   }
@@ -346,6 +346,7 @@ describe('maildir: deliver', () => {
       route: v.route,
       recipients: [recipient],
       message: stalled,
+      sender: stalled.sender,
       signal: controller.signal,
     });
     assert.ok(out.kind === 'results');
@@ -421,6 +422,7 @@ describe('maildir: deliver', () => {
       route: { transport: 'lmtp', key: 'lmtp', data: {} },
       recipients: [deliveryRecipient('bob@example.test')],
       message: queuedMessage(MESSAGE),
+      sender: null,
       signal: signal(),
     });
     assert.deepEqual(out, { kind: 'proceed' });

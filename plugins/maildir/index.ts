@@ -171,6 +171,7 @@ export default definePlugin({
 
     const deliverOne = async (
       message: QueuedMessageView,
+      sender: Address | null,
       route: Route,
       recipient: DeliveryRecipient,
       mailboxes: readonly Mailbox[],
@@ -183,7 +184,7 @@ export default definePlugin({
       // A retry may follow an attempt that wrote some copies (a crash, or a later mailbox of an
       // alias that failed): look for them first. A first attempt has nothing to find.
       const lookFirst = recipient.maybeDelivered || recipient.attempts > 0;
-      const headers = traceHeaders(message.sender, recipient.address);
+      const headers = traceHeaders(sender, recipient.address);
       try {
         for (const mailbox of mailboxes) {
           const where = target(mailbox);
@@ -233,11 +234,12 @@ export default definePlugin({
         return routeTo('maildir', { key: routeKey(mailboxes), data: { mailboxes } });
       },
 
-      async deliver({ route, recipients, message, signal }) {
+      async deliver({ route, recipients, message, sender, signal }) {
         if (route.transport !== 'maildir') return { kind: 'proceed' };
         const mailboxes = checkMailboxes(route.data.mailboxes);
         const results: RecipientResult[] = [];
-        for (const r of recipients) results.push(await deliverOne(message, route, r, mailboxes, signal));
+        for (const r of recipients)
+          results.push(await deliverOne(message, sender, route, r, mailboxes, signal));
         return { kind: 'results', results };
       },
     };

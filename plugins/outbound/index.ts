@@ -388,7 +388,7 @@ export default definePlugin({
 
       async deliver(ctx) {
         if (ctx.route.transport !== TRANSPORT) return { kind: 'proceed' };
-        const facts = new MessageFacts(ctx.message);
+        const facts = new MessageFacts(ctx.message, ctx.sender);
         const results: RecipientResult[] = [];
         const max = config.maxRecipientsPerTransaction;
         for (let i = 0; i < ctx.recipients.length; i += max) {

@@ -41,11 +41,12 @@ export class MessageFacts {
   private eight: Promise<boolean> | null = null;
   private utf8Header: Promise<boolean> | null = null;
 
-  constructor(private readonly message: QueuedMessageView) {}
+  /** `sender`: the envelope sender of this delivery (a forwarded copy's differs from the message's). */
+  constructor(
+    private readonly message: QueuedMessageView,
+    readonly sender: Address | null,
+  ) {}
 
-  get sender(): Address | null {
-    return this.message.sender;
-  }
   get mailParams(): MailParams {
     return this.message.mailParams;
   }

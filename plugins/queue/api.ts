@@ -18,6 +18,10 @@ export interface Submission {
 
 export interface RecipientSummary {
   readonly address: string;
+  /** The recipient as accepted, when this one is one of its targets (an alias, a forwarding). */
+  readonly expandedFrom?: string;
+  /** The envelope sender this recipient goes out with, when it is not the message's (SRS). */
+  readonly sender?: string;
   readonly status: 'pending' | 'deferred' | 'delivered' | 'failed';
   readonly attempts: number;
   readonly nextAttemptAt: Date | null;

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import type {
+  Address,
   DeliveryRecipient,
   PluginHooks,
   RecipientReply,
@@ -12,6 +13,7 @@ import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from
 import type { MessageSummary } from './api.js';
 import { ControlServer, type ControlTarget } from './control.js';
 import { lockPart } from './lock.js';
+import { expansionOf } from './expand.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -322,6 +324,7 @@ export class QueueEngine implements ControlTarget {
       ...(this.unrecorded.has(entry.env.id) ? { unrecorded: this.unrecorded.get(entry.env.id)! } : {}),
       recipients: entry.rcpts.map((r, i) => ({
         address: entry.env.recipients[i]!.address.address,
+        ...expansionOf(entry.env.recipients[i]!),
         status: r.status,
         attempts: r.attempts,
         transport: r.route?.transport ?? null,
@@ -418,6 +421,8 @@ export class QueueEngine implements ControlTarget {
     return {
       address: env.address,
       params: env.params,
+      sender: env.sender !== undefined ? env.sender : entry.env.sender,
+      ...(env.expandedFrom ? { expandedFrom: env.expandedFrom } : {}),
       attempts: r.attempts,
       ...(r.lastReply ? { lastReply: r.lastReply } : {}),
       maybeDelivered: r.maybeDelivered,
@@ -434,14 +439,17 @@ export class QueueEngine implements ControlTarget {
       .map(({ i }) => i);
     if (due.length === 0) return;
     const results = new Map<number, { result: RecipientResult; route: Route | null }>();
-    const groups = new Map<string, { route: Route; indices: number[] }>();
+    const groups = new Map<string, { route: Route; sender: Address | null; indices: number[] }>();
     for (const i of due) {
       const recipient = this.recipient(entry, i);
       const { verdict, plugin } = await hooks.route({ message, recipient });
       const address = recipient.address.address;
       if (verdict.kind === 'route') {
-        const key = `${verdict.route.transport}\u0000${verdict.route.key}`;
-        const g = groups.get(key) ?? { route: verdict.route, indices: [] };
+        // One delivery is one envelope: recipients with another sender (a forwarded copy's SRS
+        // address) go in a transaction of their own.
+        const { sender } = recipient;
+        const key = `${verdict.route.transport}\u0000${verdict.route.key}\u0000${sender?.address ?? ''}`;
+        const g = groups.get(key) ?? { route: verdict.route, sender, indices: [] };
         g.indices.push(i);
         groups.set(key, g);
       } else if (verdict.kind === 'deny') {
@@ -461,9 +469,9 @@ export class QueueEngine implements ControlTarget {
         results.set(i, { result: { recipient: address, status: 'deferred', reply }, route: null });
       }
     }
-    for (const { route, indices } of groups.values()) {
+    for (const { route, sender, indices } of groups.values()) {
       const recipients = indices.map((i) => this.recipient(entry, i));
-      const { results: rs } = await hooks.deliver({ message, route, recipients });
+      const { results: rs } = await hooks.deliver({ message, route, sender, recipients });
       rs.forEach((result, k) => results.set(indices[k]!, { result, route }));
     }
 

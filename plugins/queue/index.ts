@@ -16,6 +16,7 @@ import { queueConfig } from './config.js';
 import { partDir, partsOfSlot, queueDir } from './parts.js';
 import { queueCommand } from './cli.js';
 import type { StoredEnvelope } from './store.js';
+import { expandRecipients } from './expand.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
 
@@ -58,12 +59,19 @@ export default definePlugin({
       settings: Object.freeze({ lifetime, retryDelays: schedule.delays, repeatLast: schedule.repeatLast }),
       async submit(message) {
         const id = newId();
+        const mailParams = { smtputf8: false, ...message.mailParams };
+        // A report to an alias or an SRS address goes where it stands for, as mail from a client does.
+        const recipients = await expandRecipients(hooks, {
+          sender: message.sender,
+          mailParams,
+          recipients: message.recipients.map((r) => ({ address: r.address, params: r.params ?? {} })),
+        });
         await engine.accept(
           {
             id,
             sender: message.sender,
-            mailParams: { smtputf8: false, ...message.mailParams },
-            recipients: message.recipients.map((r) => ({ address: r.address, params: r.params ?? {} })),
+            mailParams,
+            recipients,
             receivedAt: Date.now(),
             size: message.content.length,
           },
@@ -99,11 +107,18 @@ export default definePlugin({
 
       async queue({ transaction, message }) {
         const added = message.addedHeaders.map((f) => formatHeaderField(f.name, f.value)).join('');
+        let recipients;
+        try {
+          recipients = await expandRecipients(hooks, transaction);
+        } catch {
+          // Logged by the hook runner with the plugin's name; the client keeps its copy.
+          return defer(451, '4.3.0', 'Temporary local problem, please try again later');
+        }
         const env: StoredEnvelope = {
           id: transaction.id,
           sender: transaction.sender,
           mailParams: transaction.mailParams,
-          recipients: transaction.recipients.map((r) => ({ address: r.address, params: r.params })),
+          recipients,
           receivedAt: Date.now(),
           size: message.size + Buffer.byteLength(added),
           ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),

@@ -9,12 +9,22 @@ import type { DeliveryStatus } from '../../core/index.js';
 
 export const RecordType = { Message: 1, State: 2, Hold: 3 } as const;
 
+/** A recipient as stored: after expansion (see the `expand` hook), one per delivery target. */
+export interface StoredRecipient {
+  readonly address: Address;
+  readonly params: RecipientParams;
+  /** Present when this recipient is delivered with another envelope sender than the message's. */
+  readonly sender?: Address | null;
+  /** The recipient as accepted, when this one was expanded from it. */
+  readonly expandedFrom?: Address;
+}
+
 /** The envelope as stored in a Message record. */
 export interface StoredEnvelope {
   readonly id: string;
   readonly sender: Address | null;
   readonly mailParams: MailParams;
-  readonly recipients: readonly { readonly address: Address; readonly params: RecipientParams }[];
+  readonly recipients: readonly StoredRecipient[];
   readonly receivedAt: number;
   /** Octets of the whole stored message. */
   readonly size: number;

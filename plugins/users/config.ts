@@ -25,6 +25,27 @@ export const usersConfigSchema = z
         message: 'expected separator characters such as "+" or "+-" (not ".", "%", "!" or "@")',
       })
       .default('+'),
+    /**
+     * SRS for forwarded copies (an alias to an address elsewhere): the envelope sender becomes an
+     * address at `domain` that only this server can make, so SPF passes at the destination and a
+     * bounce comes back here to be returned. See docs/forwarding.md.
+     */
+    srs: z
+      .object({
+        enabled: z.boolean().default(true),
+        /** Where SRS addresses are made: a local domain whose SPF record names this server. Default: the first local domain. */
+        domain: z
+          .string()
+          .min(1)
+          .transform((d) => d.toLowerCase())
+          .optional(),
+        /** The secrets, one per line, newest first; created with a random one when missing. Default: `<spool.dir>/srs.secret`. */
+        secretFile: z.string().min(1).optional(),
+        /** Days an SRS address is honoured after it was made (RFC-less; libsrs2 uses 21). */
+        maxAgeDays: z.number().int().min(1).max(1000).default(21),
+      })
+      .strict()
+      .prefault({}),
     auth: z
       .object({
         /** Failed AUTH attempts from one client address within the window before it is locked out. */

@@ -1,5 +1,6 @@
+import { resolve as resolvePath } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { accept, defer, definePlugin, deny, proceed, Tokens } from '../../core/index.js';
+import { accept, defer, definePlugin, deny, expandTo, proceed, Tokens } from '../../core/index.js';
 import { AuthThrottle, clientKey } from './auth-throttle.js';
 import { userCommand } from './cli.js';
 import { directoryFiles, usersConfigSchema } from './config.js';
@@ -7,6 +8,9 @@ import { DirectoryStore } from './directory-store.js';
 import { Directory } from './directory.js';
 import { DUMMY_HASH, verifyPassword } from './password.js';
 import { normalizeLogin } from './users-file.js';
+import { Forwarding } from './forwarding.js';
+import { asciiDomain } from './addresses.js';
+import { loadSecrets, Srs } from './srs.js';
 
 export { Directory, type DirectoryService } from './directory.js';
 
@@ -14,14 +18,16 @@ export { Directory, type DirectoryService } from './directory.js';
  * users — who is who. The user directory (a users file and an optional aliases file, read again
  * when they change), AUTH PLAIN/LOGIN against it with per-client throttling and lockout, and
  * RCPT for the local domains: a recipient there is accepted if it reaches a mailbox, else
- * `550 5.1.1`. Other plugins use the directory through the `Directory` token.
+ * `550 5.1.1`. Other plugins use the directory through the `Directory` token. At acceptance
+ * (`expand`), an alias, a catch-all or an SRS address is replaced by where it goes; copies
+ * forwarded elsewhere get an SRS envelope sender (see docs/forwarding.md).
  */
 export default definePlugin({
   name: 'users',
   config: usersConfigSchema,
   commands: { user: userCommand },
   async setup({ config, log, baseDir, resolve, provide }) {
-    const { localDomains } = resolve(Tokens.Config);
+    const { localDomains, spool } = resolve(Tokens.Config);
     const files = directoryFiles(config, baseDir);
     const store = await DirectoryStore.open({
       ...files,
@@ -31,6 +37,19 @@ export default definePlugin({
       log,
     });
     provide(Directory, store);
+
+    let srs: Srs | null = null;
+    if (config.srs.enabled && localDomains.length > 0) {
+      const domain = asciiDomain(config.srs.domain ?? localDomains[0]!);
+      // Bounces must come back here: the SRS domain has to be one we receive mail for.
+      if (!domain || !store.isLocalDomain(domain))
+        throw new Error(`srs.domain: expected one of localDomains, got ${config.srs.domain}`);
+      const secretFile = resolvePath(baseDir, config.srs.secretFile ?? resolvePath(spool.dir, 'srs.secret'));
+      const secrets = await loadSecrets(secretFile);
+      if (secrets.length === 0) throw new Error(`SRS secret file ${secretFile} holds no secret`);
+      srs = new Srs({ secrets, domain, maxAgeDays: config.srs.maxAgeDays });
+    }
+    const forwarding = new Forwarding(store, srs, config.subaddressSeparator);
 
     const { maxFailures, windowSeconds, lockoutSeconds, delayMs } = config.auth;
     // The counts live in the State service: shared by every worker, kept across reloads.
@@ -81,10 +100,34 @@ export default definePlugin({
 
       // The engine hands `RCPT TO:<postmaster>` over as postmaster@ the first local domain, and
       // the directory sends postmaster@ any local domain to a mailbox (see README, RCPT).
-      async rcpt({ recipient }) {
+      async rcpt({ session, recipient }) {
         if (recipient.literal || !store.isLocalDomain(recipient.domainAscii)) return proceed();
+        if (forwarding.isSrs(recipient)) {
+          // A bounce to a forwarded copy: returned to the original sender if we made this address.
+          const check = forwarding.checkSrs(recipient);
+          if (check.ok) return accept();
+          log.info(
+            { session: session.id, rcpt: recipient.address, reason: check.reason },
+            'refused an SRS address we did not make (or made too long ago)',
+          );
+          return deny(550, '5.1.1', 'No such user here');
+        }
         if (await store.isDeliverable(recipient)) return accept();
         return deny(550, '5.1.1', 'No such user here');
+      },
+
+      async expand({ sender, recipient }) {
+        const targets = await forwarding.expand(sender, recipient.address);
+        if (!targets) return proceed();
+        log.info(
+          {
+            rcpt: recipient.address.address,
+            targets: targets.map((t) => t.address.address),
+            ...(targets.some((t) => t.sender) ? { srs: true } : {}),
+          },
+          'recipient expanded',
+        );
+        return expandTo(targets);
       },
     };
   },

@@ -298,7 +298,10 @@ describe('users: the rcpt hook', () => {
     await writeUsersFile(join(dir, 'users.json'), {
       users: { 'bob@hamburger.edu': { password }, 'postmaster@hamburger.edu': { password } },
     });
-    const config = { localDomains: ['hamburger.edu', 'fries.test'] } as unknown as PetrelConfig;
+    const config = {
+      localDomains: ['hamburger.edu', 'fries.test'],
+      spool: { dir },
+    } as unknown as PetrelConfig;
     services.set(Tokens.Config, config);
   });
   after(() => rmSync(dir, { recursive: true, force: true }));

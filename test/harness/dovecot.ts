@@ -388,7 +388,10 @@ export function queuedMessage(
   };
 }
 
-/** A recipient on its first attempt; override `attempts` or `maybeDelivered` for a retry. */
+/**
+ * A recipient on its first attempt, delivered with the null sender unless `over.sender` says
+ * otherwise; override `attempts` or `maybeDelivered` for a retry.
+ */
 export function deliveryRecipient(text: string, over: Partial<DeliveryRecipient> = {}): DeliveryRecipient {
-  return { address: address(text), params: {}, attempts: 0, maybeDelivered: false, ...over };
+  return { address: address(text), params: {}, sender: null, attempts: 0, maybeDelivered: false, ...over };
 }
