@@ -63,7 +63,13 @@ describe('lmtp into a real Dovecot', () => {
     const signal = new AbortController().signal;
     const v = await hooks.route!({ message: msg, recipient: recipients[0]!, signal });
     assert.ok(v.kind === 'route');
-    const out = await hooks.deliver!({ message: msg, sender: msg.sender, route: v.route, recipients, signal });
+    const out = await hooks.deliver!({
+      message: msg,
+      sender: msg.sender,
+      route: v.route,
+      recipients,
+      signal,
+    });
     assert.ok(out.kind === 'results');
     return [...out.results];
   }

@@ -69,7 +69,13 @@ describe('maildir writes what Dovecot serves over IMAP and POP3', () => {
     const signal = new AbortController().signal;
     const v = await hooks.route!({ message, recipient, signal });
     assert.ok(v.kind === 'route', `routed: ${JSON.stringify(v)}`);
-    const out = await hooks.deliver!({ message, sender: message.sender, route: v.route, recipients: [recipient], signal });
+    const out = await hooks.deliver!({
+      message,
+      sender: message.sender,
+      route: v.route,
+      recipients: [recipient],
+      signal,
+    });
     assert.ok(out.kind === 'results' && out.results[0]?.status === 'delivered', JSON.stringify(out));
   }
 
