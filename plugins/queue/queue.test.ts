@@ -25,6 +25,8 @@ import {
   accept,
   definePlugin,
   deny,
+  expandTo,
+  proceed,
   routeTo,
   type DeliveryStatus,
   type PetrelConfigInput,
@@ -868,6 +870,108 @@ describe('the control socket', () => {
       socket.destroy();
     } finally {
       await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the queue: recipients expand at acceptance', () => {
+  interface Seen {
+    rcpt: string;
+    sender: string;
+    orcpt?: string;
+    notify?: string;
+  }
+  const expander = (fail = false) =>
+    definePlugin({
+      name: 'test-expand',
+      setup: () => ({
+        expand: async ({ recipient }) => {
+          if (recipient.address.local !== 'list') return proceed();
+          if (fail) throw new Error('directory unreachable');
+          const x = (l: string) => address(`${l}@x.test`);
+          return expandTo([
+            { address: x('a') },
+            { address: x('b'), sender: address('srs0=h=tt=crepes.test=alice@fwd.test') },
+            { address: x('a') },
+            { address: x('c'), sender: address('alice@crepes.test') },
+          ]);
+        },
+      }),
+    });
+  const recorder = (into: Seen[]) =>
+    definePlugin({
+      name: 'test-recorder',
+      setup: () => ({
+        rcpt: async () => accept(),
+        route: async () => routeTo('rec'),
+        deliver: async ({ recipients, sender }) => {
+          for (const r of recipients)
+            into.push({
+              rcpt: r.address.address,
+              sender: sender?.address ?? '',
+              ...(r.params.orcpt ? { orcpt: `${r.params.orcpt.type};${r.params.orcpt.address}` } : {}),
+              ...(r.params.notify ? { notify: r.params.notify.join(',') } : {}),
+            });
+          const reply = { code: 250, enhanced: '2.0.0', text: 'ok' };
+          return {
+            kind: 'results',
+            results: recipients.map((r) => ({ recipient: r.address.address, status: 'delivered', reply })),
+          };
+        },
+      }),
+    });
+
+  it('stores each target as a recipient of its own, once, with ORCPT, NOTIFY and its own sender', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const seen: Seen[] = [];
+    const app = await start(dir, [expander(), recorder(seen)]);
+    try {
+      const c = await SmtpClient.connect(app.port());
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+      await c.cmd('RCPT TO:<list@crepes.test> NOTIFY=FAILURE', /^250 /);
+      await c.cmd('RCPT TO:<a@x.test>', /^250 /);
+      await c.cmd('DATA', /^354 /);
+      c.write('Subject: x\r\n\r\nhi\r\n.\r\n');
+      await c.expect(/^250 2\.0\.0 /);
+      c.close();
+      await until(() => seen.length >= 3);
+      await new Promise((r) => setTimeout(r, 100));
+      const orcpt = 'rfc822;list@crepes.test';
+      assert.deepEqual(
+        seen.sort((p, q) => p.rcpt.localeCompare(q.rcpt)),
+        [
+          { rcpt: 'a@x.test', sender: 'alice@crepes.test', orcpt, notify: 'FAILURE' },
+          { rcpt: 'b@x.test', sender: 'srs0=h=tt=crepes.test=alice@fwd.test', orcpt, notify: 'FAILURE' },
+          { rcpt: 'c@x.test', sender: 'alice@crepes.test', orcpt, notify: 'FAILURE' },
+        ],
+        'a@x.test once (the alias and the direct recipient), b with its own sender, c with the message’s',
+      );
+    } finally {
+      await app.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses the message for now (451 4.3.0) when an expand hook fails, and stores nothing', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const seen: Seen[] = [];
+    const app = await start(dir, [expander(true), recorder(seen)]);
+    try {
+      const c = await SmtpClient.connect(app.port());
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+      await c.cmd('RCPT TO:<list@crepes.test>', /^250 /);
+      await c.cmd('DATA', /^354 /);
+      c.write('Subject: x\r\n\r\nhi\r\n.\r\n');
+      await c.expect(/^451 4\.3\.0 /);
+      c.close();
+      assert.equal(resolveToken(app.generation.container, Queue).list().length, 0);
+    } finally {
+      await app.stop();
       rmSync(dir, { recursive: true, force: true });
     }
   });

@@ -370,3 +370,63 @@ describe('users: reloading the files', () => {
     );
   });
 });
+
+describe('users: the expand hook', () => {
+  let dir: string;
+  const services = new Map<symbol, unknown>();
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'petrel-users-'));
+    const password = await hashPassword('x', FAST);
+    await writeUsersFile(join(dir, 'users.json'), {
+      users: { 'bob@hamburger.edu': { password, addresses: ['robert@hamburger.edu'] } },
+    });
+    writeFileSync(
+      join(dir, 'aliases.yaml'),
+      'team@hamburger.edu: [bob@hamburger.edu, carol@elsewhere.test]\n',
+    );
+    const config = { localDomains: ['hamburger.edu'], spool: { dir } } as unknown as PetrelConfig;
+    services.set(Tokens.Config, config);
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  const expand = async (to: string, from: string | null) => {
+    const v = await runHook(
+      users,
+      'expand',
+      {
+        sender: from === null ? null : address(from),
+        mailParams: { smtputf8: false },
+        recipient: { address: address(to), params: {} },
+      },
+      { baseDir: dir, services, config: { aliasesFile: './aliases.yaml' } },
+    );
+    if (v.kind === 'proceed') return null;
+    return v.targets.map(
+      (t) => `${t.address.address}${t.sender === undefined ? '' : ` <${t.sender?.address ?? ''}>`}`,
+    );
+  };
+
+  it("leaves a user's own address alone, with or without a sub-address, and addresses elsewhere", async () => {
+    assert.equal(await expand('bob@hamburger.edu', 'alice@example.org'), null);
+    assert.equal(await expand('Bob+lists@hamburger.edu', 'alice@example.org'), null);
+    assert.equal(await expand('carol@elsewhere.test', 'alice@example.org'), null);
+  });
+
+  it("turns a user's other address into the primary one, keeping the sub-address", async () => {
+    assert.deepEqual(await expand('robert+x@hamburger.edu', 'alice@example.org'), ['bob+x@hamburger.edu']);
+  });
+
+  it('gives only the copy that leaves an SRS sender, and only when the sender is not ours', async () => {
+    const [local, remote] = (await expand('team@hamburger.edu', 'alice@example.org'))!;
+    assert.equal(local, 'bob@hamburger.edu');
+    assert.match(
+      remote!,
+      /^carol@elsewhere\.test <SRS0=[a-z2-7]{8}=[a-z2-7]{2}=example\.org=alice@hamburger\.edu>$/,
+    );
+    assert.deepEqual(await expand('team@hamburger.edu', 'dave@hamburger.edu'), [
+      'bob@hamburger.edu',
+      'carol@elsewhere.test',
+    ]);
+    assert.deepEqual(await expand('team@hamburger.edu', null), ['bob@hamburger.edu', 'carol@elsewhere.test']);
+  });
+});
