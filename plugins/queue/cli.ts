@@ -406,7 +406,8 @@ export function describeMessage(m: WireMessage, now: Date, detail = false): stri
   if (m.unrecorded)
     lines.push(`  not recorded: the attempt's outcome cannot be written (${m.unrecorded}); retrying`);
   for (const r of m.recipients) {
-    lines.push(`  to:    ${r.address}`);
+    lines.push(`  to:    ${r.address}${r.expandedFrom ? ` (for ${r.expandedFrom})` : ''}`);
+    if (r.sender !== undefined) lines.push(`         sent as <${r.sender}>`);
     lines.push(`         ${describeRecipient(r, m.held, now)}`);
     if (r.lastReply) {
       const who = r.lastReply.remote ? ` from ${r.lastReply.remote}` : '';

@@ -913,10 +913,22 @@ describe('the queue: recipients expand at acceptance', () => {
               ...(r.params.orcpt ? { orcpt: `${r.params.orcpt.type};${r.params.orcpt.address}` } : {}),
               ...(r.params.notify ? { notify: r.params.notify.join(',') } : {}),
             });
-          const reply = { code: 250, enhanced: '2.0.0', text: 'ok' };
+          // b waits: the queue then shows how it came to be there.
           return {
             kind: 'results',
-            results: recipients.map((r) => ({ recipient: r.address.address, status: 'delivered', reply })),
+            results: recipients.map((r) =>
+              r.address.local === 'b'
+                ? {
+                    recipient: r.address.address,
+                    status: 'deferred',
+                    reply: { code: 451, enhanced: '4.4.1', text: 'later' },
+                  }
+                : {
+                    recipient: r.address.address,
+                    status: 'delivered',
+                    reply: { code: 250, enhanced: '2.0.0', text: 'ok' },
+                  },
+            ),
           };
         },
       }),
@@ -935,7 +947,7 @@ describe('the queue: recipients expand at acceptance', () => {
       await c.cmd('RCPT TO:<a@x.test>', /^250 /);
       await c.cmd('DATA', /^354 /);
       c.write('Subject: x\r\n\r\nhi\r\n.\r\n');
-      await c.expect(/^250 2\.0\.0 /);
+      const id = /queued as (\S+)/.exec((await c.expect(/^250 2\.0\.0 /)).text)![1]!;
       c.close();
       await until(() => seen.length >= 3);
       await new Promise((r) => setTimeout(r, 100));
@@ -949,6 +961,14 @@ describe('the queue: recipients expand at acceptance', () => {
         ],
         'a@x.test once (the alias and the direct recipient), b with its own sender, c with the message’s',
       );
+      const waiting = resolveToken(app.generation.container, Queue).get(id)!;
+      const listed = describeMessage(JSON.parse(JSON.stringify(waiting)) as WireMessage, new Date());
+      assert.match(
+        listed,
+        /to: +b@x\.test \(for list@crepes\.test\)\n +sent as <srs0=h=tt=crepes\.test=alice@fwd\.test>/,
+      );
+      assert.match(listed, /to: +a@x\.test \(for list@crepes\.test\)\n +delivered/);
+      assert.equal(listed.match(/to: +a@x\.test/g)?.length, 1, 'a@x.test is stored once');
     } finally {
       await app.stop();
       rmSync(dir, { recursive: true, force: true });
