@@ -78,10 +78,15 @@ function reply(code: number, enhanced: string, text: string): RecipientReply {
 }
 
 /** Return-Path and Delivered-To (RFC 5321 §4.4), CR and LF removed so no header can be injected. */
-function traceHeaders(sender: Address | null, recipient: Address): Buffer {
+function traceHeaders(sender: Address | null, recipient: DeliveryRecipient): Buffer {
   const clean = (s: string): string => s.replace(/[\r\n]/g, '');
+  // As Postfix does: X-Original-To names the address the mail was sent to, when an alias (or a
+  // catch-all, or a user's other address) led it to this mailbox.
+  const original = recipient.expandedFrom
+    ? `X-Original-To: ${clean(recipient.expandedFrom.address)}\r\n`
+    : '';
   return Buffer.from(
-    `Return-Path: <${clean(sender?.address ?? '')}>\r\nDelivered-To: ${clean(recipient.address)}\r\n`,
+    `Return-Path: <${clean(sender?.address ?? '')}>\r\n${original}Delivered-To: ${clean(recipient.address.address)}\r\n`,
   );
 }
 
@@ -184,7 +189,7 @@ export default definePlugin({
       // A retry may follow an attempt that wrote some copies (a crash, or a later mailbox of an
       // alias that failed): look for them first. A first attempt has nothing to find.
       const lookFirst = recipient.maybeDelivered || recipient.attempts > 0;
-      const headers = traceHeaders(sender, recipient.address);
+      const headers = traceHeaders(sender, recipient);
       try {
         for (const mailbox of mailboxes) {
           const where = target(mailbox);

@@ -53,8 +53,11 @@ function startCli(configFile: string, timeoutMs = 20_000): Promise<Running> {
         if (entry.msg === 'petrel started') {
           clearTimeout(timer);
           child.removeAllListeners('exit');
-          const listening = logs.find((l) => l.msg === 'listening' && l.kind === 'smtp');
-          resolve({ child, port: Number(listening?.port), logs, stderr: () => err });
+          // The start line lists what was bound: a worker's own `listening` line may come later.
+          const bound = (entry.listeners ?? []) as { kind: string; port: number }[];
+          const smtp = bound.find((l) => l.kind === 'smtp');
+          if (!smtp) return fail(`no smtp listener in ${JSON.stringify(entry)}`);
+          resolve({ child, port: smtp.port, logs, stderr: () => err });
         }
       }
     });

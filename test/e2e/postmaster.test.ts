@@ -93,10 +93,12 @@ describe('postmaster, end to end', () => {
     );
     await send(port, 'postmaster', 'to postmaster without a domain');
     await send(port, 'Postmaster@second.test', 'to the postmaster of the second domain');
+    // The alias was expanded when the message was queued: the mailbox is Bob's, and
+    // X-Original-To keeps the address the mail was sent to.
     const first = await inBobsMaildir(project, 'to postmaster without a domain');
-    assert.match(first, /^Delivered-To: postmaster@first\.test\r$/m);
+    assert.match(first, /^X-Original-To: postmaster@first\.test\r\nDelivered-To: bob@first\.test\r$/m);
     const second = await inBobsMaildir(project, 'to the postmaster of the second domain');
-    assert.match(second, /^Delivered-To: Postmaster@second\.test\r$/m);
+    assert.match(second, /^X-Original-To: Postmaster@second\.test\r\nDelivered-To: bob@first\.test\r$/m);
     assert.equal(
       petrel.logs.filter((l) => /reaches no mailbox/.test(String(l.msg))).length,
       0,
@@ -113,7 +115,7 @@ describe('postmaster, end to end', () => {
     await send(port, 'postmaster', 'to the configured postmaster');
     assert.match(
       await inBobsMaildir(project, 'to the configured postmaster'),
-      /^Delivered-To: postmaster@first\.test\r$/m,
+      /^X-Original-To: postmaster@first\.test\r\nDelivered-To: bob@first\.test\r$/m,
     );
   });
 
