@@ -65,8 +65,14 @@ export class SmtpFailure extends Error {
     readonly kind: 'network' | 'timeout' | 'reply' | 'protocol' | 'tls',
     message: string,
     readonly reply?: SmtpReply,
+    cause?: unknown,
   ) {
-    super(message);
+    super(message, cause === undefined ? undefined : { cause });
+  }
+
+  /** The code of the error underneath (a TLS failure's `ERR_TLS_CERT_ALTNAME_INVALID`, say). */
+  get code(): string | undefined {
+    return (this.cause as NodeJS.ErrnoException | undefined)?.code;
   }
 }
 
@@ -311,12 +317,29 @@ export class SmtpConnection {
       secure.once('error', done);
       secure.once('close', onClose);
     }).catch((err: Error) => {
-      throw new SmtpFailure('starttls', 'tls', `TLS handshake with ${this.remote} failed: ${err.message}`);
+      throw new SmtpFailure(
+        'starttls',
+        'tls',
+        `TLS handshake with ${this.remote} failed: ${err.message}`,
+        undefined,
+        err,
+      );
     });
     this.reader.attach(secure);
     this.secure = true;
     this.caps.clear();
     return null;
+  }
+
+  /**
+   * Why the peer's certificate is not verified (chain or name, Node's code such as
+   * `ERR_TLS_CERT_ALTNAME_INVALID`), or null when it is; `'no TLS'` without TLS. Set even when
+   * the handshake did not insist on verification, so that a policy can look at it afterwards.
+   */
+  get authorizationError(): string | null {
+    if (!this.secure) return 'no TLS';
+    const s = this.socket as TLSSocket;
+    return s.authorized ? null : String(s.authorizationError ?? 'unverified');
   }
 
   /** The negotiated TLS version and cipher, for logs. */
@@ -386,12 +409,16 @@ export class SmtpConnection {
   }
 }
 
-/** TLS options for STARTTLS with a host: SNI with its name (never an IP), verification as asked. */
+/**
+ * TLS options for STARTTLS with a host: SNI with its name (never an IP), verification as asked.
+ * The trust anchors apply either way: an unverified session still learns whether the peer's
+ * certificate would have verified (`authorizationError`).
+ */
 export function tlsOptions(host: string, verify: boolean, ca?: readonly string[]): ConnectionOptions {
   const named = isIP(host) === 0 && !host.startsWith('[');
   return {
     ...(named ? { servername: host } : { host }),
     rejectUnauthorized: verify,
-    ...(verify && ca ? { ca: [...ca] } : {}),
+    ...(ca ? { ca: [...ca] } : {}),
   };
 }

@@ -30,7 +30,8 @@ import {
   tlsOptions,
   type SmtpReply,
 } from './connection.js';
-import { planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { literalAddress, planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { MtaSts, mxAllowed, stsFailure, tlsResultType, type StsPolicy } from './mta-sts.js';
 import { BusyError, Pool, type Lease } from './pool.js';
 import { madeUp, MessageFacts, transaction, type Decision } from './transaction.js';
 
@@ -48,6 +49,22 @@ class PolicyError extends Error {
   ) {
     super(message);
   }
+}
+
+/** `MTA-STS policy of a.test (enforce, id 2025…)`: how replies and logs name a policy. */
+function stsName(sts: StsPolicy): string {
+  return `MTA-STS policy of ${sts.domain} (${sts.mode}, id ${sts.id})`;
+}
+
+function stsDemand(sts: StsPolicy): string {
+  return `${stsName(sts)} requires TLS with a certificate verified for the MX host`;
+}
+
+const hostsOf = (hops: readonly Hop[]): string => [...new Set(hops.map((h) => h.host))].join(', ');
+
+/** A connection an `enforce` policy accepts: to an MX host it names, over verified TLS. */
+function meets(conn: SmtpConnection, sts: StsPolicy): boolean {
+  return conn.secure && conn.authorizationError === null && mxAllowed(conn.peer.host, sts);
 }
 
 /** The peer is this server (it greeted with our own name): a loop, failed at once. */
@@ -116,6 +133,16 @@ export default definePlugin({
         ]
       : undefined;
     const smarthostKey = smarthost ? `smarthost:${smarthost.host}:${smarthost.port}` : null;
+    // MTA-STS is about a domain's MX hosts: mail through a smarthost never looks at them.
+    const mtaSts =
+      config.mtaSts.enabled && !smarthost
+        ? new MtaSts({
+            resolver: (name, rrtype) => dns.resolve(name, rrtype),
+            state: api.resolve(Tokens.State),
+            log,
+            timeout: config.mtaSts.timeout,
+          })
+        : null;
     const pool = new Pool({
       maxConnections: config.maxConnectionsPerDestination,
       maxMessages: config.maxMessagesPerConnection,
@@ -149,14 +176,22 @@ export default definePlugin({
       return p;
     }
 
-    /** Connects to one address and brings the session to where MAIL FROM can be sent. */
+    /**
+     * Connects to one address and brings the session to where MAIL FROM can be sent. Under an
+     * MTA-STS policy in `enforce` mode TLS is required and verified for the MX name whatever the
+     * local policy says (RFC 8461 §4.2); in `testing` mode what would have failed is logged.
+     */
     async function openSession(
       hop: Hop,
       what: string,
-      policy: TlsPolicy,
+      localPolicy: TlsPolicy,
+      sts: StsPolicy | null,
       signal: AbortSignal,
       plain = false,
     ): Promise<SmtpConnection> {
+      const enforced = sts?.mode === 'enforce';
+      const policy: TlsPolicy = enforced ? 'require' : localPolicy;
+      const where = { receivingMxHostname: hop.host, receivingIp: hop.ip };
       const conn = await SmtpConnection.open({ host: hop.host, ip: hop.ip, port }, timeouts.connect, signal);
       try {
         await conn.greeting(timeouts.greeting);
@@ -171,6 +206,11 @@ export default definePlugin({
           try {
             refused = await conn.starttls(tlsOptions(hop.host, policy === 'require', ca), timeouts.starttls);
           } catch (err) {
+            if (sts && err instanceof SmtpFailure && err.kind === 'tls') {
+              const text = `TLS with ${conn.remote} failed: ${err.message}`;
+              stsFailure(log, sts, { ...where, resultType: tlsResultType(err.code), failureReason: text });
+              if (enforced) throw new PolicyError('4.7.5', `${stsDemand(sts)}: ${err.message}`);
+            }
             if (policy === 'opportunistic' && err instanceof SmtpFailure && err.kind === 'tls') {
               // Opportunistic TLS must not cost the delivery: the same host again, in plain text.
               log.info(
@@ -178,19 +218,35 @@ export default definePlugin({
                 'TLS handshake failed; retrying without TLS',
               );
               conn.destroy();
-              return openSession(hop, what, policy, signal, true);
+              return openSession(hop, what, localPolicy, sts, signal, true);
             }
             throw err;
           }
-          if (refused && policy === 'require') {
-            throw new PolicyError(
-              '4.7.4',
-              `TLS is required, but ${conn.remote} refused STARTTLS: ${describeReply(refused)}`,
-            );
+          if (refused) {
+            const text = `${conn.remote} refused STARTTLS: ${describeReply(refused)}`;
+            if (sts)
+              stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
+            if (enforced) throw new PolicyError('4.7.4', `${stsDemand(sts)}, but ${text}`);
+            if (policy === 'require') throw new PolicyError('4.7.4', `TLS is required, but ${text}`);
+          } else {
+            await conn.hello(heloName, timeouts.ehlo);
+            const unverified = conn.authorizationError;
+            // Only `testing` gets here unverified: `enforce` refused such a handshake already.
+            if (sts && unverified) {
+              stsFailure(log, sts, {
+                ...where,
+                resultType: tlsResultType(unverified),
+                failureReason: `the certificate of ${conn.remote} is not verified: ${unverified}`,
+              });
+            }
           }
-          if (!refused) await conn.hello(heloName, timeouts.ehlo);
-        } else if (policy === 'require') {
-          throw new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
+        } else {
+          const text = `TLS was not offered by host ${conn.remote}`;
+          if (sts && !conn.caps.has('STARTTLS'))
+            stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
+          if (enforced) throw new PolicyError('4.7.4', `${stsDemand(sts)}, but ${text}`);
+          if (policy === 'require')
+            throw new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
         }
         if (smarthost?.auth) {
           if (!conn.secure) {
@@ -250,6 +306,7 @@ export default definePlugin({
             queueId: ctx.message.id,
             remote: conn.remote,
             tls: conn.tlsDescription,
+            verified: conn.secure && conn.authorizationError === null,
             accepted: out.accepted,
             rcpts: pending.length,
           },
@@ -290,6 +347,7 @@ export default definePlugin({
 
       const held = heldBack();
       if (held) return held;
+      const sts = await stsPolicy(domain, ctx.message.id);
       let lease: Lease;
       try {
         lease = await dest.acquire(signal, timeouts.wait);
@@ -301,7 +359,10 @@ export default definePlugin({
       let last: Decision | null = null;
       const tried = new Set<string>();
       try {
-        if (lease.conn) {
+        // An idle connection opened before an `enforce` policy was known may not meet it.
+        if (lease.conn && sts?.mode === 'enforce' && !meets(lease.conn, sts))
+          void lease.conn.quit(timeouts.quit);
+        else if (lease.conn) {
           const conn = lease.conn;
           conn.bind(signal);
           // A clean connection goes straight to MAIL FROM; one left mid-transaction gets RSET first.
@@ -329,16 +390,21 @@ export default definePlugin({
           const { code, enhanced, text } = p.reply;
           return every(madeUp(code, enhanced, String(text)));
         }
+        const hops = sts ? stsHops(sts, p.hops, ctx.message.id) : p.hops;
+        if (hops.length === 0) {
+          const text = `${stsName(sts!)} allows none of the MX hosts (${hostsOf(p.hops)}); it names ${sts!.mx.join(', ')}`;
+          return every(madeUp(451, '4.7.0', text));
+        }
         let reached = false;
         let attempts = 0;
-        for (const hop of p.hops) {
+        for (const hop of hops) {
           if (attempts >= config.maxAddresses || signal.aborted) break;
           if (tried.has(hop.ip)) continue;
           attempts++;
           const remote = describePeer({ ...hop, port });
           let conn: SmtpConnection;
           try {
-            conn = await openSession(hop, what, policy, signal);
+            conn = await openSession(hop, what, policy, sts, signal);
           } catch (err) {
             if (err instanceof LoopError) return every(madeUp(554, '5.4.6', err.message));
             last = problem(err, remote);
@@ -373,6 +439,39 @@ export default definePlugin({
       } finally {
         if (slotHeld) dest.freeSlot();
       }
+    }
+
+    /** The MTA-STS policy that applies to a delivery to `domain`, or null. */
+    async function stsPolicy(domain: string, queueId: string): Promise<StsPolicy | null> {
+      if (!mtaSts || literalAddress(domain)) return null;
+      try {
+        return await mtaSts.policyFor(domain);
+      } catch (err) {
+        // Whatever went wrong, no policy is known: deliver as without MTA-STS (RFC 8461 §5).
+        log.warn({ queueId, domain, err }, 'MTA-STS policy lookup failed; delivering as without MTA-STS');
+        return null;
+      }
+    }
+
+    /**
+     * The hops a policy allows (RFC 8461 §4.1): under `enforce` only those whose MX name matches;
+     * under `testing` all of them. Each refused host is logged either way.
+     */
+    function stsHops(sts: StsPolicy, hops: readonly Hop[], queueId: string): readonly Hop[] {
+      const refused = new Set(hops.filter((h) => !mxAllowed(h.host, sts)).map((h) => h.host));
+      for (const host of refused) {
+        stsFailure(
+          log,
+          sts,
+          {
+            receivingMxHostname: host,
+            resultType: 'validation-failure',
+            failureReason: `MX host ${host} is not in the policy (${sts.mx.join(', ')})`,
+          },
+          queueId,
+        );
+      }
+      return sts.mode === 'enforce' ? hops.filter((h) => !refused.has(h.host)) : hops;
     }
 
     return {
