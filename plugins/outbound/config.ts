@@ -108,6 +108,14 @@ export const configSchema = z
       })
       .strict()
       .prefault({}),
+    /**
+     * DANE (RFC 7672): honour TLSA records the configured DNS servers validated (AD bit). Off by
+     * default: it needs a validating resolver on a trusted path (README.md).
+     */
+    dane: z
+      .object({ enabled: z.boolean().default(false) })
+      .strict()
+      .prefault({}),
     /** Send every remote message to this relay instead of the recipients' MX hosts. */
     smarthost: smarthostSchema.optional(),
     timeouts: timeoutsSchema.prefault({}),

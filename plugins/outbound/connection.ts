@@ -5,7 +5,13 @@
  * signal of whichever delivery uses it, and that signal aborting destroys it.
  */
 import { connect as netConnect, isIP, type Socket } from 'node:net';
-import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { X509Certificate } from 'node:crypto';
+import {
+  connect as tlsConnect,
+  type ConnectionOptions,
+  type DetailedPeerCertificate,
+  type TLSSocket,
+} from 'node:tls';
 import {
   MalformedReplyError,
   ReadTimeoutError,
@@ -102,6 +108,8 @@ export class SmtpConnection {
    * takes the next MAIL FROM without an RSET first.
    */
   clean = true;
+  /** The TLSA record the peer's certificate matched (set by the transport after a DANE check). */
+  daneMatch: string | null = null;
 
   private socket: Socket | TLSSocket;
   private readonly reader = new SocketReader();
@@ -340,6 +348,20 @@ export class SmtpConnection {
     if (!this.secure) return 'no TLS';
     const s = this.socket as TLSSocket;
     return s.authorized ? null : String(s.authorizationError ?? 'unverified');
+  }
+
+  /** The peer's certificate chain as it presented it, leaf first; empty without TLS. */
+  peerChain(): X509Certificate[] {
+    if (!this.secure) return [];
+    const chain: X509Certificate[] = [];
+    const seen = new Set<string>();
+    let c: DetailedPeerCertificate | undefined = (this.socket as TLSSocket).getPeerCertificate(true);
+    while (c?.raw && !seen.has(c.fingerprint256)) {
+      seen.add(c.fingerprint256);
+      chain.push(new X509Certificate(c.raw));
+      c = c.issuerCertificate;
+    }
+    return chain;
   }
 
   /** The negotiated TLS version and cipher, for logs. */

@@ -17,6 +17,7 @@ import {
   type Route,
 } from '../../core/index.js';
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { isAbsolute, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
@@ -31,6 +32,7 @@ import {
   type SmtpReply,
 } from './connection.js';
 import { literalAddress, planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { checkDane, lookupTlsa } from './dane.js';
 import { MtaSts, mxAllowed, stsFailure, tlsResultType, type StsPolicy } from './mta-sts.js';
 import { BusyError, Pool, type Lease } from './pool.js';
 import { madeUp, MessageFacts, transaction, type Decision } from './transaction.js';
@@ -56,15 +58,26 @@ function stsName(sts: StsPolicy): string {
   return `MTA-STS policy of ${sts.domain} (${sts.mode}, id ${sts.id})`;
 }
 
+function daneDemand(hop: Hop, port: number): string {
+  return `DANE: validated TLSA records for _${port}._tcp.${hop.host} require TLS with a matching certificate`;
+}
+
 function stsDemand(sts: StsPolicy): string {
   return `${stsName(sts)} requires TLS with a certificate verified for the MX host`;
 }
 
 const hostsOf = (hops: readonly Hop[]): string => [...new Set(hops.map((h) => h.host))].join(', ');
 
+/** How a connection's certificate was verified: for the host name (PKIX), by DANE, or not. */
+function verifiedBy(conn: SmtpConnection): 'pkix' | 'dane' | null {
+  if (!conn.secure) return null;
+  if (conn.daneMatch) return 'dane';
+  return conn.authorizationError === null ? 'pkix' : null;
+}
+
 /** A connection an `enforce` policy accepts: to an MX host it names, over verified TLS. */
 function meets(conn: SmtpConnection, sts: StsPolicy): boolean {
-  return conn.secure && conn.authorizationError === null && mxAllowed(conn.peer.host, sts);
+  return verifiedBy(conn) !== null && mxAllowed(conn.peer.host, sts);
 }
 
 /** The peer is this server (it greeted with our own name): a loop, failed at once. */
@@ -134,6 +147,8 @@ export default definePlugin({
       : undefined;
     const smarthostKey = smarthost ? `smarthost:${smarthost.host}:${smarthost.port}` : null;
     // MTA-STS is about a domain's MX hosts: mail through a smarthost never looks at them.
+    // DANE needs the AD bit of a validating resolver: asked of the servers the core resolver uses.
+    const dane = config.dane.enabled && !smarthost ? { timeout: core.dns.timeout } : null;
     const mtaSts =
       config.mtaSts.enabled && !smarthost
         ? new MtaSts({
@@ -177,9 +192,13 @@ export default definePlugin({
     }
 
     /**
-     * Connects to one address and brings the session to where MAIL FROM can be sent. Under an
-     * MTA-STS policy in `enforce` mode TLS is required and verified for the MX name whatever the
-     * local policy says (RFC 8461 §4.2); in `testing` mode what would have failed is logged.
+     * Connects to one address and brings the session to where MAIL FROM can be sent.
+     *
+     * TLS: the domain's `tls` policy, unless something stricter applies. Validated TLSA records
+     * for the host (DANE, RFC 7672 §2.2) make TLS mandatory and the certificate must match them;
+     * an MTA-STS policy in `enforce` mode makes TLS mandatory, verified for the MX name (RFC 8461
+     * §4.2). DANE decides the certificate check where both apply. In MTA-STS `testing` mode what
+     * would have failed is logged.
      */
     async function openSession(
       hop: Hop,
@@ -189,9 +208,23 @@ export default definePlugin({
       signal: AbortSignal,
       plain = false,
     ): Promise<SmtpConnection> {
-      const enforced = sts?.mode === 'enforce';
-      const policy: TlsPolicy = enforced ? 'require' : localPolicy;
+      const remote = describePeer({ ...hop, port });
       const where = { receivingMxHostname: hop.host, receivingIp: hop.ip };
+      const tlsa =
+        dane && isIP(hop.host) === 0 ? await lookupTlsa(dns.servers(), hop.host, port, dane.timeout) : null;
+      if (tlsa?.kind === 'failed') {
+        daneFailure(hop, 'dnssec-invalid', tlsa.reason);
+        throw new PolicyError('4.4.3', `DANE: ${tlsa.reason}; not connecting to ${remote} without it`);
+      }
+      const records = tlsa?.kind === 'records' ? tlsa.records : null;
+      const enforced = sts?.mode === 'enforce';
+      const policy: TlsPolicy = records || enforced ? 'require' : localPolicy;
+      /** Why a mandatory TLS requirement failed here, as the deferral says it. */
+      const demand = records ? daneDemand(hop, port) : enforced ? stsDemand(sts!) : 'TLS is required';
+      const fail = (resultType: string, enhanced: string, text: string, sep = ', but '): PolicyError => {
+        if (records) daneFailure(hop, resultType, text);
+        return new PolicyError(enhanced, `${demand}${sep}${text}`);
+      };
       const conn = await SmtpConnection.open({ host: hop.host, ip: hop.ip, port }, timeouts.connect, signal);
       try {
         await conn.greeting(timeouts.greeting);
@@ -203,15 +236,17 @@ export default definePlugin({
         }
         if (policy !== 'none' && !plain && conn.caps.has('STARTTLS')) {
           let refused: SmtpReply | null;
+          // DANE checks the chain itself after the handshake; PKIX is Node's own check.
+          const pkix = policy === 'require' && !records;
           try {
-            refused = await conn.starttls(tlsOptions(hop.host, policy === 'require', ca), timeouts.starttls);
+            refused = await conn.starttls(tlsOptions(hop.host, pkix, ca), timeouts.starttls);
           } catch (err) {
-            if (sts && err instanceof SmtpFailure && err.kind === 'tls') {
-              const text = `TLS with ${conn.remote} failed: ${err.message}`;
-              stsFailure(log, sts, { ...where, resultType: tlsResultType(err.code), failureReason: text });
-              if (enforced) throw new PolicyError('4.7.5', `${stsDemand(sts)}: ${err.message}`);
-            }
-            if (policy === 'opportunistic' && err instanceof SmtpFailure && err.kind === 'tls') {
+            if (err instanceof SmtpFailure && err.kind === 'tls') {
+              if (sts) {
+                const text = `TLS with ${conn.remote} failed: ${err.message}`;
+                stsFailure(log, sts, { ...where, resultType: tlsResultType(err.code), failureReason: text });
+              }
+              if (policy === 'require') throw fail(tlsResultType(err.code), '4.7.5', err.message, ': ');
               // Opportunistic TLS must not cost the delivery: the same host again, in plain text.
               log.info(
                 { remote: conn.remote, err: err.message },
@@ -226,13 +261,19 @@ export default definePlugin({
             const text = `${conn.remote} refused STARTTLS: ${describeReply(refused)}`;
             if (sts)
               stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
-            if (enforced) throw new PolicyError('4.7.4', `${stsDemand(sts)}, but ${text}`);
-            if (policy === 'require') throw new PolicyError('4.7.4', `TLS is required, but ${text}`);
+            if (policy === 'require') throw fail('starttls-not-supported', '4.7.4', text);
           } else {
             await conn.hello(heloName, timeouts.ehlo);
+            if (records) {
+              const check = checkDane(records, conn.peerChain(), hop.host);
+              if (!check.ok) throw fail('tlsa-invalid', '4.7.5', `${conn.remote}: ${check.reason}`, ': ');
+              conn.daneMatch = check.match ?? 'no usable TLSA record: TLS without authentication';
+              log.debug({ remote: conn.remote, tlsa: conn.daneMatch }, 'DANE: certificate matches');
+            }
             const unverified = conn.authorizationError;
-            // Only `testing` gets here unverified: `enforce` refused such a handshake already.
-            if (sts && unverified) {
+            // Only `testing` gets here unverified (`enforce` refused such a handshake already),
+            // or DANE, which verified the certificate its own way.
+            if (sts && unverified && !records) {
               stsFailure(log, sts, {
                 ...where,
                 resultType: tlsResultType(unverified),
@@ -244,9 +285,10 @@ export default definePlugin({
           const text = `TLS was not offered by host ${conn.remote}`;
           if (sts && !conn.caps.has('STARTTLS'))
             stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
-          if (enforced) throw new PolicyError('4.7.4', `${stsDemand(sts)}, but ${text}`);
           if (policy === 'require')
-            throw new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
+            throw records || enforced
+              ? fail('starttls-not-supported', '4.7.4', text)
+              : new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
         }
         if (smarthost?.auth) {
           if (!conn.secure) {
@@ -306,7 +348,7 @@ export default definePlugin({
             queueId: ctx.message.id,
             remote: conn.remote,
             tls: conn.tlsDescription,
-            verified: conn.secure && conn.authorizationError === null,
+            verified: verifiedBy(conn),
             accepted: out.accepted,
             rcpts: pending.length,
           },
@@ -439,6 +481,19 @@ export default definePlugin({
       } finally {
         if (slotHeld) dest.freeSlot();
       }
+    }
+
+    /** Logs a DANE failure with the fields a TLS-RPT report would carry (RFC 8460 §4.3). */
+    function daneFailure(hop: Hop, resultType: string, reason: string): void {
+      const tlsrpt = {
+        policyType: 'tlsa',
+        policyDomain: hop.host,
+        resultType,
+        receivingMxHostname: hop.host,
+        receivingIp: hop.ip,
+        failureReason: reason,
+      };
+      log.warn({ tlsrpt }, `DANE refused: ${reason}`);
     }
 
     /** The MTA-STS policy that applies to a delivery to `domain`, or null. */
