@@ -350,6 +350,13 @@ export class SmtpConnection {
     return s.authorized ? null : String(s.authorizationError ?? 'unverified');
   }
 
+  /** How the peer's certificate was verified: for its host name (PKIX), by DANE, or not at all. */
+  get verifiedBy(): 'pkix' | 'dane' | null {
+    if (!this.secure) return null;
+    if (this.daneMatch) return 'dane';
+    return this.authorizationError === null ? 'pkix' : null;
+  }
+
   /** The peer's certificate chain as it presented it, leaf first; empty without TLS. */
   peerChain(): X509Certificate[] {
     if (!this.secure) return [];

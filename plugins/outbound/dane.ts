@@ -12,6 +12,7 @@ import { createHash, X509Certificate } from 'node:crypto';
 import { createSocket } from 'node:dgram';
 import { createRequire } from 'node:module';
 import { isIP } from 'node:net';
+import type { PluginApi } from '../../core/index.js';
 
 /** The parts of dns-packet used here (it ships no types). */
 interface DnsPacket {
@@ -152,6 +153,33 @@ export async function lookupTlsa(
     return { kind: 'records', records };
   }
   return { kind: 'failed', reason: `TLSA lookup for ${name}: ${lastError}` };
+}
+
+/** The start of a deferral for a host whose validated TLSA records were not met. */
+export function daneDemand(host: string, port: number): string {
+  return `DANE: validated TLSA records for _${port}._tcp.${host} require TLS with a matching certificate`;
+}
+
+/**
+ * Logs a DANE failure with the fields a TLS-RPT report would carry (RFC 8460 §4.3); the policy
+ * domain is the recipient domain, whose `_smtp._tls` record says where reports go.
+ */
+export function daneFailure(
+  log: PluginApi<unknown>['log'],
+  domain: string,
+  hop: { readonly host: string; readonly ip: string },
+  resultType: string,
+  reason: string,
+): void {
+  const tlsrpt = {
+    policyType: 'tlsa',
+    policyDomain: domain,
+    resultType,
+    receivingMxHostname: hop.host,
+    receivingIp: hop.ip,
+    failureReason: reason,
+  };
+  log.warn({ tlsrpt }, `DANE refused: ${reason}`);
 }
 
 /** Usages an SMTP client uses (RFC 7672 §3.1): DANE-TA(2) and DANE-EE(3); PKIX-* are unusable. */

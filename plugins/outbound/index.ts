@@ -32,8 +32,18 @@ import {
   type SmtpReply,
 } from './connection.js';
 import { literalAddress, planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
-import { checkDane, lookupTlsa } from './dane.js';
-import { MtaSts, mxAllowed, stsFailure, tlsResultType, type StsPolicy } from './mta-sts.js';
+import { checkDane, daneDemand, daneFailure, lookupTlsa } from './dane.js';
+import {
+  allowedHops,
+  hostsOf,
+  meetsPolicy,
+  MtaSts,
+  stsDemand,
+  stsFailure,
+  stsName,
+  tlsResultType,
+  type StsPolicy,
+} from './mta-sts.js';
 import { BusyError, Pool, type Lease } from './pool.js';
 import { madeUp, MessageFacts, transaction, type Decision } from './transaction.js';
 
@@ -51,33 +61,6 @@ class PolicyError extends Error {
   ) {
     super(message);
   }
-}
-
-/** `MTA-STS policy of a.test (enforce, id 2025…)`: how replies and logs name a policy. */
-function stsName(sts: StsPolicy): string {
-  return `MTA-STS policy of ${sts.domain} (${sts.mode}, id ${sts.id})`;
-}
-
-function daneDemand(hop: Hop, port: number): string {
-  return `DANE: validated TLSA records for _${port}._tcp.${hop.host} require TLS with a matching certificate`;
-}
-
-function stsDemand(sts: StsPolicy): string {
-  return `${stsName(sts)} requires TLS with a certificate verified for the MX host`;
-}
-
-const hostsOf = (hops: readonly Hop[]): string => [...new Set(hops.map((h) => h.host))].join(', ');
-
-/** How a connection's certificate was verified: for the host name (PKIX), by DANE, or not. */
-function verifiedBy(conn: SmtpConnection): 'pkix' | 'dane' | null {
-  if (!conn.secure) return null;
-  if (conn.daneMatch) return 'dane';
-  return conn.authorizationError === null ? 'pkix' : null;
-}
-
-/** A connection an `enforce` policy accepts: to an MX host it names, over verified TLS. */
-function meets(conn: SmtpConnection, sts: StsPolicy): boolean {
-  return verifiedBy(conn) !== null && mxAllowed(conn.peer.host, sts);
 }
 
 /** The peer is this server (it greeted with our own name): a loop, failed at once. */
@@ -213,16 +196,16 @@ export default definePlugin({
       const tlsa =
         dane && isIP(hop.host) === 0 ? await lookupTlsa(dns.servers(), hop.host, port, dane.timeout) : null;
       if (tlsa?.kind === 'failed') {
-        daneFailure(hop, 'dnssec-invalid', tlsa.reason);
+        daneFailure(log, what, hop, 'dnssec-invalid', tlsa.reason);
         throw new PolicyError('4.4.3', `DANE: ${tlsa.reason}; not connecting to ${remote} without it`);
       }
       const records = tlsa?.kind === 'records' ? tlsa.records : null;
       const enforced = sts?.mode === 'enforce';
       const policy: TlsPolicy = records || enforced ? 'require' : localPolicy;
       /** Why a mandatory TLS requirement failed here, as the deferral says it. */
-      const demand = records ? daneDemand(hop, port) : enforced ? stsDemand(sts!) : 'TLS is required';
+      const demand = records ? daneDemand(hop.host, port) : enforced ? stsDemand(sts!) : 'TLS is required';
       const fail = (resultType: string, enhanced: string, text: string, sep = ', but '): PolicyError => {
-        if (records) daneFailure(hop, resultType, text);
+        if (records) daneFailure(log, what, hop, resultType, text);
         return new PolicyError(enhanced, `${demand}${sep}${text}`);
       };
       const conn = await SmtpConnection.open({ host: hop.host, ip: hop.ip, port }, timeouts.connect, signal);
@@ -348,7 +331,7 @@ export default definePlugin({
             queueId: ctx.message.id,
             remote: conn.remote,
             tls: conn.tlsDescription,
-            verified: verifiedBy(conn),
+            verified: conn.verifiedBy,
             accepted: out.accepted,
             rcpts: pending.length,
           },
@@ -402,7 +385,7 @@ export default definePlugin({
       const tried = new Set<string>();
       try {
         // An idle connection opened before an `enforce` policy was known may not meet it.
-        if (lease.conn && sts?.mode === 'enforce' && !meets(lease.conn, sts))
+        if (lease.conn && sts?.mode === 'enforce' && !meetsPolicy(lease.conn, sts))
           void lease.conn.quit(timeouts.quit);
         else if (lease.conn) {
           const conn = lease.conn;
@@ -432,7 +415,7 @@ export default definePlugin({
           const { code, enhanced, text } = p.reply;
           return every(madeUp(code, enhanced, String(text)));
         }
-        const hops = sts ? stsHops(sts, p.hops, ctx.message.id) : p.hops;
+        const hops = sts ? allowedHops(log, sts, p.hops, ctx.message.id) : p.hops;
         if (hops.length === 0) {
           const text = `${stsName(sts!)} allows none of the MX hosts (${hostsOf(p.hops)}); it names ${sts!.mx.join(', ')}`;
           return every(madeUp(451, '4.7.0', text));
@@ -483,19 +466,6 @@ export default definePlugin({
       }
     }
 
-    /** Logs a DANE failure with the fields a TLS-RPT report would carry (RFC 8460 §4.3). */
-    function daneFailure(hop: Hop, resultType: string, reason: string): void {
-      const tlsrpt = {
-        policyType: 'tlsa',
-        policyDomain: hop.host,
-        resultType,
-        receivingMxHostname: hop.host,
-        receivingIp: hop.ip,
-        failureReason: reason,
-      };
-      log.warn({ tlsrpt }, `DANE refused: ${reason}`);
-    }
-
     /** The MTA-STS policy that applies to a delivery to `domain`, or null. */
     async function stsPolicy(domain: string, queueId: string): Promise<StsPolicy | null> {
       if (!mtaSts || literalAddress(domain)) return null;
@@ -506,27 +476,6 @@ export default definePlugin({
         log.warn({ queueId, domain, err }, 'MTA-STS policy lookup failed; delivering as without MTA-STS');
         return null;
       }
-    }
-
-    /**
-     * The hops a policy allows (RFC 8461 §4.1): under `enforce` only those whose MX name matches;
-     * under `testing` all of them. Each refused host is logged either way.
-     */
-    function stsHops(sts: StsPolicy, hops: readonly Hop[], queueId: string): readonly Hop[] {
-      const refused = new Set(hops.filter((h) => !mxAllowed(h.host, sts)).map((h) => h.host));
-      for (const host of refused) {
-        stsFailure(
-          log,
-          sts,
-          {
-            receivingMxHostname: host,
-            resultType: 'validation-failure',
-            failureReason: `MX host ${host} is not in the policy (${sts.mx.join(', ')})`,
-          },
-          queueId,
-        );
-      }
-      return sts.mode === 'enforce' ? hops.filter((h) => !refused.has(h.host)) : hops;
     }
 
     return {

@@ -21,10 +21,26 @@ function trustForPolicyFetch(t: TestContext, ca: TestCa): void {
 }
 
 const DOMAIN = 'sts.test';
-const TXT = { name: `_mta-sts.${DOMAIN}`, text: 'v=STSv1; id=20260101T000000' };
+
+/** DNS for `sts.test`: the `_mta-sts` TXT record with `id`, one MX host, the policy host. */
+function stsDns(
+  t: TestContext,
+  o: { id: string; mxName: string; mxIp: string; policyIp: string },
+): ReturnType<typeof startDnsmasq> {
+  return startDnsmasq(t, {
+    mx: [{ domain: DOMAIN, host: o.mxName, preference: 10 }],
+    hosts: [
+      { name: o.mxName, addresses: [o.mxIp] },
+      { name: `mta-sts.${DOMAIN}`, addresses: [o.policyIp] },
+    ],
+    txt: [{ name: `_mta-sts.${DOMAIN}`, text: `v=STSv1; id=${o.id}` }],
+  });
+}
 
 interface World {
   readonly ca: TestCa;
+  readonly policyIp: string;
+  readonly mxIp: string;
   readonly policy: PolicyServer;
   readonly mx: Peer;
   readonly dns: string;
@@ -50,14 +66,7 @@ async function world(
   const policyIp = `${opts.ipBase}.1`;
   const mxIp = `${opts.ipBase}.2`;
   const port = await freePortOn([mxIp]);
-  const dns = await startDnsmasq(t, {
-    mx: [{ domain: DOMAIN, host: opts.mxName, preference: 10 }],
-    hosts: [
-      { name: opts.mxName, addresses: [mxIp] },
-      { name: `mta-sts.${DOMAIN}`, addresses: [policyIp] },
-    ],
-    txt: [TXT],
-  });
+  const dns = await stsDns(t, { id: '20260101T000000', mxName: opts.mxName, mxIp, policyIp });
   if (!dns) return null;
   trustForPolicyFetch(t, ca);
   const policy = await startPolicyServer(t, {
@@ -71,10 +80,14 @@ async function world(
     key: readFileSync(cert.key),
     cert: readFileSync(cert.cert),
   });
-  return { ca, policy, mx, dns: dns.server, port };
+  return { ca, policyIp, mxIp, policy, mx, dns: dns.server, port };
 }
 
-function sender(t: TestContext, w: World, extra: Record<string, unknown> = {}): Promise<Sender> {
+function sender(
+  t: TestContext,
+  w: World,
+  extra: { config?: Record<string, unknown>; dnsServer?: string } = {},
+): Promise<Sender> {
   return startSender(t, {
     dnsServer: w.dns,
     outbound: { port: w.port, timeouts: FAST, tlsCa: w.ca.certFile },
@@ -175,5 +188,67 @@ describe('outbound: MTA-STS', () => {
     const [cached] = logsWith(second, /^MTA-STS policy from the cache$/);
     assert.deepEqual([cached!.id, cached!.mode], ['20260101T000000', 'enforce']);
     assert.equal(w.mx.messages.at(-1)!.secure, true, 'the cached policy is still enforced');
+  });
+
+  it('fetches the policy again when the TXT id changes', async (t) => {
+    const w = await world(t, { ipBase: '127.0.53', mode: 'enforce', mxName: `mx.${DOMAIN}` });
+    if (!w) return;
+    const spool = mkdtempSync(join(tmpdir(), 'petrel-sts-'));
+    t.after(() => rmSync(spool, { recursive: true, force: true }));
+    const first = await sender(t, w, { config: { spool: { dir: spool } } });
+    assert.equal((await first.settled(await first.submit([`bob@${DOMAIN}`]), 1))[0]!.status, 'delivered');
+    await first.close();
+
+    // The domain publishes a new policy (testing) under a new id, and points its MX elsewhere.
+    w.policy.policy = policyText('testing', [`mx.${DOMAIN}`]);
+    const dns = await stsDns(t, {
+      id: '20260202',
+      mxName: 'evil.sts.test',
+      mxIp: w.mxIp,
+      policyIp: w.policyIp,
+    });
+    if (!dns) return;
+    const second = await sender(t, w, { config: { spool: { dir: spool } }, dnsServer: dns.server });
+    const [o] = await second.settled(await second.submit([`carol@${DOMAIN}`]), 1);
+    assert.equal(w.policy.requests.length, 2, 'the new id was fetched');
+    assert.equal(o!.status, 'delivered', 'the new policy (testing) applies, not the cached enforce one');
+    const [fetched] = logsWith(second, /^MTA-STS policy fetched$/);
+    assert.deepEqual([fetched!.id, fetched!.mode], ['20260202', 'testing']);
+  });
+
+  it('keeps enforcing the cached policy when a new one cannot be fetched', async (t) => {
+    const w = await world(t, { ipBase: '127.0.54', mode: 'enforce', mxName: `mx.${DOMAIN}` });
+    if (!w) return;
+    const spool = mkdtempSync(join(tmpdir(), 'petrel-sts-'));
+    t.after(() => rmSync(spool, { recursive: true, force: true }));
+    const first = await sender(t, w, { config: { spool: { dir: spool } } });
+    assert.equal((await first.settled(await first.submit([`bob@${DOMAIN}`]), 1))[0]!.status, 'delivered');
+    await first.close();
+
+    // An attacker's DNS: a new id, an MX of their own, and the policy host unreachable.
+    await w.policy.close();
+    const dns = await stsDns(t, {
+      id: 'forged',
+      mxName: 'evil.sts.test',
+      mxIp: w.mxIp,
+      policyIp: w.policyIp,
+    });
+    if (!dns) return;
+    const second = await sender(t, w, { config: { spool: { dir: spool } }, dnsServer: dns.server });
+    const [o] = await second.settled(await second.submit([`carol@${DOMAIN}`]), 1);
+    assert.deepEqual([o!.status, o!.reply.enhanced], ['deferred', '4.7.0']);
+    assert.match(String(o!.reply.text), /^MTA-STS policy of sts\.test \(enforce, id 20260101T000000\)/);
+    const [failed] = logsWith(second, /^MTA-STS policy fetch failed; using the cached policy$/);
+    assert.equal((failed!.tlsrpt as Record<string, unknown>).resultType, 'sts-policy-fetch-error');
+  });
+
+  it('delivers as without MTA-STS when no policy can be fetched and none is cached', async (t) => {
+    const w = await world(t, { ipBase: '127.0.55', mode: 'enforce', mxName: 'evil.sts.test' });
+    if (!w) return;
+    await w.policy.close();
+    const s = await sender(t, w);
+    const [o] = await s.settled(await s.submit([`bob@${DOMAIN}`]), 1);
+    assert.equal(o!.status, 'delivered');
+    assert.equal(logsWith(s, /^MTA-STS policy fetch failed and none is cached/).length, 1);
   });
 });

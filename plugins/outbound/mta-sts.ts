@@ -12,6 +12,7 @@
  */
 import type { PluginApi, StateStore } from '../../core/index.js';
 import { getPolicy, validateMx } from 'mailauth/lib/mta-sts.js';
+import type { Hop } from './mx.js';
 
 /** A policy that asks for something: `enforce` or `testing` (a `none` policy is no policy). */
 export interface StsPolicy {
@@ -95,6 +96,50 @@ export function stsFailure(
       fields,
       `MTA-STS testing: enforce would refuse (${detail.failureReason ?? detail.resultType}); delivering as before`,
     );
+}
+
+/** `MTA-STS policy of a.test (enforce, id 2025…)`: how replies and logs name a policy. */
+export function stsName(sts: StsPolicy): string {
+  return `MTA-STS policy of ${sts.domain} (${sts.mode}, id ${sts.id})`;
+}
+
+/** The start of a deferral for a TLS failure under an `enforce` policy. */
+export function stsDemand(sts: StsPolicy): string {
+  return `${stsName(sts)} requires TLS with a certificate verified for the MX host`;
+}
+
+/** `mx1.a.test, mx2.a.test`: the hosts of some hops, each once. */
+export const hostsOf = (hops: readonly Hop[]): string => [...new Set(hops.map((h) => h.host))].join(', ');
+
+/** A connection an `enforce` policy accepts: to an MX host it names, over verified TLS. */
+export function meetsPolicy(
+  conn: { readonly verifiedBy: string | null; readonly peer: { readonly host: string } },
+  sts: StsPolicy,
+): boolean {
+  return conn.verifiedBy !== null && mxAllowed(conn.peer.host, sts);
+}
+
+/**
+ * The hops a policy allows (RFC 8461 §4.1): under `enforce` only those whose MX name matches;
+ * under `testing` all of them. Each host the policy does not name is logged either way.
+ */
+export function allowedHops(
+  log: PluginApi<unknown>['log'],
+  sts: StsPolicy,
+  hops: readonly Hop[],
+  queueId: string,
+): readonly Hop[] {
+  const refused = new Set(hops.filter((h) => !mxAllowed(h.host, sts)).map((h) => h.host));
+  for (const host of refused) {
+    const failureReason = `MX host ${host} is not in the policy (${sts.mx.join(', ')})`;
+    stsFailure(
+      log,
+      sts,
+      { receivingMxHostname: host, resultType: 'validation-failure', failureReason },
+      queueId,
+    );
+  }
+  return sts.mode === 'enforce' ? hops.filter((h) => !refused.has(h.host)) : hops;
 }
 
 const KEY_PREFIX = 'outbound:mta-sts:';
