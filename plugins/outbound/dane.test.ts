@@ -136,6 +136,21 @@ describe('outbound: DANE (validated TLSA records)', () => {
     assert.equal(s.mx.messages.length, 0);
   });
 
+  it('with only unusable records (PKIX-EE) TLS is mandatory but not authenticated', async (t) => {
+    const s = await signed(t, {
+      ip: '127.0.56.2',
+      cert: (ca) => ca.selfSigned(MX),
+      tlsa: (_ca, c) => [`1 1 1 ${spkiSha256(c.cert)}`],
+    });
+    if (!s) return;
+    const [o] = await s.sender.settled(await s.sender.submit([`bob@${ZONE}`]), 1);
+    assert.equal(o!.status, 'delivered', String(o!.reply.text));
+    assert.equal(s.mx.messages[0]!.secure, true);
+    const [done] = logsWith(s.sender, /^transaction finished$/);
+    assert.equal(done!.verified, null, 'neither DANE nor PKIX vouched for the certificate');
+    assert.equal(logsWith(s.sender, /^DANE: no usable TLSA record/).length, 1);
+  });
+
   it('ignores TLSA records the resolver did not validate (no AD bit)', async (t) => {
     const ca = makeTestCa(t);
     if (!ca) return;

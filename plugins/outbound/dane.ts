@@ -182,9 +182,15 @@ export function daneFailure(
   log.warn({ tlsrpt }, `DANE refused: ${reason}`);
 }
 
-/** Usages an SMTP client uses (RFC 7672 §3.1): DANE-TA(2) and DANE-EE(3); PKIX-* are unusable. */
-const usable = (r: Tlsa): boolean =>
-  (r.usage === 2 || r.usage === 3) && (r.selector === 0 || r.selector === 1) && r.matchingType <= 2;
+/**
+ * The records an SMTP client can use (RFC 7672 §3.1): DANE-TA(2) and DANE-EE(3) with a known
+ * selector and matching type; PKIX-TA(0) and PKIX-EE(1) are unusable for SMTP (§3.1.3).
+ */
+export function usableTlsa(records: readonly Tlsa[]): Tlsa[] {
+  return records.filter(
+    (r) => (r.usage === 2 || r.usage === 3) && (r.selector === 0 || r.selector === 1) && r.matchingType <= 2,
+  );
+}
 
 function matches(r: Tlsa, cert: X509Certificate): boolean {
   const selected =
@@ -199,14 +205,13 @@ function matches(r: Tlsa, cert: X509Certificate): boolean {
 }
 
 export type DaneCheck =
-  { readonly ok: true; readonly match: string | null } | { readonly ok: false; readonly reason: string };
+  { readonly ok: true; readonly match: string } | { readonly ok: false; readonly reason: string };
 
 /**
- * Checks a peer's chain (leaf first, as presented) against the host's TLSA records:
+ * Checks a peer's chain (leaf first, as presented) against the host's usable TLSA records:
  * - DANE-EE(3): the leaf matches; names and dates are not checked (RFC 7672 §3.1.1);
  * - DANE-TA(2): a certificate of the chain matches, the chain from the leaf up to it verifies,
  *   every certificate in it is within its dates, and the leaf is for `host` (§3.1.2, §3.2.2);
- * - no usable record at all: TLS is still mandatory but not authenticated (§3.1.3), `match` null.
  */
 export function checkDane(
   records: readonly Tlsa[],
@@ -214,8 +219,7 @@ export function checkDane(
   host: string,
   now = new Date(),
 ): DaneCheck {
-  const use = records.filter(usable);
-  if (use.length === 0) return { ok: true, match: null };
+  const use = usableTlsa(records);
   const leaf = chain[0];
   if (!leaf) return { ok: false, reason: 'the peer presented no certificate' };
   for (const r of use.filter((x) => x.usage === 3)) {

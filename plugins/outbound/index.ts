@@ -1,8 +1,8 @@
 /**
  * outbound — the SMTP transport for mail to other servers: MX lookup through the core resolver,
  * failover across MX hosts and their addresses, per-recipient results, connection reuse with
- * per-destination limits and backoff, opportunistic or required STARTTLS, and a smarthost mode.
- * See README.md.
+ * per-destination limits and backoff, opportunistic or required STARTTLS, destinations' MTA-STS
+ * policies (mta-sts.ts) and DANE records (dane.ts), and a smarthost mode. See README.md.
  */
 import {
   definePlugin,
@@ -32,7 +32,7 @@ import {
   type SmtpReply,
 } from './connection.js';
 import { literalAddress, planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
-import { checkDane, daneDemand, daneFailure, lookupTlsa } from './dane.js';
+import { checkDane, daneDemand, daneFailure, lookupTlsa, usableTlsa } from './dane.js';
 import {
   allowedHops,
   hostsOf,
@@ -200,8 +200,13 @@ export default definePlugin({
         throw new PolicyError('4.4.3', `DANE: ${tlsa.reason}; not connecting to ${remote} without it`);
       }
       const records = tlsa?.kind === 'records' ? tlsa.records : null;
+      // Validated records make TLS mandatory; only usable ones authenticate (RFC 7672 §3.1.3).
+      const daneAuth = records !== null && usableTlsa(records).length > 0;
       const enforced = sts?.mode === 'enforce';
       const policy: TlsPolicy = records || enforced ? 'require' : localPolicy;
+      // Who checks the certificate: DANE when it can, else Node (PKIX, for the MX name) when the
+      // local policy or MTA-STS asks for verification.
+      const pkix = !daneAuth && (enforced || localPolicy === 'require');
       /** Why a mandatory TLS requirement failed here, as the deferral says it. */
       const demand = records ? daneDemand(hop.host, port) : enforced ? stsDemand(sts!) : 'TLS is required';
       const fail = (resultType: string, enhanced: string, text: string, sep = ', but '): PolicyError => {
@@ -219,8 +224,6 @@ export default definePlugin({
         }
         if (policy !== 'none' && !plain && conn.caps.has('STARTTLS')) {
           let refused: SmtpReply | null;
-          // DANE checks the chain itself after the handshake; PKIX is Node's own check.
-          const pkix = policy === 'require' && !records;
           try {
             refused = await conn.starttls(tlsOptions(hop.host, pkix, ca), timeouts.starttls);
           } catch (err) {
@@ -247,16 +250,21 @@ export default definePlugin({
             if (policy === 'require') throw fail('starttls-not-supported', '4.7.4', text);
           } else {
             await conn.hello(heloName, timeouts.ehlo);
-            if (records) {
-              const check = checkDane(records, conn.peerChain(), hop.host);
+            if (daneAuth) {
+              const check = checkDane(records!, conn.peerChain(), hop.host);
               if (!check.ok) throw fail('tlsa-invalid', '4.7.5', `${conn.remote}: ${check.reason}`, ': ');
-              conn.daneMatch = check.match ?? 'no usable TLSA record: TLS without authentication';
-              log.debug({ remote: conn.remote, tlsa: conn.daneMatch }, 'DANE: certificate matches');
+              conn.daneMatch = check.match;
+              log.debug({ remote: conn.remote, tlsa: check.match }, 'DANE: certificate matches');
+            } else if (records) {
+              log.info(
+                { remote: conn.remote },
+                'DANE: no usable TLSA record; TLS without DANE authentication',
+              );
             }
             const unverified = conn.authorizationError;
             // Only `testing` gets here unverified (`enforce` refused such a handshake already),
             // or DANE, which verified the certificate its own way.
-            if (sts && unverified && !records) {
+            if (sts && unverified && !daneAuth) {
               stsFailure(log, sts, {
                 ...where,
                 resultType: tlsResultType(unverified),
