@@ -122,6 +122,23 @@ describe('outbound: DANE (validated TLSA records)', () => {
     assert.equal(done!.verified, 'dane');
   });
 
+  it('DANE-TA: defers (4.7.5) a certificate from the named CA that is for another host', async (t) => {
+    const s = await signed(t, {
+      ip: '127.0.57.2',
+      cert: (ca) => ca.issue(`other.${ZONE}`),
+      tlsa: (ca) => [`2 0 1 ${certSha256(ca.pem)}`],
+      withCa: true,
+    });
+    if (!s) return;
+    const [o] = await s.sender.settled(await s.sender.submit([`bob@${ZONE}`]), 1);
+    assert.deepEqual([o!.status, o!.reply.enhanced], ['deferred', '4.7.5']);
+    assert.match(
+      String(o!.reply.text),
+      /the certificate is not for mx\.secure\.test \(DANE-TA names are checked\)$/,
+    );
+    assert.equal(s.mx.messages.length, 0);
+  });
+
   it('defers (4.7.4) a host with TLSA records that does not offer STARTTLS', async (t) => {
     const s = await signed(t, {
       ip: '127.0.51.2',

@@ -157,8 +157,6 @@ export async function startSignedZone(
       '  local-zone: "test." nodefault',
       '  module-config: "validator iterator"',
       `  trust-anchor-file: "${dir}/trust-anchor.ds"`,
-      // Each test signs anew: nothing may be remembered from an earlier zone.
-      '  cache-max-ttl: 0',
       'remote-control:',
       '  control-enable: no',
       'stub-zone:',
