@@ -96,6 +96,26 @@ export const configSchema = z
       .default({}),
     /** Extra trusted CA certificates (PEM file) for verified TLS; relative to the config file's folder. */
     tlsCa: z.string().min(1).optional(),
+    /**
+     * MTA-STS (RFC 8461): fetch and cache each destination domain's policy and apply it. See
+     * README.md for the trust anchors of the policy fetch and of MX certificate checks.
+     */
+    mtaSts: z
+      .object({
+        enabled: z.boolean().default(true),
+        /** Time limit for fetching one policy file over HTTPS. */
+        timeout: duration.default(30_000),
+      })
+      .strict()
+      .prefault({}),
+    /**
+     * DANE (RFC 7672): honour TLSA records the configured DNS servers validated (AD bit). Off by
+     * default: it needs a validating resolver on a trusted path (README.md).
+     */
+    dane: z
+      .object({ enabled: z.boolean().default(false) })
+      .strict()
+      .prefault({}),
     /** Send every remote message to this relay instead of the recipients' MX hosts. */
     smarthost: smarthostSchema.optional(),
     timeouts: timeoutsSchema.prefault({}),

@@ -5,7 +5,13 @@
  * signal of whichever delivery uses it, and that signal aborting destroys it.
  */
 import { connect as netConnect, isIP, type Socket } from 'node:net';
-import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { X509Certificate } from 'node:crypto';
+import {
+  connect as tlsConnect,
+  type ConnectionOptions,
+  type DetailedPeerCertificate,
+  type TLSSocket,
+} from 'node:tls';
 import {
   MalformedReplyError,
   ReadTimeoutError,
@@ -65,8 +71,14 @@ export class SmtpFailure extends Error {
     readonly kind: 'network' | 'timeout' | 'reply' | 'protocol' | 'tls',
     message: string,
     readonly reply?: SmtpReply,
+    cause?: unknown,
   ) {
-    super(message);
+    super(message, cause === undefined ? undefined : { cause });
+  }
+
+  /** The code of the error underneath (a TLS failure's `ERR_TLS_CERT_ALTNAME_INVALID`, say). */
+  get code(): string | undefined {
+    return (this.cause as NodeJS.ErrnoException | undefined)?.code;
   }
 }
 
@@ -96,6 +108,8 @@ export class SmtpConnection {
    * takes the next MAIL FROM without an RSET first.
    */
   clean = true;
+  /** The TLSA record the peer's certificate matched (set by the transport after a DANE check). */
+  daneMatch: string | null = null;
 
   private socket: Socket | TLSSocket;
   private readonly reader = new SocketReader();
@@ -311,12 +325,50 @@ export class SmtpConnection {
       secure.once('error', done);
       secure.once('close', onClose);
     }).catch((err: Error) => {
-      throw new SmtpFailure('starttls', 'tls', `TLS handshake with ${this.remote} failed: ${err.message}`);
+      throw new SmtpFailure(
+        'starttls',
+        'tls',
+        `TLS handshake with ${this.remote} failed: ${err.message}`,
+        undefined,
+        err,
+      );
     });
     this.reader.attach(secure);
     this.secure = true;
     this.caps.clear();
     return null;
+  }
+
+  /**
+   * Why the peer's certificate is not verified (chain or name, Node's code such as
+   * `ERR_TLS_CERT_ALTNAME_INVALID`), or null when it is; `'no TLS'` without TLS. Set even when
+   * the handshake did not insist on verification, so that a policy can look at it afterwards.
+   */
+  get authorizationError(): string | null {
+    if (!this.secure) return 'no TLS';
+    const s = this.socket as TLSSocket;
+    return s.authorized ? null : String(s.authorizationError ?? 'unverified');
+  }
+
+  /** How the peer's certificate was verified: for its host name (PKIX), by DANE, or not at all. */
+  get verifiedBy(): 'pkix' | 'dane' | null {
+    if (!this.secure) return null;
+    if (this.daneMatch) return 'dane';
+    return this.authorizationError === null ? 'pkix' : null;
+  }
+
+  /** The peer's certificate chain as it presented it, leaf first; empty without TLS. */
+  peerChain(): X509Certificate[] {
+    if (!this.secure) return [];
+    const chain: X509Certificate[] = [];
+    const seen = new Set<string>();
+    let c: DetailedPeerCertificate | undefined = (this.socket as TLSSocket).getPeerCertificate(true);
+    while (c?.raw && !seen.has(c.fingerprint256)) {
+      seen.add(c.fingerprint256);
+      chain.push(new X509Certificate(c.raw));
+      c = c.issuerCertificate;
+    }
+    return chain;
   }
 
   /** The negotiated TLS version and cipher, for logs. */
@@ -386,12 +438,16 @@ export class SmtpConnection {
   }
 }
 
-/** TLS options for STARTTLS with a host: SNI with its name (never an IP), verification as asked. */
+/**
+ * TLS options for STARTTLS with a host: SNI with its name (never an IP), verification as asked.
+ * The trust anchors apply either way: an unverified session still learns whether the peer's
+ * certificate would have verified (`authorizationError`).
+ */
 export function tlsOptions(host: string, verify: boolean, ca?: readonly string[]): ConnectionOptions {
   const named = isIP(host) === 0 && !host.startsWith('[');
   return {
     ...(named ? { servername: host } : { host }),
     rejectUnauthorized: verify,
-    ...(verify && ca ? { ca: [...ca] } : {}),
+    ...(ca ? { ca: [...ca] } : {}),
   };
 }

@@ -1,8 +1,8 @@
 /**
  * outbound — the SMTP transport for mail to other servers: MX lookup through the core resolver,
  * failover across MX hosts and their addresses, per-recipient results, connection reuse with
- * per-destination limits and backoff, opportunistic or required STARTTLS, and a smarthost mode.
- * See README.md.
+ * per-destination limits and backoff, opportunistic or required STARTTLS, destinations' MTA-STS
+ * policies (mta-sts.ts) and DANE records (dane.ts), and a smarthost mode. See README.md.
  */
 import {
   definePlugin,
@@ -17,6 +17,7 @@ import {
   type Route,
 } from '../../core/index.js';
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { isAbsolute, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
@@ -30,7 +31,19 @@ import {
   tlsOptions,
   type SmtpReply,
 } from './connection.js';
-import { planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { literalAddress, planDomain, planHosts, Self, type Hop, type Plan } from './mx.js';
+import { checkDane, daneDemand, daneFailure, lookupTlsa, usableTlsa } from './dane.js';
+import {
+  allowedHops,
+  hostsOf,
+  meetsPolicy,
+  MtaSts,
+  stsDemand,
+  stsFailure,
+  stsName,
+  tlsResultType,
+  type StsPolicy,
+} from './mta-sts.js';
 import { BusyError, Pool, type Lease } from './pool.js';
 import { madeUp, MessageFacts, transaction, type Decision } from './transaction.js';
 
@@ -116,6 +129,18 @@ export default definePlugin({
         ]
       : undefined;
     const smarthostKey = smarthost ? `smarthost:${smarthost.host}:${smarthost.port}` : null;
+    // MTA-STS is about a domain's MX hosts: mail through a smarthost never looks at them.
+    // DANE needs the AD bit of a validating resolver: asked of the servers the core resolver uses.
+    const dane = config.dane.enabled && !smarthost ? { timeout: core.dns.timeout } : null;
+    const mtaSts =
+      config.mtaSts.enabled && !smarthost
+        ? new MtaSts({
+            resolver: (name, rrtype) => dns.resolve(name, rrtype),
+            state: api.resolve(Tokens.State),
+            log,
+            timeout: config.mtaSts.timeout,
+          })
+        : null;
     const pool = new Pool({
       maxConnections: config.maxConnectionsPerDestination,
       maxMessages: config.maxMessagesPerConnection,
@@ -149,14 +174,45 @@ export default definePlugin({
       return p;
     }
 
-    /** Connects to one address and brings the session to where MAIL FROM can be sent. */
+    /**
+     * Connects to one address and brings the session to where MAIL FROM can be sent.
+     *
+     * TLS: the domain's `tls` policy, unless something stricter applies. Validated TLSA records
+     * for the host (DANE, RFC 7672 §2.2) make TLS mandatory and the certificate must match them;
+     * an MTA-STS policy in `enforce` mode makes TLS mandatory, verified for the MX name (RFC 8461
+     * §4.2). DANE decides the certificate check where both apply. In MTA-STS `testing` mode what
+     * would have failed is logged.
+     */
     async function openSession(
       hop: Hop,
       what: string,
-      policy: TlsPolicy,
+      localPolicy: TlsPolicy,
+      sts: StsPolicy | null,
       signal: AbortSignal,
       plain = false,
     ): Promise<SmtpConnection> {
+      const remote = describePeer({ ...hop, port });
+      const where = { receivingMxHostname: hop.host, receivingIp: hop.ip };
+      const tlsa =
+        dane && isIP(hop.host) === 0 ? await lookupTlsa(dns.servers(), hop.host, port, dane.timeout) : null;
+      if (tlsa?.kind === 'failed') {
+        daneFailure(log, what, hop, 'dnssec-invalid', tlsa.reason);
+        throw new PolicyError('4.4.3', `DANE: ${tlsa.reason}; not connecting to ${remote} without it`);
+      }
+      const records = tlsa?.kind === 'records' ? tlsa.records : null;
+      // Validated records make TLS mandatory; only usable ones authenticate (RFC 7672 §3.1.3).
+      const daneAuth = records !== null && usableTlsa(records).length > 0;
+      const enforced = sts?.mode === 'enforce';
+      const policy: TlsPolicy = records || enforced ? 'require' : localPolicy;
+      // Who checks the certificate: DANE when it can, else Node (PKIX, for the MX name) when the
+      // local policy or MTA-STS asks for verification.
+      const pkix = !daneAuth && (enforced || localPolicy === 'require');
+      /** Why a mandatory TLS requirement failed here, as the deferral says it. */
+      const demand = records ? daneDemand(hop.host, port) : enforced ? stsDemand(sts!) : 'TLS is required';
+      const fail = (resultType: string, enhanced: string, text: string, sep = ', but '): PolicyError => {
+        if (records) daneFailure(log, what, hop, resultType, text);
+        return new PolicyError(enhanced, `${demand}${sep}${text}`);
+      };
       const conn = await SmtpConnection.open({ host: hop.host, ip: hop.ip, port }, timeouts.connect, signal);
       try {
         await conn.greeting(timeouts.greeting);
@@ -169,28 +225,61 @@ export default definePlugin({
         if (policy !== 'none' && !plain && conn.caps.has('STARTTLS')) {
           let refused: SmtpReply | null;
           try {
-            refused = await conn.starttls(tlsOptions(hop.host, policy === 'require', ca), timeouts.starttls);
+            refused = await conn.starttls(tlsOptions(hop.host, pkix, ca), timeouts.starttls);
           } catch (err) {
-            if (policy === 'opportunistic' && err instanceof SmtpFailure && err.kind === 'tls') {
+            if (err instanceof SmtpFailure && err.kind === 'tls') {
+              if (sts) {
+                const text = `TLS with ${conn.remote} failed: ${err.message}`;
+                stsFailure(log, sts, { ...where, resultType: tlsResultType(err.code), failureReason: text });
+              }
+              if (policy === 'require') throw fail(tlsResultType(err.code), '4.7.5', err.message, ': ');
               // Opportunistic TLS must not cost the delivery: the same host again, in plain text.
               log.info(
                 { remote: conn.remote, err: err.message },
                 'TLS handshake failed; retrying without TLS',
               );
               conn.destroy();
-              return openSession(hop, what, policy, signal, true);
+              return openSession(hop, what, localPolicy, sts, signal, true);
             }
             throw err;
           }
-          if (refused && policy === 'require') {
-            throw new PolicyError(
-              '4.7.4',
-              `TLS is required, but ${conn.remote} refused STARTTLS: ${describeReply(refused)}`,
-            );
+          if (refused) {
+            const text = `${conn.remote} refused STARTTLS: ${describeReply(refused)}`;
+            if (sts)
+              stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
+            if (policy === 'require') throw fail('starttls-not-supported', '4.7.4', text);
+          } else {
+            await conn.hello(heloName, timeouts.ehlo);
+            if (daneAuth) {
+              const check = checkDane(records!, conn.peerChain(), hop.host);
+              if (!check.ok) throw fail('tlsa-invalid', '4.7.5', `${conn.remote}: ${check.reason}`, ': ');
+              conn.daneMatch = check.match;
+              log.debug({ remote: conn.remote, tlsa: check.match }, 'DANE: certificate matches');
+            } else if (records) {
+              log.info(
+                { remote: conn.remote },
+                'DANE: no usable TLSA record; TLS without DANE authentication',
+              );
+            }
+            const unverified = conn.authorizationError;
+            // Only `testing` gets here unverified (`enforce` refused such a handshake already),
+            // or DANE, which verified the certificate its own way.
+            if (sts && unverified && !daneAuth) {
+              stsFailure(log, sts, {
+                ...where,
+                resultType: tlsResultType(unverified),
+                failureReason: `the certificate of ${conn.remote} is not verified: ${unverified}`,
+              });
+            }
           }
-          if (!refused) await conn.hello(heloName, timeouts.ehlo);
-        } else if (policy === 'require') {
-          throw new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
+        } else {
+          const text = `TLS was not offered by host ${conn.remote}`;
+          if (sts && !conn.caps.has('STARTTLS'))
+            stsFailure(log, sts, { ...where, resultType: 'starttls-not-supported', failureReason: text });
+          if (policy === 'require')
+            throw records || enforced
+              ? fail('starttls-not-supported', '4.7.4', text)
+              : new PolicyError('4.7.4', `TLS is required, but was not offered by host ${conn.remote}`);
         }
         if (smarthost?.auth) {
           if (!conn.secure) {
@@ -250,6 +339,7 @@ export default definePlugin({
             queueId: ctx.message.id,
             remote: conn.remote,
             tls: conn.tlsDescription,
+            verified: conn.verifiedBy,
             accepted: out.accepted,
             rcpts: pending.length,
           },
@@ -290,6 +380,7 @@ export default definePlugin({
 
       const held = heldBack();
       if (held) return held;
+      const sts = await stsPolicy(domain, ctx.message.id);
       let lease: Lease;
       try {
         lease = await dest.acquire(signal, timeouts.wait);
@@ -301,7 +392,10 @@ export default definePlugin({
       let last: Decision | null = null;
       const tried = new Set<string>();
       try {
-        if (lease.conn) {
+        // An idle connection opened before an `enforce` policy was known may not meet it.
+        if (lease.conn && sts?.mode === 'enforce' && !meetsPolicy(lease.conn, sts))
+          void lease.conn.quit(timeouts.quit);
+        else if (lease.conn) {
           const conn = lease.conn;
           conn.bind(signal);
           // A clean connection goes straight to MAIL FROM; one left mid-transaction gets RSET first.
@@ -329,16 +423,21 @@ export default definePlugin({
           const { code, enhanced, text } = p.reply;
           return every(madeUp(code, enhanced, String(text)));
         }
+        const hops = sts ? allowedHops(log, sts, p.hops, ctx.message.id) : p.hops;
+        if (hops.length === 0) {
+          const text = `${stsName(sts!)} allows none of the MX hosts (${hostsOf(p.hops)}); it names ${sts!.mx.join(', ')}`;
+          return every(madeUp(451, '4.7.0', text));
+        }
         let reached = false;
         let attempts = 0;
-        for (const hop of p.hops) {
+        for (const hop of hops) {
           if (attempts >= config.maxAddresses || signal.aborted) break;
           if (tried.has(hop.ip)) continue;
           attempts++;
           const remote = describePeer({ ...hop, port });
           let conn: SmtpConnection;
           try {
-            conn = await openSession(hop, what, policy, signal);
+            conn = await openSession(hop, what, policy, sts, signal);
           } catch (err) {
             if (err instanceof LoopError) return every(madeUp(554, '5.4.6', err.message));
             last = problem(err, remote);
@@ -372,6 +471,18 @@ export default definePlugin({
         return every(last ?? madeUp(451, '4.4.4', `No usable address for ${what}`));
       } finally {
         if (slotHeld) dest.freeSlot();
+      }
+    }
+
+    /** The MTA-STS policy that applies to a delivery to `domain`, or null. */
+    async function stsPolicy(domain: string, queueId: string): Promise<StsPolicy | null> {
+      if (!mtaSts || literalAddress(domain)) return null;
+      try {
+        return await mtaSts.policyFor(domain);
+      } catch (err) {
+        // Whatever went wrong, no policy is known: deliver as without MTA-STS (RFC 8461 §5).
+        log.warn({ queueId, domain, err }, 'MTA-STS policy lookup failed; delivering as without MTA-STS');
+        return null;
       }
     }
 

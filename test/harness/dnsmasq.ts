@@ -20,6 +20,8 @@ export interface DnsRecords {
   readonly hosts?: readonly { readonly name: string; readonly addresses: readonly string[] }[];
   /** TXT records (SPF, DKIM keys, DMARC): one string each, without commas. */
   readonly txt?: readonly { readonly name: string; readonly text: string }[];
+  /** Records of any other type: the RR type number and the RDATA in hex (`--dns-rr`). */
+  readonly raw?: readonly { readonly name: string; readonly type: number; readonly hex: string }[];
   /** Domains that publish a null MX (RFC 7505: one MX record `0 .`). */
   readonly nullMx?: readonly string[];
   /**
@@ -108,6 +110,7 @@ export async function startDnsmasq(
     if (r.text.includes(',')) throw new TypeError(`dnsmasq TXT records cannot hold commas: ${r.text}`);
     args.push(`--txt-record=${r.name},${r.text}`);
   }
+  for (const r of records.raw ?? []) args.push(`--dns-rr=${r.name},${r.type},${r.hex}`);
   // RFC 7505: preference 0 (two octets), then the root name (one zero octet).
   for (const d of records.nullMx ?? []) args.push(`--dns-rr=${d},15,000000`);
   for (const d of records.unanswered ?? []) args.push(`--server=/${d}/127.0.0.1#${silent!.port}`);
