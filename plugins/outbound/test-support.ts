@@ -19,7 +19,7 @@ import type { TestContext } from 'node:test';
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { address } from '../../core/testing/index.js';
 import { acceptAllRecipients, startServer, TLS, type TestServer } from '../../test/harness/server.js';
-import { has, requirePeer } from '../../test/harness/peers.js';
+import { has, requirePeer, stopChild } from '../../test/harness/peers.js';
 import queue from '../queue/index.js';
 import { Queue, type QueueService, type Submission } from '../queue/api.js';
 import outbound from './index.js';
@@ -228,14 +228,7 @@ export async function smtpSink(
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr.on('data', (d: Buffer) => (out += d.toString()));
   child.on('error', (err) => (out += String(err)));
-  const stop = async (): Promise<void> => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
-    await gone;
-    clearTimeout(timer);
-  };
+  const stop = (): Promise<void> => stopChild(child);
   t.after(stop);
   try {
     await waitForPort(host, port, 10_000);

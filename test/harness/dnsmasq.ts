@@ -44,7 +44,7 @@ export interface Dnsmasq {
 }
 
 /** A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both). */
-async function freeDnsPort(): Promise<number> {
+export async function freeDnsPort(): Promise<number> {
   for (let i = 0; i < 20; i++) {
     const port = await new Promise<number>((resolve, reject) => {
       const udp = createSocket('udp4');

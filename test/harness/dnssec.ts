@@ -7,13 +7,12 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createSocket } from 'node:dgram';
 import { Resolver } from 'node:dns/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
-import { has, requirePeer } from './peers.js';
+import { freeDnsPort } from './dnsmasq.js';
+import { has, requirePeer, stopChild } from './peers.js';
 
 const NSD = ['nsd', '/usr/sbin/nsd'].find((p) => has(p)) ?? 'nsd';
 const UNBOUND = ['unbound', '/usr/sbin/unbound'].find((p) => has(p)) ?? 'unbound';
@@ -26,41 +25,12 @@ export interface SignedZone {
   stop(): Promise<void>;
 }
 
-async function freeUdpTcpPort(): Promise<number> {
-  for (let i = 0; i < 20; i++) {
-    const port = await new Promise<number>((resolve, reject) => {
-      const udp = createSocket('udp4');
-      udp.once('error', reject);
-      udp.bind(0, '127.0.0.1', () => {
-        const p = udp.address().port;
-        udp.close(() => resolve(p));
-      });
-    });
-    const tcpFree = await new Promise<boolean>((resolve) => {
-      const srv = createServer();
-      srv.once('error', () => resolve(false));
-      srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
-    });
-    if (tcpFree) return port;
-  }
-  throw new Error('no free port');
-}
-
 function daemon(cmd: string, args: string[], out: { text: string }): ChildProcess {
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   child.stdout!.on('data', (d: Buffer) => (out.text += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (out.text += d.toString()));
   child.on('error', (err) => (out.text += `\n${String(err)}`));
   return child;
-}
-
-async function kill(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
-  await gone;
-  clearTimeout(timer);
 }
 
 /**
@@ -86,7 +56,7 @@ export async function startSignedZone(
   let stopped: Promise<void> | null = null;
   const stop = (): Promise<void> =>
     (stopped ??= (async () => {
-      await Promise.all(children.map(kill));
+      await Promise.all(children.map((c) => stopChild(c)));
       rmSync(dir, { recursive: true, force: true });
     })());
   t.after(stop);
@@ -111,7 +81,7 @@ export async function startSignedZone(
   run('ldns-signzone', ['-n', zoneFile, ksk, zsk]);
   copyFileSync(join(dir, `${ksk}.ds`), join(dir, 'trust-anchor.ds'));
 
-  const nsdPort = await freeUdpTcpPort();
+  const nsdPort = await freeDnsPort();
   writeFileSync(
     join(dir, 'nsd.conf'),
     [
@@ -138,7 +108,7 @@ export async function startSignedZone(
   );
   children.push(daemon(NSD, ['-d', '-c', join(dir, 'nsd.conf')], out));
 
-  const port = await freeUdpTcpPort();
+  const port = await freeDnsPort();
   writeFileSync(
     join(dir, 'unbound.conf'),
     [

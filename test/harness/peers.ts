@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, type ChildProcess } from 'node:child_process';
 import type { TestContext } from 'node:test';
 
 /** CI sets PETREL_REQUIRE_PEERS=1: then a missing peer fails the test instead of skipping it. */
@@ -26,4 +26,17 @@ export function requirePeer(t: TestContext, command: string, installHint: string
   if (REQUIRE_PEERS) throw new Error(`required peer missing: ${why}`);
   t.skip(why);
   return null;
+}
+
+/**
+ * Stops a peer process: SIGTERM, then SIGKILL if it has not exited within `graceMs`. Resolves
+ * once it has exited (at once if it already had).
+ */
+export async function stopChild(child: ChildProcess, graceMs = 3000): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+  await gone;
+  clearTimeout(timer);
 }
