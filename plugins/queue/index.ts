@@ -10,7 +10,7 @@ import {
   newId,
 } from '../../core/index.js';
 import { QueueEngine } from './engine.js';
-import { Queue } from './api.js';
+import { HoldOnAccept, Queue } from './api.js';
 import { parseSchedule } from './schedule.js';
 import { queueConfig } from './config.js';
 import { partDir, partsOfSlot, queueDir } from './parts.js';
@@ -99,6 +99,7 @@ export default definePlugin({
 
       async queue({ transaction, message }) {
         const added = message.addedHeaders.map((f) => formatHeaderField(f.name, f.value)).join('');
+        const hold = transaction.notes.get(HoldOnAccept);
         const env: StoredEnvelope = {
           id: transaction.id,
           sender: transaction.sender,
@@ -107,6 +108,7 @@ export default definePlugin({
           receivedAt: Date.now(),
           size: message.size + Buffer.byteLength(added),
           ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),
+          ...(hold ? { hold: { reason: hold.reasons.join('; ') } } : {}),
         };
         try {
           if (env.blob) {
@@ -124,6 +126,8 @@ export default definePlugin({
           }
           throw err;
         }
+        if (hold)
+          log.info({ queueId: transaction.id, reason: env.hold!.reason }, 'message held at acceptance');
         return accept({ text: `Ok: queued as ${transaction.id}` });
       },
     };
