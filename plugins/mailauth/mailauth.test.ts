@@ -51,6 +51,14 @@ const RECORDS = {
     { name: 'twice.test', text: 'v=spf1 ip4:127.0.0.21 -all' },
     { name: 'twice.test', text: 'v=spf1 ip4:127.0.0.22 -all' },
     { name: 'relay.test', text: 'v=spf1 ip4:127.0.0.31 -all' },
+    // RFC 7208 §4.6.4: eleven includes are one DNS-querying term too many; three names that do
+    // not exist are one void lookup too many.
+    {
+      name: 'many.test',
+      text: `v=spf1 ${Array.from({ length: 11 }, (_, i) => `include:i${i}.many.test`).join(' ')} -all`,
+    },
+    ...Array.from({ length: 11 }, (_, i) => ({ name: `i${i}.many.test`, text: 'v=spf1 -all' })),
+    { name: 'void.test', text: 'v=spf1 a:n1.void.test a:n2.void.test a:n3.void.test -all' },
     { name: 'held.test', text: 'v=spf1 -all' },
     { name: '_dmarc.held.test', text: 'v=DMARC1; p=quarantine' },
   ],
@@ -315,6 +323,15 @@ describe('mailauth: judging incoming mail against real DNS records and dkimpy si
       }),
     );
     assert.match(perm, /spf=permerror /);
+
+    for (const [domain, why] of [
+      ['many.test', /Too many DNS requests/],
+      ['void.test', /Too many void DNS results/],
+    ] as const) {
+      await deliver({ ip: '127.0.0.22', from: `ivan@${domain}`, data: message({ from: `ivan@${domain}` }) });
+      assert.equal(notes.at(-1)!.spf.mailFrom.result, 'permerror', domain);
+      assert.match(notes.at(-1)!.spf.mailFrom.info, why);
+    }
 
     const temp = await send(srv.port, {
       ip: '127.0.0.22',
