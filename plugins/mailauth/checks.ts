@@ -11,18 +11,21 @@ import type { ArcCheck, AuthResult, DkimCheck, DmarcCheck, SpfCheck } from './ap
 export type Lookup = (name: string, rrtype: string) => Promise<unknown>;
 
 /**
- * A resolver that answers at most `max` queries; later ones fail as a server failure would, so
+ * A resolver that answers at most `max` queries, none started after `deadline` (epoch ms) or
+ * once `signal` aborts (the hook's time is up); later ones fail as a server failure would, so
  * the check that asked is `temperror`. RFC 6376 §6.1 lets a verifier limit the signatures it
- * checks: this bounds what one message with a thousand signatures can cost.
+ * checks: this bounds what one message with a thousand signatures, or slow key servers, costs.
  */
-export function budgeted(lookup: Lookup, max: number): { resolver: DNSResolver; used(): number } {
+export function budgeted(
+  lookup: Lookup,
+  limits: { max: number; deadline: number; signal?: AbortSignal },
+): { resolver: DNSResolver; used(): number } {
   let used = 0;
+  const refuse = (why: string): Promise<never> =>
+    Promise.reject(Object.assign(new Error(why), { code: 'ESERVFAIL' }));
   const resolver = ((name: string, rrtype: string) => {
-    if (++used > max) {
-      return Promise.reject(
-        Object.assign(new Error(`DNS lookup limit of ${max} per message reached`), { code: 'ESERVFAIL' }),
-      );
-    }
+    if (++used > limits.max) return refuse(`DNS lookup limit of ${limits.max} per message reached`);
+    if (Date.now() >= limits.deadline || limits.signal?.aborted) return refuse('DNS lookup time is up');
     return lookup(name, rrtype);
   }) as DNSResolver;
   return { resolver, used: () => used };
@@ -74,17 +77,20 @@ export async function checkSpf(input: SpfInput): Promise<SpfCheck> {
  * for an address literal, which names no domain to ask.
  */
 export async function checkHelo(input: Omit<SpfInput, 'sender'>): Promise<SpfCheck | null> {
-  if (input.helo.startsWith('[') || !input.helo.includes('.')) return null;
+  if (!heloIsDomain(input.helo)) return null;
   const r = await checkSpf({ ...input, sender: null });
   return { ...r, info: `spf=${r.result} smtp.helo=${input.helo}` };
+}
+
+/** A HELO name that names a domain: not an address literal, and with a dot (RFC 7208 §2.3). */
+export function heloIsDomain(helo: string): boolean {
+  return !helo.startsWith('[') && helo.includes('.');
 }
 
 export interface MessageChecks {
   readonly dkim: readonly DkimCheck[];
   readonly arc: ArcCheck;
   readonly dmarc: DmarcCheck | null;
-  /** What the ARC validation gives a sealer (the chain it found), for a later ARC set. */
-  readonly arcChain: unknown;
 }
 
 /**
@@ -94,7 +100,7 @@ export interface MessageChecks {
  */
 export async function checkMessage(
   message: Readable,
-  opts: { spf: SpfCheck; ip: string; resolver: DNSResolver; strict: boolean; minBitLength?: number },
+  opts: { spf: SpfCheck; ip: string; resolver: DNSResolver; strict: boolean },
 ): Promise<MessageChecks> {
   const { resolver, strict } = opts;
   const verified = await dkimVerify(message, { resolver, strict });
@@ -106,9 +112,8 @@ export async function checkMessage(
     ...(r.status.comment ? { comment: r.status.comment } : {}),
     info: r.info ?? `dkim=${result(r.status.result)}`,
   }));
-  const arcData = verified.arc;
   // As mailauth's own authenticate() does: the chain data from the DKIM pass, `chain: false` when none.
-  const arcResult = await arc(arcData as unknown as ARCData, { resolver, strict, ip: opts.ip });
+  const arcResult = await arc(verified.arc as unknown as ARCData, { resolver, strict, ip: opts.ip });
   const arcCheck: ArcCheck = {
     result: result(arcResult.status.result),
     instance: typeof arcResult.i === 'number' && arcResult.i > 0 ? arcResult.i : null,
@@ -145,5 +150,5 @@ export async function checkMessage(
       };
     }
   }
-  return { dkim, arc: arcCheck, dmarc: dmarcCheck, arcChain: arcData ?? null };
+  return { dkim, arc: arcCheck, dmarc: dmarcCheck };
 }

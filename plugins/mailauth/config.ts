@@ -41,8 +41,13 @@ export const mailauthConfig = z
     strict: z.boolean().default(false),
     /** DNS queries a message may cost after DATA (DKIM keys, ARC keys, the DMARC tree walk). */
     maxLookups: z.number().int().min(1).max(1000).default(30),
-    /** Time for one SPF evaluation before it is `temperror` (RFC 7208 §4.6.4: at least 20 s). */
+    /**
+     * Time for one SPF evaluation before it is `temperror` (RFC 7208 §4.6.4: at least 20 s). The
+     * MAIL FROM and HELO checks run side by side.
+     */
     spfTimeout: duration.default(20_000),
+    /** Time after DATA in which the DNS queries of one message may start; later ones are `temperror`. */
+    lookupTimeout: duration.default(15_000),
     /** SPF of the MAIL FROM identity (RFC 7208 §8): applied at RCPT. */
     spf: actions({
       fail: 'reject',

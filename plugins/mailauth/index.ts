@@ -12,7 +12,7 @@ import {
 } from '../../core/index.js';
 import { holdOnAccept } from '../queue/api.js';
 import { MailAuth, type MailAuthResults, type SpfCheck } from './api.js';
-import { budgeted, checkHelo, checkMessage, checkSpf } from './checks.js';
+import { budgeted, checkHelo, checkMessage, checkSpf, heloIsDomain } from './checks.js';
 import { mailauthConfig } from './config.js';
 import { authResultsValue, claimsAuthservId } from './header.js';
 import { decide, messageFindings, refusal, spfFinding, type Finding } from './policy.js';
@@ -72,17 +72,22 @@ export default definePlugin({
     return {
       async mail({ session, transaction, sender }) {
         if (exempt(session)) return proceed();
-        const helo = await heloCheck(session);
-        // RFC 7208 §2.4: for `<>` the MAIL FROM check is the HELO check.
-        const mailFrom =
-          sender === null && helo
-            ? { ...helo, info: `spf=${helo.result} smtp.mailfrom=postmaster@${helo.domain}` }
-            : await checkSpf({
+        // RFC 7208 §2.4: for `<>` the MAIL FROM check is the HELO check; otherwise both run at once.
+        const [helo, own] = await Promise.all([
+          heloCheck(session),
+          sender === null && heloIsDomain(heloName(session))
+            ? null
+            : checkSpf({
                 ...spfOpts,
                 sender: sender?.address ?? null,
                 ip: session.remote.address,
                 helo: heloName(session),
-              });
+              }),
+        ]);
+        const mailFrom = own ?? {
+          ...helo!,
+          info: `spf=${helo!.result} smtp.mailfrom=postmaster@${helo!.domain}`,
+        };
         transaction.notes.set(MailSpf, { mailFrom, helo: sender === null ? null : helo, logged: false });
         return proceed();
       },
@@ -113,14 +118,18 @@ export default definePlugin({
         return verdictOf(finding.action, [finding]);
       },
 
-      async data_post({ session, transaction, message, prependHeader, removeHeaders }) {
+      async data_post({ session, transaction, message, prependHeader, removeHeaders, signal }) {
         const why = exempt(session);
         if (why === 'trusted network') {
           log.info({ session: session.id, tx: transaction.id, reason: why }, 'message not judged');
           return proceed();
         }
         const spf = transaction.notes.get(MailSpf);
-        const budget = budgeted(lookup, config.maxLookups);
+        const budget = budgeted(lookup, {
+          max: config.maxLookups,
+          deadline: Date.now() + config.lookupTimeout,
+          signal,
+        });
         // Judged on the octets as the client sent them, before any field is removed.
         const checks =
           why || !spf

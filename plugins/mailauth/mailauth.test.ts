@@ -23,6 +23,7 @@ import {
 import { SmtpClient, type Reply } from '../../test/harness/smtp-client.js';
 import { authResultsValue, authservIdOf, claimsAuthservId } from './header.js';
 import { decide, messageFindings, spfFinding } from './policy.js';
+import { budgeted } from './checks.js';
 import { mailauthConfig } from './config.js';
 import { MailAuth, type MailAuthResults } from './api.js';
 
@@ -333,6 +334,28 @@ describe('mailauth: judging incoming mail against real DNS records and dkimpy si
       assert.match(notes.at(-1)!.spf.mailFrom.info, why);
     }
 
+    // The HELO identity is checked too (RFC 7208 §2.3); for <> it is the MAIL FROM check (§2.4).
+    const helo = ourResults(
+      await deliver({
+        ip: '127.0.0.31',
+        helo: 'relay.test',
+        from: 'dan@neutral.test',
+        data: message({ from: 'dan@neutral.test' }),
+      }),
+    );
+    assert.match(helo, /spf=neutral .*smtp\.mailfrom=dan@neutral\.test;\s+spf=pass smtp\.helo=relay\.test;/);
+    const bounce = ourResults(
+      await deliver({
+        ip: '127.0.0.31',
+        helo: 'relay.test',
+        from: '',
+        data: message({ from: 'mailer@relay.test' }),
+      }),
+    );
+    assert.match(bounce, /spf=pass smtp\.mailfrom=postmaster@relay\.test;/);
+    assert.doesNotMatch(bounce, /smtp\.helo=/);
+    assert.equal(notes.at(-1)!.dmarc?.result, 'none'); // relay.test publishes no DMARC record
+
     const temp = await send(srv.port, {
       ip: '127.0.0.22',
       from: 'frank@slow.test',
@@ -487,6 +510,25 @@ describe('mailauth: the pieces', () => {
     assert.equal(authResultsValue('mx.test', []), 'mx.test; none');
   });
 
+  it('stops answering DNS questions past the per-message budget, its time, or the hook time', async () => {
+    const asked: string[] = [];
+    const lookup = async (name: string): Promise<string[][]> => {
+      asked.push(name);
+      return [['v=spf1 -all']];
+    };
+    const { resolver, used } = budgeted(lookup, { max: 2, deadline: Date.now() + 60_000 });
+    await resolver('a.test', 'TXT');
+    await resolver('b.test', 'TXT');
+    await assert.rejects(resolver('c.test', 'TXT'), { code: 'ESERVFAIL', message: /limit of 2/ });
+    assert.deepEqual(asked, ['a.test', 'b.test']);
+    assert.equal(used(), 3);
+    const late = budgeted(lookup, { max: 10, deadline: Date.now() - 1 });
+    await assert.rejects(late.resolver('d.test', 'TXT'), { message: /time is up/ });
+    const aborted = budgeted(lookup, { max: 10, deadline: Date.now() + 60_000, signal: AbortSignal.abort() });
+    await assert.rejects(aborted.resolver('e.test', 'TXT'), { message: /time is up/ });
+    assert.deepEqual(asked, ['a.test', 'b.test']);
+  });
+
   it('picks the strongest action and lists the findings that led to it', () => {
     const config = mailauthConfig.parse({});
     const spf = spfFinding(config, { result: 'softfail', domain: 'soft.test', info: '' });
@@ -496,7 +538,6 @@ describe('mailauth: the pieces', () => {
         dkim: [{ result: 'fail', domain: 'example.test', selector: 's1', algorithm: 'rsa-sha256', info: '' }],
         arc: { result: 'none', instance: null, info: '' },
         dmarc: { result: 'fail', from: 'example.test', policy: 'quarantine', alignment: {}, info: '' },
-        arcChain: null,
       }),
     ];
     assert.deepEqual(decide(findings), {
