@@ -125,11 +125,17 @@ export class SpooledBody {
     } else {
       const path = this.filePath;
       const tmp = `${path}.cut`;
-      await pipeline(
-        Readable.from(without(createReadStream(path, { highWaterMark: 256 * 1024 }), ranges)),
-        createWriteStream(tmp, { flags: 'wx', mode: 0o600 }),
-      );
-      await rename(tmp, path);
+      try {
+        await pipeline(
+          Readable.from(without(createReadStream(path, { highWaterMark: 256 * 1024 }), ranges)),
+          createWriteStream(tmp, { flags: 'wx', mode: 0o600 }),
+        );
+        await rename(tmp, path);
+      } catch (err) {
+        // The spool file is unchanged; the half-written copy goes (a full disk, say).
+        await rm(tmp, { force: true });
+        throw err;
+      }
     }
     this.bytes -= removed;
   }
