@@ -32,7 +32,8 @@ const coreKnowsNoPlugins = [1, 2, 3, 4].map((depth) => ({
 
 // Built-in plugins use exactly what a plugin installed from npm can: the public API (`petrel`,
 // here core/index.js), and of other plugins only their
-// published service contracts (`petrel/queue` = queue/api.js, `petrel/users` = users/directory.js).
+// published contracts (`petrel/queue` = queue/api.js, `petrel/users` = users/directory.js,
+// `petrel/mailauth` = mailauth/api.js).
 // Their own tests may look deeper.
 const publicApiOnly = {
   files: ['plugins/**/*.ts'],
@@ -48,9 +49,15 @@ const publicApiOnly = {
             message: "Plugins import only the public API: 'petrel' (../../core/index.js in this repository).",
           },
           {
-            group: ['../*/**', '!../../**', '!../queue/api.js', '!../users/directory.js'],
+            group: [
+              '../*/**',
+              '!../../**',
+              '!../queue/api.js',
+              '!../users/directory.js',
+              '!../mailauth/api.js',
+            ],
             message:
-              "Another plugin's internals are not an API: use its published contract (petrel/queue, petrel/users) or the public API.",
+              "Another plugin's internals are not an API: use its published contract (petrel/queue, petrel/users, petrel/mailauth) or the public API.",
           },
         ],
       },

@@ -38,6 +38,8 @@ export { Headers, formatHeaderField, foldHeaderField, type HeaderField } from '.
 export { parseDuration } from './util/duration.js';
 export { rfc5322Date } from './util/date.js';
 export { newId } from './util/ids.js';
+/** Networks in CIDR notation: check one (for a config schema), or compile a list into a matcher. */
+export { cidrProblem, compileCidrs } from './util/cidr.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 export type { DnsResolver, MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';

@@ -72,15 +72,17 @@ export interface TransactionView {
 
 /** The received message, at `data_post` and `queue`. */
 export interface MessageView {
-  /** Header fields as the client sent them (without headers added here). */
+  /** Header fields as the client sent them (without headers added here, less any removed). */
   readonly headers: Headers;
-  /** Size in octets as received (after dot-unstuffing), without added headers. */
+  /** Size in octets as received (after dot-unstuffing), without added headers, less removed ones. */
   readonly size: number;
+  /** Received header fields a `data_post` hook took out (`removeHeaders`), in message order. */
+  readonly removedHeaders: readonly HeaderField[];
   /** Header fields added by the server (`Received:`, and any from `data_post`), newest first. */
   readonly addedHeaders: readonly HeaderField[];
   /** The whole message as it will be stored: added headers, then the received octets. */
   stream(): Readable;
-  /** The received octets only. */
+  /** The received octets only (less removed header fields). */
   streamRaw(): Readable;
   /** Forces the body onto disk and returns the spool file's path (a queue may adopt it). */
   toFile(): Promise<string>;
@@ -221,6 +223,13 @@ export interface DataPostContext extends Base {
   readonly message: MessageView;
   /** Adds a header field on top of the message (above `Received:`). */
   prependHeader(name: string, value: string): void;
+  /**
+   * Takes received header fields out of the message for good, e.g. an `Authentication-Results`
+   * that claims this server's authserv-id (RFC 8601 §5). The spooled octets are rewritten once,
+   * so do it only when a field matches. Fields added here are not affected; a field beyond
+   * `limits.maxHeaderBytes` cannot be removed. Resolves to the fields removed.
+   */
+  removeHeaders(match: (field: HeaderField) => boolean): Promise<HeaderField[]>;
 }
 export interface QueueContext extends Base {
   readonly transaction: TransactionView;

@@ -1,5 +1,6 @@
 import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
-import { rm } from 'node:fs/promises';
+import { rename, rm } from 'node:fs/promises';
+import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { once } from 'node:events';
@@ -107,6 +108,38 @@ export class SpooledBody {
     return Readable.from(this.chunks, { objectMode: false });
   }
 
+  /**
+   * Takes byte ranges out of the stored octets (a header field a plugin removed): `[start, end)`
+   * offsets, sorted and not overlapping. The octets are copied once (in memory, or into a new
+   * file that replaces the spilled one), so every later reader, the queue included, sees the
+   * message without them.
+   */
+  async cut(ranges: readonly (readonly [number, number])[]): Promise<void> {
+    if (!this.ended) throw new Error('cut before end');
+    if (ranges.length === 0) return;
+    const removed = ranges.reduce((n, [a, b]) => n + (b - a), 0);
+    if (!this.filePath) {
+      const kept: Buffer[] = [];
+      for await (const c of without(this.chunks, ranges)) kept.push(c);
+      this.chunks = kept;
+    } else {
+      const path = this.filePath;
+      const tmp = `${path}.cut`;
+      try {
+        await pipeline(
+          Readable.from(without(createReadStream(path, { highWaterMark: 256 * 1024 }), ranges)),
+          createWriteStream(tmp, { flags: 'wx', mode: 0o600 }),
+        );
+        await rename(tmp, path);
+      } catch (err) {
+        // The spool file is unchanged; the half-written copy goes (a full disk, say).
+        await rm(tmp, { force: true });
+        throw err;
+      }
+    }
+    this.bytes -= removed;
+  }
+
   /** Releases memory and removes the spilled file, if any. */
   async discard(): Promise<void> {
     this.chunks = [];
@@ -121,5 +154,28 @@ export class SpooledBody {
       this.filePath = null;
       await rm(p, { force: true });
     }
+  }
+}
+
+/** The chunks of `source` without the octets in `ranges` (sorted `[start, end)` offsets). */
+async function* without(
+  source: AsyncIterable<Buffer> | Iterable<Buffer>,
+  ranges: readonly (readonly [number, number])[],
+): AsyncGenerator<Buffer> {
+  let pos = 0;
+  let i = 0;
+  for await (const c of source) {
+    const base = pos;
+    pos += c.length;
+    let from = base; // the next octet of this chunk not yet given out or dropped
+    while (i < ranges.length) {
+      const [a, b] = ranges[i]!;
+      if (a >= pos) break;
+      if (a > from) yield c.subarray(from - base, a - base);
+      from = Math.max(from, Math.min(b, pos));
+      if (b > pos) break;
+      i++;
+    }
+    if (from < pos) yield c.subarray(from - base);
   }
 }

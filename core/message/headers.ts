@@ -5,6 +5,61 @@ export interface HeaderField {
   readonly value: string;
 }
 
+/** A header field and where its octets are in the header block it was read from. */
+export interface ScannedField extends HeaderField {
+  /** Offset of its first octet. */
+  readonly start: number;
+  /** Offset after its last line's line end. */
+  readonly end: number;
+  /**
+   * The block shows where it ends: another line follows it. The last field of a block cut short
+   * (no empty line) may go on past the block, so its octets are not known.
+   */
+  readonly complete: boolean;
+}
+
+/**
+ * Reads the header fields of a header block (the octets up to the first empty line), with their
+ * places. Lines end at LF, with an optional CR before it; a line starting with white space
+ * continues the field before it (unfolding, RFC 5322 §2.2.3: the line end goes, the white space
+ * stays); a line without a colon is not a field and is skipped. Values are decoded as UTF-8.
+ */
+export function scanHeaderFields(block: Buffer): ScannedField[] {
+  const fields: { name: string; value: string; start: number; end: number; complete: boolean }[] = [];
+  let current: (typeof fields)[number] | null = null;
+  let pos = 0;
+  while (pos < block.length) {
+    const nl = block.indexOf(0x0a, pos);
+    const next = nl < 0 ? block.length : nl + 1;
+    const lineEnd = nl < 0 ? block.length : nl > pos && block[nl - 1] === 0x0d ? nl - 1 : nl;
+    if (lineEnd === pos && nl >= 0) {
+      if (current) current.complete = true;
+      break; // the empty line: the body starts after it
+    }
+    const raw = block.toString('utf8', pos, lineEnd);
+    if ((raw.startsWith(' ') || raw.startsWith('\t')) && current) {
+      current.value += raw;
+      current.end = next;
+    } else {
+      if (current) current.complete = true;
+      const colon = raw.indexOf(':');
+      current =
+        colon <= 0
+          ? null // not a header line; ignore (malformed, or the start of a body without a blank line)
+          : {
+              name: raw.slice(0, colon).trim(),
+              value: raw.slice(colon + 1).replace(/^[ \t]+/, ''),
+              start: pos,
+              end: next,
+              complete: false,
+            };
+      if (current) fields.push(current);
+    }
+    pos = next;
+  }
+  return fields;
+}
+
 /**
  * The header block of a message, parsed once at end of data. Lookups are case-insensitive.
  * Values are decoded as UTF-8 (RFC 6532 allows it); encoded words are left as they are.
@@ -17,24 +72,7 @@ export class Headers {
   }
 
   static parse(block: Buffer): Headers {
-    const text = block.toString('utf8');
-    const fields: HeaderField[] = [];
-    let current: { name: string; value: string } | null = null;
-    for (const raw of text.split(/\r?\n/)) {
-      if (raw === '') break;
-      if ((raw.startsWith(' ') || raw.startsWith('\t')) && current) {
-        current.value += raw; // unfolding: drop the CRLF, keep the white space
-        continue;
-      }
-      const colon = raw.indexOf(':');
-      if (colon <= 0) {
-        current = null; // not a header line; ignore (malformed, or the start of a body without a blank line)
-        continue;
-      }
-      current = { name: raw.slice(0, colon).trim(), value: raw.slice(colon + 1).replace(/^[ \t]+/, '') };
-      fields.push(current);
-    }
-    return new Headers(fields);
+    return new Headers(scanHeaderFields(block).map(({ name, value }) => ({ name, value })));
   }
 
   get(name: string): string | undefined {

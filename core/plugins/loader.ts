@@ -25,12 +25,14 @@ const SELF = new URL('../index.js', import.meta.url).href;
 const SELF_TESTING = new URL('../testing/index.js', import.meta.url).href;
 /**
  * The published service contracts of built-in plugins (package.json `exports`): what another
- * plugin imports to use the queue or the user directory, as `petrel/queue` and `petrel/users`.
+ * plugin imports to use the queue or the user directory, as `petrel/queue` and `petrel/users`,
+ * or to read another's results, as `petrel/mailauth`.
  */
 const SUBPATHS: Readonly<Record<string, string>> = {
   'petrel/testing': SELF_TESTING,
   'petrel/queue': new URL('../../plugins/queue/api.js', import.meta.url).href,
   'petrel/users': new URL('../../plugins/users/directory.js', import.meta.url).href,
+  'petrel/mailauth': new URL('../../plugins/mailauth/api.js', import.meta.url).href,
 };
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;

@@ -15,7 +15,6 @@ import type { CallContext, HookRunner } from '../hooks/runner.js';
 import type { ReplySpec, Verdict } from '../hooks/verdict.js';
 import { makeAddress, parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
-import { Headers } from '../message/headers.js';
 import { ReceivedMessage } from '../message/message.js';
 import { Notes } from '../message/notes.js';
 import { newId } from '../util/ids.js';
@@ -816,7 +815,7 @@ export class SmtpSession implements SessionState {
       this.reply(554, '5.6.0', 'Message contains NUL octets, which SMTP does not allow');
       return this.endTransaction('rejected');
     }
-    const message = new ReceivedMessage(Headers.parse(tx.capture!.bytes()), body);
+    const message = new ReceivedMessage(tx.capture!.bytes(), body);
     message.prepend(
       'Received',
       receivedValue({
@@ -833,6 +832,7 @@ export class SmtpSession implements SessionState {
       transaction: tx.view,
       message,
       prependHeader: (name, value) => message.prepend(name, value),
+      removeHeaders: (match) => message.removeHeaders(match),
     });
     this.logVerdict('data_post', post.verdict, post.plugin, { tx: tx.id });
     if (post.verdict.kind !== 'accept' && post.verdict.kind !== 'proceed') {

@@ -1,9 +1,12 @@
 import {
+  defineNote,
   defineToken,
+  type NoteKey,
   type Address,
   type MailParams,
   type RecipientParams,
   type RecipientReply,
+  type TransactionView,
 } from '../../core/index.js';
 
 /** A message a plugin puts into the queue itself (a bounce, a report). */
@@ -36,8 +39,10 @@ export interface MessageSummary {
   readonly sender: string;
   readonly receivedAt: Date;
   readonly size: number;
-  /** Held by the administrator: not attempted until released. */
+  /** Held (by the administrator, or at acceptance): not attempted until released. */
   readonly held: boolean;
+  /** Why a message held since its acceptance was held (see `HoldOnAccept`). */
+  readonly heldReason?: string;
   /** A delivery attempt is in progress right now. */
   readonly attempting: boolean;
   /**
@@ -90,3 +95,18 @@ export interface QueueService {
 }
 
 export const Queue = defineToken<QueueService>('queue.Queue');
+
+/**
+ * A transaction note asking the queue to store the message held (a quarantine): it gets its
+ * `250` as usual, is kept durably, and is not delivered until an administrator releases it
+ * (`petrel queue release <id>`) or deletes it. The hold is part of the stored envelope, so no
+ * delivery attempt can start before it. Set it at `data_post` or earlier with `holdOnAccept`.
+ */
+export const HoldOnAccept: NoteKey<{ readonly reasons: readonly string[] }> =
+  defineNote('queue.holdOnAccept');
+
+/** Asks for the message of this transaction to be held at acceptance, adding a reason. */
+export function holdOnAccept(notes: TransactionView['notes'], reason: string): void {
+  const reasons = notes.get(HoldOnAccept)?.reasons ?? [];
+  notes.set(HoldOnAccept, { reasons: [...reasons, reason] });
+}

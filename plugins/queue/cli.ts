@@ -402,6 +402,7 @@ export function describeMessage(m: WireMessage, now: Date, detail = false): stri
   const lines = [`${m.id}  ${size(m.size)}  arrived ${at(Date.parse(m.receivedAt), now)}`];
   lines.push(`  from:  <${m.sender}>`);
   if (m.held) lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
+  if (m.heldReason) lines.push(`  why:   ${m.heldReason}`);
   if (m.attempting) lines.push('  now:   a delivery attempt is in progress');
   if (m.unrecorded)
     lines.push(`  not recorded: the attempt's outcome cannot be written (${m.unrecorded}); retrying`);

@@ -320,6 +320,7 @@ export class QueueEngine implements ControlTarget {
       receivedAt: new Date(entry.env.receivedAt),
       size: entry.env.size,
       held: entry.held,
+      ...(entry.held && entry.env.hold ? { heldReason: entry.env.hold.reason } : {}),
       attempting: this.attempting.has(entry.env.id),
       ...(this.unrecorded.has(entry.env.id) ? { unrecorded: this.unrecorded.get(entry.env.id)! } : {}),
       recipients: entry.rcpts.map((r, i) => ({

@@ -10,7 +10,7 @@ import {
   newId,
 } from '../../core/index.js';
 import { QueueEngine } from './engine.js';
-import { Queue } from './api.js';
+import { HoldOnAccept, Queue } from './api.js';
 import { parseSchedule } from './schedule.js';
 import { queueConfig } from './config.js';
 import { partDir, partsOfSlot, queueDir } from './parts.js';
@@ -114,6 +114,7 @@ export default definePlugin({
           // Logged by the hook runner with the plugin's name; the client keeps its copy.
           return defer(451, '4.3.0', 'Temporary local problem, please try again later');
         }
+        const hold = transaction.notes.get(HoldOnAccept);
         const env: StoredEnvelope = {
           id: transaction.id,
           sender: transaction.sender,
@@ -122,6 +123,7 @@ export default definePlugin({
           receivedAt: Date.now(),
           size: message.size + Buffer.byteLength(added),
           ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),
+          ...(hold ? { hold: { reason: hold.reasons.join('; ') } } : {}),
         };
         try {
           if (env.blob) {
@@ -139,6 +141,8 @@ export default definePlugin({
           }
           throw err;
         }
+        if (hold)
+          log.info({ queueId: transaction.id, reason: env.hold!.reason }, 'message held at acceptance');
         return accept({ text: `Ok: queued as ${transaction.id}` });
       },
     };

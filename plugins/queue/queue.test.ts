@@ -35,7 +35,7 @@ import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { REQUIRE_PEERS } from '../../test/harness/peers.js';
 import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
-import { Queue } from './api.js';
+import { holdOnAccept, Queue } from './api.js';
 import { QueueStore, type Entry, type RecipientState } from './store.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
@@ -466,6 +466,86 @@ describe('queue administration', () => {
       assert.equal(queue.flush({ id }), 1);
       await until(() => delivered.length === 1);
       assert.equal(delivered[0]!.id, id);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('holding a message from its acceptance (holdOnAccept)', () => {
+  /** Asks for every message whose subject says so to be held, as a quarantine would. */
+  const quarantine = definePlugin({
+    name: 'test-quarantine',
+    setup: () => ({
+      data_post: async ({ message, transaction }) => {
+        if (message.headers.get('subject') === 'suspicious') holdOnAccept(transaction.notes, 'looks forged');
+        return proceed();
+      },
+    }),
+  });
+
+  it('never attempts it, keeps the hold and its reason across restarts, and a release across compaction', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const plugins = [quarantine, testTransport(delivered)];
+    let app = await start(dir, plugins);
+    try {
+      let queue = resolveToken(app.generation.container, Queue);
+      const held = await send(app.port(), ['held@h.test'], 'Subject: suspicious\r\n\r\nhello\r\n');
+      const plain = await send(app.port(), ['plain@h.test']);
+      await until(() => delivered.length === 1);
+      assert.equal(delivered[0]!.id, plain);
+      assert.equal(queue.get(held)?.held, true);
+      assert.equal(queue.get(held)?.heldReason, 'looks forged');
+      assert.equal(queue.get(held)?.recipients[0]?.attempts, 0, 'not attempted');
+      await app.stop(1000);
+
+      app = await start(dir, plugins);
+      queue = resolveToken(app.generation.container, Queue);
+      assert.equal(queue.get(held)?.held, true, 'still held after a restart');
+      assert.equal(queue.get(held)?.heldReason, 'looks forged');
+      await queue.release(held);
+      await until(() => delivered.length === 2);
+      assert.equal(delivered[1]!.id, held);
+      assert.equal(queue.get(held), null);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('keeps a release when compaction copies the envelope of a message still waiting', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    let open = false;
+    const plugins = [quarantine, testTransport(delivered, () => (open ? 'delivered' : 'deferred'))];
+    const queueDir = join(dir, 'spool', 'queue');
+    let app = await start(dir, plugins, { retry: '1h...' });
+    try {
+      let queue = resolveToken(app.generation.container, Queue);
+      const id = await send(app.port(), ['held@h.test'], 'Subject: suspicious\r\n\r\nhello\r\n');
+      await queue.release(id);
+      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
+      await app.stop(1000);
+
+      // The envelope (which says "held") is copied by compaction: the release must come along.
+      app = await start(dir, plugins, { retry: '1h...' });
+      const segments = (): string[] => readdirSync(join(queueDir, 'journal')).sort();
+      const first = segments()[0]!;
+      await QueueEngine.get(queueDir)!.store.compact();
+      assert.ok(
+        !segments().includes(first),
+        'the segment with the Message and Hold records was compacted away',
+      );
+      await app.stop(1000);
+
+      open = true;
+      app = await start(dir, plugins, { retry: '1h...' });
+      queue = resolveToken(app.generation.container, Queue);
+      assert.equal(queue.get(id)?.held, false);
+      assert.equal(queue.flush({ id }), 1);
+      await until(() => delivered.length === 1);
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });

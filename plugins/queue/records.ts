@@ -30,6 +30,11 @@ export interface StoredEnvelope {
   readonly size: number;
   /** Large messages: the added header text is here and the body is in `blobs/<id>.eml`. */
   readonly blob?: { readonly headers: string };
+  /**
+   * Held from the start (a plugin asked for it at acceptance, e.g. a quarantine), and why. A
+   * later Hold record overrides it, as for any hold.
+   */
+  readonly hold?: { readonly reason: string };
 }
 
 export type RecipientStatus = 'pending' | DeliveryStatus;

@@ -277,7 +277,7 @@ export class QueueStore {
         rcpts: freshStates(env),
         segments: new Set(),
         busy: false,
-        held: false,
+        held: env.hold !== undefined,
         memory: null,
       };
       // A relocated copy replaces the old location; the state carries over.
@@ -346,7 +346,9 @@ export class QueueStore {
     // An inline message within the budget keeps its chunks in memory for its first attempt.
     const bytes = octets.reduce((n, c) => n + c.length, 0);
     const memory =
-      octets.length && this.memoryBytes + bytes <= this.memoryLimit ? { chunks: octets, bytes } : null;
+      octets.length && !env.hold && this.memoryBytes + bytes <= this.memoryLimit
+        ? { chunks: octets, bytes }
+        : null;
     if (memory) this.memoryBytes += bytes;
     let ref: RecordRef;
     try {
@@ -362,7 +364,7 @@ export class QueueStore {
       rcpts: freshStates(env),
       segments: new Set(),
       busy: false,
-      held: false,
+      held: env.hold !== undefined,
       memory,
     };
     this.entries.set(env.id, entry);
@@ -467,12 +469,14 @@ export class QueueStore {
         const st = await this.journal.append(RecordType.State, [
           statePayload(entry.env.id, allStates(entry)),
         ]);
-        // The hold must outlive the segment its record was in.
-        const hold = entry.held
-          ? await this.journal.append(RecordType.Hold, [
-              Buffer.from(JSON.stringify({ id: entry.env.id, held: true }), 'utf8'),
-            ])
-          : null;
+        // The hold must outlive the segment its record was in; a release of a message held at
+        // acceptance must too, or the copied envelope would hold it again.
+        const hold =
+          entry.held || entry.env.hold
+            ? await this.journal.append(RecordType.Hold, [
+                Buffer.from(JSON.stringify({ id: entry.env.id, held: entry.held }), 'utf8'),
+              ])
+            : null;
         if (!entry.env.blob) {
           entry.location = copy;
           entry.skip = 4 + head[1].length;

@@ -1,8 +1,14 @@
 import { domainToASCII } from 'node:url';
-import { accept, definePlugin, deny, proceed, Tokens, z } from '../../core/index.js';
-import { cidrProblem, compileCidrs } from './cidr.js';
-
-export { cidrProblem, compileCidrs } from './cidr.js';
+import {
+  accept,
+  cidrProblem,
+  compileCidrs,
+  definePlugin,
+  deny,
+  proceed,
+  Tokens,
+  z,
+} from '../../core/index.js';
 
 const network = z.string().superRefine((text, ctx) => {
   const problem = cidrProblem(text);

@@ -3,13 +3,12 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { deny, Tokens, type PetrelConfig } from '../../core/index.js';
+import { cidrProblem, compileCidrs, deny, Tokens, type PetrelConfig } from '../../core/index.js';
 import { address, runHook, session, transaction } from '../../core/testing/index.js';
 import { startServer, type TestServer } from '../../test/harness/server.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { hashPassword } from '../users/password.js';
 import { writeUsersFile } from '../users/users-file.js';
-import { cidrProblem, compileCidrs } from './cidr.js';
 import relay from './index.js';
 
 const PASSWORD = 'relay test password';
