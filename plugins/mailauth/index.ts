@@ -48,6 +48,16 @@ export default definePlugin({
     const trusted = compileCidrs(config.trustedNetworks);
     const spfOpts = { mta: authservId, resolver: lookup, timeout: config.spfTimeout, strict: config.strict };
 
+    // A recipient accepted by an earlier plugin never reaches our rcpt hook: an SPF refusal would
+    // then silently become a tag. Say so at startup rather than let it pass unnoticed.
+    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
+    const earlier = names.slice(0, names.indexOf('mailauth')).filter((n) => n === 'relay' || n === 'users');
+    if (names.includes('mailauth') && earlier.length > 0)
+      log.warn(
+        { before: earlier },
+        'mailauth is listed after plugins that accept recipients; SPF cannot refuse at RCPT: list it before them',
+      );
+
     /** Why a session is not judged, or null when it is. */
     const exempt = (session: SessionView): string | null =>
       trusted(session.remote.address) ? 'trusted network' : session.user !== null ? 'authenticated' : null;
