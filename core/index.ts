@@ -34,6 +34,7 @@ export { duration } from './config/schema.js';
 export { makeAddress, type Address } from './message/address.js';
 export { localDomainMap, localDomainOf } from './message/domains.js';
 export { Headers, formatHeaderField, foldHeaderField, type HeaderField } from './message/headers.js';
+export { MessageCopy } from './message/copy.js';
 // Small helpers every plugin may want, the same ones the core uses.
 export { parseDuration } from './util/duration.js';
 export { rfc5322Date } from './util/date.js';

@@ -78,6 +78,29 @@ export const mailauthConfig = z
     }),
     /** ARC chain validation (RFC 8617 §5.2). */
     arc: actions({ fail: 'ignore' }),
+    /**
+     * ARC sealing of forwarded mail (RFC 8617 §5.1): a message judged here on arrival that leaves
+     * through one of `transports` gets an ARC set signed with this key. Off when absent.
+     */
+    arcSeal: z
+      .object({
+        /** The signing domain (`d=`): a domain of ours with the public key at `<selector>._domainkey`. */
+        domain: z
+          .string()
+          .regex(/^[A-Za-z0-9.-]+$/, 'expected a domain name')
+          .transform((d) => d.toLowerCase()),
+        selector: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'expected a selector such as arc2026'),
+        /** The RSA private key (PEM), relative to the config file's folder. */
+        keyFile: z.string().min(1),
+        /** Deliveries through these transports are sealed: the ones that hand mail to other servers. */
+        transports: z.array(z.string().min(1)).default(['outbound']),
+        /** Octets of a message held in memory while it is sealed; the rest waits in a temporary file. */
+        memoryLimit: z.number().int().min(65_536).default(1_048_576),
+        /** Where that temporary file is made (unlinked at once). Default: the system's temporary folder. */
+        tempDir: z.string().min(1).optional(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 

@@ -1,6 +1,9 @@
+import { tmpdir } from 'node:os';
+import { resolve as resolvePath } from 'node:path';
 import type { DNSResolver } from 'mailauth';
 import {
   compileCidrs,
+  MessageCopy,
   defer,
   defineNote,
   definePlugin,
@@ -16,6 +19,7 @@ import { budgeted, checkHelo, checkMessage, checkSpf, heloIsDomain } from './che
 import { mailauthConfig } from './config.js';
 import { authResultsValue, claimsAuthservId } from './header.js';
 import { decide, messageFindings, refusal, spfFinding, type Finding } from './policy.js';
+import { arcSet, loadSealKey, ourResults } from './seal.js';
 
 export { mailauthConfig, type MailauthConfig } from './config.js';
 
@@ -41,7 +45,9 @@ const MailSpf = defineNote<{ readonly mailFrom: SpfCheck; readonly helo: SpfChec
 export default definePlugin({
   name: 'mailauth',
   config: mailauthConfig,
-  setup({ config, log, hostname, resolve }) {
+  // An ARC set signs the message as it leaves: after every rewrite (a 7-bit downgrade).
+  transformPhase: 'sign',
+  async setup({ config, log, hostname, resolve, baseDir }) {
     const authservId = config.authservId ?? hostname;
     const dns = resolve(Tokens.Dns);
     const lookup = ((name: string, rrtype: string) => dns.resolve(name, rrtype)) as DNSResolver;
@@ -57,6 +63,12 @@ export default definePlugin({
         { before: earlier },
         'mailauth is listed after plugins that accept recipients; SPF cannot refuse at RCPT: list it before them',
       );
+
+    // Read once per plugin set (start, reload): a bad key stops the start with its file named.
+    const sealing = config.arcSeal;
+    const sealKey = sealing
+      ? await loadSealKey(resolvePath(baseDir, sealing.keyFile), sealing.domain, sealing.selector)
+      : null;
 
     /** Why a session is not judged, or null when it is. */
     const exempt = (session: SessionView): string | null =>
@@ -80,6 +92,29 @@ export default definePlugin({
     }
 
     return {
+      // Mail judged on arrival (it carries our Authentication-Results) that leaves for another
+      // server is being forwarded: it gets an ARC set. Anything else passes untouched, unread.
+      async transform({ message, route, content }) {
+        if (!sealing || !sealKey || !sealing.transports.includes(route.transport)) return content;
+        const copy = await MessageCopy.of(content, {
+          memoryLimit: sealing.memoryLimit,
+          tempDir: sealing.tempDir ?? tmpdir(),
+        });
+        const results = ourResults(copy.headerBlock(), authservId);
+        if (!results) return copy.stream();
+        const set = await arcSet(copy, sealKey, results).catch((err: unknown) => ({ error: String(err) }));
+        if ('error' in set) {
+          // A forwarded copy without our seal is still a good copy: send it, and say why.
+          log.warn({ queueId: message.id, reason: set.error }, 'ARC: forwarded message not sealed');
+          return copy.stream();
+        }
+        log.debug(
+          { queueId: message.id, cv: results.cv, d: sealKey.domain, s: sealKey.selector },
+          'ARC sealed',
+        );
+        return copy.stream(set.headers);
+      },
+
       async mail({ session, transaction, sender }) {
         if (exempt(session)) return proceed();
         // RFC 7208 §2.4: for `<>` the MAIL FROM check is the HELO check; otherwise both run at once.

@@ -1,5 +1,6 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { generateKeyPairSync } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { TLS } from '../harness/server.js';
@@ -8,6 +9,7 @@ import { requireDovecot, startDovecot, waitForMail, type Dovecot } from '../harn
 import { startDnsmasq, type Dnsmasq } from '../harness/dnsmasq.js';
 import { CLI, freePort, NODE, PetrelProcess, Project } from './cli.js';
 import { describeRun, run } from './run.js';
+import { dkimpyArcVerify, dkimpySign, dkimpyVerify, requireDkimpy } from '../harness/dkimpy.js';
 import { Srs } from '../../plugins/users/srs.js';
 import { makeAddress } from '../../core/index.js';
 
@@ -16,7 +18,8 @@ import { makeAddress } from '../../core/index.js';
  * over LMTP and has aliases that point elsewhere; fries.test (127.0.0.3) hosts carol@fries.test
  * and alice@example.org in Maildirs. Alice writes from example.org, which hamburger.edu does not
  * host: copies forwarded to fries.test leave with an SRS sender at hamburger.edu, and mail to that
- * SRS address comes back to Alice.
+ * SRS address comes back to Alice. hamburger.edu judges what arrives (mailauth) and ARC-seals
+ * what it forwards; dkimpy checks the seal and Alice's own DKIM signature at the other end.
  */
 describe('forwarding: aliases to other domains, with SRS', () => {
   const bob = { address: 'bob@hamburger.edu', password: 'bob reads' };
@@ -28,6 +31,11 @@ describe('forwarding: aliases to other domains, with SRS', () => {
   let fries: PetrelProcess;
   let port = 0;
   let ready = false;
+  /** Alice's DKIM key at example.org (the test signs her mail with dkimpy). */
+  const aliceKey = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const arcKey = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const dnsKey = (k: typeof aliceKey): string =>
+    `v=DKIM1; k=rsa; p=${k.publicKey.export({ type: 'spki', format: 'der' }).toString('base64')}`;
 
   before(() => {
     project = new Project([]);
@@ -39,7 +47,7 @@ describe('forwarding: aliases to other domains, with SRS', () => {
 
   async function setUp(t: import('node:test').TestContext): Promise<boolean> {
     if (ready) return true;
-    if (!requireDovecot(t)) return false;
+    if (!requireDovecot(t) || !(await requireDkimpy(t))) return false;
     const started = await startDnsmasq(
       t,
       {
@@ -52,7 +60,11 @@ describe('forwarding: aliases to other domains, with SRS', () => {
           { name: 'mail.hamburger.edu', addresses: ['127.0.0.2'] },
           { name: 'mail.fries.test', addresses: ['127.0.0.3'] },
         ],
-        local: ['hamburger.edu', 'fries.test', 'example.org'],
+        txt: [
+          { name: 's1._domainkey.example.org', text: dnsKey(aliceKey) },
+          { name: 'arc2026._domainkey.hamburger.edu', text: dnsKey(arcKey) },
+        ],
+        local: ['edu', 'test', 'org'],
       },
       { stopWithTest: false },
     );
@@ -76,12 +88,25 @@ describe('forwarding: aliases to other domains, with SRS', () => {
         '',
       ].join('\n'),
     );
+    writeFileSync(
+      project.path('hamburger', 'arc.pem'),
+      arcKey.privateKey.export({ type: 'pkcs8', format: 'pem' }),
+      { mode: 0o600 },
+    );
     const hamburgerConfig = project.writeConfig('hamburger/petrel.yaml', {
       hostname: 'mail.hamburger.edu',
       localDomains: ['hamburger.edu'],
       listeners: [{ kind: 'smtp', address: '127.0.0.2', port }],
       ...common,
       plugins: [
+        // Judges what arrives (this test's clients are on loopback: trust nobody), seals what leaves.
+        {
+          name: 'mailauth',
+          config: {
+            trustedNetworks: [],
+            arcSeal: { domain: 'hamburger.edu', selector: 'arc2026', keyFile: './arc.pem' },
+          },
+        },
         'relay',
         { name: 'users', config: { usersFile: './users.json', aliasesFile: './aliases.yaml' } },
         { name: 'queue', config: { retry: '1h...' } },
@@ -123,7 +148,12 @@ describe('forwarding: aliases to other domains, with SRS', () => {
   }
 
   /** One SMTP transaction to hamburger.edu, as another server would make it; returns the RCPT reply codes. */
-  async function send(from: string, to: readonly string[], subject: string): Promise<number[]> {
+  async function send(
+    from: string,
+    to: readonly string[],
+    subject: string,
+    content = `From: <${from}>\r\nTo: <${to[0]}>\r\nSubject: ${subject}\r\n\r\nForward me.\r\n`,
+  ): Promise<number[]> {
     const c = await SmtpClient.connect(port, '127.0.0.2');
     try {
       await c.expect(/^220 /);
@@ -136,7 +166,7 @@ describe('forwarding: aliases to other domains, with SRS', () => {
       }
       if (codes.some((code) => code === 250)) {
         await c.cmd('DATA', /^354 /);
-        c.write(`From: <${from}>\r\nTo: <${to[0]}>\r\nSubject: ${subject}\r\n\r\nForward me.\r\n.\r\n`);
+        c.write(`${content.replace(/^\./gm, '..')}.\r\n`);
         await c.expect(/^250 /);
       }
       await c.cmd('QUIT', /^221 /);
@@ -243,5 +273,48 @@ describe('forwarding: aliases to other domains, with SRS', () => {
     assert.match(report, /Final-Recipient: rfc822; ?nobody@fries\.test/);
     assert.match(report, /Action: failed/);
     assert.equal(returnPath(report), '');
+  });
+
+  it('a forwarded copy carries an ARC set over what was found on arrival, and the original DKIM signature still verifies', async (t) => {
+    if (!(await setUp(t))) return;
+    const subject = `Sealed ${Date.now()}`;
+    const signed = await dkimpySign(
+      Buffer.from(
+        `From: Alice <alice@example.org>\r\nTo: carol@hamburger.edu\r\nSubject: ${subject}\r\n` +
+          `Date: Wed, 02 Dec 2026 10:00:00 +0000\r\nMessage-ID: <${Date.now()}@example.org>\r\n\r\nOver to you.\r\n`,
+      ),
+      {
+        domain: 'example.org',
+        selector: 's1',
+        privateKey: aliceKey.privateKey.export({ type: 'pkcs8', format: 'pem' }),
+      },
+    );
+    assert.deepEqual(
+      await send('alice@example.org', ['carol@hamburger.edu'], subject, signed.toString('latin1')),
+      [250],
+    );
+    const [copy] = await friesMail('carol', 'fries.test', subject);
+    assert.ok(copy, `carol@fries.test got a copy\n${hamburger.dump().slice(-4000)}`);
+    const raw = Buffer.from(copy, 'latin1');
+    assert.match(
+      copy,
+      /^ARC-Authentication-Results: i=1; mail\.hamburger\.edu;[\s\S]*?dkim=pass/m,
+      'what was found on arrival',
+    );
+    assert.match(copy, /^ARC-Seal: i=1; a=rsa-sha256; .*cv=none/m);
+    const arc = await dkimpyArcVerify(raw, dns.server);
+    assert.equal(arc.cv, 'pass', `dkimpy validates the chain: ${arc.comment}`);
+    const dkim = await dkimpyVerify(raw, dns.server);
+    assert.ok(dkim.length >= 1 && dkim.every((v) => v.ok), JSON.stringify(dkim));
+  });
+
+  it('a message that only passes through to a local mailbox is not sealed', async (t) => {
+    if (!(await setUp(t))) return;
+    const subject = `Local only ${Date.now()}`;
+    assert.deepEqual(await send('alice@example.org', ['bob@hamburger.edu'], subject), [250]);
+    const mail = await waitForMail(dovecot, 'imap', bob, (m) => m.subject === subject, { timeoutMs: 30_000 });
+    const raw = mail.raw.toString('latin1');
+    assert.match(raw, /^Authentication-Results: mail\.hamburger\.edu;/m, 'judged on arrival');
+    assert.doesNotMatch(raw, /^ARC-Seal:/m);
   });
 });
