@@ -38,7 +38,8 @@ export { parseDuration } from './util/duration.js';
 export { rfc5322Date } from './util/date.js';
 export { newId } from './util/ids.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
-export type { DnsResolver, MxRecord } from './services/dns.js';
+/** The core's DNS resolver (`dns.servers`, `dns.timeout`): a command builds one from `cli.petrel`. */
+export { DnsResolver, type MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';
 export type { MetricsRegistry } from './services/metrics.js';
 export { StateError, type StateStore } from './services/state.js';

@@ -1,0 +1,189 @@
+import { once } from 'node:events';
+import { open, unlink, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { domainToASCII } from 'node:url';
+import { DkimSigner, type ParsedHeaders } from 'mailauth/lib/dkim/dkim-signer.js';
+import { Headers, newId } from '../../core/index.js';
+import type { SigningKey } from './keys.js';
+
+/**
+ * Signing one message: read it whole (the signature goes in front of it), hash it with mailauth,
+ * and hand back the signatures followed by the very octets that were hashed.
+ *
+ * Memory: up to `memoryLimit` octets of the message are kept in memory; the rest goes to a
+ * temporary file that is unlinked as soon as it is opened (nothing is left behind by a crash),
+ * read back once to hash it and once more to send it. mailauth hashes as it goes and keeps only
+ * the header block.
+ */
+
+/** The octets of one message, in memory and (past the limit) in an unlinked temporary file. */
+export class MessageCopy {
+  readonly chunks: Buffer[] = [];
+  inMemory = 0;
+  private file: FileHandle | null = null;
+  private fileSize = 0;
+
+  private constructor(
+    private readonly memoryLimit: number,
+    private readonly tempDir: string,
+  ) {}
+
+  /** Reads `content` to its end. A read or write failure closes the file and rejects. */
+  static async of(content: Readable, memoryLimit: number, tempDir: string): Promise<MessageCopy> {
+    const copy = new MessageCopy(memoryLimit, tempDir);
+    try {
+      for await (const c of content) await copy.add(Buffer.isBuffer(c) ? c : Buffer.from(c as string));
+    } catch (err) {
+      await copy.discard();
+      throw err;
+    }
+    return copy;
+  }
+
+  private async add(chunk: Buffer): Promise<void> {
+    if (!this.file && this.inMemory + chunk.length <= this.memoryLimit) {
+      this.chunks.push(chunk);
+      this.inMemory += chunk.length;
+      return;
+    }
+    if (!this.file) {
+      const path = join(this.tempDir, `petrel-dkim-${newId()}.tmp`);
+      this.file = await open(path, 'wx+', 0o600);
+      await unlink(path);
+    }
+    await this.file.write(chunk, 0, chunk.length, this.fileSize);
+    this.fileSize += chunk.length;
+  }
+
+  /** The start of the message, up to the end of its header block (or all that is in memory). */
+  headerBlock(): Buffer {
+    const head = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.inMemory);
+    const crlf = head.indexOf('\r\n\r\n');
+    const lf = head.indexOf('\n\n');
+    const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
+    return ends.length ? head.subarray(0, Math.min(...ends)) : head;
+  }
+
+  /** The whole message again, from the start; `release` closes the file after its last read. */
+  async *octets(release: boolean): AsyncGenerator<Buffer> {
+    try {
+      yield* this.chunks;
+      if (this.file) {
+        for await (const c of this.file.createReadStream({ start: 0, autoClose: false })) yield c as Buffer;
+      }
+    } finally {
+      if (release) await this.discard();
+    }
+  }
+
+  async discard(): Promise<void> {
+    const f = this.file;
+    this.file = null;
+    await f?.close().catch(() => undefined);
+  }
+}
+
+/**
+ * The domain of the one `From:` mailbox (RFC 5322 §3.6.2), as a lower-case A-label; null when the
+ * header has no `From:`, several, or one without an address.
+ */
+export function fromDomain(headerBlock: Buffer): string | null {
+  const from = Headers.parse(headerBlock).getAll('From');
+  if (from.length !== 1) return null;
+  // Comments and quoted strings may hold '@' and '<' (`"a@b" <alice@crepes.test> (at work)`).
+  const text = from[0]!.replace(/"(?:[^"\\]|\\.)*"/g, '""').replace(/\((?:[^()\\]|\\.)*\)/g, ' ');
+  const angle = /<([^<>]*)>/.exec(text);
+  const addr = (angle ? angle[1]! : text).trim();
+  const at = addr.lastIndexOf('@');
+  if (at < 0) return null;
+  const domain = addr
+    .slice(at + 1)
+    .split(/[\s,;>]/)[0]!
+    .replace(/^\[|\]$/g, '')
+    .replace(/\.$/, '');
+  const ascii = domainToASCII(domain).toLowerCase();
+  return ascii || null;
+}
+
+/**
+ * mailauth's signer, with oversigning: mailauth lists in `h=` only the fields the message has.
+ * The names in `oversign` are appended once more to `h=` (after every real instance), where a
+ * verifier finds no field left for them and hashes nothing (RFC 6376 §5.4.2) — the signed data is
+ * exactly mailauth's, only `h=` is longer. `h=` is made of the fields' names as parsed; the
+ * topmost signed field is the last one listed, so the extra names ride on its name.
+ */
+class OversigningSigner extends DkimSigner {
+  constructor(
+    options: ConstructorParameters<typeof DkimSigner>[0],
+    private readonly signed: ReadonlySet<string>,
+    private readonly oversign: readonly string[],
+  ) {
+    super(options);
+  }
+
+  override async messageHeaders(headers: ParsedHeaders): Promise<void> {
+    if (this.oversign.length) {
+      const topmost = headers.parsed.find((h) => this.signed.has(h.key));
+      if (topmost) topmost.casedKey = [topmost.casedKey, ...this.oversign].join(': ');
+    }
+    return super.messageHeaders(headers);
+  }
+}
+
+export interface SignOptions {
+  readonly keys: readonly SigningKey[];
+  readonly headers: readonly string[];
+  readonly oversign: readonly string[];
+}
+
+export interface SignResult {
+  /** The `DKIM-Signature:` fields, CRLF-terminated, to go in front of the message. */
+  readonly signatures: Buffer;
+  /** Keys that made no signature, and why. */
+  readonly failures: readonly { readonly selector: string; readonly reason: string }[];
+}
+
+/** Signs the message with every key (relaxed/relaxed, RFC 6376 §3.4.2 and §3.4.4). */
+export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<SignResult> {
+  const headerList = [...new Set([...opts.headers, ...opts.oversign].map((h) => h.toLowerCase()))];
+  const signer = new OversigningSigner(
+    {
+      canonicalization: 'relaxed/relaxed',
+      headerList,
+      signatureData: opts.keys.map((k) => ({
+        signingDomain: k.domain,
+        selector: k.selector,
+        privateKey: k.pem,
+        algorithm: k.algorithm,
+      })),
+    },
+    new Set(headerList),
+    opts.oversign,
+  );
+  const done = new Promise<void>((resolve, reject) => {
+    signer.once('finish', resolve);
+    signer.once('error', reject);
+  });
+  for await (const chunk of copy.octets(false)) {
+    if (!signer.write(chunk)) await once(signer, 'drain');
+  }
+  signer.end();
+  await done;
+  const text = signer.signatureHeaders.map((s) => `${s}\r\n`).join('');
+  return {
+    signatures: Buffer.from(text),
+    failures: signer.errors.map((e) => ({ selector: e.selector ?? '?', reason: e.err.message })),
+  };
+}
+
+/** The signed message: the signatures, then the octets exactly as hashed. */
+export function signedStream(signatures: Buffer, copy: MessageCopy): Readable {
+  return Readable.from(
+    (async function* () {
+      if (signatures.length) yield signatures;
+      yield* copy.octets(true);
+    })(),
+    { objectMode: false },
+  );
+}
