@@ -133,7 +133,8 @@ export async function opendkimSign(
 /**
  * `opendkim-testkey`: does the record at `<selector>._domainkey.<domain>` (DNS at `dns`) hold the
  * public half of `keyFile` (mode 0600)? `ok` when it printed `key OK` (`key not secure` only
- * means no DNSSEC).
+ * means no DNSSEC). RSA keys only: OpenDKIM 2.11's testkey fails on an Ed25519 key
+ * (`EVP_PKEY_get1_RSA() failed`); check those by verifying a message signed with the key.
  */
 export async function opendkimTestkey(opts: {
   domain: string;

@@ -1,0 +1,84 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { generateKeyPairSync } from 'node:crypto';
+import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
+import { signingDomainFor } from './keys.js';
+import { fromDomain } from './sign.js';
+
+describe('dkim: the From: domain', () => {
+  const of = (from: string): string | null =>
+    fromDomain(Buffer.from(`To: x@y.test\r\nFrom: ${from}\r\n\r\nbody`));
+  it('reads the address in angle brackets, past quoted strings and comments that hold @ or <', () => {
+    assert.equal(of('Alice <alice@Crepes.TEST>'), 'crepes.test');
+    assert.equal(of('"bob@evil.test <x@evil.test>" <alice@crepes.test>'), 'crepes.test');
+    assert.equal(of('alice@crepes.test (from evil@evil.test)'), 'crepes.test');
+    assert.equal(of('alice@crepes.test.'), 'crepes.test');
+  });
+  it('gives an A-label for an internationalised domain', () => {
+    assert.equal(of('李雷 <li@例子.test>'), 'xn--fsqu00a.test');
+  });
+  it('gives none for no From:, two From: fields, or no address', () => {
+    assert.equal(fromDomain(Buffer.from('Subject: x\r\n\r\n')), null);
+    assert.equal(fromDomain(Buffer.from('From: a@crepes.test\r\nFrom: b@evil.test\r\n\r\n')), null);
+    assert.equal(of('undisclosed'), null);
+  });
+});
+
+describe('dkim: choosing the signing domain', () => {
+  const keys = new Set(['crepes.test', 'other.test']);
+  it('takes the From: domain, then its parents (not the top-level domain), then the default', () => {
+    const opts = { parentDomains: true, defaultDomain: 'other.test' };
+    assert.equal(signingDomainFor('crepes.test', keys, opts), 'crepes.test');
+    assert.equal(signingDomainFor('a.b.crepes.test', keys, opts), 'crepes.test');
+    assert.equal(signingDomainFor('galettes.test', keys, opts), 'other.test');
+    assert.equal(signingDomainFor(null, keys, opts), 'other.test');
+    assert.equal(signingDomainFor('test', new Set(['test']), opts), 'test');
+    assert.equal(signingDomainFor('a.test', new Set(['test']), { parentDomains: true }), null);
+  });
+  it('without parentDomains or a default, only the exact domain', () => {
+    assert.equal(signingDomainFor('news.crepes.test', keys, { parentDomains: false }), null);
+  });
+});
+
+describe('dkim: key records', () => {
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+  const ed = generateKeyPairSync('ed25519').privateKey;
+  it('splits a TXT value into strings of at most 255 octets (RFC 1035 §3.3.14)', () => {
+    const text = recordText(rsa);
+    const parts = splitTxt(text);
+    assert.equal(parts.join(''), text);
+    assert.ok(parts.length === 2 && parts.every((p) => p.length <= 255));
+    assert.match(
+      zoneLine('crepes.test', 's1', text),
+      /^s1\._domainkey\.crepes\.test\. IN TXT \( "v=DKIM1; k=rsa; p=.{237}"\n\s+".+" \)$/,
+    );
+    assert.match(
+      zoneLine('crepes.test', 'e1', recordText(ed)),
+      /^e1\._domainkey\.crepes\.test\. IN TXT "v=DKIM1; k=ed25519; p=.{44}"$/,
+    );
+  });
+  it('matches a record to its key, across strings, and names what is wrong otherwise', () => {
+    const text = recordText(rsa);
+    assert.deepEqual(checkRecord([splitTxt(text)], rsa), { kind: 'match', k: 'rsa' });
+    assert.deepEqual(checkRecord([[recordText(ed)]], ed), { kind: 'match', k: 'ed25519' });
+    assert.deepEqual(checkRecord([[recordText(ed)]], rsa), { kind: 'mismatch', k: 'ed25519' });
+    const other = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+    assert.deepEqual(checkRecord([[recordText(other)]], rsa), { kind: 'mismatch', k: 'rsa' });
+    assert.deepEqual(checkRecord([['v=DKIM1; p=']], rsa), { kind: 'revoked' });
+    assert.deepEqual(checkRecord([[text], [text]], rsa), { kind: 'several' });
+    assert.equal(checkRecord([['v=DKIM1; k=rsa']], rsa).kind, 'malformed');
+    assert.equal(checkRecord([['v=spf1 -all']], rsa).kind, 'malformed');
+    assert.equal(checkRecord([['v=DKIM1; k=ed25519; p=AAAA']], ed).kind, 'malformed');
+  });
+  it('reads a tag list, refusing a tag given twice (RFC 6376 §3.2)', () => {
+    assert.deepEqual(
+      [...parseTagList('v=DKIM1; k=rsa;\r\n p=ab cd')!],
+      [
+        ['v', 'DKIM1'],
+        ['k', 'rsa'],
+        ['p', 'abcd'],
+      ],
+    );
+    assert.equal(parseTagList('p=a; p=b'), null);
+  });
+});
