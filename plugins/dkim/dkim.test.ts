@@ -1,7 +1,7 @@
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { generateKeyPairSync } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createPrivateKey, generateKeyPairSync } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
@@ -14,8 +14,10 @@ import queue from '../queue/index.js';
 import outbound from '../outbound/index.js';
 import mime7bit from '../mime-7bit/index.js';
 import dkim from './index.js';
+import type { PetrelConfigInput } from '../../core/index.js';
+import { hashPassword } from '../users/password.js';
+import { writeUsersFile } from '../users/users-file.js';
 import { recordText } from './dns-record.js';
-import { createPrivateKey } from 'node:crypto';
 
 /**
  * Mail Petrel signs, delivered through `outbound` to a real SMTP peer, verified by two
@@ -56,11 +58,13 @@ async function startSigner(
   dns: Dnsmasq,
   peer: Peer,
   dkimConfig: Record<string, unknown>,
+  before: NonNullable<PetrelConfigInput['plugins']> = [],
 ): Promise<TestServer> {
   const srv = await startServer({
     plugins: [acceptAllRecipients, dkim, mime7bit, queue, outbound],
     config: { dns: { servers: [dns.server] }, localDomains: ['local.test'] },
     entries: [
+      ...before,
       'test-accept-rcpt',
       { name: 'dkim', config: dkimConfig },
       'mime-7bit',
@@ -82,6 +86,8 @@ interface Mail {
   readonly headers?: string;
   readonly body: Buffer | string;
   readonly localAddress?: string;
+  /** An `AUTH PLAIN …` line, sent after STARTTLS. */
+  readonly auth?: string;
 }
 
 /** Sends one message over SMTP (to bob@remote.test) and returns the queue id. */
@@ -89,6 +95,12 @@ async function send(port: number, mail: Mail): Promise<string> {
   const c = await SmtpClient.connect(port, '127.0.0.1', { localAddress: mail.localAddress ?? '127.0.0.1' });
   await c.expect(/^220 /);
   await c.ehlo();
+  if (mail.auth) {
+    await c.cmd('STARTTLS', /^220 /);
+    await c.upgrade();
+    await c.ehlo();
+    await c.cmd(mail.auth, /^235 /);
+  }
   await c.cmd(`MAIL FROM:<${mail.mailFrom ?? 'alice@crepes.test'}>${mail.params ?? ''}`, /^250 /);
   await c.cmd('RCPT TO:<bob@remote.test>', /^250 /);
   await c.cmd('DATA', /^354 /);
@@ -297,6 +309,35 @@ describe('dkim: which mail is signed', () => {
     assert.deepEqual(await dkimpyVerify(ours, dns.server), [{ ok: true, error: null }]);
   });
 
+  it('signs mail from an authenticated user on the MX listener, not the same mail without AUTH', async (t) => {
+    if (!(await peers(t))) return;
+    const keys = makeKeys(t);
+    const dns = await startDnsmasq(t, { txt: keys.records });
+    if (!dns) return;
+    const usersFile = join(keys.dir, 'users.json');
+    await writeUsersFile(usersFile, {
+      users: {
+        'alice@crepes.test': { password: await hashPassword('pancake batter', { N: 1024, r: 8, p: 1 }) },
+      },
+    });
+    const port = await freePortOn(['127.0.0.1']);
+    const peer = await smtpPeer(t, '127.0.0.1', port);
+    const srv = await startSigner(
+      t,
+      dns,
+      peer,
+      { keyDir: keys.dir, domains: { [DOMAIN]: ['rsa1'] }, trustedNetworks: [] },
+      [{ name: 'users', config: { usersFile, auth: { delayMs: 0 } } }],
+    );
+    await send(srv.port, { body: 'no AUTH\r\n' });
+    assert.equal(signatures(await nth(peer, 0)).length, 0, 'no AUTH, not trusted: not signed');
+    const auth = `AUTH PLAIN ${Buffer.from('\0alice@crepes.test\0pancake batter').toString('base64')}`;
+    await send(srv.port, { auth, body: 'with AUTH\r\n' });
+    const signed = await nth(peer, 1);
+    assert.equal(signatures(signed).length, 1, 'an authenticated user: signed');
+    assert.deepEqual(await dkimpyVerify(signed, dns.server), [{ ok: true, error: null }]);
+  });
+
   it('signs a subdomain with its parent domain; a domain without a key goes unsigned, and the log says so', async (t) => {
     if (!(await peers(t))) return;
     const keys = makeKeys(t);
@@ -375,5 +416,54 @@ describe('dkim: a key that cannot be read', () => {
       'the failed transform',
     );
     assert.equal(peer.messages.length, 0, 'nothing was sent unsigned');
+  });
+});
+
+describe('dkim: bounded memory, and keys read again on reload', () => {
+  it('signs a message larger than memoryLimit through an unlinked temporary file', async (t) => {
+    if (!(await peers(t))) return;
+    const keys = makeKeys(t);
+    const dns = await startDnsmasq(t, { txt: keys.records });
+    if (!dns) return;
+    const tempDir = mkdtempSync(join(tmpdir(), 'petrel-dkim-spill-'));
+    t.after(() => rmSync(tempDir, { recursive: true, force: true }));
+    const port = await freePortOn(['127.0.0.1']);
+    const peer = await smtpPeer(t, '127.0.0.1', port);
+    const srv = await startSigner(t, dns, peer, {
+      keyDir: keys.dir,
+      domains: { [DOMAIN]: ['rsa1', 'ed1'] },
+      memoryLimit: 64 * 1024,
+      tempDir,
+    });
+    const line = 'The quick brown fox jumps over the lazy dog, again and again and again.\r\n';
+    await send(srv.port, { body: line.repeat(6000) }); // ~440 KB
+    const got = await nth(peer, 0);
+    assert.ok(got.length > 400_000);
+    assert.deepEqual(await dkimpyVerify(got, dns.server), [
+      { ok: true, error: null },
+      { ok: true, error: null },
+    ]);
+    assert.deepEqual(readdirSync(tempDir), [], 'nothing is left in the temporary folder');
+  });
+
+  it('reads the keys again on reload: a key added later signs the next message', async (t) => {
+    if (!(await peers(t))) return;
+    const keys = makeKeys(t);
+    const dns = await startDnsmasq(t, { txt: keys.records });
+    if (!dns) return;
+    const port = await freePortOn(['127.0.0.1']);
+    const peer = await smtpPeer(t, '127.0.0.1', port);
+    const pem = join(keys.dir, DOMAIN, 'rsa1.pem');
+    const hidden = join(keys.dir, 'rsa1.pem.away');
+    renameSync(pem, hidden);
+    const srv = await startSigner(t, dns, peer, { keyDir: keys.dir, domains: { [DOMAIN]: ['rsa1'] } });
+    await send(srv.port, { body: 'before\r\n' });
+    assert.equal(signatures(await nth(peer, 0)).length, 0);
+    renameSync(hidden, pem);
+    await srv.app.reload(srv.config);
+    assert.ok(srv.logs.some((l) => l.msg === 'DKIM key loaded' && l.selector === 'rsa1'));
+    await send(srv.port, { body: 'after\r\n' });
+    const after = await nth(peer, 1);
+    assert.deepEqual(await dkimpyVerify(after, dns.server), [{ ok: true, error: null }]);
   });
 });

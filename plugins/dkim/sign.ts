@@ -42,10 +42,16 @@ export class MessageCopy {
   }
 
   private async add(chunk: Buffer): Promise<void> {
-    if (!this.file && this.inMemory + chunk.length <= this.memoryLimit) {
-      this.chunks.push(chunk);
-      this.inMemory += chunk.length;
-      return;
+    if (!this.file) {
+      // Memory holds the start of the message (the header block is read from it), up to the limit.
+      const room = this.memoryLimit - this.inMemory;
+      const head = chunk.length <= room ? chunk : chunk.subarray(0, room);
+      if (head.length) {
+        this.chunks.push(head);
+        this.inMemory += head.length;
+      }
+      if (head.length === chunk.length) return;
+      chunk = chunk.subarray(head.length);
     }
     if (!this.file) {
       const path = join(this.tempDir, `petrel-dkim-${newId()}.tmp`);
