@@ -1,8 +1,9 @@
 /**
- * Types for the one mailauth module the dkim plugin uses beyond its typed entry points: the
- * signer class behind `dkimSign` and `DkimSignStream` (mailauth 7, lib/dkim/dkim-signer.js).
- * The plugin subclasses it to oversign (see sign.ts); its tests verify every signature with
- * dkimpy and OpenDKIM, so a change in these internals shows as failing tests, not bad mail.
+ * Types for the parts of mailauth 7 the dkim plugin uses beyond its typed entry points: the
+ * signer class behind `dkimSign` and `DkimSignStream` (lib/dkim/dkim-signer.js), which the
+ * plugin subclasses (see sign.ts), and the helpers its `finalize` calls. The plugin's tests
+ * verify every signature with dkimpy and OpenDKIM, so a change in these internals shows as
+ * failing tests, not as bad mail.
  */
 declare module 'mailauth/lib/dkim/dkim-signer.js' {
   import { Writable } from 'node:stream';
@@ -34,17 +35,53 @@ declare module 'mailauth/lib/dkim/dkim-signer.js' {
   }
 
   export class DkimSigner extends Writable {
-    constructor(options: {
-      canonicalization?: string;
-      headerList?: string | string[];
-      signatureData: SignatureData[];
-      signTime?: Date;
-    });
+    constructor(options: { canonicalization?: string; signatureData: SignatureData[] });
+    /** The parsed header block, once the body starts. */
+    protected headers: ParsedHeaders;
+    /** One body hash per canonicalization and hash algorithm; `hash` (base64) is set before `finalize`. */
+    protected bodyHashes: Map<string, { hash: string | null }>;
     /** One `DKIM-Signature: …` line (folded, no final CRLF) per signature made. */
     signatureHeaders: string[];
     errors: SignerError[];
-    warnings: string[];
-    /** Called once the header block is parsed, before the body is hashed. */
-    messageHeaders(headers: ParsedHeaders): Promise<void>;
+    /** Runs once the body hash is known: makes the signatures. */
+    protected finalize(): Promise<void>;
   }
+}
+
+declare module 'mailauth/lib/dkim/header/index.js' {
+  import type { ParsedHeaderLine } from 'mailauth/lib/dkim/dkim-signer.js';
+
+  /** The header data a signature covers (RFC 6376 §3.7), and the tags of the signature field. */
+  export function generateCanonicalizedHeader(
+    type: 'DKIM',
+    signingHeaderLines: { keys: string; headers: ParsedHeaderLine[] },
+    options: {
+      signingDomain: string;
+      selector: string;
+      algorithm: string;
+      canonicalization: string;
+      bodyHash: string;
+      /** `t=` in seconds. */
+      timestamp: number;
+      /** `x=`; false leaves it out. */
+      expiration: false | number;
+    },
+  ): { canonicalizedHeader: Buffer; dkimHeaderOpts: Record<string, unknown> };
+}
+
+declare module 'mailauth/lib/tools.js' {
+  import type { ParsedHeaderLine } from 'mailauth/lib/dkim/dkim-signer.js';
+
+  /** The fields of `fieldNames` (colon-separated) the message has, bottom-up, and their names for `h=`. */
+  export function getSigningHeaderLines(
+    parsed: ParsedHeaderLine[],
+    fieldNames: string,
+  ): { keys: string; headers: ParsedHeaderLine[] };
+
+  /** A `DKIM-Signature: …` line from its tags, folded when `folded`. */
+  export function formatSignatureHeaderLine(
+    type: 'DKIM',
+    values: Record<string, unknown>,
+    folded: boolean,
+  ): string;
 }

@@ -3,7 +3,10 @@ import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { domainToASCII } from 'node:url';
-import { DkimSigner, type ParsedHeaders } from 'mailauth/lib/dkim/dkim-signer.js';
+import { createHash, sign } from 'node:crypto';
+import { DkimSigner } from 'mailauth/lib/dkim/dkim-signer.js';
+import { generateCanonicalizedHeader } from 'mailauth/lib/dkim/header/index.js';
+import { formatSignatureHeaderLine, getSigningHeaderLines } from 'mailauth/lib/tools.js';
 import { Headers, newId } from '../../core/index.js';
 import type { SigningKey } from './keys.js';
 
@@ -113,28 +116,82 @@ export function fromDomain(headerBlock: Buffer): string | null {
 }
 
 /**
- * mailauth's signer, with oversigning: mailauth lists in `h=` only the fields the message has.
- * The names in `oversign` are appended once more to `h=` (after every real instance), where a
- * verifier finds no field left for them and hashes nothing (RFC 6376 §5.4.2) — the signed data is
- * exactly mailauth's, only `h=` is longer. `h=` is made of the fields' names as parsed; the
- * topmost signed field is the last one listed, so the extra names ride on its name.
+ * mailauth's signer with the last step done here. mailauth parses the header block and hashes
+ * the body (relaxed canonicalization, RFC 6376 §3.4.4 — the part other libraries get wrong);
+ * `finalize`, which mailauth runs once the body hash is known, is replaced so that
+ *
+ * - **the keys are parsed once**, at setup: mailauth would parse the PEM and read the key's
+ *   details for every signature, which costs a third as much as the RSA signature itself;
+ * - **the private-key operation runs on libuv's thread pool** (`crypto.sign` with a callback),
+ *   not on the event loop, which meanwhile serves the other sessions;
+ * - **oversigning**: mailauth lists in `h=` only the fields the message has. The names in
+ *   `oversign` are appended to `h=` after every real instance, where a verifier finds no field
+ *   left for them and hashes nothing (RFC 6376 §5.4.2); the signed data is otherwise exactly
+ *   what mailauth would sign.
+ *
+ * The header canonicalization and the formatting of the `DKIM-Signature:` field are mailauth's
+ * own functions.
  */
-class OversigningSigner extends DkimSigner {
-  constructor(
-    options: ConstructorParameters<typeof DkimSigner>[0],
-    private readonly signed: ReadonlySet<string>,
-    private readonly oversign: readonly string[],
-  ) {
-    super(options);
+class PetrelSigner extends DkimSigner {
+  constructor(private readonly job: SignOptions & { readonly fieldNames: string }) {
+    super({
+      canonicalization: 'relaxed/relaxed',
+      // mailauth sets up one body hash (relaxed, sha256) for these; the keys themselves are ours.
+      signatureData: job.keys.map((k) => ({
+        signingDomain: k.domain,
+        selector: k.selector,
+        privateKey: k.pem,
+        algorithm: k.algorithm,
+      })),
+    });
   }
 
-  override async messageHeaders(headers: ParsedHeaders): Promise<void> {
-    if (this.oversign.length) {
-      const topmost = headers.parsed.find((h) => this.signed.has(h.key));
-      if (topmost) topmost.casedKey = [topmost.casedKey, ...this.oversign].join(': ');
+  override async finalize(): Promise<void> {
+    const bodyHash = [...this.bodyHashes.values()][0]?.hash;
+    const lines = getSigningHeaderLines(this.headers.parsed, this.job.fieldNames);
+    if (!bodyHash || !lines.headers.some((h) => h.key === 'from')) {
+      // RFC 6376 §5.4: From must be signed; without one there is nothing to sign.
+      for (const k of this.job.keys) {
+        this.errors.push({ selector: k.selector, signingDomain: k.domain, err: new Error('no From header') });
+      }
+      return;
     }
-    return super.messageHeaders(headers);
+    const signing = { keys: [lines.keys, ...this.job.oversign].join(': '), headers: lines.headers };
+    const timestamp = Math.floor(Date.now() / 1000);
+    const made = await Promise.all(
+      this.job.keys.map(async (k) => {
+        const { canonicalizedHeader, dkimHeaderOpts } = generateCanonicalizedHeader('DKIM', signing, {
+          signingDomain: k.domain,
+          selector: k.selector,
+          algorithm: k.algorithm,
+          canonicalization: 'relaxed/relaxed',
+          bodyHash,
+          timestamp,
+          expiration: false,
+        });
+        try {
+          dkimHeaderOpts.b = (await signHeader(k, canonicalizedHeader)).toString('base64');
+          return formatSignatureHeaderLine('DKIM', dkimHeaderOpts, true);
+        } catch (err) {
+          this.errors.push({ selector: k.selector, signingDomain: k.domain, err: err as Error });
+          return null;
+        }
+      }),
+    );
+    for (const line of made) if (line) this.signatureHeaders.push(line);
   }
+}
+
+/**
+ * The signature over the canonicalized header: RSA-SHA256 (RFC 6376 §3.3.1), or Ed25519 over
+ * its SHA-256 digest (RFC 8463 §3), on the thread pool.
+ */
+function signHeader(key: SigningKey, data: Buffer): Promise<Buffer> {
+  const rsa = key.algorithm === 'rsa-sha256';
+  const input = rsa ? data : createHash('sha256').update(data).digest();
+  return new Promise((resolve, reject) => {
+    sign(rsa ? 'sha256' : null, input, key.key, (err, sig) => (err ? reject(err) : resolve(sig)));
+  });
 }
 
 export interface SignOptions {
@@ -152,25 +209,13 @@ export interface SignResult {
 
 /** Signs the message with every key (relaxed/relaxed, RFC 6376 §3.4.2 and §3.4.4). */
 export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<SignResult> {
-  const headerList = [...new Set([...opts.headers, ...opts.oversign].map((h) => h.toLowerCase()))];
-  const signer = new OversigningSigner(
-    {
-      canonicalization: 'relaxed/relaxed',
-      headerList,
-      signatureData: opts.keys.map((k) => ({
-        signingDomain: k.domain,
-        selector: k.selector,
-        privateKey: k.pem,
-        algorithm: k.algorithm,
-      })),
-    },
-    new Set(headerList),
-    opts.oversign,
-  );
+  const signer = new PetrelSigner({ ...opts, fieldNames: [...new Set(opts.headers)].join(':') });
   const done = new Promise<void>((resolve, reject) => {
     signer.once('finish', resolve);
     signer.once('error', reject);
   });
+  // A write error rejects `done` too; it is awaited below, or the loop's own await threw first.
+  done.catch(() => undefined);
   for await (const chunk of copy.octets(false)) {
     if (!signer.write(chunk)) await once(signer, 'drain');
   }
