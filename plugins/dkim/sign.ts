@@ -228,13 +228,18 @@ export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<Si
   };
 }
 
-/** The signed message: the signatures, then the octets exactly as hashed. */
+/**
+ * The signed message: the signatures, then the octets exactly as hashed. The temporary file, if
+ * any, is closed when the stream ends or is destroyed, also when it was never read.
+ */
 export function signedStream(signatures: Buffer, copy: MessageCopy): Readable {
-  return Readable.from(
+  const stream = Readable.from(
     (async function* () {
       if (signatures.length) yield signatures;
       yield* copy.octets(true);
     })(),
     { objectMode: false },
   );
+  stream.once('close', () => void copy.discard());
+  return stream;
 }
