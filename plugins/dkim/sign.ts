@@ -75,6 +75,11 @@ export class MessageCopy {
   }
 
   /** The whole message again, from the start; `release` closes the file after its last read. */
+  /** The whole message is in memory (`chunks`): no file to read back. */
+  get inMemoryOnly(): boolean {
+    return this.file === null;
+  }
+
   async *octets(release: boolean): AsyncGenerator<Buffer> {
     try {
       yield* this.chunks;
@@ -216,8 +221,13 @@ export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<Si
   });
   // A write error rejects `done` too; it is awaited below, or the loop's own await threw first.
   done.catch(() => undefined);
-  for await (const chunk of copy.octets(false)) {
-    if (!signer.write(chunk)) await once(signer, 'drain');
+  if (copy.inMemoryOnly) {
+    // Already in memory: hand it over at once (the signer buffers what it has not processed).
+    for (const chunk of copy.chunks) signer.write(chunk);
+  } else {
+    for await (const chunk of copy.octets(false)) {
+      if (!signer.write(chunk)) await once(signer, 'drain');
+    }
   }
   signer.end();
   await done;
@@ -233,6 +243,11 @@ export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<Si
  * any, is closed when the stream ends or is destroyed, also when it was never read.
  */
 export function signedStream(signatures: Buffer, copy: MessageCopy): Readable {
+  if (copy.inMemoryOnly) {
+    return Readable.from(signatures.length ? [signatures, ...copy.chunks] : copy.chunks, {
+      objectMode: false,
+    });
+  }
   const stream = Readable.from(
     (async function* () {
       if (signatures.length) yield signatures;
