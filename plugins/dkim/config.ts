@@ -155,7 +155,7 @@ export const dkimConfig = z
      * How long the decision to sign a message is remembered (from acceptance to its last delivery
      * attempt): at least the queue's `lifetime`.
      */
-    remember: duration.default(30 * 24 * 3600 * 1000),
+    remember: duration.default(7 * 24 * 3600 * 1000),
   })
   .strict();
 

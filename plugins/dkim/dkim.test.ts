@@ -59,6 +59,7 @@ async function startSigner(
   peer: Peer,
   dkimConfig: Record<string, unknown>,
   before: NonNullable<PetrelConfigInput['plugins']> = [],
+  queueConfig: Record<string, unknown> = {},
 ): Promise<TestServer> {
   const srv = await startServer({
     plugins: [acceptAllRecipients, dkim, mime7bit, queue, outbound],
@@ -68,7 +69,7 @@ async function startSigner(
       'test-accept-rcpt',
       { name: 'dkim', config: dkimConfig },
       'mime-7bit',
-      'queue',
+      { name: 'queue', config: queueConfig },
       {
         name: 'outbound',
         config: { smarthost: { host: '127.0.0.1', port: peer.port, tls: 'opportunistic' } },
@@ -364,6 +365,28 @@ describe('dkim: which mail is signed', () => {
     assert.ok(line, 'a log line for the unsigned message');
     assert.match(String(line.msg), /no DKIM key for galettes\.test.*sent unsigned/);
     assert.equal(line.onError, 'send-unsigned');
+  });
+});
+
+describe('dkim: each delivery attempt is signed', () => {
+  it('signs a retried delivery too, reading the decision back from the State service', async (t) => {
+    if (!(await peers(t))) return;
+    const keys = makeKeys(t);
+    const dns = await startDnsmasq(t, { txt: keys.records });
+    if (!dns) return;
+    const port = await freePortOn(['127.0.0.1']);
+    let refused = 0;
+    const peer = await smtpPeer(t, '127.0.0.1', port, {
+      // The first attempt is refused after the message was sent: the queue tries again.
+      data: () => (refused++ === 0 ? { code: 451, message: 'try again' } : null),
+    });
+    const srv = await startSigner(t, dns, peer, { keyDir: keys.dir, domains: { [DOMAIN]: ['rsa1'] } }, [], {
+      retry: '1s...',
+    });
+    await send(srv.port, { body: 'second time lucky\r\n' });
+    const got = await nth(peer, 0);
+    assert.equal(refused, 2, 'delivered at the second attempt');
+    assert.deepEqual(await dkimpyVerify(got, dns.server), [{ ok: true, error: null }]);
   });
 });
 

@@ -39,6 +39,11 @@ export default definePlugin({
       throw new Error(`dkim: defaultDomain ${config.defaultDomain} is not one of domains`);
     }
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
+    // Messages this process marked and has not delivered yet: most are delivered by the worker
+    // that received them, soon after, and need not be read back from the State store. The store
+    // stays the record (a restart, a reload, another worker); this is only a shortcut, bounded.
+    const markedHere = new Set<string>();
+    const MARKED_HERE_MAX = 10_000;
 
     // Keys are read and checked once per plugin set (at start and at each reload), never per message.
     const keys = await loadKeys(keyLocations(config, baseDir));
@@ -79,12 +84,18 @@ export default definePlugin({
         // than mail of ours going out unsigned unnoticed.
         const ours =
           session.user !== null || session.listener.kind !== 'smtp' || trusted(session.remote.address);
-        if (ours) await state.set(signKey(transaction.id), '1', { ttlMs: config.remember });
+        if (ours) {
+          await state.set(signKey(transaction.id), '1', { ttlMs: config.remember });
+          if (markedHere.size >= MARKED_HERE_MAX) markedHere.delete(markedHere.values().next().value!);
+          markedHere.add(transaction.id);
+        }
         return proceed();
       },
 
       async transform({ message, content }) {
-        if ((await state.get(signKey(message.id))) === null) return content;
+        // Each delivery of the message is signed; the first one here clears the shortcut.
+        const ours = markedHere.delete(message.id) || (await state.get(signKey(message.id))) !== null;
+        if (!ours) return content;
         const copy = await MessageCopy.of(content, config.memoryLimit, tempDir);
         const from = fromDomain(copy.headerBlock());
         const domain = signingDomainFor(from, configured, config);
