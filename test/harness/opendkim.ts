@@ -67,16 +67,24 @@ function workspace(dns: string, lines: string[]): { dir: string; conf: string; d
 }
 
 export interface OpendkimVerdict {
-  /** OpenDKIM said `verification (…) succeeded`. */
+  /** Every signature has a `pass` in OpenDKIM's Authentication-Results (and there is one). */
   readonly ok: boolean;
-  /** Its `verification (s=…, d=…, 2048-bit key) succeeded` or `… failed: <reason>` lines. */
+  /** One entry per signature, in order, from the Authentication-Results OpenDKIM would add. */
+  readonly results: readonly {
+    readonly result: string;
+    readonly domain: string;
+    readonly selector: string;
+    readonly algorithm: string;
+  }[];
+  /** Its `verification (s=…, d=…, 2048-bit key) succeeded` or `… failed: <reason>` lines (about one signature). */
   readonly lines: readonly string[];
   readonly output: string;
 }
 
 /**
- * Verifies `message` with `opendkim -t` (verify mode), keys from DNS at `dns`. OpenDKIM reports
- * one signature per message (the one it chose); `lines` has what it said.
+ * Verifies `message` with `opendkim -t` (verify mode), keys from DNS at `dns`. Each signature's
+ * result is read from the `Authentication-Results` field OpenDKIM prints in its debug output
+ * (`dkim=pass … header.d=… header.a=… header.s=…`).
  */
 export async function opendkimVerify(message: Buffer, dns: string): Promise<OpendkimVerdict> {
   const ws = workspace(dns, ['Mode v']);
@@ -85,7 +93,17 @@ export async function opendkimVerify(message: Buffer, dns: string): Promise<Open
     writeFileSync(file, message);
     const { output } = await run(OPENDKIM, ['-x', ws.conf, '-t', file, '-vvv']);
     const lines = output.split('\n').filter((l) => /verification \(.*\) (succeeded|failed)/.test(l));
-    return { ok: lines.length > 0 && lines.every((l) => /succeeded/.test(l)), lines, output };
+    // One entry per line: `dkim=pass (2048-bit key; unprotected) header.d=… header.s=…;`
+    const tag = (entry: string, name: string): string =>
+      new RegExp(`header\\.${name}=([^\\s;']+)`).exec(entry)?.[1] ?? '';
+    const ar = /hname='Authentication-Results' hvalue='([^']*)'/.exec(output)?.[1] ?? '';
+    const results = [...ar.matchAll(/\bdkim=([a-z]+)\b([^\n]*)/g)].map((m) => ({
+      result: m[1]!,
+      domain: tag(m[2]!, 'd'),
+      selector: tag(m[2]!, 's'),
+      algorithm: tag(m[2]!, 'a'),
+    }));
+    return { ok: results.length > 0 && results.every((r) => r.result === 'pass'), results, lines, output };
   } finally {
     ws.done();
   }
