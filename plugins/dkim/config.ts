@@ -157,7 +157,16 @@ export const dkimConfig = z
      */
     remember: duration.default(7 * 24 * 3600 * 1000),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    if (c.defaultDomain && !(c.defaultDomain in c.domains)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['defaultDomain'],
+        message: `${c.defaultDomain} has no keys: list it under domains`,
+      });
+    }
+  });
 
 export type DkimConfig = z.output<typeof dkimConfig>;
 

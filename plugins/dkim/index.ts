@@ -35,9 +35,6 @@ export default definePlugin({
     const trusted = trustedMatcher(config.trustedNetworks);
     const tempDir = config.tempDir ?? tmpdir();
     const configured = new Set(Object.keys(config.domains));
-    if (config.defaultDomain && !configured.has(config.defaultDomain)) {
-      throw new Error(`dkim: defaultDomain ${config.defaultDomain} is not one of domains`);
-    }
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
     // Messages this process marked and has not delivered yet: most are delivered by the worker
     // that received them, soon after, and need not be read back from the State store. The store

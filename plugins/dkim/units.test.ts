@@ -4,6 +4,21 @@ import { generateKeyPairSync } from 'node:crypto';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
 import { fromDomain } from './sign.js';
+import { dkimConfig } from './config.js';
+
+describe('dkim: config', () => {
+  it('keeps domains as lower-case A-labels and refuses a default domain without keys', () => {
+    const ok = dkimConfig.parse({ domains: { 'Crêpes.TEST.': ['s1'] }, defaultDomain: 'crêpes.test' });
+    assert.deepEqual(Object.keys(ok.domains), ['xn--crpes-isa.test']);
+    assert.equal(ok.defaultDomain, 'xn--crpes-isa.test');
+    assert.equal(ok.onError, 'send-unsigned');
+    const bad = dkimConfig.safeParse({ domains: { 'crepes.test': ['s1'] }, defaultDomain: 'galettes.test' });
+    assert.ok(!bad.success);
+    assert.deepEqual(bad.error.issues[0]?.path, ['defaultDomain']);
+    assert.ok(!dkimConfig.safeParse({ domains: { 'crepes.test': ['bad selector'] } }).success);
+    assert.ok(!dkimConfig.safeParse({ trustedNetworks: ['10.0.0.0/33'] }).success);
+  });
+});
 
 describe('dkim: the From: domain', () => {
   const of = (from: string): string | null =>
