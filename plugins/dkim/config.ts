@@ -1,7 +1,7 @@
 import { isAbsolute, resolve } from 'node:path';
 import { BlockList, isIP } from 'node:net';
 import { domainToASCII } from 'node:url';
-import { duration, z } from '../../core/index.js';
+import { z } from '../../core/index.js';
 
 /**
  * The dkim plugin's config schema: its own module, so the plugin and its `petrel dkim` command
@@ -151,11 +151,6 @@ export const dkimConfig = z
       .default(1024 * 1024),
     /** Where a larger message waits while it is signed. Default: the system's temporary folder. */
     tempDir: z.string().min(1).optional(),
-    /**
-     * How long the decision to sign a message is remembered (from acceptance to its last delivery
-     * attempt): at least the queue's `lifetime`.
-     */
-    remember: duration.default(7 * 24 * 3600 * 1000),
   })
   .strict()
   .superRefine((c, ctx) => {

@@ -198,6 +198,7 @@ describe('dkim: what Petrel signs verifies with dkimpy and OpenDKIM', () => {
     for (const [i, c] of CASES.entries()) {
       await send(srv.port, c.mail);
       const got = await nth(peer, i);
+      assert.ok(!got.includes('Petrel-DKIM'), `${c.name}: the mark does not leave the server`);
       const sigs = signatures(got);
       assert.deepEqual(
         sigs.map((s) => [s.get('a'), s.get('d'), s.get('s'), s.get('c')]),
@@ -312,11 +313,24 @@ describe('dkim: which mail is signed', () => {
       domains: { [DOMAIN]: ['rsa1'] },
       trustedNetworks: ['127.0.0.1'],
     });
-    // From another server (127.0.0.9 is not trusted): a From: of ours must not get our signature.
+    // From another server (127.0.0.9 is not trusted): a From: of ours must not get our signature,
+    // not even with the plugin's own mark written into the message by the client.
     await send(srv.port, { localAddress: '127.0.0.9', body: 'forged\r\n' });
     assert.equal(signatures(await nth(peer, 0)).length, 0, 'mail from outside is not signed');
+    await send(srv.port, {
+      localAddress: '127.0.0.9',
+      headers: 'Petrel-DKIM: sign\r\nSubject: sign me\r\n',
+      body: 'forged, with the mark\r\n',
+    });
+    const forged = await nth(peer, 1);
+    assert.equal(signatures(forged).length, 0, "a client's mark is not ours");
+    assert.match(
+      forged.toString('latin1'),
+      /^Received: [^]*\r\nPetrel-DKIM: sign\r\n/,
+      'and is left as it was',
+    );
     await send(srv.port, { body: 'ours\r\n' });
-    const ours = await nth(peer, 1);
+    const ours = await nth(peer, 2);
     assert.equal(signatures(ours).length, 1, 'mail from a trusted network is signed');
     assert.deepEqual(await dkimpyVerify(ours, dns.server), [{ ok: true, error: null }]);
   });
@@ -380,7 +394,7 @@ describe('dkim: which mail is signed', () => {
 });
 
 describe('dkim: each delivery attempt is signed', () => {
-  it('signs a retried delivery too, reading the decision back from the State service', async (t) => {
+  it('signs a retried delivery too: the decision travels with the queued message', async (t) => {
     if (!(await peers(t))) return;
     const keys = makeKeys(t);
     const dns = await startDnsmasq(t, { txt: keys.records });

@@ -1,9 +1,10 @@
 import { tmpdir } from 'node:os';
 import type { Readable } from 'node:stream';
-import { definePlugin, proceed, Tokens, type QueuedMessageView } from '../../core/index.js';
+import { definePlugin, proceed, type QueuedMessageView } from '../../core/index.js';
 import { dkimCommand } from './cli.js';
 import { dkimConfig, keyLocations, trustedMatcher } from './config.js';
 import { loadKeys, signingDomainFor } from './keys.js';
+import { MARK_NAME, MARK_VALUE, readHead, rejoined, remainder } from './mark.js';
 import { fromDomain, MessageCopy, signCopy, signedStream } from './sign.js';
 
 export { dkimConfig, type DkimConfig } from './config.js';
@@ -13,13 +14,10 @@ export class DkimSigningError extends Error {
   override readonly name = 'DkimSigningError';
 }
 
-/** The State key that says a queued message is ours to sign. */
-const signKey = (queueId: string): string => `dkim:sign:${queueId}`;
-
 /**
  * dkim — signs outgoing mail (RFC 6376), with RSA and Ed25519 keys (RFC 8463), per `From:`
  * domain. Which mail: what our own users and trusted networks send (decided at `data_post`,
- * where the session is known, and remembered in the State service under the queue id); mail
+ * where the session is known, and carried by the queued message as a mark, see mark.ts); mail
  * from other servers is never signed, so a forged `From:` of ours passing through (an alias
  * forwarding it, say) never gets our signature. How: in the delivery `transform` chain's `sign`
  * phase, after every rewrite (a 7-bit downgrade), for every transport.
@@ -30,18 +28,11 @@ export default definePlugin({
   // The signature covers the octets as sent: it must come after anything that changes them.
   transformPhase: 'sign',
   commands: { dkim: dkimCommand },
-  async setup({ config, log, baseDir, resolve }) {
-    const state = resolve(Tokens.State);
+  async setup({ config, log, baseDir }) {
     const trusted = trustedMatcher(config.trustedNetworks);
     const tempDir = config.tempDir ?? tmpdir();
     const configured = new Set(Object.keys(config.domains));
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
-    // Messages this process marked and has not delivered yet: most are delivered by the worker
-    // that received them, soon after, and need not be read back from the State store. The store
-    // stays the record (a restart, a reload, another worker); this is only a shortcut, bounded.
-    const markedHere = new Set<string>();
-    const MARKED_HERE_MAX = 10_000;
-
     // Keys are read and checked once per plugin set (at start and at each reload), never per message.
     const keys = await loadKeys(keyLocations(config, baseDir));
     for (const [domain, { keys: usable, problems }] of keys) {
@@ -75,25 +66,20 @@ export default definePlugin({
     };
 
     return {
-      async data_post({ session, transaction }) {
+      async data_post({ session, prependHeader }) {
         // Ours to sign: an authenticated user, any submission listener (AUTH is required there),
-        // or a trusted network. A State failure propagates: 451, the client tries again, rather
-        // than mail of ours going out unsigned unnoticed.
+        // or a trusted network. The mark goes above the server's Received: field (mark.ts).
         const ours =
           session.user !== null || session.listener.kind !== 'smtp' || trusted(session.remote.address);
-        if (ours) {
-          await state.set(signKey(transaction.id), '1', { ttlMs: config.remember });
-          if (markedHere.size >= MARKED_HERE_MAX) markedHere.delete(markedHere.values().next().value!);
-          markedHere.add(transaction.id);
-        }
+        if (ours) prependHeader(MARK_NAME, MARK_VALUE);
         return proceed();
       },
 
       async transform({ message, content }) {
-        // Each delivery of the message is signed; the first one here clears the shortcut.
-        const ours = markedHere.delete(message.id) || (await state.get(signKey(message.id))) !== null;
-        if (!ours) return content;
-        const copy = await MessageCopy.of(content, config.memoryLimit, tempDir);
+        // Each delivery of the message is signed (the mark stays in the queued message).
+        const head = await readHead(content);
+        if (!head.marked) return rejoined(head, content);
+        const copy = await MessageCopy.of(head.head, remainder(head), config.memoryLimit, tempDir);
         const from = fromDomain(copy.headerBlock());
         const domain = signingDomainFor(from, configured, config);
         if (!domain) {

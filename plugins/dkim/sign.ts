@@ -32,11 +32,17 @@ export class MessageCopy {
     private readonly tempDir: string,
   ) {}
 
-  /** Reads `content` to its end. A read or write failure closes the file and rejects. */
-  static async of(content: Readable, memoryLimit: number, tempDir: string): Promise<MessageCopy> {
+  /** `first`, then `rest` read to its end. A read or write failure closes the file and rejects. */
+  static async of(
+    first: Buffer,
+    rest: AsyncIterable<unknown>,
+    memoryLimit: number,
+    tempDir: string,
+  ): Promise<MessageCopy> {
     const copy = new MessageCopy(memoryLimit, tempDir);
     try {
-      for await (const c of content) await copy.add(Buffer.isBuffer(c) ? c : Buffer.from(c as string));
+      if (first.length) await copy.add(first);
+      for await (const c of rest) await copy.add(Buffer.isBuffer(c) ? c : Buffer.from(c as string));
     } catch (err) {
       await copy.discard();
       throw err;

@@ -4,6 +4,8 @@ import { generateKeyPairSync } from 'node:crypto';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
 import { fromDomain } from './sign.js';
+import { readHead, rejoined } from './mark.js';
+import { Readable } from 'node:stream';
 import { dkimConfig } from './config.js';
 
 describe('dkim: config', () => {
@@ -95,5 +97,41 @@ describe('dkim: key records', () => {
       ],
     );
     assert.equal(parseTagList('p=a; p=b'), null);
+  });
+});
+
+describe('dkim: the mark', () => {
+  const read = async (chunks: string[]): Promise<{ marked: boolean; text: string }> => {
+    const source = Readable.from(chunks.map((c) => Buffer.from(c)));
+    const head = await readHead(source);
+    const out: Buffer[] = [];
+    for await (const c of rejoined(head, source)) out.push(c as Buffer);
+    return { marked: head.marked, text: Buffer.concat(out).toString() };
+  };
+  const received =
+    'Received: from a (a [192.0.2.1])\r\n\tby mx.test (Petrel) with ESMTP id 1;\r\n\tWed, 02 Dec 2026 05:00:00 +0000\r\n';
+  const rest = 'From: alice@crepes.test\r\nSubject: x\r\n\r\nbody\r\n';
+
+  it('counts above the server’s Received: field, and is taken out of the message', async () => {
+    const r = await read([`X-Other: 1\r\nPetrel-DKIM: sign\r\n${received}${rest}`]);
+    assert.equal(r.marked, true);
+    assert.equal(r.text, `X-Other: 1\r\n${received}${rest}`);
+  });
+  it('is found across chunk boundaries', async () => {
+    const whole = `Petrel-DKIM: sign\r\n${received}${rest}`;
+    const r = await read(whole.match(/[^]{1,5}/g)!);
+    assert.equal(r.marked, true);
+    assert.equal(r.text, `${received}${rest}`);
+  });
+  it('does not count below the Received: field, nor inside another field, and is then left alone', async () => {
+    for (const text of [
+      `${received}Petrel-DKIM: sign\r\n${rest}`,
+      `X-Note: Petrel-DKIM: sign\r\n${received}${rest}`,
+      `Subject: no received field\r\n\r\nPetrel-DKIM: sign\r\n`,
+    ]) {
+      const r = await read([text]);
+      assert.equal(r.marked, false, text);
+      assert.equal(r.text, text);
+    }
   });
 });
