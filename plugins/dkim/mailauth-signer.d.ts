@@ -45,6 +45,14 @@ declare module 'mailauth/lib/dkim/dkim-signer.js' {
     errors: SignerError[];
     /** Runs once the body hash is known: makes the signatures. */
     protected finalize(): Promise<void>;
+    /** Octets written so far (after line-break repair). */
+    protected byteLength: number;
+    /** The last octet written, to tell a CRLF split across two chunks. */
+    protected lastByte: number | undefined;
+    /** `_write`'s work: repairs bare LFs, then hands the octets to `processChunk`. */
+    protected writeAsync(chunk: Buffer | string, encoding?: BufferEncoding): Promise<void>;
+    /** Splits the header block from the body and hashes the body. */
+    protected processChunk(chunk: Buffer): Promise<void>;
   }
 }
 

@@ -3,7 +3,9 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
-import { fromDomain } from './sign.js';
+import { fromDomain, MessageCopy, signCopy } from './sign.js';
+import { tmpdir } from 'node:os';
+import { dkimVerify } from 'mailauth';
 import { readHead, rejoined } from './mark.js';
 import { Readable } from 'node:stream';
 import { dkimConfig } from './config.js';
@@ -132,6 +134,44 @@ describe('dkim: the mark', () => {
       const r = await read([text]);
       assert.equal(r.marked, false, text);
       assert.equal(r.text, text);
+    }
+  });
+});
+
+describe('dkim: signing, checked by mailauth', () => {
+  it('signs CRLF, bare-LF and mixed messages, whatever the chunking, so that they verify', async () => {
+    const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+    const key = {
+      domain: 'crepes.test',
+      selector: 's1',
+      algorithm: 'rsa-sha256' as const,
+      key: rsa,
+      pem: Buffer.from(rsa.export({ type: 'pkcs8', format: 'pem' })),
+      file: '',
+    };
+    const zone = new Map([['s1._domainkey.crepes.test', [[recordText(rsa)]]]]);
+    const resolver = async (name: string): Promise<string[][]> => {
+      const r = zone.get(name);
+      if (r) return r;
+      throw Object.assign(new Error('not found'), { code: 'ENOTFOUND' });
+    };
+    const crlf = 'From: alice@crepes.test\r\nSubject: lines\r\n\r\nfirst  \r\nsecond\t\r\n\r\n';
+    for (const text of [crlf, crlf.replace(/\r\n/g, '\n'), crlf.replace('second\t\r\n', 'second\t\n')]) {
+      const whole = Buffer.from(text);
+      // One chunk, and chunks of 3 octets (CR and LF apart at some boundaries).
+      for (const size of [whole.length, 3]) {
+        const chunks: Buffer[] = [];
+        for (let i = 0; i < whole.length; i += size) chunks.push(whole.subarray(i, i + size));
+        const copy = await MessageCopy.of(chunks[0]!, chunks.slice(1), 1 << 20, tmpdir());
+        const { signatures, failures } = await signCopy(copy, {
+          keys: [key],
+          headers: ['From', 'Subject'],
+          oversign: ['From'],
+        });
+        assert.deepEqual(failures, []);
+        const v = await dkimVerify(Buffer.concat([signatures, whole]), { resolver });
+        assert.equal(v.results[0]?.status.result, 'pass', `${JSON.stringify(text)} in chunks of ${size}`);
+      }
     }
   });
 });
