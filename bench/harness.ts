@@ -25,7 +25,8 @@ export const EX_UNAVAILABLE = 69;
  * What a run measured: Petrel with one worker (`petrel`, the figures of earlier versions, which
  * ran in one process), Petrel with n workers (`petrel×n`), or smtp-sink.
  */
-export type Target = 'petrel' | `petrel×${number}` | 'smtp-sink';
+/** `petrel+<feature>`: one worker with a feature on (the relay bench's `petrel+dkim`). */
+export type Target = 'petrel' | `petrel×${number}` | `petrel+${string}` | 'smtp-sink';
 
 /** The numbers of workers each benchmark runs Petrel with, side by side with smtp-sink. */
 export const WORKER_COUNTS = [1, 2] as const;

@@ -11,12 +11,17 @@
  * message delivered to that sink. Every run must deliver every message, with none deferred or
  * failed.
  *
+ * A third Petrel, one worker, relays the same way with the `dkim` plugin signing every message
+ * with an RSA-2048 key (`petrel+dkim`); its rate is compared with the one-worker Petrel's, in
+ * the same run: at 50 sessions and 1 KB it should keep at least three quarters of it.
+ *
  * Figures are written to var/bench-relay-results.json. Environment: BENCH_SCALE multiplies the
  * message counts (default 1); BENCH_DIR is the folder for the queue (default: the system's
  * temporary folder, unless that is in memory, then var/ in the repository); BENCH_PROFILE=1 has
  * each of Petrel's processes write a CPU profile into var/profiles/.
  */
-import { mkdirSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
+import { generateKeyPairSync } from 'node:crypto';
+import { mkdirSync, mkdtempSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -71,6 +76,8 @@ const BASE_COUNT: Record<number, Record<number, number>> = {
 const ROUNDS = 3;
 /** The goal: at 50 sessions and 1 KB, at least a quarter of smtp-sink's direct rate. */
 const TARGET_RATIO = 0.25;
+/** The goal for signing: at 50 sessions and 1 KB, at least this share of the rate without it. */
+const DKIM_TARGET_RATIO = 0.75;
 /** How long Petrel may take to deliver a run's messages after the client is done. */
 const DRAIN_TIMEOUT_MS = 60_000;
 
@@ -164,6 +171,15 @@ function relayProbe(petrel: Server): Probe {
   };
 }
 
+/** The one-worker relay rate with DKIM signing over the rate without, at 50 sessions and 1 KB. */
+function signingRatio(runs: readonly Run[]): number | null {
+  const find = (target: string): Run | undefined =>
+    runs.find((r) => r.target === target && r.size === 1 * KB && r.sessions === 50 && !r.failure);
+  const signed = find('petrel+dkim');
+  const plain = find('petrel');
+  return signed && plain ? signed.perSecond / plain.perSecond : null;
+}
+
 /** One run; for Petrel the time and rate are those to the last delivery, not the last `250`. */
 async function measure(
   source: string,
@@ -220,6 +236,36 @@ async function main(): Promise<number> {
           `${workerPids(petrel).join(', ')}, queue in ${own}) relaying to smtp-sink on ${HOST}:${relaySink.port}`,
       );
     }
+    {
+      // The same relay, one worker, with every message signed (RSA-2048) by the dkim plugin.
+      // smtp-source writes `From: <from@bench.test>` and connects from HOST, a trusted network.
+      const own = join(dir, 'dkim');
+      const keyDir = join(own, 'keys');
+      mkdirSync(join(keyDir, 'bench.test'), { recursive: true });
+      const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+      writeFileSync(
+        join(keyDir, 'bench.test', 'bench.pem'),
+        privateKey.export({ type: 'pkcs8', format: 'pem' }),
+        {
+          mode: 0o600,
+        },
+      );
+      const plugins = [
+        { name: PLUGIN },
+        { name: 'queue', config: { dir: join(own, 'queue'), retry: '1m...' } },
+        // onError defer: a message that somehow went unsigned would fail the run (deferred), not count.
+        { name: 'dkim', config: { keyDir, domains: { 'bench.test': ['bench'] }, onError: 'defer' } },
+        {
+          name: 'outbound',
+          config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
+        },
+      ];
+      const started = await startPetrel(own, plugins, 1, profile);
+      const petrel: Server = { ...started, target: 'petrel+dkim' };
+      servers.push(petrel);
+      petrels.push(petrel);
+      log(`${petrel.target} on ${HOST}:${petrel.port} (primary ${petrel.child.pid}), signing with RSA-2048`);
+    }
     log(`smtp-sink alone on ${HOST}:${smtpSink.port}`);
     const probeOf = (server: Server): Probe | undefined =>
       petrels.includes(server) ? relayProbe(server) : undefined;
@@ -251,6 +297,12 @@ async function main(): Promise<number> {
         ])}\n\n`,
     );
     out.write(ratioLine('Petrel (relay)/smtp-sink (direct) at 50 sessions, 1 KB', ratios, TARGET_RATIO));
+    const dkimRatio = signingRatio(runs);
+    out.write(
+      `Petrel with DKIM signing (RSA-2048)/without at 50 sessions, 1 KB: ` +
+        `${dkimRatio == null ? 'n/a' : dkimRatio.toFixed(2)} ` +
+        `(target ≥ ${DKIM_TARGET_RATIO}: ${dkimRatio == null ? 'not measured' : dkimRatio >= DKIM_TARGET_RATIO ? 'met' : 'NOT met'})\n`,
+    );
     return finishRuns(out, RESULTS, {
       date: new Date().toISOString(),
       machine,
@@ -260,6 +312,8 @@ async function main(): Promise<number> {
       runs,
       ratio50x1KB: ratios,
       targetRatio: TARGET_RATIO,
+      dkimRatio50x1KB: dkimRatio,
+      dkimTargetRatio: DKIM_TARGET_RATIO,
     });
   } finally {
     await Promise.all(servers.map((s) => stop(s.child)));

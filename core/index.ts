@@ -42,7 +42,8 @@ export { newId } from './util/ids.js';
 /** Networks in CIDR notation: check one (for a config schema), or compile a list into a matcher. */
 export { cidrProblem, compileCidrs } from './util/cidr.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
-export type { DnsResolver, MxRecord } from './services/dns.js';
+/** The core's DNS resolver (`dns.servers`, `dns.timeout`): a command builds one from `cli.petrel`. */
+export { DnsResolver, type MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';
 export type { MetricsRegistry } from './services/metrics.js';
 export { StateError, type StateStore } from './services/state.js';
