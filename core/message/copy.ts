@@ -13,7 +13,7 @@ import { newId } from '../util/ids.js';
  * stream made by `stream()` ends or is destroyed, or by `discard()`.
  */
 export class MessageCopy {
-  private readonly chunks: Buffer[] = [];
+  private readonly memory: Buffer[] = [];
   private inMemory = 0;
   private file: FileHandle | null = null;
   private fileSize = 0;
@@ -23,13 +23,17 @@ export class MessageCopy {
     private readonly tempDir: string,
   ) {}
 
-  /** Reads `content` to its end. A read or write failure closes the file and rejects. */
+  /**
+   * Reads `content` to its end (after `first`, octets already read from it). A read or write
+   * failure closes the file and rejects.
+   */
   static async of(
-    content: AsyncIterable<unknown>,
-    opts: { readonly memoryLimit: number; readonly tempDir: string },
+    content: AsyncIterable<unknown> | Iterable<unknown>,
+    opts: { readonly memoryLimit: number; readonly tempDir: string; readonly first?: Buffer },
   ): Promise<MessageCopy> {
     const copy = new MessageCopy(opts.memoryLimit, opts.tempDir);
     try {
+      if (opts.first?.length) await copy.add(opts.first);
       for await (const c of content) await copy.add(Buffer.isBuffer(c) ? c : Buffer.from(c as string));
     } catch (err) {
       await copy.discard();
@@ -43,6 +47,14 @@ export class MessageCopy {
     return this.inMemory + this.fileSize;
   }
 
+  /**
+   * The part held in memory, in order: the whole message when `inMemoryOnly`, so a caller can
+   * hand it on without going through an async iteration.
+   */
+  get chunks(): readonly Buffer[] {
+    return this.memory;
+  }
+
   /** The whole copy is in memory: reading it again costs no I/O. */
   get inMemoryOnly(): boolean {
     return this.file === null;
@@ -53,7 +65,7 @@ export class MessageCopy {
       const room = this.memoryLimit - this.inMemory;
       const head = chunk.length <= room ? chunk : chunk.subarray(0, room);
       if (head.length) {
-        this.chunks.push(head);
+        this.memory.push(head);
         this.inMemory += head.length;
       }
       if (head.length === chunk.length) return;
@@ -68,7 +80,7 @@ export class MessageCopy {
 
   /** The start of the message up to the end of its header block (or all that is in memory). */
   headerBlock(): Buffer {
-    const head = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.inMemory);
+    const head = this.memory.length === 1 ? this.memory[0]! : Buffer.concat(this.memory, this.inMemory);
     const crlf = head.indexOf('\r\n\r\n');
     const lf = head.indexOf('\n\n');
     const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
@@ -78,7 +90,7 @@ export class MessageCopy {
   /** The octets from the start, once more; `release` closes the file after the last one. */
   async *octets(release = false): AsyncGenerator<Buffer> {
     try {
-      yield* this.chunks;
+      yield* this.memory;
       if (this.file) {
         for await (const c of this.file.createReadStream({ start: 0, autoClose: false })) yield c as Buffer;
       }
@@ -93,7 +105,7 @@ export class MessageCopy {
    */
   stream(prefix?: Buffer): Readable {
     if (this.inMemoryOnly) {
-      return Readable.from(prefix?.length ? [prefix, ...this.chunks] : this.chunks, { objectMode: false });
+      return Readable.from(prefix?.length ? [prefix, ...this.memory] : this.memory, { objectMode: false });
     }
     const stream = Readable.from(
       (async function* (copy: MessageCopy) {

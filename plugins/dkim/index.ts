@@ -1,11 +1,11 @@
 import { tmpdir } from 'node:os';
 import type { Readable } from 'node:stream';
-import { definePlugin, proceed, type QueuedMessageView } from '../../core/index.js';
+import { definePlugin, MessageCopy, proceed, type QueuedMessageView } from '../../core/index.js';
 import { dkimCommand } from './cli.js';
 import { dkimConfig, keyLocations, trustedMatcher } from './config.js';
 import { loadKeys, signingDomainFor } from './keys.js';
 import { MARK_NAME, MARK_VALUE, readHead, rejoined, remainder } from './mark.js';
-import { fromDomain, MessageCopy, signCopy, signedStream } from './sign.js';
+import { fromDomain, signCopy } from './sign.js';
 
 export { dkimConfig, type DkimConfig } from './config.js';
 
@@ -62,7 +62,7 @@ export default definePlugin({
         throw new DkimSigningError(`not signed: ${reason}`);
       }
       log.warn(where, `DKIM: message not signed (${reason}); sent unsigned`);
-      return signedStream(Buffer.alloc(0), copy);
+      return copy.stream();
     };
 
     return {
@@ -79,7 +79,11 @@ export default definePlugin({
         // Each delivery of the message is signed (the mark stays in the queued message).
         const head = await readHead(content);
         if (!head.marked) return rejoined(head, content);
-        const copy = await MessageCopy.of(head.head, remainder(head), config.memoryLimit, tempDir);
+        const copy = await MessageCopy.of(remainder(head), {
+          memoryLimit: config.memoryLimit,
+          tempDir,
+          first: head.head,
+        });
         const from = fromDomain(copy.headerBlock());
         const domain = signingDomainFor(from, configured, config);
         if (!domain) {
@@ -115,7 +119,7 @@ export default definePlugin({
           { queueId: message.id, domain, selectors: domainKeys.keys.map((k) => k.selector) },
           'DKIM signed',
         );
-        return signedStream(signed.signatures, copy);
+        return copy.stream(signed.signatures);
       },
     };
   },

@@ -1,13 +1,10 @@
 import { once } from 'node:events';
-import { open, unlink, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
-import { Readable } from 'node:stream';
 import { domainToASCII } from 'node:url';
 import { createHash, sign } from 'node:crypto';
 import { DkimSigner } from 'mailauth/lib/dkim/dkim-signer.js';
 import { generateCanonicalizedHeader } from 'mailauth/lib/dkim/header/index.js';
 import { formatSignatureHeaderLine, getSigningHeaderLines } from 'mailauth/lib/tools.js';
-import { Headers, newId } from '../../core/index.js';
+import { Headers, type MessageCopy } from '../../core/index.js';
 import type { SigningKey } from './keys.js';
 
 /**
@@ -19,90 +16,6 @@ import type { SigningKey } from './keys.js';
  * read back once to hash it and once more to send it. mailauth hashes as it goes and keeps only
  * the header block.
  */
-
-/** The octets of one message, in memory and (past the limit) in an unlinked temporary file. */
-export class MessageCopy {
-  readonly chunks: Buffer[] = [];
-  inMemory = 0;
-  private file: FileHandle | null = null;
-  private fileSize = 0;
-
-  private constructor(
-    private readonly memoryLimit: number,
-    private readonly tempDir: string,
-  ) {}
-
-  /** `first`, then `rest` read to its end. A read or write failure closes the file and rejects. */
-  static async of(
-    first: Buffer,
-    rest: AsyncIterable<unknown> | Iterable<unknown>,
-    memoryLimit: number,
-    tempDir: string,
-  ): Promise<MessageCopy> {
-    const copy = new MessageCopy(memoryLimit, tempDir);
-    try {
-      if (first.length) await copy.add(first);
-      for await (const c of rest) await copy.add(Buffer.isBuffer(c) ? c : Buffer.from(c as string));
-    } catch (err) {
-      await copy.discard();
-      throw err;
-    }
-    return copy;
-  }
-
-  private async add(chunk: Buffer): Promise<void> {
-    if (!this.file) {
-      // Memory holds the start of the message (the header block is read from it), up to the limit.
-      const room = this.memoryLimit - this.inMemory;
-      const head = chunk.length <= room ? chunk : chunk.subarray(0, room);
-      if (head.length) {
-        this.chunks.push(head);
-        this.inMemory += head.length;
-      }
-      if (head.length === chunk.length) return;
-      chunk = chunk.subarray(head.length);
-    }
-    if (!this.file) {
-      const path = join(this.tempDir, `petrel-dkim-${newId()}.tmp`);
-      this.file = await open(path, 'wx+', 0o600);
-      await unlink(path);
-    }
-    await this.file.write(chunk, 0, chunk.length, this.fileSize);
-    this.fileSize += chunk.length;
-  }
-
-  /** The start of the message, up to the end of its header block (or all that is in memory). */
-  headerBlock(): Buffer {
-    const head = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.inMemory);
-    const crlf = head.indexOf('\r\n\r\n');
-    const lf = head.indexOf('\n\n');
-    const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
-    return ends.length ? head.subarray(0, Math.min(...ends)) : head;
-  }
-
-  /** The whole message again, from the start; `release` closes the file after its last read. */
-  /** The whole message is in memory (`chunks`): no file to read back. */
-  get inMemoryOnly(): boolean {
-    return this.file === null;
-  }
-
-  async *octets(release: boolean): AsyncGenerator<Buffer> {
-    try {
-      yield* this.chunks;
-      if (this.file) {
-        for await (const c of this.file.createReadStream({ start: 0, autoClose: false })) yield c as Buffer;
-      }
-    } finally {
-      if (release) await this.discard();
-    }
-  }
-
-  async discard(): Promise<void> {
-    const f = this.file;
-    this.file = null;
-    await f?.close().catch(() => undefined);
-  }
-}
 
 /**
  * The domain of the one `From:` mailbox (RFC 5322 §3.6.2), as a lower-case A-label; null when the
@@ -266,25 +179,4 @@ export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<Si
     signatures: Buffer.from(text),
     failures: signer.errors.map((e) => ({ selector: e.selector ?? '?', reason: e.err.message })),
   };
-}
-
-/**
- * The signed message: the signatures, then the octets exactly as hashed. The temporary file, if
- * any, is closed when the stream ends or is destroyed, also when it was never read.
- */
-export function signedStream(signatures: Buffer, copy: MessageCopy): Readable {
-  if (copy.inMemoryOnly) {
-    return Readable.from(signatures.length ? [signatures, ...copy.chunks] : copy.chunks, {
-      objectMode: false,
-    });
-  }
-  const stream = Readable.from(
-    (async function* () {
-      if (signatures.length) yield signatures;
-      yield* copy.octets(true);
-    })(),
-    { objectMode: false },
-  );
-  stream.once('close', () => void copy.discard());
-  return stream;
 }

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
-import { fromDomain, MessageCopy, signCopy } from './sign.js';
+import { fromDomain, signCopy } from './sign.js';
+import { MessageCopy } from '../../core/index.js';
 import { tmpdir } from 'node:os';
 import { dkimVerify } from 'mailauth';
 import { readHead, rejoined } from './mark.js';
@@ -162,7 +163,11 @@ describe('dkim: signing, checked by mailauth', () => {
       for (const size of [whole.length, 3]) {
         const chunks: Buffer[] = [];
         for (let i = 0; i < whole.length; i += size) chunks.push(whole.subarray(i, i + size));
-        const copy = await MessageCopy.of(chunks[0]!, chunks.slice(1), 1 << 20, tmpdir());
+        const copy = await MessageCopy.of(chunks.slice(1), {
+          memoryLimit: 1 << 20,
+          tempDir: tmpdir(),
+          first: chunks[0]!,
+        });
         const { signatures, failures } = await signCopy(copy, {
           keys: [key],
           headers: ['From', 'Subject'],
