@@ -1,7 +1,6 @@
 import { isAbsolute, resolve } from 'node:path';
-import { BlockList, isIP } from 'node:net';
 import { domainToASCII } from 'node:url';
-import { z } from '../../core/index.js';
+import { cidrProblem, z } from '../../core/index.js';
 
 /**
  * The dkim plugin's config schema: its own module, so the plugin and its `petrel dkim` command
@@ -81,17 +80,11 @@ const selectorEntry = z.union([
   z.object({ selector: selectorName, keyFile: z.string().min(1) }).strict(),
 ]);
 
-const cidr = z.string().refine(
-  (s) => {
-    const [ip, bits, ...rest] = s.split('/');
-    const family = isIP(ip ?? '');
-    if (!family || rest.length) return false;
-    if (bits === undefined) return true;
-    const n = Number(bits);
-    return Number.isInteger(n) && n >= 0 && n <= (family === 4 ? 32 : 128);
-  },
-  { message: 'expected an address or a network like 192.0.2.0/24' },
-);
+// The same CIDR rules as relay and mailauth (host bits after the prefix are refused).
+const cidr = z.string().superRefine((text, ctx) => {
+  const problem = cidrProblem(text);
+  if (problem) ctx.addIssue({ code: 'custom', message: problem });
+});
 
 export const dkimConfig = z
   .object({
@@ -193,20 +186,4 @@ export function keyLocations(config: DkimConfig, baseDir: string): KeyLocation[]
 /** Where a key lives when its entry names no file: `<keyDir>/<domain>/<selector>.pem`. */
 export function defaultKeyFile(keyDir: string, domain: string, selector: string): string {
   return resolve(keyDir, domain, `${selector}.pem`);
-}
-
-/** The trusted networks as a matcher (a malformed entry was refused by the schema). */
-export function trustedMatcher(networks: readonly string[]): (ip: string) => boolean {
-  const list = new BlockList();
-  for (const n of networks) {
-    const [ip = '', bits] = n.split('/');
-    const type = isIP(ip) === 6 ? 'ipv6' : 'ipv4';
-    if (bits === undefined) list.addAddress(ip, type);
-    else list.addSubnet(ip, Number(bits), type);
-  }
-  return (ip) => {
-    const plain = ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip;
-    const family = isIP(plain);
-    return family !== 0 && list.check(plain, family === 6 ? 'ipv6' : 'ipv4');
-  };
 }

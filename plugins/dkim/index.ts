@@ -1,8 +1,14 @@
 import { tmpdir } from 'node:os';
 import type { Readable } from 'node:stream';
-import { definePlugin, MessageCopy, proceed, type QueuedMessageView } from '../../core/index.js';
+import {
+  compileCidrs,
+  definePlugin,
+  MessageCopy,
+  proceed,
+  type QueuedMessageView,
+} from '../../core/index.js';
 import { dkimCommand } from './cli.js';
-import { dkimConfig, keyLocations, trustedMatcher } from './config.js';
+import { dkimConfig, keyLocations } from './config.js';
 import { loadKeys, signingDomainFor } from './keys.js';
 import { MARK_NAME, MARK_VALUE, readHead, rejoined, remainder } from './mark.js';
 import { fromDomain, signCopy } from './sign.js';
@@ -29,7 +35,7 @@ export default definePlugin({
   transformPhase: 'sign',
   commands: { dkim: dkimCommand },
   async setup({ config, log, baseDir }) {
-    const trusted = trustedMatcher(config.trustedNetworks);
+    const trusted = compileCidrs(config.trustedNetworks);
     const tempDir = config.tempDir ?? tmpdir();
     const configured = new Set(Object.keys(config.domains));
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
