@@ -340,9 +340,10 @@ export interface HookMap {
   /** Queue: which transport delivers this recipient. Nobody routing it defers it (and logs why). */
   route: (ctx: RouteContext) => Promise<RouteVerdict>;
   /**
-   * Delivery: rewrites the message for the next hop (7-bit downgrade, then signing — in config
-   * order). A transport runs the chain once it knows the peer; each plugin returns the content
-   * it was given, or a stream made from it.
+   * Delivery: rewrites the message for the next hop. The chain runs by phase — every `rewrite`
+   * transform (a 7-bit downgrade) before every `sign` transform (DKIM, an ARC seal) — and in
+   * config order within a phase. A transport runs it once it knows the peer; each plugin returns
+   * the content it was given, or a stream made from it.
    */
   transform: (ctx: TransformContext) => Promise<Readable>;
   /** Queue: a transport delivers the recipients of one route, with a result for each. */
