@@ -16,6 +16,9 @@ import { describeRun, run } from './run.js';
  * message, looks up hamburger.edu's MX (a real dnsmasq) and delivers straight to Bob's server
  * (127.0.0.3), which puts it in Bob's Maildir, where Dovecot shows it to Bob. When Bob's server is
  * down the message waits, and the queue says why; mail to an unknown user comes back to Alice.
+ * Alice's server signs what she sends (DKIM, with the key `petrel dkim keygen` made) and her
+ * domain publishes SPF and DMARC; Bob's server judges what arrives (mailauth) and says so in an
+ * Authentication-Results field that Bob reads.
  */
 describe('the primer: Alice to Bob across two servers', () => {
   const alice = { address: 'alice@crepes.fr', password: 'alice writes' };
@@ -48,6 +51,26 @@ describe('the primer: Alice to Bob across two servers', () => {
   async function setUp(t: import('node:test').TestContext): Promise<boolean> {
     if (ready) return true;
     if (!requirePeer(t, 'swaks', 'apt-get install swaks') || !requireDovecot(t)) return false;
+    mkdirSync(project.path('crepes'));
+    mkdirSync(project.path('hamburger'));
+    // Alice's signing key, made by the CLI from the config that will use it; its record goes to DNS.
+    const dkim = { name: 'dkim', config: { domains: { 'crepes.fr': ['s2026'] } } };
+    const keygenConfig = project.writeConfig('crepes/petrel.yaml', {
+      hostname: 'mail.crepes.fr',
+      localDomains: ['crepes.fr'],
+      listeners: [{ kind: 'smtp', address: '127.0.0.2', port: 25 }],
+      plugins: [dkim],
+    });
+    const keygen = await run(
+      NODE,
+      [CLI, 'dkim', 'keygen', '--domain', 'crepes.fr', '--selector', 's2026', '--config', keygenConfig],
+      {
+        timeoutMs: 15_000,
+      },
+    );
+    assert.equal(keygen.code, 0, describeRun(keygen));
+    const dkimRecord = [...keygen.stdout.matchAll(/"([^"]*)"/g)].map((m) => m[1]).join('');
+    assert.match(dkimRecord, /^v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+$/);
     const started = await startDnsmasq(
       t,
       {
@@ -59,7 +82,13 @@ describe('the primer: Alice to Bob across two servers', () => {
           { name: 'mail.crepes.fr', addresses: ['127.0.0.2'] },
           { name: 'mail.hamburger.edu', addresses: ['127.0.0.3'] },
         ],
-        local: ['crepes.fr', 'hamburger.edu'],
+        txt: [
+          // Alice's server reaches Bob's from a loopback address the kernel picks.
+          { name: 'crepes.fr', text: 'v=spf1 ip4:127.0.0.1 ip4:127.0.0.2 -all' },
+          { name: 's2026._domainkey.crepes.fr', text: dkimRecord },
+          { name: '_dmarc.crepes.fr', text: 'v=DMARC1; p=reject' },
+        ],
+        local: ['fr', 'edu'],
       },
       { stopWithTest: false },
     );
@@ -70,8 +99,6 @@ describe('the primer: Alice to Bob across two servers', () => {
     cleanup.push(() => dovecot.stop());
     port = await freePort();
     submission = await freePort();
-    mkdirSync(project.path('crepes'));
-    mkdirSync(project.path('hamburger'));
     const common = { tls: TLS, dns: { servers: [dns.server] }, spool: { dir: './spool' } };
     crepesConfig = project.writeConfig('crepes/petrel.yaml', {
       hostname: 'mail.crepes.fr',
@@ -89,6 +116,7 @@ describe('the primer: Alice to Bob across two servers', () => {
         'bounce',
         { name: 'maildir', config: { root: './mail' } },
         'mime-7bit',
+        dkim,
         { name: 'outbound', config: { port, addressFamilies: ['ipv4'] } },
       ],
     });
@@ -98,6 +126,8 @@ describe('the primer: Alice to Bob across two servers', () => {
       listeners: [{ kind: 'smtp', address: '127.0.0.3', port }],
       ...common,
       plugins: [
+        // Every client here is on loopback: judge them all, as an MX on the internet does.
+        { name: 'mailauth', config: { trustedNetworks: [] } },
         'relay',
         { name: 'users', config: { usersFile: './users.json' } },
         'queue',
@@ -190,6 +220,21 @@ describe('the primer: Alice to Bob across two servers', () => {
       /^Received: from mail\.crepes\.fr \(\[127\.0\.0\.\d+\]\)\r\n\tby mail\.hamburger\.edu \(Petrel\) with ESMTPS /m,
       'straight from Alice’s server over TLS, no middle hop',
     );
+  });
+
+  it("Alice's server signs, Bob's server verifies, and Bob reads dkim=pass, spf=pass and dmarc=pass over IMAP", async (t) => {
+    if (!(await setUp(t))) return;
+    const subject = `Signed crepes ${Date.now()}`;
+    await submit(bob.address, subject, 'Signed, sealed, delivered.');
+    const mail = await waitForMail(dovecot, 'imap', bob, (m) => m.subject === subject, { timeoutMs: 30_000 });
+    const raw = mail.raw.toString('latin1');
+    assert.match(raw, /^DKIM-Signature: v=1; a=rsa-sha256; c=relaxed\/relaxed; d=crepes\.fr;/m);
+    const results =
+      /^Authentication-Results: mail\.hamburger\.edu;((?:\r\n[ \t][^\r\n]*)+)/m.exec(raw)?.[1] ?? '';
+    assert.match(results, /dkim=pass header\.i=@crepes\.fr header\.s=s2026/, raw.slice(0, 3000));
+    assert.match(results, /spf=pass .*smtp\.mailfrom=alice@crepes\.fr/);
+    assert.match(results, /dmarc=pass .*header\.from=crepes\.fr/);
+    assert.doesNotMatch(raw, /^Petrel-DKIM:/m, 'the signing mark stays inside Alice’s server');
   });
 
   it("when Bob's server is down the message waits, the queue says why, and a flush delivers it once", async (t) => {
