@@ -11,6 +11,7 @@ import {
   proceed,
   Tokens,
   type SessionView,
+  type TransactionView,
   type Verdict,
 } from '../../core/index.js';
 import { holdOnAccept } from '../queue/api.js';
@@ -86,6 +87,20 @@ export default definePlugin({
       return check;
     }
 
+    /** What every `mailauth verdict` log line starts with. */
+    const verdictFields = (
+      session: SessionView,
+      transaction: TransactionView,
+      spf: { readonly mailFrom: SpfCheck; readonly helo: SpfCheck | null },
+    ): Record<string, unknown> => ({
+      session: session.id,
+      tx: transaction.id,
+      ip: session.remote.address,
+      from: transaction.sender?.address ?? '<>',
+      spf: spf.mailFrom.result,
+      spfHelo: spf.helo?.result ?? null,
+    });
+
     function verdictOf(action: 'reject' | 'defer', findings: readonly Finding[]): Verdict {
       const r = refusal(action, findings);
       return action === 'reject' ? deny(r.code, r.enhanced, r.text) : defer(r.code, r.enhanced, r.text);
@@ -148,12 +163,7 @@ export default definePlugin({
           spf.logged = true;
           log.info(
             {
-              session: session.id,
-              tx: transaction.id,
-              ip: session.remote.address,
-              from: transaction.sender?.address ?? '<>',
-              spf: spf.mailFrom.result,
-              spfHelo: spf.helo?.result ?? null,
+              ...verdictFields(session, transaction, spf),
               action: finding.action,
               reasons: [finding.reason],
             },
@@ -230,12 +240,7 @@ export default definePlugin({
         prependHeader('Authentication-Results', header);
         log.info(
           {
-            session: session.id,
-            tx: transaction.id,
-            ip: session.remote.address,
-            from: transaction.sender?.address ?? '<>',
-            spf: spf.mailFrom.result,
-            spfHelo: spf.helo?.result ?? null,
+            ...verdictFields(session, transaction, spf),
             dkim: checks.dkim.map((d) => `${d.result}${d.domain ? ` ${d.domain}/${d.selector}` : ''}`),
             arc: checks.arc.result,
             dmarc: checks.dmarc
