@@ -5,7 +5,15 @@
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { accept, definePlugin, deny, proceed, type PluginDefinition } from '../../core/index.js';
+import { createServer, type AddressInfo } from 'node:net';
+import {
+  accept,
+  definePlugin,
+  deny,
+  proceed,
+  type PetrelConfigInput,
+  type PluginDefinition,
+} from '../../core/index.js';
 import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq, type Dnsmasq } from '../../test/harness/dnsmasq.js';
 import { has, requirePeer } from '../../test/harness/peers.js';
 import {
@@ -150,6 +158,7 @@ describe('dnsbl: block and allow lists served by dnsmasq', () => {
     t: TestContext,
     config: Record<string, unknown>,
     dnsTimeout = 2000,
+    serverConfig: Partial<PetrelConfigInput> = {},
   ): Promise<TestServer | null> {
     if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return null;
     assert.ok(dns, 'dnsmasq started');
@@ -168,6 +177,7 @@ describe('dnsbl: block and allow lists served by dnsmasq', () => {
           { kind: 'smtp', address: '127.0.0.1', port: 0 },
           { kind: 'smtp', address: '::1', port: 0 },
         ],
+        ...serverConfig,
       },
     });
     servers.push(srv);
@@ -306,6 +316,28 @@ describe('dnsbl: block and allow lists served by dnsmasq', () => {
     await send(srv.port, { ip: '127.0.0.8' });
     assert.equal(queries(dns!, '8.0.0.127.bl.test'), before + 1, 'answered from the cache');
     assert.equal(notes.at(-1)!.lists[0]!.cached, true);
+  });
+
+  it('still judges by DNS when the State service fails: no cache, a warning, no listing made up', async (t) => {
+    // A Redis that is not there: every State operation fails after its timeout.
+    const port = await new Promise<number>((resolve) => {
+      const s = createServer().listen(0, '127.0.0.1', () => {
+        const p = (s.address() as AddressInfo).port;
+        s.close(() => resolve(p));
+      });
+    });
+    const srv = await server(t, { block: [BL] }, 2000, {
+      state: { backend: 'redis', redis: { url: `redis://127.0.0.1:${port}`, timeout: 200 } },
+    });
+    if (!srv) return;
+    const clean = await send(srv.port, { ip: '127.0.0.7' });
+    assert.equal(clean.data?.code, 250);
+    const listed = await send(srv.port, { ip: '127.0.0.2' });
+    assert.match(listed.rcpts[0]!.raw, /^550 5\.7\.1 127\.0\.0\.2 listed by Test BL/);
+    assert.ok(
+      srv.logs.some((l) => l.msg === 'dnsbl: state cache not readable, querying DNS' && l.level === 40),
+    );
+    assert.ok(srv.logs.some((l) => l.msg === 'dnsbl: answer not cached, state not writable'));
   });
 
   it('applies the configured action: defer at RCPT, tag with a header, reject at connect', async (t) => {
