@@ -257,6 +257,23 @@ describe('dnsbl: block and allow lists served by dnsmasq', () => {
     assert.deepEqual(verdicts(srv).at(-1)!.failed, ['slow.test']);
   });
 
+  it('answers the greeting, EHLO and MAIL while the lookups are still running; RCPT waits for them', async (t) => {
+    const srv = await server(t, { block: [{ zone: 'slow.test' }], timeout: 2000 }, 5000);
+    if (!srv) return;
+    const failed = () => srv.logs.filter((l) => l.msg === 'dnsbl: lookup failed, not treated as listed');
+    const c = await SmtpClient.connect(srv.port, '127.0.0.1', { localAddress: '127.0.0.11' });
+    try {
+      await c.expect(/^220 /);
+      await c.ehlo('client.test');
+      await c.cmd('MAIL FROM:<alice@example.test>', /^250 /);
+      assert.equal(failed().length, 0, 'the lookup has not ended yet');
+      await c.cmd('RCPT TO:<bob@mx.test>', /^250 /);
+      assert.equal(failed().length, 1, 'RCPT was answered once the lookup had failed');
+    } finally {
+      c.close();
+    }
+  });
+
   it('exempts a client on an allow list from the block lists, and tells later plugins', async (t) => {
     const srv = await server(t, { block: [BL], allow: [WL] });
     if (!srv) return;
