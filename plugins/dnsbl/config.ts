@@ -109,7 +109,25 @@ export const dnsblConfig = z
       .regex(/^[\x21-\x39\x3b-\x7e]+$/, 'expected a header field name')
       .default('X-DNSBL'),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    // Results name their list; two lists of one name could not be told apart in replies or logs.
+    const seen = new Set<string>();
+    for (const [kind, lists] of [
+      ['block', c.block],
+      ['allow', c.allow],
+    ] as const)
+      lists.forEach((l, i) => {
+        const name = l.name ?? l.zone;
+        if (seen.has(name))
+          ctx.addIssue({
+            code: 'custom',
+            path: [kind, i, l.name ? 'name' : 'zone'],
+            message: `another list is already called "${name}": give this one its own name`,
+          });
+        seen.add(name);
+      });
+  });
 
 export type DnsblConfig = z.output<typeof dnsblConfig>;
 export type BlockListConfig = DnsblConfig['block'][number];

@@ -417,4 +417,16 @@ describe('dnsbl: names and codes', () => {
     assert.equal(bad.success, false);
     assert.match(JSON.stringify(bad.error?.issues), /cannot mean a listing/);
   });
+
+  it('refuses at startup two lists of one name, which replies and logs could not tell apart', () => {
+    const twice = dnsblConfig.safeParse({
+      block: [{ zone: 'bl.test' }, { zone: 'bl.test', type: 'domain' }],
+    });
+    assert.equal(twice.success, false);
+    assert.match(twice.error?.issues[0]?.message ?? '', /already called "bl\.test"/);
+    const named = dnsblConfig.safeParse({
+      block: [{ zone: 'bl.test' }, { zone: 'bl.test', type: 'domain', name: 'BL domains' }],
+    });
+    assert.equal(named.success, true);
+  });
 });

@@ -66,16 +66,16 @@ export default definePlugin({
       codes: l.codes,
       refused: l.refused,
     });
-    const ipLists: { spec: ListSpec; block?: BlockListConfig }[] = [
-      ...config.allow.map((l) => ({ spec: { ...spec(l), kind: 'allow' as const } })),
-      ...config.block
-        .filter((l) => l.type === 'ip')
-        .map((l) => ({ spec: { ...spec(l), kind: 'block' as const }, block: l })),
+    // Allow lists first: the note lists them so.
+    const ipLists: ListSpec[] = [
+      ...config.allow.map((l) => ({ ...spec(l), kind: 'allow' as const })),
+      ...config.block.filter((l) => l.type === 'ip').map((l) => ({ ...spec(l), kind: 'block' as const })),
     ];
-    const domainLists = (check: 'helo' | 'sender') =>
+    const domainLists = (check: 'helo' | 'sender'): ListSpec[] =>
       config.block
         .filter((l) => l.type === 'domain' && l.check.includes(check))
-        .map((l) => ({ spec: { ...spec(l), kind: 'block' as const }, block: l }));
+        .map((l) => ({ ...spec(l), kind: 'block' as const }));
+    // Names are unique (the config schema checks): a result finds its list's action by name.
     const blockByName = new Map(config.block.map((l) => [l.name ?? l.zone, l]));
 
     const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
@@ -92,13 +92,13 @@ export default definePlugin({
     }
 
     function queryAll(
-      targets: readonly { spec: ListSpec }[],
+      targets: readonly ListSpec[],
       subject: string,
       nameOf: (zone: string) => string | null,
     ): Promise<ListResult[]> {
       const end = deadline();
       return Promise.all(
-        targets.flatMap(({ spec: s }) => {
+        targets.flatMap((s) => {
           const q = nameOf(s.zone);
           return q === null ? [] : [lists.query(s, subject, q, end)];
         }),
