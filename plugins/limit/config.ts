@@ -57,7 +57,7 @@ export const limitConfig = z
     /** Recipients (counted at RCPT TO). */
     recipients: z
       .object({
-        /** Recipients in one message: `452 4.5.3` above it (RFC 5321 §4.5.3.1.8). */
+        /** Recipients in one message: `452 4.5.3` above it (RFC 5321 §4.5.3.1.10). */
         perMessage: z.number().int().min(1).optional(),
         perClient: rate.optional(),
         perUser: rate.optional(),

@@ -193,7 +193,8 @@ export default definePlugin({
         await renew(session);
         if (trusted(session.remote.address)) return proceed();
         const r = config.recipients;
-        // RFC 5321 §4.5.3.1.8: too many recipients is 452, and the client sends the rest later.
+        // RFC 5321 §4.5.3.1.10: too many recipients is 452, and the client sends the rest later
+        // (§4.5.3.1.8 asks a server to take 100; a lower limit is the operator's choice).
         if (r.perMessage !== undefined && transaction.recipients.length >= r.perMessage) {
           log.info(
             {
