@@ -10,6 +10,7 @@ import {
   type SessionView,
   type Verdict,
 } from '../../core/index.js';
+import { Dnsbl } from '../dnsbl/api.js';
 import { limitConfig, type Rate } from './config.js';
 import { Windows } from './windows.js';
 
@@ -36,8 +37,9 @@ interface Check {
  *
  * Connections are checked at `connect` (`421` and closed), messages at `MAIL FROM` (`451 4.7.1`:
  * refused before the client sends the content), recipients at `RCPT TO` (`452 4.5.3` for one
- * message, `451 4.7.1` per time). List this plugin first: an accepting `rcpt` hook earlier in the
- * list would end the chain before it counts. Clients in `trustedNetworks` are not limited.
+ * message, `451 4.7.1` per time). List it before the plugins that accept recipients (an accepting
+ * `rcpt` hook ends the chain before it counts) and after `dnsbl`: clients in `trustedNetworks`,
+ * and clients the `Dnsbl` note (`petrel/dnsbl`) says are on an allow list, are not limited.
  *
  * When the State store fails, every limit fails open: the command goes through and the failure
  * is logged at error level (see the README for why).
@@ -49,6 +51,13 @@ export default definePlugin({
     const windows = new Windows(resolve(Tokens.State));
     const trusted = compileCidrs(config.trustedNetworks);
     const client = (session: SessionView): string => networkOf(session.remote.address, config.clientPrefix);
+    /**
+     * Not limited: a trusted network, or a client on a DNS allow list. The dnsbl plugin publishes
+     * its note once its lookups are due (at connect with its `applyAt: connect`, else at the first
+     * RCPT), so an allow-listed client is exempt from that point of the session on.
+     */
+    const exempt = (session: SessionView): boolean =>
+      trusted(session.remote.address) || session.notes.get(Dnsbl)?.allowed === true;
     const rateCheck = (limit: string, key: string, id: string, rate: Rate, refusal: Verdict): Check => ({
       limit,
       key,
@@ -115,7 +124,7 @@ export default definePlugin({
 
     return {
       async connect({ session }) {
-        if (trusted(session.remote.address)) return proceed();
+        if (exempt(session)) return proceed();
         const key = client(session);
         const checks: Check[] = [];
         if (config.connections)
@@ -152,7 +161,7 @@ export default definePlugin({
 
       async mail({ session, transaction, sender }) {
         await renew(session);
-        if (trusted(session.remote.address)) return proceed();
+        if (exempt(session)) return proceed();
         const m = config.messages;
         const id = transaction.id;
         const checks: Check[] = [];
@@ -191,7 +200,7 @@ export default definePlugin({
 
       async rcpt({ session, transaction, recipient }) {
         await renew(session);
-        if (trusted(session.remote.address)) return proceed();
+        if (exempt(session)) return proceed();
         const r = config.recipients;
         // RFC 5321 §4.5.3.1.10: too many recipients is 452, and the client sends the rest later
         // (§4.5.3.1.8 asks a server to take 100; a lower limit is the operator's choice).

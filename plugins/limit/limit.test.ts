@@ -17,6 +17,8 @@ import { acceptAllRecipients, memoryQueue, startServer, type TestServer } from '
 import { SmtpClient, type Reply } from '../../test/harness/smtp-client.js';
 import { redisMissing, startRedis, type RedisPeer } from '../../test/harness/redis.js';
 import { PetrelProcess, type LogLine } from '../../test/e2e/cli.js';
+import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq } from '../../test/harness/dnsmasq.js';
+import { requirePeer } from '../../test/harness/peers.js';
 import { limitConfig } from './config.js';
 
 const testAuth = definePlugin({
@@ -351,6 +353,48 @@ describe('limit: exemptions and failures', () => {
       'connections',
       'messages.perClient',
     ]);
+  });
+});
+
+describe('limit: clients on a DNS allow list', () => {
+  it('does not limit a client the dnsbl plugin finds on an allow list', async (t) => {
+    if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return;
+    // 127.0.0.81 is on wl.test; 127.0.0.82 is not.
+    const dns = await startDnsmasq(t, { hosts: [{ name: '81.0.0.127.wl.test', addresses: ['127.0.10.2'] }] });
+    assert.ok(dns, 'dnsmasq started');
+    const srv = await startServer({
+      plugins: [acceptAllRecipients, memoryQueue([])],
+      entries: [
+        { name: 'dnsbl', config: { trustedNetworks: [], allow: [{ zone: 'wl.test' }], applyAt: 'connect' } },
+        {
+          name: 'limit',
+          config: {
+            trustedNetworks: [],
+            connections: { max: 1, per: '1m' },
+            recipients: { perClient: { max: 1, per: '1m' } },
+          },
+        },
+        'test-accept-rcpt',
+        'test-memory-queue',
+      ],
+      config: { dns: { servers: [dns.server], timeout: 2000 } },
+    });
+    t.after(() => srv.close());
+    for (let i = 0; i < 3; i++) {
+      const c = await helloFrom(srv.port, '127.0.0.81');
+      await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+      await c.cmd('RCPT TO:<a@mx.test>', /^250 /);
+      await c.cmd('RCPT TO:<b@mx.test>', /^250 /);
+      c.close();
+    }
+    assert.equal(srv.logs.filter((l) => l.msg === 'limit reached').length, 0);
+    // The same limits hold for a client on no list.
+    const c = await helloFrom(srv.port, '127.0.0.82');
+    await c.cmd('MAIL FROM:<alice@crepes.test>', /^250 /);
+    await c.cmd('RCPT TO:<a@mx.test>', /^250 /);
+    await c.cmd('RCPT TO:<b@mx.test>', /^451 4\.7\.1 /);
+    c.close();
+    assert.match((await connect(srv.port, '127.0.0.82')).greeting.raw, /^421 /);
   });
 });
 
