@@ -39,8 +39,11 @@ export { MessageCopy } from './message/copy.js';
 export { parseDuration } from './util/duration.js';
 export { rfc5322Date } from './util/date.js';
 export { newId } from './util/ids.js';
-/** Networks in CIDR notation: check one (for a config schema), or compile a list into a matcher. */
-export { cidrProblem, compileCidrs } from './util/cidr.js';
+/**
+ * Networks in CIDR notation: check one (for a config schema), compile a list into a matcher, or
+ * find the network of a client address (for per-network counters).
+ */
+export { cidrProblem, compileCidrs, networkOf } from './util/cidr.js';
 export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 /** The core's DNS resolver (`dns.servers`, `dns.timeout`): a command builds one from `cli.petrel`. */
 export { DnsResolver, type MxRecord } from './services/dns.js';

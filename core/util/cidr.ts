@@ -83,3 +83,22 @@ export function compileCidrs(list: readonly string[]): (address: string) => bool
     return false;
   };
 }
+
+/**
+ * The network a client address belongs to, as `address/prefix` in canonical form
+ * (`192.0.2.0/24`, `2001:db8:1:2::/64`): what per-network counters key on. An IPv4-mapped IPv6
+ * address (`::ffff:192.0.2.1`) counts as its IPv4 address; a zone (`%eth0`) is dropped. Text
+ * that is not an address is returned as it is.
+ */
+export function networkOf(
+  address: string,
+  prefixes: { readonly ipv4: number; readonly ipv6: number },
+): string {
+  const plain = address.replace(/%.*$/, '');
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(plain);
+  const ip = mapped ? mapped[1]! : plain;
+  const v4 = isIPv4(ip);
+  if (!v4 && !isIPv6(ip)) return address;
+  const prefix = v4 ? prefixes.ipv4 : prefixes.ipv6;
+  return `${networkAddress(ip, prefix, v4)}/${prefix}`;
+}

@@ -1,0 +1,264 @@
+import {
+  compileCidrs,
+  defer,
+  defineNote,
+  definePlugin,
+  disconnect,
+  networkOf,
+  proceed,
+  Tokens,
+  type SessionView,
+  type Verdict,
+} from '../../core/index.js';
+import { Dnsbl } from '../dnsbl/api.js';
+import { limitConfig, type Rate } from './config.js';
+import { Windows } from './windows.js';
+
+export { limitConfig, type LimitConfig } from './config.js';
+
+/** This connection's event in the concurrency window, and when it was last renewed. */
+const Open = defineNote<{ readonly key: string; renewedAt: number }>('limit.open');
+
+/** One limit to check: its name (as in the config and the log), its window and its refusal. */
+interface Check {
+  readonly limit: string;
+  readonly key: string;
+  readonly id: string;
+  readonly max: number;
+  readonly windowMs: number;
+  readonly refusal: Verdict;
+}
+
+/**
+ * limit — inbound rates and concurrency: connections per client per time and open at once,
+ * messages per client, user and sender domain per time, recipients per message and per client
+ * and user per time. Every count lives in the State service (`limit:*` keys), so the limits hold
+ * across workers and, with `state.backend: redis`, across machines.
+ *
+ * Connections are checked at `connect` (`421` and closed), messages at `MAIL FROM` (`451 4.7.1`:
+ * refused before the client sends the content), recipients at `RCPT TO` (`452 4.5.3` for one
+ * message, `451 4.7.1` per time). List it before the plugins that accept recipients (an accepting
+ * `rcpt` hook ends the chain before it counts) and after `dnsbl`: clients in `trustedNetworks`,
+ * and clients the `Dnsbl` note (`petrel/dnsbl`) says are on an allow list, are not limited.
+ *
+ * When the State store fails, every limit fails open: the command goes through and the failure
+ * is logged at error level (see the README for why).
+ */
+export default definePlugin({
+  name: 'limit',
+  config: limitConfig,
+  setup({ config, log, resolve }) {
+    const windows = new Windows(resolve(Tokens.State));
+    const trusted = compileCidrs(config.trustedNetworks);
+    const client = (session: SessionView): string => networkOf(session.remote.address, config.clientPrefix);
+    /**
+     * Not limited: a trusted network, or a client on a DNS allow list. The dnsbl plugin publishes
+     * its note once its lookups are due (at connect with its `applyAt: connect`, else at the first
+     * RCPT), so an allow-listed client is exempt from that point of the session on.
+     */
+    const exempt = (session: SessionView): boolean =>
+      trusted(session.remote.address) || session.notes.get(Dnsbl)?.allowed === true;
+    const rateCheck = (limit: string, key: string, id: string, rate: Rate, refusal: Verdict): Check => ({
+      limit,
+      key,
+      id,
+      max: rate.max,
+      windowMs: rate.per,
+      refusal,
+    });
+
+    /**
+     * Takes an event in each window in order; the first that is full refuses, and the events
+     * already taken for this command are given back (a refused command counts nowhere).
+     */
+    async function takeAll(session: SessionView, checks: readonly Check[]): Promise<Verdict> {
+      const taken: Check[] = [];
+      for (const c of checks) {
+        let result;
+        try {
+          result = await windows.take(`limit:${c.limit}:${c.key}`, c.id, c);
+        } catch (err) {
+          // Fail open: see the README. Said at error level, once per command, so it is noticed.
+          log.error(
+            { session: session.id, limit: c.limit, counted: c.key, err },
+            'limit not checked: the State store failed; letting it through',
+          );
+          continue;
+        }
+        if (result.allowed) {
+          taken.push(c);
+          continue;
+        }
+        log.info(
+          {
+            session: session.id,
+            remote: session.remote.address,
+            limit: c.limit,
+            counted: c.key,
+            count: result.count,
+            max: c.max,
+          },
+          'limit reached',
+        );
+        await Promise.all(
+          taken.map((t) => windows.release(`limit:${t.limit}:${t.key}`, t.id).catch(() => undefined)),
+        );
+        return c.refusal;
+      }
+      return proceed();
+    }
+
+    /** A connection still open renews its lease when half of it has passed (one State write). */
+    async function renew(session: SessionView): Promise<void> {
+      const open = session.notes.get(Open);
+      const lease = config.concurrency?.lease;
+      if (!open || lease === undefined || Date.now() - open.renewedAt < lease / 2) return;
+      open.renewedAt = Date.now();
+      await windows.renew(open.key, session.id, lease).catch((err: unknown) => {
+        log.error(
+          { session: session.id, limit: 'concurrency', err },
+          'connection lease not renewed: the State store failed',
+        );
+      });
+    }
+
+    return {
+      async connect({ session }) {
+        if (exempt(session)) return proceed();
+        const key = client(session);
+        const checks: Check[] = [];
+        if (config.connections)
+          checks.push(
+            rateCheck(
+              'connections',
+              key,
+              session.id,
+              config.connections,
+              disconnect(421, '4.7.0', 'Too many connections from your network; try again later'),
+            ),
+          );
+        if (config.concurrency)
+          checks.push({
+            limit: 'concurrency',
+            key,
+            id: session.id,
+            max: config.concurrency.max,
+            windowMs: config.concurrency.lease,
+            refusal: disconnect(421, '4.7.0', 'Too many open connections from your network'),
+          });
+        const v = await takeAll(session, checks);
+        // Counted unless refused (or not counted at all because the store failed: then releasing
+        // it at disconnect is a harmless no-op).
+        if (v.kind === 'proceed' && config.concurrency)
+          session.notes.set(Open, { key: `limit:concurrency:${key}`, renewedAt: Date.now() });
+        return v;
+      },
+
+      async helo({ session }) {
+        await renew(session);
+        return proceed();
+      },
+
+      async mail({ session, transaction, sender }) {
+        await renew(session);
+        if (exempt(session)) return proceed();
+        const m = config.messages;
+        const id = transaction.id;
+        const checks: Check[] = [];
+        if (m.perClient)
+          checks.push(
+            rateCheck(
+              'messages.perClient',
+              client(session),
+              id,
+              m.perClient,
+              defer(451, '4.7.1', 'Too many messages from your network; try again later'),
+            ),
+          );
+        if (m.perUser && session.user !== null)
+          checks.push(
+            rateCheck(
+              'messages.perUser',
+              session.user.toLowerCase(),
+              id,
+              m.perUser,
+              defer(451, '4.7.1', 'Too many messages from this user; try again later'),
+            ),
+          );
+        if (m.perSenderDomain && sender !== null)
+          checks.push(
+            rateCheck(
+              'messages.perSenderDomain',
+              sender.domain.toLowerCase(),
+              id,
+              m.perSenderDomain,
+              defer(451, '4.7.1', 'Too many messages from this sender domain; try again later'),
+            ),
+          );
+        return takeAll(session, checks);
+      },
+
+      async rcpt({ session, transaction, recipient }) {
+        await renew(session);
+        if (exempt(session)) return proceed();
+        const r = config.recipients;
+        // RFC 5321 §4.5.3.1.10: too many recipients is 452, and the client sends the rest later
+        // (§4.5.3.1.8 asks a server to take 100; a lower limit is the operator's choice).
+        if (r.perMessage !== undefined && transaction.recipients.length >= r.perMessage) {
+          log.info(
+            {
+              session: session.id,
+              remote: session.remote.address,
+              limit: 'recipients.perMessage',
+              counted: transaction.id,
+              count: transaction.recipients.length + 1,
+              max: r.perMessage,
+            },
+            'limit reached',
+          );
+          return defer(452, '4.5.3', 'Too many recipients');
+        }
+        const id = `${transaction.id}:${recipient.address.toLowerCase()}`;
+        const checks: Check[] = [];
+        if (r.perClient)
+          checks.push(
+            rateCheck(
+              'recipients.perClient',
+              client(session),
+              id,
+              r.perClient,
+              defer(451, '4.7.1', 'Too many recipients from your network; try again later'),
+            ),
+          );
+        if (r.perUser && session.user !== null)
+          checks.push(
+            rateCheck(
+              'recipients.perUser',
+              session.user.toLowerCase(),
+              id,
+              r.perUser,
+              defer(451, '4.7.1', 'Too many recipients from this user; try again later'),
+            ),
+          );
+        return takeAll(session, checks);
+      },
+
+      async data({ session }) {
+        await renew(session);
+        return proceed();
+      },
+
+      async disconnect({ session }) {
+        const open = session.notes.get(Open);
+        if (!open) return;
+        await windows.release(open.key, session.id).catch((err: unknown) => {
+          // The lease ends it: the count comes down by itself within `concurrency.lease`.
+          log.error(
+            { session: session.id, limit: 'concurrency', err },
+            'connection not released: the State store failed',
+          );
+        });
+      },
+    };
+  },
+});
