@@ -29,8 +29,11 @@ export class DnsResolver {
     return this.resolver.resolveMx(name);
   }
 
-  resolve4(name: string): Promise<string[]> {
-    return this.resolver.resolve4(name);
+  resolve4(name: string): Promise<string[]>;
+  /** With `ttl: true`, each address with the TTL its answer gave (what a cache needs). */
+  resolve4(name: string, opts: { ttl: true }): Promise<{ address: string; ttl: number }[]>;
+  resolve4(name: string, opts?: { ttl: true }): Promise<string[] | { address: string; ttl: number }[]> {
+    return opts ? this.resolver.resolve4(name, opts) : this.resolver.resolve4(name);
   }
 
   resolve6(name: string): Promise<string[]> {

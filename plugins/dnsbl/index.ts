@@ -1,0 +1,271 @@
+import {
+  compileCidrs,
+  defer,
+  defineNote,
+  definePlugin,
+  deny,
+  proceed,
+  Tokens,
+  type SessionView,
+  type TransactionView,
+  type Verdict,
+} from '../../core/index.js';
+import { Dnsbl, type DnsblClient, type ListResult } from './api.js';
+import { domainName, reversedName } from './codes.js';
+import { dnsblConfig, type BlockListConfig } from './config.js';
+import { lookups, type ListSpec } from './lookup.js';
+
+export { dnsblConfig, type DnsblConfig } from './config.js';
+
+type Stage = 'connect' | 'helo' | 'mail' | 'rcpt';
+type Action = BlockListConfig['action'];
+
+/** The lookups of a session, started as soon as their subject is known. */
+const Pending = defineNote<{
+  readonly ip: Promise<ListResult[]>;
+  helo: { readonly name: string; readonly results: Promise<ListResult[]> } | null;
+  /** `tag` decisions made before MAIL: every message of the session carries them. */
+  readonly tags: string[];
+}>('dnsbl.pending');
+/** The sender domain's lookups and this transaction's RCPT decision. */
+const TxState = defineNote<{
+  readonly sender: Promise<ListResult[]>;
+  rcpt: Decision | null;
+  readonly tags: string[];
+}>('dnsbl.transaction');
+
+interface Decision {
+  readonly action: Action | 'pass' | 'allow';
+  /** The listings that decided it (block hits with that action), or the allow-list hits. */
+  readonly hits: readonly ListResult[];
+}
+
+const SEVERITY: readonly Action[] = ['reject', 'defer', 'tag', 'ignore'];
+
+/**
+ * dnsbl — DNS block and allow lists (RFC 5782). The client address is looked up in every `ip`
+ * list when it connects, the HELO name and the sender domain in the `domain` lists when they
+ * are given, all at once and within `timeout`; answers are cached in the State service. A
+ * listing is acted on at `applyAt` (by default RCPT, so `postmaster@` and `abuse@` stay
+ * reachable), with the list's action. An allow-list hit exempts the client from every block
+ * list and is published as the `Dnsbl` session note (`petrel/dnsbl`). Lists that cannot be
+ * reached, time out or refuse us fail open, with a warning.
+ *
+ * List it before the plugins that accept recipients (`relay`, `users`): a `rcpt` hook that
+ * accepts ends the chain.
+ */
+export default definePlugin({
+  name: 'dnsbl',
+  config: dnsblConfig,
+  setup({ config, log, resolve }) {
+    const trusted = compileCidrs(config.trustedNetworks);
+    const lists = lookups(resolve(Tokens.Dns), resolve(Tokens.State), config.cache, log);
+    const spec = (l: { zone: string; name?: string; codes?: Record<string, string>; refused: string[] }) => ({
+      list: l.name ?? l.zone,
+      zone: l.zone,
+      codes: l.codes,
+      refused: l.refused,
+    });
+    const ipLists: { spec: ListSpec; block?: BlockListConfig }[] = [
+      ...config.allow.map((l) => ({ spec: { ...spec(l), kind: 'allow' as const } })),
+      ...config.block
+        .filter((l) => l.type === 'ip')
+        .map((l) => ({ spec: { ...spec(l), kind: 'block' as const }, block: l })),
+    ];
+    const domainLists = (check: 'helo' | 'sender') =>
+      config.block
+        .filter((l) => l.type === 'domain' && l.check.includes(check))
+        .map((l) => ({ spec: { ...spec(l), kind: 'block' as const }, block: l }));
+    const blockByName = new Map(config.block.map((l) => [l.name ?? l.zone, l]));
+
+    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
+    const earlier = names.slice(0, names.indexOf('dnsbl')).filter((n) => n === 'relay' || n === 'users');
+    if (names.includes('dnsbl') && earlier.length > 0 && config.applyAt === 'rcpt')
+      log.warn(
+        { before: earlier },
+        'dnsbl is listed after plugins that accept recipients; it cannot refuse at RCPT: list it before them',
+      );
+
+    /** Resolves after `timeout`: the end of one step's lookups. */
+    function deadline(): Promise<void> {
+      return new Promise((r) => setTimeout(r, config.timeout).unref());
+    }
+
+    function queryAll(
+      targets: readonly { spec: ListSpec }[],
+      subject: string,
+      nameOf: (zone: string) => string | null,
+    ): Promise<ListResult[]> {
+      const end = deadline();
+      return Promise.all(
+        targets.flatMap(({ spec: s }) => {
+          const q = nameOf(s.zone);
+          return q === null ? [] : [lists.query(s, subject, q, end)];
+        }),
+      );
+    }
+
+    /** When each subject's listing is acted on: at `applyAt`, or when it is first known. */
+    const actAt: Record<'ip' | 'helo' | 'sender', Stage> = {
+      ip: config.applyAt,
+      helo: config.applyAt === 'connect' ? 'helo' : config.applyAt,
+      sender: config.applyAt === 'rcpt' ? 'rcpt' : 'mail',
+    };
+
+    async function client(session: SessionView, pending: NonNullable<ReturnType<typeof pendingOf>>) {
+      const results = await pending.ip;
+      const allowedBy = results.filter((r) => r.kind === 'allow' && r.status === 'listed').map((r) => r.list);
+      const note: DnsblClient = {
+        ip: session.remote.address,
+        lists: results,
+        allowedBy,
+        allowed: allowedBy.length > 0,
+        listedBy: results.filter((r) => r.kind === 'block' && r.status === 'listed').map((r) => r.list),
+      };
+      session.notes.set(Dnsbl, note);
+      return results;
+    }
+
+    const pendingOf = (session: SessionView) => session.notes.get(Pending);
+
+    function decide(allow: readonly ListResult[], block: readonly ListResult[]): Decision {
+      const allowHits = allow.filter((r) => r.kind === 'allow' && r.status === 'listed');
+      if (allowHits.length > 0) return { action: 'allow', hits: allowHits };
+      const hits = block.filter((r) => r.kind === 'block' && r.status === 'listed');
+      const actionOf = (r: ListResult): Action => blockByName.get(r.list)?.action ?? 'reject';
+      const action = SEVERITY.find((a) => hits.some((h) => actionOf(h) === a));
+      return action
+        ? { action, hits: hits.filter((h) => actionOf(h) === action) }
+        : { action: 'pass', hits: [] };
+    }
+
+    /** `127.0.0.2 listed by Spamhaus ZEN (spam)`: for replies and tags. */
+    const describe = (r: ListResult): string => {
+      const why = r.reasons.filter((x) => x !== 'listed');
+      return `${r.subject} listed by ${r.list}${why.length ? ` (${why.join(', ')})` : ''}`;
+    };
+
+    /** Judges the subjects due at `stage`; logs the decision; returns null when there is none. */
+    async function judge(
+      stage: Stage,
+      session: SessionView,
+      tx: TransactionView | null,
+    ): Promise<Decision | null> {
+      const pending = pendingOf(session);
+      if (!pending) return null; // a trusted client: never looked up
+      const due: Promise<ListResult[]>[] = [];
+      if (actAt.ip === stage) due.push(pending.ip);
+      if (actAt.helo === stage && pending.helo) due.push(pending.helo.results);
+      const txState = tx?.notes.get(TxState);
+      if (actAt.sender === stage && txState) due.push(txState.sender);
+      // Nothing due here: let the lookups run on (the greeting does not wait for them). At RCPT
+      // the client's standing is published all the same, for the plugins after this one.
+      if (due.length === 0 && stage !== 'rcpt') return null;
+      const ip = await client(session, pending);
+      if (due.length === 0) return null;
+      if (session.user !== null) {
+        log.debug({ session: session.id, stage, reason: 'authenticated' }, 'dnsbl: not judged');
+        return null;
+      }
+      const block = (await Promise.all(due)).flat();
+      const decision = decide(ip, block);
+      const first = decision.hits[0];
+      log.info(
+        {
+          session: session.id,
+          ...(tx ? { tx: tx.id } : {}),
+          stage,
+          ip: session.remote.address,
+          action: decision.action,
+          list: first?.list ?? null,
+          code: first ? first.codes.join(' ') : null,
+          reason: first ? first.reasons.join(', ') || 'listed' : 'not listed',
+          subject: first?.subject ?? null,
+          hits: decision.hits.map(describe),
+          failed: [...new Set([...ip, ...block])]
+            .filter((r) => r.status !== 'listed' && r.status !== 'clear')
+            .map((r) => r.list),
+        },
+        'dnsbl verdict',
+      );
+      return decision;
+    }
+
+    function verdictOf(stage: Stage, d: Decision, tags: string[]): Verdict {
+      if (d.action === 'tag') tags.push(...d.hits.map(describe));
+      if (d.action !== 'reject' && d.action !== 'defer') return proceed();
+      const hit = d.hits[0]!;
+      const extra = blockByName.get(hit.list)?.message?.replaceAll('{subject}', hit.subject);
+      const text = `${describe(hit)}${extra ? `; ${extra}` : ''}`;
+      // RFC 5321 §3.1: refused at the greeting, 554 (and only QUIT follows); 421 closes.
+      if (stage === 'connect')
+        return d.action === 'reject' ? deny(554, '5.7.1', text) : defer(421, '4.7.1', text);
+      return d.action === 'reject' ? deny(550, '5.7.1', text) : defer(451, '4.7.1', text);
+    }
+
+    return {
+      async connect({ session }) {
+        if (trusted(session.remote.address)) {
+          log.debug({ session: session.id, reason: 'trusted network' }, 'dnsbl: not looked up');
+          return proceed();
+        }
+        const ip = session.remote.address;
+        const pending = {
+          ip: queryAll(ipLists, ip, (zone) => reversedName(ip, zone)),
+          helo: null,
+          tags: [] as string[],
+        };
+        session.notes.set(Pending, pending);
+        const d = await judge('connect', session, null);
+        return d ? verdictOf('connect', d, pending.tags) : proceed();
+      },
+
+      async helo({ session, hostname }) {
+        const pending = pendingOf(session);
+        if (!pending) return proceed();
+        const name = hostname.toLowerCase();
+        if (pending.helo?.name !== name)
+          pending.helo = {
+            name,
+            results: queryAll(domainLists('helo'), name, (zone) => domainName(name, zone)),
+          };
+        const d = await judge('helo', session, null);
+        return d ? verdictOf('helo', d, pending.tags) : proceed();
+      },
+
+      async mail({ session, transaction, sender }) {
+        if (!pendingOf(session)) return proceed();
+        const domain = sender?.domain;
+        const state = {
+          sender: domain
+            ? queryAll(domainLists('sender'), domain, (zone) => domainName(domain, zone))
+            : Promise.resolve([]),
+          rcpt: null,
+          tags: [] as string[],
+        };
+        transaction.notes.set(TxState, state);
+        const d = await judge('mail', session, transaction);
+        return d ? verdictOf('mail', d, state.tags) : proceed();
+      },
+
+      async rcpt({ session, transaction, recipient }) {
+        const state = transaction.notes.get(TxState);
+        if (!state) return proceed();
+        // Decided once per transaction (one log line), applied to each recipient.
+        const first = state.rcpt === null;
+        state.rcpt ??= (await judge('rcpt', session, transaction)) ?? { action: 'pass', hits: [] };
+        if (first && state.rcpt.action === 'tag') state.tags.push(...state.rcpt.hits.map(describe));
+        if (state.rcpt.action !== 'reject' && state.rcpt.action !== 'defer') return proceed();
+        // RFC 5321 §4.5.1: postmaster must be reachable, also from a client we refuse.
+        if (config.reachable.includes(recipient.local.toLowerCase())) return proceed();
+        return verdictOf('rcpt', state.rcpt, []);
+      },
+
+      async data_post({ session, transaction, prependHeader }) {
+        const tags = [...(pendingOf(session)?.tags ?? []), ...(transaction.notes.get(TxState)?.tags ?? [])];
+        if (tags.length > 0) prependHeader(config.tagHeader, tags.join('; '));
+        return proceed();
+      },
+    };
+  },
+});
