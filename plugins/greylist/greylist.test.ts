@@ -4,7 +4,7 @@
  * are one second; a test that waits for one asserts why the retry was let through (the reply and
  * the log line), never how long anything took.
  */
-import { after, before, describe, it } from 'node:test';
+import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,6 +16,8 @@ import { acceptAllRecipients, startServer, type TestServer } from '../../test/ha
 import { SmtpClient, type Reply } from '../../test/harness/smtp-client.js';
 import { redisMissing, startRedis, type RedisPeer } from '../../test/harness/redis.js';
 import { PetrelProcess, type LogLine } from '../../test/e2e/cli.js';
+import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq, type Dnsmasq } from '../../test/harness/dnsmasq.js';
+import { has, requirePeer } from '../../test/harness/peers.js';
 import { greylistConfig } from './config.js';
 import { clientNetwork } from './network.js';
 
@@ -209,6 +211,48 @@ describe('greylist: one server', () => {
     assert.equal(line.level, 50);
     assert.match(String(line.msg), /fail open/);
     assert.match(JSON.stringify(line.err), /closed/);
+  });
+});
+
+describe('greylist: clients on a DNS allow list of the dnsbl plugin', () => {
+  let dns: Dnsmasq | null = null;
+  let srv: TestServer | null = null;
+  before(async () => {
+    if (!has(DNSMASQ)) return; // the test says so (skips, or fails under PETREL_REQUIRE_PEERS=1)
+    const shared = { skip: () => undefined, after: () => undefined } as unknown as TestContext;
+    // 127.0.10.20 is on the allow list wl.test; its neighbour 127.0.10.21 is not.
+    dns = await startDnsmasq(
+      shared,
+      { hosts: [{ name: '20.10.0.127.wl.test', addresses: ['127.0.10.2'] }] },
+      {
+        stopWithTest: false,
+      },
+    );
+    if (!dns) return;
+    srv = await startServer({
+      plugins: [acceptAllRecipients],
+      entries: [
+        { name: 'dnsbl', config: { allow: [{ zone: 'wl.test' }], trustedNetworks: [] } },
+        { name: 'greylist', config: { delay: DELAY_MS, retryWindow: '1m', trustedNetworks: [] } },
+        'test-accept-rcpt',
+      ],
+      config: { dns: { servers: [dns.server], timeout: 2000 } },
+    });
+  });
+  after(async () => {
+    await srv?.close();
+    await dns?.stop();
+  });
+
+  it('lets an allow-listed client through at once, and greylists its neighbour that is not listed', async (t) => {
+    if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return;
+    assert.ok(srv, 'server started with dnsmasq');
+    assert.equal((await one(srv.port, '127.0.10.20', 'x@stranger.test', 'bob@mx.test')).code, 250);
+    const exempt = srv.logs.find((l) => l.msg === 'greylist: exempt' && l.ip === '127.0.10.20');
+    assert.ok(exempt, 'the exemption is logged');
+    assert.equal(exempt.reason, 'dns allow list');
+    assert.deepEqual(exempt.allowedBy, ['wl.test']);
+    assert.equal((await one(srv.port, '127.0.10.21', 'x@stranger.test', 'bob@mx.test')).code, 451);
   });
 });
 

@@ -11,6 +11,7 @@ import {
   type StateStore,
   type TransactionView,
 } from '../../core/index.js';
+import { Dnsbl } from '../dnsbl/api.js';
 import { greylistConfig, type GreylistConfig } from './config.js';
 import { clientNetwork } from './network.js';
 
@@ -114,7 +115,7 @@ async function judge(
  *
  * Applied at RCPT, per recipient: `postmaster` stays reachable at once (RFC 5321 §4.5.1). List it
  * before the plugins that accept recipients (`relay`, `users`): an accepting `rcpt` hook ends the
- * chain.
+ * chain; and after `dnsbl`, whose `Dnsbl` note (`petrel/dnsbl`) exempts clients on an allow list.
  *
  * A State failure fails open: the recipient is not greylisted and the failure is logged at error.
  * Greylisting only delays spam; refusing every first-time sender while the store is down would
@@ -136,8 +137,13 @@ export default definePlugin({
       );
 
     /** Why the whole session is exempt, or null. */
-    const sessionExempt = (session: SessionView): string | null =>
-      session.user !== null ? 'authenticated' : trusted(session.remote.address) ? 'trusted network' : null;
+    function sessionExempt(session: SessionView): string | null {
+      if (session.user !== null) return 'authenticated';
+      if (trusted(session.remote.address)) return 'trusted network';
+      // The dnsbl plugin (listed before this one) found the client on a DNS allow list.
+      if (session.notes.get(Dnsbl)?.allowed) return 'dns allow list';
+      return null;
+    }
 
     /** Why this recipient of this transaction is exempt, or null. */
     function recipientExempt(transaction: TransactionView, recipient: Address): string | null {
@@ -166,7 +172,16 @@ export default definePlugin({
         if (whole) {
           if (!session.notes.get(ExemptLogged)) {
             session.notes.set(ExemptLogged, { reason: whole });
-            log.info({ session: session.id, ip: session.remote.address, reason: whole }, 'greylist: exempt');
+            const allowedBy = whole === 'dns allow list' ? session.notes.get(Dnsbl)?.allowedBy : undefined;
+            log.info(
+              {
+                session: session.id,
+                ip: session.remote.address,
+                reason: whole,
+                ...(allowedBy ? { allowedBy } : {}),
+              },
+              'greylist: exempt',
+            );
           }
           return proceed();
         }
