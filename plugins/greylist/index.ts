@@ -135,6 +135,11 @@ export default definePlugin({
         { before: earlier },
         'greylist is listed after plugins that accept recipients; it cannot defer them: list it before them',
       );
+    // The allow-list note is complete only once dnsbl's own rcpt hook has run.
+    if (names.indexOf('dnsbl') > names.indexOf('greylist'))
+      log.warn(
+        'dnsbl is listed after greylist; its allow lists cannot exempt clients: list it before greylist',
+      );
 
     /** Why the whole session is exempt, or null. */
     function sessionExempt(session: SessionView): string | null {
