@@ -1,0 +1,235 @@
+import { createHash } from 'node:crypto';
+import {
+  compileCidrs,
+  defer,
+  defineNote,
+  definePlugin,
+  proceed,
+  Tokens,
+  type Address,
+  type SessionView,
+  type StateStore,
+  type TransactionView,
+} from '../../core/index.js';
+import { Dnsbl } from '../dnsbl/api.js';
+import { greylistConfig, type GreylistConfig } from './config.js';
+import { clientNetwork } from './network.js';
+
+export { greylistConfig, type GreylistConfig } from './config.js';
+
+/** A session-wide exemption is logged once per session, not once per recipient. */
+const ExemptLogged = defineNote<{ readonly reason: string }>('greylist.exempt');
+
+/** What the plugin decided for one recipient. */
+type Decision =
+  | { readonly kind: 'greylisted'; readonly retryIn: number; readonly first: boolean }
+  | {
+      readonly kind: 'passed';
+      readonly waited: number;
+      readonly autoAllowed: boolean;
+      readonly passes: number;
+    }
+  | { readonly kind: 'known' }
+  | { readonly kind: 'network' };
+
+/**
+ * The State keys of one triplet and of its client network. The triplet is hashed: the store holds
+ * no addresses, and every key has the same short length whatever the client sends.
+ *
+ * - `greylist:wait:<t>`: present from the first attempt until `delay` has passed.
+ * - `greylist:seen:<t>`: present from the first attempt for `retryWindow`; the value is when
+ *   (this worker's clock, used only for the numbers in replies and logs).
+ * - `greylist:pass:<t>`: the triplet got through; lives `expire`, renewed on each use.
+ * - `greylist:passes:<net>`: a window of events, one per distinct triplet through (`expire`).
+ * - `greylist:net:<net>`: the network is auto-allowed; lives `autoAllowFor`, renewed on use.
+ */
+function keys(net: string, sender: string, recipient: string) {
+  const t = createHash('sha256').update(`${net}\0${sender}\0${recipient}`).digest('base64url');
+  return {
+    triplet: t,
+    wait: `greylist:wait:${t}`,
+    seen: `greylist:seen:${t}`,
+    pass: `greylist:pass:${t}`,
+    passes: `greylist:passes:${net}`,
+    net: `greylist:net:${net}`,
+  };
+}
+
+/**
+ * Runs the greylisting steps for one triplet. Several workers (and machines, with Redis) run them
+ * at once for the same triplet; every interleaving is safe:
+ *
+ * - A first attempt claims `wait` with "set if absent": of two racing workers one wins and records
+ *   the triplet, the other sees an attempt already recorded and says "too early". `seen` is
+ *   written after `wait`, so whoever finds `seen` without `wait` knows the delay has passed.
+ * - A retry after the delay finds `seen` and no `wait`: it is let through and `pass` is written.
+ *   Two retries at once are both let through — both are retries.
+ * - The delay and the window are the store's lifetimes, so they are measured on one clock for
+ *   every worker and machine.
+ */
+async function judge(
+  state: StateStore,
+  config: GreylistConfig,
+  k: ReturnType<typeof keys>,
+): Promise<Decision> {
+  if ((await state.get(k.net)) !== null) {
+    await state.set(k.net, '1', { ttlMs: config.autoAllowFor });
+    return { kind: 'network' };
+  }
+  if ((await state.get(k.pass)) !== null) {
+    await state.set(k.pass, '1', { ttlMs: config.expire });
+    return { kind: 'known' };
+  }
+  const now = Date.now();
+  const retryIn = (since: number): number => Math.max(1, Math.ceil((config.delay - (now - since)) / 1000));
+  if ((await state.get(k.wait)) === null) {
+    const seen = await state.get(k.seen);
+    if (seen !== null) {
+      await state.set(k.pass, '1', { ttlMs: config.expire });
+      await state.delete(k.seen);
+      let autoAllowed = false;
+      let passes = 0;
+      if (config.autoAllowAfter > 0) {
+        passes = await state.addEvent(k.passes, k.triplet, { windowMs: config.expire });
+        // "Set if absent": the network's auto-allowance is announced once, by whoever started it.
+        if (passes >= config.autoAllowAfter)
+          autoAllowed = await state.compareAndSet(k.net, null, '1', { ttlMs: config.autoAllowFor });
+      }
+      return { kind: 'passed', waited: Math.round((now - Number(seen)) / 1000), autoAllowed, passes };
+    }
+    if (await state.compareAndSet(k.wait, null, String(now), { ttlMs: config.delay })) {
+      await state.set(k.seen, String(now), { ttlMs: config.retryWindow });
+      return { kind: 'greylisted', retryIn: retryIn(now), first: true };
+    }
+  }
+  const since = Number((await state.get(k.seen)) ?? now);
+  return { kind: 'greylisted', retryIn: retryIn(since), first: false };
+}
+
+/**
+ * greylist — defers mail from an unknown (client network, sender, recipient) triplet with
+ * `451 4.7.1` and accepts the retry that comes after `delay` (RFC 5321 §4.5.4.1: a real mail
+ * server retries; much bulk software does not). The triplet is then remembered, and a client
+ * network with `autoAllowAfter` triplets through passes without greylisting. All of it lives in
+ * the State service, so every worker and every server sharing a Redis agree.
+ *
+ * Applied at RCPT, per recipient: `postmaster` stays reachable at once (RFC 5321 §4.5.1). List it
+ * before the plugins that accept recipients (`relay`, `users`): an accepting `rcpt` hook ends the
+ * chain; and after `dnsbl`, whose `Dnsbl` note (`petrel/dnsbl`) exempts clients on an allow list.
+ *
+ * A State failure fails open: the recipient is not greylisted and the failure is logged at error.
+ * Greylisting only delays spam; refusing every first-time sender while the store is down would
+ * delay all legitimate mail instead.
+ */
+export default definePlugin({
+  name: 'greylist',
+  config: greylistConfig,
+  setup({ config, log, resolve }) {
+    const state = resolve(Tokens.State);
+    const trusted = compileCidrs(config.trustedNetworks);
+
+    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
+    const earlier = names.slice(0, names.indexOf('greylist')).filter((n) => n === 'relay' || n === 'users');
+    if (names.includes('greylist') && earlier.length > 0)
+      log.warn(
+        { before: earlier },
+        'greylist is listed after plugins that accept recipients; it cannot defer them: list it before them',
+      );
+    // The allow-list note is complete only once dnsbl's own rcpt hook has run.
+    if (names.indexOf('dnsbl') > names.indexOf('greylist'))
+      log.warn(
+        'dnsbl is listed after greylist; its allow lists cannot exempt clients: list it before greylist',
+      );
+
+    /** Why the whole session is exempt, or null. */
+    function sessionExempt(session: SessionView): string | null {
+      if (session.user !== null) return 'authenticated';
+      if (trusted(session.remote.address)) return 'trusted network';
+      // The dnsbl plugin (listed before this one) found the client on a DNS allow list.
+      if (session.notes.get(Dnsbl)?.allowed) return 'dns allow list';
+      return null;
+    }
+
+    /** Why this recipient of this transaction is exempt, or null. */
+    function recipientExempt(transaction: TransactionView, recipient: Address): string | null {
+      // RFC 5321 §4.5.1: postmaster must be reachable, by anyone, at once.
+      if (recipient.local.toLowerCase() === 'postmaster') return 'postmaster';
+      const to = recipient.address.toLowerCase();
+      const toDomain = recipient.domainAscii.toLowerCase();
+      if (config.exemptRecipients.some((r) => r === to || r === toDomain)) return 'exempt recipient';
+      const from = transaction.sender?.domainAscii.toLowerCase();
+      if (from && config.exemptSenderDomains.some((d) => from === d || from.endsWith(`.${d}`)))
+        return 'exempt sender domain';
+      return null;
+    }
+
+    return {
+      async rcpt({ session, transaction, recipient }) {
+        const sender = transaction.sender?.address.toLowerCase() ?? '';
+        const fields = {
+          session: session.id,
+          tx: transaction.id,
+          ip: session.remote.address,
+          from: sender === '' ? '<>' : sender,
+          to: recipient.address,
+        };
+        const whole = sessionExempt(session);
+        if (whole) {
+          if (!session.notes.get(ExemptLogged)) {
+            session.notes.set(ExemptLogged, { reason: whole });
+            const allowedBy = whole === 'dns allow list' ? session.notes.get(Dnsbl)?.allowedBy : undefined;
+            log.info(
+              {
+                session: session.id,
+                ip: session.remote.address,
+                reason: whole,
+                ...(allowedBy ? { allowedBy } : {}),
+              },
+              'greylist: exempt',
+            );
+          }
+          return proceed();
+        }
+        const why = recipientExempt(transaction, recipient);
+        if (why) {
+          log.info({ ...fields, reason: why }, 'greylist: exempt');
+          return proceed();
+        }
+        const network = clientNetwork(session.remote.address, config.ipv4Prefix, config.ipv6Prefix);
+        const k = keys(network, sender, recipient.address.toLowerCase());
+        let decision: Decision;
+        try {
+          decision = await judge(state, config, k);
+        } catch (err) {
+          log.error(
+            { ...fields, network, err },
+            'greylist: state failed, recipient not greylisted (fail open)',
+          );
+          return proceed();
+        }
+        switch (decision.kind) {
+          case 'greylisted':
+            log.info(
+              { ...fields, network, retryIn: decision.retryIn, first: decision.first },
+              decision.first ? 'greylist: greylisted' : 'greylist: greylisted, retry too early',
+            );
+            return defer(451, '4.7.1', `Greylisted, please try again in ${decision.retryIn} seconds`);
+          case 'passed':
+            log.info({ ...fields, network, waited: decision.waited }, 'greylist: passed after retry');
+            if (decision.autoAllowed)
+              log.info(
+                { session: session.id, ip: session.remote.address, network, passes: decision.passes },
+                'greylist: network auto-allowed',
+              );
+            return proceed();
+          case 'known':
+            log.info({ ...fields, network }, 'greylist: passed, known triplet');
+            return proceed();
+          case 'network':
+            log.info({ ...fields, network }, 'greylist: passed, auto-allowed network');
+            return proceed();
+        }
+      },
+    };
+  },
+});
