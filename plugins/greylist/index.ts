@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import {
   compileCidrs,
+  networkOf,
   defer,
   defineNote,
   definePlugin,
@@ -13,7 +14,6 @@ import {
 } from '../../core/index.js';
 import { Dnsbl } from '../dnsbl/api.js';
 import { greylistConfig, type GreylistConfig } from './config.js';
-import { clientNetwork } from './network.js';
 
 export { greylistConfig, type GreylistConfig } from './config.js';
 
@@ -195,7 +195,10 @@ export default definePlugin({
           log.info({ ...fields, reason: why }, 'greylist: exempt');
           return proceed();
         }
-        const network = clientNetwork(session.remote.address, config.ipv4Prefix, config.ipv6Prefix);
+        const network = networkOf(session.remote.address, {
+          ipv4: config.ipv4Prefix,
+          ipv6: config.ipv6Prefix,
+        });
         const k = keys(network, sender, recipient.address.toLowerCase());
         let decision: Decision;
         try {
