@@ -8,9 +8,17 @@
  * client for every server, with a new connection per message. smtp-sink, a minimal C server that
  * throws mail away, is the upper bound. Figures are printed and written to var/bench-results.json.
  *
+ * With defences (`petrel+defence`): one worker with the `dnsbl`, `limit` and `greylist` plugins
+ * in front of the discard plugin, judging every client (no trusted networks): dnsbl asks a local
+ * dnsmasq about a list the client is not on, limit counts connections and messages in the State
+ * service, and greylist knows the client's triplet already (it passed before the runs). Its rate
+ * is compared with the plain one-worker Petrel's at 50 sessions and 1 KB.
+ *
  * Environment: BENCH_SCALE multiplies the message counts (default 1; e.g. 0.1 for a quick look).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { startDnsmasq, type Dnsmasq } from '../test/harness/dnsmasq.js';
+import { SmtpClient } from '../test/harness/smtp-client.js';
 import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -45,6 +53,7 @@ import {
   WORKER_COUNTS,
   workerPids,
   type Probe,
+  type Run,
   type Server,
   type WorkerCounts,
   runMatrix,
@@ -63,6 +72,10 @@ const ROUNDS = 5;
 const IDLE_CONNECTIONS = 1000;
 /** The goal: at 50 sessions and 1 KB, at least half of smtp-sink's rate. */
 const TARGET_RATIO = 0.5;
+/** With dnsbl, limit and greylist on: at least this share of the plain rate (50 sessions, 1 KB). */
+const DEFENCE_TARGET = 0.8;
+/** The greylist delay in the bench: the client waits it out once, before the runs. */
+const GREYLIST_DELAY_MS = 1000;
 
 interface MemoryResult {
   readonly workers: number;
@@ -139,6 +152,61 @@ async function idleMemory(dir: string, workers: number, connections: number): Pr
   }
 }
 
+/**
+ * One worker with the defence plugins in front of the discard plugin; the client has passed
+ * greylisting before it returns (a first attempt, the delay, a second attempt).
+ */
+async function startDefendedPetrel(dir: string, dns: Dnsmasq): Promise<Server> {
+  const judgeEveryone = { trustedNetworks: [] };
+  const lots = { max: 1_000_000_000, per: '1m' };
+  const plugins = [
+    { name: 'dnsbl', config: { ...judgeEveryone, block: [{ zone: 'bl.bench.test', name: 'Bench BL' }] } },
+    {
+      name: 'limit',
+      config: {
+        ...judgeEveryone,
+        connections: lots,
+        concurrency: { max: 1_000_000 },
+        messages: { perClient: lots },
+        recipients: { perMessage: 100, perClient: lots },
+      },
+    },
+    { name: 'greylist', config: { ...judgeEveryone, delay: `${GREYLIST_DELAY_MS}ms`, retryWindow: '1h' } },
+    PLUGIN,
+  ];
+  const started = await startPetrel(dir, plugins, 1, [], { dns: { servers: [dns.server] } });
+  const server: Server = { ...started, target: 'petrel+defence' };
+  const attempt = async (): Promise<number> => {
+    const c = await SmtpClient.connect(server.port, HOST);
+    try {
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('MAIL FROM:<from@bench.test>', /^250 /);
+      c.send('RCPT TO:<to@bench.test>');
+      const { code } = await c.reply();
+      await c.cmd('QUIT', /^221 /);
+      return code;
+    } finally {
+      c.close();
+    }
+  };
+  const first = await attempt();
+  await sleep(GREYLIST_DELAY_MS * 1.5);
+  const second = await attempt();
+  if (first !== 451 || second !== 250)
+    throw new BenchError(`greylisting did not behave: first attempt ${first}, second ${second}`);
+  return server;
+}
+
+/** The defended rate over the plain one-worker rate, at 50 sessions and 1 KB. */
+function defenceRatio(runs: readonly Run[]): number | null {
+  const find = (target: string): Run | undefined =>
+    runs.find((r) => r.target === target && r.size === 1 * KB && r.sessions === 50 && !r.failure);
+  const defended = find('petrel+defence');
+  const plain = find('petrel');
+  return defended && plain ? defended.perSecond / plain.perSecond : null;
+}
+
 // ---------------------------------------------------------------- main
 
 async function main(): Promise<number> {
@@ -150,6 +218,7 @@ async function main(): Promise<number> {
   const out = process.stdout;
   const dir = mkdtempSync(join(tmpdir(), 'petrel-bench-'));
   const servers: Server[] = [];
+  let dns: Dnsmasq | null = null;
   try {
     const idle = await backgroundLoad();
     out.write(machineLine(machine, idle));
@@ -169,6 +238,13 @@ async function main(): Promise<number> {
           `workers ${workerPids(petrel).join(', ')})`,
       );
     }
+    // The DNS list answers from a local server: every lookup is a real query, then the cache.
+    dns = await startDnsmasq(null, { local: ['bench.test'] }, { stopWithTest: false });
+    const defended = await startDefendedPetrel(join(dir, 'defence'), dns!);
+    servers.push(defended);
+    log(
+      `${defended.target} on ${HOST}:${defended.port} (primary ${defended.child.pid}): dnsbl, limit, greylist`,
+    );
     const smtpSink = await startSink(sink);
     servers.push(smtpSink);
     log(`smtp-sink on ${HOST}:${smtpSink.port}`);
@@ -195,6 +271,11 @@ async function main(): Promise<number> {
         `petrel×n: n worker processes):\n\n${table(runs, processColumns())}\n\n`,
     );
     out.write(`${ratioLine('Petrel/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO)}\n`);
+    const defence = defenceRatio(runs);
+    out.write(
+      `Petrel with dnsbl, limit and greylist/without at 50 sessions, 1 KB: ${defence === null ? 'n/a' : defence.toFixed(2)} ` +
+        `(target ≥ ${DEFENCE_TARGET}: ${defence !== null && defence >= DEFENCE_TARGET ? 'met' : 'NOT met'})\n`,
+    );
     for (const m of memory) {
       out.write(
         `Idle connections, ${m.workers} worker${m.workers === 1 ? '' : 's'}: ${m.connections} greeted ` +
@@ -212,10 +293,13 @@ async function main(): Promise<number> {
       runs,
       ratio50x1KB: ratios,
       targetRatio: TARGET_RATIO,
+      defenceRatio50x1KB: defence,
+      defenceTarget: DEFENCE_TARGET,
       idleConnections: memory,
     });
   } finally {
     await Promise.all(servers.map((s) => stop(s.child)));
+    await dns?.stop();
     rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -477,10 +477,13 @@ export async function startPetrel(
   plugins: readonly unknown[],
   workers: number,
   nodeArgs: readonly string[] = [],
+  /** More top-level config keys (`dns`, …). */
+  extra: Record<string, unknown> = {},
 ): Promise<Server> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
   const config = {
+    ...extra,
     hostname: 'bench.test',
     workers,
     listeners: [{ kind: 'smtp', address: HOST, port }],

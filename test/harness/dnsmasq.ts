@@ -92,14 +92,17 @@ function exited(child: ChildProcess, ms: number): Promise<boolean> {
  * `timeoutMs`). Stop it in the test's `after`/`finally` (or pass `t` to have it stopped for you).
  */
 export async function startDnsmasq(
-  t: TestContext,
+  /** The test (null outside a test, for a benchmark: a missing dnsmasq then throws). */
+  t: TestContext | null,
   records: DnsRecords,
   opts: {
     timeoutMs?: number;
     /** Stop it when `t` ends (default); false to share it across tests. */ stopWithTest?: boolean;
   } = {},
 ): Promise<Dnsmasq | null> {
-  if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return null;
+  if (t === null) {
+    if (!has(DNSMASQ)) throw new Error(`dnsmasq not installed (${DNSMASQ_PACKAGE})`);
+  } else if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return null;
   const timeoutMs = opts.timeoutMs ?? 10_000;
   const silent = records.unanswered?.length ? await silentPort() : null;
   const args: string[] = [];
@@ -172,7 +175,7 @@ export async function startDnsmasq(
     }
     if (ready) {
       const handle: Dnsmasq = { server, port, log: () => output, stop };
-      if (opts.stopWithTest !== false) t.after(() => handle.stop());
+      if (t && opts.stopWithTest !== false) t.after(() => handle.stop());
       return handle;
     }
     await stop();
