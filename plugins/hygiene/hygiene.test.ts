@@ -198,6 +198,26 @@ describe('hygiene: FCrDNS and HELO checks against dnsmasq', () => {
     assert.deepEqual(captured.at(-1)!.recipients, ['postmaster@mail.test']);
   });
 
+  it('greets the client while its reverse DNS is still being looked up', async (t) => {
+    const srv = await server(t);
+    if (!srv) return;
+    const c = await SmtpClient.connect(srv.port, '127.0.0.1', { localAddress: '127.0.0.7' });
+    try {
+      await c.expect(/^220 /);
+      const checked = () =>
+        srv.logs.filter((l) => l.msg === 'hygiene: fcrdns checked' && l.ip === '127.0.0.7');
+      // The reverse zone never answers: the check ends only at `timeout`, after the greeting.
+      assert.equal(checked().length, 0, 'the greeting did not wait for the check');
+      await c.ehlo('good.test');
+      await c.cmd('MAIL FROM:<alice@example.test>', /^250 /);
+      await c.cmd('RCPT TO:<bob@mail.test>', /^250 /);
+      assert.equal(checked().at(-1)?.detail, 'timeout', 'RCPT waited for it');
+      c.send('QUIT');
+    } finally {
+      c.close();
+    }
+  });
+
   it('reports a reverse zone that never answers as a temperror, and defers it when configured to', async (t) => {
     const srv = await server(t);
     if (!srv) return;

@@ -171,8 +171,12 @@ export default definePlugin({
         }
         // Started now, awaited only when a decision needs it: the greeting does not wait.
         const end = new Promise<void>((r) => setTimeout(r, config.timeout).unref());
+        const check = fcrdns(dns, session.remote.address, end).then((f) => {
+          log.debug({ session: session.id, ip: session.remote.address, ...f }, 'hygiene: fcrdns checked');
+          return f;
+        });
         session.notes.set(Pending, {
-          fcrdns: fcrdns(dns, session.remote.address, end),
+          fcrdns: check,
           helo: null,
           tags: [],
         });
