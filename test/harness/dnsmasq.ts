@@ -18,6 +18,11 @@ export interface DnsRecords {
   readonly mx?: readonly { readonly domain: string; readonly host: string; readonly preference: number }[];
   /** A and AAAA records: a name and its addresses (IPv4 and IPv6 mixed). */
   readonly hosts?: readonly { readonly name: string; readonly addresses: readonly string[] }[];
+  /**
+   * PTR records: a reverse name (`5.0.0.127.in-addr.arpa`) and the name it points to. List the
+   * reverse zone in `local` to have other addresses in it answered NXDOMAIN.
+   */
+  readonly ptr?: readonly { readonly name: string; readonly target: string }[];
   /** TXT records (SPF, DKIM keys, DMARC): one string each, without commas. */
   readonly txt?: readonly { readonly name: string; readonly text: string }[];
   /** Records of any other type: the RR type number and the RDATA in hex (`--dns-rr`). */
@@ -109,6 +114,7 @@ export async function startDnsmasq(
   for (const d of records.local ?? ['test']) args.push(`--local=/${d}/`);
   for (const m of records.mx ?? []) args.push(`--mx-host=${m.domain},${m.host},${m.preference}`);
   for (const h of records.hosts ?? []) args.push(`--host-record=${h.name},${h.addresses.join(',')}`);
+  for (const r of records.ptr ?? []) args.push(`--ptr-record=${r.name},${r.target}`);
   for (const r of records.txt ?? []) {
     if (r.text.includes(',')) throw new TypeError(`dnsmasq TXT records cannot hold commas: ${r.text}`);
     args.push(`--txt-record=${r.name},${r.text}`);
