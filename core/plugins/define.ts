@@ -107,10 +107,24 @@ export interface PluginDefinition<S extends z.ZodType = z.ZodType> {
    * order; config order holds within a phase. Default `rewrite`.
    */
   readonly transformPhase?: TransformPhase;
+  /**
+   * Where this plugin belongs in the config's list, relative to others, when they are there too:
+   * `before` names plugins it must precede (a plugin that refuses recipients comes before `relay`
+   * and `users`, whose accepting `rcpt` hooks end the chain), `after` plugins it must follow (one
+   * whose note it reads). A config that breaks it starts, with a warning naming both entries and
+   * the reason.
+   */
+  readonly order?: PluginOrder;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
   /** Subcommands of `petrel` this plugin contributes, by name (`petrel <name> …`). */
   readonly commands?: Readonly<Record<string, PluginCommand<z.output<S>>>>;
   readonly [BRAND]: true;
+}
+
+/** See `PluginDefinition.order`. */
+export interface PluginOrder {
+  readonly before?: { readonly plugins: readonly string[]; readonly reason: string };
+  readonly after?: { readonly plugins: readonly string[]; readonly reason: string };
 }
 
 /** The phases of the transform chain, in the order they run. */
@@ -143,6 +157,7 @@ export function definePlugin<S extends z.ZodType = z.ZodType<Record<string, neve
   config?: S;
   hookTimeout?: number;
   transformPhase?: TransformPhase;
+  order?: PluginOrder;
   setup(api: PluginApi<z.output<S>>): Hooks | Promise<Hooks>;
   commands?: Record<string, PluginCommand<z.output<S>>>;
 }): PluginDefinition<S> {

@@ -366,6 +366,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
     await partial.retire();
     throw err;
   }
+  warnOrder(definitions, log);
   // Transforms run by phase (rewrite before sign), in config order within a phase: a signer can
   // never see a message that a later transform would still change. The sort is stable.
   const phaseOf = new Map(
@@ -482,4 +483,30 @@ export async function builtInPlugin(name: string): Promise<PluginDefinition> {
   installPetrelResolution();
   const path = join(BUILT_IN_DIR, name, 'index.js');
   return importDefinition(pathToFileURL(path).href, path, 'plugin', name);
+}
+
+/**
+ * Checks each plugin's declared place (`order`) against the config's list, and warns for every
+ * pair out of place: the server runs, but the plugin cannot do all it says it does.
+ */
+function warnOrder(definitions: readonly PluginDefinition[], log: Logger): void {
+  const at = new Map(definitions.map((d, i) => [d.name, i] as const));
+  for (const [i, d] of definitions.entries()) {
+    for (const other of d.order?.before?.plugins ?? []) {
+      const j = at.get(other);
+      if (j !== undefined && j < i)
+        log.warn(
+          { plugin: d.name, listedAfter: other, reason: d.order!.before!.reason },
+          `${d.name} is listed after ${other}; list it before: ${d.order!.before!.reason}`,
+        );
+    }
+    for (const other of d.order?.after?.plugins ?? []) {
+      const j = at.get(other);
+      if (j !== undefined && j > i)
+        log.warn(
+          { plugin: d.name, listedBefore: other, reason: d.order!.after!.reason },
+          `${d.name} is listed before ${other}; list it after: ${d.order!.after!.reason}`,
+        );
+    }
+  }
 }

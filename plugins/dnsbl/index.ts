@@ -56,6 +56,12 @@ const SEVERITY: readonly Action[] = ['reject', 'defer', 'tag', 'ignore'];
  */
 export default definePlugin({
   name: 'dnsbl',
+  order: {
+    before: {
+      plugins: ['relay', 'users'],
+      reason: 'their rcpt hooks accept recipients, so a listing applied at RCPT would never refuse one',
+    },
+  },
   config: dnsblConfig,
   setup({ config, log, resolve }) {
     const trusted = compileCidrs(config.trustedNetworks);
@@ -77,14 +83,6 @@ export default definePlugin({
         .map((l) => ({ ...spec(l), kind: 'block' as const }));
     // Names are unique (the config schema checks): a result finds its list's action by name.
     const blockByName = new Map(config.block.map((l) => [l.name ?? l.zone, l]));
-
-    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
-    const earlier = names.slice(0, names.indexOf('dnsbl')).filter((n) => n === 'relay' || n === 'users');
-    if (names.includes('dnsbl') && earlier.length > 0 && config.applyAt === 'rcpt')
-      log.warn(
-        { before: earlier },
-        'dnsbl is listed after plugins that accept recipients; it cannot refuse at RCPT: list it before them',
-      );
 
     /** Resolves after `timeout`: the end of one step's lookups. */
     function deadline(): Promise<void> {

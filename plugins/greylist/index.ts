@@ -123,23 +123,17 @@ async function judge(
  */
 export default definePlugin({
   name: 'greylist',
+  order: {
+    before: {
+      plugins: ['relay', 'users'],
+      reason: 'their rcpt hooks accept recipients, so greylisting would never defer one',
+    },
+    after: { plugins: ['dnsbl'], reason: 'its allow lists exempt clients only once it has run' },
+  },
   config: greylistConfig,
   setup({ config, log, resolve }) {
     const state = resolve(Tokens.State);
     const trusted = compileCidrs(config.trustedNetworks);
-
-    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
-    const earlier = names.slice(0, names.indexOf('greylist')).filter((n) => n === 'relay' || n === 'users');
-    if (names.includes('greylist') && earlier.length > 0)
-      log.warn(
-        { before: earlier },
-        'greylist is listed after plugins that accept recipients; it cannot defer them: list it before them',
-      );
-    // The allow-list note is complete only once dnsbl's own rcpt hook has run.
-    if (names.indexOf('dnsbl') > names.indexOf('greylist'))
-      log.warn(
-        'dnsbl is listed after greylist; its allow lists cannot exempt clients: list it before greylist',
-      );
 
     /** Why the whole session is exempt, or null. */
     function sessionExempt(session: SessionView): string | null {

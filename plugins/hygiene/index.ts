@@ -55,24 +55,19 @@ const printable = (s: string): string => s.replace(/[^\x21-\x7e]/g, '?').slice(0
  */
 export default definePlugin({
   name: 'hygiene',
+  order: {
+    before: {
+      plugins: ['relay', 'users'],
+      reason: 'their rcpt hooks accept recipients, so a finding applied at RCPT would never refuse one',
+    },
+    after: { plugins: ['dnsbl'], reason: 'its allow lists exempt clients only once it has run' },
+  },
   config: hygieneConfig,
   setup({ config, log, resolve }) {
     const dns = resolve(Tokens.Dns);
     const server = resolve(Tokens.Config);
     const trusted = compileCidrs(config.trustedNetworks);
     const ourNames = [server.hostname, ...server.localDomains].map((n) => n.toLowerCase());
-
-    const names = server.plugins.map((e) => (typeof e === 'string' ? e : e.name));
-    const earlier = names.slice(0, names.indexOf('hygiene')).filter((n) => n === 'relay' || n === 'users');
-    if (names.includes('hygiene') && earlier.length > 0 && config.applyAt === 'rcpt')
-      log.warn(
-        { before: earlier },
-        'hygiene is listed after plugins that accept recipients; it cannot refuse at RCPT: list it before them',
-      );
-    if (names.includes('dnsbl') && names.indexOf('dnsbl') > names.indexOf('hygiene'))
-      log.warn(
-        'dnsbl is listed after hygiene; its allow lists cannot exempt clients: list it before hygiene',
-      );
 
     /** The results so far, published as the note. */
     async function results(session: SessionView, pending: NonNullable<ReturnType<typeof pendingOf>>) {

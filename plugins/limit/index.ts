@@ -46,6 +46,13 @@ interface Check {
  */
 export default definePlugin({
   name: 'limit',
+  order: {
+    before: {
+      plugins: ['relay', 'users'],
+      reason: 'their rcpt hooks accept recipients, so recipient limits would never refuse one',
+    },
+    after: { plugins: ['dnsbl'], reason: 'its allow lists exempt clients only once it has run' },
+  },
   config: limitConfig,
   setup({ config, log, resolve }) {
     const windows = new Windows(resolve(Tokens.State));

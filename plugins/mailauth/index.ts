@@ -45,6 +45,12 @@ const MailSpf = defineNote<{ readonly mailFrom: SpfCheck; readonly helo: SpfChec
  */
 export default definePlugin({
   name: 'mailauth',
+  order: {
+    before: {
+      plugins: ['relay', 'users'],
+      reason: 'their rcpt hooks accept recipients, so an SPF refusal at RCPT would silently become a tag',
+    },
+  },
   config: mailauthConfig,
   // An ARC set signs the message as it leaves: after every rewrite (a 7-bit downgrade).
   transformPhase: 'sign',
@@ -54,16 +60,6 @@ export default definePlugin({
     const lookup = ((name: string, rrtype: string) => dns.resolve(name, rrtype)) as DNSResolver;
     const trusted = compileCidrs(config.trustedNetworks);
     const spfOpts = { mta: authservId, resolver: lookup, timeout: config.spfTimeout, strict: config.strict };
-
-    // A recipient accepted by an earlier plugin never reaches our rcpt hook: an SPF refusal would
-    // then silently become a tag. Say so at startup rather than let it pass unnoticed.
-    const names = resolve(Tokens.Config).plugins.map((e) => (typeof e === 'string' ? e : e.name));
-    const earlier = names.slice(0, names.indexOf('mailauth')).filter((n) => n === 'relay' || n === 'users');
-    if (names.includes('mailauth') && earlier.length > 0)
-      log.warn(
-        { before: earlier },
-        'mailauth is listed after plugins that accept recipients; SPF cannot refuse at RCPT: list it before them',
-      );
 
     // Read once per plugin set (start, reload): a bad key stops the start with its file named.
     const sealing = config.arcSeal;

@@ -7,18 +7,7 @@ import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { dkimSign } from 'mailauth';
-import { Writable } from 'node:stream';
-import pino from 'pino';
-import {
-  accept,
-  definePlugin,
-  deny,
-  Tokens,
-  type PetrelConfig,
-  type PluginDefinition,
-} from '../../core/index.js';
-import { setupPlugin } from '../../core/testing/index.js';
-import mailauth from './index.js';
+import { accept, definePlugin, deny, type PluginDefinition } from '../../core/index.js';
 import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq, type Dnsmasq } from '../../test/harness/dnsmasq.js';
 import { has, requirePeer } from '../../test/harness/peers.js';
 import { resolveToken } from '../../core/di/tokens.js';
@@ -558,29 +547,5 @@ describe('mailauth: the pieces', () => {
         'spf=softfail smtp.mailfrom=soft.test',
       ],
     });
-  });
-});
-
-describe('mailauth: its place in the config', () => {
-  async function warnings(plugins: string[]): Promise<string[]> {
-    const lines: string[] = [];
-    const logger = pino(
-      { level: 'warn' },
-      new Writable({
-        write(chunk: Buffer, _enc, done) {
-          lines.push(String((JSON.parse(chunk.toString()) as { msg: string }).msg));
-          done();
-        },
-      }),
-    );
-    const config = { plugins, hostname: 'mx.test', dns: { timeout: 1000 } } as unknown as PetrelConfig;
-    await setupPlugin(mailauth, { logger, services: new Map([[Tokens.Config, config]]) });
-    return lines;
-  }
-
-  it('warns at startup when relay or users come first, since SPF could then not refuse at RCPT', async () => {
-    assert.deepEqual(await warnings(['mailauth', 'relay', 'users']), []);
-    const [line] = await warnings(['relay', 'users', 'mailauth']);
-    assert.match(line ?? '', /listed after plugins that accept recipients/);
   });
 });
