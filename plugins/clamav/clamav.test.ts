@@ -200,6 +200,48 @@ describe('clamav: scanning with a real clamd', { skip: clamdMissing }, () => {
   });
 });
 
+describe("clamav: clamd's own limit (StreamMaxLength)", { skip: clamdMissing }, () => {
+  let clamd: ClamdPeer;
+  before(async () => {
+    clamd = await startClamd({ streamMaxLength: '1M' });
+  });
+  after(() => clamd?.stop());
+
+  async function server(maxSize: number) {
+    const captured: CapturedMessage[] = [];
+    const srv = await startServer({
+      plugins: [acceptAllRecipients, memoryQueue(captured)],
+      entries: [
+        'test-accept-rcpt',
+        { name: 'clamav', config: { host: clamd.host, port: clamd.port, maxSize } },
+        'test-memory-queue',
+      ],
+    });
+    return { srv, captured };
+  }
+
+  it('finds a virus after many chunks of text', async (t) => {
+    const { srv } = await server(1_000_000);
+    t.after(() => srv.close());
+    const reply = await send(srv.port, withAttachment(EICAR, '\r\nfiller line of text'.repeat(40_000)));
+    assert.equal(reply.code, 554, reply.raw);
+    assert.ok((scans(srv)[0]?.bytes as number) > 800_000);
+  });
+
+  it('a maxSize above it is an error clamd reports: fail closed, with its reason logged', async (t) => {
+    const { srv, captured } = await server(4_000_000);
+    t.after(() => srv.close());
+    const reply = await send(srv.port, withAttachment(EICAR, '\r\nfiller line of text'.repeat(100_000)));
+    assert.equal(reply.code, 451, reply.raw);
+    assert.equal(captured.length, 0);
+    // clamd's reply when it arrives before the reset, else what the reset means.
+    assert.match(
+      scans(srv)[0]?.reason as string,
+      /^(INSTREAM size limit exceeded\. ERROR|clamd closed the connection during the stream \((EPIPE|ECONNRESET); over its StreamMaxLength\?\))$/,
+    );
+  });
+});
+
 describe('clamav: clamd down', { skip: clamdMissing }, () => {
   let down: ClamdPeer;
   before(async () => {

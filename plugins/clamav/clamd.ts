@@ -63,7 +63,15 @@ export async function instream(
         );
       else if (length > MAX_REPLY) reject(new Error(`clamd's reply is longer than ${MAX_REPLY} octets`));
     });
-    socket.on('error', reject);
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      // clamd closes the connection when the stream passes its StreamMaxLength; its reply
+      // ("INSTREAM size limit exceeded") is then often lost with the reset.
+      if (err.code === 'EPIPE' || err.code === 'ECONNRESET')
+        reject(
+          new Error(`clamd closed the connection during the stream (${err.code}; over its StreamMaxLength?)`),
+        );
+      else reject(err);
+    });
     socket.on('close', () => reject(new Error('clamd closed the connection without a reply')));
   });
 
