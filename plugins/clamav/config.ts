@@ -12,8 +12,8 @@ export const clamavConfig = z
     port: z.number().int().min(1).max(65535).default(3310),
     /** clamd's `LocalSocket`: a unix socket path; when set, used instead of host and port. */
     socket: z.string().min(1).optional(),
-    /** The whole scan (connect, send, reply): when it runs out, `fail` decides. */
-    timeout: duration.default(30_000),
+    /** The whole scan (connect, send, reply): when it runs out, `fail` decides. Below `timeouts.hook`. */
+    timeout: duration.default(25_000),
     /**
      * Messages larger than this (octets as received) are not scanned, and logged so. Keep it
      * under clamd's `StreamMaxLength` (25 MiB by default), which also counts the header fields

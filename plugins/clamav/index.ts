@@ -18,7 +18,9 @@ const printable = (s: string): string => s.replace(/[^\x21-\x7e]/g, '?').slice(0
  * `closed` (451 4.3.0, the default) or `open` (accepted, logged at error). The result is left
  * as the `ClamAV` transaction note (`petrel/clamav`); one log line per message.
  *
- * List it before `queue`, whose `data_post` hook reads the hold request.
+ * List it after the plugins that refuse at `data_post` for cheaper reasons (mailauth,
+ * submission): a message refused anyway is not scanned. The hold it asks for is read by the
+ * queue's `queue` hook, which runs after every `data_post` hook.
  */
 export default definePlugin({
   name: 'clamav',
