@@ -4,6 +4,9 @@
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { definePlugin, proceed, type PluginDefinition } from '../../core/index.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import {
@@ -137,6 +140,42 @@ describe('clamav: scanning with a real clamd', { skip: clamdMissing }, () => {
     // What was scanned is the whole stored message: the received octets and the added headers.
     assert.equal(notes[0]?.bytes, captured[0]!.data.length);
     assert.equal(scans(srv)[0]?.result, 'clean');
+  });
+
+  it('publishes the note as petrel/clamav, for a plugin outside the tree', async (t) => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-clamav-reader-'));
+    t.after(() => rmSync(dir, { recursive: true, force: true }));
+    const file = join(dir, 'reader.mjs');
+    writeFileSync(
+      file,
+      `import { definePlugin, proceed } from 'petrel';
+import { ClamAV } from 'petrel/clamav';
+export default definePlugin({
+  name: 'scan-reader',
+  setup: () => ({
+    async data_post({ transaction, prependHeader }) {
+      const scan = transaction.notes.get(ClamAV);
+      prependHeader('X-Scan', scan ? scan.status + ' ' + scan.bytes : 'none');
+      return proceed();
+    },
+  }),
+});
+`,
+    );
+    const captured: CapturedMessage[] = [];
+    const srv = await startServer({
+      plugins: [acceptAllRecipients, memoryQueue(captured)],
+      entries: [
+        'test-accept-rcpt',
+        { name: 'clamav', config: { host: clamd.host, port: clamd.port } },
+        file,
+        'test-memory-queue',
+      ],
+    });
+    t.after(() => srv.close());
+    const reply = await send(srv.port, CLEAN);
+    assert.equal(reply.code, 250, reply.raw);
+    assert.match(captured[0]!.data.toString('latin1'), /^X-Scan: clean \d+\r\n/m);
   });
 
   it('scans through the unix socket too', async (t) => {
