@@ -34,6 +34,18 @@ export function parseReply(reply: string): ScanVerdict {
 }
 
 /**
+ * clamd closes the connection when the stream passes its StreamMaxLength; its reply ("INSTREAM
+ * size limit exceeded") is then often lost with the reset, so the reset says it.
+ */
+function explained(err: NodeJS.ErrnoException): Error {
+  if (err.code === 'EPIPE' || err.code === 'ECONNRESET')
+    return new Error(
+      `clamd closed the connection during the stream (${err.code}; over its StreamMaxLength?)`,
+    );
+  return err;
+}
+
+/**
  * Sends `source` to clamd and resolves to its reply and the octets sent. Each write waits for
  * the socket to drain (the message is never buffered whole); `timeoutMs` bounds the whole scan.
  * Rejects when clamd cannot be reached, closes without a reply, or the time runs out.
@@ -63,15 +75,7 @@ export async function instream(
         );
       else if (length > MAX_REPLY) reject(new Error(`clamd's reply is longer than ${MAX_REPLY} octets`));
     });
-    socket.on('error', (err: NodeJS.ErrnoException) => {
-      // clamd closes the connection when the stream passes its StreamMaxLength; its reply
-      // ("INSTREAM size limit exceeded") is then often lost with the reset.
-      if (err.code === 'EPIPE' || err.code === 'ECONNRESET')
-        reject(
-          new Error(`clamd closed the connection during the stream (${err.code}; over its StreamMaxLength?)`),
-        );
-      else reject(err);
-    });
+    socket.on('error', (err: NodeJS.ErrnoException) => reject(explained(err)));
     socket.on('close', () => reject(new Error('clamd closed the connection without a reply')));
   });
 
@@ -94,7 +98,8 @@ export async function instream(
       timer = setTimeout(() => reject(new ScanTimeoutError(timeoutMs)), timeoutMs);
     });
     // clamd may answer before the stream ends (a size limit error): its reply wins over the send.
-    const sending = send();
+    // A write error (also seen by `reply`) or a spool read error ends the scan at once.
+    const sending = send().catch((err: NodeJS.ErrnoException) => Promise.reject(explained(err)));
     sending.catch(() => undefined);
     const text = await Promise.race([reply, timeout, sending.then(() => reply)]);
     return { reply: text, bytes };
