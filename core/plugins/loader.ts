@@ -35,6 +35,7 @@ const SUBPATHS: Readonly<Record<string, string>> = {
   'petrel/mailauth': new URL('../../plugins/mailauth/api.js', import.meta.url).href,
   'petrel/dnsbl': new URL('../../plugins/dnsbl/api.js', import.meta.url).href,
   'petrel/hygiene': new URL('../../plugins/hygiene/api.js', import.meta.url).href,
+  'petrel/clamav': new URL('../../plugins/clamav/api.js', import.meta.url).href,
 };
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;
