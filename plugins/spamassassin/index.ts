@@ -61,6 +61,7 @@ export default definePlugin({
           return proceed();
         }
         const started = Date.now();
+        const deadline = AbortSignal.timeout(config.timeout);
         let answer;
         try {
           answer = await spamdSymbols({
@@ -69,13 +70,21 @@ export default definePlugin({
             user: config.user,
             message: message.stream(),
             size,
-            signal: AbortSignal.any([signal, AbortSignal.timeout(config.timeout)]),
+            signal: AbortSignal.any([signal, deadline]),
           });
         } catch (err) {
           // Open by default: a scanner is an extra opinion, and while it is down every sender's
           // mail would otherwise wait in their queues (or bounce after days) for nothing.
           log.error(
-            { ...where, fail: config.fail, reason: err instanceof Error ? err.message : String(err) },
+            {
+              ...where,
+              fail: config.fail,
+              reason: deadline.aborted
+                ? `no answer within ${config.timeout} ms`
+                : err instanceof Error
+                  ? err.message
+                  : String(err),
+            },
             config.fail === 'open'
               ? 'spamassassin: scan failed, message accepted unscanned'
               : 'spamassassin: scan failed, message deferred',

@@ -177,7 +177,7 @@ describe('spamassassin: scanning with a real spamd', () => {
     if (!srv) return;
     assert.match((await send(srv.port, GTUBE)).raw, /^250 /);
     const [e] = lines(srv, 'spamassassin: scan failed, message accepted unscanned');
-    assert.match(String(e?.reason), /timeout/);
+    assert.equal(e?.reason, 'no answer within 500 ms');
     assert.equal(held.length, 1, 'the scan reached the silent server');
   });
 
