@@ -34,6 +34,7 @@ const SUBPATHS: Readonly<Record<string, string>> = {
   'petrel/users': new URL('../../plugins/users/directory.js', import.meta.url).href,
   'petrel/mailauth': new URL('../../plugins/mailauth/api.js', import.meta.url).href,
   'petrel/dnsbl': new URL('../../plugins/dnsbl/api.js', import.meta.url).href,
+  'petrel/rspamd': new URL('../../plugins/rspamd/api.js', import.meta.url).href,
   'petrel/spamassassin': new URL('../../plugins/spamassassin/api.js', import.meta.url).href,
 };
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
