@@ -35,7 +35,8 @@ const coreKnowsNoPlugins = [1, 2, 3, 4].map((depth) => ({
 // published contracts (`petrel/queue` = queue/api.js, `petrel/users` = users/directory.js,
 // `petrel/mailauth` = mailauth/api.js, `petrel/dnsbl` = dnsbl/api.js,
 // `petrel/hygiene` = hygiene/api.js,
-// `petrel/clamav` = clamav/api.js).
+// `petrel/clamav` = clamav/api.js,
+// `petrel/rspamd` = rspamd/api.js, `petrel/spamassassin` = spamassassin/api.js).
 // Their own tests may look deeper.
 const publicApiOnly = {
   files: ['plugins/**/*.ts'],
@@ -60,9 +61,11 @@ const publicApiOnly = {
               '!../dnsbl/api.js',
               '!../hygiene/api.js',
               '!../clamav/api.js',
+              '!../rspamd/api.js',
+              '!../spamassassin/api.js',
             ],
             message:
-              "Another plugin's internals are not an API: use its published contract (petrel/queue, petrel/users, petrel/mailauth, petrel/dnsbl, petrel/hygiene, petrel/clamav) or the public API.",
+              "Another plugin's internals are not an API: use its published contract (petrel/queue, petrel/users, petrel/mailauth, petrel/dnsbl, petrel/hygiene, petrel/clamav, petrel/rspamd, petrel/spamassassin) or the public API.",
           },
         ],
       },

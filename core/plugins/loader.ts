@@ -36,6 +36,8 @@ const SUBPATHS: Readonly<Record<string, string>> = {
   'petrel/dnsbl': new URL('../../plugins/dnsbl/api.js', import.meta.url).href,
   'petrel/hygiene': new URL('../../plugins/hygiene/api.js', import.meta.url).href,
   'petrel/clamav': new URL('../../plugins/clamav/api.js', import.meta.url).href,
+  'petrel/rspamd': new URL('../../plugins/rspamd/api.js', import.meta.url).href,
+  'petrel/spamassassin': new URL('../../plugins/spamassassin/api.js', import.meta.url).href,
 };
 const BUILT_IN_DIR = fileURLToPath(new URL('../../plugins/', import.meta.url));
 let resolutionInstalled = false;
