@@ -43,6 +43,8 @@ class TestMilter(Milter.Base):
             self.setreply('550', '5.7.1', 'subject rejected by test milter'); return Milter.REJECT
         if 'TEMPFAILME' in s:
             return Milter.TEMPFAIL
+        if 'DISCARDME' in s:
+            return Milter.DISCARD
         if 'QUARANTINE' in s:
             self.quarantine('looks odd')
         if 'DELHDR' in s:
@@ -200,6 +202,16 @@ describe('milter: a pymilter test milter', () => {
     assert.match(msg, /^X-Change: first\r\n/m);
     assert.doesNotMatch(msg, /X-Change: second/);
     assert.match(msg, /^X-Change: changed\r\n/m);
+  });
+
+  it('discard: the client gets 250, the message is taken by the plugin and never reaches the queue', async (t) => {
+    if (!peer) return t.skip();
+    const before = stored.length;
+    const { data } = await send(server.port, { subject: 'DISCARDME' });
+    assert.equal(data?.code, 250);
+    assert.equal(stored.length, before);
+    const dropped = server.logs.find((l) => l.msg === 'milter: discarded message accepted and dropped');
+    assert.equal(dropped?.milter, 'test');
   });
 
   it('quarantine holds the message in the queue with the milter’s reason', async (t) => {
