@@ -246,6 +246,25 @@ describe('milter: a pymilter test milter', () => {
   });
 });
 
+describe('milter: over a unix socket', () => {
+  it('a milter given by path sees the message and adds its header', async (t) => {
+    const peer = await startPymilter(t, TEST_MILTER, { unix: true });
+    if (!peer) return;
+    const stored: Stored[] = [];
+    let server: TestServer | null = null;
+    try {
+      server = await start([{ name: 'local', path: peer.path }], stored);
+      const { rcpt, data } = await send(server.port, { to: ['reject@example.com', 'bob@example.com'] });
+      assert.equal(rcpt[0]!.code, 550);
+      assert.equal(data?.code, 250);
+      assert.match(stored[0]!.data, /^X-Petrel-Milter: seen\r\n/m);
+    } finally {
+      await server?.close();
+      await peer.stop();
+    }
+  });
+});
+
 describe('milter: a milter that is down', () => {
   it('default tempfail: the client is told to come back later; accept: the mail goes on without it', async () => {
     const port = await freePort(); // nothing listens there

@@ -16,7 +16,10 @@ import { has, PYTHON, REQUIRE_PEERS, stopChild } from './peers.js';
 export const PYMILTER_PACKAGE = 'apt-get install python3-milter';
 
 export interface MilterPeer {
+  /** The TCP port it listens on, or 0 when it listens on `path`. */
   readonly port: number;
+  /** Its unix socket, or null when it listens on TCP. */
+  readonly path: string | null;
   /** What the daemon printed, for assertion messages. */
   output(): string;
   /** Stops it (SIGTERM, SIGKILL after 6 s) and waits for its exit; idempotent. */
@@ -35,9 +38,10 @@ export function freePort(): Promise<number> {
   });
 }
 
-function accepts(port: number): Promise<boolean> {
+function accepts(where: number | string): Promise<boolean> {
   return new Promise((resolve) => {
-    const s = connect({ port, host: '127.0.0.1' });
+    const s =
+      typeof where === 'number' ? connect({ port: where, host: '127.0.0.1' }) : connect({ path: where });
     s.once('connect', () => {
       s.destroy();
       resolve(true);
@@ -49,7 +53,7 @@ function accepts(port: number): Promise<boolean> {
 async function startDaemon(
   command: string,
   args: string[],
-  port: number,
+  where: number | string,
   cleanup: () => void,
 ): Promise<MilterPeer> {
   const child: ChildProcess = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -57,7 +61,8 @@ async function startDaemon(
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
   const peer: MilterPeer = {
-    port,
+    port: typeof where === 'number' ? where : 0,
+    path: typeof where === 'string' ? where : null,
     output: () => out,
     async stop() {
       await stopChild(child, 6000);
@@ -70,10 +75,10 @@ async function startDaemon(
       cleanup();
       throw new Error(`${command} exited before listening: ${out}`);
     }
-    if (await accepts(port)) return peer;
+    if (await accepts(where)) return peer;
     if (Date.now() > deadline) {
       await peer.stop();
-      throw new Error(`${command} did not listen on ${port}: ${out}`);
+      throw new Error(`${command} did not listen on ${where}: ${out}`);
     }
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -90,16 +95,22 @@ function hasPymilter(): Promise<boolean> {
   return new Promise((resolve) => execFile(PYTHON, ['-c', 'import Milter'], (err) => resolve(!err)));
 }
 
-/** Runs the pymilter program `source` (it gets `inet:<port>@127.0.0.1` as argv[1]). */
-export async function startPymilter(t: TestContext, source: string): Promise<MilterPeer | null> {
+/**
+ * Runs the pymilter program `source`; it gets its socket as argv[1]: `inet:<port>@127.0.0.1`,
+ * or with `unix`, `unix:<path>` in a scratch folder.
+ */
+export async function startPymilter(
+  t: TestContext,
+  source: string,
+  opts: { unix?: boolean } = {},
+): Promise<MilterPeer | null> {
   if (!(await hasPymilter())) return missing(t, `pymilter not installed (${PYMILTER_PACKAGE})`);
   const dir = mkdtempSync(join(tmpdir(), 'petrel-pymilter-'));
   const file = join(dir, 'test_milter.py');
   writeFileSync(file, source);
-  const port = await freePort();
-  return startDaemon(PYTHON, [file, `inet:${port}@127.0.0.1`], port, () =>
-    rmSync(dir, { recursive: true, force: true }),
-  );
+  const where = opts.unix ? join(dir, 'milter.sock') : await freePort();
+  const spec = typeof where === 'string' ? `unix:${where}` : `inet:${where}@127.0.0.1`;
+  return startDaemon(PYTHON, [file, spec], where, () => rmSync(dir, { recursive: true, force: true }));
 }
 
 export interface OpendkimSigner extends MilterPeer {
