@@ -5,6 +5,7 @@
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { createServer, type Server } from 'node:net';
 import { accept, definePlugin, type PluginDefinition } from '../../core/index.js';
 import { acceptAllRecipients, startServer, type TestServer } from '../../test/harness/server.js';
 import { SmtpClient, type Reply } from '../../test/harness/smtp-client.js';
@@ -293,6 +294,67 @@ describe('milter: a milter that is down', () => {
       await lenient.close();
     }
   });
+});
+
+/**
+ * A milter that negotiates properly and then misbehaves at SMFIC_CONNECT: `silent` never answers,
+ * `garbage` answers with a packet whose length is over any limit. No packaged milter can be made
+ * to do either on demand; this one is a real socket speaking real (then broken) protocol.
+ */
+async function brokenMilter(mode: 'silent' | 'garbage'): Promise<{ server: Server; port: number }> {
+  const server = createServer((socket) => {
+    let buf = Buffer.alloc(0);
+    socket.on('error', () => undefined);
+    socket.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      while (buf.length >= 5 && buf.length >= 4 + buf.readUInt32BE(0)) {
+        const cmd = String.fromCharCode(buf[4]!);
+        buf = buf.subarray(4 + buf.readUInt32BE(0));
+        if (cmd === 'O') {
+          const reply = Buffer.alloc(17);
+          reply.writeUInt32BE(13, 0);
+          reply.write('O', 4, 'latin1');
+          reply.writeUInt32BE(6, 5);
+          reply.writeUInt32BE(0, 9);
+          reply.writeUInt32BE(0, 13);
+          socket.write(reply);
+        } else if (cmd === 'C' && mode === 'garbage') {
+          socket.write(Buffer.from([0x7f, 0xff, 0xff, 0xff, 0x63]));
+        }
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { server, port: (server.address() as { port: number }).port };
+}
+
+describe('milter: a milter that breaks the protocol', () => {
+  for (const mode of ['silent', 'garbage'] as const) {
+    it(`${mode}: the step fails with its cause logged, and the default action (reject) answers the client`, async () => {
+      const broken = await brokenMilter(mode);
+      const stored: Stored[] = [];
+      const server = await start([{ name: 'broken', port: broken.port, stepTimeout: '500ms' }], stored, {
+        defaultAction: 'reject',
+      });
+      try {
+        const c = await SmtpClient.connect(server.port);
+        try {
+          const greeting = await c.reply();
+          assert.match(greeting.raw, /^5\d\d/);
+        } finally {
+          c.close();
+        }
+        const failed = server.logs.find((l) => l.msg === 'milter: failed, applying the default action');
+        assert.equal(failed?.step, 'connect');
+        assert.equal(failed?.action, 'reject');
+        const err = failed?.err as { message?: string } | undefined;
+        assert.match(err?.message ?? '', mode === 'silent' ? /did not reply in time/ : /bad packet length/);
+      } finally {
+        await server.close();
+        await new Promise((r) => broken.server.close(r));
+      }
+    });
+  }
 });
 
 describe('milter: OpenDKIM in sign mode', () => {
