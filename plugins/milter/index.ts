@@ -67,6 +67,25 @@ export default definePlugin({
         'milter is listed after plugins that end its chains: list it before them',
       );
 
+    /**
+     * Runs `fn` on `link`, closing the link if the hook's time limit is reached first: the core has
+     * answered the client by then, and a late reply must not be read as the next step's answer.
+     * The close makes `fn` fail, so the milter gets its default action for the rest of the session.
+     */
+    async function closingOnAbort<T>(
+      link: MilterLink,
+      signal: AbortSignal,
+      fn: () => Promise<T>,
+    ): Promise<T> {
+      const onAbort = (): void => link.close();
+      signal.addEventListener('abort', onAbort, { once: true });
+      try {
+        return await fn();
+      } finally {
+        signal.removeEventListener('abort', onAbort);
+      }
+    }
+
     /** The default action for `entry`'s failure, logged at error. */
     function failure(
       s: SessionLinks,
@@ -119,6 +138,7 @@ export default definePlugin({
      */
     async function each(
       session: SessionView,
+      signal: AbortSignal,
       step: string,
       scope: 'session' | 'message',
       run: (link: MilterLink) => Promise<StepAnswer | null>,
@@ -132,7 +152,7 @@ export default definePlugin({
         if (!link || link.sessionDone || (scope === 'message' && link.messageDone)) continue;
         let answer: StepAnswer | null;
         try {
-          answer = await run(link);
+          answer = await closingOnAbort(link, signal, () => run(link));
         } catch (err) {
           const v = failure(s, i, session, step, err);
           if (v) return v;
@@ -158,7 +178,7 @@ export default definePlugin({
     }
 
     return {
-      async connect({ session }) {
+      async connect({ session, signal }) {
         const s: SessionLinks = { links: [], failed: null };
         sessions.set(session.id, s);
         for (let i = 0; i < config.milters.length; i++) {
@@ -178,7 +198,7 @@ export default definePlugin({
           Buffer.from([session.remote.port >> 8, session.remote.port & 0xff]),
           strings(addr),
         ]);
-        return each(session, 'connect', 'session', async (link) => {
+        return each(session, signal, 'connect', 'session', async (link) => {
           await link.macros(Cmd.connect, {
             j: hostname,
             '{daemon_name}': session.listener.name,
@@ -192,14 +212,14 @@ export default definePlugin({
         });
       },
 
-      async helo({ session, hostname: name }) {
-        return each(session, 'helo', 'session', async (link) => {
+      async helo({ session, signal, hostname: name }) {
+        return each(session, signal, 'helo', 'session', async (link) => {
           if (link.has(P.noHelo)) return null;
           return link.step(Cmd.helo, strings(name), link.has(P.nrHelo), link.entry.stepTimeout);
         });
       },
 
-      async mail({ session, transaction, sender, params }) {
+      async mail({ session, signal, transaction, sender, params }) {
         const s = sessions.get(session.id);
         for (const link of s?.links ?? []) {
           if (!link) continue;
@@ -215,7 +235,7 @@ export default definePlugin({
         if (params.ret) args.push(`RET=${params.ret}`);
         if (params.envid) args.push(`ENVID=${params.envid}`);
         if (params.auth) args.push(`AUTH=${params.auth}`);
-        const v = await each(session, 'mail', 'message', async (link) => {
+        const v = await each(session, signal, 'mail', 'message', async (link) => {
           link.inMessage = true;
           await link.macros(Cmd.mail, {
             i: transaction.id,
@@ -231,9 +251,10 @@ export default definePlugin({
         return v;
       },
 
-      async rcpt({ session, transaction, recipient }) {
+      async rcpt({ session, signal, transaction, recipient }) {
         return each(
           session,
+          signal,
           'rcpt',
           'message',
           async (link) => {
@@ -250,9 +271,10 @@ export default definePlugin({
         );
       },
 
-      async data({ session, transaction }) {
+      async data({ session, signal, transaction }) {
         return each(
           session,
+          signal,
           'data',
           'message',
           async (link) => {
@@ -274,7 +296,7 @@ export default definePlugin({
           if (!link || link.sessionDone || link.messageDone) continue;
           let outcome: EomOutcome;
           try {
-            outcome = await endOfMessage(link, ctx, transaction.id);
+            outcome = await closingOnAbort(link, ctx.signal, () => endOfMessage(link, ctx, transaction.id));
           } catch (err) {
             const v = failure(s, i, session, 'end of message', err);
             if (v) return v;

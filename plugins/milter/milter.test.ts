@@ -357,6 +357,40 @@ describe('milter: a milter that breaks the protocol', () => {
   }
 });
 
+describe('milter: the hook time limit', () => {
+  it('a milter slower than the plugin’s hook timeout is cut off, so its late reply is never taken for a later step', async () => {
+    const broken = await brokenMilter('silent');
+    const server = await startServer({
+      plugins: [milter, acceptAllRecipients],
+      entries: [
+        { name: 'milter', timeout: '300ms', config: { milters: [{ name: 'slow', port: broken.port }] } },
+        'test-accept-rcpt',
+      ],
+    });
+    try {
+      const c = await SmtpClient.connect(server.port);
+      try {
+        assert.match((await c.reply()).raw, /^421 /);
+      } finally {
+        c.close();
+      }
+      // The abort closed the link; the step then failed and the default action was recorded.
+      for (
+        let i = 0;
+        i < 50 && !server.logs.some((l) => l.msg === 'milter: failed, applying the default action');
+        i++
+      )
+        await new Promise((r) => setTimeout(r, 20));
+      const failed = server.logs.find((l) => l.msg === 'milter: failed, applying the default action');
+      assert.equal(failed?.milter, 'slow');
+      assert.match((failed?.err as { message?: string } | undefined)?.message ?? '', /closed/);
+    } finally {
+      await server.close();
+      await new Promise((r) => broken.server.close(r));
+    }
+  });
+});
+
 describe('milter: OpenDKIM in sign mode', () => {
   it('signs the message through the plugin, and dkimpy verifies the signature against DNS', async (t) => {
     if (!(await requireDkimpy(t))) return;
