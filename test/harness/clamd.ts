@@ -6,10 +6,10 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { has, REQUIRE_PEERS } from './peers.js';
+import { has, REQUIRE_PEERS, freePort } from './peers.js';
 
 export const CLAMD = 'clamd';
 export const CLAMD_PACKAGE = 'apt-get install clamav-daemon clamav';
@@ -35,17 +35,6 @@ export interface ClamdPeer {
   resume(): void;
   /** Stops clamd (by its pid, waiting for it to exit). Idempotent. */
   stop(): Promise<void>;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** True once clamd answers `zPING\0` with `PONG\0` (it binds only after loading the database). */

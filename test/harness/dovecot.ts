@@ -13,7 +13,7 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
-import { createServer, connect } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -21,7 +21,7 @@ import type { TestContext } from 'node:test';
 import type { DeliveryRecipient, QueuedMessageView } from '../../core/hooks/catalogue.js';
 import { address } from '../../core/testing/index.js';
 import { describeRun, run } from '../e2e/run.js';
-import { has, PYTHON, requirePeer } from './peers.js';
+import { has, PYTHON, requirePeer, freePort } from './peers.js';
 import { SmtpClient } from './smtp-client.js';
 
 /** Debian keeps the daemon in /usr/sbin, which a non-root PATH may lack. */
@@ -57,17 +57,6 @@ export interface Dovecot {
   log(): string;
   /** Stops Dovecot and its children (idempotent); the temporary folder is removed. */
   stop(): Promise<void>;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 function accepts(port: number): Promise<boolean> {

@@ -5,13 +5,13 @@
  * stopped by its PID, waiting for it to exit (libmilter daemons take up to 5 s after SIGTERM).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { OPENDKIM, OPENDKIM_PACKAGE } from './opendkim.js';
-import { has, PYTHON, REQUIRE_PEERS, stopChild } from './peers.js';
+import { has, PYTHON, REQUIRE_PEERS, stopChild, freePort } from './peers.js';
 
 export const PYMILTER_PACKAGE = 'apt-get install python3-milter';
 
@@ -24,18 +24,6 @@ export interface MilterPeer {
   output(): string;
   /** Stops it (SIGTERM, SIGKILL after 6 s) and waits for its exit; idempotent. */
   stop(): Promise<void>;
-}
-
-/** A TCP port on 127.0.0.1 that was free a moment ago. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 function accepts(where: number | string): Promise<boolean> {
@@ -157,3 +145,5 @@ export async function startOpendkimSigner(t: TestContext, domain: string): Promi
   );
   return { ...peer, record: { name: `petrel._domainkey.${domain}`, text } };
 }
+
+export { freePort } from './peers.js';

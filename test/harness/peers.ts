@@ -1,4 +1,5 @@
 import { execFileSync, type ChildProcess } from 'node:child_process';
+import { createServer } from 'node:net';
 import type { TestContext } from 'node:test';
 
 /** CI sets PETREL_REQUIRE_PEERS=1: then a missing peer fails the test instead of skipping it. */
@@ -39,4 +40,16 @@ export async function stopChild(child: ChildProcess, graceMs = 3000): Promise<vo
   const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
   await gone;
   clearTimeout(timer);
+}
+
+/** A TCP port that was free a moment ago on 127.0.0.1 (for a peer the test starts). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as { port: number };
+      srv.close(() => resolve(port));
+    });
+  });
 }

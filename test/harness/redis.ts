@@ -4,10 +4,10 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { has, REQUIRE_PEERS } from './peers.js';
+import { has, REQUIRE_PEERS, freePort } from './peers.js';
 
 export const REDIS_SERVER = 'redis-server';
 export const REDIS_PACKAGE = 'apt-get install redis-server';
@@ -26,17 +26,6 @@ export interface RedisPeer {
   /** Freezes it (SIGSTOP): connections stay open and nothing is answered, until `resume`. */
   pause(): void;
   resume(): void;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** True once redis-server answers PING with PONG. */

@@ -14,10 +14,10 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
-import { has, REQUIRE_PEERS, stopChild } from './peers.js';
+import { has, REQUIRE_PEERS, stopChild, freePort } from './peers.js';
 
 export const SPAMD = 'spamd';
 export const SPAMD_PACKAGE = 'apt-get install spamassassin spamd spamc';
@@ -35,17 +35,6 @@ export interface Spamd {
   log(): string;
   /** Stops spamd and waits for it to exit; removes its folder. Idempotent. */
   stop(): Promise<void>;
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** True once spamd answers `PING` with `PONG`. */
@@ -137,3 +126,5 @@ export async function startSpamd(): Promise<Spamd> {
   }
   return { port, log: () => output, stop };
 }
+
+export { freePort } from './peers.js';
