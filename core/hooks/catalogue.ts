@@ -80,6 +80,8 @@ export interface MessageView {
   readonly removedHeaders: readonly HeaderField[];
   /** Header fields added by the server (`Received:`, and any from `data_post`), newest first. */
   readonly addedHeaders: readonly HeaderField[];
+  /** Octets `stream()` yields now: the added header fields, then the received octets. */
+  readonly storedSize: number;
   /** The whole message as it will be stored: added headers, then the received octets. */
   stream(): Readable;
   /** The received octets only (less removed header fields). */

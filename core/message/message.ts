@@ -59,6 +59,10 @@ export class ReceivedMessage implements MessageView {
     return this.added;
   }
 
+  get storedSize(): number {
+    return Buffer.byteLength(this.addedText()) + this.size;
+  }
+
   /** Adds a field on top (newest first, as trace fields are ordered). */
   prepend(name: string, value: string): void {
     formatHeaderField(name, value); // validates: throws on a name or value that would break the message

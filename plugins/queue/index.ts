@@ -121,7 +121,7 @@ export default definePlugin({
           mailParams: transaction.mailParams,
           recipients,
           receivedAt: Date.now(),
-          size: message.size + Buffer.byteLength(added),
+          size: message.storedSize,
           ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),
           ...(hold ? { hold: { reason: hold.reasons.join('; ') } } : {}),
         };

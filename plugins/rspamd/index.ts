@@ -1,26 +1,10 @@
-import {
-  compileCidrs,
-  defer,
-  definePlugin,
-  deny,
-  foldHeaderField,
-  formatHeaderField,
-  proceed,
-  type MessageView,
-} from '../../core/index.js';
+import { compileCidrs, defer, definePlugin, deny, foldHeaderField, proceed } from '../../core/index.js';
 import { holdOnAccept } from '../queue/api.js';
 import { Rspamd, type RspamdResult } from './api.js';
 import { checkv2, type CheckAnswer } from './checkv2.js';
 import { DEFAULT_ACTIONS, rspamdConfig } from './config.js';
 
 export { rspamdConfig, type RspamdConfig } from './config.js';
-
-/** Octets `message.stream()` yields: the added header fields, then the received message. */
-function streamedSize(message: MessageView): number {
-  let size = message.size;
-  for (const f of message.addedHeaders) size += Buffer.byteLength(formatHeaderField(f.name, f.value));
-  return size;
-}
 
 /** A field value folded at its spaces (RFC 5322 §2.2.3), without the `Name: ` prefix. */
 const folded = (name: string, value: string): string => foldHeaderField(name, value).slice(name.length + 2);
@@ -74,7 +58,7 @@ export default definePlugin({
         }
         // A sender's own `X-Spam: No` or result field must not pass for ours downstream.
         const forged = await removeHeaders((f) => ours.has(f.name.toLowerCase()));
-        const size = streamedSize(message);
+        const size = message.storedSize;
         if (size > config.maxSize) {
           log.info(
             { ...where, size, maxSize: config.maxSize, reason: 'too large' },

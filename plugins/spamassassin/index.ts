@@ -1,24 +1,9 @@
-import {
-  compileCidrs,
-  defer,
-  definePlugin,
-  deny,
-  formatHeaderField,
-  proceed,
-  type MessageView,
-} from '../../core/index.js';
+import { compileCidrs, defer, definePlugin, deny, proceed } from '../../core/index.js';
 import { SpamAssassin, type SpamAssassinResult } from './api.js';
 import { spamassassinConfig } from './config.js';
 import { spamdSymbols } from './spamd.js';
 
 export { spamassassinConfig, type SpamassassinConfig } from './config.js';
-
-/** Octets `message.stream()` yields: the added header fields, then the received message. */
-function streamedSize(message: MessageView): number {
-  let size = message.size;
-  for (const f of message.addedHeaders) size += Buffer.byteLength(formatHeaderField(f.name, f.value));
-  return size;
-}
 
 /**
  * spamassassin — asks SpamAssassin's spamd about each message after DATA (the spamc protocol,
@@ -52,7 +37,7 @@ export default definePlugin({
         }
         // A sender's own `X-Spam-Status: No` must not pass for ours downstream.
         const forged = await removeHeaders((f) => ours.has(f.name.toLowerCase()));
-        const size = streamedSize(message);
+        const size = message.storedSize;
         if (size > config.maxSize) {
           log.info(
             { ...where, size, maxSize: config.maxSize, reason: 'too large' },
