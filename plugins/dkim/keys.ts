@@ -9,8 +9,6 @@ export interface SigningKey {
   readonly algorithm: 'rsa-sha256' | 'ed25519-sha256';
   /** The key, parsed once. */
   readonly key: KeyObject;
-  /** Its PEM text (mailauth's signer wants one to set up its body hash; it is not parsed again). */
-  readonly pem: Buffer;
   readonly file: string;
 }
 
@@ -46,12 +44,12 @@ export async function loadKey(loc: KeyLocation): Promise<SigningKey | KeyProblem
   } catch (err) {
     return { ...loc, reason: `${loc.file} is not a PEM private key (${(err as Error).message})` };
   }
-  if (key.asymmetricKeyType === 'ed25519') return { ...loc, algorithm: 'ed25519-sha256', key, pem };
+  if (key.asymmetricKeyType === 'ed25519') return { ...loc, algorithm: 'ed25519-sha256', key };
   if (key.asymmetricKeyType === 'rsa') {
     const bits = key.asymmetricKeyDetails?.modulusLength ?? 0;
     if (bits < MIN_RSA_BITS)
       return { ...loc, reason: `${loc.file}: RSA key of ${bits} bits (at least 1024)` };
-    return { ...loc, algorithm: 'rsa-sha256', key, pem };
+    return { ...loc, algorithm: 'rsa-sha256', key };
   }
   return { ...loc, reason: `${loc.file}: a ${key.asymmetricKeyType} key; DKIM signs with RSA or Ed25519` };
 }

@@ -1,9 +1,13 @@
-import { once } from 'node:events';
 import { domainToASCII } from 'node:url';
 import { createHash, sign } from 'node:crypto';
-import { DkimSigner } from 'mailauth/lib/dkim/dkim-signer.js';
-import { generateCanonicalizedHeader } from 'mailauth/lib/dkim/header/index.js';
-import { formatSignatureHeaderLine, getSigningHeaderLines } from 'mailauth/lib/tools.js';
+import { RelaxedHash } from 'mailauth/lib/dkim/body/relaxed.js';
+import {
+  formatRelaxedLine,
+  formatSignatureHeaderLine,
+  getSigningHeaderLines,
+  parseHeaders,
+  type ParsedHeaderLine,
+} from 'mailauth/lib/tools.js';
 import { Headers, type MessageCopy } from '../../core/index.js';
 import type { SigningKey } from './keys.js';
 
@@ -40,97 +44,6 @@ export function fromDomain(headerBlock: Buffer): string | null {
 }
 
 /**
- * mailauth's signer with the last step done here. mailauth parses the header block and hashes
- * the body (relaxed canonicalization, RFC 6376 §3.4.4 — the part other libraries get wrong);
- * `finalize`, which mailauth runs once the body hash is known, is replaced so that
- *
- * - **the keys are parsed once**, at setup: mailauth would parse the PEM and read the key's
- *   details for every signature, which costs a third as much as the RSA signature itself;
- * - **the private-key operation runs on libuv's thread pool** (`crypto.sign` with a callback),
- *   not on the event loop, which meanwhile serves the other sessions;
- * - **oversigning**: mailauth lists in `h=` only the fields the message has. The names in
- *   `oversign` are appended to `h=` after every real instance, where a verifier finds no field
- *   left for them and hashes nothing (RFC 6376 §5.4.2); the signed data is otherwise exactly
- *   what mailauth would sign.
- *
- * The header canonicalization and the formatting of the `DKIM-Signature:` field are mailauth's
- * own functions.
- */
-class PetrelSigner extends DkimSigner {
-  constructor(private readonly job: SignOptions & { readonly fieldNames: string }) {
-    super({
-      canonicalization: 'relaxed/relaxed',
-      // mailauth sets up one body hash (relaxed, sha256) for these; the keys themselves are ours.
-      signatureData: job.keys.map((k) => ({
-        signingDomain: k.domain,
-        selector: k.selector,
-        privateKey: k.pem,
-        algorithm: k.algorithm,
-      })),
-    });
-  }
-
-  /**
-   * mailauth turns bare LFs into CRLF for hashing by looking at every octet in JavaScript
-   * (`ensureLinebreaks`), a few nanoseconds each: for a 100 KB message more than the rest of the
-   * work. A chunk whose every LF already follows a CR (every message the SMTP engine accepted
-   * unless `smtp.bareLineEndings` lets them in) is handed on as it is, found with native
-   * `indexOf`; any other chunk takes mailauth's own path.
-   */
-  protected override async writeAsync(chunk: Buffer | string, encoding?: BufferEncoding): Promise<void> {
-    const buf = typeof chunk === 'string' ? Buffer.from(chunk, encoding) : chunk;
-    if (!buf.length) return;
-    if (hasBareLf(buf, this.lastByte)) return super.writeAsync(buf);
-    this.lastByte = buf[buf.length - 1]!;
-    await this.processChunk(buf);
-    this.byteLength += buf.length;
-  }
-
-  override async finalize(): Promise<void> {
-    const bodyHash = [...this.bodyHashes.values()][0]?.hash;
-    const lines = getSigningHeaderLines(this.headers.parsed, this.job.fieldNames);
-    if (!bodyHash || !lines.headers.some((h) => h.key === 'from')) {
-      // RFC 6376 §5.4: From must be signed; without one there is nothing to sign.
-      for (const k of this.job.keys) {
-        this.errors.push({ selector: k.selector, signingDomain: k.domain, err: new Error('no From header') });
-      }
-      return;
-    }
-    const signing = { keys: [lines.keys, ...this.job.oversign].join(': '), headers: lines.headers };
-    const timestamp = Math.floor(Date.now() / 1000);
-    const made = await Promise.all(
-      this.job.keys.map(async (k) => {
-        const { canonicalizedHeader, dkimHeaderOpts } = generateCanonicalizedHeader('DKIM', signing, {
-          signingDomain: k.domain,
-          selector: k.selector,
-          algorithm: k.algorithm,
-          canonicalization: 'relaxed/relaxed',
-          bodyHash,
-          timestamp,
-          expiration: false,
-        });
-        try {
-          dkimHeaderOpts.b = (await signHeader(k, canonicalizedHeader)).toString('base64');
-          return formatSignatureHeaderLine('DKIM', dkimHeaderOpts, true);
-        } catch (err) {
-          this.errors.push({ selector: k.selector, signingDomain: k.domain, err: err as Error });
-          return null;
-        }
-      }),
-    );
-    for (const line of made) if (line) this.signatureHeaders.push(line);
-  }
-}
-
-/** Whether `buf` has an LF not preceded by CR (`before` is the octet before it, if any). */
-export function hasBareLf(buf: Buffer, before: number | undefined): boolean {
-  for (let i = buf.indexOf(0x0a); i >= 0; i = buf.indexOf(0x0a, i + 1)) {
-    if ((i === 0 ? before : buf[i - 1]) !== 0x0d) return true;
-  }
-  return false;
-}
-
-/**
  * The signature over the canonicalized header: RSA-SHA256 (RFC 6376 §3.3.1), or Ed25519 over
  * its SHA-256 digest (RFC 8463 §3), on the thread pool.
  */
@@ -140,6 +53,91 @@ function signHeader(key: SigningKey, data: Buffer): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     sign(rsa ? 'sha256' : null, input, key.key, (err, sig) => (err ? reject(err) : resolve(sig)));
   });
+}
+
+/**
+ * Folds a header field (RFC 5322 §2.2.3) by turning some of its single spaces into CRLF + space,
+ * so that no line is longer than `width` where a space allows it. Relaxed canonicalization
+ * (RFC 6376 §3.4.2) unfolds exactly that back to the space, so the folded field hashes as the
+ * unfolded one did.
+ */
+export function foldAtSpaces(field: string, width = 76): string {
+  const words = field.split(' ');
+  let out = words[0]!;
+  let line = out.length;
+  for (let i = 1; i < words.length; i++) {
+    const w = words[i]!;
+    if (line + 1 + w.length > width) {
+      out += `\r\n ${w}`;
+      line = 1 + w.length;
+    } else {
+      out += ` ${w}`;
+      line += 1 + w.length;
+    }
+  }
+  return out;
+}
+
+/** base64 split into pieces of `n` characters with spaces between, for folding (RFC 6376 §3.5: FWS is allowed in `b=`). */
+function spaced(base64: string, n = 64): string {
+  const parts: string[] = [];
+  for (let i = 0; i < base64.length; i += n) parts.push(base64.slice(i, i + n));
+  return parts.join(' ');
+}
+
+/**
+ * One signature field per key over a message whose header block and body hash are known.
+ * mailauth picks the fields for `h=`, canonicalizes them and the signature field itself, and
+ * lays out the tags (in its order, `b=` last); the names in `oversign` are appended to `h=` after every real instance,
+ * where a verifier finds no field left for them and hashes nothing (RFC 6376 §5.4.2). The
+ * private-key operation runs on libuv's thread pool, not on the event loop.
+ */
+async function signatureFields(
+  headers: ParsedHeaderLine[],
+  bodyHash: string,
+  opts: SignOptions & { readonly fieldNames: string },
+  failures: { selector: string; reason: string }[],
+): Promise<string[]> {
+  const lines = getSigningHeaderLines(headers, opts.fieldNames);
+  if (!lines.headers.some((h) => h.key === 'from')) {
+    // RFC 6376 §5.4: From must be signed; without one there is nothing to sign.
+    for (const k of opts.keys) failures.push({ selector: k.selector, reason: 'no From header' });
+    return [];
+  }
+  const signing = [lines.keys, ...opts.oversign].join(': ');
+  // The signed fields, relaxed (RFC 6376 §3.4.2), each with its CRLF; then the signature field itself.
+  const signed = lines.headers.map((h) => formatRelaxedLine(h.line, '\r\n'));
+  const t = Math.floor(Date.now() / 1000);
+  const made = await Promise.all(
+    opts.keys.map(async (k) => {
+      // The field with an empty b=, unfolded: what the signature covers once relaxed, without
+      // a final CRLF (RFC 6376 §3.7).
+      const unsigned = formatSignatureHeaderLine(
+        'DKIM',
+        {
+          a: k.algorithm,
+          c: 'relaxed/relaxed',
+          d: k.domain,
+          s: k.selector,
+          h: signing,
+          t,
+          bh: bodyHash,
+          b: '',
+        },
+        false,
+      );
+      try {
+        const b = await signHeader(k, Buffer.concat([...signed, formatRelaxedLine(unsigned)]));
+        // Folding only turns spaces into CRLF + space, which relaxed canonicalization undoes,
+        // and the b= value with the spaces around it is not hashed: the folded field verifies.
+        return foldAtSpaces(`${unsigned}${spaced(b.toString('base64'))}`);
+      } catch (err) {
+        failures.push({ selector: k.selector, reason: (err as Error).message });
+        return null;
+      }
+    }),
+  );
+  return made.filter((line): line is string => line !== null);
 }
 
 export interface SignOptions {
@@ -155,28 +153,50 @@ export interface SignResult {
   readonly failures: readonly { readonly selector: string; readonly reason: string }[];
 }
 
-/** Signs the message with every key (relaxed/relaxed, RFC 6376 §3.4.2 and §3.4.4). */
+/**
+ * Where the header block ends in `buf`: just past its empty line (an LF followed by LF or by
+ * CRLF, so CRLF, bare-LF and mixed messages alike), searching from `from`; -1 if not there yet.
+ */
+function headerEnd(buf: Buffer, from: number): number {
+  for (let i = buf.indexOf(0x0a, from); i >= 0; i = buf.indexOf(0x0a, i + 1)) {
+    if (buf[i + 1] === 0x0a) return i + 2;
+    if (buf[i + 1] === 0x0d && buf[i + 2] === 0x0a) return i + 3;
+    if (i + 2 >= buf.length) return -1;
+  }
+  return -1;
+}
+
+/**
+ * Signs the message with every key (relaxed/relaxed, RFC 6376 §3.4.2 and §3.4.4). One pass over
+ * the copy, from memory or its file: the header block is gathered until its empty line and
+ * parsed by mailauth; every octet after it goes through mailauth's relaxed body hash as it
+ * comes. A message without an empty line is all header, with an empty body.
+ */
 export async function signCopy(copy: MessageCopy, opts: SignOptions): Promise<SignResult> {
-  const signer = new PetrelSigner({ ...opts, fieldNames: [...new Set(opts.headers)].join(':') });
-  const done = new Promise<void>((resolve, reject) => {
-    signer.once('finish', resolve);
-    signer.once('error', reject);
-  });
-  // A write error rejects `done` too; it is awaited below, or the loop's own await threw first.
-  done.catch(() => undefined);
-  if (copy.inMemoryOnly) {
-    // Already in memory: hand it over at once (the signer buffers what it has not processed).
-    for (const chunk of copy.chunks) signer.write(chunk);
-  } else {
-    for await (const chunk of copy.octets(false)) {
-      if (!signer.write(chunk)) await once(signer, 'drain');
+  const body = new RelaxedHash('sha256');
+  let head: Buffer = Buffer.alloc(0);
+  let inBody = false;
+  for await (const chunk of copy.octets(false)) {
+    if (inBody) {
+      body.update(chunk);
+      continue;
+    }
+    // Search again from just before the new octets: an empty line may straddle the two.
+    const from = Math.max(0, head.length - 2);
+    head = head.length ? Buffer.concat([head, chunk]) : chunk;
+    const end = headerEnd(head, from);
+    if (end >= 0) {
+      if (end < head.length) body.update(head.subarray(end));
+      head = head.subarray(0, end);
+      inBody = true;
     }
   }
-  signer.end();
-  await done;
-  const text = signer.signatureHeaders.map((s) => `${s}\r\n`).join('');
-  return {
-    signatures: Buffer.from(text),
-    failures: signer.errors.map((e) => ({ selector: e.selector ?? '?', reason: e.err.message })),
-  };
+  const failures: { selector: string; reason: string }[] = [];
+  const fields = await signatureFields(
+    parseHeaders(head).parsed,
+    body.digest('base64'),
+    { ...opts, fieldNames: [...new Set(opts.headers)].join(':') },
+    failures,
+  );
+  return { signatures: Buffer.from(fields.map((f) => `${f}\r\n`).join('')), failures };
 }

@@ -140,14 +140,13 @@ describe('dkim: the mark', () => {
 });
 
 describe('dkim: signing, checked by mailauth', () => {
-  it('signs CRLF, bare-LF and mixed messages, whatever the chunking, so that they verify', async () => {
+  it('signs CRLF, bare-LF, 8-bit, NBSP and empty bodies, whatever the chunking, in memory or not, so that they verify', async () => {
     const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
     const key = {
       domain: 'crepes.test',
       selector: 's1',
       algorithm: 'rsa-sha256' as const,
       key: rsa,
-      pem: Buffer.from(rsa.export({ type: 'pkcs8', format: 'pem' })),
       file: '',
     };
     const zone = new Map([['s1._domainkey.crepes.test', [[recordText(rsa)]]]]);
@@ -157,14 +156,30 @@ describe('dkim: signing, checked by mailauth', () => {
       throw Object.assign(new Error('not found'), { code: 'ENOTFOUND' });
     };
     const crlf = 'From: alice@crepes.test\r\nSubject: lines\r\n\r\nfirst  \r\nsecond\t\r\n\r\n';
-    for (const text of [crlf, crlf.replace(/\r\n/g, '\n'), crlf.replace('second\t\r\n', 'second\t\n')]) {
-      const whole = Buffer.from(text);
-      // One chunk, and chunks of 3 octets (CR and LF apart at some boundaries).
-      for (const size of [whole.length, 3]) {
+    const head = 'From: alice@crepes.test\r\nSubject: a subject folded\r\n\tover  two lines \r\n';
+    const messages = [
+      Buffer.from(crlf),
+      Buffer.from(crlf.replace(/\r\n/g, '\n')),
+      Buffer.from(crlf.replace('second\t\r\n', 'second\t\n')),
+      // Latin-1 8-bit octets, UTF-8 NBSP next to spaces, an empty body, no body at all.
+      Buffer.from(`${head}\r\ncaf\xe9 cr\xe8me \t\r\n\r\n\r\n`, 'latin1'),
+      Buffer.from(`${head}\r\nnon\u00a0breaking \u00a0 space\u00a0\r\n`),
+      Buffer.from(`${head}\r\n`),
+      Buffer.from(head),
+    ];
+    for (const whole of messages) {
+      const text = whole.toString('latin1');
+      // One chunk, and chunks of 3 octets (CR and LF apart at some boundaries); the whole copy
+      // in memory, or only the first 64 octets with the rest in a file.
+      for (const [size, memoryLimit] of [
+        [whole.length, 1 << 20],
+        [3, 1 << 20],
+        [3, 64],
+      ] as const) {
         const chunks: Buffer[] = [];
         for (let i = 0; i < whole.length; i += size) chunks.push(whole.subarray(i, i + size));
         const copy = await MessageCopy.of(chunks.slice(1), {
-          memoryLimit: 1 << 20,
+          memoryLimit,
           tempDir: tmpdir(),
           first: chunks[0]!,
         });
@@ -175,7 +190,14 @@ describe('dkim: signing, checked by mailauth', () => {
         });
         assert.deepEqual(failures, []);
         const v = await dkimVerify(Buffer.concat([signatures, whole]), { resolver });
-        assert.equal(v.results[0]?.status.result, 'pass', `${JSON.stringify(text)} in chunks of ${size}`);
+        await copy.discard();
+        assert.equal(
+          v.results[0]?.status.result,
+          'pass',
+          `${JSON.stringify(text)} in chunks of ${size}, ${memoryLimit} in memory`,
+        );
+        // Folded into lines a reader can take (RFC 5322 §2.1.1: 78 characters).
+        for (const line of signatures.toString().split('\r\n')) assert.ok(line.length <= 78, line);
       }
     }
   });
