@@ -50,11 +50,14 @@ const listShape = {
 const blockList = z
   .object({
     ...listShape,
-    /** `ip`: the client address (DNSBL); `domain`: the HELO name and the sender domain (RHSBL). */
+    /** `ip`: the client address (DNSBL); `domain`: names (RHSBL, and URI lists such as SURBL). */
     type: z.enum(['ip', 'domain']).default('ip'),
-    /** For a domain list: which names are looked up. */
+    /**
+     * For a domain list: which names are looked up: the HELO name, the sender domain, and the
+     * domains of the URLs in the message body (`body`, judged after DATA; see `body`).
+     */
     check: z
-      .array(z.enum(['helo', 'sender']))
+      .array(z.enum(['helo', 'sender', 'body']))
       .min(1)
       .default(['helo', 'sender']),
     /** What a listing does. */
@@ -92,7 +95,7 @@ export const dnsblConfig = z
       .transform((a) => a.map((l) => l.toLowerCase())),
     /** Clients here are not looked up. Default: loopback, like the relay plugin's. */
     trustedNetworks: z.array(network).default(['127.0.0.0/8', '::1/128']),
-    /** Time for the lookups of one step (connect, HELO, MAIL); a list that has not answered fails open. */
+    /** Time for the lookups of one step (connect, HELO, MAIL, the body's domains); a list that has not answered fails open. */
     timeout: duration.default(5000),
     /** Answers kept in the State service: the answer's TTL within [minTtl, maxTtl]; NXDOMAIN for negativeTtl. */
     cache: z
@@ -103,6 +106,25 @@ export const dnsblConfig = z
       })
       .strict()
       .default({ minTtl: 60_000, maxTtl: 3_600_000, negativeTtl: 300_000 }),
+    /** How the message body is read for the domain lists with `check: [body]`. */
+    body: z
+      .object({
+        /** Messages larger than this (octets as received) are not scanned, and logged so. */
+        maxSize: z.number().int().positive().default(1_048_576),
+        /**
+         * Distinct domains looked up per message (each in every body list); reading stops at the
+         * limit. SpamAssassin's `uridnsbl_max_domains` is 20 too.
+         */
+        maxDomains: z.number().int().min(1).max(1000).default(20),
+        /**
+         * The name looked up for a URL's host: `registered`, the registered domain by the Public
+         * Suffix List (`www.shop.example.co.uk` → `example.co.uk`: what SURBL, URIBL and Spamhaus
+         * DBL expect), or `host`, the host as it is.
+         */
+        lookup: z.enum(['registered', 'host']).default('registered'),
+      })
+      .strict()
+      .default({ maxSize: 1_048_576, maxDomains: 20, lookup: 'registered' }),
     /** The field `tag` adds. */
     tagHeader: z
       .string()

@@ -6,18 +6,21 @@ import {
   deny,
   proceed,
   Tokens,
+  type MessageView,
   type SessionView,
   type TransactionView,
   type Verdict,
 } from '../../core/index.js';
 import { Dnsbl, type DnsblClient, type ListResult } from './api.js';
+import { bodyDomains } from './body.js';
 import { domainName, reversedName } from './codes.js';
 import { dnsblConfig, type BlockListConfig } from './config.js';
 import { lookups, type ListSpec } from './lookup.js';
+import { registeredDomain } from './urls.js';
 
 export { dnsblConfig, type DnsblConfig } from './config.js';
 
-type Stage = 'connect' | 'helo' | 'mail' | 'rcpt';
+type Stage = 'connect' | 'helo' | 'mail' | 'rcpt' | 'data_post';
 type Action = BlockListConfig['action'];
 
 /** The lookups of a session, started as soon as their subject is known. */
@@ -51,6 +54,10 @@ const SEVERITY: readonly Action[] = ['reject', 'defer', 'tag', 'ignore'];
  * list and is published as the `Dnsbl` session note (`petrel/dnsbl`). Lists that cannot be
  * reached, time out or refuse us fail open, with a warning.
  *
+ * Domain lists with `check: [body]` (URI lists such as SURBL) are asked about the domains of the
+ * URLs in the message's text parts after DATA (`body.ts`), within `body.maxSize` and
+ * `body.maxDomains`, and a listing is acted on at `data_post`.
+ *
  * List it before the plugins that accept recipients (`relay`, `users`): a `rcpt` hook that
  * accepts ends the chain.
  */
@@ -77,10 +84,12 @@ export default definePlugin({
       ...config.allow.map((l) => ({ ...spec(l), kind: 'allow' as const })),
       ...config.block.filter((l) => l.type === 'ip').map((l) => ({ ...spec(l), kind: 'block' as const })),
     ];
-    const domainLists = (check: 'helo' | 'sender'): ListSpec[] =>
+    const domainLists = (check: 'helo' | 'sender' | 'body'): ListSpec[] =>
       config.block
         .filter((l) => l.type === 'domain' && l.check.includes(check))
         .map((l) => ({ ...spec(l), kind: 'block' as const }));
+    const bodyLists = domainLists('body');
+    const bodyName = config.body.lookup === 'registered' ? registeredDomain : (host: string) => host;
     // Names are unique (the config schema checks): a result finds its list's action by name.
     const blockByName = new Map(config.block.map((l) => [l.name ?? l.zone, l]));
 
@@ -167,6 +176,19 @@ export default definePlugin({
       }
       const block = (await Promise.all(due)).flat();
       const decision = decide(ip, block);
+      logVerdict(stage, session, tx, decision, [...ip, ...block]);
+      return decision;
+    }
+
+    /** The one `dnsbl verdict` line of a decision. */
+    function logVerdict(
+      stage: Stage,
+      session: SessionView,
+      tx: TransactionView | null,
+      decision: Decision,
+      results: readonly ListResult[],
+      extra: Record<string, unknown> = {},
+    ): void {
       const first = decision.hits[0];
       log.info(
         {
@@ -180,12 +202,76 @@ export default definePlugin({
           reason: first ? first.reasons.join(', ') || 'listed' : 'not listed',
           subject: first?.subject ?? null,
           hits: decision.hits.map(describe),
-          failed: [...new Set([...ip, ...block])]
-            .filter((r) => r.status !== 'listed' && r.status !== 'clear')
-            .map((r) => r.list),
+          failed: [
+            ...new Set(
+              results.filter((r) => r.status !== 'listed' && r.status !== 'clear').map((r) => r.list),
+            ),
+          ],
+          ...extra,
         },
         'dnsbl verdict',
       );
+    }
+
+    /**
+     * The body's URL domains in the body lists, after DATA; null when the body is not judged
+     * (a trusted or authenticated client, no body list, a message too large or unreadable).
+     */
+    async function judgeBody(
+      session: SessionView,
+      tx: TransactionView,
+      message: MessageView,
+    ): Promise<Decision | null> {
+      const pending = pendingOf(session);
+      if (bodyLists.length === 0 || !pending) return null; // no body list; a trusted client
+      const fields = { session: session.id, tx: tx.id, size: message.size };
+      if (session.user !== null) {
+        log.debug({ ...fields, stage: 'data_post', reason: 'authenticated' }, 'dnsbl: not judged');
+        return null;
+      }
+      if (message.size > config.body.maxSize) {
+        log.info({ ...fields, maxSize: config.body.maxSize, reason: 'too large' }, 'dnsbl: body not scanned');
+        return null;
+      }
+      const ip = await client(session, pending);
+      if (ip.some((r) => r.kind === 'allow' && r.status === 'listed')) {
+        // On an allow list: exempt from every block list, so the body is not even read.
+        logVerdict('data_post', session, tx, decide(ip, []), ip, { domains: 0, limitReached: false });
+        return null;
+      }
+      let found;
+      try {
+        found = await bodyDomains(message.streamRaw(), {
+          maxDomains: config.body.maxDomains,
+          nameOf: bodyName,
+        });
+      } catch (err) {
+        // A body the MIME parser gives up on is judged by everything else: fail open, and say so.
+        log.warn({ ...fields, reason: 'unreadable', err: String(err) }, 'dnsbl: body not scanned');
+        return null;
+      }
+      const end = deadline();
+      const block = await Promise.all(
+        found.domains.flatMap((d) =>
+          bodyLists.flatMap((s) => {
+            const q = domainName(d, s.zone);
+            return q === null ? [] : [lists.query(s, d, q, end)];
+          }),
+        ),
+      );
+      let decision = decide(ip, block);
+      // RFC 5321 §4.5.1: mail for postmaster (and abuse, where spam is reported with its links)
+      // only is never refused for its content; it is tagged instead.
+      const onlyReachable =
+        tx.recipients.length > 0 &&
+        tx.recipients.every((r) => config.reachable.includes(r.address.local.toLowerCase()));
+      if (onlyReachable && (decision.action === 'reject' || decision.action === 'defer'))
+        decision = { action: 'tag', hits: decision.hits };
+      logVerdict('data_post', session, tx, decision, [...ip, ...block], {
+        domains: found.domains.length,
+        limitReached: found.limitReached,
+        ...(onlyReachable ? { onlyReachable } : {}),
+      });
       return decision;
     }
 
@@ -198,6 +284,9 @@ export default definePlugin({
       // RFC 5321 §3.1: refused at the greeting, 554 (and only QUIT follows); 421 closes.
       if (stage === 'connect')
         return d.action === 'reject' ? deny(554, '5.7.1', text) : defer(421, '4.7.1', text);
+      // After DATA, 554: the transaction failed (RFC 5321 §4.3.2, as the scanners answer).
+      if (stage === 'data_post')
+        return d.action === 'reject' ? deny(554, '5.7.1', text) : defer(451, '4.7.1', text);
       return d.action === 'reject' ? deny(550, '5.7.1', text) : defer(451, '4.7.1', text);
     }
 
@@ -259,8 +348,11 @@ export default definePlugin({
         return verdictOf('rcpt', state.rcpt, []);
       },
 
-      async data_post({ session, transaction, prependHeader }) {
+      async data_post({ session, transaction, message, prependHeader }) {
         const tags = [...(pendingOf(session)?.tags ?? []), ...(transaction.notes.get(TxState)?.tags ?? [])];
+        const body = await judgeBody(session, transaction, message);
+        const verdict = body ? verdictOf('data_post', body, tags) : proceed();
+        if (verdict.kind !== 'proceed') return verdict;
         if (tags.length > 0) prependHeader(config.tagHeader, tags.join('; '));
         return proceed();
       },

@@ -47,6 +47,12 @@ export const greylistConfig = z
     exemptSenderDomains: z.array(domain).default([]),
     /** Recipients never greylisted: an address, or a domain for every address at it. */
     exemptRecipients: z.array(recipient).default([]),
+    /**
+     * Mail whose MAIL FROM domain publishes SPF that passes for the client (RFC 7208 §2.6.3) is
+     * never greylisted. The result is the `mailauth` plugin's (`MailAuthSpf`, set at MAIL): without
+     * that plugin, or for a transaction it does not judge, this exemption does not apply.
+     */
+    exemptSpfPass: z.boolean().default(true),
   })
   .strict()
   .refine((c) => c.retryWindow > c.delay, {

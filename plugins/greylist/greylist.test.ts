@@ -246,6 +246,70 @@ describe('greylist: clients on a DNS allow list of the dnsbl plugin', () => {
   });
 });
 
+describe('greylist: senders whose domain publishes SPF for the client', () => {
+  let dns: Dnsmasq | null = null;
+  let withMailauth: TestServer | null = null;
+  let withoutMailauth: TestServer | null = null;
+  before(async () => {
+    if (!has(DNSMASQ)) return; // the test says so (skips, or fails under PETREL_REQUIRE_PEERS=1)
+    const shared = { skip: () => undefined, after: () => undefined } as unknown as TestContext;
+    // spf-sender.test sends from 127.0.20.0/24 only; ~all so that SPF alone refuses nobody.
+    dns = await startDnsmasq(
+      shared,
+      { txt: [{ name: 'spf-sender.test', text: 'v=spf1 ip4:127.0.20.0/24 ~all' }] },
+      { stopWithTest: false },
+    );
+    if (!dns) return;
+    const greylist = {
+      name: 'greylist',
+      config: { delay: DELAY_MS, retryWindow: '1m', trustedNetworks: [] },
+    };
+    const config = { dns: { servers: [dns.server], timeout: 2000 } };
+    withMailauth = await startServer({
+      plugins: [acceptAllRecipients],
+      entries: [{ name: 'mailauth', config: { trustedNetworks: [] } }, greylist, 'test-accept-rcpt'],
+      config,
+    });
+    withoutMailauth = await startServer({
+      plugins: [acceptAllRecipients],
+      entries: [greylist, 'test-accept-rcpt'],
+      config,
+    });
+  });
+  after(async () => {
+    await withMailauth?.close();
+    await withoutMailauth?.close();
+    await dns?.stop();
+  });
+
+  it('accepts at once a client the SPF of the sender domain covers, and greylists one it does not', async (t) => {
+    if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return;
+    const srv = withMailauth;
+    assert.ok(srv, 'server started with dnsmasq');
+    assert.equal((await one(srv.port, '127.0.20.5', 'news@spf-sender.test', 'bob@mx.test')).code, 250);
+    const exempt = last(srv.logs, 'bob@mx.test');
+    assert.equal(exempt.msg, 'greylist: exempt');
+    assert.equal(exempt.reason, 'spf pass');
+    assert.equal(exempt.spfDomain, 'spf-sender.test');
+
+    // The same sender from a network its SPF does not name: softfail, greylisted, and said why.
+    const outside = await one(srv.port, '127.0.21.5', 'news@spf-sender.test', 'carol@mx.test');
+    assert.match(outside.raw, /^451 4\.7\.1 Greylisted/);
+    const line = last(srv.logs, 'carol@mx.test');
+    assert.equal(line.msg, 'greylist: greylisted');
+    assert.equal(line.spf, 'softfail');
+  });
+
+  it('without the mailauth plugin no SPF result is known, and the exemption does not apply', async (t) => {
+    if (requirePeer(t, DNSMASQ, DNSMASQ_PACKAGE) === null) return;
+    const srv = withoutMailauth;
+    assert.ok(srv, 'server started with dnsmasq');
+    const r = await one(srv.port, '127.0.20.5', 'news@spf-sender.test', 'bob@mx.test');
+    assert.match(r.raw, /^451 4\.7\.1 Greylisted/);
+    assert.equal(last(srv.logs, 'bob@mx.test').spf, null);
+  });
+});
+
 describe('greylist: two servers sharing one Redis', { skip: redisMissing }, () => {
   let redis: RedisPeer;
   let a: TestServer;

@@ -13,6 +13,7 @@ import {
   type TransactionView,
 } from '../../core/index.js';
 import { Dnsbl } from '../dnsbl/api.js';
+import { MailAuthSpf } from '../mailauth/api.js';
 import { greylistConfig, type GreylistConfig } from './config.js';
 
 export { greylistConfig, type GreylistConfig } from './config.js';
@@ -116,6 +117,8 @@ async function judge(
  * Applied at RCPT, per recipient: `postmaster` stays reachable at once (RFC 5321 §4.5.1). List it
  * before the plugins that accept recipients (`relay`, `users`): an accepting `rcpt` hook ends the
  * chain; and after `dnsbl`, whose `Dnsbl` note (`petrel/dnsbl`) exempts clients on an allow list.
+ * Mail whose sender domain's SPF passes for the client is exempt too (`exemptSpfPass`), by the
+ * `mailauth` plugin's result (`MailAuthSpf`, `petrel/mailauth`), made at MAIL, so before any RCPT.
  *
  * A State failure fails open: the recipient is not greylisted and the failure is logged at error.
  * Greylisting only delays spam; refusing every first-time sender while the store is down would
@@ -154,6 +157,11 @@ export default definePlugin({
       const from = transaction.sender?.domainAscii.toLowerCase();
       if (from && config.exemptSenderDomains.some((d) => from === d || from.endsWith(`.${d}`)))
         return 'exempt sender domain';
+      // The sender's domain says this client sends its mail: a retry would prove nothing more.
+      // The result is the mailauth plugin's, made at MAIL; absent (no mailauth, or a transaction
+      // it does not judge), the exemption does not apply.
+      if (config.exemptSpfPass && transaction.notes.get(MailAuthSpf)?.mailFrom.result === 'pass')
+        return 'spf pass';
       return null;
     }
 
@@ -185,8 +193,12 @@ export default definePlugin({
           return proceed();
         }
         const why = recipientExempt(transaction, recipient);
+        const spf = transaction.notes.get(MailAuthSpf);
         if (why) {
-          log.info({ ...fields, reason: why }, 'greylist: exempt');
+          log.info(
+            { ...fields, reason: why, ...(why === 'spf pass' ? { spfDomain: spf?.mailFrom.domain } : {}) },
+            'greylist: exempt',
+          );
           return proceed();
         }
         const network = networkOf(session.remote.address, {
@@ -207,7 +219,14 @@ export default definePlugin({
         switch (decision.kind) {
           case 'greylisted':
             log.info(
-              { ...fields, network, retryIn: decision.retryIn, first: decision.first },
+              {
+                ...fields,
+                network,
+                retryIn: decision.retryIn,
+                first: decision.first,
+                // Why SPF did not exempt it: the result, or null when none was made (no mailauth).
+                ...(config.exemptSpfPass ? { spf: spf?.mailFrom.result ?? null } : {}),
+              },
               decision.first ? 'greylist: greylisted' : 'greylist: greylisted, retry too early',
             );
             return defer(451, '4.7.1', `Greylisted, please try again in ${decision.retryIn} seconds`);

@@ -1,11 +1,16 @@
 /**
- * What the `mailauth` plugin tells other plugins: `import { MailAuth } from 'petrel/mailauth'`.
+ * What the `mailauth` plugin tells other plugins: `import { MailAuth, MailAuthSpf } from 'petrel/mailauth'`.
  *
- * The plugin judges a message once, after DATA (`data_post`), and leaves its findings as a
- * transaction note, `transaction.notes.get(MailAuth)`, for plugins listed after it at
- * `data_post` and for every plugin at `queue` (a spam filter, a sieve, an ARC sealer). The note
- * is absent when the message was not judged: the client authenticated, or came from one of the
- * plugin's `trustedNetworks`.
+ * - `transaction.notes.get(MailAuthSpf)`: the SPF results, set by the plugin's `mail` hook, so
+ *   every `rcpt` hook (greylisting, rate limits) and every later hook of the transaction can read
+ *   them, whatever the plugins' order. Cleared with the transaction (RSET, a new MAIL).
+ * - `transaction.notes.get(MailAuth)`: everything, once the message is judged after DATA
+ *   (`data_post`), for plugins listed after it at `data_post` and for every plugin at `queue` (a
+ *   spam filter, a sieve, an ARC sealer).
+ *
+ * Both are absent when the transaction was not judged: the client authenticated, or came from
+ * one of the plugin's `trustedNetworks` — or the plugin is not enabled. A reader treats absence
+ * as "not known", never as a result.
  */
 import { defineNote, type NoteKey } from '../../core/index.js';
 
@@ -64,16 +69,24 @@ export interface ArcCheck {
   readonly info: string;
 }
 
+/** The SPF checks of one transaction, made at MAIL. */
+export interface SpfResults {
+  /** The client address the checks were made for. */
+  readonly ip: string;
+  /** The MAIL FROM identity (for the null sender `<>`, RFC 7208 §2.4: `postmaster@<HELO>`). */
+  readonly mailFrom: SpfCheck;
+  /**
+   * The HELO identity (RFC 7208 §2.3); null when HELO gave an address literal, and for `<>`
+   * (whose MAIL FROM check is the HELO check).
+   */
+  readonly helo: SpfCheck | null;
+}
+
 /** Everything the plugin found about one message, and what it did. */
 export interface MailAuthResults {
   /** The authserv-id of the `Authentication-Results` field. */
   readonly authservId: string;
-  readonly spf: {
-    /** The MAIL FROM identity (for the null sender `<>`, RFC 7208 §2.4: `postmaster@<HELO>`). */
-    readonly mailFrom: SpfCheck;
-    /** The HELO identity (RFC 7208 §2.3); null when HELO gave an address literal. */
-    readonly helo: SpfCheck | null;
-  };
+  readonly spf: SpfResults;
   /** Every DKIM signature, in message order; one `none` entry for an unsigned message. */
   readonly dkim: readonly DkimCheck[];
   /** Null when the message has no single author domain (no `From:`, or several domains). */
@@ -91,3 +104,6 @@ export interface MailAuthResults {
 
 /** The transaction note holding a judged message's results. */
 export const MailAuth: NoteKey<MailAuthResults> = defineNote('mailauth.results');
+
+/** The transaction note holding the SPF results, from MAIL on. */
+export const MailAuthSpf: NoteKey<SpfResults> = defineNote('mailauth.spf');

@@ -15,7 +15,7 @@ import {
   type Verdict,
 } from '../../core/index.js';
 import { holdOnAccept } from '../queue/api.js';
-import { MailAuth, type MailAuthResults, type SpfCheck } from './api.js';
+import { MailAuth, MailAuthSpf, type MailAuthResults, type SpfCheck } from './api.js';
 import { budgeted, checkHelo, checkMessage, checkSpf, heloIsDomain } from './checks.js';
 import { mailauthConfig } from './config.js';
 import { authResultsValue, claimsAuthservId } from './header.js';
@@ -26,10 +26,8 @@ export { mailauthConfig, type MailauthConfig } from './config.js';
 
 /** The HELO check of a session, redone only when the client says HELO again with another name. */
 const HeloSpf = defineNote<{ readonly name: string; readonly check: SpfCheck | null }>('mailauth.helo');
-/** The SPF results of a transaction, from MAIL until the message is judged. */
-const MailSpf = defineNote<{ readonly mailFrom: SpfCheck; readonly helo: SpfCheck | null; logged: boolean }>(
-  'mailauth.spf',
-);
+/** Whether the SPF refusal of this transaction (given to each RCPT) has been logged. */
+const SpfRefusalLogged = defineNote<true>('mailauth.spf-refusal-logged');
 
 /**
  * mailauth — judges incoming mail: SPF at MAIL (the MAIL FROM and HELO identities), then after
@@ -144,19 +142,24 @@ export default definePlugin({
           ...helo!,
           info: `spf=${helo!.result} smtp.mailfrom=postmaster@${helo!.domain}`,
         };
-        transaction.notes.set(MailSpf, { mailFrom, helo: sender === null ? null : helo, logged: false });
+        // Published at once: greylisting and other rcpt hooks read it (petrel/mailauth).
+        transaction.notes.set(MailAuthSpf, {
+          ip: session.remote.address,
+          mailFrom,
+          helo: sender === null ? null : helo,
+        });
         return proceed();
       },
 
       async rcpt({ session, transaction, recipient }) {
-        const spf = transaction.notes.get(MailSpf);
+        const spf = transaction.notes.get(MailAuthSpf);
         if (!spf) return proceed();
         const finding = spfFinding(config, spf.mailFrom);
         if (finding.action !== 'reject' && finding.action !== 'defer') return proceed();
         // RFC 5321 §4.5.1: postmaster must be reachable, also by a sender we would refuse.
         if (recipient.local.toLowerCase() === 'postmaster') return proceed();
-        if (!spf.logged) {
-          spf.logged = true;
+        if (!transaction.notes.get(SpfRefusalLogged)) {
+          transaction.notes.set(SpfRefusalLogged, true);
           log.info(
             {
               ...verdictFields(session, transaction, spf),
@@ -175,7 +178,7 @@ export default definePlugin({
           log.info({ session: session.id, tx: transaction.id, reason: why }, 'message not judged');
           return proceed();
         }
-        const spf = transaction.notes.get(MailSpf);
+        const spf = transaction.notes.get(MailAuthSpf);
         const budget = budgeted(lookup, {
           max: config.maxLookups,
           deadline: Date.now() + config.lookupTimeout,
@@ -224,7 +227,7 @@ export default definePlugin({
         ]);
         const results: MailAuthResults = {
           authservId,
-          spf: { mailFrom: spf.mailFrom, helo: spf.helo },
+          spf,
           dkim: checks.dkim,
           dmarc: checks.dmarc,
           arc: checks.arc,
