@@ -9,6 +9,14 @@ export interface SigningKey {
   readonly algorithm: 'rsa-sha256' | 'ed25519-sha256';
   /** The key, parsed once. */
   readonly key: KeyObject;
+  /**
+   * Copies of `key` (each parsed from the same file), one per thread of libuv's pool, taken in
+   * turn by the signatures. Node holds a key's lock for the whole of a signature made on the
+   * pool, and `crypto.sign` takes the same lock on the event loop to hand a job over: with one
+   * key object for every signature, the event loop waited for the pool's RSA operations,
+   * milliseconds at a time under load.
+   */
+  readonly copies: readonly KeyObject[];
   readonly file: string;
 }
 
@@ -29,6 +37,9 @@ export interface DomainKeys {
 /** RFC 8301 §3.2: verifiers must refuse RSA keys under 1024 bits; we refuse them for signing too. */
 const MIN_RSA_BITS = 1024;
 
+/** The threads of libuv's pool, which signs (its default is 4; UV_THREADPOOL_SIZE sets it). */
+const POOL_THREADS = Math.min(Math.max(Number(process.env.UV_THREADPOOL_SIZE) || 4, 1), 1024);
+
 /** Reads and checks one key file: an RSA (≥ 1024 bits) or Ed25519 private key in PEM. */
 export async function loadKey(loc: KeyLocation): Promise<SigningKey | KeyProblem> {
   let pem: Buffer;
@@ -44,12 +55,13 @@ export async function loadKey(loc: KeyLocation): Promise<SigningKey | KeyProblem
   } catch (err) {
     return { ...loc, reason: `${loc.file} is not a PEM private key (${(err as Error).message})` };
   }
-  if (key.asymmetricKeyType === 'ed25519') return { ...loc, algorithm: 'ed25519-sha256', key };
+  const copies = Array.from({ length: POOL_THREADS }, () => createPrivateKey({ key: pem, format: 'pem' }));
+  if (key.asymmetricKeyType === 'ed25519') return { ...loc, algorithm: 'ed25519-sha256', key, copies };
   if (key.asymmetricKeyType === 'rsa') {
     const bits = key.asymmetricKeyDetails?.modulusLength ?? 0;
     if (bits < MIN_RSA_BITS)
       return { ...loc, reason: `${loc.file}: RSA key of ${bits} bits (at least 1024)` };
-    return { ...loc, algorithm: 'rsa-sha256', key };
+    return { ...loc, algorithm: 'rsa-sha256', key, copies };
   }
   return { ...loc, reason: `${loc.file}: a ${key.asymmetricKeyType} key; DKIM signs with RSA or Ed25519` };
 }

@@ -43,15 +43,19 @@ export function fromDomain(headerBlock: Buffer): string | null {
   return ascii || null;
 }
 
+/** Which copy of a key signs next (see SigningKey.copies). */
+let turn = 0;
+
 /**
  * The signature over the canonicalized header: RSA-SHA256 (RFC 6376 §3.3.1), or Ed25519 over
  * its SHA-256 digest (RFC 8463 §3), on the thread pool.
  */
 function signHeader(key: SigningKey, data: Buffer): Promise<Buffer> {
   const rsa = key.algorithm === 'rsa-sha256';
+  const copy = key.copies[turn++ % key.copies.length]!;
   const input = rsa ? data : createHash('sha256').update(data).digest();
   return new Promise((resolve, reject) => {
-    sign(rsa ? 'sha256' : null, input, key.key, (err, sig) => (err ? reject(err) : resolve(sig)));
+    sign(rsa ? 'sha256' : null, input, copy, (err, sig) => (err ? reject(err) : resolve(sig)));
   });
 }
 

@@ -147,6 +147,7 @@ describe('dkim: signing, checked by mailauth', () => {
       selector: 's1',
       algorithm: 'rsa-sha256' as const,
       key: rsa,
+      copies: [rsa],
       file: '',
     };
     const zone = new Map([['s1._domainkey.crepes.test', [[recordText(rsa)]]]]);
