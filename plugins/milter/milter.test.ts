@@ -13,6 +13,9 @@ import { freePort, startOpendkimSigner, startPymilter, type MilterPeer } from '.
 import { startDnsmasq } from '../../test/harness/dnsmasq.js';
 import { dkimpyVerify, requireDkimpy } from '../../test/harness/dkimpy.js';
 import { HoldOnAccept } from '../queue/api.js';
+import queue from '../queue/index.js';
+import outbound from '../outbound/index.js';
+import { freePortOn, smtpPeer } from '../outbound/test-support.js';
 import milter, { milterConfig } from './index.js';
 
 /** The test milter: what it does is chosen by the recipient (at RCPT) and the Subject (at end of message). */
@@ -295,6 +298,67 @@ describe('milter: a pymilter test milter', () => {
     const failed = server.logs.find((l) => l.msg === 'milter: failed, applying the default action');
     assert.equal(failed?.step, 'end of message edits');
     assert.match((failed?.err as { message?: string }).message ?? '', /bad recipient address/);
+  });
+});
+
+describe('milter: edits reach the next hop', () => {
+  it('two milters in order: the second sees the body the first replaced, and the queue delivers the edited envelope and body', async (t) => {
+    const peer = await startPymilter(t, TEST_MILTER);
+    if (!peer) return;
+    const port = await freePortOn(['127.0.0.1']);
+    const next = await smtpPeer(t, '127.0.0.1', port);
+    let server: TestServer | null = null;
+    try {
+      server = await startServer({
+        plugins: [milter, acceptAllRecipients, queue, outbound],
+        entries: [
+          {
+            name: 'milter',
+            config: {
+              milters: [
+                { name: 'first', port: peer.port },
+                { name: 'second', port: peer.port },
+              ],
+            },
+          },
+          'test-accept-rcpt',
+          'queue',
+          { name: 'outbound', config: { smarthost: { host: '127.0.0.1', port, tls: 'opportunistic' } } },
+        ],
+      });
+      const { rcpt, data } = await send(server.port, {
+        to: ['bob@example.com', 'erin@example.com'],
+        subject: 'REPLBODY CHGFROM ADDCAROL ADDDAVEPAR DELBOB',
+        body: 'The original body.\r\n',
+      });
+      assert.deepEqual(
+        rcpt.map((r) => r.code),
+        [250, 250],
+      );
+      assert.equal(data?.code, 250);
+      const deadline = Date.now() + 20_000;
+      while (next.messages.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      assert.equal(next.messages.length, 1, 'one delivery to the next hop');
+      const got = next.messages[0]!;
+      assert.equal(got.mailFrom, 'other@example.test');
+      assert.deepEqual(got.rcpts.map((r) => r.address).sort(), [
+        'carol@example.com',
+        'dave@example.com',
+        'erin@example.com',
+      ]);
+      const text = got.data.toString('latin1');
+      const split = text.indexOf('\r\n\r\n');
+      assert.equal(text.slice(split + 4), REPLACED);
+      // Each milter reports the body it was sent: the first the client's, the second the first's.
+      const counts = [...text.slice(0, split).matchAll(/^X-Body-Bytes: (\d+)\r$/gm)].map((m) => Number(m[1]));
+      assert.deepEqual(
+        counts.sort((a, b) => a - b),
+        [20, REPLACED.length],
+      );
+    } finally {
+      await server?.close();
+      await peer.stop();
+    }
   });
 });
 
