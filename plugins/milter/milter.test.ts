@@ -55,6 +55,8 @@ class TestMilter(Milter.Base):
             self.chgheader('X-Remove', 1, '')
         if 'CHGHDR' in s:
             self.chgheader('X-Change', 2, 'changed')
+        if 'INSHDR' in s:
+            self.addheader('X-Inserted', 'at index 1', 1)
         if 'CHGFROM' in s:
             self.chgfrom('<other@example.test>')
         if 'ADDCAROL' in s:
@@ -218,10 +220,10 @@ describe('milter: a pymilter test milter', () => {
     assert.match(tf.data!.raw, /4\.7\.1/);
   });
 
-  it('deletes and changes header fields (a change removes the field and adds the new one on top)', async (t) => {
+  it('deletes, changes and inserts header fields (a change removes the field and adds the new one on top; an insert goes on top)', async (t) => {
     if (!peer) return t.skip();
     const { data } = await send(server.port, {
-      subject: 'DELHDR CHGHDR',
+      subject: 'DELHDR CHGHDR INSHDR',
       headers: 'X-Remove: bye\r\nX-Change: first\r\nX-Change: second\r\n',
     });
     assert.equal(data?.code, 250);
@@ -230,6 +232,10 @@ describe('milter: a pymilter test milter', () => {
     assert.match(msg, /^X-Change: first\r\n/m);
     assert.doesNotMatch(msg, /X-Change: second/);
     assert.match(msg, /^X-Change: changed\r\n/m);
+    assert.ok(
+      msg.startsWith('X-Inserted: at index 1\r\n'),
+      'SMFIR_INSHEADER: on top, the index not honoured',
+    );
   });
 
   it('discard: the client gets 250, the message is taken by the plugin and never reaches the queue', async (t) => {
