@@ -232,6 +232,56 @@ export interface DataPostContext extends Base {
    * `limits.maxHeaderBytes` cannot be removed. Resolves to the fields removed.
    */
   removeHeaders(match: (field: HeaderField) => boolean): Promise<HeaderField[]>;
+  /**
+   * Begins replacing the message body (what follows the header block's empty line; the header
+   * fields stay, and header edits keep applying to them). Write the new body through the
+   * returned handle, then `commit()` puts it in place, or `abort()` drops it. The new octets are
+   * spooled as a received body is (`spool.memoryThreshold` in memory, then a file in the
+   * receiving spool), never held whole: at most twice the threshold while it is committed.
+   * Bare CR or LF become CRLF and the body ends with a line end, as stored content does; it may
+   * hold at most `limits.maxMessageSize` octets. Until `commit()` resolves, every reader sees the
+   * old body; after, every reader (later hooks, the queue) sees the new one. A failure (too big,
+   * a NUL octet, the disk) rejects and leaves the message unchanged; the hook may throw it on,
+   * which the runner answers with `451 4.3.0`. A replacement neither committed nor aborted is
+   * dropped at the end of the transaction.
+   */
+  replaceBody(): BodyReplacement;
+  /**
+   * Changes the envelope sender: `address` without angle brackets, `''` for the null sender
+   * `<>`. Checked as `MAIL FROM` is (syntax, length, non-ASCII only with SMTPUTF8); the MAIL
+   * parameters (SIZE, BODY, SMTPUTF8, RET, ENVID) stay. `mail` hooks are not run again. Throws a
+   * TypeError on an address that does not parse, and nothing changes. Later hooks and the queue
+   * see the new sender (`transaction.sender`); the `Received:` field already written does not change.
+   */
+  setSender(address: string): void;
+  /**
+   * Adds an envelope recipient: `address` without angle brackets (`postmaster` alone is the
+   * postmaster of the first local domain, as at RCPT). Checked for syntax, length and SMTPUTF8 as
+   * `RCPT TO` is, and counted against `limits.maxRecipients`; `rcpt` hooks are **not** run, so
+   * relay policy and recipient lookups do not apply to it (as in Postfix, where a milter's added
+   * recipient skips `smtpd_recipient_restrictions`): the plugin that adds one answers for it. The
+   * queue's `expand` hook does apply (an added alias is expanded). Returns false when the
+   * recipient is already there (nothing added); throws a TypeError (bad address) or RangeError
+   * (over the limit), and nothing changes.
+   */
+  addRecipient(address: string, params?: RecipientParams): boolean;
+  /**
+   * Removes the envelope recipients equal to `address` (local part exact, domain in any case),
+   * as accepted at RCPT or added here; returns how many were removed. A message left with no
+   * recipient after `data_post` is refused with `554 5.5.1` (a filter that wants a message
+   * dropped says so with a verdict, not by emptying the envelope).
+   */
+  removeRecipient(address: string): number;
+}
+
+/** A new body being written at `data_post` (`DataPostContext.replaceBody`). Calls are sequential. */
+export interface BodyReplacement {
+  /** Appends octets; resolves once the spool took them (back-pressure). A rejection aborts. */
+  write(chunk: Uint8Array): Promise<void>;
+  /** Puts the new body in place of the old, at once; on a rejection the message is unchanged. */
+  commit(): Promise<void>;
+  /** Drops the new body; the message is unchanged. Does nothing after `commit()`. */
+  abort(): Promise<void>;
 }
 export interface QueueContext extends Base {
   readonly transaction: TransactionView;

@@ -140,6 +140,40 @@ export class SpooledBody {
     this.bytes -= removed;
   }
 
+  /**
+   * Replaces every stored octet by `content`, which may read this body (a stream of it taken
+   * before the call): the new octets go to a second body beside this one (`<name>.new`, in memory
+   * up to the threshold, then a file, with back-pressure), and only once `content` has ended
+   * without error do they take this body's place (a rename over the spilled file). On a failure
+   * the body is unchanged and the half-written copy is removed. Memory: at most the threshold
+   * for the copy, beside what this body already holds.
+   */
+  async rewrite(content: AsyncIterable<Buffer>): Promise<void> {
+    if (!this.ended) throw new Error('rewrite before end');
+    const next = new SpooledBody(this.dir, `${this.name}.new`, this.threshold);
+    try {
+      for await (const c of content) {
+        const wait = next.write(c);
+        if (wait) await wait;
+      }
+      await next.end();
+    } catch (err) {
+      await next.discard();
+      throw err;
+    }
+    const target = join(this.dir, this.name);
+    if (next.filePath) {
+      await rename(next.filePath, target);
+      this.filePath = target;
+    } else if (this.filePath) {
+      await rm(this.filePath, { force: true });
+      this.filePath = null;
+    }
+    this.file = null;
+    this.chunks = next.chunks;
+    this.bytes = next.bytes;
+  }
+
   /** Releases memory and removes the spilled file, if any. */
   async discard(): Promise<void> {
     this.chunks = [];

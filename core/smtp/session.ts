@@ -13,7 +13,7 @@ import type {
 } from '../hooks/catalogue.js';
 import type { CallContext, HookRunner } from '../hooks/runner.js';
 import type { ReplySpec, Verdict } from '../hooks/verdict.js';
-import { makeAddress, parsePath, type Address } from '../message/address.js';
+import { parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
 import { ReceivedMessage } from '../message/message.js';
 import { Notes } from '../message/notes.js';
@@ -23,6 +23,7 @@ import { ContentDeadline } from './deadline.js';
 import type { Generation } from './generation.js';
 import { parseMailParams, parseRcptParams } from './params.js';
 import { ReadInterruptedError, ReadTimeoutError, SocketReader, type LineResult } from './reader.js';
+import { envelopeEdits, homePostmaster } from './envelope-edits.js';
 import { receivedValue } from './received.js';
 import {
   deepFreeze,
@@ -58,8 +59,12 @@ class Transaction implements TransactionState {
   tooBig = false;
   storageError: Error | null = null;
 
+  /** The received message, once the content is complete (its body replacements end with it). */
+  message: ReceivedMessage | null = null;
+
   constructor(
-    readonly sender: Address | null,
+    /** Set at MAIL; `data_post` may change it (envelope-edits.ts). */
+    public sender: Address | null,
     readonly mailParams: MailParams,
   ) {
     deepFreeze(sender);
@@ -71,7 +76,11 @@ class Transaction implements TransactionState {
   }
 
   addRecipient(r: Recipient): void {
-    this.acceptedRecipients = Object.freeze([...this.acceptedRecipients, deepFreeze(r)]);
+    this.setRecipients([...this.acceptedRecipients, r]);
+  }
+
+  setRecipients(list: readonly Recipient[]): void {
+    this.acceptedRecipients = Object.freeze(list.map((r) => deepFreeze(r)));
   }
 }
 
@@ -621,14 +630,13 @@ export class SmtpSession implements SessionState {
     }
     let recipient = path.address!;
     if (recipient.domain === '') {
-      // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted. It is the postmaster
-      // of the first local domain, so that plugins, routes and transports see an ordinary address.
-      const home = this.gen.config.localDomains[0];
+      // RFC 5321 §4.5.1: `<postmaster>` without a domain must be accepted.
+      const home = homePostmaster(this.gen.config.localDomains);
       if (!home) {
         this.log.warn({ tx: tx.id }, 'RCPT TO:<postmaster> refused: localDomains is empty');
         return this.reply(550, '5.1.1', 'No local postmaster mailbox here');
       }
-      recipient = makeAddress('postmaster', home);
+      recipient = home;
     }
     const params = parseRcptParams(path.rest);
     if (!params.ok) return this.reply(params.code, params.enhanced, params.text);
@@ -815,7 +823,11 @@ export class SmtpSession implements SessionState {
       this.reply(554, '5.6.0', 'Message contains NUL octets, which SMTP does not allow');
       return this.endTransaction('rejected');
     }
-    const message = new ReceivedMessage(tx.capture!.bytes(), body);
+    const message = new ReceivedMessage(tx.capture!.bytes(), body, {
+      scratch: () => this.gen.spool.createBody(`${tx.id}.body-${newId()}`),
+      maxBodySize: this.limits.maxMessageSize,
+    });
+    tx.message = message;
     message.prepend(
       'Received',
       receivedValue({
@@ -833,10 +845,21 @@ export class SmtpSession implements SessionState {
       message,
       prependHeader: (name, value) => message.prepend(name, value),
       removeHeaders: (match) => message.removeHeaders(match),
+      replaceBody: () => message.replaceBody(),
+      ...envelopeEdits(tx, {
+        maxRecipients: this.limits.maxRecipients,
+        localDomains: this.gen.config.localDomains,
+      }),
     });
     this.logVerdict('data_post', post.verdict, post.plugin, { tx: tx.id });
     if (post.verdict.kind !== 'accept' && post.verdict.kind !== 'proceed') {
       this.replyRefusal(post.verdict);
+      return this.endTransaction('rejected');
+    }
+    if (tx.recipients.length === 0) {
+      // A data_post hook removed every recipient: nothing is stored that no one would receive.
+      this.log.info({ tx: tx.id }, 'message refused: data_post left it no recipient');
+      this.reply(554, '5.5.1', 'No valid recipients');
       return this.endTransaction('rejected');
     }
     const queued = await this.runner.verdict('queue', { session: this.view, transaction: tx.view, message });
@@ -876,6 +899,9 @@ export class SmtpSession implements SessionState {
       await this.runner.notify('reset', { session: this.view, transaction: tx.view, outcome });
     } finally {
       // The queue owner has its own durable copy (or moved the file); the rest belongs to no one.
+      await tx.message
+        ?.release()
+        .catch((err: unknown) => this.log.warn({ err }, 'could not remove spool file'));
       await tx.body?.discard().catch((err: unknown) => this.log.warn({ err }, 'could not remove spool file'));
     }
   }

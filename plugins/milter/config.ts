@@ -32,12 +32,6 @@ export const milterConfig = z
     milters: z.array(milter).min(1),
     /** When a milter fails: `accept` (go on without it), `tempfail` (451 4.7.1) or `reject` (550 5.7.1). */
     defaultAction: defaultAction.default('tempfail'),
-    /**
-     * What to do when a milter asks for an action the core cannot perform (replace the body, change
-     * the envelope sender, add or delete recipients): `ignore` (log at warn, deliver unchanged) or
-     * `tempfail` (log at warn, refuse the message with 451 4.7.1).
-     */
-    unsupportedAction: z.enum(['ignore', 'tempfail']).default('tempfail'),
   })
   .strict();
 

@@ -6,6 +6,7 @@ import {
   deny,
   proceed,
   Tokens,
+  type BodyReplacement,
   type DataPostContext,
   type SessionView,
   type Verdict,
@@ -13,7 +14,7 @@ import {
 import { holdOnAccept } from '../queue/api.js';
 import { milterConfig, type MilterEntry } from './config.js';
 import { MilterLink, type StepAnswer } from './link.js';
-import { BODY_CHUNK, Cmd, MilterError, P, Reply, splitStrings, strings } from './protocol.js';
+import { ACTION_OF, BODY_CHUNK, Cmd, MilterError, P, Reply, splitStrings, strings } from './protocol.js';
 import { streamBody } from './body.js';
 
 export { milterConfig, type MilterConfig } from './config.js';
@@ -21,17 +22,21 @@ export { milterConfig, type MilterConfig } from './config.js';
 /** A milter discarded the message: the `queue` hook takes it and drops it. */
 const Discarded = defineNote<{ readonly by: string }>('milter.discarded');
 
-/** Names of the actions the core cannot perform yet (logged, then ignored or tempfailed). */
-const UNSUPPORTED: Record<string, string> = {
-  [Reply.replBody]: 'replace body',
-  [Reply.chgFrom]: 'change envelope sender',
-  [Reply.addRcpt]: 'add recipient',
-  [Reply.addRcptPar]: 'add recipient',
-  [Reply.delRcpt]: 'delete recipient',
-};
-
-/** Most modification actions one milter may send for one message. */
+/**
+ * Most modification actions one milter may send for one message: each is held until the final
+ * reply. SMFIR_REPLBODY chunks are not counted: they go straight to the spool, bounded by
+ * `limits.maxMessageSize`.
+ */
 const MAX_ACTIONS = 1000;
+
+/** An envelope change a milter asked for, applied in the order it was sent. */
+type EnvelopeEdit =
+  | { readonly kind: 'sender'; readonly address: string; readonly args: string }
+  | { readonly kind: 'add'; readonly address: string; readonly args: string }
+  | { readonly kind: 'delete'; readonly address: string };
+
+/** An address as a milter sends it: `<a@b>` (Sendmail's form), or bare. */
+const bare = (s: string | undefined): string => (s ?? '').trim().replace(/^<(.*)>$/s, '$1');
 
 /** One SMTP session's milters: null where the milter failed with default action `accept`. */
 interface SessionLinks {
@@ -292,34 +297,43 @@ export default definePlugin({
         for (let i = 0; i < s.links.length; i++) {
           const link = s.links[i];
           if (!link || link.sessionDone || link.messageDone) continue;
-          let outcome: EomOutcome;
+          // The body a milter sends in SMFIR_REPLBODY goes straight to the spool; it is put in
+          // place only once the milter's final reply accepts, and dropped on any other way out.
+          const replacement: { body: BodyReplacement | null } = { body: null };
           try {
-            outcome = await closingOnAbort(link, ctx.signal, () => endOfMessage(link, ctx, transaction.id));
-          } catch (err) {
-            const v = failure(s, i, session, 'end of message', err);
-            if (v) return v;
-            continue;
+            let outcome: EomOutcome;
+            try {
+              outcome = await closingOnAbort(link, ctx.signal, () =>
+                endOfMessage(link, ctx, transaction.id, replacement),
+              );
+            } catch (err) {
+              const v = failure(s, i, session, 'end of message', err);
+              if (v) return v;
+              continue;
+            }
+            link.inMessage = false;
+            const fields = { session: session.id, tx: transaction.id, milter: link.entry.name };
+            if (outcome.answer.kind === 'discard') {
+              log.info(fields, 'milter: message discarded');
+              transaction.notes.set(Discarded, { by: link.entry.name });
+              return proceed();
+            }
+            const v = verdictOf(outcome.answer, link, 'message');
+            if (v) {
+              log.info({ ...fields, reply: v }, 'milter: message refused');
+              return v;
+            }
+            try {
+              await applyEdits(ctx, link.entry, outcome, replacement.body, fields);
+            } catch (err) {
+              // An edit the server cannot make (an address that does not parse, a recipient past
+              // limits.maxRecipients, a body the spool cannot take) fails the milter.
+              const v = failure(s, i, session, 'end of message edits', err);
+              if (v) return v;
+            }
+          } finally {
+            await replacement.body?.abort();
           }
-          link.inMessage = false;
-          const fields = { session: session.id, tx: transaction.id, milter: link.entry.name };
-          if (outcome.answer.kind === 'discard') {
-            log.info(fields, 'milter: message discarded');
-            transaction.notes.set(Discarded, { by: link.entry.name });
-            return proceed();
-          }
-          const v = verdictOf(outcome.answer, link, 'message');
-          if (v) {
-            log.info({ ...fields, reply: v }, 'milter: message refused');
-            return v;
-          }
-          if (outcome.unsupported.length > 0) {
-            log.warn(
-              { ...fields, actions: outcome.unsupported, handling: config.unsupportedAction },
-              'milter: asked for actions that are not supported',
-            );
-            if (config.unsupportedAction === 'tempfail') return TEMPFAIL();
-          }
-          await applyEdits(ctx, link.entry, outcome, fields);
         }
         return proceed();
       },
@@ -351,16 +365,24 @@ export default definePlugin({
       readonly adds: { name: string; value: string }[];
       readonly changes: { index: number; name: string; value: string }[];
       readonly quarantine: string[];
-      readonly unsupported: string[];
+      readonly envelope: EnvelopeEdit[];
     }
 
-    /** Headers, end of headers, body chunks, end of message, then the actions and the final reply. */
-    async function endOfMessage(link: MilterLink, ctx: DataPostContext, id: string): Promise<EomOutcome> {
+    /**
+     * Headers, end of headers, body chunks, end of message, then the actions and the final reply.
+     * A replacement body is begun in `replacement.body` (the caller commits or aborts it).
+     */
+    async function endOfMessage(
+      link: MilterLink,
+      ctx: DataPostContext,
+      id: string,
+      replacement: { body: BodyReplacement | null },
+    ): Promise<EomOutcome> {
       const step = link.entry.stepTimeout;
       const refused = (a: StepAnswer): EomOutcome | null =>
         a.kind === 'continue' || a.kind === 'skip'
           ? null
-          : { answer: a, adds: [], changes: [], quarantine: [], unsupported: [] };
+          : { answer: a, adds: [], changes: [], quarantine: [], envelope: [] };
       if (!link.has(P.noHdrs))
         for (const h of ctx.message.headers.list()) {
           const a = await link.step(Cmd.header, strings(h.name, h.value), link.has(P.nrHdr), step);
@@ -388,22 +410,26 @@ export default definePlugin({
         adds: [],
         changes: [],
         quarantine: [],
-        unsupported: [],
+        envelope: [],
       };
-      for (let count = 0; ; count++) {
-        // Each action is held until the final reply: a bound keeps a runaway milter's cost fixed.
-        if (count > MAX_ACTIONS) throw new MilterError(`milter sent over ${MAX_ACTIONS} actions`);
+      for (let count = 0; ;) {
         const p = await link.readSkippingProgress(deadline);
+        const needs = ACTION_OF[p.cmd];
+        if (needs === undefined) return { ...out, answer: link.answer(p) };
+        if ((link.actions & needs) === 0)
+          throw new MilterError(`milter sent '${p.cmd}' without negotiating action 0x${needs.toString(16)}`);
+        if (p.cmd === Reply.replBody) {
+          replacement.body ??= ctx.replaceBody();
+          await replacement.body.write(p.data);
+          continue;
+        }
+        // Each other action is held until the final reply: a bound keeps a runaway milter's cost fixed.
+        if (++count > MAX_ACTIONS) throw new MilterError(`milter sent over ${MAX_ACTIONS} actions`);
         switch (p.cmd) {
-          case Reply.addHeader: {
-            const [name, value] = splitStrings(p.data);
-            if (!name) throw new MilterError('milter sent an empty header name');
-            out.adds.push({ name, value: value ?? '' });
-            break;
-          }
+          case Reply.addHeader:
           case Reply.insHeader: {
-            // The position is not honoured: the core can only add fields on top (README).
-            const [name, value] = splitStrings(p.data.subarray(4));
+            // SMFIR_INSHEADER's position is not honoured: the core adds fields on top (README).
+            const [name, value] = splitStrings(p.cmd === Reply.insHeader ? p.data.subarray(4) : p.data);
             if (!name) throw new MilterError('milter sent an empty header name');
             out.adds.push({ name, value: value ?? '' });
             break;
@@ -418,24 +444,57 @@ export default definePlugin({
           case Reply.quarantine:
             out.quarantine.push(splitStrings(p.data)[0] ?? '');
             break;
-          default: {
-            const what = UNSUPPORTED[p.cmd];
-            if (what) {
-              out.unsupported.push(what);
-              break;
-            }
-            return { ...out, answer: link.answer(p) };
+          case Reply.chgFrom: {
+            const [address, args] = splitStrings(p.data);
+            out.envelope.push({ kind: 'sender', address: bare(address), args: args ?? '' });
+            break;
           }
+          case Reply.addRcpt:
+          case Reply.addRcptPar: {
+            const [address, args] = splitStrings(p.data);
+            out.envelope.push({ kind: 'add', address: bare(address), args: args ?? '' });
+            break;
+          }
+          case Reply.delRcpt:
+            out.envelope.push({ kind: 'delete', address: bare(splitStrings(p.data)[0]) });
+            break;
         }
       }
     }
 
+    /**
+     * Applies one milter's edits once its final reply accepted: the envelope in the milter's order,
+     * then the body, then the header changes, additions and quarantine. A failure throws, with
+     * the edits before it made.
+     */
     async function applyEdits(
       ctx: DataPostContext,
       entry: MilterEntry,
       outcome: EomOutcome,
+      body: BodyReplacement | null,
       fields: Record<string, string>,
     ): Promise<void> {
+      for (const e of outcome.envelope) {
+        // Postfix too ignores ESMTP arguments of SMFIR_CHGFROM and SMFIR_ADDRCPT_PAR: the
+        // transaction's MAIL parameters stay, and an added recipient gets no NOTIFY or ORCPT.
+        if (e.kind !== 'delete' && e.args.trim() !== '')
+          log.warn({ ...fields, action: e.kind, args: e.args }, 'milter: ESMTP arguments ignored');
+        if (e.kind === 'sender') {
+          const from = ctx.transaction.sender?.address ?? '';
+          ctx.setSender(e.address);
+          log.info({ ...fields, from, to: e.address }, 'milter: envelope sender changed');
+        } else if (e.kind === 'add') {
+          const added = ctx.addRecipient(e.address);
+          log.info({ ...fields, rcpt: e.address, added }, 'milter: recipient added');
+        } else {
+          const removed = ctx.removeRecipient(e.address);
+          log.info({ ...fields, rcpt: e.address, removed }, 'milter: recipient deleted');
+        }
+      }
+      if (body) {
+        await body.commit();
+        log.info({ ...fields, size: ctx.message.size }, 'milter: body replaced');
+      }
       for (const c of outcome.changes) {
         // SMFIR_CHGHEADER: the index counts fields of that name from 1; an empty value deletes.
         const name = c.name.toLowerCase();

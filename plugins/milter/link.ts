@@ -79,6 +79,8 @@ export class MilterLink {
       // A milter may not ask for steps we did not offer (libmilter refuses the same way).
       if ((link.protocol & ~OFFERED_PROTOCOL) !== 0)
         throw new MilterError(`milter asked for protocol flags 0x${link.protocol.toString(16)} not offered`);
+      if ((link.actions & ~ALL_ACTIONS) !== 0)
+        throw new MilterError(`milter asked for actions 0x${link.actions.toString(16)} not offered`);
       // Any macro lists after the three words (SMFIF_SETSYMLIST) only narrow what we send: ignored.
       return link;
     } catch (err) {

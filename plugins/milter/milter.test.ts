@@ -13,6 +13,9 @@ import { freePort, startOpendkimSigner, startPymilter, type MilterPeer } from '.
 import { startDnsmasq } from '../../test/harness/dnsmasq.js';
 import { dkimpyVerify, requireDkimpy } from '../../test/harness/dkimpy.js';
 import { HoldOnAccept } from '../queue/api.js';
+import queue from '../queue/index.js';
+import outbound from '../outbound/index.js';
+import { freePortOn, smtpPeer } from '../outbound/test-support.js';
 import milter, { milterConfig } from './index.js';
 
 /** The test milter: what it does is chosen by the recipient (at RCPT) and the Subject (at end of message). */
@@ -52,21 +55,46 @@ class TestMilter(Milter.Base):
             self.chgheader('X-Remove', 1, '')
         if 'CHGHDR' in s:
             self.chgheader('X-Change', 2, 'changed')
+        if 'INSHDR' in s:
+            self.addheader('X-Inserted', 'at index 1', 1)
         if 'CHGFROM' in s:
             self.chgfrom('<other@example.test>')
+        if 'ADDCAROL' in s:
+            self.addrcpt('<carol@example.com>')
+        if 'ADDDAVEPAR' in s:
+            self.addrcpt('<dave@example.com>', 'NOTIFY=NEVER')
+        if 'DELBOB' in s:
+            self.delrcpt('<bob@example.com>')
+        if 'BADRCPT' in s:
+            self.addrcpt('<not an address>')
+        if 'REPLBODY' in s:
+            # Over 64 KiB, so libmilter sends it in several SMFIR_REPLBODY packets, and over the
+            # spool's memory threshold (256 KiB), so it goes to a file.
+            lines = [b'replaced line %06d\r\n' % i for i in range(15000)]
+            self.replacebody(b''.join(lines[:7000]))
+            self.replacebody(b''.join(lines[7000:]))
         self.addheader('X-Petrel-Milter', 'seen')
         self.addheader('X-Body-Bytes', str(self.nbody))
         return Milter.ACCEPT
 
 Milter.factory = TestMilter
-Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.CHGFROM)
+Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.CHGFROM | Milter.CHGBODY
+                 | Milter.ADDRCPT | Milter.ADDRCPT_PAR | Milter.DELRCPT)
 print('milter listening on', sys.argv[1], flush=True)
 Milter.runmilter('petrel-test', sys.argv[1], 240)
 `;
 
+/** The body the test milter writes for REPLBODY. */
+const REPLACED = Array.from(
+  { length: 15000 },
+  (_, i) => `replaced line ${String(i).padStart(6, '0')}\r\n`,
+).join('');
+
 interface Stored {
   readonly data: string;
   readonly holds: readonly string[];
+  readonly sender: string;
+  readonly recipients: readonly string[];
 }
 
 function captureQueue(into: Stored[]): PluginDefinition {
@@ -79,6 +107,8 @@ function captureQueue(into: Stored[]): PluginDefinition {
         into.push({
           data: Buffer.concat(chunks).toString('latin1'),
           holds: transaction.notes.get(HoldOnAccept)?.reasons ?? [],
+          sender: transaction.sender?.address ?? '',
+          recipients: transaction.recipients.map((r) => r.address.address),
         });
         return accept();
       },
@@ -127,10 +157,9 @@ const warnings = (server: TestServer, text: string): Record<string, unknown>[] =
   server.logs.filter((l) => typeof l.msg === 'string' && l.msg.includes(text));
 
 describe('milter: config', () => {
-  it('a milter needs a port or a path; defaults are tempfail on failure and tempfail on unsupported actions', () => {
+  it('a milter needs a port or a path; the default action on failure is tempfail', () => {
     const c = milterConfig.parse({ milters: [{ name: 'a', port: 1 }] });
     assert.equal(c.defaultAction, 'tempfail');
-    assert.equal(c.unsupportedAction, 'tempfail');
     assert.equal(c.milters[0]!.host, '127.0.0.1');
     assert.ok(!milterConfig.safeParse({ milters: [{ name: 'a' }] }).success);
     assert.ok(!milterConfig.safeParse({ milters: [{ name: 'a', port: 1, path: '/x' }] }).success);
@@ -145,7 +174,7 @@ describe('milter: a pymilter test milter', () => {
   before(async (t) => {
     peer = await startPymilter(t as unknown as TestContext, TEST_MILTER);
     if (!peer) return;
-    server = await start([{ name: 'test', port: peer.port }], stored, { unsupportedAction: 'ignore' });
+    server = await start([{ name: 'test', port: peer.port }], stored);
   });
   after(async () => {
     await server?.close();
@@ -191,10 +220,10 @@ describe('milter: a pymilter test milter', () => {
     assert.match(tf.data!.raw, /4\.7\.1/);
   });
 
-  it('deletes and changes header fields (a change removes the field and adds the new one on top)', async (t) => {
+  it('deletes, changes and inserts header fields (a change removes the field and adds the new one on top; an insert goes on top)', async (t) => {
     if (!peer) return t.skip();
     const { data } = await send(server.port, {
-      subject: 'DELHDR CHGHDR',
+      subject: 'DELHDR CHGHDR INSHDR',
       headers: 'X-Remove: bye\r\nX-Change: first\r\nX-Change: second\r\n',
     });
     assert.equal(data?.code, 250);
@@ -203,6 +232,10 @@ describe('milter: a pymilter test milter', () => {
     assert.match(msg, /^X-Change: first\r\n/m);
     assert.doesNotMatch(msg, /X-Change: second/);
     assert.match(msg, /^X-Change: changed\r\n/m);
+    assert.ok(
+      msg.startsWith('X-Inserted: at index 1\r\n'),
+      'SMFIR_INSHEADER: on top, the index not honoured',
+    );
   });
 
   it('discard: the client gets 250, the message is taken by the plugin and never reaches the queue', async (t) => {
@@ -222,27 +255,115 @@ describe('milter: a pymilter test milter', () => {
     assert.deepEqual(stored.at(-1)!.holds, ['milter test: looks odd']);
   });
 
-  it('an unsupported action (change sender) is logged at warn and, with unsupportedAction ignore, the message goes through', async (t) => {
+  it('replaces the body (in several packets, spooled to a file) and the queue stores the new one under the same header', async (t) => {
     if (!peer) return t.skip();
-    const { data } = await send(server.port, { subject: 'CHGFROM' });
+    const { data } = await send(server.port, { subject: 'REPLBODY', body: 'The original body.\r\n' });
     assert.equal(data?.code, 250);
-    const w = warnings(server, 'not supported');
-    assert.equal(w.length, 1);
-    assert.equal(w[0]!.level, 40);
-    assert.deepEqual(w[0]!.actions, ['change envelope sender']);
+    const msg = stored.at(-1)!.data;
+    const split = msg.indexOf('\r\n\r\n');
+    assert.equal(msg.slice(split + 4), REPLACED);
+    assert.match(msg.slice(0, split), /^Subject: REPLBODY\r\n/m);
+    assert.match(msg.slice(0, split), /^X-Body-Bytes: 20\r\n/m, 'the milter saw the original body');
+    const replaced = server.logs.find((l) => l.msg === 'milter: body replaced');
+    assert.equal(replaced?.size, split + 4 - msg.indexOf('From: Alice') + REPLACED.length);
   });
 
-  it('with unsupportedAction tempfail, the same message is refused with 451 4.7.1', async (t) => {
+  it('changes the envelope sender and adds and deletes recipients: the queue gets the edited envelope', async (t) => {
     if (!peer) return t.skip();
-    const other: Stored[] = [];
-    const strict = await start([{ name: 'test', port: peer.port }], other);
+    const { rcpt, data } = await send(server.port, {
+      to: ['bob@example.com', 'erin@example.com'],
+      subject: 'CHGFROM ADDCAROL ADDDAVEPAR DELBOB',
+    });
+    assert.deepEqual(
+      rcpt.map((r) => r.code),
+      [250, 250],
+    );
+    assert.equal(data?.code, 250);
+    const last = stored.at(-1)!;
+    assert.equal(last.sender, 'other@example.test');
+    assert.deepEqual(last.recipients, ['erin@example.com', 'carol@example.com', 'dave@example.com']);
+    const ignored = warnings(server, 'ESMTP arguments ignored');
+    assert.equal(ignored.at(-1)?.args, 'NOTIFY=NEVER');
+  });
+
+  it('a message the milter leaves without recipients is refused with 554 5.5.1 and not stored', async (t) => {
+    if (!peer) return t.skip();
+    const before = stored.length;
+    const { data } = await send(server.port, { subject: 'DELBOB' });
+    assert.equal(data?.code, 554);
+    assert.match(data!.raw, /5\.5\.1/);
+    assert.equal(stored.length, before);
+  });
+
+  it('an address the server cannot take fails the milter: its default action (tempfail) answers', async (t) => {
+    if (!peer) return t.skip();
+    const before = stored.length;
+    const { data } = await send(server.port, { subject: 'BADRCPT' });
+    assert.equal(data?.code, 451);
+    assert.equal(stored.length, before);
+    const failed = server.logs.find((l) => l.msg === 'milter: failed, applying the default action');
+    assert.equal(failed?.step, 'end of message edits');
+    assert.match((failed?.err as { message?: string }).message ?? '', /bad recipient address/);
+  });
+});
+
+describe('milter: edits reach the next hop', () => {
+  it('two milters in order: the second sees the body the first replaced, and the queue delivers the edited envelope and body', async (t) => {
+    const peer = await startPymilter(t, TEST_MILTER);
+    if (!peer) return;
+    const port = await freePortOn(['127.0.0.1']);
+    const next = await smtpPeer(t, '127.0.0.1', port);
+    let server: TestServer | null = null;
     try {
-      const { data } = await send(strict.port, { subject: 'CHGFROM' });
-      assert.equal(data?.code, 451);
-      assert.match(data!.raw, /4\.7\.1/);
-      assert.equal(other.length, 0);
+      server = await startServer({
+        plugins: [milter, acceptAllRecipients, queue, outbound],
+        entries: [
+          {
+            name: 'milter',
+            config: {
+              milters: [
+                { name: 'first', port: peer.port },
+                { name: 'second', port: peer.port },
+              ],
+            },
+          },
+          'test-accept-rcpt',
+          'queue',
+          { name: 'outbound', config: { smarthost: { host: '127.0.0.1', port, tls: 'opportunistic' } } },
+        ],
+      });
+      const { rcpt, data } = await send(server.port, {
+        to: ['bob@example.com', 'erin@example.com'],
+        subject: 'REPLBODY CHGFROM ADDCAROL ADDDAVEPAR DELBOB',
+        body: 'The original body.\r\n',
+      });
+      assert.deepEqual(
+        rcpt.map((r) => r.code),
+        [250, 250],
+      );
+      assert.equal(data?.code, 250);
+      const deadline = Date.now() + 20_000;
+      while (next.messages.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      assert.equal(next.messages.length, 1, 'one delivery to the next hop');
+      const got = next.messages[0]!;
+      assert.equal(got.mailFrom, 'other@example.test');
+      assert.deepEqual(got.rcpts.map((r) => r.address).sort(), [
+        'carol@example.com',
+        'dave@example.com',
+        'erin@example.com',
+      ]);
+      const text = got.data.toString('latin1');
+      const split = text.indexOf('\r\n\r\n');
+      assert.equal(text.slice(split + 4), REPLACED);
+      // Each milter reports the body it was sent: the first the client's, the second the first's.
+      const counts = [...text.slice(0, split).matchAll(/^X-Body-Bytes: (\d+)\r$/gm)].map((m) => Number(m[1]));
+      assert.deepEqual(
+        counts.sort((a, b) => a - b),
+        [20, REPLACED.length],
+      );
     } finally {
-      await strict.close();
+      await server?.close();
+      await peer.stop();
     }
   });
 });

@@ -44,8 +44,37 @@ export const Reply = {
   replyCode: 'y',
 } as const;
 
-/** Actions the milter may take (SMFIF_*): this client understands every one of them. */
-export const ALL_ACTIONS = 0x1ff;
+/** Actions a milter may ask for (SMFIF_*), negotiated at SMFIC_OPTNEG. */
+export const A = {
+  addHdrs: 0x1,
+  chgBody: 0x2,
+  addRcpt: 0x4,
+  delRcpt: 0x8,
+  chgHdrs: 0x10,
+  quarantine: 0x20,
+  chgFrom: 0x40,
+  addRcptPar: 0x80,
+  setSymList: 0x100,
+} as const;
+
+/** This client offers every action: it applies each one (README). */
+export const ALL_ACTIONS = Object.values(A).reduce((all, f) => all | f, 0);
+
+/**
+ * The action each modification reply needs: a milter that sends one it did not negotiate breaks
+ * the protocol (libmilter refuses to send it; a milter that does anyway is not to be trusted).
+ */
+export const ACTION_OF: Readonly<Record<string, number>> = {
+  [Reply.addHeader]: A.addHdrs,
+  [Reply.insHeader]: A.addHdrs,
+  [Reply.chgHeader]: A.chgHdrs,
+  [Reply.quarantine]: A.quarantine,
+  [Reply.replBody]: A.chgBody,
+  [Reply.chgFrom]: A.chgFrom,
+  [Reply.addRcpt]: A.addRcpt,
+  [Reply.addRcptPar]: A.addRcptPar,
+  [Reply.delRcpt]: A.delRcpt,
+};
 
 /** Protocol flags (SMFIP_*): steps the milter asks to skip, or asks not to answer. */
 export const P = {

@@ -24,7 +24,10 @@ async function received(threshold: number, dir: string, text = MESSAGE): Promise
   const bytes = Buffer.from(text);
   for (let i = 0; i < bytes.length; i += 7) await body.write(bytes.subarray(i, i + 7));
   await body.end();
-  return new ReceivedMessage(bytes.subarray(0, bytes.indexOf('\r\n\r\n') + 4), body);
+  return new ReceivedMessage(bytes.subarray(0, bytes.indexOf('\r\n\r\n') + 4), body, {
+    scratch: () => new SpooledBody(dir, `m${threshold}.body`, threshold),
+    maxBodySize: 1 << 20,
+  });
 }
 
 async function read(m: ReceivedMessage): Promise<string> {
