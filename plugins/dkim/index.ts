@@ -11,7 +11,7 @@ import { dkimCommand } from './cli.js';
 import { dkimConfig, keyLocations } from './config.js';
 import { loadKeys, signingDomainFor } from './keys.js';
 import { MARK_NAME, MARK_VALUE, readHead, rejoined, remainder } from './mark.js';
-import { fromDomain, signCopy } from './sign.js';
+import { fromDomain, signCopy, SigningSlots } from './sign.js';
 
 export { dkimConfig, type DkimConfig } from './config.js';
 
@@ -40,7 +40,8 @@ export default definePlugin({
     const configured = new Set(Object.keys(config.domains));
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
     // Keys are read and checked once per plugin set (at start and at each reload), never per message.
-    const keys = await loadKeys(keyLocations(config, baseDir));
+    const keys = await loadKeys(keyLocations(config, baseDir), config.signingThreads);
+    const slots = new SigningSlots(config.signingThreads);
     for (const [domain, { keys: usable, problems }] of keys) {
       for (const k of usable)
         log.info({ domain, selector: k.selector, algorithm: k.algorithm }, 'DKIM key loaded');
@@ -105,6 +106,7 @@ export default definePlugin({
         try {
           signed = await signCopy(copy, {
             keys: domainKeys.keys,
+            slots,
             headers: config.headers,
             oversign: config.oversign,
           });

@@ -43,20 +43,46 @@ export function fromDomain(headerBlock: Buffer): string | null {
   return ascii || null;
 }
 
-/** Which copy of a key signs next (see SigningKey.copies). */
-let turn = 0;
+/**
+ * The signatures a worker makes at once on libuv's thread pool (`signingThreads`): a signature
+ * takes a free slot, or waits in turn for one. Slot i signs with copy i of the key
+ * (SigningKey.copies), so no two signatures in flight share a key object.
+ */
+export class SigningSlots {
+  private readonly free: number[];
+  private readonly waiting: ((slot: number) => void)[] = [];
+
+  constructor(readonly size: number) {
+    this.free = Array.from({ length: size }, (_, i) => i);
+  }
+
+  /** Runs `fn` in a slot, and frees the slot when it settles. */
+  async run<T>(fn: (slot: number) => Promise<T>): Promise<T> {
+    const slot = this.free.pop() ?? (await new Promise<number>((resolve) => this.waiting.push(resolve)));
+    try {
+      return await fn(slot);
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next(slot);
+      else this.free.push(slot);
+    }
+  }
+}
 
 /**
  * The signature over the canonicalized header: RSA-SHA256 (RFC 6376 §3.3.1), or Ed25519 over
- * its SHA-256 digest (RFC 8463 §3), on the thread pool.
+ * its SHA-256 digest (RFC 8463 §3), on the thread pool, in a signing slot.
  */
-function signHeader(key: SigningKey, data: Buffer): Promise<Buffer> {
+function signHeader(key: SigningKey, data: Buffer, slots: SigningSlots): Promise<Buffer> {
   const rsa = key.algorithm === 'rsa-sha256';
-  const copy = key.copies[turn++ % key.copies.length]!;
   const input = rsa ? data : createHash('sha256').update(data).digest();
-  return new Promise((resolve, reject) => {
-    sign(rsa ? 'sha256' : null, input, copy, (err, sig) => (err ? reject(err) : resolve(sig)));
-  });
+  return slots.run(
+    (slot) =>
+      new Promise((resolve, reject) => {
+        const copy = key.copies[slot % key.copies.length]!;
+        sign(rsa ? 'sha256' : null, input, copy, (err, sig) => (err ? reject(err) : resolve(sig)));
+      }),
+  );
 }
 
 /**
@@ -131,7 +157,7 @@ async function signatureFields(
         false,
       );
       try {
-        const b = await signHeader(k, Buffer.concat([...signed, formatRelaxedLine(unsigned)]));
+        const b = await signHeader(k, Buffer.concat([...signed, formatRelaxedLine(unsigned)]), opts.slots);
         // Folding only turns spaces into CRLF + space, which relaxed canonicalization undoes,
         // and the b= value with the spaces around it is not hashed: the folded field verifies.
         return foldAtSpaces(`${unsigned}${spaced(b.toString('base64'))}`);
@@ -146,6 +172,8 @@ async function signatureFields(
 
 export interface SignOptions {
   readonly keys: readonly SigningKey[];
+  /** Where the private-key operations run (one instance per plugin set). */
+  readonly slots: SigningSlots;
   readonly headers: readonly string[];
   readonly oversign: readonly string[];
 }

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
-import { fromDomain, signCopy } from './sign.js';
+import { fromDomain, signCopy, SigningSlots } from './sign.js';
 import { MessageCopy } from '../../core/index.js';
 import { tmpdir } from 'node:os';
 import { dkimVerify } from 'mailauth';
@@ -186,6 +186,7 @@ describe('dkim: signing, checked by mailauth', () => {
         });
         const { signatures, failures } = await signCopy(copy, {
           keys: [key],
+          slots: new SigningSlots(1),
           headers: ['From', 'Subject'],
           oversign: ['From'],
         });
@@ -201,5 +202,32 @@ describe('dkim: signing, checked by mailauth', () => {
         for (const line of signatures.toString().split('\r\n')) assert.ok(line.length <= 78, line);
       }
     }
+  });
+});
+
+describe('dkim: signing slots', () => {
+  it('runs at most `size` signatures at once, in turn, each in a slot no other holds, and frees a slot that failed', async () => {
+    const slots = new SigningSlots(2);
+    const holding = new Set<number>();
+    let most = 0;
+    const order: number[] = [];
+    const job = (n: number, fail = false) =>
+      slots.run(async (slot) => {
+        assert.ok(!holding.has(slot), `slot ${slot} is held by one job only`);
+        holding.add(slot);
+        most = Math.max(most, holding.size);
+        order.push(n);
+        await new Promise((r) => setTimeout(r, 5));
+        holding.delete(slot);
+        if (fail) throw new Error(`job ${n} failed`);
+        return n;
+      });
+    const results = await Promise.allSettled([job(1), job(2, true), job(3), job(4), job(5)]);
+    assert.equal(most, 2);
+    assert.deepEqual(order, [1, 2, 3, 4, 5]);
+    assert.deepEqual(
+      results.map((r) => r.status),
+      ['fulfilled', 'rejected', 'fulfilled', 'fulfilled', 'fulfilled'],
+    );
   });
 });
