@@ -423,8 +423,9 @@ export class QueueStore {
 
   /**
    * Holds some recipients (by index) back until `until` without an attempt (a plugin's
-   * `postpone()`). Not recorded: after a restart they are due on their recorded schedule, which
-   * is no later, and whoever postponed them is asked again.
+   * `postpone()`). No record of its own: after a restart they are due at their recorded time,
+   * which is no later (a compaction meanwhile may have copied `until` itself), and whoever
+   * postponed them is asked again.
    */
   postpone(
     entry: Entry,
