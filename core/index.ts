@@ -22,6 +22,7 @@ export {
   disconnect,
   routeTo,
   expandTo,
+  postpone,
   type Verdict,
   type ReplySpec,
 } from './hooks/verdict.js';

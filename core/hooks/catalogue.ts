@@ -163,9 +163,35 @@ export interface RecipientResult {
   readonly dsnPassedOn?: boolean;
 }
 
-/** What a transport's `deliver` hook returns: a result for every recipient it was given. */
+/**
+ * What a `deliver` hook returns: `proceed` (not mine: the next plugin is asked), a result for
+ * every recipient it was given, or `postpone` (see `Postponement`).
+ */
 export type DeliveryOutcome =
-  { readonly kind: 'proceed' } | { readonly kind: 'results'; readonly results: readonly RecipientResult[] };
+  | { readonly kind: 'proceed' }
+  | { readonly kind: 'results'; readonly results: readonly RecipientResult[] }
+  | Postponement;
+
+/**
+ * "Not now, try at `until`": a delivery held back on purpose (an outbound rate, a peer's
+ * concurrency), not a failure. Any plugin whose `deliver` hook runs before the transport's may
+ * answer it, and so may the transport. The queue then, for every recipient of the delivery:
+ * - counts no attempt, keeps the last reply, and runs no `delivered`/`deferred`/`failed` hook
+ *   (so no "delayed" report goes out for it);
+ * - tries it again at `until` (or sooner, on a flush or a restart: the postponement is not
+ *   written to the journal, and whoever postponed it is asked again then);
+ * - still ends it at its lifetime: a postponement reaching past the end of the message's
+ *   lifetime fails the recipient as expired, as a retry would;
+ * - logs one line (`delivery postponed`, with `reason` and the plugin) and shows `reason` in
+ *   `petrel queue list` until the next attempt.
+ * Build it with `postpone(until, reason)`.
+ */
+export interface Postponement {
+  readonly kind: 'postpone';
+  readonly until: Date;
+  /** Why, for the log and the queue listing: `throttled: at most 100 messages per 1m to gmail.com`. */
+  readonly reason: string;
+}
 
 /** One address an accepted recipient expands into (see the `expand` hook). */
 export interface ExpandTarget {
@@ -398,7 +424,10 @@ export interface HookMap {
    * the content it was given, or a stream made from it.
    */
   transform: (ctx: TransformContext) => Promise<Readable>;
-  /** Queue: a transport delivers the recipients of one route, with a result for each. */
+  /**
+   * Queue: a transport delivers the recipients of one route, with a result for each; a plugin
+   * before it (or the transport itself) may postpone the delivery instead (`postpone()`).
+   */
   deliver: (ctx: DeliverContext) => Promise<DeliveryOutcome>;
   /** Queue: a recipient was delivered. */
   delivered: (ctx: DeliveredContext) => Promise<void>;

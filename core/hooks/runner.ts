@@ -32,6 +32,18 @@ export interface VerdictOutcome {
   readonly failed: boolean;
 }
 
+/**
+ * What the `deliver` chain decided: a result for each recipient, or a postponement of the whole
+ * delivery; `plugin` is the one that answered (null when none did).
+ */
+export type DeliverOutcome =
+  | { readonly results: RecipientResult[]; readonly postponed?: undefined; readonly plugin: string | null }
+  | {
+      readonly postponed: { readonly until: Date; readonly reason: string };
+      readonly results?: undefined;
+      readonly plugin: string;
+    };
+
 export class HookTimeoutError extends Error {
   constructor(plugin: string, hook: string, ms: number) {
     super(`plugin ${plugin} hook ${hook} did not finish within ${ms} ms`);
@@ -201,7 +213,7 @@ export class HookRunner {
    * The transport that recognises the route delivers. Results must cover every recipient; a
    * recipient left out, a throw or a timeout is deferred with the generic 451 4.3.0.
    */
-  async deliver(ctx: CallContext<'deliver'>): Promise<{ results: RecipientResult[]; plugin: string | null }> {
+  async deliver(ctx: CallContext<'deliver'>): Promise<DeliverOutcome> {
     const deferAll = (text: string): RecipientResult[] =>
       ctx.recipients.map((r) => ({
         recipient: r.address.address,
@@ -217,6 +229,16 @@ export class HookRunner {
         return { results: deferAll('Temporary local problem'), plugin: hook.plugin };
       }
       if (outcome?.kind === 'proceed') continue;
+      if (outcome?.kind === 'postpone') {
+        const { until, reason } = outcome;
+        if (until instanceof Date && !Number.isNaN(until.getTime()) && typeof reason === 'string')
+          return { postponed: { until, reason }, plugin: hook.plugin };
+        this.log.error(
+          { plugin: hook.plugin, hook: 'deliver', ...where(ctx) },
+          'deliver hook postponed without a valid time and reason (use postpone())',
+        );
+        return { results: deferAll('Temporary local problem'), plugin: hook.plugin };
+      }
       if (outcome?.kind !== 'results' || !Array.isArray(outcome.results)) {
         this.log.error(
           { plugin: hook.plugin, hook: 'deliver', ...where(ctx) },

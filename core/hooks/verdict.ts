@@ -1,4 +1,5 @@
 import type { Address } from '../message/address.js';
+import type { Postponement } from './catalogue.js';
 /**
  * Verdicts are what a hook decides. The engine alone turns a verdict into a wire reply,
  * so a plugin never writes to the socket and never chooses the reply's shape.
@@ -114,4 +115,15 @@ export function routeTo(
   if (!/^[a-z0-9][a-z0-9-]*$/.test(transport))
     throw new TypeError(`routeTo(): bad transport name "${transport}"`);
   return { kind: 'route', route: { transport, key: opts.key ?? transport, data: opts.data ?? {} } };
+}
+
+/**
+ * An answer for the `deliver` hook: do not deliver now, try again at `until` (a `Date` or epoch
+ * milliseconds), for `reason`. No attempt is counted and no delay notice sent (see `Postponement`).
+ */
+export function postpone(until: Date | number, reason: string): Postponement {
+  const at = new Date(until);
+  if (Number.isNaN(at.getTime())) throw new RangeError('postpone() needs a valid time');
+  if (typeof reason !== 'string' || !reason.trim()) throw new TypeError('postpone() needs a reason');
+  return { kind: 'postpone', until: at, reason };
 }

@@ -1,3 +1,4 @@
+import { domainToASCII } from 'node:url';
 import { cidrProblem, duration, z } from '../../core/index.js';
 
 const network = z.string().superRefine((text, ctx) => {
@@ -11,6 +12,34 @@ const rate = z
   .strict();
 
 export type Rate = z.infer<typeof rate>;
+
+/** A destination domain as written in the config, kept as its lower-case A-label. */
+const domainName = z.string().transform((s, ctx) => {
+  const ascii = domainToASCII(s.trim().replace(/\.$/, '')).toLowerCase();
+  if (!ascii || !ascii.includes('.') || ascii.length > 253) {
+    ctx.addIssue({ code: 'custom', message: `"${s}" is not a domain name` });
+    return z.NEVER;
+  }
+  return ascii;
+});
+
+/**
+ * One outbound rate: at most `max` deliveries within any `per` to the recipients of these
+ * domains, counted together (one provider's several domains share one rate).
+ */
+const outboundRate = z
+  .object({
+    domains: z.array(domainName).min(1),
+    max: z.number().int().min(1),
+    per: duration.refine((ms) => ms >= 1000, 'at least 1s'),
+  })
+  .strict()
+  .superRefine((r, ctx) => {
+    if (new Set(r.domains).size !== r.domains.length)
+      ctx.addIssue({ code: 'custom', path: ['domains'], message: 'a domain is listed twice' });
+  });
+
+export type OutboundRate = z.infer<typeof outboundRate>;
 
 export const limitConfig = z
   .object({
@@ -64,7 +93,27 @@ export const limitConfig = z
       })
       .strict()
       .default({}),
+    /**
+     * Outbound throttling: deliveries to these domains over the rate are postponed in the queue
+     * (no attempt counted, no delay notice) until the rate has room. A domain may be in one
+     * entry only.
+     */
+    outbound: z.array(outboundRate).default([]),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    const seen = new Set<string>();
+    c.outbound.forEach((r, i) => {
+      for (const d of r.domains) {
+        if (seen.has(d))
+          ctx.addIssue({
+            code: 'custom',
+            path: ['outbound', i, 'domains'],
+            message: `${d} is in another outbound entry already`,
+          });
+        seen.add(d);
+      }
+    });
+  });
 
 export type LimitConfig = z.infer<typeof limitConfig>;

@@ -12,6 +12,7 @@ import {
 } from '../../core/index.js';
 import { Dnsbl } from '../dnsbl/api.js';
 import { limitConfig, type Rate } from './config.js';
+import { OutboundThrottle } from './outbound.js';
 import { Windows } from './windows.js';
 
 export { limitConfig, type LimitConfig } from './config.js';
@@ -41,21 +42,26 @@ interface Check {
  * `rcpt` hook ends the chain before it counts) and after `dnsbl`: clients in `trustedNetworks`,
  * and clients the `Dnsbl` note (`petrel/dnsbl`) says are on an allow list, are not limited.
  *
- * When the State store fails, every limit fails open: the command goes through and the failure
- * is logged at error level (see the README for why).
+ * Outbound, `outbound` rates per destination domain answer the `deliver` hook before the
+ * transport: a delivery over its rate is postponed in the queue (outbound.ts).
+ *
+ * When the State store fails, every limit fails open: the command (or delivery) goes through and
+ * the failure is logged at error level (see the README for why).
  */
 export default definePlugin({
   name: 'limit',
   order: {
     before: {
-      plugins: ['relay', 'users'],
-      reason: 'their rcpt hooks accept recipients, so recipient limits would never refuse one',
+      plugins: ['relay', 'users', 'outbound'],
+      reason:
+        'relay and users accept recipients at rcpt, so recipient limits would never refuse one; outbound delivers, so outbound rates would never postpone a delivery',
     },
     after: { plugins: ['dnsbl'], reason: 'its allow lists exempt clients only once it has run' },
   },
   config: limitConfig,
   setup({ config, log, resolve }) {
     const windows = new Windows(resolve(Tokens.State));
+    const throttle = new OutboundThrottle(config.outbound, windows, log);
     const trusted = compileCidrs(config.trustedNetworks);
     const client = (session: SessionView): string => networkOf(session.remote.address, config.clientPrefix);
     /**
@@ -130,6 +136,9 @@ export default definePlugin({
     }
 
     return {
+      // Only with outbound rates configured: otherwise every delivery would ask in vain.
+      ...(throttle.enabled ? { deliver: (ctx) => throttle.check(ctx) } : {}),
+
       async connect({ session }) {
         if (exempt(session)) return proceed();
         const key = client(session);

@@ -32,6 +32,11 @@ export interface RecipientSummary {
   readonly lastAttemptAt: Date | null;
   /** The transport of the last attempt (`smtp`, `lmtp`, …); null before the first route. */
   readonly transport: string | null;
+  /**
+   * Held back until `nextAttemptAt` by a plugin's `postpone()` (an outbound rate, say), which
+   * counts no attempt: `reason` as the plugin gave it, `by` the plugin. Gone at the next outcome.
+   */
+  readonly postponed?: { readonly reason: string; readonly by: string };
 }
 
 export interface MessageSummary {

@@ -8,7 +8,7 @@ import { stringify } from 'yaml';
 import { freePort, petrel, PetrelProcess } from '../../test/e2e/cli.js';
 import { describeRun, killRunning, type RunResult } from '../../test/e2e/run.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
-import { span } from './cli.js';
+import { describeMessage, span } from './cli.js';
 
 /**
  * A transport as a user would write one: it takes mail for `domain` and cannot reach the next
@@ -410,5 +410,59 @@ describe('petrel queue, formatting', () => {
     assert.equal(span(-(3 * 3600_000 + 5 * 60_000)), '3h 5m');
     assert.equal(span(2 * 86400_000), '2d');
     assert.equal(span(2 * 86400_000 + 4 * 3600_000), '2d 4h');
+  });
+
+  const now = new Date('2026-05-04T10:02:03Z');
+  const recipient = {
+    address: 'bob@gmail.com',
+    status: 'pending' as const,
+    attempts: 0,
+    nextAttemptAt: '2026-05-04T10:02:51Z',
+    lastReply: null,
+    lastAttemptAt: null,
+    transport: null,
+  };
+  const message = {
+    id: '20QCX9T0P1R2H00002',
+    sender: 'alice@example.test',
+    receivedAt: '2026-05-04T10:01:03Z',
+    size: 245,
+    held: false,
+    attempting: false,
+    recipients: [recipient],
+  };
+
+  it('says what holds a postponed recipient back, and by which plugin, with no attempt made', () => {
+    const text = describeMessage(
+      {
+        ...message,
+        recipients: [
+          { ...recipient, postponed: { reason: 'throttled: at most 2 per 1m to gmail.com', by: 'limit' } },
+        ],
+      },
+      now,
+    );
+    assert.match(
+      text,
+      /^ {9}pending, not tried yet, throttled: at most 2 per 1m to gmail\.com \(limit\), next attempt .* \(in 48s\)$/m,
+    );
+  });
+
+  it('says who quarantined a held message and why, and what an administrator can do', () => {
+    const quarantined = describeMessage(
+      { ...message, held: true, heldReason: 'clamav: virus Eicar-Test-Signature' },
+      now,
+    );
+    assert.match(
+      quarantined,
+      /^ {2}held: {2}no delivery attempts until petrel queue release 20QCX9T0P1R2H00002$/m,
+    );
+    assert.match(
+      quarantined,
+      /^ {2}why: {3}quarantined at acceptance by clamav: virus Eicar-Test-Signature$/m,
+    );
+    assert.match(quarantined, /next attempt: none while held/);
+    const byHand = describeMessage({ ...message, held: true }, now);
+    assert.match(byHand, /^ {2}why: {3}held by the administrator$/m);
   });
 });

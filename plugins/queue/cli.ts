@@ -23,13 +23,16 @@ export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--jso
        petrel queue verify [--config FILE | --dir DIR] [--json]
 
 Commands:
-  list                        every message waiting, and why: per recipient its status,
-                              attempts, next attempt and the last reply (and who gave it)
+  list [--held]               every message waiting, and why: per recipient its status,
+                              attempts, next attempt and the last reply (and who gave it),
+                              or what holds it back (a quarantine, an outbound rate);
+                              --held: only the held messages (quarantined or held by hand)
   show <id>                   one message, with its header
   flush [<id> | --domain D]   try deferred recipients now: all messages, one, or those
                               with a recipient in domain D
   hold <id>                   no delivery attempts until it is released
-  release <id>                attempts resume on schedule (flush it to try at once)
+  release <id>                attempts resume on schedule (flush it to try at once); a
+                              message quarantined at acceptance is delivered now
   delete <id>                 remove it; its recipients fail without a bounce
   bounce <id>                 fail it now and return it to its sender (a bounce plugin
                               sends the delivery status notification)
@@ -40,6 +43,7 @@ Commands:
 Options:
   --config FILE   the config the server runs with (found as petrel start finds it)
   --dir DIR       verify only: the queue folder to check, instead of the config's
+  --held          list only: only the messages held (by a quarantine or petrel queue hold)
   --json          print the server's answer (verify: the findings) as JSON
 
 The commands but verify talk to the running server through control.sock in the queue folder
@@ -206,6 +210,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
         config: { type: 'string', short: 'c' },
         domain: { type: 'string', short: 'd' },
         dir: { type: 'string' },
+        held: { type: 'boolean' },
         json: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -221,6 +226,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   const [sub, id, ...extra] = positionals;
   if (!sub) throw new UsageError('missing command');
   if (values.dir !== undefined && sub !== 'verify') throw new UsageError('--dir is only for verify');
+  if (values.held && sub !== 'list') throw new UsageError('--held is only for list');
   if (sub === 'verify') {
     if (id) throw new UsageError('verify takes no id');
     if (values.domain !== undefined) throw new UsageError('--domain is only for flush');
@@ -244,10 +250,15 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
     ...(id ? { id } : {}),
     ...(values.domain ? { domain: values.domain } : {}),
   } as ControlRequest;
-  const res = await requestAllParts(where.dir, req, ANSWER_TIMEOUT_MS);
-  if (!res.ok) {
-    throw new CommandError(res.message, res.error === 'not-found' || res.error === 'held' ? 1 : 70);
+  const answer = await requestAllParts(where.dir, req, ANSWER_TIMEOUT_MS);
+  if (!answer.ok) {
+    throw new CommandError(answer.message, answer.error === 'not-found' || answer.error === 'held' ? 1 : 70);
   }
+  // `list --held`: the same answer, with only the held messages in it.
+  const res =
+    values.held && answer.op === 'list'
+      ? { ...answer, messages: answer.messages.filter((m) => m.held) }
+      : answer;
   if (values.json) {
     io.stdout.write(`${JSON.stringify(res, null, 2)}\n`);
     return 0;
@@ -257,7 +268,12 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   switch (res.op) {
     case 'list': {
       if (res.messages.length === 0) {
-        out(`The queue is empty (${where.dir}).`);
+        out(values.held ? `No message is held (${where.dir}).` : `The queue is empty (${where.dir}).`);
+        return 0;
+      }
+      if (values.held) {
+        out(`${plural(res.messages.length, 'held message')} (${where.dir})`);
+        for (const m of res.messages) out(`\n${describeMessage(m, now)}`);
         return 0;
       }
       const waiting = res.messages.reduce(
@@ -401,8 +417,13 @@ function size(n: number): string {
 export function describeMessage(m: WireMessage, now: Date, detail = false): string {
   const lines = [`${m.id}  ${size(m.size)}  arrived ${at(Date.parse(m.receivedAt), now)}`];
   lines.push(`  from:  <${m.sender}>`);
-  if (m.held) lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
-  if (m.heldReason) lines.push(`  why:   ${m.heldReason}`);
+  if (m.held) {
+    lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
+    // A hold given at acceptance names the plugin that asked for it first (`clamav: virus …`).
+    lines.push(
+      `  why:   ${m.heldReason ? `quarantined at acceptance by ${m.heldReason}` : 'held by the administrator'}`,
+    );
+  }
   if (m.attempting) lines.push('  now:   a delivery attempt is in progress');
   if (m.unrecorded)
     lines.push(`  not recorded: the attempt's outcome cannot be written (${m.unrecorded}); retrying`);
@@ -433,5 +454,7 @@ function describeRecipient(r: WireRecipient, held: boolean, now: Date): string {
       : next <= now.getTime()
         ? 'next attempt: due now'
         : `next attempt ${at(next, now)}`;
-  return `${r.status}, ${tries}, ${when}`;
+  // A postponement (`postpone()`: an outbound rate) is no attempt: say what holds it back.
+  const why = r.postponed && !held ? `, ${r.postponed.reason} (${r.postponed.by})` : '';
+  return `${r.status}, ${tries}${why}, ${when}`;
 }

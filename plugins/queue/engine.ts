@@ -332,6 +332,7 @@ export class QueueEngine implements ControlTarget {
         nextAttemptAt: r.status === 'pending' || r.status === 'deferred' ? new Date(r.nextAttemptAt) : null,
         lastReply: r.lastReply ?? null,
         lastAttemptAt: r.lastAttemptAt ? new Date(r.lastAttemptAt) : null,
+        ...(r.postponed ? { postponed: r.postponed } : {}),
       })),
     };
   }
@@ -472,9 +473,14 @@ export class QueueEngine implements ControlTarget {
     }
     for (const { route, sender, indices } of groups.values()) {
       const recipients = indices.map((i) => this.recipient(entry, i));
-      const { results: rs } = await hooks.deliver({ message, route, sender, recipients });
-      rs.forEach((result, k) => results.set(indices[k]!, { result, route }));
+      const outcome = await hooks.deliver({ message, route, sender, recipients });
+      if (outcome.postponed) {
+        const expired = this.postponed(entry, indices, route, outcome.postponed, outcome.plugin);
+        expired.forEach((result, k) => results.set(indices[k]!, { result, route }));
+      } else outcome.results.forEach((result, k) => results.set(indices[k]!, { result, route }));
     }
+    // Only postponements: nothing to record, and nobody to tell.
+    if (results.size === 0) return;
 
     const finished = Date.now();
     const notices: (() => Promise<void>)[] = [];
@@ -484,6 +490,8 @@ export class QueueEngine implements ControlTarget {
       const st: RecipientState = { ...entry.rcpts[i]! };
       states.set(i, st);
       const recipient = this.recipient(entry, i);
+      // The outcome ends any postponement.
+      st.postponed = undefined;
       st.attempts++;
       st.lastAttemptAt = finished;
       st.lastReply = result.reply;
@@ -544,6 +552,47 @@ export class QueueEngine implements ControlTarget {
     for (const n of notices) await n();
     // The files go only now: the hooks above (a bounce quoting the message) may read it.
     if (final) await this.store.discard(entry);
+  }
+
+  /**
+   * A delivery a plugin postponed (`postpone()`, see `Postponement` in the hook catalogue): its
+   * recipients wait until then without an attempt, a record or a notice, and one line is logged.
+   * The lifetime still holds: a postponement never takes a recipient past it, and one asked for
+   * once it has run out returns a deferral for each recipient, which the caller expires as
+   * usual. Returns those deferrals (none while the lifetime lasts).
+   */
+  private postponed(
+    entry: Entry,
+    indices: readonly number[],
+    route: Route,
+    postponement: { readonly until: Date; readonly reason: string },
+    plugin: string,
+  ): RecipientResult[] {
+    const { log, lifetime } = this.opts;
+    const { reason } = postponement;
+    const now = Date.now();
+    const end = entry.env.receivedAt + lifetime;
+    const rcpts = indices.map((i) => entry.env.recipients[i]!.address.address);
+    if (now >= end) {
+      // RFC 3463 §3.5: X.4.5 is "mail system congestion", which a rate held back is.
+      const reply = { code: 451, enhanced: '4.4.5', text: `Postponed: ${reason}` };
+      return rcpts.map((recipient) => ({ recipient, status: 'deferred' as const, reply }));
+    }
+    const until = Math.min(Math.max(postponement.until.getTime(), now), end);
+    this.store.postpone(entry, indices, until, { reason, by: plugin });
+    log.info(
+      {
+        queueId: entry.env.id,
+        rcpts,
+        transport: route.transport,
+        // (`plugin` is this logger's own: the queue.)
+        postponedBy: plugin,
+        reason,
+        nextAttemptAt: new Date(until).toISOString(),
+      },
+      'delivery postponed',
+    );
+    return [];
   }
 
   /**

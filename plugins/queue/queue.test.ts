@@ -26,6 +26,7 @@ import {
   definePlugin,
   deny,
   expandTo,
+  postpone,
   proceed,
   routeTo,
   type DeliveryStatus,
@@ -319,6 +320,75 @@ describe('the durable queue', () => {
       );
       await c.expect(/^554 5\.4\.6 /);
       c.close();
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+/** Postpones every delivery (for an hour, by default) while `closed()` says so; then lets it through. */
+function pacer(closed: () => boolean, until = () => Date.now() + 3_600_000) {
+  return definePlugin({
+    name: 'test-pacer',
+    setup: () => ({
+      deliver: async () => (closed() ? postpone(until(), 'throttled: test rate') : proceed()),
+    }),
+  });
+}
+
+describe('postponed deliveries (postpone())', () => {
+  it('count no attempt and send no notice; after a restart the plugin is asked again, and it is delivered once', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const delivered: Delivery[] = [];
+    const events: string[] = [];
+    let closed = true;
+    const plugins = () => [pacer(() => closed), testTransport(delivered), notices(events)];
+    let app: Petrel = await start(dir, plugins(), { retry: '100ms...' });
+    try {
+      const id = await send(app.port(), ['bob@h.test']);
+      const queue = resolveToken(app.generation.container, Queue);
+      await until(() => queue.get(id)?.recipients[0]?.postponed !== undefined);
+      const r = queue.get(id)!.recipients[0]!;
+      assert.deepEqual(r.postponed, { reason: 'throttled: test rate', by: 'test-pacer' });
+      assert.equal(r.attempts, 0);
+      assert.equal(r.status, 'pending');
+      assert.ok(r.nextAttemptAt!.getTime() > Date.now() + 3_000_000, 'held back for the hour asked');
+      // A short retry schedule changes nothing: a postponement is not a deferral.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.deepEqual(events, []);
+      assert.equal(queue.get(id)!.recipients[0]!.attempts, 0);
+      await app.stop(1000);
+
+      closed = false;
+      app = await start(dir, plugins(), { retry: '100ms...' });
+      await until(() => delivered.length === 1);
+      assert.equal(delivered[0]!.id, id);
+      assert.deepEqual(events, ['delivered bob@h.test']);
+    } finally {
+      await app.stop(1000);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('never take a recipient past its lifetime: then it expires (4.4.7) with the postponement as the last error', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-queue-'));
+    const failed: string[] = [];
+    const told = definePlugin({
+      name: 'test-told',
+      setup: () => ({
+        failed: async ({ reason, result }) =>
+          void failed.push(`${reason} ${result.reply.enhanced} ${String(result.reply.text)}`),
+      }),
+    });
+    const app = await start(dir, [pacer(() => true), testTransport([]), told], { lifetime: '500ms' });
+    try {
+      await send(app.port(), ['bob@h.test']);
+      await until(() => failed.length === 1);
+      assert.match(
+        failed[0]!,
+        /^expired 4\.4\.7 Message expired after [\d.]+ days in the queue; last error: 451 4\.4\.5 Postponed: throttled: test rate$/,
+      );
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });

@@ -28,6 +28,11 @@ export interface RecipientState {
   route?: Route;
   /** Set after an unclean stop for recipients that were not final: a delivery may have happened. */
   maybeDelivered: boolean;
+  /**
+   * Held back by a plugin's `postpone()` until `nextAttemptAt`, and why; cleared by the next
+   * recorded outcome. In memory only (see `postpone`).
+   */
+  postponed?: { readonly reason: string; readonly by: string } | undefined;
 }
 
 export interface Entry {
@@ -408,11 +413,31 @@ export class QueueStore {
   }
 
   /**
-   * Makes a message's deferred recipients due at `now` (an administrator's flush). Not recorded:
-   * after a restart they are due on their recorded schedule again, which is no later.
+   * Makes a message's deferred (and postponed) recipients due at `now` (an administrator's
+   * flush). Not recorded: after a restart they are due on their recorded schedule again, which
+   * is no later.
    */
   makeDue(entry: Entry, now: number): void {
-    for (const r of entry.rcpts) if (r.status === 'deferred') r.nextAttemptAt = now;
+    for (const r of entry.rcpts) if (r.status === 'deferred' || r.postponed) r.nextAttemptAt = now;
+  }
+
+  /**
+   * Holds some recipients (by index) back until `until` without an attempt (a plugin's
+   * `postpone()`). No record of its own: after a restart they are due at their recorded time,
+   * which is no later (a compaction meanwhile may have copied `until` itself), and whoever
+   * postponed them is asked again.
+   */
+  postpone(
+    entry: Entry,
+    indices: readonly number[],
+    until: number,
+    postponed: RecipientState['postponed'],
+  ): void {
+    for (const i of indices) {
+      const r = entry.rcpts[i]!;
+      r.nextAttemptAt = until;
+      r.postponed = postponed;
+    }
   }
 
   /** Drops the in-memory copy of a message's octets: later reads come from disk. */
