@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import type { Logger } from 'pino';
-import { StateError, type StateStore } from './state.js';
+import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
  * The embedded State backend: one SQLite file (node:sqlite, no native addon) that every worker
@@ -11,13 +11,16 @@ import { StateError, type StateStore } from './state.js';
  * `BEGIN IMMEDIATE` transaction, which takes the write lock before reading, so two processes can
  * never both read the old value (a deferred transaction could, and would then fail to commit).
  *
- * Tables (schema version 1, in `PRAGMA user_version`):
+ * Tables (schema version 2, in `PRAGMA user_version`; 2 added state_rates):
  *   state_values (key PRIMARY KEY, value TEXT, expires_at ms)      — get/set/increment/CAS
  *   state_events (key, id, at ms, expires_at ms; PRIMARY KEY (key, id)) — sliding windows
+ *   state_rates (key, bucket start ms, n, expires_at ms; PRIMARY KEY (key, bucket)) — rate counters
  * A row whose expires_at has passed is treated as absent by every query and deleted by the sweep.
+ * A rate counter is at most RATE_BUCKETS + 1 rows: each operation upserts one and sums the rest,
+ * a range of the primary key.
  */
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 /**
  * How long an operation waits for another process's write lock. node:sqlite is synchronous, so
  * this is time the worker's event loop stands still: writes here take microseconds, and the bound
@@ -61,8 +64,12 @@ export class SqliteState implements StateStore {
     | 'putEvent'
     | 'countEvents'
     | 'deleteEvent'
+    | 'putRate'
+    | 'sumRate'
+    | 'deleteRates'
     | 'sweepValues'
-    | 'sweepEvents',
+    | 'sweepEvents'
+    | 'sweepRates',
     StatementSync
   >;
 
@@ -96,6 +103,13 @@ export class SqliteState implements StateStore {
         ),
         countEvents: p('SELECT count(*) AS n FROM state_events WHERE key = ? AND at > ? AND expires_at > ?'),
         deleteEvent: p('DELETE FROM state_events WHERE key = ? AND id = ? RETURNING expires_at'),
+        putRate: p(
+          `INSERT INTO state_rates (key, bucket, n, expires_at) VALUES (?, ?, ?, ?)
+           ON CONFLICT (key, bucket) DO UPDATE SET n = n + excluded.n,
+             expires_at = max(expires_at, excluded.expires_at)`,
+        ),
+        sumRate: p('SELECT total(n) AS n FROM state_rates WHERE key = ? AND bucket > ?'),
+        deleteRates: p('DELETE FROM state_rates WHERE key = ? RETURNING expires_at'),
         sweepValues: p(
           `DELETE FROM state_values WHERE key IN
              (SELECT key FROM state_values WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
@@ -103,6 +117,10 @@ export class SqliteState implements StateStore {
         sweepEvents: p(
           `DELETE FROM state_events WHERE (key, id) IN
              (SELECT key, id FROM state_events WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
+        ),
+        sweepRates: p(
+          `DELETE FROM state_rates WHERE (key, bucket) IN
+             (SELECT key, bucket FROM state_rates WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
         ),
       };
     } catch (err) {
@@ -133,7 +151,11 @@ export class SqliteState implements StateStore {
     return this.op('delete', key, () =>
       this.tx(() => {
         const t = this.now();
-        const rows = [...this.q.deleteValue.all(key), ...this.q.deleteEvents.all(key)];
+        const rows = [
+          ...this.q.deleteValue.all(key),
+          ...this.q.deleteEvents.all(key),
+          ...this.q.deleteRates.all(key),
+        ];
         return rows.some((r) => Number(r.expires_at) > t);
       }),
     );
@@ -204,6 +226,22 @@ export class SqliteState implements StateStore {
     return this.op('countEvents', key, () => this.count(key, opts.windowMs, this.now()));
   }
 
+  addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number> {
+    const by = opts.by ?? 1;
+    return this.op('addToRate', key, () => {
+      if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
+      this.expiry(opts.windowMs);
+      const t = this.now();
+      const { width, bucket, oldest } = rateBuckets(t, opts.windowMs);
+      const sum = (): number => Math.max(0, Number((this.q.sumRate.get(key, oldest) as Row).n));
+      if (by === 0) return sum();
+      return this.tx(() => {
+        this.q.putRate.run(key, bucket, by, bucket + width + Math.ceil(opts.windowMs));
+        return sum();
+      });
+    });
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -217,7 +255,7 @@ export class SqliteState implements StateStore {
    */
   async sweep(): Promise<void> {
     try {
-      for (const stmt of [this.q.sweepValues, this.q.sweepEvents]) {
+      for (const stmt of [this.q.sweepValues, this.q.sweepEvents, this.q.sweepRates]) {
         while (!this.closed && Number(stmt.run(this.now()).changes) === SWEEP_BATCH) {
           await new Promise((r) => setImmediate(r));
         }
@@ -283,6 +321,14 @@ export class SqliteState implements StateStore {
           PRIMARY KEY (key, id)
         ) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS state_events_expiry ON state_events (expires_at);
+        CREATE TABLE IF NOT EXISTS state_rates (
+          key TEXT NOT NULL,
+          bucket INTEGER NOT NULL,
+          n INTEGER NOT NULL,
+          expires_at INTEGER NOT NULL,
+          PRIMARY KEY (key, bucket)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS state_rates_expiry ON state_rates (expires_at);
         PRAGMA user_version = ${SCHEMA_VERSION};
       `);
       this.db.exec('COMMIT');
@@ -291,4 +337,15 @@ export class SqliteState implements StateStore {
       throw err;
     }
   }
+}
+
+/**
+ * The sub-buckets of a rate counter at time `t` (state.ts, "Windows or rates"): their width, the
+ * start of the current one, and the start after which a sub-bucket still overlaps the window
+ * (one that ends at or before `t - windowMs` counts no more).
+ */
+export function rateBuckets(t: number, windowMs: number): { width: number; bucket: number; oldest: number } {
+  const width = Math.max(1, Math.ceil(windowMs / RATE_BUCKETS));
+  const bucket = t - (((t % width) + width) % width);
+  return { width, bucket, oldest: t - Math.ceil(windowMs) - width };
 }
