@@ -7,9 +7,21 @@ import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 /*
  * The embedded State backend: one SQLite file (node:sqlite, no native addon) that every worker
  * process opens. WAL mode lets readers and the one writer proceed together; a busy timeout makes a
- * worker wait for another's write instead of failing. Every read-modify-write runs in a
- * `BEGIN IMMEDIATE` transaction, which takes the write lock before reading, so two processes can
- * never both read the old value (a deferred transaction could, and would then fail to commit).
+ * worker wait for another's write instead of failing. Every write runs in a `BEGIN IMMEDIATE`
+ * transaction, which takes the write lock before reading, so two processes can never both read
+ * the old value (a deferred transaction could, and would then fail to commit).
+ *
+ * Group commit: a commit is a write to the WAL file and costs far more than the statements in it
+ * (measured here: ~100 µs against ~10 µs), and a busy server issues many writes at once (each
+ * session's limits, greylisting, caches). So the writes issued during one turn of the event loop
+ * are queued and run, in order, in one transaction at the end of it (`setImmediate`); each
+ * operation's promise settles after that commit. Each operation still reads and writes under the
+ * one write lock, so the contract's atomicity is unchanged, and none is answered before it is
+ * committed. An operation checks its arguments and the value it reads before it writes anything,
+ * so one that refuses (a TypeError) leaves the others of its batch to commit; a failure of the
+ * store itself (busy, disk full) rolls the whole batch back and rejects every operation in it.
+ * Reads (`get`, `countEvents`, `addToRate` by 0) do not wait: each runs at once, on what was
+ * committed.
  *
  * Tables (schema version 2, in `PRAGMA user_version`; 2 added state_rates):
  *   state_values (key PRIMARY KEY, value TEXT, expires_at ms)      — get/set/increment/CAS
@@ -32,6 +44,8 @@ const BUSY_TIMEOUT_MS = 2000;
 const SWEEP_INTERVAL_MS = 60_000;
 /** Rows deleted per statement when sweeping, so one sweep never holds the lock for long. */
 const SWEEP_BATCH = 1000;
+/** Writes per transaction at most, so one batch never holds the lock for long either. */
+const WRITE_BATCH = 500;
 
 export interface SqliteStateOptions {
   /** The database file (its folder is created); `:memory:` for a store private to this process. */
@@ -46,12 +60,22 @@ export interface SqliteStateOptions {
 
 type Row = Record<string, unknown>;
 
+/** A write waiting for the end of the event loop's turn (see group commit above). */
+interface PendingWrite {
+  readonly name: string;
+  readonly key: string;
+  readonly fn: () => unknown;
+  readonly resolve: (value: unknown) => void;
+  readonly reject: (err: StateError) => void;
+}
+
 export class SqliteState implements StateStore {
   private readonly db: DatabaseSync;
   private readonly now: () => number;
   private readonly log: Logger | undefined;
   private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
+  private pending: PendingWrite[] = [];
   private readonly q: Record<
     | 'begin'
     | 'commit'
@@ -142,42 +166,38 @@ export class SqliteState implements StateStore {
   }
 
   set(key: string, value: string, opts: { ttlMs: number }): Promise<void> {
-    return this.op('set', key, () => {
+    return this.write('set', key, () => {
       this.q.putValue.run(key, value, this.expiry(opts.ttlMs));
     });
   }
 
   delete(key: string): Promise<boolean> {
-    return this.op('delete', key, () =>
-      this.tx(() => {
-        const t = this.now();
-        const rows = [
-          ...this.q.deleteValue.all(key),
-          ...this.q.deleteEvents.all(key),
-          ...this.q.deleteRates.all(key),
-        ];
-        return rows.some((r) => Number(r.expires_at) > t);
-      }),
-    );
+    return this.write('delete', key, () => {
+      const t = this.now();
+      const rows = [
+        ...this.q.deleteValue.all(key),
+        ...this.q.deleteEvents.all(key),
+        ...this.q.deleteRates.all(key),
+      ];
+      return rows.some((r) => Number(r.expires_at) > t);
+    });
   }
 
   increment(key: string, opts: { ttlMs: number; by?: number }): Promise<number> {
     const by = opts.by ?? 1;
-    return this.op('increment', key, () => {
+    return this.write('increment', key, () => {
       if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
-      return this.tx(() => {
-        const row = this.q.getValue.get(key, this.now()) as Row | undefined;
-        if (!row) {
-          this.q.putValue.run(key, String(by), this.expiry(opts.ttlMs));
-          return by;
-        }
-        const text = String(row.value);
-        const next = Number(text) + by;
-        if (!/^-?\d+$/.test(text) || !Number.isSafeInteger(next))
-          throw new TypeError('the value is not an integer');
-        this.q.setValueKeepTtl.run(String(next), key);
-        return next;
-      });
+      const row = this.q.getValue.get(key, this.now()) as Row | undefined;
+      if (!row) {
+        this.q.putValue.run(key, String(by), this.expiry(opts.ttlMs));
+        return by;
+      }
+      const text = String(row.value);
+      const next = Number(text) + by;
+      if (!/^-?\d+$/.test(text) || !Number.isSafeInteger(next))
+        throw new TypeError('the value is not an integer');
+      this.q.setValueKeepTtl.run(String(next), key);
+      return next;
     });
   }
 
@@ -194,29 +214,25 @@ export class SqliteState implements StateStore {
     next: string | null,
     opts?: { ttlMs: number },
   ): Promise<boolean> {
-    return this.op('compareAndSet', key, () =>
-      this.tx(() => {
-        const row = this.q.getValue.get(key, this.now()) as Row | undefined;
-        if ((row ? String(row.value) : null) !== expected) return false;
-        if (next === null) this.q.deleteValue.all(key);
-        else this.q.putValue.run(key, next, this.expiry(opts?.ttlMs));
-        return true;
-      }),
-    );
+    return this.write('compareAndSet', key, () => {
+      const row = this.q.getValue.get(key, this.now()) as Row | undefined;
+      if ((row ? String(row.value) : null) !== expected) return false;
+      if (next === null) this.q.deleteValue.all(key);
+      else this.q.putValue.run(key, next, this.expiry(opts?.ttlMs));
+      return true;
+    });
   }
 
   addEvent(key: string, id: string, opts: { windowMs: number }): Promise<number> {
-    return this.op('addEvent', key, () =>
-      this.tx(() => {
-        const t = this.now();
-        this.q.putEvent.run(key, id, t, this.expiry(opts.windowMs));
-        return this.count(key, opts.windowMs, t);
-      }),
-    );
+    return this.write('addEvent', key, () => {
+      const t = this.now();
+      this.q.putEvent.run(key, id, t, this.expiry(opts.windowMs));
+      return this.count(key, opts.windowMs, t);
+    });
   }
 
   removeEvent(key: string, id: string): Promise<boolean> {
-    return this.op('removeEvent', key, () => {
+    return this.write('removeEvent', key, () => {
       const t = this.now();
       return this.q.deleteEvent.all(key, id).some((r) => Number(r.expires_at) > t);
     });
@@ -228,22 +244,20 @@ export class SqliteState implements StateStore {
 
   addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number> {
     const by = opts.by ?? 1;
-    return this.op('addToRate', key, () => {
+    const apply = (): number => {
       if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
       this.expiry(opts.windowMs);
-      const t = this.now();
-      const { width, bucket, oldest } = rateBuckets(t, opts.windowMs);
-      const sum = (): number => Math.max(0, Number((this.q.sumRate.get(key, oldest) as Row).n));
-      if (by === 0) return sum();
-      return this.tx(() => {
-        this.q.putRate.run(key, bucket, by, bucket + width + Math.ceil(opts.windowMs));
-        return sum();
-      });
-    });
+      const { width, bucket, oldest } = rateBuckets(this.now(), opts.windowMs);
+      if (by !== 0) this.q.putRate.run(key, bucket, by, bucket + width + Math.ceil(opts.windowMs));
+      return Math.max(0, Number((this.q.sumRate.get(key, oldest) as Row).n));
+    };
+    return by === 0 ? this.op('addToRate', key, apply) : this.write('addToRate', key, apply);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
+    // What was asked before the close is written (or rejected) first.
+    while (this.pending.length) this.flush();
     this.closed = true;
     clearInterval(this.sweeper);
     this.db.close();
@@ -276,17 +290,57 @@ export class SqliteState implements StateStore {
     return this.now() + Math.ceil(ms);
   }
 
-  /** Runs `fn` under the write lock: nothing another process writes can come in between. */
-  private tx<T>(fn: () => T): T {
-    this.q.begin.run();
-    try {
-      const result = fn();
-      this.q.commit.run();
-      return result;
-    } catch (err) {
-      if (this.db.isTransaction) this.q.rollback.run();
-      throw err;
+  /**
+   * Queues a write for this turn's transaction (see group commit above): `fn` runs under the write
+   * lock, so nothing another process writes can come in between its reads and its writes. It must
+   * throw (a TypeError) before it writes anything, or not at all.
+   */
+  private write<T>(name: string, key: string, fn: () => T): Promise<T> {
+    if (this.closed) return Promise.reject(new StateError(`state ${name} "${key}": the store is closed`));
+    return new Promise<T>((resolve, reject) => {
+      this.pending.push({ name, key, fn, resolve: resolve as (value: unknown) => void, reject });
+      if (this.pending.length === 1) setImmediate(() => this.flush());
+    });
+  }
+
+  /** Runs the queued writes, WRITE_BATCH at most per transaction, and settles their promises. */
+  private flush(): void {
+    const batch = this.pending.splice(0, WRITE_BATCH);
+    if (this.pending.length) setImmediate(() => this.flush());
+    if (!batch.length) return;
+    const fail = (w: PendingWrite, err: unknown): void =>
+      w.reject(new StateError(`state ${w.name} "${w.key}": ${(err as Error).message}`, { cause: err }));
+    if (this.closed) {
+      for (const w of batch) fail(w, new Error('the store is closed'));
+      return;
     }
+    const results: Array<{ ok: true; value: unknown } | { ok: false; err: unknown }> = [];
+    try {
+      this.q.begin.run();
+      for (const w of batch) {
+        try {
+          results.push({ ok: true, value: w.fn() });
+        } catch (err) {
+          // The operation refused before writing: only it fails. Anything else is the store's.
+          if (!(err instanceof TypeError)) throw err;
+          results.push({ ok: false, err });
+        }
+      }
+      this.q.commit.run();
+    } catch (err) {
+      try {
+        if (this.db.isTransaction) this.q.rollback.run();
+      } catch {
+        // Nothing was committed either way; the failure reported is the first one.
+      }
+      for (const w of batch) fail(w, err);
+      return;
+    }
+    batch.forEach((w, i) => {
+      const r = results[i]!;
+      if (r.ok) w.resolve(r.value);
+      else fail(w, r.err);
+    });
   }
 
   /** One operation: synchronous underneath, a promise outside, any failure a StateError. */
