@@ -185,7 +185,11 @@ function contract(backend: Backend): void {
       const rate = { windowMs: 60_000 };
       assert.equal(await a.addToRate('test:rate-back', rate), 1);
       assert.equal(await b.addToRate('test:rate-back', rate), 2);
-      assert.equal(await b.addToRate('test:rate-back', { ...rate, by: -1 }), 1, 'a refused attempt taken back');
+      assert.equal(
+        await b.addToRate('test:rate-back', { ...rate, by: -1 }),
+        1,
+        'a refused attempt taken back',
+      );
       assert.equal(await a.addToRate('test:rate-back', { ...rate, by: -5 }), 0, 'never below 0');
       await assert.rejects(a.addToRate('test:rate-back', { ...rate, by: 1.5 }), StateError);
       await assert.rejects(a.addToRate('test:rate-back', { windowMs: 0 }), StateError);
@@ -258,13 +262,64 @@ describe('State service: the sqlite store', () => {
       const rows = (sql: string): number => Number((db.prepare(sql).get() as { n: number }).n);
       assert.equal(rows('SELECT count(*) AS n FROM state_values'), 1, 'only the live key is left');
       assert.equal(rows('SELECT count(*) AS n FROM state_events'), 0);
-      assert.equal(rows('SELECT count(*) AS n FROM state_rates'), 1, 'a rate lives its window and one sub-bucket');
+      assert.equal(
+        rows('SELECT count(*) AS n FROM state_rates'),
+        1,
+        'a rate lives its window and one sub-bucket',
+      );
       now += 1;
       await a.sweep();
       assert.equal(rows('SELECT count(*) AS n FROM state_rates'), 0);
     } finally {
       db.close();
     }
+  });
+
+  it('commits the writes of one turn together; one that refuses fails alone', async () => {
+    now = 7_000_000;
+    const a = store(join(dir, 'batch.sqlite'));
+    await a.set('test:text', 'not a number', { ttlMs: 60_000 });
+    const [counted, refused, stored] = await Promise.allSettled([
+      a.increment('test:n', { ttlMs: 60_000 }),
+      a.increment('test:text', { ttlMs: 60_000 }),
+      a.set('test:v', 'v', { ttlMs: 60_000 }),
+    ]);
+    assert.deepEqual(counted, { status: 'fulfilled', value: 1 });
+    assert.ok(refused.status === 'rejected' && refused.reason instanceof StateError);
+    assert.match(String((refused as PromiseRejectedResult).reason), /not an integer/);
+    assert.equal(stored.status, 'fulfilled');
+    assert.equal(await a.get('test:n'), '1');
+    assert.equal(await a.get('test:v'), 'v');
+  });
+
+  it('rejects every write of a batch and keeps none when the file stays locked', async () => {
+    now = 7_500_000;
+    const path = join(dir, 'locked.sqlite');
+    const a = new SqliteState({ path, now: () => now, busyTimeoutMs: 50 });
+    open.push(a);
+    await a.set('test:before', 'x', { ttlMs: 60_000 });
+    const { DatabaseSync } = await import('node:sqlite');
+    const other = new DatabaseSync(path);
+    other.exec('BEGIN IMMEDIATE');
+    const results = await Promise.allSettled([
+      a.addToRate('test:rate', { windowMs: 60_000 }),
+      a.set('test:during', 'y', { ttlMs: 60_000 }),
+    ]);
+    other.exec('ROLLBACK');
+    other.close();
+    for (const r of results) assert.ok(r.status === 'rejected' && r.reason instanceof StateError);
+    assert.equal(await a.get('test:during'), null, 'nothing of the batch was kept');
+    assert.equal(await a.addToRate('test:rate', { windowMs: 60_000 }), 1, 'works again once free');
+  });
+
+  it('writes what was asked before close', async () => {
+    now = 8_000_000;
+    const path = join(dir, 'close.sqlite');
+    const a = new SqliteState({ path, now: () => now });
+    const written = a.set('test:last', 'kept', { ttlMs: 60_000 });
+    await a.close();
+    await written;
+    assert.equal(await store(path).get('test:last'), 'kept');
   });
 
   it('rejects with a StateError once closed', async () => {
