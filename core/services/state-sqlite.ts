@@ -46,6 +46,12 @@ const SWEEP_INTERVAL_MS = 60_000;
 const SWEEP_BATCH = 1000;
 /** Writes per transaction at most, so one batch never holds the lock for long either. */
 const WRITE_BATCH = 500;
+/**
+ * The least time between the end of one commit and the start of the next, so that under load a
+ * batch gathers the writes of several turns (measured in the defence bench: one turn gathered
+ * about 5). A write issued when the last commit is older than this waits for no timer.
+ */
+const COMMIT_SPACING_MS = 1;
 
 export interface SqliteStateOptions {
   /** The database file (its folder is created); `:memory:` for a store private to this process. */
@@ -76,6 +82,8 @@ export class SqliteState implements StateStore {
   private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
   private pending: PendingWrite[] = [];
+  /** When the last batch was committed (performance.now()), for COMMIT_SPACING_MS. */
+  private committedAt = -Infinity;
   private readonly q: Record<
     | 'begin'
     | 'commit'
@@ -299,8 +307,15 @@ export class SqliteState implements StateStore {
     if (this.closed) return Promise.reject(new StateError(`state ${name} "${key}": the store is closed`));
     return new Promise<T>((resolve, reject) => {
       this.pending.push({ name, key, fn, resolve: resolve as (value: unknown) => void, reject });
-      if (this.pending.length === 1) setImmediate(() => this.flush());
+      if (this.pending.length === 1) this.scheduleFlush();
     });
+  }
+
+  /** At the end of this turn, or once COMMIT_SPACING_MS has passed since the last commit. */
+  private scheduleFlush(): void {
+    const wait = this.committedAt + COMMIT_SPACING_MS - performance.now();
+    if (wait <= 0) setImmediate(() => this.flush());
+    else setTimeout(() => this.flush(), wait);
   }
 
   /** Runs the queued writes, WRITE_BATCH at most per transaction, and settles their promises. */
@@ -327,6 +342,7 @@ export class SqliteState implements StateStore {
         }
       }
       this.q.commit.run();
+      this.committedAt = performance.now();
     } catch (err) {
       try {
         if (this.db.isTransaction) this.q.rollback.run();
