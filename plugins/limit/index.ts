@@ -77,53 +77,52 @@ export default definePlugin({
     });
 
     /**
-     * Takes an event in each window in order; the first that is full refuses, and the events
-     * already taken for this command are given back (a refused command counts nowhere).
+     * Takes an event in every window of the command at once (one State round trip, not one per
+     * limit); the first full one in order refuses, and the events taken in the others are given
+     * back (a refused command counts nowhere).
      */
     async function takeAll(session: SessionView, checks: readonly Check[]): Promise<Verdict> {
-      const taken: Check[] = [];
       const keyOf = (c: Check): string => `limit:${c.limit}:${c.key}`;
-      for (const c of checks) {
-        let result;
-        try {
-          result =
-            c.open === undefined
-              ? await windows.take(keyOf(c), c)
-              : await windows.open(keyOf(c), c.open, { max: c.max, lease: c.windowMs });
-        } catch (err) {
-          // Fail open: see the README. Said at error level, once per command, so it is noticed.
-          log.error(
-            { session: session.id, limit: c.limit, counted: c.key, err },
-            'limit not checked: the State store failed; letting it through',
-          );
-          continue;
-        }
-        if (result.allowed) {
-          taken.push(c);
-          continue;
-        }
-        log.info(
-          {
-            session: session.id,
-            remote: session.remote.address,
-            limit: c.limit,
-            counted: c.key,
-            count: result.count,
-            max: c.max,
-          },
-          'limit reached',
-        );
-        await Promise.all(
-          taken.map((t) =>
-            (t.open === undefined
-              ? windows.giveBack(keyOf(t), t.windowMs)
-              : windows.release(keyOf(t), t.open)
-            ).catch(() => undefined),
-          ),
-        );
-        return c.refusal;
-      }
-      return proceed();
+      const results = await Promise.all(
+        checks.map((c) =>
+          (c.open === undefined
+            ? windows.take(keyOf(c), c)
+            : windows.open(keyOf(c), c.open, { max: c.max, lease: c.windowMs })
+          ).catch((err: unknown) => {
+            // Fail open: see the README. Said at error level, once per limit, so it is noticed.
+            log.error(
+              { session: session.id, limit: c.limit, counted: c.key, err },
+              'limit not checked: the State store failed; letting it through',
+            );
+            return null;
+          }),
+        ),
+      );
+      const refused = results.findIndex((r) => r?.allowed === false);
+      if (refused < 0) return proceed();
+      const c = checks[refused]!;
+      log.info(
+        {
+          session: session.id,
+          remote: session.remote.address,
+          limit: c.limit,
+          counted: c.key,
+          count: results[refused]!.count,
+          max: c.max,
+        },
+        'limit reached',
+      );
+      await Promise.all(
+        checks.map((t, i) =>
+          results[i]?.allowed !== true
+            ? undefined
+            : (t.open === undefined
+                ? windows.giveBack(keyOf(t), t.windowMs)
+                : windows.release(keyOf(t), t.open)
+              ).catch(() => undefined),
+        ),
+      );
+      return c.refusal;
     }
 
     /** A connection still open renews its lease when half of it has passed (one State write). */
