@@ -14,8 +14,9 @@ import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
  * Group commit: a commit is a write to the WAL file and costs far more than the statements in it
  * (measured here: ~100 µs against ~10 µs), and a busy server issues many writes at once (each
  * session's limits, greylisting, caches). So the writes issued during one turn of the event loop
- * are queued and run, in order, in one transaction at the end of it (`setImmediate`); each
- * operation's promise settles after that commit. Each operation still reads and writes under the
+ * are queued and run, in order, in one transaction at the end of it (`setImmediate`) — or, when
+ * the last commit is less than COMMIT_SPACING_MS old, once it is that old, so that under load a
+ * batch gathers several turns; each operation's promise settles after that commit. Each operation still reads and writes under the
  * one write lock, so the contract's atomicity is unchanged, and none is answered before it is
  * committed. An operation checks its arguments and the value it reads before it writes anything,
  * so one that refuses (a TypeError) leaves the others of its batch to commit; a failure of the
