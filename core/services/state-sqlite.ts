@@ -2,6 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import type { Logger } from 'pino';
+import { GroupCommit } from './group-commit.js';
 import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
@@ -11,16 +12,8 @@ import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
  * transaction, which takes the write lock before reading, so two processes can never both read
  * the old value (a deferred transaction could, and would then fail to commit).
  *
- * Group commit: a commit is a write to the WAL file and costs far more than the statements in it
- * (measured here: ~100 µs against ~10 µs), and a busy server issues many writes at once (each
- * session's limits, greylisting, caches). So the writes issued during one turn of the event loop
- * are queued and run, in order, in one transaction at the end of it (`setImmediate`) — or, when
- * the last commit is less than COMMIT_SPACING_MS old, once it is that old, so that under load a
- * batch gathers several turns; each operation's promise settles after that commit. Each operation still reads and writes under the
- * one write lock, so the contract's atomicity is unchanged, and none is answered before it is
- * committed. An operation checks its arguments and the value it reads before it writes anything,
- * so one that refuses (a TypeError) leaves the others of its batch to commit; a failure of the
- * store itself (busy, disk full) rolls the whole batch back and rejects every operation in it.
+ * Writes are committed in groups: those of one turn of the event loop share one transaction
+ * (group-commit.ts), each still atomic under the write lock and none answered before its commit.
  * Reads (`get`, `countEvents`, `addToRate` by 0) do not wait: each runs at once, on what was
  * committed.
  *
@@ -45,14 +38,6 @@ const BUSY_TIMEOUT_MS = 2000;
 const SWEEP_INTERVAL_MS = 60_000;
 /** Rows deleted per statement when sweeping, so one sweep never holds the lock for long. */
 const SWEEP_BATCH = 1000;
-/** Writes per transaction at most, so one batch never holds the lock for long either. */
-const WRITE_BATCH = 500;
-/**
- * The least time between the end of one commit and the start of the next, so that under load a
- * batch gathers the writes of several turns (measured in the defence bench: one turn gathered
- * about 5). A write issued when the last commit is older than this waits for no timer.
- */
-const COMMIT_SPACING_MS = 1;
 
 export interface SqliteStateOptions {
   /** The database file (its folder is created); `:memory:` for a store private to this process. */
@@ -67,24 +52,13 @@ export interface SqliteStateOptions {
 
 type Row = Record<string, unknown>;
 
-/** A write waiting for the end of the event loop's turn (see group commit above). */
-interface PendingWrite {
-  readonly name: string;
-  readonly key: string;
-  readonly fn: () => unknown;
-  readonly resolve: (value: unknown) => void;
-  readonly reject: (err: StateError) => void;
-}
-
 export class SqliteState implements StateStore {
   private readonly db: DatabaseSync;
   private readonly now: () => number;
   private readonly log: Logger | undefined;
   private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
-  private pending: PendingWrite[] = [];
-  /** When the last batch was committed (performance.now()), for COMMIT_SPACING_MS. */
-  private committedAt = -Infinity;
+  private readonly batch: GroupCommit;
   private readonly q: Record<
     | 'begin'
     | 'commit'
@@ -160,6 +134,12 @@ export class SqliteState implements StateStore {
       this.db.close();
       throw err;
     }
+    this.batch = new GroupCommit({
+      begin: () => this.q.begin.run(),
+      commit: () => this.q.commit.run(),
+      rollback: () => this.q.rollback.run(),
+      inTransaction: () => this.db.isTransaction,
+    });
     // A store in memory belongs to one test and is dropped with it; a timer would keep it alive.
     if (opts.path !== ':memory:') {
       this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
@@ -266,7 +246,7 @@ export class SqliteState implements StateStore {
   async close(): Promise<void> {
     if (this.closed) return;
     // What was asked before the close is written (or rejected) first.
-    while (this.pending.length) this.flush();
+    this.batch.drain();
     this.closed = true;
     clearInterval(this.sweeper);
     this.db.close();
@@ -300,63 +280,14 @@ export class SqliteState implements StateStore {
   }
 
   /**
-   * Queues a write for this turn's transaction (see group commit above): `fn` runs under the write
-   * lock, so nothing another process writes can come in between its reads and its writes. It must
-   * throw (a TypeError) before it writes anything, or not at all.
+   * Queues a write for this turn's transaction (group-commit.ts): `fn` runs under the write lock,
+   * so nothing another process writes can come in between its reads and its writes. It must throw
+   * (a TypeError) before it writes anything, or not at all.
    */
   private write<T>(name: string, key: string, fn: () => T): Promise<T> {
     if (this.closed) return Promise.reject(new StateError(`state ${name} "${key}": the store is closed`));
-    return new Promise<T>((resolve, reject) => {
-      this.pending.push({ name, key, fn, resolve: resolve as (value: unknown) => void, reject });
-      if (this.pending.length === 1) this.scheduleFlush();
-    });
-  }
-
-  /** At the end of this turn, or once COMMIT_SPACING_MS has passed since the last commit. */
-  private scheduleFlush(): void {
-    const wait = this.committedAt + COMMIT_SPACING_MS - performance.now();
-    if (wait <= 0) setImmediate(() => this.flush());
-    else setTimeout(() => this.flush(), wait);
-  }
-
-  /** Runs the queued writes, WRITE_BATCH at most per transaction, and settles their promises. */
-  private flush(): void {
-    const batch = this.pending.splice(0, WRITE_BATCH);
-    if (this.pending.length) setImmediate(() => this.flush());
-    if (!batch.length) return;
-    const fail = (w: PendingWrite, err: unknown): void =>
-      w.reject(new StateError(`state ${w.name} "${w.key}": ${(err as Error).message}`, { cause: err }));
-    if (this.closed) {
-      for (const w of batch) fail(w, new Error('the store is closed'));
-      return;
-    }
-    const results: Array<{ ok: true; value: unknown } | { ok: false; err: unknown }> = [];
-    try {
-      this.q.begin.run();
-      for (const w of batch) {
-        try {
-          results.push({ ok: true, value: w.fn() });
-        } catch (err) {
-          // The operation refused before writing: only it fails. Anything else is the store's.
-          if (!(err instanceof TypeError)) throw err;
-          results.push({ ok: false, err });
-        }
-      }
-      this.q.commit.run();
-      this.committedAt = performance.now();
-    } catch (err) {
-      try {
-        if (this.db.isTransaction) this.q.rollback.run();
-      } catch {
-        // Nothing was committed either way; the failure reported is the first one.
-      }
-      for (const w of batch) fail(w, err);
-      return;
-    }
-    batch.forEach((w, i) => {
-      const r = results[i]!;
-      if (r.ok) w.resolve(r.value);
-      else fail(w, r.err);
+    return this.batch.run(fn).catch((err: unknown) => {
+      throw new StateError(`state ${name} "${key}": ${(err as Error).message}`, { cause: err });
     });
   }
 
