@@ -15,6 +15,11 @@
  * is compared with the plain one-worker Petrel's at 50 sessions and 1 KB.
  *
  * Environment: BENCH_SCALE multiplies the message counts (default 1; e.g. 0.1 for a quick look).
+ * BENCH_ONLY=defence runs only the two rows the defence ratio compares (`petrel` and
+ * `petrel+defence`, 1 KB at 50 sessions; no idle-memory test, no smtp-sink, no two-worker Petrel):
+ * a short run to repeat while working on the defence plugins. BENCH_PROFILE=1 has each of
+ * Petrel's processes write a V8 CPU profile into var/profiles/ when it stops (open it in Chrome
+ * DevTools); the file names carry the process ids logged at start.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { startDnsmasq, type Dnsmasq } from '../test/harness/dnsmasq.js';
@@ -62,6 +67,7 @@ import {
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'discard-plugin.js');
 const RESULTS = join(ROOT, 'var', 'bench-results.json');
+const PROFILES = join(ROOT, 'var', 'profiles');
 
 const SIZES = [1 * KB, 100 * KB] as const;
 const SESSIONS = [1, 10, 50] as const;
@@ -86,9 +92,22 @@ interface MemoryResult {
   readonly perConnectionKiB: number;
 }
 
+/** BENCH_ONLY: `defence` for the two rows of the defence ratio only (see the header). */
+function only(): 'all' | 'defence' {
+  const raw = process.env.BENCH_ONLY;
+  if (raw === undefined || raw === '') return 'all';
+  if (raw === 'defence') return raw;
+  throw new BenchError(`BENCH_ONLY must be "defence" or unset, got "${raw}"`);
+}
+
+/** BENCH_PROFILE=1: Node's arguments that make each Petrel process write a CPU profile. */
+function profileArgs(): string[] {
+  return process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${PROFILES}`] : [];
+}
+
 /** Starts Petrel with the discard plugin; its config and spool go in `dir` (created). */
-function startDiscardPetrel(dir: string, workers: number): Promise<Server> {
-  return startPetrel(dir, [PLUGIN], workers);
+function startDiscardPetrel(dir: string, workers: number, nodeArgs: readonly string[] = []): Promise<Server> {
+  return startPetrel(dir, [PLUGIN], workers, nodeArgs);
 }
 
 /**
@@ -174,7 +193,7 @@ async function startDefendedPetrel(dir: string, dns: Dnsmasq): Promise<Server> {
     { name: 'greylist', config: { ...judgeEveryone, delay: `${GREYLIST_DELAY_MS}ms`, retryWindow: '1h' } },
     PLUGIN,
   ];
-  const started = await startPetrel(dir, plugins, 1, [], { dns: { servers: [dns.server] } });
+  const started = await startPetrel(dir, plugins, 1, profileArgs(), { dns: { servers: [dns.server] } });
   const server: Server = { ...started, target: 'petrel+defence' };
   const attempt = async (): Promise<number> => {
     const c = await SmtpClient.connect(server.port, HOST);
@@ -224,14 +243,15 @@ async function main(): Promise<number> {
     out.write(machineLine(machine, idle));
     if (idle > 0.15) log('warning: the machine is already busy; expect noisy figures');
 
+    const subset = only();
     const memory: MemoryResult[] = [];
-    for (const workers of WORKER_COUNTS) {
+    for (const workers of subset === 'all' ? WORKER_COUNTS : []) {
       log(`idle connections: opening ${IDLE_CONNECTIONS} to a fresh Petrel with ${workers} worker(s)…`);
       memory.push(await idleMemory(join(dir, `idle-${workers}`), workers, IDLE_CONNECTIONS));
     }
 
-    for (const workers of WORKER_COUNTS) {
-      const petrel = await startDiscardPetrel(join(dir, `throughput-${workers}`), workers);
+    for (const workers of subset === 'all' ? WORKER_COUNTS : [1]) {
+      const petrel = await startDiscardPetrel(join(dir, `throughput-${workers}`), workers, profileArgs());
       servers.push(petrel);
       log(
         `${petrel.target} on ${HOST}:${petrel.port} (primary ${petrel.child.pid}, ` +
@@ -245,9 +265,11 @@ async function main(): Promise<number> {
     log(
       `${defended.target} on ${HOST}:${defended.port} (primary ${defended.child.pid}): dnsbl, limit, greylist`,
     );
-    const smtpSink = await startSink(sink);
-    servers.push(smtpSink);
-    log(`smtp-sink on ${HOST}:${smtpSink.port}`);
+    const smtpSink = subset === 'all' ? await startSink(sink) : null;
+    if (smtpSink) {
+      servers.push(smtpSink);
+      log(`smtp-sink on ${HOST}:${smtpSink.port}`);
+    }
     const probeOf = (server: Server): Probe | undefined =>
       server === smtpSink ? undefined : countProbe(server);
 
@@ -256,8 +278,8 @@ async function main(): Promise<number> {
 
     const runs = await runMatrix({
       servers,
-      sizes: SIZES,
-      sessions: SESSIONS,
+      sizes: subset === 'all' ? SIZES : [1 * KB],
+      sessions: subset === 'all' ? SESSIONS : [50],
       rounds: ROUNDS,
       warmupMessages: Math.max(10, Math.round(count(1 * KB, 10) / 5)),
       count,
@@ -270,7 +292,7 @@ async function main(): Promise<number> {
       `\nThroughput (smtp-source, one connection per message, scale ${factor}, median of ${ROUNDS} rounds; ` +
         `petrel×n: n worker processes):\n\n${table(runs, processColumns())}\n\n`,
     );
-    out.write(`${ratioLine('Petrel/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO)}\n`);
+    if (smtpSink) out.write(`${ratioLine('Petrel/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO)}\n`);
     const defence = defenceRatio(runs);
     out.write(
       `Petrel with dnsbl, limit and greylist/without at 50 sessions, 1 KB: ${defence === null ? 'n/a' : defence.toFixed(2)} ` +

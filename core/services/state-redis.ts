@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { createClient, type RedisClientType } from 'redis';
-import { StateError, type StateStore } from './state.js';
+import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
  * The Redis State backend, for servers on several machines (or when the embedded file is not
@@ -12,10 +12,12 @@ import { StateError, type StateStore } from './state.js';
  * Layout, under the configured prefix (`petrel:` by default), for a State key K:
  *   <prefix>k:K  a hash { v: value, x: expiry ms }           — get/set/increment/CAS
  *             or a sorted set  id → time it was added (ms)   — sliding windows
+ *             or a hash { x: expiry ms, <sub-bucket start ms>: count, … } — rate counters
  *   <prefix>e:K  a sorted set  id → expiry ms of that event  (windows only)
  * Every stored thing carries its own expiry, checked by each script against the store's clock
  * (Redis's `TIME`); Redis's own key expiry (PEXPIREAT, same instant) reclaims the storage, and
- * each window drops its expired events whenever it is written or counted.
+ * each window drops its expired events whenever it is written or counted, each rate counter its
+ * sub-buckets that left the window (so it holds at most RATE_BUCKETS + 1 of them).
  *
  * Unreachable Redis: the client reconnects on its own (backing off up to 2 s). An operation waits
  * for the connection and the answer together at most `timeoutMs`, then rejects with a StateError
@@ -53,6 +55,9 @@ local function prune(k, e, t)
   end
 end
 local function is_window(k) return redis.call('TYPE', k).ok == 'zset' end
+local function is_rate(k)
+  return redis.call('TYPE', k).ok == 'hash' and redis.call('HEXISTS', k, 'v') == 0
+end
 `;
 
 /** Each script: KEYS = [<prefix>k:K, <prefix>e:K]; ARGV[1] = the test clock or ''. */
@@ -65,6 +70,8 @@ const SCRIPTS = {
     local live = live_value(KEYS[1], t) ~= nil
     if not live and is_window(KEYS[1]) then
       live = redis.call('ZCOUNT', KEYS[2], '(' .. ms(t), '+inf') > 0
+    elseif not live and is_rate(KEYS[1]) then
+      live = tonumber(redis.call('HGET', KEYS[1], 'x') or '0') > t
     end
     redis.call('DEL', KEYS[1], KEYS[2])
     if live then return 1 else return 0 end`,
@@ -118,6 +125,42 @@ const SCRIPTS = {
     if not is_window(KEYS[1]) then return 0 end
     prune(KEYS[1], KEYS[2], t)
     return redis.call('ZCOUNT', KEYS[1], '(' .. ms(t - tonumber(ARGV[2])), '+inf')`,
+  // ARGV: now, by, windowMs, sub-bucket width. Adding replaces a value or window under the key.
+  // Sums the sub-buckets that still overlap the window, dropping the others (see state-sqlite's
+  // rateBuckets for the same arithmetic).
+  addToRate: `
+    local t = now()
+    local by = tonumber(ARGV[2])
+    local w = tonumber(ARGV[3])
+    local width = tonumber(ARGV[4])
+    local k = KEYS[1]
+    if not is_rate(k) then
+      if by == 0 then return 0 end
+      redis.call('DEL', k, KEYS[2])
+    end
+    local bucket = t - (t % width)
+    local oldest = t - w - width
+    local total = 0
+    local flat = redis.call('HGETALL', k)
+    local gone = {}
+    for i = 1, #flat, 2 do
+      local b = tonumber(flat[i])
+      if flat[i] ~= 'x' and b then
+        if b <= oldest then gone[#gone + 1] = flat[i]
+        elseif b ~= bucket then total = total + tonumber(flat[i + 1]) end
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', k, unpack(gone)) end
+    if by ~= 0 then
+      total = total + redis.call('HINCRBY', k, ms(bucket), by)
+      local x = math.max(bucket + width + w, tonumber(redis.call('HGET', k, 'x') or '0'))
+      redis.call('HSET', k, 'x', ms(x))
+      redis.call('PEXPIREAT', k, ms(x))
+    else
+      total = total + tonumber(redis.call('HGET', k, ms(bucket)) or '0')
+    end
+    if total < 0 then total = 0 end
+    return total`,
 } as const;
 
 type ScriptName = keyof typeof SCRIPTS;
@@ -241,6 +284,15 @@ export class RedisState implements StateStore {
 
   countEvents(key: string, opts: { windowMs: number }): Promise<number> {
     return this.run('countEvents', key, () => [ttl(opts.windowMs)]).then(Number);
+  }
+
+  addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number> {
+    const by = opts.by ?? 1;
+    return this.run('addToRate', key, () => {
+      if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
+      const windowMs = ttl(opts.windowMs);
+      return [String(by), windowMs, String(Math.max(1, Math.ceil(Number(windowMs) / RATE_BUCKETS)))];
+    }).then(Number);
   }
 
   async close(): Promise<void> {

@@ -2,22 +2,31 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import type { Logger } from 'pino';
-import { StateError, type StateStore } from './state.js';
+import { GroupCommit } from './group-commit.js';
+import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
  * The embedded State backend: one SQLite file (node:sqlite, no native addon) that every worker
  * process opens. WAL mode lets readers and the one writer proceed together; a busy timeout makes a
- * worker wait for another's write instead of failing. Every read-modify-write runs in a
- * `BEGIN IMMEDIATE` transaction, which takes the write lock before reading, so two processes can
- * never both read the old value (a deferred transaction could, and would then fail to commit).
+ * worker wait for another's write instead of failing. Every write runs in a `BEGIN IMMEDIATE`
+ * transaction, which takes the write lock before reading, so two processes can never both read
+ * the old value (a deferred transaction could, and would then fail to commit).
  *
- * Tables (schema version 1, in `PRAGMA user_version`):
+ * Writes are committed in groups: those of one turn of the event loop share one transaction
+ * (group-commit.ts), each still atomic under the write lock and none answered before its commit.
+ * Reads (`get`, `countEvents`, `addToRate` by 0) do not wait: each runs at once, on what was
+ * committed.
+ *
+ * Tables (schema version 2, in `PRAGMA user_version`; 2 added state_rates):
  *   state_values (key PRIMARY KEY, value TEXT, expires_at ms)      — get/set/increment/CAS
  *   state_events (key, id, at ms, expires_at ms; PRIMARY KEY (key, id)) — sliding windows
+ *   state_rates (key, bucket start ms, n, expires_at ms; PRIMARY KEY (key, bucket)) — rate counters
  * A row whose expires_at has passed is treated as absent by every query and deleted by the sweep.
+ * A rate counter is at most RATE_BUCKETS + 1 rows: each operation upserts one and sums the rest,
+ * a range of the primary key.
  */
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 /**
  * How long an operation waits for another process's write lock. node:sqlite is synchronous, so
  * this is time the worker's event loop stands still: writes here take microseconds, and the bound
@@ -49,6 +58,7 @@ export class SqliteState implements StateStore {
   private readonly log: Logger | undefined;
   private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
+  private readonly batch: GroupCommit;
   private readonly q: Record<
     | 'begin'
     | 'commit'
@@ -61,8 +71,12 @@ export class SqliteState implements StateStore {
     | 'putEvent'
     | 'countEvents'
     | 'deleteEvent'
+    | 'putRate'
+    | 'sumRate'
+    | 'deleteRates'
     | 'sweepValues'
-    | 'sweepEvents',
+    | 'sweepEvents'
+    | 'sweepRates',
     StatementSync
   >;
 
@@ -96,6 +110,13 @@ export class SqliteState implements StateStore {
         ),
         countEvents: p('SELECT count(*) AS n FROM state_events WHERE key = ? AND at > ? AND expires_at > ?'),
         deleteEvent: p('DELETE FROM state_events WHERE key = ? AND id = ? RETURNING expires_at'),
+        putRate: p(
+          `INSERT INTO state_rates (key, bucket, n, expires_at) VALUES (?, ?, ?, ?)
+           ON CONFLICT (key, bucket) DO UPDATE SET n = n + excluded.n,
+             expires_at = max(expires_at, excluded.expires_at)`,
+        ),
+        sumRate: p('SELECT total(n) AS n FROM state_rates WHERE key = ? AND bucket > ?'),
+        deleteRates: p('DELETE FROM state_rates WHERE key = ? RETURNING expires_at'),
         sweepValues: p(
           `DELETE FROM state_values WHERE key IN
              (SELECT key FROM state_values WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
@@ -104,11 +125,21 @@ export class SqliteState implements StateStore {
           `DELETE FROM state_events WHERE (key, id) IN
              (SELECT key, id FROM state_events WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
         ),
+        sweepRates: p(
+          `DELETE FROM state_rates WHERE (key, bucket) IN
+             (SELECT key, bucket FROM state_rates WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
+        ),
       };
     } catch (err) {
       this.db.close();
       throw err;
     }
+    this.batch = new GroupCommit({
+      begin: () => this.q.begin.run(),
+      commit: () => this.q.commit.run(),
+      rollback: () => this.q.rollback.run(),
+      inTransaction: () => this.db.isTransaction,
+    });
     // A store in memory belongs to one test and is dropped with it; a timer would keep it alive.
     if (opts.path !== ':memory:') {
       this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
@@ -124,38 +155,38 @@ export class SqliteState implements StateStore {
   }
 
   set(key: string, value: string, opts: { ttlMs: number }): Promise<void> {
-    return this.op('set', key, () => {
+    return this.write('set', key, () => {
       this.q.putValue.run(key, value, this.expiry(opts.ttlMs));
     });
   }
 
   delete(key: string): Promise<boolean> {
-    return this.op('delete', key, () =>
-      this.tx(() => {
-        const t = this.now();
-        const rows = [...this.q.deleteValue.all(key), ...this.q.deleteEvents.all(key)];
-        return rows.some((r) => Number(r.expires_at) > t);
-      }),
-    );
+    return this.write('delete', key, () => {
+      const t = this.now();
+      const rows = [
+        ...this.q.deleteValue.all(key),
+        ...this.q.deleteEvents.all(key),
+        ...this.q.deleteRates.all(key),
+      ];
+      return rows.some((r) => Number(r.expires_at) > t);
+    });
   }
 
   increment(key: string, opts: { ttlMs: number; by?: number }): Promise<number> {
     const by = opts.by ?? 1;
-    return this.op('increment', key, () => {
+    return this.write('increment', key, () => {
       if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
-      return this.tx(() => {
-        const row = this.q.getValue.get(key, this.now()) as Row | undefined;
-        if (!row) {
-          this.q.putValue.run(key, String(by), this.expiry(opts.ttlMs));
-          return by;
-        }
-        const text = String(row.value);
-        const next = Number(text) + by;
-        if (!/^-?\d+$/.test(text) || !Number.isSafeInteger(next))
-          throw new TypeError('the value is not an integer');
-        this.q.setValueKeepTtl.run(String(next), key);
-        return next;
-      });
+      const row = this.q.getValue.get(key, this.now()) as Row | undefined;
+      if (!row) {
+        this.q.putValue.run(key, String(by), this.expiry(opts.ttlMs));
+        return by;
+      }
+      const text = String(row.value);
+      const next = Number(text) + by;
+      if (!/^-?\d+$/.test(text) || !Number.isSafeInteger(next))
+        throw new TypeError('the value is not an integer');
+      this.q.setValueKeepTtl.run(String(next), key);
+      return next;
     });
   }
 
@@ -172,29 +203,25 @@ export class SqliteState implements StateStore {
     next: string | null,
     opts?: { ttlMs: number },
   ): Promise<boolean> {
-    return this.op('compareAndSet', key, () =>
-      this.tx(() => {
-        const row = this.q.getValue.get(key, this.now()) as Row | undefined;
-        if ((row ? String(row.value) : null) !== expected) return false;
-        if (next === null) this.q.deleteValue.all(key);
-        else this.q.putValue.run(key, next, this.expiry(opts?.ttlMs));
-        return true;
-      }),
-    );
+    return this.write('compareAndSet', key, () => {
+      const row = this.q.getValue.get(key, this.now()) as Row | undefined;
+      if ((row ? String(row.value) : null) !== expected) return false;
+      if (next === null) this.q.deleteValue.all(key);
+      else this.q.putValue.run(key, next, this.expiry(opts?.ttlMs));
+      return true;
+    });
   }
 
   addEvent(key: string, id: string, opts: { windowMs: number }): Promise<number> {
-    return this.op('addEvent', key, () =>
-      this.tx(() => {
-        const t = this.now();
-        this.q.putEvent.run(key, id, t, this.expiry(opts.windowMs));
-        return this.count(key, opts.windowMs, t);
-      }),
-    );
+    return this.write('addEvent', key, () => {
+      const t = this.now();
+      this.q.putEvent.run(key, id, t, this.expiry(opts.windowMs));
+      return this.count(key, opts.windowMs, t);
+    });
   }
 
   removeEvent(key: string, id: string): Promise<boolean> {
-    return this.op('removeEvent', key, () => {
+    return this.write('removeEvent', key, () => {
       const t = this.now();
       return this.q.deleteEvent.all(key, id).some((r) => Number(r.expires_at) > t);
     });
@@ -204,8 +231,22 @@ export class SqliteState implements StateStore {
     return this.op('countEvents', key, () => this.count(key, opts.windowMs, this.now()));
   }
 
+  addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number> {
+    const by = opts.by ?? 1;
+    const apply = (): number => {
+      if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
+      this.expiry(opts.windowMs);
+      const { width, bucket, oldest } = rateBuckets(this.now(), opts.windowMs);
+      if (by !== 0) this.q.putRate.run(key, bucket, by, bucket + width + Math.ceil(opts.windowMs));
+      return Math.max(0, Number((this.q.sumRate.get(key, oldest) as Row).n));
+    };
+    return by === 0 ? this.op('addToRate', key, apply) : this.write('addToRate', key, apply);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
+    // What was asked before the close is written (or rejected) first.
+    this.batch.drain();
     this.closed = true;
     clearInterval(this.sweeper);
     this.db.close();
@@ -217,7 +258,7 @@ export class SqliteState implements StateStore {
    */
   async sweep(): Promise<void> {
     try {
-      for (const stmt of [this.q.sweepValues, this.q.sweepEvents]) {
+      for (const stmt of [this.q.sweepValues, this.q.sweepEvents, this.q.sweepRates]) {
         while (!this.closed && Number(stmt.run(this.now()).changes) === SWEEP_BATCH) {
           await new Promise((r) => setImmediate(r));
         }
@@ -238,17 +279,16 @@ export class SqliteState implements StateStore {
     return this.now() + Math.ceil(ms);
   }
 
-  /** Runs `fn` under the write lock: nothing another process writes can come in between. */
-  private tx<T>(fn: () => T): T {
-    this.q.begin.run();
-    try {
-      const result = fn();
-      this.q.commit.run();
-      return result;
-    } catch (err) {
-      if (this.db.isTransaction) this.q.rollback.run();
-      throw err;
-    }
+  /**
+   * Queues a write for this turn's transaction (group-commit.ts): `fn` runs under the write lock,
+   * so nothing another process writes can come in between its reads and its writes. It must throw
+   * (a TypeError) before it writes anything, or not at all.
+   */
+  private write<T>(name: string, key: string, fn: () => T): Promise<T> {
+    if (this.closed) return Promise.reject(new StateError(`state ${name} "${key}": the store is closed`));
+    return this.batch.run(fn).catch((err: unknown) => {
+      throw new StateError(`state ${name} "${key}": ${(err as Error).message}`, { cause: err });
+    });
   }
 
   /** One operation: synchronous underneath, a promise outside, any failure a StateError. */
@@ -283,6 +323,14 @@ export class SqliteState implements StateStore {
           PRIMARY KEY (key, id)
         ) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS state_events_expiry ON state_events (expires_at);
+        CREATE TABLE IF NOT EXISTS state_rates (
+          key TEXT NOT NULL,
+          bucket INTEGER NOT NULL,
+          n INTEGER NOT NULL,
+          expires_at INTEGER NOT NULL,
+          PRIMARY KEY (key, bucket)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS state_rates_expiry ON state_rates (expires_at);
         PRAGMA user_version = ${SCHEMA_VERSION};
       `);
       this.db.exec('COMMIT');
@@ -291,4 +339,15 @@ export class SqliteState implements StateStore {
       throw err;
     }
   }
+}
+
+/**
+ * The sub-buckets of a rate counter at time `t` (state.ts, "Windows or rates"): their width, the
+ * start of the current one, and the start after which a sub-bucket still overlaps the window
+ * (one that ends at or before `t - windowMs` counts no more).
+ */
+export function rateBuckets(t: number, windowMs: number): { width: number; bucket: number; oldest: number } {
+  const width = Math.max(1, Math.ceil(windowMs / RATE_BUCKETS));
+  const bucket = t - (((t % width) + width) % width);
+  return { width, bucket, oldest: t - Math.ceil(windowMs) - width };
 }

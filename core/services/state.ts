@@ -7,9 +7,21 @@
  * state-redis.ts; test/unit/state.test.ts runs the same contract tests against both):
  *
  * - **Keys** are strings that the caller namespaces with its own name first
- *   (`users:auth:failures:<client>`, `greylist:<triplet>`). A key holds either a value (`get`,
- *   `set`, `increment`, `compareAndSet`) or a window of events (`addEvent`, `removeEvent`,
- *   `countEvents`), not both; `delete` removes either.
+ *   (`users:auth:failures:<client>`, `greylist:<triplet>`). A key holds one of: a value (`get`,
+ *   `set`, `increment`, `compareAndSet`), a window of events (`addEvent`, `removeEvent`,
+ *   `countEvents`) or a rate counter (`addToRate`); `delete` removes any of them.
+ * - **Windows or rates.** A window of events is exact: it knows each event by its id, so an
+ *   event can be moved or removed, and the count is exactly the events of the last `windowMs`.
+ *   It costs one stored event per event, and adding or counting reads every event in the
+ *   window: a cost that grows with the rate. Use it where the events are few or must be told
+ *   apart (connections open now, a lockout's attempts, distinct greylist triplets). A rate
+ *   counter costs the same whatever the rate: it splits the window into `RATE_BUCKETS`
+ *   sub-buckets of `windowMs / RATE_BUCKETS` (rounded up to whole ms), aligned on the store's
+ *   clock, keeps one number per sub-bucket, and each operation reads at most `RATE_BUCKETS + 1`
+ *   of them. Its count is every event of the last `windowMs` plus, at most, those of one
+ *   sub-bucket before it: it never counts less than an exact window would, and an event stops
+ *   counting at most `windowMs / RATE_BUCKETS` (5 %) after it would leave an exact one. Use it
+ *   for "at most N per time" over many events (messages, recipients, connections per client).
  * - **Everything expires.** Every write gives a lifetime (`ttlMs`, `windowMs`); there are no
  *   keys that live for ever, so what an attacker can make the store hold is bounded by time.
  *   A key reads as absent from the moment it expires; its storage is reclaimed later.
@@ -70,9 +82,22 @@ export interface StateStore {
   removeEvent(key: string, id: string): Promise<boolean>;
   /** How many events under `key` fall within the last `windowMs`. */
   countEvents(key: string, opts: { windowMs: number }): Promise<number>;
+  /**
+   * Adds `by` (default 1) events at the current time to the rate counter under `key` and returns
+   * its count over the last `windowMs` (those included; see "Windows or rates" for the accuracy).
+   * `by` is an integer: 0 only reads the count; a negative `by` takes events back (a refused
+   * attempt that was counted first), from the current sub-bucket, and the count never reads
+   * below 0. A key is meant to be used with one `windowMs`; with another, its sub-buckets
+   * already stored still count by their start time. The key lives until its newest sub-bucket
+   * has left the window.
+   */
+  addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number>;
   /** Closes the store; later operations reject. The server calls it when it stops. */
   close(): Promise<void>;
 }
+
+/** How many sub-buckets a rate counter splits its window into (see "Windows or rates"). */
+export const RATE_BUCKETS = 20;
 
 /** An operation of the State service failed; `cause` has the backend's error. */
 export class StateError extends Error {

@@ -335,6 +335,20 @@ describe('dnsbl: block and allow lists served by dnsmasq', () => {
     assert.equal(notes.at(-1)!.lists[0]!.cached, true);
   });
 
+  it('keeps a cached answer no longer than its TTL: then DNS is asked again', async (t) => {
+    const srv = await server(t, { block: [BL], cache: { negativeTtl: '1s' } });
+    if (!srv) return;
+    const name = '13.0.0.127.bl.test';
+    const before = queries(dns!, name);
+    await send(srv.port, { ip: '127.0.0.13' });
+    await send(srv.port, { ip: '127.0.0.13' });
+    assert.equal(queries(dns!, name), before + 1, 'the second from the cache');
+    await new Promise((r) => setTimeout(r, 1200));
+    await send(srv.port, { ip: '127.0.0.13' });
+    assert.equal(queries(dns!, name), before + 2, 'asked again once the answer expired');
+    assert.equal(notes.at(-1)!.lists[0]!.cached, false);
+  });
+
   it('still judges by DNS when the State service fails: no cache, a warning, no listing made up', async (t) => {
     // A Redis that is not there: every State operation fails after its timeout.
     const port = await new Promise<number>((resolve) => {

@@ -1,6 +1,7 @@
 /**
- * One list queried for one name: through the State cache, then the core resolver, within a
- * deadline. Every failure becomes a result (`error`), never a throw and never a listing.
+ * One list queried for one name: through this process's copy of the cache, the State cache, then
+ * the core resolver, within a deadline. Every failure becomes a result (`error`), never a throw
+ * and never a listing.
  */
 import type { DnsResolver, StateStore } from '../../core/index.js';
 import type { ListResult } from './api.js';
@@ -30,16 +31,62 @@ interface Logger {
 /** Cache keys are namespaced with the plugin's name (state.ts: keys). */
 const cacheKey = (query: string): string => `dnsbl:a:${query}`;
 
+/**
+ * Answers this process keeps besides the State cache, so that a client that connects again costs
+ * no State read either. Bounded: past this many, the oldest is dropped.
+ */
+const MEMORY_ENTRIES = 10_000;
+
+/** What the State cache holds under a query: the codes, and until when (ms since the epoch). */
+interface Cached {
+  readonly codes: readonly string[];
+  readonly until: number;
+}
+
+/**
+ * This process's copy of cached answers, each kept until the State entry it copies expires (the
+ * `until` stored with it), never longer: workers and instances still see the same answers for the
+ * same time. A Map keeps insertion order, so the first entry is the oldest.
+ */
+class MemoryCache {
+  private readonly entries = new Map<string, Cached>();
+
+  get(query: string, now: number): Cached | null {
+    const hit = this.entries.get(query);
+    if (!hit) return null;
+    if (hit.until > now) return hit;
+    this.entries.delete(query);
+    return null;
+  }
+
+  put(query: string, entry: Cached, now: number): void {
+    if (entry.until <= now) return;
+    this.entries.delete(query);
+    if (this.entries.size >= MEMORY_ENTRIES) this.entries.delete(this.entries.keys().next().value!);
+    this.entries.set(query, entry);
+  }
+}
+
 export function lookups(
   dns: DnsResolver,
   state: StateStore,
   cache: DnsblConfig['cache'],
   log: Logger,
 ): Lookups {
+  const memory = new MemoryCache();
+
   async function fromCache(query: string): Promise<Answer | null> {
+    const now = Date.now();
+    const mine = memory.get(query, now);
+    if (mine) return { codes: mine.codes, cached: true };
     try {
       const hit = await state.get(cacheKey(query));
-      return hit === null ? null : { codes: JSON.parse(hit) as string[], cached: true };
+      if (hit === null) return null;
+      const parsed = JSON.parse(hit) as Cached | string[];
+      // A bare list of codes (as earlier versions stored) says not until when: not copied.
+      if (Array.isArray(parsed)) return { codes: parsed, cached: true };
+      memory.put(query, parsed, now);
+      return { codes: parsed.codes, cached: true };
     } catch (err) {
       // A cache that cannot be read costs a DNS query, nothing more.
       log.warn({ query, err: String(err) }, 'dnsbl: state cache not readable, querying DNS');
@@ -49,9 +96,14 @@ export function lookups(
 
   async function remember(query: string, codes: readonly string[], ttlMs: number): Promise<void> {
     if (ttlMs <= 0) return;
-    await state.set(cacheKey(query), JSON.stringify(codes), { ttlMs }).catch((err: unknown) => {
+    const now = Date.now();
+    const entry: Cached = { codes, until: now + ttlMs };
+    try {
+      await state.set(cacheKey(query), JSON.stringify(entry), { ttlMs });
+      memory.put(query, entry, now);
+    } catch (err) {
       log.warn({ query, err: String(err) }, 'dnsbl: answer not cached, state not writable');
-    });
+    }
   }
 
   async function fromDns(query: string): Promise<Answer> {

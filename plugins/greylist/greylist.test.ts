@@ -6,6 +6,7 @@
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -130,6 +131,29 @@ describe('greylist: one server', () => {
     assert.equal((await one(srv.port, '127.0.1.10', 'carol@example.test', 'bob@mx.test')).code, 451);
     assert.equal((await one(srv.port, '127.0.1.10', 'alice@example.test', 'dave@mx.test')).code, 451);
     assert.equal((await one(srv.port, '127.0.2.10', 'alice@example.test', 'bob@mx.test')).code, 451);
+  });
+
+  it('renews a known triplet when it is used, writing it at most once per 1/100 of expire', async () => {
+    const state = resolveToken(srv.app.generation.container, Tokens.State);
+    const ip = '127.0.5.10';
+    const triplet = createHash('sha256')
+      .update('127.0.5.0/24\0renew@example.test\0rita@mx.test')
+      .digest('base64url');
+    const key = `greylist:pass:${triplet}`;
+    assert.equal((await one(srv.port, ip, 'renew@example.test', 'rita@mx.test')).code, 451);
+    await afterDelay();
+    assert.equal((await one(srv.port, ip, 'renew@example.test', 'rita@mx.test')).code, 250);
+    const written = await state.get(key);
+    assert.ok(written !== null, 'the triplet is remembered');
+    assert.equal((await one(srv.port, ip, 'renew@example.test', 'rita@mx.test')).code, 250);
+    assert.equal(await state.get(key), written, 'used again at once: not written again');
+    // As if it was last written 1/50 of `expire` (35 days) ago, and stored that long before.
+    const longAgo = String(Date.now() - (35 * 86_400_000) / 50);
+    await state.set(key, longAgo, { ttlMs: 60_000 });
+    assert.equal((await one(srv.port, ip, 'renew@example.test', 'rita@mx.test')).code, 250);
+    assert.equal(last(srv.logs, 'rita@mx.test').msg, 'greylist: passed, known triplet');
+    const renewed = Number(await state.get(key));
+    assert.ok(renewed > Number(longAgo), 'renewed: written again, with the time of this use');
   });
 
   it('greylists the null sender too, as <>', async () => {

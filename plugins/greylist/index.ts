@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import {
   compileCidrs,
   networkOf,
@@ -40,12 +40,13 @@ type Decision =
  * - `greylist:wait:<t>`: present from the first attempt until `delay` has passed.
  * - `greylist:seen:<t>`: present from the first attempt for `retryWindow`; the value is when
  *   (this worker's clock, used only for the numbers in replies and logs).
- * - `greylist:pass:<t>`: the triplet got through; lives `expire`, renewed on each use.
+ * - `greylist:pass:<t>`: the triplet got through; lives `expire`, renewed on use (`renewed`).
  * - `greylist:passes:<net>`: a window of events, one per distinct triplet through (`expire`).
  * - `greylist:net:<net>`: the network is auto-allowed; lives `autoAllowFor`, renewed on use.
  */
 function keys(net: string, sender: string, recipient: string) {
-  const t = createHash('sha256').update(`${net}\0${sender}\0${recipient}`).digest('base64url');
+  // The one-shot form: a Hash object per recipient cost more than the State reads beside it.
+  const t = hash('sha256', `${net}\0${sender}\0${recipient}`, 'base64url');
   return {
     triplet: t,
     wait: `greylist:wait:${t}`,
@@ -73,20 +74,22 @@ async function judge(
   config: GreylistConfig,
   k: ReturnType<typeof keys>,
 ): Promise<Decision> {
-  if ((await state.get(k.net)) !== null) {
-    await state.set(k.net, '1', { ttlMs: config.autoAllowFor });
+  const now = Date.now();
+  const net = await state.get(k.net);
+  if (net !== null) {
+    await renewed(state, k.net, net, config.autoAllowFor, now);
     return { kind: 'network' };
   }
-  if ((await state.get(k.pass)) !== null) {
-    await state.set(k.pass, '1', { ttlMs: config.expire });
+  const pass = await state.get(k.pass);
+  if (pass !== null) {
+    await renewed(state, k.pass, pass, config.expire, now);
     return { kind: 'known' };
   }
-  const now = Date.now();
   const retryIn = (since: number): number => Math.max(1, Math.ceil((config.delay - (now - since)) / 1000));
   if ((await state.get(k.wait)) === null) {
     const seen = await state.get(k.seen);
     if (seen !== null) {
-      await state.set(k.pass, '1', { ttlMs: config.expire });
+      await state.set(k.pass, String(now), { ttlMs: config.expire });
       await state.delete(k.seen);
       let autoAllowed = false;
       let passes = 0;
@@ -94,7 +97,9 @@ async function judge(
         passes = await state.addEvent(k.passes, k.triplet, { windowMs: config.expire });
         // "Set if absent": the network's auto-allowance is announced once, by whoever started it.
         if (passes >= config.autoAllowAfter)
-          autoAllowed = await state.compareAndSet(k.net, null, '1', { ttlMs: config.autoAllowFor });
+          autoAllowed = await state.compareAndSet(k.net, null, String(now), {
+            ttlMs: config.autoAllowFor,
+          });
       }
       return { kind: 'passed', waited: Math.round((now - Number(seen)) / 1000), autoAllowed, passes };
     }
@@ -105,6 +110,31 @@ async function judge(
   }
   const since = Number((await state.get(k.seen)) ?? now);
   return { kind: 'greylisted', retryIn: retryIn(since), first: false };
+}
+
+/**
+ * How stale a renewal of `pass` or `net` may be, as a share of its lifetime: a key in use is
+ * written again only once this much of its lifetime has passed since it was last written, not on
+ * every recipient (a write costs far more than the read that finds the key). So a triplet or
+ * network in use lives at least 99 % of its lifetime after its last use.
+ */
+const RENEW_AFTER = 0.01;
+
+/**
+ * Renews a `pass` or `net` key found with `value`: the time it was last written (the writer's
+ * clock; '1', as earlier versions wrote, reads as long ago and renews it at once).
+ */
+async function renewed(
+  state: StateStore,
+  key: string,
+  value: string,
+  ttlMs: number,
+  now: number,
+): Promise<void> {
+  const age = now - Number(value);
+  // A time ahead of this clock (another machine's, or not a time) renews it too.
+  if (age >= 0 && age < ttlMs * RENEW_AFTER) return;
+  await state.set(key, String(now), { ttlMs });
 }
 
 /**

@@ -20,14 +20,17 @@ export { limitConfig, type LimitConfig } from './config.js';
 /** This connection's event in the concurrency window, and when it was last renewed. */
 const Open = defineNote<{ readonly key: string; renewedAt: number }>('limit.open');
 
-/** One limit to check: its name (as in the config and the log), its window and its refusal. */
+/**
+ * One limit to check: its name (as in the config and the log), what it counts, its window and
+ * its refusal. A rate counts events; `open` counts this connection by its session id.
+ */
 interface Check {
   readonly limit: string;
   readonly key: string;
-  readonly id: string;
   readonly max: number;
   readonly windowMs: number;
   readonly refusal: Verdict;
+  readonly open?: string;
 }
 
 /**
@@ -71,54 +74,61 @@ export default definePlugin({
      */
     const exempt = (session: SessionView): boolean =>
       trusted(session.remote.address) || session.notes.get(Dnsbl)?.allowed === true;
-    const rateCheck = (limit: string, key: string, id: string, rate: Rate, refusal: Verdict): Check => ({
+    const rateCheck = (limit: string, key: string, rate: Rate, refusal: Verdict): Check => ({
       limit,
       key,
-      id,
       max: rate.max,
       windowMs: rate.per,
       refusal,
     });
 
     /**
-     * Takes an event in each window in order; the first that is full refuses, and the events
-     * already taken for this command are given back (a refused command counts nowhere).
+     * Takes an event in every window of the command at once (one State round trip, not one per
+     * limit); the first full one in order refuses, and the events taken in the others are given
+     * back (a refused command counts nowhere).
      */
     async function takeAll(session: SessionView, checks: readonly Check[]): Promise<Verdict> {
-      const taken: Check[] = [];
-      for (const c of checks) {
-        let result;
-        try {
-          result = await windows.take(`limit:${c.limit}:${c.key}`, c.id, c);
-        } catch (err) {
-          // Fail open: see the README. Said at error level, once per command, so it is noticed.
-          log.error(
-            { session: session.id, limit: c.limit, counted: c.key, err },
-            'limit not checked: the State store failed; letting it through',
-          );
-          continue;
-        }
-        if (result.allowed) {
-          taken.push(c);
-          continue;
-        }
-        log.info(
-          {
-            session: session.id,
-            remote: session.remote.address,
-            limit: c.limit,
-            counted: c.key,
-            count: result.count,
-            max: c.max,
-          },
-          'limit reached',
-        );
-        await Promise.all(
-          taken.map((t) => windows.release(`limit:${t.limit}:${t.key}`, t.id).catch(() => undefined)),
-        );
-        return c.refusal;
-      }
-      return proceed();
+      const keyOf = (c: Check): string => `limit:${c.limit}:${c.key}`;
+      const results = await Promise.all(
+        checks.map((c) =>
+          (c.open === undefined
+            ? windows.take(keyOf(c), c)
+            : windows.open(keyOf(c), c.open, { max: c.max, lease: c.windowMs })
+          ).catch((err: unknown) => {
+            // Fail open: see the README. Said at error level, once per limit, so it is noticed.
+            log.error(
+              { session: session.id, limit: c.limit, counted: c.key, err },
+              'limit not checked: the State store failed; letting it through',
+            );
+            return null;
+          }),
+        ),
+      );
+      const refused = results.findIndex((r) => r?.allowed === false);
+      if (refused < 0) return proceed();
+      const c = checks[refused]!;
+      log.info(
+        {
+          session: session.id,
+          remote: session.remote.address,
+          limit: c.limit,
+          counted: c.key,
+          count: results[refused]!.count,
+          max: c.max,
+        },
+        'limit reached',
+      );
+      await Promise.all(
+        checks.map((t, i) =>
+          results[i]?.allowed !== true
+            ? undefined
+            : (t.open === undefined
+                ? windows.giveBack(keyOf(t), t.windowMs)
+                : windows.release(keyOf(t), t.open)
+              ).catch(() => undefined),
+        ),
+      );
+      return c.refusal;
     }
 
     /** A connection still open renews its lease when half of it has passed (one State write). */
@@ -148,7 +158,6 @@ export default definePlugin({
             rateCheck(
               'connections',
               key,
-              session.id,
               config.connections,
               disconnect(421, '4.7.0', 'Too many connections from your network; try again later'),
             ),
@@ -157,7 +166,7 @@ export default definePlugin({
           checks.push({
             limit: 'concurrency',
             key,
-            id: session.id,
+            open: session.id,
             max: config.concurrency.max,
             windowMs: config.concurrency.lease,
             refusal: disconnect(421, '4.7.0', 'Too many open connections from your network'),
@@ -175,18 +184,16 @@ export default definePlugin({
         return proceed();
       },
 
-      async mail({ session, transaction, sender }) {
+      async mail({ session, sender }) {
         await renew(session);
         if (exempt(session)) return proceed();
         const m = config.messages;
-        const id = transaction.id;
         const checks: Check[] = [];
         if (m.perClient)
           checks.push(
             rateCheck(
               'messages.perClient',
               client(session),
-              id,
               m.perClient,
               defer(451, '4.7.1', 'Too many messages from your network; try again later'),
             ),
@@ -196,7 +203,6 @@ export default definePlugin({
             rateCheck(
               'messages.perUser',
               session.user.toLowerCase(),
-              id,
               m.perUser,
               defer(451, '4.7.1', 'Too many messages from this user; try again later'),
             ),
@@ -206,7 +212,6 @@ export default definePlugin({
             rateCheck(
               'messages.perSenderDomain',
               sender.domain.toLowerCase(),
-              id,
               m.perSenderDomain,
               defer(451, '4.7.1', 'Too many messages from this sender domain; try again later'),
             ),
@@ -214,7 +219,7 @@ export default definePlugin({
         return takeAll(session, checks);
       },
 
-      async rcpt({ session, transaction, recipient }) {
+      async rcpt({ session, transaction }) {
         await renew(session);
         if (exempt(session)) return proceed();
         const r = config.recipients;
@@ -234,14 +239,12 @@ export default definePlugin({
           );
           return defer(452, '4.5.3', 'Too many recipients');
         }
-        const id = `${transaction.id}:${recipient.address.toLowerCase()}`;
         const checks: Check[] = [];
         if (r.perClient)
           checks.push(
             rateCheck(
               'recipients.perClient',
               client(session),
-              id,
               r.perClient,
               defer(451, '4.7.1', 'Too many recipients from your network; try again later'),
             ),
@@ -251,7 +254,6 @@ export default definePlugin({
             rateCheck(
               'recipients.perUser',
               session.user.toLowerCase(),
-              id,
               r.perUser,
               defer(451, '4.7.1', 'Too many recipients from this user; try again later'),
             ),

@@ -250,6 +250,28 @@ describe('limit: messages per time', () => {
   });
 });
 
+describe('limit: several limits on one command', () => {
+  it('a command refused by one limit counts in none of the others', async (t) => {
+    const srv = await startLimited(t, {
+      trustedNetworks: [],
+      messages: { perClient: { max: 10, per: '1m' }, perSenderDomain: { max: 1, per: '1m' } },
+    });
+    const c = await helloFrom(srv.port, '127.0.0.34');
+    assert.equal((await transaction(c, 'alice@galettes.test')).code, 250);
+    assert.match(
+      (await transaction(c, 'bert@galettes.test')).raw,
+      /^451 4\.7\.1 Too many messages from this sender domain/,
+    );
+    c.close();
+    const state = resolveToken(srv.app.generation.container, Tokens.State);
+    const perClient = await state.addToRate('limit:messages.perClient:127.0.0.34/32', {
+      windowMs: 60_000,
+      by: 0,
+    });
+    assert.equal(perClient, 1, 'the refused message was given back to the per-client count');
+  });
+});
+
 describe('limit: recipients', () => {
   it('per message: 452 4.5.3 for the recipient over the limit; the message goes to the others', async (t) => {
     const srv = await startLimited(t, { trustedNetworks: [], recipients: { perMessage: 3 } });

@@ -2,8 +2,13 @@ import type { StateStore } from '../../core/index.js';
 
 /**
  * The counts behind every limit, in the State service, so that every worker and every machine
- * sharing the store count together. Each is a sliding window of events (`addEvent`): one event
- * per connection, message or recipient, under `limit:<what>:<key>`.
+ * sharing the store count together, under `limit:<what>:<key>`:
+ *
+ * - a rate ("at most N per time": connections, messages, recipients) is a rate counter
+ *   (`addToRate`): its cost does not grow with the rate, and it never counts less than the
+ *   exact sliding window (an event may count up to 1/20 of the window longer: state.ts);
+ * - open connections are a window of events (`addEvent`), one per connection by its session id,
+ *   exact: a closing connection removes its own event, and the lease bounds one never removed.
  *
  * An event is counted first and checked after: two workers cannot both slip under the limit
  * between a check and a count. An event over the limit is taken back out at once, so a refused
@@ -13,30 +18,41 @@ import type { StateStore } from '../../core/index.js';
 export class Windows {
   constructor(private readonly state: StateStore) {}
 
-  /**
-   * Counts event `id` under `key` if the window has room for it: resolves to the count with it
-   * (`allowed`), or to the count that refused it, the event already removed.
-   */
-  async take(key: string, id: string, opts: { max: number; windowMs: number }): Promise<Taken> {
-    const count = await this.state.addEvent(key, id, { windowMs: opts.windowMs });
+  /** Counts one event under `key` if the rate has room for it (see `Taken`). */
+  async take(key: string, opts: { max: number; windowMs: number }): Promise<Taken> {
+    const count = await this.state.addToRate(key, { windowMs: opts.windowMs });
     if (count <= opts.max) return { allowed: true, count };
-    await this.state.removeEvent(key, id);
+    await this.giveBack(key, opts.windowMs);
     return { allowed: false, count };
   }
 
-  /** Moves event `id` to now: a connection still open renews its lease. */
-  async renew(key: string, id: string, windowMs: number): Promise<void> {
-    await this.state.addEvent(key, id, { windowMs });
+  /** Takes back an event `take` counted (a later limit refused the command). */
+  async giveBack(key: string, windowMs: number): Promise<void> {
+    await this.state.addToRate(key, { windowMs, by: -1 });
   }
 
-  /** Removes event `id` (a connection that closed). */
+  /** Counts the open connection `id` under `key` if there is room for it (see `Taken`). */
+  async open(key: string, id: string, opts: { max: number; lease: number }): Promise<Taken> {
+    const count = await this.state.addEvent(key, id, { windowMs: opts.lease });
+    if (count <= opts.max) return { allowed: true, count };
+    await this.release(key, id);
+    return { allowed: false, count };
+  }
+
+  /** Moves connection `id` to now: a connection still open renews its lease. */
+  async renew(key: string, id: string, lease: number): Promise<void> {
+    await this.state.addEvent(key, id, { windowMs: lease });
+  }
+
+  /** Removes connection `id` (it closed, or a later limit refused it). */
   async release(key: string, id: string): Promise<void> {
     await this.state.removeEvent(key, id);
   }
 }
 
 export interface Taken {
+  /** Counted: the count, this event included, is within the limit. Otherwise already taken back. */
   readonly allowed: boolean;
-  /** Events in the window, this one included. */
+  /** Events counted, this one included. */
   readonly count: number;
 }

@@ -8,7 +8,7 @@ import { setTimeout as sleep, setImmediate as tick } from 'node:timers/promises'
 import { createClient } from 'redis';
 import { RedisState } from '../../core/services/state-redis.js';
 import { SqliteState } from '../../core/services/state-sqlite.js';
-import { StateError, type StateStore } from '../../core/services/state.js';
+import { RATE_BUCKETS, StateError, type StateStore } from '../../core/services/state.js';
 import { redisMissing, startRedis, type RedisPeer } from '../harness/redis.js';
 
 const STATE_MODULE = new URL('../../core/services/state-sqlite.js', import.meta.url).href;
@@ -144,6 +144,64 @@ function contract(backend: Backend): void {
       assert.equal(await a.delete('test:window'), true, 'delete removes a window');
       assert.equal(await a.countEvents('test:window', window), 0);
     });
+
+    it('counts a rate from two stores: every event of the window, at most one sub-bucket more', async () => {
+      const windowMs = 2000;
+      const width = windowMs / RATE_BUCKETS;
+      // At the start of a sub-bucket, so the test knows which sub-bucket each event is in.
+      now = Math.ceil((base + 7_000_000) / width) * width;
+      const first = now;
+      const a = store();
+      const b = store();
+      const results = await Promise.all(
+        Array.from({ length: 20 }, (_, i) => (i % 2 ? a : b).addToRate('test:rate', { windowMs })),
+      );
+      assert.deepEqual(
+        results.sort((x, y) => x - y),
+        Array.from({ length: 20 }, (_, i) => i + 1),
+        'atomic: no two adds see the same count',
+      );
+      now += 1000;
+      assert.equal(await b.addToRate('test:rate', { windowMs, by: 5 }), 25);
+      assert.equal(await a.addToRate('test:rate', { windowMs, by: 0 }), 25, 'by 0 only reads');
+      now = first + windowMs;
+      assert.equal(
+        await a.addToRate('test:rate', { windowMs, by: 0 }),
+        25,
+        "the first events' sub-bucket still overlaps the window",
+      );
+      now = first + windowMs + width - 1;
+      assert.equal(await a.addToRate('test:rate', { windowMs, by: 0 }), 25, 'at most one sub-bucket more');
+      now = first + windowMs + width;
+      assert.equal(await b.addToRate('test:rate', { windowMs, by: 0 }), 5, 'the first 20 left the window');
+      now = first + 1000 + windowMs + width;
+      assert.equal(await b.addToRate('test:rate', { windowMs, by: 0 }), 0, 'all of them left it');
+    });
+
+    it('takes events back from a rate, never counting below 0; delete removes a rate', async () => {
+      now = base + 8_000_000;
+      const a = store();
+      const b = store();
+      const rate = { windowMs: 60_000 };
+      assert.equal(await a.addToRate('test:rate-back', rate), 1);
+      assert.equal(await b.addToRate('test:rate-back', rate), 2);
+      assert.equal(
+        await b.addToRate('test:rate-back', { ...rate, by: -1 }),
+        1,
+        'a refused attempt taken back',
+      );
+      assert.equal(await a.addToRate('test:rate-back', { ...rate, by: -5 }), 0, 'never below 0');
+      await assert.rejects(a.addToRate('test:rate-back', { ...rate, by: 1.5 }), StateError);
+      await assert.rejects(a.addToRate('test:rate-back', { windowMs: 0 }), StateError);
+      assert.equal(await a.addToRate('test:rate-none', { ...rate, by: 0 }), 0, 'an absent rate counts 0');
+      await a.addToRate('test:rate-del', rate);
+      assert.equal(await b.delete('test:rate-del'), true, 'delete removes a rate');
+      assert.equal(await a.addToRate('test:rate-del', { ...rate, by: 0 }), 0);
+      now += rate.windowMs * 2;
+      await a.addToRate('test:rate-old', { windowMs: 1000 });
+      now += 2000;
+      assert.equal(await b.delete('test:rate-old'), false, 'a rate whose events all left is not there');
+    });
   });
 }
 
@@ -194,6 +252,7 @@ describe('State service: the sqlite store', () => {
     const a = store(path);
     for (let i = 0; i < 2500; i++) await a.set(`test:sweep:${i}`, 'x', { ttlMs: 10 });
     await a.addEvent('test:sweep-window', 'e', { windowMs: 10 });
+    await a.addToRate('test:sweep-rate', { windowMs: 10 });
     await a.set('test:keep', 'x', { ttlMs: 60_000 });
     now += 10;
     await a.sweep();
@@ -203,9 +262,64 @@ describe('State service: the sqlite store', () => {
       const rows = (sql: string): number => Number((db.prepare(sql).get() as { n: number }).n);
       assert.equal(rows('SELECT count(*) AS n FROM state_values'), 1, 'only the live key is left');
       assert.equal(rows('SELECT count(*) AS n FROM state_events'), 0);
+      assert.equal(
+        rows('SELECT count(*) AS n FROM state_rates'),
+        1,
+        'a rate lives its window and one sub-bucket',
+      );
+      now += 1;
+      await a.sweep();
+      assert.equal(rows('SELECT count(*) AS n FROM state_rates'), 0);
     } finally {
       db.close();
     }
+  });
+
+  it('commits the writes of one turn together; one that refuses fails alone', async () => {
+    now = 7_000_000;
+    const a = store(join(dir, 'batch.sqlite'));
+    await a.set('test:text', 'not a number', { ttlMs: 60_000 });
+    const [counted, refused, stored] = await Promise.allSettled([
+      a.increment('test:n', { ttlMs: 60_000 }),
+      a.increment('test:text', { ttlMs: 60_000 }),
+      a.set('test:v', 'v', { ttlMs: 60_000 }),
+    ]);
+    assert.deepEqual(counted, { status: 'fulfilled', value: 1 });
+    assert.ok(refused.status === 'rejected' && refused.reason instanceof StateError);
+    assert.match(String((refused as PromiseRejectedResult).reason), /not an integer/);
+    assert.equal(stored.status, 'fulfilled');
+    assert.equal(await a.get('test:n'), '1');
+    assert.equal(await a.get('test:v'), 'v');
+  });
+
+  it('rejects every write of a batch and keeps none when the file stays locked', async () => {
+    now = 7_500_000;
+    const path = join(dir, 'locked.sqlite');
+    const a = new SqliteState({ path, now: () => now, busyTimeoutMs: 50 });
+    open.push(a);
+    await a.set('test:before', 'x', { ttlMs: 60_000 });
+    const { DatabaseSync } = await import('node:sqlite');
+    const other = new DatabaseSync(path);
+    other.exec('BEGIN IMMEDIATE');
+    const results = await Promise.allSettled([
+      a.addToRate('test:rate', { windowMs: 60_000 }),
+      a.set('test:during', 'y', { ttlMs: 60_000 }),
+    ]);
+    other.exec('ROLLBACK');
+    other.close();
+    for (const r of results) assert.ok(r.status === 'rejected' && r.reason instanceof StateError);
+    assert.equal(await a.get('test:during'), null, 'nothing of the batch was kept');
+    assert.equal(await a.addToRate('test:rate', { windowMs: 60_000 }), 1, 'works again once free');
+  });
+
+  it('writes what was asked before close', async () => {
+    now = 8_000_000;
+    const path = join(dir, 'close.sqlite');
+    const a = new SqliteState({ path, now: () => now });
+    const written = a.set('test:last', 'kept', { ttlMs: 60_000 });
+    await a.close();
+    await written;
+    assert.equal(await store(path).get('test:last'), 'kept');
   });
 
   it('rejects with a StateError once closed', async () => {
