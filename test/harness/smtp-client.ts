@@ -65,6 +65,11 @@ export class SmtpClient {
     });
   }
 
+  /** A client over a socket that is already connected (a TLS socket a test set up itself). */
+  static over(socket: Socket | TLSSocket): SmtpClient {
+    return new SmtpClient(socket);
+  }
+
   get tlsSocket(): TLSSocket | null {
     return 'getPeerCertificate' in this.socket ? (this.socket as TLSSocket) : null;
   }
