@@ -57,7 +57,12 @@ export class SmtpClient {
       const { localAddress } = opts;
       const s = opts.tls
         ? tlsConnect(
-            { port, host, rejectUnauthorized: false, servername: opts.servername ?? 'mx.test' },
+            {
+              // From a chosen local address: over a plain socket connected from it.
+              ...(localAddress ? { socket: netConnect({ port, host, localAddress }) } : { port, host }),
+              rejectUnauthorized: false,
+              servername: opts.servername ?? 'mx.test',
+            },
             () => resolve(new SmtpClient(s)),
           )
         : netConnect({ port, host, localAddress }, () => resolve(new SmtpClient(s)));
