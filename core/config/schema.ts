@@ -109,7 +109,9 @@ const listenerSchema = z
           )
           .min(1, { message: 'expected at least one network the proxy connects from' }),
         /** The whole header must arrive within this, counted from the connection. */
-        timeout: duration.refine((ms) => ms > 0, { message: 'expected a duration greater than 0' }).default(5000),
+        timeout: duration
+          .refine((ms) => ms > 0, { message: 'expected a duration greater than 0' })
+          .default(5000),
       })
       .strict()
       .optional(),

@@ -110,7 +110,7 @@ function ipv6(b: Buffer): string {
   // Canonical text form (RFC 5952), so the address compares equal to what a socket reports.
   const full = groups.join(':');
   let best = { at: -1, len: 0 };
-  for (let i = 0; i < 8; ) {
+  for (let i = 0; i < 8;) {
     if (groups[i] !== '0') {
       i++;
       continue;
@@ -140,7 +140,8 @@ function parseV2(buf: Buffer): ProxyParse {
   if (command === 0) return { kind: 'header', header: { version: 2, endpoints: null, length } };
   const family = famProto >> 4;
   const transport = famProto & 0x0f;
-  if (family === 0 || family === 3) return { kind: 'header', header: { version: 2, endpoints: null, length } };
+  if (family === 0 || family === 3)
+    return { kind: 'header', header: { version: 2, endpoints: null, length } };
   if (transport !== 1) return invalid('v2 transport is not a stream (TCP)');
   const block = buf.subarray(16, length);
   if (family === 1) {
@@ -210,9 +211,16 @@ export function readProxyHeader(socket: Socket, timeoutMs: number): Promise<Prox
       done({ ok: true, header: parsed.header, rest: buf.subarray(parsed.header.length) });
     };
     const onEnd = (): void =>
-      done({ ok: false, reason: buf.length ? 'closed in the middle of the header' : 'closed before the header' });
+      done({
+        ok: false,
+        reason: buf.length ? 'closed in the middle of the header' : 'closed before the header',
+      });
     const timer = setTimeout(
-      () => done({ ok: false, reason: buf.length ? 'header incomplete at the deadline' : 'no header by the deadline' }),
+      () =>
+        done({
+          ok: false,
+          reason: buf.length ? 'header incomplete at the deadline' : 'no header by the deadline',
+        }),
       timeoutMs,
     );
     socket.on('data', onData);

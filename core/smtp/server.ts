@@ -130,7 +130,10 @@ export class SmtpServer implements SessionHost {
     const refuse = (reason: string): void => {
       gen.metrics.inc('smtp.connections.refused');
       gen.metrics.inc('smtp.proxy.refused');
-      this.log.info({ listener: config.name, proxy: proxy.address, port: proxy.port, reason }, 'PROXY protocol: connection refused');
+      this.log.info(
+        { listener: config.name, proxy: proxy.address, port: proxy.port, reason },
+        'PROXY protocol: connection refused',
+      );
       socket.destroy();
     };
     // Checked before reading a byte: a header from anyone else is never looked at.

@@ -314,7 +314,9 @@ export class SmtpSession implements SessionState {
     if (change.local) this.local = Object.freeze({ address: change.local.address, port: change.local.port });
     if (change.name !== undefined) this.remoteName = change.name;
     if (change.user !== undefined) this.user = change.user;
-    this.helo = change.helo ? Object.freeze({ verb: change.helo.verb, hostname: change.helo.hostname }) : null;
+    this.helo = change.helo
+      ? Object.freeze({ verb: change.helo.verb, hostname: change.helo.hostname })
+      : null;
     this.notes = new Notes();
     this.gen.metrics.inc('smtp.client_changed');
     this.log.info(
@@ -1131,7 +1133,8 @@ export class SmtpSession implements SessionState {
  */
 function checkIdentity(c: ClientIdentity): ClientIdentity {
   const endpoint = (e: { address?: string; port?: number }, what: string): void => {
-    if (e.address !== undefined && isIP(e.address) === 0) throw new TypeError(`changeClient: ${what} address is not an IP address`);
+    if (e.address !== undefined && isIP(e.address) === 0)
+      throw new TypeError(`changeClient: ${what} address is not an IP address`);
     if (e.port !== undefined && !(Number.isInteger(e.port) && e.port >= 0 && e.port <= 65535))
       throw new TypeError(`changeClient: ${what} port is not a number from 0 to 65535`);
   };

@@ -62,7 +62,9 @@ describe('behind HAProxy', () => {
       const hp = await proxy(t);
       if (!hp) return;
       const token = randomUUID();
-      const allowed = await SmtpClient.connect(hp.ports[version]!, '127.0.0.1', { localAddress: '127.0.0.2' });
+      const allowed = await SmtpClient.connect(hp.ports[version]!, '127.0.0.1', {
+        localAddress: '127.0.0.2',
+      });
       await allowed.expect(/^220 mx\.test /);
       const ehlo = await allowed.cmd('EHLO two.test', /^250[ -]/);
       assert.match(ehlo.lines[0]!, /Hello two\.test \[127\.0\.0\.2\]/);
@@ -79,7 +81,9 @@ describe('behind HAProxy', () => {
       const summary = await lines((l) => l.msg === 'connection closed' && l.remote === '127.0.0.2');
       assert.match(String(summary.proxy), /^127\.0\.0\.1:\d+$/, 'the log names the proxy too');
 
-      const refused = await SmtpClient.connect(hp.ports[version]!, '127.0.0.1', { localAddress: '127.0.0.3' });
+      const refused = await SmtpClient.connect(hp.ports[version]!, '127.0.0.1', {
+        localAddress: '127.0.0.3',
+      });
       await refused.expect(/^220 /);
       const e3 = await refused.cmd('EHLO three.test', /^250[ -]/);
       assert.match(e3.lines[0]!, /\[127\.0\.0\.3\]/);
@@ -137,6 +141,10 @@ describe('behind HAProxy', () => {
     c.write(Buffer.from('0d0a0d0a000d0a515549540a2f11ffff', 'hex'));
     await c.closed();
     assert.equal(c.unread, '');
-    await lines((l) => l.msg === 'PROXY protocol: connection refused' && l.reason === 'v2 command 15 is neither LOCAL nor PROXY');
+    await lines(
+      (l) =>
+        l.msg === 'PROXY protocol: connection refused' &&
+        l.reason === 'v2 command 15 is neither LOCAL nor PROXY',
+    );
   });
 });

@@ -168,7 +168,9 @@ describe('PROXY protocol listener', () => {
     raw.on('data', (d: Buffer) => outer.write(d));
     raw.on('close', () => outer.destroy());
     const secure = await new Promise<TLSSocket>((resolve, reject) => {
-      const s = tlsConnect({ socket: inner, rejectUnauthorized: false, servername: 'mx.test' }, () => resolve(s));
+      const s = tlsConnect({ socket: inner, rejectUnauthorized: false, servername: 'mx.test' }, () =>
+        resolve(s),
+      );
       s.once('error', reject);
     });
     const c = SmtpClient.over(secure);
