@@ -92,6 +92,8 @@ export class SmtpServer implements SessionHost {
     return bound;
   }
 
+  /** Connections whose PROXY header is still awaited: closed at once on shutdown. */
+  private readonly awaitingHeader = new Set<Socket>();
   /** Each listener config's compiled `proxyProtocol.networks` (a new config compiles anew). */
   private readonly proxyNetworks = new WeakMap<ListenerConfig, (address: string) => boolean>();
 
@@ -139,8 +141,11 @@ export class SmtpServer implements SessionHost {
     // Checked before reading a byte: a header from anyone else is never looked at.
     if (!trusted(proxy.address)) return refuse('peer not in proxyProtocol.networks');
     if (this.stopping) return refuse('shutting down');
-    const read = await readProxyHeader(socket, proxyConfig.timeout);
-    if (!read.ok) return refuse(read.reason);
+    this.awaitingHeader.add(socket);
+    const read = await readProxyHeader(socket, proxyConfig.timeout).finally(() =>
+      this.awaitingHeader.delete(socket),
+    );
+    if (!read.ok) return refuse(this.stopping ? 'shutting down' : read.reason);
     if (this.stopping || socket.destroyed) return refuse('shutting down');
     const endpoints = read.header.endpoints;
     this.admit(socket, config, gen, {
@@ -215,6 +220,8 @@ export class SmtpServer implements SessionHost {
     this.stopping = true;
     // close() stops accepting at once; its callback waits for every connection, so don't await it.
     for (const { server } of this.servers) server.close();
+    // Not sessions yet: nothing to finish, and nothing may be sent before the header.
+    for (const socket of this.awaitingHeader) socket.destroy();
     // Idle sessions (no transaction in progress) are told at once.
     for (const s of this.sessions) if (!s.inTransaction) s.interrupt();
     if (this.sessions.size === 0) return;

@@ -180,4 +180,28 @@ describe('PROXY protocol listener', () => {
     await c.cmd('QUIT', /^221 /);
     raw.destroy();
   });
+
+  it('closes a connection still awaiting its header at shutdown, not at the header deadline', async () => {
+    const other = await startServer({
+      config: {
+        listeners: [
+          {
+            kind: 'smtp',
+            address: '127.0.0.1',
+            port: 0,
+            proxyProtocol: { networks: ['127.0.0.1/32'], timeout: '10m' },
+          },
+        ],
+      },
+    });
+    const c = await SmtpClient.connect(other.port);
+    const port = localPort(c);
+    await new Promise((r) => setTimeout(r, 50)); // accepted, header awaited
+    await other.close();
+    await closedWithoutReply(c);
+    const find = (): Record<string, unknown> | undefined =>
+      other.logs.find((l) => l.msg === 'PROXY protocol: connection refused' && l.port === port);
+    for (let i = 0; i < 50 && !find(); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(find()?.reason, 'shutting down');
+  });
 });
