@@ -181,6 +181,39 @@ describe('PROXY protocol listener', () => {
     raw.destroy();
   });
 
+  it("counts maxConnectionsPerIp under the header's client, not the proxy's address", async () => {
+    const other = await startServer({
+      config: {
+        listeners: [
+          {
+            kind: 'smtp',
+            address: '127.0.0.1',
+            port: 0,
+            proxyProtocol: { networks: ['127.0.0.1/32'] },
+            limits: { maxConnectionsPerIp: 1 },
+          },
+        ],
+      },
+    });
+    try {
+      const open = async (client: string): Promise<SmtpClient> => {
+        const c = await SmtpClient.connect(other.port);
+        c.write(`PROXY TCP4 ${client} 198.51.100.25 41000 25\r\n`);
+        return c;
+      };
+      const a = await open('203.0.113.1');
+      await a.expect(/^220 /);
+      const b = await open('203.0.113.2');
+      await b.expect(/^220 /);
+      const again = await open('203.0.113.1');
+      await again.expect(/^421 mx\.test Too many connections, try again later/);
+      a.close();
+      b.close();
+    } finally {
+      await other.close();
+    }
+  });
+
   it('closes a connection still awaiting its header at shutdown, not at the header deadline', async () => {
     const other = await startServer({
       config: {
