@@ -1,6 +1,7 @@
 import { hostname as osHostname } from 'node:os';
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { cidrProblem } from '../util/cidr.js';
 import { parseDuration } from '../util/duration.js';
 
 /** A duration: milliseconds, or a string such as `30s`, `5m`, `4h`. */
@@ -91,6 +92,29 @@ const listenerSchema = z
     allowInsecureAuth: z.boolean().default(false),
     /** Per-listener overrides of the top-level `limits`. */
     limits: listenerLimitsSchema.optional(),
+    /**
+     * The PROXY protocol (v1 or v2) on this listener: every connection must come from one of
+     * `networks` and start with a PROXY header, whose client address and port then stand for the
+     * connection everywhere. Anyone else, or a connection without a valid header, is closed.
+     */
+    proxyProtocol: z
+      .object({
+        /** The proxies' addresses (CIDR); required, so that no one else can claim an address. */
+        networks: z
+          .array(
+            z.string().superRefine((text, ctx) => {
+              const problem = cidrProblem(text);
+              if (problem) ctx.addIssue({ code: 'custom', message: problem });
+            }),
+          )
+          .min(1, { message: 'expected at least one network the proxy connects from' }),
+        /** The whole header must arrive within this, counted from the connection. */
+        timeout: duration
+          .refine((ms) => ms > 0, { message: 'expected a duration greater than 0' })
+          .default(5000),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 

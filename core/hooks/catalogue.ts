@@ -22,8 +22,26 @@ export interface TlsInfo {
 /** What a plugin may read about the connection. Fields fill in as the session goes on. */
 export interface SessionView {
   readonly id: string;
+  /**
+   * The client, as every policy should see it: the socket's peer, or the client a trusted
+   * proxy's PROXY header declared, or the one a plugin set since (`changeClient`, e.g. XCLIENT).
+   */
   readonly remote: Endpoint;
+  /** The address and port the client connected to (from the PROXY header when there is one). */
   readonly local: Endpoint;
+  /**
+   * The client's host name when a trusted peer declared it (XCLIENT NAME); null otherwise.
+   * Petrel does not look it up itself (the hygiene plugin checks forward-confirmed reverse DNS).
+   */
+  readonly remoteName: string | null;
+  /**
+   * Who speaks SMTP on this connection, fixed for its life: the socket's peer, or the client the
+   * PROXY header declared. Unlike `remote`, `changeClient` does not move it: judge whether a
+   * command that changes the client identity may be trusted on this address.
+   */
+  readonly peer: Endpoint;
+  /** The socket's peer when it is a proxy that sent a PROXY header; null for a direct client. */
+  readonly proxy: Endpoint | null;
   readonly listener: { readonly kind: ListenerKind; readonly name: string };
   /** The HELO/EHLO the client gave, once accepted. */
   readonly helo: { readonly verb: 'HELO' | 'EHLO'; readonly hostname: string } | null;
@@ -324,6 +342,33 @@ export interface UnrecognizedCommandContext extends Base {
   readonly verb: string;
   /** The rest of the line after the verb. */
   readonly args: string;
+  /**
+   * Makes the session continue as another client (XCLIENT and the like). The change takes effect
+   * only when the chain ends with `accept()`: the session then restarts as if that client had
+   * just connected (see `ClientIdentity` and docs/hooks.md); with any other verdict it is
+   * dropped. Check that `session.peer` may make such a claim before calling it: the engine
+   * trusts the plugin.
+   */
+  changeClient(identity: ClientIdentity): void;
+}
+
+/**
+ * A client identity a plugin declares with `changeClient`. Each field that is given replaces the
+ * session's; a field left out keeps its value, except `helo`, which a restart forgets (as at a
+ * new connection) unless it is given.
+ */
+export interface ClientIdentity {
+  /** The client's IP address (`session.remote.address`). */
+  readonly address?: string;
+  readonly port?: number;
+  /** The client's verified host name (`session.remoteName`); null: unknown. */
+  readonly name?: string | null;
+  /** The HELO/EHLO the client gave; null or left out: the client must send one. */
+  readonly helo?: { readonly verb: 'HELO' | 'EHLO'; readonly hostname: string } | null;
+  /** The name the client authenticated as (`session.user`); null: not authenticated. */
+  readonly user?: string | null;
+  /** The address and port the client connected to (`session.local`). */
+  readonly local?: Endpoint;
 }
 
 /**

@@ -61,6 +61,14 @@ export class SocketReader {
     socket.on('error', this.onEnd);
   }
 
+  /**
+   * Octets read from the socket before this reader was attached (what followed a PROXY header),
+   * taken as if they had just arrived: they count for the early-talker check.
+   */
+  arrivedBefore(chunk: Buffer): void {
+    if (chunk.length > 0) this.onData(chunk);
+  }
+
   /** Stops reading from the socket (before it is handed to TLS). */
   detach(): void {
     const s = this.socket;

@@ -30,7 +30,11 @@ export function receivedValue(opts: {
 }): string {
   const { session } = opts;
   const helo = session.helo?.hostname ?? 'unknown';
-  let v = `from ${helo} (${addressLiteral(session.remote.address)})\r\n\tby ${opts.hostname} (Petrel) with ${protocolName(session, opts.utf8)} id ${opts.id}`;
+  // RFC 5321 §4.4 TCP-info: the address literal, after the host name when one is known.
+  const who = session.remoteName
+    ? `${session.remoteName} ${addressLiteral(session.remote.address)}`
+    : addressLiteral(session.remote.address);
+  let v = `from ${helo} (${who})\r\n\tby ${opts.hostname} (Petrel) with ${protocolName(session, opts.utf8)} id ${opts.id}`;
   if (session.tls) v += `\r\n\t(using ${session.tls.protocol} with cipher ${session.tls.cipher})`;
   if (opts.recipients.length === 1) v += `\r\n\tfor <${opts.recipients[0]}>`;
   return `${v};\r\n\t${rfc5322Date(opts.date)}`;

@@ -3,8 +3,10 @@ import type { Logger } from 'pino';
 import type { ListenerConfig } from '../config/schema.js';
 import type { Generation } from './generation.js';
 import { LocalGate, type ConnectionGate } from './gate.js';
+import { compileCidrs } from '../util/cidr.js';
+import { readProxyHeader } from './proxy-protocol.js';
 import { formatReply } from './reply.js';
-import { SmtpSession, type SessionHost } from './session.js';
+import { SmtpSession, type ConnectionOrigin, type SessionHost } from './session.js';
 
 export interface BoundListener {
   readonly name: string;
@@ -90,13 +92,74 @@ export class SmtpServer implements SessionHost {
     return bound;
   }
 
+  /** Connections whose PROXY header is still awaited: closed at once on shutdown. */
+  private readonly awaitingHeader = new Set<Socket>();
+  /** Each listener config's compiled `proxyProtocol.networks` (a new config compiles anew). */
+  private readonly proxyNetworks = new WeakMap<ListenerConfig, (address: string) => boolean>();
+
   private accept(socket: Socket, bound: ListenerConfig): void {
     const gen = this.current();
     // Settings other than address and port follow a reload; the listener keeps its name.
     const config = gen.config.listeners.find((l) => l.name === bound.name && l.kind === bound.kind) ?? bound;
-    const ip = socket.remoteAddress ?? '';
-    const listener = config.name ?? '';
     socket.on('error', () => undefined);
+    if (!config.proxyProtocol) {
+      return this.admit(socket, config, gen, {
+        remote: { address: socket.remoteAddress ?? '', port: socket.remotePort ?? 0 },
+        local: { address: socket.localAddress ?? '', port: socket.localPort ?? 0 },
+        proxy: null,
+      });
+    }
+    this.acceptProxied(socket, config, gen).catch((err: unknown) => {
+      this.log.error({ err, listener: config.name }, 'PROXY protocol: accepting failed');
+      socket.destroy();
+    });
+  }
+
+  /**
+   * A PROXY-protocol listener: the peer must be in `proxyProtocol.networks` and send a valid
+   * header within `proxyProtocol.timeout`; then the header's client stands for the connection
+   * from the connection limits on. A refusal closes the socket without a reply: the peer is a
+   * proxy (or someone posing as one) and anything sent would reach its client as a greeting.
+   */
+  private async acceptProxied(socket: Socket, config: ListenerConfig, gen: Generation): Promise<void> {
+    const proxyConfig = config.proxyProtocol!;
+    let trusted = this.proxyNetworks.get(config);
+    if (!trusted) {
+      trusted = compileCidrs(proxyConfig.networks);
+      this.proxyNetworks.set(config, trusted);
+    }
+    const proxy = { address: socket.remoteAddress ?? '', port: socket.remotePort ?? 0 };
+    const refuse = (reason: string): void => {
+      gen.metrics.inc('smtp.connections.refused');
+      gen.metrics.inc('smtp.proxy.refused');
+      this.log.info(
+        { listener: config.name, proxy: proxy.address, port: proxy.port, reason },
+        'PROXY protocol: connection refused',
+      );
+      socket.destroy();
+    };
+    // Checked before reading a byte: a header from anyone else is never looked at.
+    if (!trusted(proxy.address)) return refuse('peer not in proxyProtocol.networks');
+    if (this.stopping) return refuse('shutting down');
+    this.awaitingHeader.add(socket);
+    const read = await readProxyHeader(socket, proxyConfig.timeout).finally(() =>
+      this.awaitingHeader.delete(socket),
+    );
+    if (!read.ok) return refuse(this.stopping ? 'shutting down' : read.reason);
+    if (this.stopping || socket.destroyed) return refuse('shutting down');
+    const endpoints = read.header.endpoints;
+    this.admit(socket, config, gen, {
+      // LOCAL/UNKNOWN: the proxy speaks for itself (a health check) and keeps its own address.
+      remote: endpoints?.remote ?? proxy,
+      local: endpoints?.local ?? { address: socket.localAddress ?? '', port: socket.localPort ?? 0 },
+      proxy,
+      early: read.rest,
+    });
+  }
+
+  private admit(socket: Socket, config: ListenerConfig, gen: Generation, origin: ConnectionOrigin): void {
+    const ip = origin.remote.address;
+    const listener = config.name ?? '';
     const refuse = (text: string): void => {
       gen.metrics.inc('smtp.connections.refused');
       socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
@@ -117,7 +180,7 @@ export class SmtpServer implements SessionHost {
         if (!socket.destroyed) refuse('Service shutting down');
         return;
       }
-      this.serve(socket, config, gen, ip, listener);
+      this.serve(socket, config, gen, origin, listener);
     };
     if (typeof admitted === 'boolean') return admittedThen(admitted);
     // A shared gate answers over IPC; meanwhile the client's bytes wait in the socket's buffer
@@ -125,11 +188,18 @@ export class SmtpServer implements SessionHost {
     admitted.then(admittedThen, () => refuse('Service temporarily unavailable'));
   }
 
-  private serve(socket: Socket, config: ListenerConfig, gen: Generation, ip: string, listener: string): void {
+  private serve(
+    socket: Socket,
+    config: ListenerConfig,
+    gen: Generation,
+    origin: ConnectionOrigin,
+    listener: string,
+  ): void {
+    const ip = origin.remote.address;
     gen.plugins.retain();
     gen.metrics.inc('smtp.connections');
     gen.metrics.add('smtp.connections.active', 1);
-    const session = new SmtpSession(socket, config, gen, this);
+    const session = new SmtpSession(socket, config, gen, this, origin);
     this.sessions.add(session);
     void session.run().finally(() => {
       this.sessions.delete(session);
@@ -150,6 +220,8 @@ export class SmtpServer implements SessionHost {
     this.stopping = true;
     // close() stops accepting at once; its callback waits for every connection, so don't await it.
     for (const { server } of this.servers) server.close();
+    // Not sessions yet: nothing to finish, and nothing may be sent before the header.
+    for (const socket of this.awaitingHeader) socket.destroy();
     // Idle sessions (no transaction in progress) are told at once.
     for (const s of this.sessions) if (!s.inTransaction) s.interrupt();
     if (this.sessions.size === 0) return;

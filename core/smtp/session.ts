@@ -1,9 +1,11 @@
-import type { Socket } from 'node:net';
+import { isIP, type Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Limits, ListenerConfig } from '../config/schema.js';
 import type {
+  ClientIdentity,
+  Endpoint,
   MailParams,
   Recipient,
   RecipientParams,
@@ -33,6 +35,19 @@ import {
   type TransactionState,
 } from './views.js';
 import { formatReply } from './reply.js';
+
+/**
+ * Where a connection comes from: the socket's endpoints, or, behind a proxy that sent a PROXY
+ * header, the client and address the header declared plus the proxy itself.
+ */
+export interface ConnectionOrigin {
+  readonly remote: Endpoint;
+  readonly local: Endpoint;
+  /** The socket's peer when it sent a PROXY header; null for a direct client. */
+  readonly proxy: Endpoint | null;
+  /** Octets the client sent that were read with the PROXY header; the session sees them first. */
+  readonly early?: Buffer;
+}
 
 /** What the listener tells a session about the server as a whole. */
 export interface SessionHost {
@@ -122,9 +137,13 @@ const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
 export class SmtpSession implements SessionState {
   readonly id = newId();
   readonly startedAt: Date;
-  readonly notes = new Notes();
-  readonly remote: { address: string; port: number };
-  readonly local: { address: string; port: number };
+  /** Replaced when the client identity changes: what plugins noted was about the old client. */
+  notes = new Notes();
+  remote: Endpoint;
+  local: Endpoint;
+  remoteName: string | null = null;
+  readonly peer: Endpoint;
+  readonly proxy: Endpoint | null;
   readonly listener: { kind: ListenerConfig['kind']; name: string };
   helo: SessionView['helo'] = null;
   tls: TlsInfo | null = null;
@@ -151,11 +170,18 @@ export class SmtpSession implements SessionState {
     private readonly listenerConfig: ListenerConfig,
     private readonly gen: Generation,
     private readonly host: SessionHost,
+    private readonly origin: ConnectionOrigin = {
+      remote: { address: raw.remoteAddress ?? '', port: raw.remotePort ?? 0 },
+      local: { address: raw.localAddress ?? '', port: raw.localPort ?? 0 },
+      proxy: null,
+    },
   ) {
     this.socket = raw;
     this.startedAt = gen.clock.now();
-    this.remote = Object.freeze({ address: raw.remoteAddress ?? '', port: raw.remotePort ?? 0 });
-    this.local = Object.freeze({ address: raw.localAddress ?? '', port: raw.localPort ?? 0 });
+    this.remote = Object.freeze({ ...origin.remote });
+    this.local = Object.freeze({ ...origin.local });
+    this.peer = this.remote;
+    this.proxy = origin.proxy ? Object.freeze({ ...origin.proxy }) : null;
     this.listener = Object.freeze({
       kind: listenerConfig.kind,
       name: listenerConfig.name ?? listenerConfig.kind,
@@ -171,40 +197,43 @@ export class SmtpSession implements SessionState {
     return (this.logger ??= this.gen.log.child({ session: this.id }));
   }
 
+  /** For log lines: the client, and who vouched for it when that is someone else. */
+  private who(): Record<string, unknown> {
+    return {
+      remote: this.remote.address,
+      ...(this.remoteName ? { remoteName: this.remoteName } : {}),
+      ...(this.peer !== this.remote ? { peer: this.peer.address } : {}),
+      ...(this.proxy ? { proxy: `${this.proxy.address}:${this.proxy.port}` } : {}),
+    };
+  }
+
   // ---------------------------------------------------------------- lifecycle
 
   async run(): Promise<void> {
     const cfg = this.gen.config;
     try {
       // Implicit TLS (RFC 8314): the handshake comes before anything else.
+      const early = this.origin.early ?? Buffer.alloc(0);
       if (this.listener.kind === 'submissions') {
+        // Implicit TLS behind a proxy: the PROXY header came before the handshake; whatever
+        // followed it in the same read is the start of the handshake, put back for TLS to read.
+        if (early.length > 0) this.raw.unshift(early);
         if (!(await this.upgradeTls())) return;
       } else {
         this.reader.attach(this.raw);
+        this.reader.arrivedBefore(early);
       }
       if (cfg.timeouts.greetingDelay > 0) await delay(cfg.timeouts.greetingDelay);
-      const connect = await this.runner.verdict('connect', this.base());
-      const v = connect.verdict;
-      // RFC 5321 §3.1/§4.3.2: the greeting is 220, 554 (no service; only QUIT follows) or 421,
-      // whatever code a plugin chose; the log says what was sent.
-      const greeting =
-        v.kind === 'deny'
-          ? { code: 554, text: v.reply.text }
-          : v.kind === 'defer' || v.kind === 'disconnect'
-            ? { code: 421, text: v.reply?.text ?? 'Closing connection' }
-            : { code: 220, text: `${cfg.hostname} ${cfg.smtp.banner}` };
-      this.logVerdict('connect', v, connect.plugin, { code: greeting.code });
+      const greeting = await this.connectVerdict();
       // RFC 5321 §3.1: a client must wait for the greeting. Bytes before it mean a bot or a
       // client that will not read replies; refuse it before it can do anything.
       if (this.reader.takeArrived() > 0) {
         this.gen.metrics.inc('smtp.early_talker');
-        this.log.info({ remote: this.remote.address }, 'client talked before the greeting');
+        this.log.info(this.who(), 'client talked before the greeting');
         this.reply(554, '5.5.0', 'Protocol error: client sent data before the greeting');
         return;
       }
-      this.reply(greeting.code, null, greeting.text);
-      if (greeting.code === 421) return;
-      this.refusedAtConnect = greeting.code === 554;
+      if (!this.greet(greeting)) return;
       let burst = 0;
       while (!this.closing) {
         if (this.host.shuttingDown && !this.tx) {
@@ -246,6 +275,66 @@ export class SmtpSession implements SessionState {
     }
   }
 
+  /** Runs the `connect` hooks for the client as it stands and says which greeting follows. */
+  private async connectVerdict(): Promise<{ code: number; text: string | readonly string[] }> {
+    const cfg = this.gen.config;
+    const connect = await this.runner.verdict('connect', this.base());
+    const v = connect.verdict;
+    // RFC 5321 §3.1/§4.3.2: the greeting is 220, 554 (no service; only QUIT follows) or 421,
+    // whatever code a plugin chose; the log says what was sent.
+    const greeting =
+      v.kind === 'deny'
+        ? { code: 554, text: v.reply.text }
+        : v.kind === 'defer' || v.kind === 'disconnect'
+          ? { code: 421, text: v.reply?.text ?? 'Closing connection' }
+          : { code: 220, text: `${cfg.hostname} ${cfg.smtp.banner}` };
+    this.logVerdict('connect', v, connect.plugin, { code: greeting.code });
+    return greeting;
+  }
+
+  /** Sends the greeting; false when it closes the session (421). */
+  private greet(greeting: { code: number; text: string | readonly string[] }): boolean {
+    this.reply(greeting.code, null, greeting.text);
+    this.refusedAtConnect = greeting.code === 554;
+    if (greeting.code === 421) this.closing = true;
+    return greeting.code !== 421;
+  }
+
+  /**
+   * A plugin declared another client (`changeClient`, e.g. XCLIENT): the session ends as the old
+   * client and starts as the new one on the same connection. The old client's `disconnect`
+   * hooks run, the notes are cleared, the identity is replaced (HELO/EHLO is forgotten unless
+   * declared; TLS stays), the `connect` hooks run for the new client, and their greeting (220,
+   * 554 or 421) is the reply to the command. Refused during a mail transaction, as Postfix does.
+   */
+  private async changeClient(change: ClientIdentity, plugin: string | null): Promise<void> {
+    if (this.tx) {
+      this.reply(503, '5.5.1', 'Not allowed during a mail transaction');
+      return;
+    }
+    const before = this.who();
+    await this.runner.notify('disconnect', this.base());
+    if (change.address !== undefined || change.port !== undefined) {
+      this.remote = Object.freeze({
+        address: change.address ?? this.remote.address,
+        port: change.port ?? this.remote.port,
+      });
+    }
+    if (change.local) this.local = Object.freeze({ address: change.local.address, port: change.local.port });
+    if (change.name !== undefined) this.remoteName = change.name;
+    if (change.user !== undefined) this.user = change.user;
+    this.helo = change.helo
+      ? Object.freeze({ verb: change.helo.verb, hostname: change.helo.hostname })
+      : null;
+    this.notes = new Notes();
+    this.gen.metrics.inc('smtp.client_changed');
+    this.log.info(
+      { plugin, from: before, to: this.who(), helo: this.helo?.hostname, user: this.user },
+      'client identity changed',
+    );
+    this.greet(await this.connectVerdict());
+  }
+
   /** Ends an idle session now, or the session's next wait (server shutdown). */
   interrupt(): void {
     const err = new ReadInterruptedError('shutdown');
@@ -270,7 +359,7 @@ export class SmtpSession implements SessionState {
     await this.runner.notify('disconnect', this.base());
     this.log.info(
       {
-        remote: this.remote.address,
+        ...this.who(),
         helo: this.helo?.hostname,
         tls: this.tls?.protocol,
         user: this.user,
@@ -499,12 +588,17 @@ export class SmtpSession implements SessionState {
       this.closing = true;
       return;
     }
+    let change: ClientIdentity | null = null;
     const { verdict, plugin } = await this.runner.verdict('unrecognized_command', {
       session: this.view,
       verb,
       args,
+      changeClient: (identity) => {
+        change = checkIdentity(identity);
+      },
     });
     this.logVerdict('unrecognized_command', verdict, plugin, { verb });
+    if (verdict.kind === 'accept' && change) return this.changeClient(change, plugin);
     if (verdict.kind === 'accept') {
       const r = verdict.reply;
       this.reply(r?.code ?? 250, r?.enhanced ?? '2.0.0', r?.text ?? 'OK');
@@ -1057,6 +1151,26 @@ export class SmtpSession implements SessionState {
     }
     return line;
   }
+}
+
+/**
+ * Validates what a plugin passed to `changeClient` at the call, so a mistake is that plugin's
+ * failure (the runner logs it and answers `451 4.3.0`), not a session with a bad identity.
+ */
+function checkIdentity(c: ClientIdentity): ClientIdentity {
+  const endpoint = (e: { address?: string; port?: number }, what: string): void => {
+    if (e.address !== undefined && isIP(e.address) === 0)
+      throw new TypeError(`changeClient: ${what} address is not an IP address`);
+    if (e.port !== undefined && !(Number.isInteger(e.port) && e.port >= 0 && e.port <= 65535))
+      throw new TypeError(`changeClient: ${what} port is not a number from 0 to 65535`);
+  };
+  endpoint(c, 'client');
+  if (c.local) endpoint(c.local, 'local');
+  if (c.local && (c.local.address === undefined || c.local.port === undefined))
+    throw new TypeError('changeClient: local needs an address and a port');
+  if (c.helo && (!c.helo.hostname || /\s/.test(c.helo.hostname) || !['HELO', 'EHLO'].includes(c.helo.verb)))
+    throw new TypeError('changeClient: helo needs the verb HELO or EHLO and a host name without spaces');
+  return Object.freeze({ ...c });
 }
 
 function decodeBase64(s: string): string | null {

@@ -9,6 +9,9 @@ export interface SessionState {
   readonly notes: Notes;
   readonly remote: SessionView['remote'];
   readonly local: SessionView['local'];
+  readonly remoteName: string | null;
+  readonly peer: SessionView['peer'];
+  readonly proxy: SessionView['proxy'];
   readonly listener: SessionView['listener'];
   readonly helo: SessionView['helo'];
   readonly tls: TlsInfo | null;
@@ -45,6 +48,15 @@ export class SessionViewOf implements SessionView {
   get local(): SessionView['local'] {
     return this.#s.local;
   }
+  get remoteName(): string | null {
+    return this.#s.remoteName;
+  }
+  get peer(): SessionView['peer'] {
+    return this.#s.peer;
+  }
+  get proxy(): SessionView['proxy'] {
+    return this.#s.proxy;
+  }
   get listener(): SessionView['listener'] {
     return this.#s.listener;
   }
@@ -60,7 +72,16 @@ export class SessionViewOf implements SessionView {
 
   /** For logs: the facts, not the object. */
   toJSON(): object {
-    return { id: this.id, remote: this.remote, helo: this.helo, tls: this.tls, user: this.user };
+    return {
+      id: this.id,
+      remote: this.remote,
+      ...(this.remoteName ? { remoteName: this.remoteName } : {}),
+      ...(this.peer !== this.remote ? { peer: this.peer } : {}),
+      ...(this.proxy ? { proxy: this.proxy } : {}),
+      helo: this.helo,
+      tls: this.tls,
+      user: this.user,
+    };
   }
 }
 

@@ -36,9 +36,9 @@ export function address(text: string): Address {
  * assigns to it fails here as it would in a server; override any field.
  */
 export function session(over: Partial<SessionView> = {}): SessionView {
+  const remote = over.remote ?? { address: '192.0.2.10', port: 40000 };
   return new SessionViewOf({
     id: 'TESTSESSION',
-    remote: { address: '192.0.2.10', port: 40000 },
     local: { address: '127.0.0.1', port: 25 },
     listener: { kind: 'smtp', name: 'smtp:25' },
     helo: { verb: 'EHLO', hostname: 'client.test' },
@@ -47,6 +47,10 @@ export function session(over: Partial<SessionView> = {}): SessionView {
     startedAt: new Date(),
     notes: new Notes(),
     ...over,
+    remote,
+    remoteName: over.remoteName ?? null,
+    peer: over.peer ?? remote,
+    proxy: over.proxy ?? null,
   });
 }
 

@@ -57,12 +57,22 @@ export class SmtpClient {
       const { localAddress } = opts;
       const s = opts.tls
         ? tlsConnect(
-            { port, host, rejectUnauthorized: false, servername: opts.servername ?? 'mx.test' },
+            {
+              // From a chosen local address: over a plain socket connected from it.
+              ...(localAddress ? { socket: netConnect({ port, host, localAddress }) } : { port, host }),
+              rejectUnauthorized: false,
+              servername: opts.servername ?? 'mx.test',
+            },
             () => resolve(new SmtpClient(s)),
           )
         : netConnect({ port, host, localAddress }, () => resolve(new SmtpClient(s)));
       s.once('error', reject);
     });
+  }
+
+  /** A client over a socket that is already connected (a TLS socket a test set up itself). */
+  static over(socket: Socket | TLSSocket): SmtpClient {
+    return new SmtpClient(socket);
   }
 
   get tlsSocket(): TLSSocket | null {
