@@ -99,7 +99,8 @@ export class Petrel {
         throw err;
       },
     );
-    metrics.trackProcess(String(opts.worker?.slot ?? 0));
+    // Sampled only where something reads it: a config with an http listener.
+    if (httpListener(loaded.config)) metrics.trackProcess(String(opts.worker?.slot ?? 0));
     const app = new Petrel(gen, opts, log);
     try {
       app.listeners = await app.server.listen(loaded.config.listeners, opts.listenHandles);

@@ -781,6 +781,7 @@ export class SmtpSession implements SessionState {
       // The message has failed: its content phase (and deadline) is over; RSET comes next.
       tx.bdatFailed = true;
       tx.deadline = null;
+      this.gen.counters.messageRefusedByCore(tx.tooBig ? 'size' : 'storage');
       return tx.tooBig
         ? this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size')
         : this.reply(452, '4.3.1', 'Insufficient system storage');
