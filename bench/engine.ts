@@ -14,10 +14,15 @@
  * service, and greylist knows the client's triplet already (it passed before the runs). Its rate
  * is compared with the plain one-worker Petrel's at 50 sessions and 1 KB.
  *
+ * With metrics (`petrel+metrics`): one worker with the `http` listener on, its `/metrics` scraped
+ * once a second for as long as the bench runs (as Prometheus would); its rate is compared with
+ * the plain one-worker Petrel's at 50 sessions and 1 KB, in the same run.
+ *
  * Environment: BENCH_SCALE multiplies the message counts (default 1; e.g. 0.1 for a quick look).
  * BENCH_ONLY=defence runs only the two rows the defence ratio compares (`petrel` and
  * `petrel+defence`, 1 KB at 50 sessions; no idle-memory test, no smtp-sink, no two-worker Petrel):
- * a short run to repeat while working on the defence plugins. BENCH_PROFILE=1 has each of
+ * a short run to repeat while working on the defence plugins; BENCH_ONLY=metrics likewise for
+ * `petrel` and `petrel+metrics`. BENCH_PROFILE=1 has each of
  * Petrel's processes write a V8 CPU profile into var/profiles/ when it stops (open it in Chrome
  * DevTools); the file names carry the process ids logged at start.
  */
@@ -63,6 +68,7 @@ import {
   type WorkerCounts,
   runMatrix,
   finishRuns,
+  freePort,
 } from './harness.js';
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'discard-plugin.js');
@@ -82,6 +88,9 @@ const TARGET_RATIO = 0.5;
 const DEFENCE_TARGET = 0.8;
 /** The greylist delay in the bench: the client waits it out once, before the runs. */
 const GREYLIST_DELAY_MS = 1000;
+/** With the metrics listener on and scraped once a second: at least this share of the plain rate. */
+const METRICS_TARGET = 0.95;
+const SCRAPE_EVERY_MS = 1000;
 
 interface MemoryResult {
   readonly workers: number;
@@ -92,12 +101,12 @@ interface MemoryResult {
   readonly perConnectionKiB: number;
 }
 
-/** BENCH_ONLY: `defence` for the two rows of the defence ratio only (see the header). */
-function only(): 'all' | 'defence' {
+/** BENCH_ONLY: `defence` or `metrics` for the two rows of that ratio only (see the header). */
+function only(): 'all' | 'defence' | 'metrics' {
   const raw = process.env.BENCH_ONLY;
   if (raw === undefined || raw === '') return 'all';
-  if (raw === 'defence') return raw;
-  throw new BenchError(`BENCH_ONLY must be "defence" or unset, got "${raw}"`);
+  if (raw === 'defence' || raw === 'metrics') return raw;
+  throw new BenchError(`BENCH_ONLY must be "defence", "metrics" or unset, got "${raw}"`);
 }
 
 /** BENCH_PROFILE=1: Node's arguments that make each Petrel process write a CPU profile. */
@@ -217,13 +226,39 @@ async function startDefendedPetrel(dir: string, dns: Dnsmasq): Promise<Server> {
   return server;
 }
 
-/** The defended rate over the plain one-worker rate, at 50 sessions and 1 KB. */
-function defenceRatio(runs: readonly Run[]): number | null {
-  const find = (target: string): Run | undefined =>
-    runs.find((r) => r.target === target && r.size === 1 * KB && r.sessions === 50 && !r.failure);
-  const defended = find('petrel+defence');
+/** A target's rate over the plain one-worker rate, at 50 sessions and 1 KB. */
+function ratioToPlain(runs: readonly Run[], target: string): number | null {
+  const find = (t: string): Run | undefined =>
+    runs.find((r) => r.target === t && r.size === 1 * KB && r.sessions === 50 && !r.failure);
+  const other = find(target);
   const plain = find('petrel');
-  return defended && plain ? defended.perSecond / plain.perSecond : null;
+  return other && plain ? other.perSecond / plain.perSecond : null;
+}
+
+/**
+ * One worker with the `http` listener, and a scraper that fetches `/metrics` once a second
+ * until `stop()`; a scrape that fails is counted and reported.
+ */
+async function startScrapedPetrel(
+  dir: string,
+): Promise<{ server: Server; scrapes: () => { ok: number; failed: number }; stop: () => void }> {
+  const httpPort = await freePort();
+  const started = await startPetrel(dir, [PLUGIN], 1, [], {
+    listeners: [{ kind: 'http', address: HOST, port: httpPort }],
+  });
+  const server: Server = { ...started, target: 'petrel+metrics' };
+  let ok = 0;
+  let failed = 0;
+  const timer = setInterval(() => {
+    fetch(`http://${HOST}:${httpPort}/metrics`)
+      .then(async (r) => {
+        await r.text();
+        if (r.status === 200) ok++;
+        else failed++;
+      })
+      .catch(() => failed++);
+  }, SCRAPE_EVERY_MS);
+  return { server, scrapes: () => ({ ok, failed }), stop: () => clearInterval(timer) };
 }
 
 // ---------------------------------------------------------------- main
@@ -238,6 +273,7 @@ async function main(): Promise<number> {
   const dir = mkdtempSync(join(tmpdir(), 'petrel-bench-'));
   const servers: Server[] = [];
   let dns: Dnsmasq | null = null;
+  let scraped: Awaited<ReturnType<typeof startScrapedPetrel>> | null = null;
   try {
     const idle = await backgroundLoad();
     out.write(machineLine(machine, idle));
@@ -258,13 +294,25 @@ async function main(): Promise<number> {
           `workers ${workerPids(petrel).join(', ')})`,
       );
     }
-    // The DNS list answers from a local server: every lookup is a real query, then the cache.
-    dns = await startDnsmasq(null, { local: ['bench.test'] }, { stopWithTest: false });
-    const defended = await startDefendedPetrel(join(dir, 'defence'), dns!);
-    servers.push(defended);
-    log(
-      `${defended.target} on ${HOST}:${defended.port} (primary ${defended.child.pid}): dnsbl, limit, greylist`,
-    );
+    if (subset !== 'metrics') {
+      // The DNS list answers from a local server: every lookup is a real query, then the cache.
+      // With no test to skip, a missing dnsmasq throws rather than answering null.
+      const lists = (await startDnsmasq(null, { local: ['bench.test'] }, { stopWithTest: false }))!;
+      dns = lists;
+      const defended = await startDefendedPetrel(join(dir, 'defence'), lists);
+      servers.push(defended);
+      log(
+        `${defended.target} on ${HOST}:${defended.port} (primary ${defended.child.pid}): dnsbl, limit, greylist`,
+      );
+    }
+    if (subset !== 'defence') {
+      scraped = await startScrapedPetrel(join(dir, 'metrics'));
+      servers.push(scraped.server);
+      log(
+        `${scraped.server.target} on ${HOST}:${scraped.server.port} (primary ${scraped.server.child.pid}): ` +
+          `/metrics scraped every ${SCRAPE_EVERY_MS} ms`,
+      );
+    }
     const smtpSink = subset === 'all' ? await startSink(sink) : null;
     if (smtpSink) {
       servers.push(smtpSink);
@@ -293,10 +341,18 @@ async function main(): Promise<number> {
         `petrel×n: n worker processes):\n\n${table(runs, processColumns())}\n\n`,
     );
     if (smtpSink) out.write(`${ratioLine('Petrel/smtp-sink at 50 sessions, 1 KB', ratios, TARGET_RATIO)}\n`);
-    const defence = defenceRatio(runs);
+    const defence = ratioToPlain(runs, 'petrel+defence');
+    const withMetrics = ratioToPlain(runs, 'petrel+metrics');
+    const scrapes = scraped?.scrapes() ?? { ok: 0, failed: 0 };
     out.write(
       `Petrel with dnsbl, limit and greylist/without at 50 sessions, 1 KB: ${defence === null ? 'n/a' : defence.toFixed(2)} ` +
         `(target ≥ ${DEFENCE_TARGET}: ${defence !== null && defence >= DEFENCE_TARGET ? 'met' : 'NOT met'})\n`,
+    );
+    out.write(
+      `Petrel with /metrics scraped every ${SCRAPE_EVERY_MS / 1000} s/without at 50 sessions, 1 KB: ` +
+        `${withMetrics === null ? 'n/a' : withMetrics.toFixed(2)} ` +
+        `(target ≥ ${METRICS_TARGET}: ${withMetrics !== null && withMetrics >= METRICS_TARGET ? 'met' : 'NOT met'}; ` +
+        `${scrapes.ok} scrapes, ${scrapes.failed} failed)\n`,
     );
     for (const m of memory) {
       out.write(
@@ -317,9 +373,13 @@ async function main(): Promise<number> {
       targetRatio: TARGET_RATIO,
       defenceRatio50x1KB: defence,
       defenceTarget: DEFENCE_TARGET,
+      metricsRatio50x1KB: withMetrics,
+      metricsTarget: METRICS_TARGET,
+      scrapes,
       idleConnections: memory,
     });
   } finally {
+    scraped?.stop();
     await Promise.all(servers.map((s) => stop(s.child)));
     await dns?.stop();
     rmSync(dir, { recursive: true, force: true });

@@ -477,16 +477,17 @@ export async function startPetrel(
   plugins: readonly unknown[],
   workers: number,
   nodeArgs: readonly string[] = [],
-  /** More top-level config keys (`dns`, …). */
+  /** More top-level config keys (`dns`, …); `listeners` are added after the SMTP one. */
   extra: Record<string, unknown> = {},
 ): Promise<Server> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
+  const { listeners: more = [], ...rest } = extra as { listeners?: unknown[] };
   const config = {
-    ...extra,
+    ...rest,
     hostname: 'bench.test',
     workers,
-    listeners: [{ kind: 'smtp', address: HOST, port }],
+    listeners: [{ kind: 'smtp', address: HOST, port }, ...more],
     limits: { maxConnections: 2000, maxConnectionsPerIp: 2000 },
     spool: { dir: join(dir, 'spool') },
     log: { level: 'warn', format: 'json' },

@@ -11,7 +11,12 @@ import type { ConnectionGate } from './smtp/gate.js';
 import { buildPluginSet, checkPlugins } from './plugins/loader.js';
 import type { PluginDefinition } from './plugins/define.js';
 import { createLogger } from './services/logger.js';
-import type { MetricsRegistry } from './services/metrics.js';
+import { MetricsRegistry } from './services/metrics.js';
+import { SmtpCounters } from './smtp/counters.js';
+import { HealthChecks } from './services/health.js';
+import { HttpServer } from './http/server.js';
+import { addObservabilityRoutes } from './http/observability.js';
+import { httpListener } from './config/schema.js';
 import type { StateStore } from './services/state.js';
 import type { Generation } from './smtp/generation.js';
 import { SmtpServer, type BoundListener } from './smtp/server.js';
@@ -65,6 +70,11 @@ export class Petrel {
   private readonly server: SmtpServer;
   private closed = false;
   listeners: BoundListener[] = [];
+  /**
+   * The `http` listener's routes when this process serves it (a Petrel on its own; under
+   * `petrel start` the primary does): add routes with `http.route(...)` (see HttpServer).
+   */
+  http: HttpServer | null = null;
 
   private constructor(
     gen: Generation,
@@ -81,14 +91,42 @@ export class Petrel {
       opts.logger ?? createLogger({ level: loaded.config.log.level, format: loaded.config.log.format });
     // Opened once per process and handed to every generation: what it holds outlives a reload.
     const state = openState(loaded.config, loaded.file, log);
-    const gen = await Petrel.build(loaded, opts, log, { state }).catch(async (err: unknown) => {
-      await state.close();
-      throw err;
-    });
+    const metrics = new MetricsRegistry();
+    const health = new HealthChecks();
+    const gen = await Petrel.build(loaded, opts, log, { state, metrics, health }).catch(
+      async (err: unknown) => {
+        await state.close();
+        throw err;
+      },
+    );
+    // Sampled only where something reads it: a config with an http listener.
+    if (httpListener(loaded.config)) metrics.trackProcess(String(opts.worker?.slot ?? 0));
     const app = new Petrel(gen, opts, log);
     try {
       app.listeners = await app.server.listen(loaded.config.listeners, opts.listenHandles);
+      // Under a supervisor the primary serves the http listener, for every worker at once.
+      const httpConfig = opts.worker ? undefined : httpListener(loaded.config);
+      if (httpConfig) {
+        const http = new HttpServer(log);
+        addObservabilityRoutes(
+          http,
+          { collect: async () => [metrics.collect()], readiness: () => app.readiness() },
+          { metricsToken: httpConfig.metricsToken },
+        );
+        app.http = http;
+        const bound = await http.listen(httpConfig).catch((err: NodeJS.ErrnoException) => {
+          const index = loaded.config.listeners.indexOf(httpConfig);
+          throw Object.assign(
+            new Error(
+              `cannot listen on ${httpConfig.address}:${httpConfig.port}: ${err.code ?? err.message}`,
+            ),
+            { listener: index },
+          );
+        });
+        app.listeners.push({ name: httpConfig.name ?? 'http', kind: 'http', ...bound });
+      }
     } catch (err) {
+      await app.http?.close();
       await app.server.close(0);
       await gen.plugins.retire();
       await state.close();
@@ -140,7 +178,7 @@ export class Petrel {
     loaded: LoadedConfig,
     opts: PetrelOptions,
     log: Logger,
-    shared: { state: StateStore; metrics?: MetricsRegistry },
+    shared: { state: StateStore; metrics: MetricsRegistry; health: HealthChecks },
   ): Promise<Generation> {
     const { config, file, baseDir } = loaded;
     await ensureSelfSigned(config, log);
@@ -167,6 +205,7 @@ export class Petrel {
       spool,
       log,
       metrics: resolveToken(container, Tokens.Metrics),
+      counters: SmtpCounters.of(resolveToken(container, Tokens.Metrics)),
       clock: resolveToken(container, Tokens.Clock),
     };
   }
@@ -177,6 +216,24 @@ export class Petrel {
 
   get metrics(): MetricsRegistry {
     return this.gen.metrics;
+  }
+
+  /**
+   * What keeps this process from serving mail, one line each (empty: ready): it is stopping, it
+   * has no SMTP listener, the State service does not answer, or a plugin's readiness check fails
+   * (the queue's parts are not open). `/readyz` answers 503 with these lines.
+   */
+  async readiness(): Promise<string[]> {
+    if (this.closed) return ['stopping'];
+    const problems: string[] = [];
+    if (!this.listeners.some((l) => l.kind !== 'http')) problems.push('no SMTP listener is serving');
+    try {
+      await resolveToken(this.gen.container, Tokens.State).get('core:readyz');
+    } catch (err) {
+      problems.push(`state service unreachable: ${(err as Error).message}`);
+    }
+    problems.push(...(await resolveToken(this.gen.container, Tokens.Health).problems()));
+    return problems;
   }
 
   /** Port of the first listener of a kind (handy with port 0). */
@@ -215,6 +272,7 @@ export class Petrel {
           });
       next = await Petrel.build(loaded, this.opts, this.log, {
         metrics: this.gen.metrics,
+        health: resolveToken(this.gen.container, Tokens.Health),
         state: resolveToken(this.gen.container, Tokens.State),
       });
       const sockets = (c: typeof next.config): string =>
@@ -260,8 +318,10 @@ export class Petrel {
     if (this.closed) return;
     this.closed = true;
     this.log.info({ sessions: this.server.connectionCount, deadlineMs }, 'shutting down');
+    await this.http?.close();
     await this.server.close(deadlineMs);
     await this.gen.plugins.retire();
+    this.gen.metrics.close();
     await resolveToken(this.gen.container, Tokens.State).close();
     this.log.info('stopped');
     this.log.flush?.();

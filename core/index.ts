@@ -49,7 +49,22 @@ export type { PetrelConfig, PetrelConfigInput } from './config/schema.js';
 /** The core's DNS resolver (`dns.servers`, `dns.timeout`): a command builds one from `cli.petrel`. */
 export { DnsResolver, type MxRecord } from './services/dns.js';
 export type { Clock } from './services/clock.js';
-export type { MetricsRegistry } from './services/metrics.js';
+/** The Metrics service (`resolve(Tokens.Metrics)`): see `MetricsRegistry` for the contract. */
+export {
+  LATENCY_BUCKETS,
+  type MetricsRegistry,
+  type MetricDefinition,
+  type CounterFamily,
+  type CounterCell,
+  type GaugeFamily,
+  type GaugeCell,
+  type HistogramFamily,
+  type HistogramCell,
+} from './services/metrics.js';
+/** Readiness checks for `/readyz` (`resolve(Tokens.Health)`). */
+export type { HealthChecks, ReadinessCheck } from './services/health.js';
+/** The `http` listener's route seam (see `HttpServer`): `Petrel.http`, and the primary's. */
+export type { HttpServer, HttpHandler, HttpMethod } from './http/server.js';
 export { StateError, type StateStore } from './services/state.js';
 export type * from './hooks/catalogue.js';
 // The wire, for plugins that speak SMTP-family protocols or serve a socket of their own.

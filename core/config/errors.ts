@@ -44,8 +44,13 @@ function describeIssue(issue: z.core.$ZodIssue): string {
           : `expected a value of at least ${String(issue.minimum)}`;
     case 'too_big':
       return `expected a value of at most ${String(issue.maximum)}`;
-    case 'invalid_union':
-      return 'expected a plugin name or path, or { name, config }';
+    case 'invalid_union': {
+      // A discriminated union (the listener kinds) names its options; the plugin entry does not.
+      const options = (issue as { options?: readonly unknown[] }).options;
+      return options
+        ? `expected one of ${options.map((v) => JSON.stringify(v)).join(', ')}`
+        : 'expected a plugin name or path, or { name, config }';
+    }
     default:
       return issue.message.startsWith('expected') ? issue.message : `expected ${issue.message}`;
   }

@@ -118,6 +118,24 @@ const listenerSchema = z
   })
   .strict();
 
+/**
+ * The `http` listener: `/metrics`, `/healthz`, `/readyz`, and routes added through the core's
+ * HTTP seam (core/http/server.ts). Off unless configured; at most one.
+ */
+const httpListenerSchema = z
+  .object({
+    kind: z.literal('http'),
+    name: z.string().min(1).optional(),
+    address: z
+      .string()
+      .refine((a) => isIP(a) !== 0, { message: 'expected an IP address such as 127.0.0.1 or ::' })
+      .default('127.0.0.1'),
+    port: z.number().int().min(0).max(65535),
+    /** When set, `/metrics` answers only a request with `Authorization: Bearer <metricsToken>`. */
+    metricsToken: z.string().min(16, { message: 'expected a token of at least 16 characters' }).optional(),
+  })
+  .strict();
+
 const certPair = z.object({ cert: z.string().min(1), key: z.string().min(1) }).strict();
 
 const pluginEntry = z.union([
@@ -154,7 +172,12 @@ export const configSchema = z
           .transform((d) => d.toLowerCase()),
       )
       .default([]),
-    listeners: z.array(listenerSchema).min(1),
+    listeners: z
+      .array(z.discriminatedUnion('kind', [listenerSchema, httpListenerSchema]))
+      .min(1)
+      .refine((ls) => ls.filter((l) => l.kind === 'http').length <= 1, {
+        message: 'expected at most one listener of kind http',
+      }),
     tls: certPair
       .extend({
         sni: z.record(z.string(), certPair).default({}),
@@ -278,5 +301,13 @@ export type PetrelConfigInput = z.input<typeof configSchema>;
 export type PetrelConfig = z.output<typeof configSchema>;
 export type Limits = z.output<typeof limitsSchema>;
 export type Timeouts = z.output<typeof timeoutsSchema>;
-export type ListenerConfig = PetrelConfig['listeners'][number];
+/** An SMTP listener (`smtp`, `submission`, `submissions`). */
+export type ListenerConfig = z.output<typeof listenerSchema>;
+export type HttpListenerConfig = z.output<typeof httpListenerSchema>;
+export type AnyListenerConfig = PetrelConfig['listeners'][number];
 export type PluginEntry = PetrelConfig['plugins'][number];
+
+/** The config's `http` listener, if it has one. */
+export function httpListener(config: PetrelConfig): HttpListenerConfig | undefined {
+  return config.listeners.find((l): l is HttpListenerConfig => l.kind === 'http');
+}

@@ -6,6 +6,7 @@ import type { PetrelConfig } from '../config/schema.js';
 import { Spool } from '../message/spool.js';
 import { Clock } from '../services/clock.js';
 import { DnsResolver } from '../services/dns.js';
+import { HealthChecks } from '../services/health.js';
 import { MetricsRegistry } from '../services/metrics.js';
 import type { StateStore } from '../services/state.js';
 import { RedisState } from '../services/state-redis.js';
@@ -19,14 +20,20 @@ import { Tokens, type WorkerInfo } from './tokens.js';
  */
 export function buildContainer(
   config: PetrelConfig,
-  shared: { logger: Logger; state: StateStore; metrics?: MetricsRegistry; worker?: WorkerInfo },
+  shared: {
+    logger: Logger;
+    state: StateStore;
+    metrics?: MetricsRegistry;
+    health?: HealthChecks;
+    worker?: WorkerInfo;
+  },
 ): DependencyContainer {
   const c = rootContainer.createChildContainer();
   c.register(Tokens.Worker, { useValue: shared.worker ?? { slot: 0, count: 1 } });
   c.register(Tokens.Config, { useValue: config });
   c.register(Tokens.Logger, { useValue: shared.logger });
-  if (shared.metrics) c.register(Tokens.Metrics, { useValue: shared.metrics });
-  else c.registerSingleton(Tokens.Metrics, MetricsRegistry);
+  c.register(Tokens.Metrics, { useValue: shared.metrics ?? new MetricsRegistry() });
+  c.register(Tokens.Health, { useValue: shared.health ?? new HealthChecks() });
   c.register(Tokens.State, { useValue: shared.state });
   c.registerSingleton(Tokens.Clock, Clock);
   c.registerSingleton(Tokens.Dns, DnsResolver);

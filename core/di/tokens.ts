@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import type { PetrelConfig } from '../config/schema.js';
 import type { Clock } from '../services/clock.js';
 import type { DnsResolver } from '../services/dns.js';
+import type { HealthChecks } from '../services/health.js';
 import type { MetricsRegistry } from '../services/metrics.js';
 import type { Spool } from '../message/spool.js';
 import type { StateStore } from '../services/state.js';
@@ -49,7 +50,13 @@ export const Tokens = {
   /** DNS lookups, through `dns.servers` when configured. */
   Dns: token<DnsResolver>('Dns'),
   Clock: token<Clock>('Clock'),
+  /**
+   * Counters, gauges and histograms, exported on the `http` listener's `/metrics` (see
+   * `MetricsRegistry` for the contract). One registry per process, kept across reloads.
+   */
   Metrics: token<MetricsRegistry>('Metrics'),
+  /** Readiness checks asked by `/readyz` (see `HealthChecks`). One per process. */
+  Health: token<HealthChecks>('Health'),
   /** Where message bodies are spooled while a session receives them. */
   Spool: token<Spool>('Spool'),
   /**

@@ -13,12 +13,22 @@ import type {
 import { Readable } from 'node:stream';
 import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
 import { enterHook, leaveHook } from '../process/activity.js';
+import type { HistogramCell } from '../services/metrics.js';
 
 export interface RegisteredHook<K extends HookName> {
   readonly plugin: string;
   readonly fn: HookMap[K];
   readonly timeoutMs: number;
+  /** Where each call's duration is observed (bound once when the hook is registered). */
+  readonly latency?: HistogramCell;
 }
+
+/** `petrel_hook_duration_seconds{plugin, hook}`: every hook call, however it ended. */
+export const HOOK_LATENCY = {
+  name: 'petrel_hook_duration_seconds',
+  help: 'Time a plugin hook call took, by plugin and hook (throws and timeouts included)',
+  labelNames: ['plugin', 'hook'],
+} as const;
 
 export type HookTable = { readonly [K in HookName]: readonly RegisteredHook<K>[] };
 
@@ -294,6 +304,7 @@ export class HookRunner {
     ctx: CallContext<K>,
   ): Promise<unknown> {
     const controller = new AbortController();
+    const started = performance.now();
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
@@ -315,6 +326,7 @@ export class HookRunner {
       return await Promise.race([pending, timeout]);
     } finally {
       clearTimeout(timer);
+      hook.latency?.observe((performance.now() - started) / 1000);
     }
   }
 }

@@ -7,9 +7,9 @@ import type { DependencyContainer } from 'tsyringe';
 import { ConfigError, zodToConfigError } from '../config/errors.js';
 import type { PetrelConfig, PluginEntry } from '../config/schema.js';
 import { HOOK_NAMES, isHookName, type HookName, type Hooks } from '../hooks/catalogue.js';
-import { HookRunner, type RegisteredHook } from '../hooks/runner.js';
+import { HOOK_LATENCY, HookRunner, type RegisteredHook } from '../hooks/runner.js';
 import { isPluginDefinition, TRANSFORM_PHASES, type PluginDefinition } from './define.js';
-import { resolveToken, type Token } from '../di/tokens.js';
+import { resolveToken, Tokens, type Token } from '../di/tokens.js';
 
 export type PluginSource = 'built-in' | 'package' | 'file' | 'inline';
 
@@ -265,6 +265,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
     void (async () => fn())().catch((err: unknown) => log.error({ plugin, err }, 'plugin close failed'));
   };
   const runner = new HookRunner(table, log);
+  const hookLatency = resolveToken(container, Tokens.Metrics).histogram(HOOK_LATENCY);
   const partial = new PluginSet(runner, loaded, closers, log);
   let markReady!: () => void;
   const ready = new Promise<void>((resolve) => (markReady = resolve));
@@ -358,6 +359,7 @@ export async function buildPluginSet(opts: BuildOptions): Promise<PluginSet> {
           plugin: name,
           fn: fn as never,
           timeoutMs: timeout ?? definition.hookTimeout ?? config.timeouts.hook,
+          latency: hookLatency.labels(name, hookName),
         });
         names.push(hookName);
       }

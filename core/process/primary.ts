@@ -14,6 +14,10 @@
  * - SIGTERM/SIGINT: every worker drains and exits (killed after `timeouts.shutdown` plus a grace
  *   period); then the primary closes the sockets and exits.
  * - With several workers, connection limits are counted here, across all of them.
+ * - The `http` listener is served here, not by the workers: `/metrics` asks every serving worker
+ *   for its metric families over IPC and sums them (a worker that does not answer within
+ *   `ASK_TIMEOUT_MS` is left out of that scrape), so a scrape survives a worker's restart and
+ *   reports it; `/readyz` asks each worker what keeps it from serving.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { availableParallelism } from 'node:os';
@@ -30,7 +34,11 @@ import { createLogger } from '../services/logger.js';
 import { LocalGate } from '../smtp/gate.js';
 import type { BoundListener } from '../smtp/server.js';
 import { ensureSelfSigned } from '../smtp/tls.js';
-import { BEAT_MS, REPORT_FD, type FromWorker, type ToWorker } from './protocol.js';
+import { BEAT_MS, REPORT_FD, type FromWorker, type Questions, type ToWorker } from './protocol.js';
+import { HttpServer } from '../http/server.js';
+import { addObservabilityRoutes } from '../http/observability.js';
+import { httpListener } from '../config/schema.js';
+import { MetricsRegistry } from '../services/metrics.js';
 
 const WORKER = fileURLToPath(new URL('./worker.js', import.meta.url));
 /** Time a stopping worker gets beyond `timeouts.shutdown` before it is killed. */
@@ -38,6 +46,8 @@ const STOP_GRACE_MS = 5000;
 /** A worker that ran this long before exiting is restarted at once. */
 const STABLE_MS = 10_000;
 const MAX_BACKOFF_MS = 10_000;
+/** How long the primary waits for a worker's answer to a question (a scrape, a readiness probe). */
+const ASK_TIMEOUT_MS = 3000;
 
 /** A bound, not yet listening, TCP socket handle (what Node's own cluster module shares). */
 type ServerHandle = { close(cb?: () => void): void; getsockname(out: { port?: number }): number };
@@ -79,7 +89,8 @@ export interface SupervisorOptions {
 
 export class Supervisor {
   private readonly slots: Slot[] = [];
-  private readonly handles: ServerHandle[] = [];
+  /** By listener index; the http listener (served by the primary itself) leaves a hole. */
+  private readonly handles: (ServerHandle | undefined)[] = [];
   private readonly gate = new LocalGate();
   private source: ConfigSource;
   private version = 0;
@@ -93,6 +104,21 @@ export class Supervisor {
   private lastCheck = Date.now();
   listeners: BoundListener[] = [];
   plugins: string[] = [];
+  /**
+   * The `http` listener's routes, when the config has one: the seam through which later features
+   * (a web console) add pages to the same listener (see HttpServer).
+   */
+  http: HttpServer | null = null;
+  private httpBound: BoundListener[] = [];
+  /** The primary's own metrics: worker restarts and how many serve, its memory and event loop. */
+  readonly metrics = new MetricsRegistry();
+  private readonly restarts = this.metrics.counter({
+    name: 'petrel_worker_restarts_total',
+    help: 'Workers started again after they exited (exited) or stopped answering (watchdog), by slot',
+    labelNames: ['worker', 'reason'],
+  });
+  private askId = 0;
+  private readonly asks = new Map<number, { slot: number; resolve: (v: unknown) => void }>();
 
   private constructor(
     private loaded: LoadedConfig,
@@ -129,6 +155,7 @@ export class Supervisor {
       // Workers would race to make it: the primary does it once.
       await ensureSelfSigned(loaded.config, log);
       sup.bind();
+      await sup.listenHttp();
       const count = workerCount(loaded.config.workers);
       for (let i = 0; i < count; i++) sup.slots.push(newSlot(i));
       await Promise.all(sup.slots.map((s) => sup.firstStart(s)));
@@ -157,6 +184,8 @@ export class Supervisor {
     if (typeof createServerHandle !== 'function')
       throw new Error('this Node.js cannot share listening sockets with worker processes');
     config.listeners.forEach((l, i) => {
+      // The http listener is the primary's own (listenHttp); handles keep the listeners' indexes.
+      if (l.kind === 'http') return;
       const h = createServerHandle(l.address, l.port, isIPv6(l.address) ? 6 : 4, undefined, 0);
       if (typeof h === 'number') {
         const code = getSystemErrorName(h);
@@ -167,7 +196,91 @@ export class Supervisor {
           `expected a free address and port: cannot listen on ${l.address}:${l.port}: ${why}`,
         );
       }
-      this.handles.push(h);
+      this.handles[i] = h;
+    });
+  }
+
+  /** Serves the config's http listener, if any: health, readiness and the workers' metrics summed. */
+  private async listenHttp(): Promise<void> {
+    const { config, file } = this.loaded;
+    const l = httpListener(config);
+    if (!l) return;
+    const serving = this.metrics.gauge({
+      name: 'petrel_workers_serving',
+      help: 'Workers serving now, against the number configured (state: serving, configured)',
+      labelNames: ['state'],
+    });
+    const cells = { serving: serving.labels('serving'), configured: serving.labels('configured') };
+    this.metrics.onCollect(() => {
+      cells.serving.set(this.slots.filter((s) => s.child && s.ready).length);
+      cells.configured.set(this.slots.length);
+    }, [serving]);
+    this.metrics.trackProcess('primary');
+    const http = new HttpServer(this.log);
+    addObservabilityRoutes(
+      http,
+      {
+        collect: async () => {
+          const answers = await Promise.all(this.servingSlots().map((s) => this.ask(s, 'metrics')));
+          return [this.metrics.collect(), ...answers.filter((a) => a !== null)];
+        },
+        readiness: () => this.readiness(),
+      },
+      { metricsToken: l.metricsToken },
+    );
+    try {
+      const bound = await http.listen(l);
+      this.httpBound = [{ name: l.name ?? 'http', kind: 'http', ...bound }];
+      this.listeners = [...this.httpBound];
+      this.http = http;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      const why = code === 'EADDRINUSE' ? 'it is in use' : code === 'EACCES' ? 'permission denied' : code;
+      throw ConfigError.one(
+        file,
+        `listeners[${config.listeners.indexOf(l)}]`,
+        `expected a free address and port: cannot listen on ${l.address}:${l.port}: ${why}`,
+      );
+    }
+  }
+
+  private servingSlots(): Slot[] {
+    return this.slots.filter((s) => s.child && s.ready);
+  }
+
+  /** What keeps the server from serving mail: a worker not serving, or what a worker reports. */
+  private async readiness(): Promise<string[]> {
+    if (this.stopping) return ['stopping'];
+    const answers = await Promise.all(
+      this.slots.map(async (s) => {
+        if (!s.child || !s.ready) return [`worker ${s.slot}: not serving`];
+        const problems = await this.ask(s, 'readiness');
+        if (problems === null) return [`worker ${s.slot}: did not answer`];
+        return problems.map((p) => `worker ${s.slot}: ${p}`);
+      }),
+    );
+    return answers.flat();
+  }
+
+  /** Asks a worker a question (see `Questions`); null when it did not answer in time or exited. */
+  private ask<K extends keyof Questions>(slot: Slot, what: K): Promise<Questions[K] | null> {
+    const child = slot.child;
+    if (!child) return Promise.resolve(null);
+    const id = ++this.askId;
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.asks.delete(id);
+        resolve(null);
+      }, ASK_TIMEOUT_MS);
+      this.asks.set(id, {
+        slot: slot.slot,
+        resolve: (v) => {
+          clearTimeout(timer);
+          this.asks.delete(id);
+          resolve(v as Questions[K] | null);
+        },
+      });
+      this.send(child, { t: 'ask', id, what });
     });
   }
 
@@ -222,6 +335,7 @@ export class Supervisor {
       if (err.code === 'EPIPE' || err.code === 'ERR_IPC_CHANNEL_CLOSED') return;
       this.log.error({ err, worker: slot.slot }, 'worker channel error');
     });
+    // forEach skips the http listener's hole.
     this.handles.forEach((h, index) => this.send(child, { t: 'listen', index }, h));
     this.send(child, {
       t: 'start',
@@ -296,7 +410,7 @@ export class Supervisor {
         return;
       case 'ready':
         slot.ready = true;
-        this.listeners = [...m.listeners];
+        this.listeners = [...m.listeners, ...this.httpBound];
         this.plugins = [...m.plugins];
         if (!this.stopping && slot.version !== this.version) void this.catchUp(slot);
         return;
@@ -321,6 +435,9 @@ export class Supervisor {
         this.gate.leave(m.ip, m.listener);
         return;
       }
+      case 'answer':
+        this.asks.get(m.id)?.resolve(m.value);
+        return;
       case 'prepared': {
         const p = this.pending.get(m.id);
         if (m.ok && m.plugins) this.plugins = [...m.plugins];
@@ -342,6 +459,7 @@ export class Supervisor {
       for (let i = 0; i < n; i++) this.gate.leave(ip, listener);
     }
     slot.admitted.clear();
+    for (const a of [...this.asks.values()]) if (a.slot === slot.slot) a.resolve(null);
     for (const p of this.pending.values()) {
       if (p.waiting.delete(slot.slot)) {
         p.answers.set(slot.slot, 'the worker exited');
@@ -350,6 +468,7 @@ export class Supervisor {
     }
     if (this.stopping) return;
     const ranFor = Date.now() - slot.startedAt;
+    this.restarts.labels(String(slot.slot), slot.replacing ? 'watchdog' : 'exited').inc();
     if (slot.replacing) {
       slot.failures = 0;
     } else {
@@ -511,8 +630,10 @@ export class Supervisor {
         clearTimeout(timer);
       }),
     );
-    for (const h of this.handles) h.close();
+    for (const h of this.handles) h?.close();
     this.handles.length = 0;
+    await this.http?.close();
+    this.metrics.close();
     this.log.info('stopped');
     this.log.flush?.();
   }

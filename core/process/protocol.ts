@@ -1,6 +1,19 @@
 import type { ConfigSource } from '../app.js';
 import type { ConnectionLimits } from '../smtp/gate.js';
+import type { MetricFamilyJson } from '../services/metrics.js';
 import type { BoundListener } from '../smtp/server.js';
+
+/**
+ * What the primary may ask a worker (for the http listener's routes), and the answer's type. A
+ * later feature that needs a worker's view (its open sessions, say) adds an entry here and a case
+ * in worker.ts's `answer`.
+ */
+export interface Questions {
+  /** The worker's metric families, for `/metrics`. */
+  readonly metrics: MetricFamilyJson[];
+  /** What keeps the worker from serving mail (empty: ready), for `/readyz`. */
+  readonly readiness: string[];
+}
 
 /**
  * The messages between the primary and its workers, over the IPC channel `fork` opens. Each is
@@ -25,6 +38,8 @@ export type ToWorker =
   | { readonly t: 'abort'; readonly id: number }
   /** The answer to an `admit`. */
   | { readonly t: 'admitted'; readonly id: number; readonly ok: boolean }
+  /** A question; the worker answers with `answer` and the same id. */
+  | { readonly t: 'ask'; readonly id: number; readonly what: keyof Questions }
   /** Drain and exit. */
   | { readonly t: 'stop' };
 
@@ -57,7 +72,8 @@ export type FromWorker =
       readonly listener: string;
       readonly limits: ConnectionLimits;
     }
-  | { readonly t: 'leave'; readonly ip: string; readonly listener: string };
+  | { readonly t: 'leave'; readonly ip: string; readonly listener: string }
+  | { readonly t: 'answer'; readonly id: number; readonly value: Questions[keyof Questions] };
 
 /** The file descriptor, in a worker, of the pipe its watchdog thread reports on. */
 export const REPORT_FD = 4;

@@ -13,7 +13,7 @@ import { validateConfig } from '../config/load.js';
 import type { ConnectionGate, ConnectionLimits } from '../smtp/gate.js';
 import { createLogger } from '../services/logger.js';
 import { beat, shareActivity } from './activity.js';
-import { BEAT_MS, REPORT_FD, type FromWorker, type ToWorker } from './protocol.js';
+import { BEAT_MS, REPORT_FD, type FromWorker, type Questions, type ToWorker } from './protocol.js';
 
 if (!process.send) {
   process.stderr.write('petrel worker: this program is started by `petrel start`\n');
@@ -170,11 +170,27 @@ process.on('message', (m: ToWorker, handle?: object) => {
       );
       return;
     }
+    case 'ask':
+      void answer(m.what).then(
+        (value) => send({ t: 'answer', id: m.id, value }),
+        (err: unknown) => app?.log.error({ err, question: m.what }, 'could not answer the primary'),
+      );
+      return;
     case 'stop':
       stop();
       return;
   }
 });
+
+/** Answers one of the primary's questions (see `Questions`). */
+async function answer(what: keyof Questions): Promise<Questions[keyof Questions]> {
+  switch (what) {
+    case 'metrics':
+      return app ? app.metrics.collect() : [];
+    case 'readiness':
+      return app ? app.readiness() : ['starting'];
+  }
+}
 
 // SIGTERM/SIGINT/SIGHUP go to the primary, which tells the workers; a worker ignores the terminal's
 // copies (Ctrl-C reaches the whole process group).

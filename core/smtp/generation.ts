@@ -5,6 +5,7 @@ import type { Spool } from '../message/spool.js';
 import type { PluginSet } from '../plugins/loader.js';
 import type { Clock } from '../services/clock.js';
 import type { MetricsRegistry } from '../services/metrics.js';
+import type { SmtpCounters } from './counters.js';
 import type { TlsContexts } from './tls.js';
 
 /**
@@ -20,5 +21,7 @@ export interface Generation {
   readonly spool: Spool;
   readonly log: Logger;
   readonly metrics: MetricsRegistry;
+  /** The engine's own metrics, bound once (see counters.ts). */
+  readonly counters: SmtpCounters;
   readonly clock: Clock;
 }

@@ -1,16 +1,17 @@
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
-import type { ListenerConfig } from '../config/schema.js';
+import type { AnyListenerConfig, ListenerConfig } from '../config/schema.js';
 import type { Generation } from './generation.js';
 import { LocalGate, type ConnectionGate } from './gate.js';
 import { compileCidrs } from '../util/cidr.js';
 import { readProxyHeader } from './proxy-protocol.js';
+import type { ConnectionRefusal } from './counters.js';
 import { formatReply } from './reply.js';
 import { SmtpSession, type ConnectionOrigin, type SessionHost } from './session.js';
 
 export interface BoundListener {
   readonly name: string;
-  readonly kind: ListenerConfig['kind'];
+  readonly kind: AnyListenerConfig['kind'];
   readonly address: string;
   readonly port: number;
 }
@@ -46,11 +47,13 @@ export class SmtpServer implements SessionHost {
    * connection to one of them, and the socket outlives any one worker).
    */
   async listen(
-    listeners: readonly ListenerConfig[],
+    listeners: readonly AnyListenerConfig[],
     handles: readonly object[] = [],
   ): Promise<BoundListener[]> {
     const bound: BoundListener[] = [];
     for (const [index, config] of listeners.entries()) {
+      // The http listener is not SMTP: its owner (the app, or the primary) serves it.
+      if (config.kind === 'http') continue;
       const handle = handles[index];
       const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) =>
         this.accept(socket, config),
@@ -100,7 +103,10 @@ export class SmtpServer implements SessionHost {
   private accept(socket: Socket, bound: ListenerConfig): void {
     const gen = this.current();
     // Settings other than address and port follow a reload; the listener keeps its name.
-    const config = gen.config.listeners.find((l) => l.name === bound.name && l.kind === bound.kind) ?? bound;
+    const config =
+      gen.config.listeners.find(
+        (l): l is ListenerConfig => l.kind !== 'http' && l.name === bound.name && l.kind === bound.kind,
+      ) ?? bound;
     socket.on('error', () => undefined);
     if (!config.proxyProtocol) {
       return this.admit(socket, config, gen, {
@@ -130,8 +136,7 @@ export class SmtpServer implements SessionHost {
     }
     const proxy = { address: socket.remoteAddress ?? '', port: socket.remotePort ?? 0 };
     const refuse = (reason: string): void => {
-      gen.metrics.inc('smtp.connections.refused');
-      gen.metrics.inc('smtp.proxy.refused');
+      gen.counters.connectionRefused(config.name || config.kind, 'proxy');
       this.log.info(
         { listener: config.name, proxy: proxy.address, port: proxy.port, reason },
         'PROXY protocol: connection refused',
@@ -160,12 +165,12 @@ export class SmtpServer implements SessionHost {
   private admit(socket: Socket, config: ListenerConfig, gen: Generation, origin: ConnectionOrigin): void {
     const ip = origin.remote.address;
     const listener = config.name ?? '';
-    const refuse = (text: string): void => {
-      gen.metrics.inc('smtp.connections.refused');
+    const refuse = (text: string, reason: ConnectionRefusal): void => {
+      gen.counters.connectionRefused(listener || config.kind, reason);
       socket.end(formatReply(421, null, `${gen.config.hostname} ${text}`));
       setTimeout(() => socket.destroy(), 1000).unref();
     };
-    if (this.stopping) return refuse('Service shutting down');
+    if (this.stopping) return refuse('Service shutting down', 'shutdown');
     const global = gen.config.limits;
     const admitted = this.gate.admit(ip, listener, {
       maxConnections: global.maxConnections,
@@ -174,10 +179,10 @@ export class SmtpServer implements SessionHost {
       listenerMaxConnectionsPerIp: config.limits?.maxConnectionsPerIp,
     });
     const admittedThen = (ok: boolean): void => {
-      if (!ok) return refuse('Too many connections, try again later');
+      if (!ok) return refuse('Too many connections, try again later', 'limit');
       if (this.stopping || socket.destroyed) {
         this.gate.leave(ip, listener);
-        if (!socket.destroyed) refuse('Service shutting down');
+        if (!socket.destroyed) refuse('Service shutting down', 'shutdown');
         return;
       }
       this.serve(socket, config, gen, origin, listener);
@@ -185,7 +190,7 @@ export class SmtpServer implements SessionHost {
     if (typeof admitted === 'boolean') return admittedThen(admitted);
     // A shared gate answers over IPC; meanwhile the client's bytes wait in the socket's buffer
     // (nothing reads them before the session attaches its reader).
-    admitted.then(admittedThen, () => refuse('Service temporarily unavailable'));
+    admitted.then(admittedThen, () => refuse('Service temporarily unavailable', 'unavailable'));
   }
 
   private serve(
@@ -197,14 +202,15 @@ export class SmtpServer implements SessionHost {
   ): void {
     const ip = origin.remote.address;
     gen.plugins.retain();
-    gen.metrics.inc('smtp.connections');
-    gen.metrics.add('smtp.connections.active', 1);
+    const cells = gen.counters.listener(listener || config.kind);
+    cells.total.inc();
+    cells.open.inc();
     const session = new SmtpSession(socket, config, gen, this, origin);
     this.sessions.add(session);
     void session.run().finally(() => {
       this.sessions.delete(session);
       this.gate.leave(ip, listener);
-      gen.metrics.add('smtp.connections.active', -1);
+      cells.open.dec();
       gen.plugins.release();
       if (this.stopping && this.sessions.size === 0) this.drained?.();
     });

@@ -13,7 +13,7 @@ import type {
   TlsInfo,
   TransactionView,
 } from '../hooks/catalogue.js';
-import type { CallContext, HookRunner } from '../hooks/runner.js';
+import type { CallContext, HookRunner, VerdictOutcome } from '../hooks/runner.js';
 import type { ReplySpec, Verdict } from '../hooks/verdict.js';
 import { parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
@@ -22,6 +22,7 @@ import { Notes } from '../message/notes.js';
 import { newId } from '../util/ids.js';
 import { ContentReceiver, HeaderCapture } from './content.js';
 import { ContentDeadline } from './deadline.js';
+import type { ListenerCells } from './counters.js';
 import type { Generation } from './generation.js';
 import { parseMailParams, parseRcptParams } from './params.js';
 import { ReadInterruptedError, ReadTimeoutError, SocketReader, type LineResult } from './reader.js';
@@ -164,6 +165,7 @@ export class SmtpSession implements SessionState {
   private authFailures = 0;
   private messages = 0;
   private lastReply = '';
+  private readonly listenerCells: ListenerCells;
 
   constructor(
     private readonly raw: Socket,
@@ -187,6 +189,7 @@ export class SmtpSession implements SessionState {
       name: listenerConfig.name ?? listenerConfig.kind,
     });
     this.runner = gen.plugins.runner;
+    this.listenerCells = gen.counters.listener(this.listener.name);
     this.limits = { ...gen.config.limits, ...listenerConfig.limits };
     raw.setNoDelay(true);
     raw.on('error', () => undefined); // reported as the reader seeing the end
@@ -228,7 +231,7 @@ export class SmtpSession implements SessionState {
       // RFC 5321 §3.1: a client must wait for the greeting. Bytes before it mean a bot or a
       // client that will not read replies; refuse it before it can do anything.
       if (this.reader.takeArrived() > 0) {
-        this.gen.metrics.inc('smtp.early_talker');
+        this.gen.counters.connectionRefused(this.listener.name, 'early_talker');
         this.log.info(this.who(), 'client talked before the greeting');
         this.reply(554, '5.5.0', 'Protocol error: client sent data before the greeting');
         return;
@@ -261,7 +264,7 @@ export class SmtpSession implements SessionState {
       }
     } catch (err) {
       if (err instanceof DeadlineError) {
-        this.gen.metrics.inc('smtp.timeout');
+        this.gen.counters.timeouts.inc();
         this.log.info({ deadline: err.reason, ...err.detail }, 'deadline passed, closing connection');
         this.reply(421, '4.4.2', `${cfg.hostname} Timeout exceeded, closing connection`);
       } else if (err instanceof ReadInterruptedError) {
@@ -295,6 +298,7 @@ export class SmtpSession implements SessionState {
   /** Sends the greeting; false when it closes the session (421). */
   private greet(greeting: { code: number; text: string | readonly string[] }): boolean {
     this.reply(greeting.code, null, greeting.text);
+    if (greeting.code !== 220) this.gen.counters.connectionRefused(this.listener.name, 'policy');
     this.refusedAtConnect = greeting.code === 554;
     if (greeting.code === 421) this.closing = true;
     return greeting.code !== 421;
@@ -327,7 +331,7 @@ export class SmtpSession implements SessionState {
       ? Object.freeze({ verb: change.helo.verb, hostname: change.helo.hostname })
       : null;
     this.notes = new Notes();
-    this.gen.metrics.inc('smtp.client_changed');
+    this.gen.counters.clientChanges.inc();
     this.log.info(
       { plugin, from: before, to: this.who(), helo: this.helo?.hostname, user: this.user },
       'client identity changed',
@@ -375,6 +379,7 @@ export class SmtpSession implements SessionState {
 
   private reply(code: number, enhanced: string | null, text: string | readonly string[]): void {
     const r = formatReply(code, enhanced, text);
+    this.gen.counters.reply(code);
     this.pending += r;
     this.lastReply = r;
   }
@@ -492,6 +497,11 @@ export class SmtpSession implements SessionState {
     return false;
   }
 
+  /** A message refused by a plugin at or after DATA, for `petrel_messages_refused_total`. */
+  private countRefusal(hook: string, outcome: VerdictOutcome): void {
+    this.gen.counters.messageRefused(hook, outcome.plugin, outcome.failed ? 'failed' : outcome.verdict.kind);
+  }
+
   private logVerdict(
     hook: string,
     v: Verdict,
@@ -532,6 +542,7 @@ export class SmtpSession implements SessionState {
     }
     const sp = text.indexOf(' ');
     const verb = (sp < 0 ? text : text.slice(0, sp)).toUpperCase();
+    this.gen.counters.command(verb);
     const args = sp < 0 ? '' : text.slice(sp + 1);
     const nonAscii = /[^\x00-\x7f]/.test(text);
     // RFC 6531: UTF-8 in commands only in MAIL/RCPT of a transaction that uses SMTPUTF8.
@@ -767,12 +778,14 @@ export class SmtpSession implements SessionState {
       this.reply(554, '5.5.1', 'No valid recipients');
       return false;
     }
-    const { verdict, plugin } = await this.runner.verdict('data', {
+    const outcome = await this.runner.verdict('data', {
       session: this.view,
       transaction: tx.view,
     });
+    const { verdict, plugin } = outcome;
     this.logVerdict('data', verdict, plugin, { tx: tx.id });
     if (verdict.kind !== 'accept' && verdict.kind !== 'proceed') {
+      this.countRefusal('data', outcome);
       this.replyRefusal(verdict);
       return false;
     }
@@ -870,6 +883,7 @@ export class SmtpSession implements SessionState {
       // The message has failed: its content phase (and deadline) is over; RSET comes next.
       tx.bdatFailed = true;
       tx.deadline = null;
+      this.gen.counters.messageRefusedByCore(tx.tooBig ? 'size' : 'storage');
       return tx.tooBig
         ? this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size')
         : this.reply(452, '4.3.1', 'Insufficient system storage');
@@ -887,6 +901,7 @@ export class SmtpSession implements SessionState {
     // A CR still waiting for its LF is bare (the last octet of a BDAT message), as in DATA.
     await this.store(tx, tx.content!.end());
     if (tx.tooBig) {
+      this.gen.counters.messageRefusedByCore('size');
       this.reply(552, '5.3.4', 'Message size exceeds fixed maximum message size');
       return this.endTransaction('rejected');
     }
@@ -899,12 +914,13 @@ export class SmtpSession implements SessionState {
       }
     }
     if (tx.storageError) {
+      this.gen.counters.messageRefusedByCore('storage');
       this.reply(452, '4.3.1', 'Insufficient system storage');
       return this.endTransaction('rejected');
     }
     if (tx.content!.bareLineEnding && this.gen.config.smtp.bareLineEndings === 'reject') {
       // RFC 5321 §2.3.8: CR and LF only as CRLF. Refusing closes the SMTP smuggling hole.
-      this.gen.metrics.inc('smtp.bare_line_ending');
+      this.gen.counters.messageRefusedByCore('bare_line_ending');
       this.log.info({ tx: tx.id }, 'refused message with bare LF or CR');
       this.reply(554, '5.6.0', 'Message contains bare LF or CR; lines must end with CRLF');
       return this.endTransaction('rejected');
@@ -912,7 +928,7 @@ export class SmtpSession implements SessionState {
     if (tx.content!.nul && this.gen.config.smtp.nul === 'reject') {
       // RFC 5321 §2.3.8 text lines, and 8BITMIME content (RFC 6152 §2), have no NUL; relayed
       // unchanged, it would reach software that ends a string at the first NUL.
-      this.gen.metrics.inc('smtp.nul');
+      this.gen.counters.messageRefusedByCore('nul');
       this.log.info({ tx: tx.id }, 'refused message with NUL octets');
       this.reply(554, '5.6.0', 'Message contains NUL octets, which SMTP does not allow');
       return this.endTransaction('rejected');
@@ -947,6 +963,7 @@ export class SmtpSession implements SessionState {
     });
     this.logVerdict('data_post', post.verdict, post.plugin, { tx: tx.id });
     if (post.verdict.kind !== 'accept' && post.verdict.kind !== 'proceed') {
+      this.countRefusal('data_post', post);
       this.replyRefusal(post.verdict);
       return this.endTransaction('rejected');
     }
@@ -961,7 +978,7 @@ export class SmtpSession implements SessionState {
       const r = queued.verdict.reply;
       this.reply(r?.code ?? 250, r?.enhanced ?? '2.0.0', r?.text ?? `Ok: queued as ${tx.id}`);
       this.messages++;
-      this.gen.metrics.inc('smtp.messages.accepted');
+      this.listenerCells.accepted.inc();
       this.log.info(
         {
           tx: tx.id,
@@ -974,12 +991,13 @@ export class SmtpSession implements SessionState {
       );
       return this.endTransaction('queued');
     }
-    this.gen.metrics.inc('smtp.messages.refused');
     if (queued.verdict.kind === 'proceed') {
+      this.gen.counters.messageRefusedByCore('not_queued');
       this.log.warn({ tx: tx.id }, 'no plugin accepted the message at queue');
       this.reply(451, '4.3.0', 'Message not queued, please try again later');
     } else {
       this.logVerdict('queue', queued.verdict, queued.plugin, { tx: tx.id });
+      this.countRefusal('queue', queued);
       this.replyRefusal(queued.verdict);
     }
     return this.endTransaction('rejected');
@@ -1050,7 +1068,7 @@ export class SmtpSession implements SessionState {
       const onClose = (): void => done(false);
       // One deadline for the whole handshake, however slowly its records arrive.
       const timer = setTimeout(() => {
-        this.gen.metrics.inc('smtp.timeout');
+        this.gen.counters.timeouts.inc();
         this.log.info({ deadline: 'tls' }, 'deadline passed, closing connection');
         done(false);
       }, this.gen.config.timeouts.command);
@@ -1061,11 +1079,13 @@ export class SmtpSession implements SessionState {
     secure.on('error', () => undefined);
     this.socket = secure;
     if (!ok) {
+      this.gen.counters.tlsHandshake('failed', 'unknown');
       secure.destroy();
       return false;
     }
     const cipher = secure.getCipher();
     const servername = (secure as TLSSocket & { servername?: string | false }).servername;
+    this.gen.counters.tlsHandshake('ok', secure.getProtocol() ?? 'unknown');
     this.tls = {
       protocol: secure.getProtocol() ?? 'TLS',
       cipher: cipher?.standardName ?? cipher?.name ?? 'unknown',
@@ -1120,11 +1140,11 @@ export class SmtpSession implements SessionState {
     this.logVerdict('auth', verdict, plugin, { mechanism, username });
     if (verdict.kind === 'accept') {
       this.user = username;
-      this.gen.metrics.inc('smtp.auth.success');
+      this.gen.counters.authSuccess.inc();
       this.reply(235, '2.7.0', 'Authentication successful');
       return;
     }
-    this.gen.metrics.inc('smtp.auth.failure');
+    this.gen.counters.authFailure.inc();
     this.authFailures++;
     if (verdict.kind === 'proceed') this.reply(535, '5.7.8', 'Authentication credentials invalid');
     else this.replyRefusal(verdict);

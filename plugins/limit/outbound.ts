@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import { postpone, proceed, type DeliverContext, type DeliveryOutcome } from '../../core/index.js';
 import type { OutboundRate } from './config.js';
@@ -51,13 +50,12 @@ export class OutboundThrottle {
       const rate = this.byDomain.get(r.address.domainAscii.toLowerCase());
       if (rate) rates.add(rate);
     }
-    const taken: { key: string; id: string }[] = [];
+    const taken: { key: string; windowMs: number }[] = [];
     for (const rate of rates) {
       const key = `limit:outbound:${rate.domains.join(',')}`;
-      const id = `${ctx.message.id}:${randomUUID()}`;
       let result;
       try {
-        result = await this.windows.take(key, id, { max: rate.max, windowMs: rate.per });
+        result = await this.windows.take(key, { max: rate.max, windowMs: rate.per });
       } catch (err) {
         // Fails open like every limit of this plugin (README): the peer's own limits still apply.
         this.log.error(
@@ -67,10 +65,10 @@ export class OutboundThrottle {
         continue;
       }
       if (result.allowed) {
-        taken.push({ key, id });
+        taken.push({ key, windowMs: rate.per });
         continue;
       }
-      await Promise.all(taken.map((t) => this.windows.release(t.key, t.id).catch(() => undefined)));
+      await Promise.all(taken.map((t) => this.windows.giveBack(t.key, t.windowMs).catch(() => undefined)));
       const wait = rate.per * (0.75 + Math.random() * 0.25);
       // The queue logs the postponement once, with this reason.
       return postpone(

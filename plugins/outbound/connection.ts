@@ -372,6 +372,11 @@ export class SmtpConnection {
   }
 
   /** The negotiated TLS version and cipher, for logs. */
+  /** The TLS version agreed (`TLSv1.3`), or null in plain text. */
+  get tlsProtocol(): string | null {
+    return this.secure ? ((this.socket as TLSSocket).getProtocol() ?? 'unknown') : null;
+  }
+
   get tlsDescription(): string | null {
     if (!this.secure) return null;
     const s = this.socket as TLSSocket;

@@ -117,6 +117,12 @@ export default definePlugin({
     const { config, log } = api;
     const core = api.resolve(Tokens.Config);
     const dns = api.resolve(Tokens.Dns);
+    // The same family the core counts inbound handshakes in (declaring it again returns it).
+    const handshakes = api.resolve(Tokens.Metrics).counter({
+      name: 'petrel_tls_handshakes_total',
+      help: 'TLS handshakes, by direction (inbound, outbound), result and protocol version',
+      labelNames: ['direction', 'result', 'version'],
+    });
     const { timeouts, smarthost } = config;
     const heloName = config.heloName ?? api.hostname;
     const port = smarthost?.port ?? config.port;
@@ -226,8 +232,10 @@ export default definePlugin({
           let refused: SmtpReply | null;
           try {
             refused = await conn.starttls(tlsOptions(hop.host, pkix, ca), timeouts.starttls);
+            if (!refused) handshakes.labels('outbound', 'ok', conn.tlsProtocol ?? 'unknown').inc();
           } catch (err) {
             if (err instanceof SmtpFailure && err.kind === 'tls') {
+              handshakes.labels('outbound', 'failed', 'unknown').inc();
               if (sts) {
                 const text = `TLS with ${conn.remote} failed: ${err.message}`;
                 stsFailure(log, sts, { ...where, resultType: tlsResultType(err.code), failureReason: text });

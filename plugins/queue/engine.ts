@@ -14,6 +14,7 @@ import type { MessageSummary } from './api.js';
 import { ControlServer, type ControlTarget } from './control.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
+import type { QueueMetrics } from './metrics.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -24,6 +25,8 @@ export interface EngineOptions {
   /** Octets of new messages kept in memory for their first attempt. */
   memoryCache: number;
   hooks: PluginHooks;
+  /** Where attempts and journal syncs are counted (absent: not counted). */
+  metrics?: QueueMetrics;
 }
 
 const COMPACT_EVERY = 60_000;
@@ -86,7 +89,7 @@ export class QueueEngine implements ControlTarget {
     // One process per queue part: a lock file, then the control socket's own check (which also
     // removes a stale socket).
     const unlock = await lockPart(dir);
-    const store = new QueueStore(dir, opts.segmentSize, opts.log, opts.memoryCache);
+    const store = new QueueStore(dir, opts.segmentSize, opts.log, opts.memoryCache, opts.metrics?.synced);
     try {
       await ControlServer.claim(dir);
       await store.open();
@@ -165,6 +168,11 @@ export class QueueEngine implements ControlTarget {
     }
     this.pump();
     return { flushed, held };
+  }
+
+  /** False once the part is closing (for the readiness check). */
+  get isOpen(): boolean {
+    return !this.closing;
   }
 
   /** Every message not yet final, oldest first. */
@@ -497,6 +505,7 @@ export class QueueEngine implements ControlTarget {
       st.lastReply = result.reply;
       if (route) st.route = route;
       st.maybeDelivered = false;
+      this.opts.metrics?.attempt(result.status, recipient.address.domain);
       if (result.status === 'delivered') {
         st.status = 'delivered';
         notices.push(() => hooks.notify('delivered', { message, recipient, route, result }));

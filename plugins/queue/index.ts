@@ -17,6 +17,7 @@ import { partDir, partsOfSlot, queueDir } from './parts.js';
 import { queueCommand } from './cli.js';
 import type { StoredEnvelope } from './store.js';
 import { expandRecipients } from './expand.js';
+import { QueueMetrics } from './metrics.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
 
@@ -36,6 +37,7 @@ export default definePlugin({
     const dir = queueDir(config.dir, baseDir, core.spool.dir);
     const worker = resolveService(Tokens.Worker);
     const schedule = parseSchedule(config.retry);
+    const metrics = QueueMetrics.of(resolveService(Tokens.Metrics));
     const lifetime = parseDuration(config.lifetime);
     const options = {
       log,
@@ -45,6 +47,7 @@ export default definePlugin({
       segmentSize: config.segmentSize,
       memoryCache: config.memoryCache,
       hooks,
+      metrics,
     };
     // This worker's own part takes new mail; parts it adopted are delivered from (see parts.ts).
     const engines: QueueEngine[] = [];
@@ -53,6 +56,16 @@ export default definePlugin({
       engines.push(await QueueEngine.acquire(partDir(dir, part), options));
     }
     const engine = engines[0]!;
+    onClose(
+      metrics.sample(function* () {
+        for (const e of engines) yield* e.store.entries.values();
+      }),
+    );
+    onClose(
+      resolveService(Tokens.Health).add('queue', () =>
+        engines.every((e) => e.isOpen) ? null : 'a queue part is closed',
+      ),
+    );
     /** The engine holding a message, if any. */
     const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.get(id) !== null);
     provide(Queue, {

@@ -174,6 +174,7 @@ export class Journal {
     private readonly segmentSize: number,
     /** Damaged segments whose quarantine copy failed: never removed while this process runs. */
     private readonly pinned: Set<number>,
+    private readonly onSync?: (seconds: number, records: number) => void,
   ) {}
 
   /** The segment being appended to (never compacted away). */
@@ -198,6 +199,8 @@ export class Journal {
       cleanStop: boolean;
       quarantineDir: string;
       onRecord: (type: number, payload: Buffer, ref: RecordRef) => string | void;
+      /** Told after each batch is durable: how long its write and sync took, and its records. */
+      onSync?: (seconds: number, records: number) => void;
       onDamage: (report: DamageReport) => void;
       /** What the damaged bytes held, for the quarantine's metadata. */
       describe?: (bytes: Buffer) => object;
@@ -246,7 +249,7 @@ export class Journal {
     }
     const next = (segments.at(-1) ?? 0) + 1;
     const fh = await Journal.create(dir, next);
-    return new Journal(dir, fh, next, 0, opts.segmentSize, pinned);
+    return new Journal(dir, fh, next, 0, opts.segmentSize, pinned, opts.onSync);
   }
 
   private static async create(dir: string, n: number): Promise<FileHandle> {
@@ -302,8 +305,10 @@ export class Journal {
         pos += HEADER + p.length;
       }
       try {
+        const started = performance.now();
         await writeAll(this.fh, buffers, start);
         await this.fh.datasync();
+        this.onSync?.((performance.now() - started) / 1000, batch.length);
         this.offset = pos;
         batch.forEach((p, i) => p.resolve(refs[i]!));
       } catch (err) {

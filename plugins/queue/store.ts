@@ -141,6 +141,8 @@ export class QueueStore {
     private readonly segmentSize: number,
     private readonly log: { warn(o: object, m: string): void; error(o: object, m: string): void },
     private readonly memoryLimit = 0,
+    /** Told after each journal batch is durable (the queue's metrics). */
+    private readonly onSync?: (seconds: number, records: number) => void,
   ) {
     this.blobDir = join(dir, 'blobs');
   }
@@ -161,6 +163,7 @@ export class QueueStore {
       onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact),
       onDamage: (d) => found.push(d),
       describe: describeDamage,
+      ...(this.onSync ? { onSync: this.onSync } : {}),
     });
     // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
     await rm(cleanMarker, { force: true });
