@@ -6,7 +6,8 @@ import { userCommand } from './cli.js';
 import { directoryFiles, usersConfigSchema } from './config.js';
 import { DirectoryStore } from './directory-store.js';
 import { Directory } from './directory.js';
-import { DUMMY_HASH, verifyPassword } from './password.js';
+import { DUMMY_HASH, hashPassword, needsUpgrade, verifyPassword } from './password.js';
+import { syncPasswdFile, updateUsersFile, type UserFiles } from './users-update.js';
 import { normalizeLogin } from './users-file.js';
 import { Forwarding } from './forwarding.js';
 import { asciiDomain } from './addresses.js';
@@ -29,8 +30,30 @@ export default definePlugin({
   async setup({ config, log, baseDir, resolve, provide }) {
     const { localDomains, spool } = resolve(Tokens.Config);
     const files = directoryFiles(config, baseDir);
+    const userFiles: UserFiles = { usersFile: files.usersFile, passwd: files.passwd };
+    /** Rewrites the passwd-file from the users file when they differ (a hand edit, an old file). */
+    const syncPasswd = async (): Promise<void> => {
+      const { written, skipped } = await syncPasswdFile(userFiles);
+      if (written) log.info({ file: files.passwd?.file }, 'passwd-file for Dovecot written');
+      if (skipped.length > 0)
+        log.warn(
+          { file: files.passwd?.file, users: skipped },
+          'users left out of the passwd-file: an scrypt hash Dovecot cannot check (upgraded at their next SMTP login) or a login with ":"',
+        );
+    };
+    // At start a passwd-file that cannot be written stops the boot, as a bad users file does.
+    if (files.passwd) await syncPasswd();
     const store = await DirectoryStore.open({
-      ...files,
+      usersFile: files.usersFile,
+      aliasesFile: files.aliasesFile,
+      ...(files.passwd
+        ? {
+            onReload: () =>
+              void syncPasswd().catch((err: unknown) =>
+                log.error({ err, file: files.passwd?.file }, 'passwd-file could not be written'),
+              ),
+          }
+        : {}),
       localDomains,
       separators: config.subaddressSeparator,
       postmaster: config.postmaster,
@@ -58,6 +81,22 @@ export default definePlugin({
       windowMs: windowSeconds * 1000,
       lockoutMs: lockoutSeconds * 1000,
     });
+
+    /**
+     * Replaces an older (scrypt) hash with the SCRAM-SHA-256 form once the password is known to be
+     * right, under the users file's lock and only if the entry still holds the hash that was
+     * checked (a `petrel user passwd` in between wins). The passwd-file follows, so Dovecot
+     * accepts the same password from then on.
+     */
+    const upgrade = async (name: string, checked: string, password: string): Promise<void> => {
+      const hash = await hashPassword(password);
+      const { changed } = await updateUsersFile(userFiles, async (data) => {
+        const entry = data.users?.[name];
+        if (!entry || entry.password !== checked) return null;
+        return { users: { ...data.users, [name]: { ...entry, password: hash } } };
+      });
+      if (changed) log.info({ user: name }, 'password hash upgraded from scrypt to SCRAM-SHA-256');
+    };
 
     /** Slows a failed attempt down; cut short if the hook's time runs out. */
     const pause = (signal: AbortSignal): Promise<void> =>
@@ -87,6 +126,12 @@ export default definePlugin({
             log.warn({ ...fields, err }, 'AUTH attempt could not be uncounted');
           });
           log.info(fields, 'AUTH succeeded');
+          if (needsUpgrade(user.password)) {
+            // The login stands whatever becomes of the upgrade; it is tried again next time.
+            await upgrade(user.name, user.password, password).catch((err: unknown) => {
+              log.warn({ ...fields, err }, 'password hash could not be upgraded');
+            });
+          }
           return accept();
         }
         const { failures, lockedOut } = await throttle.failed(client);
