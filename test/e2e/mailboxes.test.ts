@@ -128,7 +128,7 @@ describe('one password for sending and reading, with Dovecot from contrib/doveco
     }));
     await petrelUser(['add', BOB, '--config', p.config], 'first secret', p.project.dir);
     const dovecot: PairedDovecot = await startPairedDovecot({
-      variant: 'dovecot.conf',
+      variant: 'maildir',
       passwdFile: p.passwd,
       mailRoot: p.project.path('mail'),
     });
@@ -159,10 +159,12 @@ describe('one password for sending and reading, with Dovecot from contrib/doveco
     const wrong = await swaks(p.submission, BOB, 'first secreT', BOB, 'never');
     assert.notEqual(wrong.code, 0);
     assert.match(wrong.stdout, /<~\* {1,2}535 5\.7\.8 /);
-    for (const protocol of ['imap', 'pop3'] as const) {
-      const r = await readMailbox(dovecot, protocol, BOB, 'first secreT');
-      assert.equal(r.ok, false, `${protocol} refuses a wrong password`);
-    }
+    const imapWrong = await readMailbox(dovecot, 'imap', BOB, 'first secreT');
+    assert.equal(imapWrong.ok, false, 'IMAP refuses a wrong password');
+    assert.match(imapWrong.error!, /\[AUTHENTICATIONFAILED\] Authentication failed/);
+    const popWrong = await readMailbox(dovecot, 'pop3', BOB, 'first secreT');
+    assert.equal(popWrong.ok, false, 'POP3 refuses a wrong password');
+    assert.match(popWrong.error!, /-ERR \[AUTH\] Authentication failed/);
 
     // A new password takes effect on both sides at once, with neither server restarted.
     await petrelUser(['passwd', BOB, '--config', p.config], 'second secret', p.project.dir);
@@ -190,7 +192,7 @@ describe('one password for sending and reading, with Dovecot from contrib/doveco
     chownSync(mailRoot, vmail.uid, vmail.gid);
     await petrelUser(['add', BOB, '--config', p.config], 'lmtp secret', p.project.dir);
     const dovecot = await startPairedDovecot({
-      variant: 'lmtp.conf',
+      variant: 'lmtp',
       passwdFile: p.passwd,
       mailRoot,
       lmtpPort,

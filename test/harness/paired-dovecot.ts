@@ -17,7 +17,7 @@ export const CONTRIB = join(ROOT, 'contrib', 'dovecot');
 export interface PairedDovecot {
   readonly imapPort: number;
   readonly pop3Port: number;
-  /** LMTP's port with `lmtp.conf`; 0 with `dovecot.conf`. */
+  /** LMTP's port with lmtp.conf; 0 without it. */
   readonly lmtpPort: number;
   log(): string;
   stop(): Promise<void>;
@@ -32,20 +32,21 @@ const SITE = {
 } as const;
 
 /**
- * Starts Dovecot from `contrib/dovecot/<variant>` with the passwd-file and mail root given. The
+ * Starts Dovecot from contrib/dovecot/ with the passwd-file and mail root given. The
  * mail user is the config's own (`vmail`), which must exist.
  */
 export async function startPairedDovecot(opts: {
-  variant: 'dovecot.conf' | 'lmtp.conf';
+  /** `maildir`: dovecot.conf alone; `lmtp`: with lmtp.conf beside it. */
+  variant: 'maildir' | 'lmtp';
   passwdFile: string;
   mailRoot: string;
-  /** LMTP's port with `lmtp.conf` (the test's Petrel config names it first); a free one if not given. */
+  /** LMTP's port with lmtp.conf (the test's Petrel config names it first); a free one if not given. */
   lmtpPort?: number;
   timeoutMs?: number;
 }): Promise<PairedDovecot> {
   const dir = mkdtempSync(join(tmpdir(), 'petrel-paired-dovecot-'));
   chmodSync(dir, 0o755);
-  for (const name of ['dovecot.conf', 'lmtp.conf']) {
+  for (const name of opts.variant === 'lmtp' ? ['dovecot.conf', 'lmtp.conf'] : ['dovecot.conf']) {
     const text = readFileSync(join(CONTRIB, name), 'utf8')
       .replaceAll(SITE.passwdFile, opts.passwdFile)
       .replaceAll(SITE.mailRoot, opts.mailRoot)
@@ -54,7 +55,7 @@ export async function startPairedDovecot(opts: {
     writeFileSync(join(dir, name), text);
   }
   const [imapPort, pop3Port] = [await freePort(), await freePort()];
-  const lmtpPort = opts.variant === 'lmtp.conf' ? (opts.lmtpPort ?? (await freePort())) : 0;
+  const lmtpPort = opts.variant === 'lmtp' ? (opts.lmtpPort ?? (await freePort())) : 0;
   const logFile = join(dir, 'dovecot.log');
   const conf = join(dir, 'test.conf');
   const lmtp =
@@ -70,7 +71,7 @@ export async function startPairedDovecot(opts: {
   writeFileSync(
     conf,
     `# The test's own: free ports and a private run folder around the contrib config.
-!include ${opts.variant}
+!include dovecot.conf
 base_dir = ${join(dir, 'run')}
 state_dir = ${join(dir, 'state')}
 log_path = ${logFile}
