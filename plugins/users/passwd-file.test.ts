@@ -162,6 +162,17 @@ describe('users: the passwd-file for Dovecot', () => {
       // The upgraded hash works for SMTP AUTH as well, and the wrong password still fails.
       assert.equal(await authCode(port, 'carol@hamburger.edu', 'carol pw'), 235);
       assert.equal(await authCode(port, 'carol@hamburger.edu', 'carol pX'), 535);
+
+      // A hand edit while the server runs: the next lookup reads the users file again and the
+      // passwd-file follows, so Dovecot knows dave without anyone running petrel user.
+      const now = JSON.parse(readFileSync(usersFile, 'utf8')) as typeof data;
+      now.users['dave@hamburger.edu'] = { password: await hashPassword('dave pw', { iterations: 4096 }) };
+      writeFileSync(usersFile, JSON.stringify(now));
+      assert.equal(await authCode(port, 'dave@hamburger.edu', 'dave pw'), 235);
+      const deadline = Date.now() + 10_000;
+      while (passwdHash(passwd, 'dave@hamburger.edu') === null && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 50));
+      assert.equal(await doveadmVerifies(passwdHash(passwd, 'dave@hamburger.edu')!, 'dave pw'), true);
     });
   });
 });
