@@ -1024,21 +1024,20 @@ export class SmtpSession implements SessionState {
     const first = text === null ? 'invalid base64' : parseClientFirst(text);
     if (typeof first === 'string') return this.reply(501, '5.5.2', `Invalid SCRAM-SHA-256 message: ${first}`);
     // Set by verify(), which the hook calls: a holder, since the compiler cannot see the closure run.
-    const state: { used: boolean; replied: boolean; signature: Buffer | null } = {
-      used: false,
-      replied: false,
+    // `read` is the client's final message; the session waits for it after the hook too, so that
+    // a hook that timed out meanwhile never leaves a read pending beside the command loop's, and
+    // a client gone or a deadline passed during it ends the session as anywhere else.
+    const state: { read: Promise<string | null> | null; signature: Buffer | null } = {
+      read: null,
       signature: null,
     };
     const scram: ScramExchange = {
       verify: async (credentials) => {
-        if (state.used) throw new Error('scram.verify may be called once');
-        state.used = true;
+        if (state.read) throw new Error('scram.verify may be called once');
         const server = serverFirst(first, credentials);
-        const final = await this.saslPrompt(Buffer.from(server.message).toString('base64'));
-        if (final === null) {
-          state.replied = true; // cancelled, or a line too long: answered already
-          return false;
-        }
+        state.read = this.saslPrompt(Buffer.from(server.message).toString('base64'));
+        const final = await state.read;
+        if (final === null) return false; // cancelled, or a line too long: answered already
         const finalText = decodeBase64(final);
         state.signature = finalText === null ? null : checkClientFinal(finalText, first, server, credentials);
         return state.signature !== null;
@@ -1053,7 +1052,7 @@ export class SmtpSession implements SessionState {
       scram,
     });
     this.logVerdict('auth', verdict, plugin, { mechanism, username });
-    if (state.replied) return void this.gen.metrics.inc('smtp.auth.failure');
+    if (state.read && (await state.read) === null) return void this.gen.metrics.inc('smtp.auth.failure');
     const proven = state.signature;
     if (verdict.kind === 'accept' && proven) {
       // RFC 4954 §4: additional data with success goes in a 334 challenge, answered by an empty line.

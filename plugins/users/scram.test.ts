@@ -9,6 +9,7 @@ import { Petrel } from '../../core/app.js';
 import { describeRun, run } from '../../test/e2e/run.js';
 import { PYTHON, requirePeer } from '../../test/harness/peers.js';
 import { TLS } from '../../test/harness/server.js';
+import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { hashPassword, hashScrypt } from './password.js';
 
 /**
@@ -130,6 +131,26 @@ describe('users: AUTH SCRAM-SHA-256 with smtplib over STARTTLS', () => {
     assert.equal(r.code, 235, JSON.stringify(r));
     assert.equal(r.serverVerified, true, 'the server signature matches: it holds the credentials');
     assert.equal(r.sent, true, 'the authenticated session may send as bob');
+  });
+
+  it('reads like a transcript: a malformed first message, a cancel after the server-first message, and the session goes on', async () => {
+    const c = await SmtpClient.connect(app!.port('submission'));
+    try {
+      await c.expect(/^220 /);
+      await c.ehlo();
+      await c.cmd('STARTTLS', /^220 /);
+      await c.upgrade();
+      await c.ehlo();
+      const b64 = (text: string): string => Buffer.from(text).toString('base64');
+      await c.cmd(`AUTH SCRAM-SHA-256 ${b64('p=tls-unique,,n=bob@hamburger.edu,r=abc')}`, /^501 5\.5\.2 /);
+      const challenge = await c.cmd(`AUTH SCRAM-SHA-256 ${b64('n,,n=bob@hamburger.edu,r=abcdef')}`, /^334 /);
+      const serverFirst = Buffer.from(challenge.text.trim(), 'base64').toString();
+      assert.match(serverFirst, /^r=abcdef[A-Za-z0-9+/=]+,s=[A-Za-z0-9+/=]+,i=4096$/);
+      await c.cmd('*', /^501 5\.0\.0 Authentication cancelled/);
+      await c.cmd('NOOP', /^250 /);
+    } finally {
+      c.close();
+    }
   });
 
   it('refuses a wrong password, an unknown login, and an scrypt user until a PLAIN login upgrades the hash', async (t: TestContext) => {
