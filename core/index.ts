@@ -38,6 +38,7 @@ export { Headers, formatHeaderField, foldHeaderField, type HeaderField } from '.
 export { MessageCopy } from './message/copy.js';
 // Small helpers every plugin may want, the same ones the core uses.
 export { parseDuration } from './util/duration.js';
+export { primaryGid, resolveGid, resolveUid } from './util/accounts.js';
 export { rfc5322Date } from './util/date.js';
 export { newId } from './util/ids.js';
 /**

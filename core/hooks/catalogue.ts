@@ -243,14 +243,51 @@ export interface HeloContext extends Base {
   readonly hostname: string;
 }
 export interface CapabilitiesContext extends Base {}
-export interface AuthContext extends Base {
-  readonly mechanism: 'PLAIN' | 'LOGIN';
+interface AuthBase extends Base {
   readonly username: string;
-  /** The password. Never log it; the logger redacts `password` keys, but not free text. */
-  readonly password: string;
-  /** SASL authorization identity (PLAIN), or empty. */
+  /** SASL authorization identity (PLAIN, SCRAM's `a=`), or empty. */
   readonly authzid: string;
 }
+
+/** What a server keeps for a user instead of the password (RFC 5802 §3), for SCRAM-SHA-256. */
+export interface ScramCredentials {
+  readonly salt: Buffer;
+  readonly iterations: number;
+  /** H(ClientKey): checks the client's proof. */
+  readonly storedKey: Buffer;
+  /** HMAC(SaltedPassword, "Server Key"): signs the server's final message. */
+  readonly serverKey: Buffer;
+}
+
+/** The rest of a SCRAM-SHA-256 exchange (RFC 7677), which needs the user's stored credentials. */
+export interface ScramExchange {
+  /**
+   * Sends the server's first message (the credentials' salt and iteration count), reads the
+   * client's final message and checks its proof against `storedKey`: true when it matches. Call
+   * it at most once; for an unknown user, call it with made-up credentials, so that the client
+   * cannot tell. When it returned true and the hook accepts, the session sends the server's
+   * signature (made with `serverKey`) before `235`. False also when the client cancelled or sent
+   * something malformed (the session has then replied already).
+   */
+  verify(credentials: ScramCredentials): Promise<boolean>;
+}
+
+/**
+ * AUTH. PLAIN and LOGIN carry the password; SCRAM-SHA-256 carries none, and the hook finishes the
+ * exchange with `scram.verify` and the user's stored credentials.
+ */
+export type AuthContext =
+  | (AuthBase & {
+      readonly mechanism: 'PLAIN' | 'LOGIN';
+      /** The password. Never log it; the logger redacts `password` keys, but not free text. */
+      readonly password: string;
+      readonly scram?: undefined;
+    })
+  | (AuthBase & {
+      readonly mechanism: 'SCRAM-SHA-256';
+      readonly password?: undefined;
+      readonly scram: ScramExchange;
+    });
 export interface MailContext extends Base {
   readonly transaction: TransactionView;
   readonly sender: Address | null;

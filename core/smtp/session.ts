@@ -9,12 +9,13 @@ import type {
   MailParams,
   Recipient,
   RecipientParams,
+  ScramExchange,
   SessionView,
   TlsInfo,
   TransactionView,
 } from '../hooks/catalogue.js';
 import type { CallContext, HookRunner, VerdictOutcome } from '../hooks/runner.js';
-import type { ReplySpec, Verdict } from '../hooks/verdict.js';
+import { deny, type ReplySpec, type Verdict } from '../hooks/verdict.js';
 import { parsePath, type Address } from '../message/address.js';
 import type { SpooledBody } from '../message/body.js';
 import { ReceivedMessage } from '../message/message.js';
@@ -36,6 +37,7 @@ import {
   type TransactionState,
 } from './views.js';
 import { formatReply } from './reply.js';
+import { checkClientFinal, parseClientFirst, serverFirst } from './scram.js';
 
 /**
  * Where a connection comes from: the socket's endpoints, or, behind a proxy that sent a PROXY
@@ -658,7 +660,7 @@ export class SmtpSession implements SessionState {
       'CHUNKING',
     ];
     if (this.gen.tls && !this.tls) words.push('STARTTLS');
-    if (this.authOffered()) words.push('AUTH PLAIN LOGIN');
+    if (this.authOffered()) words.push('AUTH PLAIN LOGIN SCRAM-SHA-256');
     words.push(...(await this.runner.capabilities({ session: this.view })));
     this.reply(250, null, [greeting, ...words]);
   }
@@ -1105,6 +1107,7 @@ export class SmtpSession implements SessionState {
     if (this.tx) return this.reply(503, '5.5.1', 'AUTH not allowed during a mail transaction');
     const [mech = '', initial] = args.trim().split(/ +/);
     const mechanism = mech.toUpperCase();
+    if (mechanism === 'SCRAM-SHA-256') return this.authScram(initial);
     if (mechanism !== 'PLAIN' && mechanism !== 'LOGIN') {
       return this.reply(504, '5.5.4', 'Unrecognized authentication type');
     }
@@ -1138,12 +1141,77 @@ export class SmtpSession implements SessionState {
       authzid,
     });
     this.logVerdict('auth', verdict, plugin, { mechanism, username });
-    if (verdict.kind === 'accept') {
-      this.user = username;
-      this.gen.counters.authSuccess.inc();
-      this.reply(235, '2.7.0', 'Authentication successful');
-      return;
+    if (verdict.kind === 'accept') return this.authenticated(username);
+    this.authFailed(verdict);
+  }
+
+  private authenticated(username: string): void {
+    this.user = username;
+    this.gen.counters.authSuccess.inc();
+    this.reply(235, '2.7.0', 'Authentication successful');
+  }
+
+  /**
+   * AUTH SCRAM-SHA-256 (RFC 7677): the client's first message here, the rest inside the `auth`
+   * hook, which calls `scram.verify` with the user's stored credentials. A hook that accepts
+   * without a verified proof is refused: there would be no server signature to send.
+   */
+  private async authScram(initial: string | undefined): Promise<void> {
+    const mechanism = 'SCRAM-SHA-256';
+    const response = initial ?? (await this.saslPrompt(''));
+    if (response === null) return;
+    const text = decodeBase64(response);
+    const first = text === null ? 'invalid base64' : parseClientFirst(text);
+    if (typeof first === 'string') return this.reply(501, '5.5.2', `Invalid SCRAM-SHA-256 message: ${first}`);
+    // Set by verify(), which the hook calls: a holder, since the compiler cannot see the closure run.
+    // `read` is the client's final message; the session waits for it after the hook too, so that
+    // a hook that timed out meanwhile never leaves a read pending beside the command loop's, and
+    // a client gone or a deadline passed during it ends the session as anywhere else.
+    const state: { read: Promise<string | null> | null; signature: Buffer | null } = {
+      read: null,
+      signature: null,
+    };
+    const scram: ScramExchange = {
+      verify: async (credentials) => {
+        if (state.read) throw new Error('scram.verify may be called once');
+        const server = serverFirst(first, credentials);
+        state.read = this.saslPrompt(Buffer.from(server.message).toString('base64'));
+        const final = await state.read;
+        if (final === null) return false; // cancelled, or a line too long: answered already
+        const finalText = decodeBase64(final);
+        state.signature = finalText === null ? null : checkClientFinal(finalText, first, server, credentials);
+        return state.signature !== null;
+      },
+    };
+    const { username, authzid } = first;
+    const { verdict, plugin } = await this.runner.verdict('auth', {
+      session: this.view,
+      mechanism,
+      username,
+      authzid,
+      scram,
+    });
+    this.logVerdict('auth', verdict, plugin, { mechanism, username });
+    if (state.read && (await state.read) === null) return void this.gen.counters.authFailure.inc();
+    const proven = state.signature;
+    if (verdict.kind === 'accept' && proven) {
+      // RFC 4954 §4: additional data with success goes in a 334 challenge, answered by an empty line.
+      const ack = await this.saslPrompt(Buffer.from(`v=${proven.toString('base64')}`).toString('base64'));
+      if (ack === null) return void this.gen.counters.authFailure.inc();
+      if (ack !== '' && ack !== '=') return this.reply(501, '5.5.2', 'Expected an empty response');
+      return this.authenticated(username);
     }
+    if (verdict.kind === 'accept') {
+      this.log.error(
+        { plugin, mechanism },
+        'auth hook accepted SCRAM-SHA-256 without a verified proof; refused',
+      );
+      return this.authFailed(deny(535, '5.7.8', 'Authentication credentials invalid'));
+    }
+    this.authFailed(verdict);
+  }
+
+  private authFailed(verdict: Verdict): void {
     this.gen.counters.authFailure.inc();
     this.authFailures++;
     if (verdict.kind === 'proceed') this.reply(535, '5.7.8', 'Authentication credentials invalid');

@@ -343,7 +343,7 @@ describe('dkim: which mail is signed', () => {
     const usersFile = join(keys.dir, 'users.json');
     await writeUsersFile(usersFile, {
       users: {
-        'alice@crepes.test': { password: await hashPassword('pancake batter', { N: 1024, r: 8, p: 1 }) },
+        'alice@crepes.test': { password: await hashPassword('pancake batter', { iterations: 4096 }) },
       },
     });
     const port = await freePortOn(['127.0.0.1']);

@@ -18,8 +18,11 @@ import {
   type Route,
   localDomainMap,
   localDomainOf,
+  primaryGid,
+  resolveGid,
+  resolveUid,
 } from '../../core/index.js';
-import { mkdirSync, chownSync } from 'node:fs';
+import { mkdirSync, chownSync, statSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { z } from 'zod';
@@ -41,7 +44,8 @@ const mode = z
   .regex(/^0?[0-7]{3}$/, { message: 'expected an octal mode such as "0600"' })
   .transform((s) => parseInt(s, 8));
 
-const id = z.number().int().min(0).max(0xfffffffe);
+/** A user or group: a number, or a name looked up in /etc/passwd or /etc/group at start. */
+const id = z.union([z.number().int().min(0).max(0xfffffffe), z.string().min(1)]);
 
 export const configSchema = z
   .object({
@@ -59,7 +63,10 @@ export const configSchema = z
     fileMode: mode.default(0o600),
     /** Mode of folders the plugin creates, as an octal string. */
     dirMode: mode.default(0o700),
-    /** Owner (uid, gid) of everything written; needs Petrel to run as root. */
+    /**
+     * Owner (uid, gid) of everything written, as numbers or names (`vmail`); needs Petrel to run
+     * as root. A named `uid` without `gid` brings that user's primary group.
+     */
     uid: id.optional(),
     gid: id.optional(),
     /** Sub-addressed mail (`bob+lists@`) goes to the Maildir++ folder `.lists` of bob's mailbox. */
@@ -131,10 +138,42 @@ export function resultForError(recipient: string, err: unknown): RecipientResult
   }
 }
 
-function checkOwner(config: MaildirConfig): void {
+/** The configured owner as numbers (names looked up); throws naming a user or group that does not exist. */
+export function mailOwner(config: MaildirConfig): { uid?: number; gid?: number } {
+  const uid = config.uid === undefined ? undefined : resolveUid(config.uid);
+  let gid = config.gid === undefined ? undefined : resolveGid(config.gid);
+  if (gid === undefined && typeof config.uid === 'string' && !/^\d+$/.test(config.uid))
+    gid = primaryGid(config.uid) ?? undefined;
+  return { ...(uid === undefined ? {} : { uid }), ...(gid === undefined ? {} : { gid }) };
+}
+
+function checkOwner(owner: { uid?: number }, log: PluginApi<MaildirConfig>['log']): void {
   const self = process.getuid?.();
-  if (config.uid === undefined || self === undefined || self === 0 || self === config.uid) return;
-  throw new Error(`uid ${config.uid} is set, but Petrel runs as uid ${self}: only root can give files away`);
+  if (self === 0 && owner.uid === undefined) {
+    // Folders made now would belong to root with mode 0700: Dovecot, which never runs mail
+    // processes as root, could not open them.
+    log.warn(
+      'Petrel runs as root and maildir has no mailbox owner: mailboxes will belong to root, which Dovecot cannot open; set uid (and gid) to the mail user, e.g. uid: vmail',
+    );
+  }
+  if (owner.uid === undefined || self === undefined || self === 0 || self === owner.uid) return;
+  throw new Error(`uid ${owner.uid} is set, but Petrel runs as uid ${self}: only root can give files away`);
+}
+
+/** Warns when the configured owner could not pass through an existing root (not changed here). */
+function checkRootReachable(
+  root: string,
+  owner: { uid?: number; gid?: number },
+  log: PluginApi<MaildirConfig>['log'],
+): void {
+  if (owner.uid === undefined) return;
+  const st = statSync(root);
+  const bit = st.uid === owner.uid ? 0o100 : st.gid === owner.gid ? 0o010 : 0o001;
+  if ((st.mode & bit) === 0)
+    log.warn(
+      { root, owner: st.uid, group: st.gid, mode: (st.mode & 0o777).toString(8) },
+      `the mailbox owner (uid ${owner.uid}) cannot enter root, so Dovecot cannot open the mailboxes below it; give it to the mail user or allow it to pass (chmod o+x)`,
+    );
 }
 
 export default definePlugin({
@@ -142,14 +181,34 @@ export default definePlugin({
   config: configSchema,
   setup(api: PluginApi<MaildirConfig>) {
     const { config, log } = api;
-    checkOwner(config);
+    const owner = mailOwner(config);
+    checkOwner(owner, log);
     const root = resolve(api.baseDir, config.root);
     // A root made here belongs to the mail owner; an existing one is left as the operator set it.
     const made = mkdirSync(root, { recursive: true, mode: config.dirMode });
-    if (made && (config.uid !== undefined || config.gid !== undefined))
-      chownSync(root, config.uid ?? -1, config.gid ?? -1);
+    if (made && (owner.uid !== undefined || owner.gid !== undefined))
+      chownSync(root, owner.uid ?? -1, owner.gid ?? -1);
+    else checkRootReachable(root, owner, log);
     const domains = localDomainMap(api.resolve(Tokens.Config).localDomains);
-    const store = new MaildirStore(config);
+    const store = new MaildirStore({
+      fileMode: config.fileMode,
+      dirMode: config.dirMode,
+      createMailboxes: config.createMailboxes,
+      ...owner,
+      root,
+      report: (f) => {
+        if (f.fixed)
+          log.warn(
+            { folder: f.folder, count: f.count, paths: f.paths },
+            'existing mailbox folders or files had another owner or mode; changed to the configured ones',
+          );
+        else
+          log.error(
+            { folder: f.folder, count: f.count, paths: f.paths, error: f.error },
+            'existing mailbox folders or files have another owner or mode and could not be changed; the mail reader may not open them (chown -R them to the mail user)',
+          );
+      },
+    });
 
     /** The users directory when the users plugin is in this plugin set, else null. */
     const directory = (): DirectoryService | null => {

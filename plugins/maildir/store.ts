@@ -13,6 +13,24 @@ export interface StoreOptions {
   readonly gid?: number;
   /** Create a missing mailbox; when false, a missing one is a MailboxGoneError. */
   readonly createMailboxes: boolean;
+  /**
+   * The folder holding the mailboxes: existing folders below it on the way to a mailbox are
+   * checked for the configured owner and mode (it is not checked itself; the operator owns it).
+   */
+  readonly root?: string;
+  /** Told what an ownership check found; see `checkOwnership`. */
+  readonly report?: (finding: OwnershipFinding) => void;
+}
+
+/** Existing mailbox folders or files whose owner or mode differs from the configuration. */
+export interface OwnershipFinding {
+  readonly folder: string;
+  /** Up to ten of the paths that differed, for the log. */
+  readonly paths: readonly string[];
+  readonly count: number;
+  /** True when they were changed to the configured owner and mode; false when that was refused. */
+  readonly fixed: boolean;
+  readonly error?: string;
 }
 
 /** Where one copy goes: the mailbox's top Maildir, and the Maildir++ folder inside it (or the top). */
@@ -73,6 +91,9 @@ const ignore = (): void => undefined;
  * A reader never sees a partial file, and a `250` is only given for bytes on stable storage.
  */
 export class MaildirStore {
+  /** Folders whose ownership was checked by this store (once each, on the first delivery). */
+  private readonly checked = new Set<string>();
+
   constructor(private readonly opts: StoreOptions) {}
 
   /**
@@ -85,6 +106,7 @@ export class MaildirStore {
     content: AsyncIterable<Uint8Array>,
     signal: AbortSignal,
   ): Promise<string> {
+    await this.checkOwnership(target);
     const base = uniqueName(key);
     const tmp = join(target.folder, 'tmp', base);
     const fh = await this.retryAfterCreating(target, () => fs.open(tmp, 'wx', this.opts.fileMode));
@@ -151,6 +173,66 @@ export class MaildirStore {
       }
     }
     return null;
+  }
+
+  /**
+   * The first delivery to a folder (per store, so again after a reload) checks what already
+   * exists of it: the folders from below the root down to it with its `cur/`, `new/` and `tmp/`,
+   * and the messages in `new/` and `cur/`. Whatever does not have the configured owner and mode
+   * (folders made by an earlier run as root without `uid`, say, which Dovecot refuses to open) is
+   * changed to it and reported; when it cannot be changed, that is reported and delivery goes on.
+   * Without a configured owner there is nothing to check.
+   */
+  private async checkOwnership(target: MaildirTarget): Promise<void> {
+    const { uid, gid, dirMode, fileMode, root, report } = this.opts;
+    if ((uid === undefined && gid === undefined) || this.checked.has(target.folder)) return;
+    const wrong: { path: string; mode: number }[] = [];
+    const differs = (st: { uid: number; gid: number; mode: number }, mode: number): boolean =>
+      (uid !== undefined && st.uid !== uid) ||
+      (gid !== undefined && st.gid !== gid) ||
+      (st.mode & 0o777) !== mode;
+    const dirs: string[] = [];
+    for (let d = target.folder; ; d = dirname(d)) {
+      dirs.unshift(d);
+      const up = dirname(d);
+      if (up === d || up === root || root === undefined || !up.startsWith(`${root}/`)) break;
+    }
+    for (const sub of ['cur', 'new', 'tmp']) dirs.push(join(target.folder, sub));
+    for (const d of dirs) {
+      const st = await fs.stat(d).catch((err: unknown) => {
+        if (code(err) === 'ENOENT') return null; // made with the right owner when needed
+        throw err;
+      });
+      if (st && differs(st, dirMode)) wrong.push({ path: d, mode: dirMode });
+    }
+    const files = [join(target.folder, 'maildirfolder')];
+    for (const sub of ['new', 'cur']) {
+      const names = await fs.readdir(join(target.folder, sub)).catch(() => [] as string[]);
+      for (const name of names) files.push(join(target.folder, sub, name));
+    }
+    for (const f of files) {
+      const st = await fs.lstat(f).catch(() => null);
+      if (st?.isFile() && differs(st, fileMode)) wrong.push({ path: f, mode: fileMode });
+    }
+    if (wrong.length > 0) {
+      let error: string | undefined;
+      try {
+        for (const w of wrong) {
+          await fs.chown(w.path, uid ?? -1, gid ?? -1);
+          await fs.chmod(w.path, w.mode);
+        }
+      } catch (err) {
+        error = (err as Error).message;
+      }
+      report?.({
+        folder: target.folder,
+        paths: wrong.slice(0, 10).map((w) => w.path),
+        count: wrong.length,
+        fixed: error === undefined,
+        ...(error === undefined ? {} : { error }),
+      });
+    }
+    this.checked.add(target.folder);
   }
 
   private async retryAfterCreating<T>(target: MaildirTarget, op: () => Promise<T>): Promise<T> {

@@ -109,7 +109,7 @@ async function relayServer(trustedNetworks: string[]): Promise<{ srv: TestServer
   const usersFile = join(dir, 'users.json');
   const aliasesFile = join(dir, 'aliases.yaml');
   await writeUsersFile(usersFile, {
-    users: { 'bob@hamburger.edu': { password: await hashPassword(PASSWORD, { N: 1024, r: 8, p: 1 }) } },
+    users: { 'bob@hamburger.edu': { password: await hashPassword(PASSWORD, { iterations: 4096 }) } },
   });
   writeFileSync(aliasesFile, "'@fries.test': bob@hamburger.edu\n");
   const srv = await startServer({

@@ -24,7 +24,7 @@ const RFC5322_DATE =
 async function usersDir(): Promise<{ dir: string; usersFile: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'petrel-submission-'));
   const usersFile = join(dir, 'users.json');
-  const password = await hashPassword(PASSWORD, { N: 1024, r: 8, p: 1 });
+  const password = await hashPassword(PASSWORD, { iterations: 4096 });
   await writeUsersFile(usersFile, {
     users: {
       'bob@hamburger.edu': { password, addresses: ['robert@hamburger.edu'] },

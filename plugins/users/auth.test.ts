@@ -25,7 +25,7 @@ async function directory(): Promise<{ dir: string; usersFile: string; aliasesFil
   const dir = mkdtempSync(join(tmpdir(), 'petrel-users-'));
   const usersFile = join(dir, 'users.json');
   const aliasesFile = join(dir, 'aliases.yaml');
-  const password = await hashPassword(PASSWORD, { N: 1024, r: 8, p: 1 });
+  const password = await hashPassword(PASSWORD, { iterations: 4096 });
   await writeUsersFile(usersFile, {
     users: {
       'bob@hamburger.edu': { password, addresses: ['robert@hamburger.edu'] },

@@ -79,7 +79,7 @@ describe('petrel user, with a running server', () => {
     rmSync(p.dir, { recursive: true, force: true });
   });
 
-  it('add: reads the password from stdin and writes a 0600 users file holding only a scrypt hash', async () => {
+  it('add: reads the password from stdin and writes a 0600 users file holding only a SCRAM-SHA-256 hash', async () => {
     const r = await petrelUser(['add', 'bob@hamburger.edu', '--config', p.config], 'first secret\n', p.dir);
     assert.equal(r.code, 0, describeRun(r));
     assert.match(r.stdout, /added bob@hamburger\.edu to .*etc\/mail\/users\.json/);
@@ -87,7 +87,7 @@ describe('petrel user, with a running server', () => {
     const text = readFileSync(p.usersFile, 'utf8');
     assert.ok(!text.includes('first secret'), 'no plain-text password');
     const users = (JSON.parse(text) as { users: Record<string, { password: string }> }).users;
-    assert.match(users['bob@hamburger.edu']!.password, /^\$scrypt\$N=16384,r=8,p=1\$/);
+    assert.match(users['bob@hamburger.edu']!.password, /^\{SCRAM-SHA-256\}100000,/);
   });
 
   it('AUTH over STARTTLS works with that password against a server started from the config', async () => {

@@ -10,13 +10,9 @@ import {
 import { parseAddressText } from './addresses.js';
 import { directoryFiles, type UsersConfig } from './config.js';
 import { hashPassword } from './password.js';
-import {
-  DirectoryFileError,
-  normalizeLogin,
-  readUsersFile,
-  writeUsersFile,
-  type UsersFileData,
-} from './users-file.js';
+import type { PasswdFileTarget } from './passwd-file.js';
+import { DirectoryFileError, normalizeLogin, readUsersFile, type UsersFileData } from './users-file.js';
+import { updateUsersFile } from './users-update.js';
 
 export const USER_USAGE = `Usage: petrel user <command> [--config FILE]
 
@@ -36,6 +32,8 @@ type UserCommandIo = Pick<CommandApi<UsersConfig>, 'stdin' | 'stdout' | 'stderr'
 /** The users file a config uses, and what the command should warn about. */
 export interface UsersFileLocation {
   readonly usersFile: string;
+  /** The passwd-file for Dovecot written beside it, when the config names one. */
+  readonly passwd: PasswdFileTarget | null;
   readonly configFile: string;
   /** The config lists the users plugin (and it is enabled). */
   readonly enabled: boolean;
@@ -49,8 +47,15 @@ export interface UsersFileLocation {
 export function locateUsersFile(
   cli: Pick<CommandApi<UsersConfig>, 'config' | 'baseDir' | 'configFile' | 'entry' | 'petrel'>,
 ): UsersFileLocation {
+  let files;
+  try {
+    files = directoryFiles(cli.config, cli.baseDir);
+  } catch (err) {
+    throw new CommandError((err as Error).message);
+  }
   return {
-    usersFile: directoryFiles(cli.config, cli.baseDir).usersFile,
+    usersFile: files.usersFile,
+    passwd: files.passwd,
     configFile: cli.configFile,
     enabled: cli.entry?.enabled ?? false,
     localDomains: cli.petrel.localDomains,
@@ -173,12 +178,20 @@ async function user(io: CommandApi<UsersConfig>): Promise<number> {
       throw new CommandError((err as Error).message);
     }
   };
-  const save = async (data: UsersFileData): Promise<void> => {
+  /** Applies a change under the users file's lock (the passwd-file follows); the data is re-read first. */
+  const save = async (change: (data: UsersFileData) => UsersFileData): Promise<void> => {
+    let skipped: readonly string[];
     try {
-      await writeUsersFile(usersFile, data);
+      ({ skipped } = await updateUsersFile(where, async (data) => change(data)));
     } catch (err) {
+      if (err instanceof CommandError) throw err;
       if (err instanceof DirectoryFileError) throw new CommandError(err.message);
       throw new CommandError(`cannot write ${usersFile}: ${(err as Error).message}`);
+    }
+    if (where.passwd && skipped.length > 0) {
+      io.stderr.write(
+        `petrel user: note: ${skipped.join(', ')} not in ${where.passwd.file} yet (an older scrypt hash, upgraded at the next SMTP login, or a login with ":")\n`,
+      );
     }
   };
   const warnDomain = (address: string): void => {
@@ -208,10 +221,14 @@ async function user(io: CommandApi<UsersConfig>): Promise<number> {
       const data = await load();
       const existing = findLogin(data, login);
       if (existing !== undefined) throw new CommandError(`${existing} already exists in ${usersFile}`);
-      const password = await readNewPassword(io);
-      const users = { ...data.users };
-      users[login] = { password: await hashPassword(password), ...(more.length ? { addresses: more } : {}) };
-      await save({ users });
+      const hash = await hashPassword(await readNewPassword(io));
+      await save((now) => {
+        const twin = findLogin(now, login);
+        if (twin !== undefined) throw new CommandError(`${twin} already exists in ${usersFile}`);
+        return {
+          users: { ...now.users, [login]: { password: hash, ...(more.length ? { addresses: more } : {}) } },
+        };
+      });
       for (const a of [login, ...more]) warnDomain(a);
       io.stdout.write(`added ${login} to ${usersFile}\n`);
       return 0;
@@ -221,10 +238,12 @@ async function user(io: CommandApi<UsersConfig>): Promise<number> {
       const data = await load();
       const name = findLogin(data, login);
       if (name === undefined) throw new CommandError(`no user ${login} in ${usersFile}`);
-      const password = await readNewPassword(io);
-      const users = { ...data.users };
-      users[name] = { ...users[name]!, password: await hashPassword(password) };
-      await save({ users });
+      const hash = await hashPassword(await readNewPassword(io));
+      await save((now) => {
+        const entry = now.users?.[name];
+        if (!entry) throw new CommandError(`no user ${login} in ${usersFile}`);
+        return { users: { ...now.users, [name]: { ...entry, password: hash } } };
+      });
       io.stdout.write(`changed the password of ${name}\n`);
       return 0;
     }
@@ -233,9 +252,11 @@ async function user(io: CommandApi<UsersConfig>): Promise<number> {
       const data = await load();
       const name = findLogin(data, login);
       if (name === undefined) throw new CommandError(`no user ${login} in ${usersFile}`);
-      const users = { ...data.users };
-      delete users[name];
-      await save({ users });
+      await save((now) => {
+        const users = { ...now.users };
+        delete users[name];
+        return { users };
+      });
       io.stdout.write(`removed ${name} from ${usersFile}\n`);
       return 0;
     }

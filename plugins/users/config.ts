@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
-import { z } from '../../core/index.js';
+import { resolveGid, z } from '../../core/index.js';
+import type { PasswdFileTarget } from './passwd-file.js';
 import { parseAddressText } from './addresses.js';
 
 /** The users plugin's config. Paths are relative to the config file's folder. */
@@ -7,6 +8,13 @@ export const usersConfigSchema = z
   .object({
     /** The users file (JSON), managed with `petrel user`. */
     usersFile: z.string().min(1).default('./users.json'),
+    /**
+     * A passwd-file for Dovecot, written from the users file whenever it changes (see
+     * passwd-file.ts and docs/mailboxes.md); none by default.
+     */
+    passwdFile: z.string().min(1).optional(),
+    /** Group that may read the passwd-file (a name or a number; Dovecot's auth runs as `dovecot`). */
+    passwdFileGroup: z.union([z.string().min(1), z.number().int().min(0)]).optional(),
     /** An aliases file (YAML or JSON); none by default. */
     aliasesFile: z.string().min(1).optional(),
     /**
@@ -63,13 +71,24 @@ export const usersConfigSchema = z
 
 export type UsersConfig = z.output<typeof usersConfigSchema>;
 
-/** Absolute paths of the users and aliases files. */
+/**
+ * Absolute paths of the users and aliases files, and the passwd-file with its group. Throws when
+ * the group does not exist.
+ */
 export function directoryFiles(
   config: UsersConfig,
   baseDir: string,
-): { usersFile: string; aliasesFile: string | null } {
+): { usersFile: string; aliasesFile: string | null; passwd: PasswdFileTarget | null } {
+  if (config.passwdFileGroup !== undefined && !config.passwdFile)
+    throw new Error('passwdFileGroup is set but passwdFile is not');
   return {
     usersFile: resolve(baseDir, config.usersFile),
     aliasesFile: config.aliasesFile ? resolve(baseDir, config.aliasesFile) : null,
+    passwd: config.passwdFile
+      ? {
+          file: resolve(baseDir, config.passwdFile),
+          gid: config.passwdFileGroup === undefined ? undefined : resolveGid(config.passwdFileGroup),
+        }
+      : null,
   };
 }

@@ -15,6 +15,8 @@ export interface DirectoryStoreOptions {
   /** Where postmaster@ a local domain goes when it reaches nothing of its own (address text). */
   readonly postmaster?: string | undefined;
   readonly log: Logger;
+  /** Called after the files were read again because they changed (not at open). */
+  readonly onReload?: () => void;
 }
 
 /** Identifies a version of a file: a rename (as `petrel user` does) changes the inode. */
@@ -111,6 +113,7 @@ export class DirectoryStore implements DirectoryService {
     try {
       this.data = await DirectoryStore.load(this.opts);
       log.info({ users: this.data.users.length }, 'users and aliases reloaded');
+      this.opts.onReload?.();
     } catch (err) {
       log.error({ err: (err as Error).message }, 'users or aliases file is bad; keeping the last good one');
     }

@@ -1,18 +1,61 @@
 import { resolve as resolvePath } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { accept, defer, definePlugin, deny, expandTo, proceed, Tokens } from '../../core/index.js';
+import {
+  accept,
+  defer,
+  definePlugin,
+  deny,
+  expandTo,
+  proceed,
+  Tokens,
+  type ScramExchange,
+} from '../../core/index.js';
 import { AuthThrottle, clientKey } from './auth-throttle.js';
 import { userCommand } from './cli.js';
 import { directoryFiles, usersConfigSchema } from './config.js';
 import { DirectoryStore } from './directory-store.js';
 import { Directory } from './directory.js';
-import { DUMMY_HASH, verifyPassword } from './password.js';
+import { createHmac, randomBytes } from 'node:crypto';
+import {
+  DUMMY_HASH,
+  hashPassword,
+  needsUpgrade,
+  parseHash,
+  SCRAM_ITERATIONS,
+  verifyPassword,
+} from './password.js';
+import { syncPasswdFile, updateUsersFile, type UserFiles } from './users-update.js';
 import { normalizeLogin } from './users-file.js';
 import { Forwarding } from './forwarding.js';
 import { asciiDomain } from './addresses.js';
 import { loadSecrets, Srs } from './srs.js';
 
 export { Directory, type DirectoryService } from './directory.js';
+
+/** Made-up credentials differ per login but stay the same for it, as a real user's salt does. */
+const FAKE_SALT_KEY = randomBytes(32);
+
+/**
+ * AUTH SCRAM-SHA-256: the exchange with the user's stored credentials. A user without them (an
+ * unknown login, or an scrypt hash not yet upgraded) goes through the same exchange with made-up
+ * ones, so that the client cannot tell which it was, and fails.
+ */
+async function verifyScram(
+  scram: ScramExchange,
+  login: string,
+  stored: string | undefined,
+): Promise<boolean> {
+  const h = stored === undefined ? null : parseHash(stored);
+  if (h?.scheme === 'SCRAM-SHA-256') return scram.verify(h);
+  const salt = createHmac('sha256', FAKE_SALT_KEY).update(login).digest().subarray(0, 16);
+  await scram.verify({
+    salt,
+    iterations: SCRAM_ITERATIONS,
+    storedKey: randomBytes(32),
+    serverKey: randomBytes(32),
+  });
+  return false;
+}
 
 /**
  * users — who is who. The user directory (a users file and an optional aliases file, read again
@@ -29,8 +72,30 @@ export default definePlugin({
   async setup({ config, log, baseDir, resolve, provide }) {
     const { localDomains, spool } = resolve(Tokens.Config);
     const files = directoryFiles(config, baseDir);
+    const userFiles: UserFiles = { usersFile: files.usersFile, passwd: files.passwd };
+    /** Rewrites the passwd-file from the users file when they differ (a hand edit, an old file). */
+    const syncPasswd = async (): Promise<void> => {
+      const { written, skipped } = await syncPasswdFile(userFiles);
+      if (written) log.info({ file: files.passwd?.file }, 'passwd-file for Dovecot written');
+      if (skipped.length > 0)
+        log.warn(
+          { file: files.passwd?.file, users: skipped },
+          'users left out of the passwd-file: an scrypt hash Dovecot cannot check (upgraded at their next SMTP login) or a login with ":"',
+        );
+    };
+    // At start a passwd-file that cannot be written stops the boot, as a bad users file does.
+    if (files.passwd) await syncPasswd();
     const store = await DirectoryStore.open({
-      ...files,
+      usersFile: files.usersFile,
+      aliasesFile: files.aliasesFile,
+      ...(files.passwd
+        ? {
+            onReload: () =>
+              void syncPasswd().catch((err: unknown) =>
+                log.error({ err, file: files.passwd?.file }, 'passwd-file could not be written'),
+              ),
+          }
+        : {}),
       localDomains,
       separators: config.subaddressSeparator,
       postmaster: config.postmaster,
@@ -59,12 +124,29 @@ export default definePlugin({
       lockoutMs: lockoutSeconds * 1000,
     });
 
+    /**
+     * Replaces an older (scrypt) hash with the SCRAM-SHA-256 form once the password is known to be
+     * right, under the users file's lock and only if the entry still holds the hash that was
+     * checked (a `petrel user passwd` in between wins). The passwd-file follows, so Dovecot
+     * accepts the same password from then on.
+     */
+    const upgrade = async (name: string, checked: string, password: string): Promise<void> => {
+      const hash = await hashPassword(password);
+      const { changed } = await updateUsersFile(userFiles, async (data) => {
+        const entry = data.users?.[name];
+        if (!entry || entry.password !== checked) return null;
+        return { users: { ...data.users, [name]: { ...entry, password: hash } } };
+      });
+      if (changed) log.info({ user: name }, 'password hash upgraded from scrypt to SCRAM-SHA-256');
+    };
+
     /** Slows a failed attempt down; cut short if the hook's time runs out. */
     const pause = (signal: AbortSignal): Promise<void> =>
       delayMs > 0 ? sleep(delayMs, undefined, { signal }).catch(() => undefined) : Promise.resolve();
 
     return {
-      async auth({ session, username, password, authzid, signal }) {
+      async auth(ctx) {
+        const { session, username, authzid, signal } = ctx;
         const client = clientKey(session.remote.address);
         const fields = { session: session.id, remote: session.remote.address, user: username };
         const attempt = await throttle.begin(client);
@@ -77,7 +159,10 @@ export default definePlugin({
         const login = normalizeLogin(username);
         const user = (await store.current()).userByLogin(login);
         // An unknown login costs as much as a wrong password, so timing tells nothing.
-        const passwordOk = await verifyPassword(password, user?.password ?? DUMMY_HASH);
+        const passwordOk =
+          ctx.mechanism === 'SCRAM-SHA-256'
+            ? await verifyScram(ctx.scram, login, user?.password)
+            : await verifyPassword(ctx.password, user?.password ?? DUMMY_HASH);
         // We do not let one user act for another (RFC 4616 §2): the authzid must be empty or the login.
         const authzOk = authzid === '' || normalizeLogin(authzid) === login;
         if (user && passwordOk && authzOk) {
@@ -87,10 +172,22 @@ export default definePlugin({
             log.warn({ ...fields, err }, 'AUTH attempt could not be uncounted');
           });
           log.info(fields, 'AUTH succeeded');
+          if (ctx.password !== undefined && needsUpgrade(user.password)) {
+            // The login stands whatever becomes of the upgrade; it is tried again next time.
+            await upgrade(user.name, user.password, ctx.password).catch((err: unknown) => {
+              log.warn({ ...fields, err }, 'password hash could not be upgraded');
+            });
+          }
           return accept();
         }
         const { failures, lockedOut } = await throttle.failed(client);
-        const reason = !user ? 'unknown login' : !passwordOk ? 'wrong password' : 'authzid not allowed';
+        const reason = !user
+          ? 'unknown login'
+          : !passwordOk
+            ? ctx.mechanism === 'SCRAM-SHA-256' && needsUpgrade(user.password)
+              ? 'no SCRAM credentials yet (scrypt hash; log in once with PLAIN or LOGIN)'
+              : 'wrong password'
+            : 'authzid not allowed';
         log.info({ ...fields, reason, failures }, 'AUTH failed');
         if (lockedOut)
           log.warn({ ...fields, lockoutSeconds }, 'client locked out after too many AUTH failures');

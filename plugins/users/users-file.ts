@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { z } from '../../core/index.js';
 import { parseAddressText, type AddressKey } from './addresses.js';
@@ -12,7 +12,7 @@ import { parseHash } from './password.js';
  * {
  *   "users": {
  *     "bob@hamburger.edu": {
- *       "password": "$scrypt$N=16384,r=8,p=1$<salt>$<hash>",
+ *       "password": "{SCRAM-SHA-256}100000,<salt>,<StoredKey>,<ServerKey>",
  *       "addresses": ["robert@hamburger.edu"]
  *     }
  *   }
@@ -21,11 +21,13 @@ import { parseHash } from './password.js';
  *
  * The key is the login name. `address` is the primary address (default: the login, which must
  * then be an address); `addresses` are more addresses the user receives mail at and may send as.
+ * `password` is a hash in one of the forms of password.ts (older files hold scrypt hashes).
  */
 const entrySchema = z
   .object({
     password: z.string().refine((p) => parseHash(p) !== null, {
-      message: 'expected a scrypt hash "$scrypt$N=…,r=…,p=…$<salt>$<hash>" (use `petrel user passwd`)',
+      message:
+        'expected a password hash "{SCRAM-SHA-256}<iterations>,<salt>,<StoredKey>,<ServerKey>" or "$scrypt$N=…,r=…,p=…$<salt>$<hash>" (use `petrel user passwd`)',
     }),
     address: z.string().optional(),
     addresses: z.array(z.string()).default([]),
@@ -136,13 +138,27 @@ export async function writeUsersFile(file: string, data: UsersFileData): Promise
   };
   const text = `${JSON.stringify(sorted, null, 2)}\n`;
   parseUsersFile(text, file); // never write a file the server would refuse
+  // The first user, before the server ever ran: the folder is made private.
+  await mkdir(dirname(file), { recursive: true, mode: 0o700 });
+  await replaceFile(file, text, { mode: 0o600 });
+}
+
+/**
+ * Writes `text` to `file` atomically (a flushed temporary file in the same folder renamed over
+ * it, the folder flushed after), with `mode` whatever the umask and, when given, group `gid`.
+ */
+export async function replaceFile(
+  file: string,
+  text: string,
+  opts: { mode: number; gid?: number | undefined },
+): Promise<void> {
   const dir = dirname(file);
-  await mkdir(dir, { recursive: true, mode: 0o700 }); // the first user, before the server ever ran
   const tmp = join(dir, `.${basename(file)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
   const fh = await open(tmp, 'wx', 0o600);
   try {
     await fh.writeFile(text, 'utf8');
-    await fh.chmod(0o600); // whatever the umask
+    if (opts.gid !== undefined) await fh.chown(-1, opts.gid);
+    await fh.chmod(opts.mode); // whatever the umask, and only once the group is right
     await fh.sync();
   } catch (err) {
     await fh.close();
@@ -164,5 +180,45 @@ export async function writeUsersFile(file: string, data: UsersFileData): Promise
     // Some file systems refuse fsync on a directory; the rename is still atomic.
   } finally {
     await d.close();
+  }
+}
+
+const LOCK_STALE_MS = 60_000;
+const LOCK_WAIT_MS = 15_000;
+
+/**
+ * Runs `fn` holding `<file>.lock`, the lock every writer of the users file takes (`petrel user`
+ * and the server when it upgrades a hash or rewrites the passwd-file), so that no writer works
+ * from a version another has just replaced. A lock older than a minute is taken to be left by a
+ * process that died, and removed.
+ */
+export async function withUsersFileLock<T>(file: string, fn: () => Promise<T>): Promise<T> {
+  const lock = `${file}.lock`;
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  await mkdir(dirname(file), { recursive: true, mode: 0o700 });
+  for (;;) {
+    try {
+      const fh = await open(lock, 'wx', 0o600);
+      await fh.writeFile(`${process.pid}\n`);
+      await fh.close();
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const age = await stat(lock).then(
+      (s) => Date.now() - s.mtimeMs,
+      () => 0,
+    );
+    if (age > LOCK_STALE_MS) {
+      await rm(lock, { force: true });
+      continue;
+    }
+    if (Date.now() > deadline) throw new DirectoryFileError(`${file}: locked by another writer (${lock})`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  try {
+    return await fn();
+  } finally {
+    await rm(lock, { force: true });
   }
 }

@@ -11,10 +11,20 @@ import { parseAliasesFile } from './aliases-file.js';
 import { DirectoryData } from './directory-data.js';
 import { DirectoryStore } from './directory-store.js';
 import users from './index.js';
-import { DEFAULT_COST, hashPassword, parseHash, verifyPassword } from './password.js';
+import {
+  hashPassword,
+  hashScrypt,
+  hmacSha256,
+  needsUpgrade,
+  parseHash,
+  saltedPassword,
+  SCRAM_ITERATIONS,
+  sha256,
+  verifyPassword,
+} from './password.js';
 import { DirectoryFileError, parseUsersFile, writeUsersFile } from './users-file.js';
 
-const FAST = { N: 1024, r: 8, p: 1 };
+const FAST = { iterations: 4096 };
 const silent = pino({ level: 'silent' });
 
 const key = (text: string): { local: string; domain: string; key: string } => {
@@ -34,20 +44,39 @@ function data(
 }
 
 describe('users: password hashes', () => {
-  it('hashes with scrypt and a random salt in a self-describing string, and verifies it', async () => {
-    const a = await hashPassword('correct horse');
-    const b = await hashPassword('correct horse');
-    assert.match(a, /^\$scrypt\$N=16384,r=8,p=1\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*$/);
+  it('hashes as SCRAM-SHA-256 credentials in the form Dovecot checks, and verifies them', async () => {
+    const a = await hashPassword('correct horse', FAST);
+    const b = await hashPassword('correct horse', FAST);
+    assert.match(a, /^\{SCRAM-SHA-256\}4096,[A-Za-z0-9+/]+=*,[A-Za-z0-9+/]+=*,[A-Za-z0-9+/]+=*$/);
     assert.notEqual(a, b, 'two hashes of one password differ (random salt)');
-    assert.deepEqual({ N: parseHash(a)!.N, r: parseHash(a)!.r, p: parseHash(a)!.p }, DEFAULT_COST);
     assert.equal(await verifyPassword('correct horse', a), true);
     assert.equal(await verifyPassword('correct horsf', a), false);
     assert.equal(await verifyPassword('', a), false);
+    assert.equal(needsUpgrade(a), false);
+    assert.match(await hashPassword('x'), new RegExp(`^\\{SCRAM-SHA-256\\}${SCRAM_ITERATIONS},`));
   });
 
-  it('verifies hashes of other costs, and refuses malformed or absurd ones', async () => {
-    const cheap = await hashPassword('pw', FAST);
-    assert.equal(await verifyPassword('pw', cheap), true);
+  it('agrees with the RFC 7677 example: the StoredKey and ServerKey of "pencil"', async () => {
+    // RFC 7677 §3: salt W22ZaJ0SNY7soEsUEjb6gQ==, 4096 iterations.
+    const salt = Buffer.from('W22ZaJ0SNY7soEsUEjb6gQ==', 'base64');
+    const salted = await saltedPassword('pencil', salt, 4096);
+    const clientKey = hmacSha256(salted, 'Client Key');
+    const authMessage =
+      'n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,' +
+      's=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0';
+    const signature = hmacSha256(sha256(clientKey), authMessage);
+    const proof = Buffer.from(clientKey.map((x, i) => x ^ signature[i]!));
+    assert.equal(proof.toString('base64'), 'dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=');
+    const serverSignature = hmacSha256(hmacSha256(salted, 'Server Key'), authMessage);
+    assert.equal(serverSignature.toString('base64'), '6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=');
+  });
+
+  it('still verifies the older scrypt hashes, marks them for upgrade, and refuses malformed or absurd ones', async () => {
+    const old = await hashScrypt('pw', { N: 1024, r: 8, p: 1 });
+    assert.match(old, /^\$scrypt\$N=1024,r=8,p=1\$/);
+    assert.equal(await verifyPassword('pw', old), true);
+    assert.equal(await verifyPassword('pv', old), false);
+    assert.equal(needsUpgrade(old), true);
     assert.equal(await verifyPassword('pw', 'pw'), false, 'plain text is never a hash');
     assert.equal(
       parseHash('$scrypt$N=1000,r=8,p=1$AAAAAAAAAAA=$AAAAAAAAAAAAAAAAAAAAAA=='),
@@ -59,6 +88,10 @@ describe('users: password hashes', () => {
       null,
       'N too big',
     );
+    const keys = `${Buffer.alloc(16).toString('base64')},${Buffer.alloc(32).toString('base64')},${Buffer.alloc(32).toString('base64')}`;
+    assert.notEqual(parseHash(`{SCRAM-SHA-256}4096,${keys}`), null);
+    assert.equal(parseHash(`{SCRAM-SHA-256}1000,${keys}`), null, 'below RFC 7677 §4 minimum');
+    assert.equal(parseHash(`{SCRAM-SHA-256}99999999,${keys}`), null, 'too many iterations');
   });
 });
 
@@ -69,7 +102,7 @@ describe('users: the users file', () => {
         parseUsersFile(JSON.stringify({ users: { 'bob@hamburger.edu': { password: 'hunter2' } } }), 'u.json'),
       (err: Error) =>
         err instanceof DirectoryFileError &&
-        /u\.json: users\["bob@hamburger\.edu"\]\.password: expected a scrypt/.test(err.message),
+        /u\.json: users\["bob@hamburger\.edu"\]\.password: expected a password hash/.test(err.message),
     );
   });
 

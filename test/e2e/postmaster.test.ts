@@ -21,7 +21,7 @@ async function startMailServer(
   const project = new Project([]);
   const port = await freePort();
   await writeUsersFile(project.path('users.json'), {
-    users: { [BOB]: { password: await hashPassword('unused', { N: 1024, r: 8, p: 1 }) } },
+    users: { [BOB]: { password: await hashPassword('unused', { iterations: 4096 }) } },
   });
   if (aliases !== null) writeFileSync(project.path('aliases.yaml'), aliases);
   const file = project.writeConfig('petrel.yaml', {

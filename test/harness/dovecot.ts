@@ -195,6 +195,37 @@ service lmtp {
 }
 `,
   );
+  const { log, stop } = await launchDovecot(
+    dir,
+    conf,
+    logFile,
+    [imapPort, pop3Port, lmtpPort],
+    opts.timeoutMs,
+  );
+  return {
+    mailRoot,
+    uid: acct.uid,
+    gid: acct.gid,
+    imapPort,
+    pop3Port,
+    lmtpPort,
+    lmtpSocket: join(runDir, 'lmtp'),
+    log,
+    stop,
+  };
+}
+
+/**
+ * Runs `dovecot -F -c conf` in its own process group and waits, at most `timeoutMs`, until every
+ * port in `ports` accepts connections. `stop()` ends the group and removes `dir`.
+ */
+export async function launchDovecot(
+  dir: string,
+  conf: string,
+  logFile: string,
+  ports: readonly number[],
+  timeoutMs = 15_000,
+): Promise<{ log: () => string; stop: () => Promise<void> }> {
   // Its own process group, so that stop() reaches the master and every process it forked.
   const child = spawn(DOVECOT, ['-F', '-c', conf], { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
@@ -221,8 +252,8 @@ service lmtp {
     rmSync(dir, { recursive: true, force: true });
   };
 
-  const deadline = Date.now() + (opts.timeoutMs ?? 15_000);
-  for (const port of [imapPort, pop3Port, lmtpPort]) {
+  const deadline = Date.now() + timeoutMs;
+  for (const port of ports) {
     while (!(await accepts(port))) {
       if (child.exitCode !== null || Date.now() > deadline) {
         const why = child.exitCode !== null ? `exited with ${child.exitCode}` : 'did not start in time';
@@ -233,17 +264,7 @@ service lmtp {
       await new Promise((r) => setTimeout(r, 50));
     }
   }
-  return {
-    mailRoot,
-    uid: acct.uid,
-    gid: acct.gid,
-    imapPort,
-    pop3Port,
-    lmtpPort,
-    lmtpSocket: join(runDir, 'lmtp'),
-    log,
-    stop,
-  };
+  return { log, stop };
 }
 
 // ------------------------------------------------------------------ reading mail as a client

@@ -55,7 +55,7 @@ export async function startHostileServer(config: Record<string, unknown> = {}): 
   const project = new Project([]);
   const port = await freePort();
   await writeUsersFile(project.path('users.json'), {
-    users: { [BOB]: { password: await hashPassword('not used here', { N: 1024, r: 8, p: 1 }) } },
+    users: { [BOB]: { password: await hashPassword('not used here', { iterations: 4096 }) } },
   });
   const file = project.writeConfig('petrel.yaml', {
     hostname: 'mx.hostile.test',
