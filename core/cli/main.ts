@@ -78,35 +78,47 @@ function welcome(app: Supervisor): void {
  * (core/process/primary.ts). Signals arrive here and are passed on to every worker.
  */
 async function start(configFile: string | undefined): Promise<void> {
-  const app = await Supervisor.start({ configFile });
-  if (app.configFile === EMBEDDED_CONFIG) welcome(app);
+  // Listening for signals before the start: one that arrives while the workers start up (or just
+  // after `petrel started` is logged) stops the server once it runs, rather than killing the
+  // primary outright and leaving its workers to notice.
+  let app: Supervisor | null = null;
+  let pending: string | null = null;
   let stopping = false;
-  process.on('SIGHUP', () => {
-    void app.reload(); // a refused reload is logged; the old config keeps running
-  });
   const stop = (signal: string): void => {
+    if (!app) {
+      pending ??= signal;
+      return;
+    }
     if (stopping) return;
     stopping = true;
-    app.log.info({ signal }, 'signal received');
-    app.stop().then(
+    const running = app;
+    running.log.info({ signal }, 'signal received');
+    running.stop().then(
       () => process.exit(process.exitCode ?? 0),
       (err: unknown) => {
-        app.log.error({ err }, 'shutdown failed');
+        running.log.error({ err }, 'shutdown failed');
         process.exit(1);
       },
     );
   };
+  process.on('SIGHUP', () => {
+    void app?.reload(); // a refused reload is logged; the old config keeps running
+  });
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  const started = await Supervisor.start({ configFile });
+  app = started;
+  if (started.configFile === EMBEDDED_CONFIG) welcome(started);
+  if (pending) stop(pending);
   // A bug in the primary must not leave workers unsupervised: log it, stop them, and let the
   // service manager restart us (the durable queue is what guarantees nothing is lost).
   process.on('uncaughtException', (err) => {
-    app.log.fatal({ err }, 'uncaught exception');
+    started.log.fatal({ err }, 'uncaught exception');
     process.exitCode = 70;
     stop('uncaughtException');
   });
   process.on('unhandledRejection', (err) => {
-    app.log.error({ err }, 'unhandled promise rejection');
+    started.log.error({ err }, 'unhandled promise rejection');
   });
 }
 
