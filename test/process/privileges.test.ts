@@ -13,6 +13,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { mailIds } from '../harness/maildir.js';
 import { REQUIRE_PEERS } from '../harness/peers.js';
+import { FIXTURES } from '../harness/server.js';
 import { SmtpClient } from '../harness/smtp-client.js';
 import { petrel, PetrelProcess, Project } from '../e2e/cli.js';
 
@@ -118,13 +119,14 @@ describe('petrel start as root', () => {
     let project: Project;
     let server: PetrelProcess;
     let port: number;
+    let file: string;
 
     before(async () => {
       if (process.getuid?.() !== 0) return;
       project = serviceProject();
       projects.push(project);
       port = await freePrivilegedPort();
-      const file = project.writeConfig('petrel.yaml', config(port, { user: NOBODY.user }));
+      file = project.writeConfig('petrel.yaml', config(port, { user: NOBODY.user }));
       server = await PetrelProcess.start(file, project.dir, 30_000, ['start']);
       procs.push(server);
     });
@@ -183,11 +185,22 @@ describe('petrel start as root', () => {
       assert.deepEqual(notOwnedBy(mail, NOBODY.uid), []);
     });
 
-    it('reloads on SIGHUP as nobody, and stops on SIGTERM', async (t) => {
+    it('reloads on SIGHUP as nobody, saying a new low port needs a restart, and stops on SIGTERM', async (t) => {
       if (!requireRoot(t)) return;
       const from = server.logs.length;
+      const moved = port === 587 ? 25 : 587;
+      project.writeConfig('petrel.yaml', config(moved, { user: NOBODY.user }));
       server.signal('SIGHUP');
       await server.waitForLog((l) => l.msg === 'config reloaded' && l.worker === undefined, 20_000, from);
+      const warning = server.logs
+        .slice(from)
+        .find((l) => l.worker === undefined && String(l.msg).startsWith('listeners changed in the config'));
+      assert.equal(warning?.level, 40, server.dump());
+      assert.match(String(warning?.msg), /cannot bind a port below 1024 until it is started again/);
+      // Still served where it was bound.
+      const c = await SmtpClient.connect(port, HOST);
+      await c.expect(/^220 /);
+      c.close();
       server.signal('SIGTERM');
       assert.deepEqual(await server.waitForExit(30_000), { code: 0, signal: null }, server.dump());
     });
@@ -219,6 +232,25 @@ describe('petrel start as root', () => {
     assert.equal(credentials(workers[0]!).uid[1], 0);
     server.signal('SIGTERM');
     assert.deepEqual(await server.waitForExit(30_000), { code: 0, signal: null }, server.dump());
+  });
+
+  it('config check as root reads the config as the user: a key only root can read fails', async (t) => {
+    if (!requireRoot(t)) return;
+    const project = serviceProject();
+    projects.push(project);
+    for (const f of ['cert.pem', 'key.pem']) {
+      writeFileSync(project.path(f), readFileSync(join(FIXTURES, 'tls', f)));
+      chmodSync(project.path(f), 0o600); // root's alone
+    }
+    const tls = { tls: { cert: './cert.pem', key: './key.pem' } };
+    const asNobody = project.writeConfig('nobody.yaml', config(0, { user: NOBODY.user, ...tls }));
+    const r = await petrel(['config', 'check', '--config', asNobody], project.dir, 20_000);
+    assert.equal(r.code, 78, `${r.stdout}\n${r.stderr}`);
+    assert.ok(r.stderr.includes(project.path('cert.pem')), r.stderr);
+    // The same files, checked by root for a config without user: readable.
+    const asRoot = project.writeConfig('root.yaml', config(0, tls));
+    const ok = await petrel(['config', 'check', '--config', asRoot], project.dir, 20_000);
+    assert.equal(ok.code, 0, ok.stderr);
   });
 
   it('names spool files left by an earlier run as root, and the chown that fixes them (exit 78)', async (t) => {
