@@ -143,9 +143,9 @@ export class Supervisor {
       // Ports below 1024 need root: bind first, then give root up for good, before any file is
       // written or any worker (plugin code) exists.
       sup.bind();
+      sup.unprivileged = account !== null && process.getuid?.() === 0;
       if (account) dropPrivileges(account, log);
       else warnRunningAsRoot(log);
-      sup.unprivileged = account !== null;
       checkOwnership(loaded, account);
       // Workers would race to make it: the primary does it once.
       await ensureSelfSigned(loaded.config, log);
