@@ -17,6 +17,8 @@ export const HOST = '127.0.0.1';
 /** The repository root (this file runs from dist/bench/). */
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const CLI = join(ROOT, 'dist', 'core', 'cli', 'main.js');
+/** As root, Petrel starts only with `user` in the config or `--run-as-root`. */
+const START = ['start', ...(process.getuid?.() === 0 ? ['--run-as-root'] : [])];
 
 export const KB = 1024;
 export const EX_UNAVAILABLE = 69;
@@ -495,7 +497,7 @@ export async function startPetrel(
   };
   const file = join(dir, 'petrel.yaml');
   writeFileSync(file, stringify(config));
-  const child = spawn(process.execPath, [...nodeArgs, CLI, 'start', '--config', file], {
+  const child = spawn(process.execPath, [...nodeArgs, CLI, ...START, '--config', file], {
     cwd: dir,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

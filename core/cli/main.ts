@@ -5,6 +5,7 @@ import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { Petrel } from '../app.js';
 import { Supervisor } from '../process/primary.js';
+import { dropPrivileges, lookupAccount } from '../process/privileges.js';
 import { ConfigError } from '../config/errors.js';
 import { EMBEDDED_CONFIG, loadConfig } from '../config/load.js';
 import { CORE_COMMANDS } from '../plugins/define.js';
@@ -16,7 +17,10 @@ import { PLUGIN_NEW_USAGE, pluginNew } from './plugin-new.js';
 const USAGE = `Usage: petrel <command> [options]
 
 Commands:
-  start [--config FILE]          run the server (SIGHUP reloads the config, SIGTERM stops it)
+  start [--config FILE] [--run-as-root]
+                                 run the server (SIGHUP reloads the config, SIGTERM stops it);
+                                 started as root it drops to the config's "user" after binding,
+                                 and without one refuses to run unless given --run-as-root
   config check [--config FILE]   validate the config and print the effective one
   plugin new NAME                create the folder NAME with a plugin, its README and its test
   help                           this text, with the commands of the configured plugins
@@ -77,42 +81,61 @@ function welcome(app: Supervisor): void {
  * Runs the primary: it binds the listeners and keeps `workers` worker processes serving them
  * (core/process/primary.ts). Signals arrive here and are passed on to every worker.
  */
-async function start(configFile: string | undefined): Promise<void> {
-  const app = await Supervisor.start({ configFile });
-  if (app.configFile === EMBEDDED_CONFIG) welcome(app);
+async function start(configFile: string | undefined, runAsRoot: boolean): Promise<void> {
+  // Listening for signals before the start: one that arrives while the workers start up (or just
+  // after `petrel started` is logged) stops the server once it runs, rather than killing the
+  // primary outright and leaving its workers to notice.
+  let app: Supervisor | null = null;
+  let pending: string | null = null;
   let stopping = false;
-  process.on('SIGHUP', () => {
-    void app.reload(); // a refused reload is logged; the old config keeps running
-  });
   const stop = (signal: string): void => {
+    if (!app) {
+      pending ??= signal;
+      return;
+    }
     if (stopping) return;
     stopping = true;
-    app.log.info({ signal }, 'signal received');
-    app.stop().then(
+    const running = app;
+    running.log.info({ signal }, 'signal received');
+    running.stop().then(
       () => process.exit(process.exitCode ?? 0),
       (err: unknown) => {
-        app.log.error({ err }, 'shutdown failed');
+        running.log.error({ err }, 'shutdown failed');
         process.exit(1);
       },
     );
   };
+  process.on('SIGHUP', () => {
+    void app?.reload(); // a refused reload is logged; the old config keeps running
+  });
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  const started = await Supervisor.start({ configFile, runAsRoot });
+  app = started;
+  if (started.configFile === EMBEDDED_CONFIG) welcome(started);
+  if (pending) stop(pending);
   // A bug in the primary must not leave workers unsupervised: log it, stop them, and let the
   // service manager restart us (the durable queue is what guarantees nothing is lost).
   process.on('uncaughtException', (err) => {
-    app.log.fatal({ err }, 'uncaught exception');
+    started.log.fatal({ err }, 'uncaught exception');
     process.exitCode = 70;
     stop('uncaughtException');
   });
   process.on('unhandledRejection', (err) => {
-    app.log.error({ err }, 'unhandled promise rejection');
+    started.log.error({ err }, 'unhandled promise rejection');
   });
 }
 
 /** Validates the config and every plugin's config against its schema (no setup runs), then prints it. */
 async function configCheck(configFile: string | undefined): Promise<void> {
   const loaded = await loadConfig({ file: configFile });
+  const { user, group } = loaded.config;
+  // `user` must exist; as root, check as that user, as the server runs: no plugin module is
+  // loaded as root, and a certificate that user cannot read fails here rather than at the start.
+  if (user !== undefined) {
+    const account = lookupAccount(loaded.file, user, group);
+    if (process.getuid?.() === 0) dropPrivileges(account);
+  }
   const plugins = await Petrel.check(loaded);
   process.stdout.write(`# ${loaded.file}: OK (plugins: ${plugins.join(', ') || 'none'})\n`);
   process.stdout.write(stringify(withoutSecrets(loaded.config)));
@@ -178,6 +201,7 @@ async function main(argv: string[]): Promise<number> {
         config: { type: 'string', short: 'c' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
+        'run-as-root': { type: 'boolean' },
       },
     });
   } catch (err) {
@@ -195,7 +219,7 @@ async function main(argv: string[]): Promise<number> {
     return cmd || values.help ? 0 : 64;
   }
   if (cmd === 'start') {
-    await start(values.config);
+    await start(values.config, values['run-as-root'] ?? false);
     return -1; // keeps running
   }
   if (cmd === 'config' && sub === 'check') {

@@ -153,6 +153,14 @@ const pluginEntry = z.union([
 
 export const configSchema = z
   .object({
+    /**
+     * The account `petrel start` runs as (a name or a number). Started as root, the primary binds
+     * the listeners and then becomes this user before it forks a worker or writes a file; started
+     * as root without it, Petrel refuses to run unless given `--run-as-root`.
+     */
+    user: z.string().min(1).optional(),
+    /** The group to run as with `user` (a name or a number); default the user's primary group. */
+    group: z.string().min(1).optional(),
     /** The name this server gives itself in the greeting, EHLO reply and Received: headers. */
     hostname: z.string().min(1).default(osHostname()),
     /**
@@ -295,7 +303,11 @@ export const configSchema = z
       .refine((ms) => ms >= 1000, { message: 'expected a duration of at least 1s' })
       .default(10_000),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    if (c.group !== undefined && c.user === undefined)
+      ctx.addIssue({ code: 'custom', path: ['group'], message: 'expected user: with group:' });
+  });
 
 export type PetrelConfigInput = z.input<typeof configSchema>;
 export type PetrelConfig = z.output<typeof configSchema>;

@@ -18,6 +18,9 @@
  *   for its metric families over IPC and sums them (a worker that does not answer within
  *   `ASK_TIMEOUT_MS` is left out of that scrape), so a scrape survives a worker's restart and
  *   reports it; `/readyz` asks each worker what keeps it from serving.
+ * - Started as root, it binds the sockets as root and then becomes the configured `user` before it
+ *   writes a file or forks a worker (core/process/privileges.ts): no process that runs plugin
+ *   code ever holds root, and nothing after the bind needs it.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { availableParallelism } from 'node:os';
@@ -34,6 +37,13 @@ import { createLogger } from '../services/logger.js';
 import { LocalGate } from '../smtp/gate.js';
 import type { BoundListener } from '../smtp/server.js';
 import { ensureSelfSigned } from '../smtp/tls.js';
+import {
+  checkOwnership,
+  dropPrivileges,
+  planPrivileges,
+  warnRunningAsRoot,
+  type PrivilegeOptions,
+} from './privileges.js';
 import { BEAT_MS, REPORT_FD, type FromWorker, type Questions, type ToWorker } from './protocol.js';
 import { HttpServer } from '../http/server.js';
 import { addObservabilityRoutes } from '../http/observability.js';
@@ -82,7 +92,7 @@ interface Slot {
   readonly admitted: Map<string, number>;
 }
 
-export interface SupervisorOptions {
+export interface SupervisorOptions extends PrivilegeOptions {
   readonly configFile?: string;
   readonly cwd?: string;
 }
@@ -102,6 +112,8 @@ export class Supervisor {
   private stopping: Promise<void> | null = null;
   private watchdogTimer: NodeJS.Timeout | null = null;
   private lastCheck = Date.now();
+  /** It gave root up after binding: a listener added later cannot be bound by it. */
+  private unprivileged = false;
   listeners: BoundListener[] = [];
   plugins: string[] = [];
   /**
@@ -150,12 +162,20 @@ export class Supervisor {
       format: logFormat(loaded.config),
       destination: process.stdout,
     });
+    // Refused before anything is bound: root without `user`, an unknown account.
+    const account = planPrivileges(loaded, opts);
     const sup = new Supervisor(loaded, log);
     try {
-      // Workers would race to make it: the primary does it once.
-      await ensureSelfSigned(loaded.config, log);
+      // Ports below 1024 need root: bind first, then give root up for good, before any file is
+      // written or any worker (plugin code) exists.
       sup.bind();
       await sup.listenHttp();
+      sup.unprivileged = account !== null && process.getuid?.() === 0;
+      if (account) dropPrivileges(account, log);
+      else warnRunningAsRoot(log);
+      checkOwnership(loaded, account);
+      // Workers would race to make it: the primary does it once.
+      await ensureSelfSigned(loaded.config, log);
       const count = workerCount(loaded.config.workers);
       for (let i = 0; i < count; i++) sup.slots.push(newSlot(i));
       await Promise.all(sup.slots.map((s) => sup.firstStart(s)));
@@ -578,7 +598,13 @@ export class Supervisor {
     const sockets = (c: PetrelConfig): string =>
       JSON.stringify(c.listeners.map((l) => [l.name, l.kind, l.address, l.port]));
     if (sockets(next.config) !== sockets(this.config))
-      this.log.warn('listeners changed in the config; restart to apply them');
+      this.log.warn(
+        this.unprivileged
+          ? 'listeners changed in the config; restart to apply them (Petrel gave up root after binding, so it cannot bind a port below 1024 until it is started again)'
+          : 'listeners changed in the config; restart to apply them',
+      );
+    if (next.config.user !== this.config.user || next.config.group !== this.config.group)
+      this.log.warn('user or group changed in the config; restart to apply them');
     if (workerCount(next.config.workers) !== this.slots.length)
       this.log.warn('the number of workers changed in the config; restart to apply it');
     const previous = { source: this.source, loaded: this.loaded };

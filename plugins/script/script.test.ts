@@ -15,6 +15,7 @@ import {
   type TestServer,
 } from '../../test/harness/server.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
+import { START } from '../../test/e2e/cli.js';
 import { serializeInput } from './input.js';
 import { scriptDecision, toVerdict } from './verdict.js';
 
@@ -462,7 +463,7 @@ describe('script: boot, queue and teardown', () => {
         '',
       ].join('\n'),
     );
-    const cli = spawn(NODE, [CLI, 'start', '--config', join(dir, 'petrel.config.yaml')], {
+    const cli = spawn(NODE, [CLI, ...START, '--config', join(dir, 'petrel.config.yaml')], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     try {

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SmtpClient } from '../harness/smtp-client.js';
+import { START } from '../e2e/cli.js';
 
 /** The repository root (this file runs from dist/test/docs/). */
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
@@ -23,7 +24,7 @@ interface Running {
 
 /** Starts the real CLI and waits (at most `timeoutMs`) for its "petrel started" log line. */
 function startCli(configFile: string, timeoutMs = 20_000): Promise<Running> {
-  const child = spawn(NODE, [CLI, 'start', '--config', configFile], {
+  const child = spawn(NODE, [CLI, ...START, '--config', configFile], {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

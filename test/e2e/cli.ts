@@ -12,6 +12,11 @@ export const NODE = existsSync(join(ROOT, 'node_modules', '.bin', 'node'))
   : process.execPath;
 /** The compiled `petrel` command. */
 export const CLI = join(ROOT, 'dist', 'core', 'cli', 'main.js');
+/**
+ * `petrel start`'s arguments for tests that are not about privileges: as root (CI), Petrel refuses
+ * to start without `user` in the config unless told `--run-as-root`.
+ */
+export const START = ['start', ...(process.getuid?.() === 0 ? ['--run-as-root'] : [])];
 
 export type LogLine = Record<string, unknown> & { msg?: string };
 
@@ -95,9 +100,12 @@ export class PetrelProcess {
     });
   }
 
-  /** Spawns `petrel start --config <file>` in `cwd`; does not wait for it to be ready. */
-  static spawn(configFile: string, cwd: string): PetrelProcess {
-    const child = spawn(NODE, [CLI, 'start', '--config', configFile], {
+  /**
+   * Spawns `petrel start --config <file>` in `cwd` (`start`: the command and its flags); does not
+   * wait for it to be ready.
+   */
+  static spawn(configFile: string, cwd: string, start: readonly string[] = START): PetrelProcess {
+    const child = spawn(NODE, [CLI, ...start, '--config', configFile], {
       cwd,
       env: { ...process.env, NO_COLOR: '1' },
       stdio: ['pipe', 'pipe', 'pipe'],
@@ -106,8 +114,13 @@ export class PetrelProcess {
   }
 
   /** Spawns and waits for the `petrel started` log line; fails with the output if it exits first. */
-  static async start(configFile: string, cwd: string, timeoutMs = 15_000): Promise<PetrelProcess> {
-    const p = PetrelProcess.spawn(configFile, cwd);
+  static async start(
+    configFile: string,
+    cwd: string,
+    timeoutMs = 15_000,
+    start: readonly string[] = START,
+  ): Promise<PetrelProcess> {
+    const p = PetrelProcess.spawn(configFile, cwd, start);
     try {
       await p.waitForLog((l) => l.msg === 'petrel started', timeoutMs);
     } catch (err) {

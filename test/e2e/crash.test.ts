@@ -6,11 +6,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mailIds } from '../harness/maildir.js';
 import { SmtpClient } from '../harness/smtp-client.js';
-import { CLI, freePort, NODE } from './cli.js';
+import { CLI, freePort, NODE, START } from './cli.js';
 
 /** Starts the real CLI and resolves once its port answers with a greeting. */
 async function startCli(config: string, cwd: string, port: number): Promise<ChildProcess> {
-  const child = spawn(NODE, [CLI, 'start', '--config', config], { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(NODE, [CLI, ...START, '--config', config], {
+    cwd,
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const deadline = Date.now() + 30_000;

@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { SmtpClient } from '../harness/smtp-client.js';
-import { freePort, petrel, PetrelProcess, Project, type LogLine } from './cli.js';
+import { freePort, petrel, PetrelProcess, Project, START, type LogLine } from './cli.js';
 import { describeRun, killRunning } from './run.js';
 
 const MY_RULES = './plugins-local/my-rules.ts';
@@ -178,7 +178,7 @@ describe('petrel start and config check on bad and good configs', { timeout: 60_
 
   /** `petrel start` must fail fast, naming file, key and expectation on stderr. */
   async function startFails(file: string, expected: readonly (string | RegExp)[]): Promise<void> {
-    const r = await petrel(['start', '--config', file], project.dir, 10_000);
+    const r = await petrel([...START, '--config', file], project.dir, 10_000);
     assert.ok(!r.timedOut, `petrel start should have refused the config\n${describeRun(r)}`);
     assert.notEqual(r.code, 0, describeRun(r));
     assert.doesNotMatch(r.stdout, /petrel started/);

@@ -113,6 +113,14 @@ describe('configuration', () => {
         },
         /^petrel\.yaml: state\.path: expected no path with backend: redis/m,
       ],
+      [
+        { listeners: [{ kind: 'smtp', port: 1 }], group: 'petrel' },
+        /^petrel\.yaml: group: expected user: with group:/m,
+      ],
+      [
+        { listeners: [{ kind: 'smtp', port: 1 }], user: '' },
+        /^petrel\.yaml: user: expected a non-empty string/m,
+      ],
     ];
     for (const [raw, pattern] of cases) {
       assert.throws(
