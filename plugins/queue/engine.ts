@@ -74,6 +74,12 @@ export class QueueEngine implements ControlTarget {
   private releaseLock: () => Promise<void> = async () => undefined;
   /** Messages whose last attempt's outcome is not on disk yet, with the error that stops it. */
   private readonly unrecorded = new Map<string, string>();
+  /**
+   * The reports (DSNs) queued here, by the id of the message they report on. An id leaves when
+   * either message finishes (a finished report is found in the history store), so this holds no
+   * more than the queue does.
+   */
+  private readonly reports = new Map<string, Set<string>>();
   /** Back-off waits in progress, woken early when the queue closes. */
   private readonly sleepers = new Set<() => void>();
 
@@ -131,7 +137,10 @@ export class QueueEngine implements ControlTarget {
       { dir, messages: store.entries.size, recoveredFromCrash: store.recoveredFromCrash },
       'queue opened',
     );
-    for (const id of store.entries.keys()) engine.ready.add(id);
+    for (const [id, entry] of store.entries) {
+      engine.ready.add(id);
+      engine.noteReport(entry);
+    }
     engine.compactor = setInterval(() => {
       engine.store.compact().catch((err: unknown) => opts.log.error({ err }, 'queue compaction failed'));
     }, COMPACT_EVERY);
@@ -159,6 +168,7 @@ export class QueueEngine implements ControlTarget {
   /** Stores a message durably and schedules its first attempt now. */
   async accept(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<void> {
     const entry = await this.store.add(env, body);
+    this.noteReport(entry);
     this.ready.add(entry.env.id);
     this.pump();
   }
@@ -200,7 +210,7 @@ export class QueueEngine implements ControlTarget {
 
   get(id: string): MessageSummary | null {
     const e = this.store.entries.get(id);
-    return e ? this.summary(e, true) : null;
+    return e ? this.withReports(this.summary(e, true)) : null;
   }
 
   /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
@@ -223,7 +233,7 @@ export class QueueEngine implements ControlTarget {
         )
       )
         continue;
-      found.push(this.summary(e, true));
+      found.push(this.withReports(this.summary(e, true)));
     }
     return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
   }
@@ -390,22 +400,39 @@ export class QueueEngine implements ControlTarget {
         ...(detail ? { history: r.history, omitted: r.omitted } : {}),
       })),
       ...(detail && entry.env.origin ? { origin: entry.env.origin } : {}),
-      ...(detail ? { reports: this.reportsOn(entry.env.id) } : {}),
+      ...(detail ? { reports: [...(this.reports.get(entry.env.id) ?? [])] } : {}),
     };
   }
 
-  /** The DSNs about a message: those still queued here, and those finished. */
-  private reportsOn(id: string): string[] {
-    const queued = [...this.store.entries.values()]
-      .filter((e) => e.env.origin?.reportFor === id)
-      .map((e) => e.env.id);
+  /** Indexes a message that reports on another (a DSN). */
+  private noteReport(entry: Entry): void {
+    const about = entry.env.origin?.reportFor;
+    if (!about) return;
+    const known = this.reports.get(about) ?? new Set<string>();
+    known.add(entry.env.id);
+    this.reports.set(about, known);
+  }
+
+  /** Drops a finished message from the report index, as a report and as a message reported on. */
+  private forgetReports(entry: Entry): void {
+    this.reports.delete(entry.env.id);
+    const about = entry.env.origin?.reportFor;
+    const known = about ? this.reports.get(about) : undefined;
+    if (!about || !known) return;
+    known.delete(entry.env.id);
+    if (known.size === 0) this.reports.delete(about);
+  }
+
+  /** For `show` and `find`: the reports about a message, queued here or finished. */
+  private withReports(summary: MessageSummary): MessageSummary {
     let done: string[] = [];
+    const id = summary.id;
     try {
       done = this.history?.reportsOn(id) ?? [];
     } catch (err) {
       this.opts.log.error({ err, queueId: id }, 'message history: could not read the reports on a message');
     }
-    return [...new Set([...done, ...queued])];
+    return { ...summary, reports: [...new Set([...done, ...(summary.reports ?? [])])] };
   }
 
   /** A finished message's story, for the history store. */
@@ -429,6 +456,7 @@ export class QueueEngine implements ControlTarget {
   private finish(entry: Entry): void {
     const id = entry.env.id;
     const story = this.history?.add(this.story(entry, Date.now())) ?? Promise.resolve();
+    this.forgetReports(entry);
     const done = story
       .catch((err: unknown) =>
         this.opts.log.error(
