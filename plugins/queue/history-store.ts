@@ -104,10 +104,13 @@ export class HistoryStore {
   private constructor(private readonly opts: HistoryOptions & { readonly reader?: boolean }) {
     this.now = opts.now ?? Date.now;
     if (!opts.reader) mkdirSync(dirname(opts.path), { recursive: true, mode: 0o700 });
-    this.db = new DatabaseSync(opts.path, { timeout: BUSY_TIMEOUT_MS });
+    // A reader (petrel trace, perhaps as root) changes nothing: no schema, no journal mode.
+    this.db = new DatabaseSync(opts.path, { timeout: BUSY_TIMEOUT_MS, readOnly: opts.reader === true });
     try {
-      this.db.exec('PRAGMA journal_mode = WAL');
-      this.db.exec('PRAGMA synchronous = NORMAL');
+      if (!opts.reader) {
+        this.db.exec('PRAGMA journal_mode = WAL');
+        this.db.exec('PRAGMA synchronous = NORMAL');
+      }
       this.migrate();
       const p = (sql: string): StatementSync => this.db.prepare(sql);
       this.q = {
@@ -177,6 +180,7 @@ export class HistoryStore {
       throw new Error(
         `${this.opts.path} was written by a newer Petrel (schema ${version}; this one reads ${SCHEMA_VERSION})`,
       );
+    if (this.opts.reader) throw new Error(`${this.opts.path} is not a message history (no schema yet)`);
     this.db.exec(`
       BEGIN IMMEDIATE;
       CREATE TABLE IF NOT EXISTS messages (

@@ -31,8 +31,8 @@ Options:
 
 Queued messages are asked of the running server (through control.sock, as petrel queue does);
 finished ones are read from history.sqlite in the queue folder, server running or not.
-Exit status: 0 found, 1 nothing found, 64 bad usage, 70 the server failed, 75 no answer in
-time, 77 no permission, 78 bad config. With no server running, finished messages are still
+Exit status: 0 found, 1 nothing found, 64 bad usage, 70 the server failed (or history.sqlite
+cannot be read), 75 no answer in time, 77 no permission, 78 bad config. With no server running, finished messages are still
 searched and a note says the queue was not.`;
 
 const ANSWER_TIMEOUT_MS = 30_000;
@@ -112,7 +112,13 @@ async function trace(io: CommandApi<QueueConfig>): Promise<number> {
     if (!(err instanceof CommandError && err.code === 69)) throw err;
     queueReached = false;
   }
-  const history = HistoryStore.reader(join(where.dir, HISTORY_FILE));
+  const path = join(where.dir, HISTORY_FILE);
+  let history: HistoryStore | null;
+  try {
+    history = HistoryStore.reader(path);
+  } catch (err) {
+    throw new CommandError(`cannot read the message history ${path}: ${(err as Error).message}`, 70);
+  }
   let finished: FinishedMessage[];
   try {
     finished = (history?.find(query) ?? []).map((m) => {
