@@ -11,7 +11,10 @@ import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { smtpPeer } from '../outbound/test-support.js';
 import { keepAttempt, type AttemptRecord } from './history.js';
 import { HistoryStore, type FinishedMessage } from './history-store.js';
+import { Journal } from './journal.js';
 import { QueueStore } from './store.js';
+import { RecordType } from './records.js';
+import { verifyQueue } from './verify.js';
 
 interface Attempt {
   n?: number;
@@ -307,6 +310,105 @@ describe('the history store', () => {
     assert.equal(omitted, 7);
   });
 
+  it('recovers a journal written before histories were kept: no origin, no attempts, the state as it was', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-history-old-'));
+    const log = pino({ level: 'silent' });
+    try {
+      const journal = await Journal.open(join(dir, 'journal'), {
+        segmentSize: 1 << 20,
+        cleanStop: true,
+        quarantineDir: join(dir, 'quarantine'),
+        onRecord: () => undefined,
+        onDamage: () => undefined,
+      });
+      const bob = { local: 'bob', domain: 'remote.test', address: 'bob@remote.test' };
+      const env = Buffer.from(
+        JSON.stringify({
+          id: 'OLDFORMAT',
+          sender: null,
+          mailParams: { smtputf8: false },
+          recipients: [{ address: bob, params: {} }],
+          receivedAt: 1,
+          size: 4,
+        }),
+      );
+      const len = Buffer.alloc(4);
+      len.writeUInt32BE(env.length);
+      await journal.append(RecordType.Message, [len, env, Buffer.from('Hi\r\n')]);
+      const reply = { code: 451, enhanced: '4.4.1', text: 'Connection refused' };
+      const state = { id: 'OLDFORMAT', u: [{ i: 0, s: 'deferred', a: 1, n: 2, r: reply, t: 1 }] };
+      await journal.append(RecordType.State, [Buffer.from(JSON.stringify(state))]);
+      await journal.close();
+      writeFileSync(join(dir, 'clean-shutdown'), 'old\n');
+
+      const store = new QueueStore(dir, 1 << 20, log);
+      await store.open();
+      const entry = store.entries.get('OLDFORMAT')!;
+      assert.equal(entry.env.origin, undefined);
+      assert.deepEqual(
+        [
+          entry.rcpts[0]!.status,
+          entry.rcpts[0]!.attempts,
+          entry.rcpts[0]!.lastReply,
+          entry.rcpts[0]!.history,
+        ],
+        ['deferred', 1, reply, []],
+      );
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("keeps a finished message's records until its story is stored: a crash before that finds it at the next start", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-history-crash-'));
+    const log = pino({ level: 'silent' });
+    const bob = { local: 'bob', domain: 'remote.test', address: 'bob@remote.test' };
+    const envelope = (id: string, size: number) => ({
+      id,
+      sender: null,
+      mailParams: { smtputf8: false },
+      recipients: [{ address: bob as never, params: {} }],
+      receivedAt: 1,
+      size,
+    });
+    try {
+      const store = new QueueStore(dir, 65_536, log);
+      await store.open();
+      const done = await store.add(envelope('DONE', 4), { inline: [Buffer.from('Hi\r\n')] });
+      // A second message starts the next segment; it finishes and its files go (a sweep).
+      const other = await store.add(envelope('OTHER', 70_000), { inline: [Buffer.alloc(70_000, 0x61)] });
+      const attempt: AttemptRecord = {
+        t: 5,
+        n: 1,
+        status: 'delivered',
+        transport: 'outbound',
+        reply: { code: 250, enhanced: '2.0.0', text: 'Ok' },
+      };
+      const delivered = (e: typeof done) => new Map([[0, { ...e.rcpts[0]!, status: 'delivered' as const }]]);
+      assert.equal(await store.update(done, delivered(done), new Map([[0, attempt]])), true);
+      assert.equal(await store.update(other, delivered(other)), true);
+      await store.discard(other);
+      // DONE's story was never stored (the process dies here): its first segment must still be there.
+      await store.close(false);
+      const again = new QueueStore(dir, 65_536, log);
+      let finished: string[] = [];
+      let history: readonly AttemptRecord[] = [];
+      await again.open(async (entries) => {
+        finished = entries.map((e) => e.env.id);
+        history = entries.find((e) => e.env.id === 'DONE')?.rcpts[0]?.history ?? [];
+      });
+      assert.ok(finished.includes('DONE'), `finished at start: ${finished.join(', ')}`);
+      assert.deepEqual(
+        history.map((a) => [a.n, a.status]),
+        [[1, 'delivered']],
+      );
+      await again.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('carries kept attempts through a compaction that removes the segments that recorded them', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'petrel-history-compact-'));
     const log = pino({ level: 'silent' });
@@ -360,6 +462,10 @@ describe('the history store', () => {
       );
       assert.equal(r.omitted, 1);
       await again.close();
+      // petrel queue verify reads the new record type as a record, not as damage.
+      const checked = await verifyQueue(dir);
+      assert.equal(checked.damaged, 0);
+      assert.ok(checked.parts[0]!.segments.some((seg) => seg.histories === 1));
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
