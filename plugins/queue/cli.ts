@@ -422,7 +422,9 @@ function describeOrigin(o: Origin): string[] {
 /** One attempt of a recipient: when, by what route, to whom (with TLS), and the reply. */
 function describeAttempt(a: AttemptRecord, now: Date): string[] {
   const what =
-    a.kind === 'admin' ? 'administrator' : [a.transport ?? 'no route', a.route].filter(Boolean).join(' ');
+    a.kind === 'deleted' || a.kind === 'returned'
+      ? `administrator (${a.kind})`
+      : [a.transport ?? 'no route', a.route].filter(Boolean).join(' ');
   const peer = a.reply.remote ? `  ${a.reply.remote}${a.reply.tls ? ` (${a.reply.tls})` : ' (no TLS)'}` : '';
   const end = a.kind === 'expired' ? '; lifetime over, failed' : '';
   const n = a.n !== undefined ? `#${a.n} ` : '';

@@ -306,7 +306,12 @@ export class QueueEngine implements ControlTarget {
               ? { code: 550, enhanced: '5.0.0', text: `Deleted by the administrator${why}` }
               : { code: 550, enhanced: '5.0.0', text: `Returned by the administrator${why}` };
           states.set(i, { ...st, status: 'failed', lastReply: reply, maybeDelivered: false });
-          attempts.set(i, { t: now, status: 'failed', reply, kind: 'admin' });
+          attempts.set(i, {
+            t: now,
+            status: 'failed',
+            reply,
+            kind: how === 'delete' ? 'deleted' : 'returned',
+          });
           const result: RecipientResult = { recipient: recipient.address.address, status: 'failed', reply };
           const route = st.route ?? null;
           const reason = how === 'delete' ? 'deleted' : 'refused';

@@ -200,11 +200,16 @@ describe('every message has a history', { timeout: 120_000 }, () => {
     assert.match(none.stdout, /No message found/);
   });
 
-  it("names the DSN in a bounced message's trace, and the DSN names what it reports on", async (t) => {
+  it("names the DSN in a bounced message's trace, the DSN names what it reports on, and a deleted message keeps its story", async (t) => {
     const peerPort = await freePort();
     await smtpPeer(t, '127.0.0.1', peerPort, {
       hideSTARTTLS: false,
-      rcpt: (a) => (a.startsWith('carol@') ? { code: 550, message: 'No such user here' } : null),
+      rcpt: (a) =>
+        a.startsWith('carol@')
+          ? { code: 550, message: 'No such user here' }
+          : a.startsWith('dave@')
+            ? { code: 451, message: 'Mailbox busy' }
+            : null,
     });
     const env = await relayTo(t, peerPort);
     const server = await env.start();
@@ -230,6 +235,19 @@ describe('every message has a history', { timeout: 120_000 }, () => {
     assert.equal(back.code, 0, describeRun(back));
     const report = (JSON.parse(back.stdout) as { messages: Story[] }).messages.find((m) => m.id === dsn);
     assert.equal(report?.origin?.reportFor, id);
+
+    // A deleted message keeps its story too: the attempt, then the administrator's delete.
+    const gone = await send(env.port, 'dave@remote.test', '<trace-3@history.test>');
+    await attemptLogged(server, gone);
+    assert.equal((await env.cli('queue', 'delete', gone)).code, 0);
+    const deleted = await env.cli('trace', '<trace-3@history.test>');
+    assert.equal(deleted.code, 0, describeRun(deleted));
+    assert.match(deleted.stdout, /#1 .* deferred\n +451 4\.\d\.\d Mailbox busy/);
+    assert.match(
+      deleted.stdout,
+      /administrator \(deleted\) {2}failed\n +550 5\.0\.0 Deleted by the administrator/,
+    );
+    assert.match(deleted.stdout, /finished \S+: deleted/);
   });
 });
 

@@ -20,8 +20,11 @@ export interface AttemptRecord {
   readonly route?: string;
   /** The reply: from the peer (then `remote` names it, and `tls` says how the connection was protected), or made up here. */
   readonly reply: RecipientReply;
-  /** `admin`: an administrator's delete or bounce, not a delivery attempt. `expired`: the lifetime ran out after it. */
-  readonly kind?: 'admin' | 'expired';
+  /**
+   * `deleted`, `returned`: an administrator's `petrel queue delete` or `bounce`, not a delivery
+   * attempt. `expired`: the lifetime ran out after this attempt, so the recipient failed.
+   */
+  readonly kind?: 'deleted' | 'returned' | 'expired';
 }
 
 /**
@@ -101,7 +104,7 @@ export function outcomeOf(
   if (delivered === rcpts.length) return 'delivered';
   if (delivered > 0) return 'partly-delivered';
   const last = rcpts.map((r) => r.history.at(-1));
-  if (last.every((a) => a?.kind === 'admin' && String(a.reply.text).startsWith('Deleted'))) return 'deleted';
+  if (last.every((a) => a?.kind === 'deleted')) return 'deleted';
   if (last.every((a) => a?.kind === 'expired')) return 'expired';
   return 'bounced';
 }
