@@ -1,4 +1,6 @@
 import { describe, it, type TestContext } from 'node:test';
+import { execFile } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -304,6 +306,47 @@ describe('the history store', () => {
         ['C'],
       );
       reader.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('takes the stories of several processes writing at once, and loses none', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-history-procs-'));
+    try {
+      const path = join(dir, 'history.sqlite');
+      const module = fileURLToPath(new URL('./history-store.js', import.meta.url));
+      // Each process is a worker: 300 stories, added as deliveries finish, committed in batches.
+      const script = `
+        const { HistoryStore } = await import(${JSON.stringify(module)});
+        const [path, tag] = process.argv.slice(1);
+        const store = HistoryStore.acquire({ path, retention: 864e5, maxMessages: 1e6 });
+        const now = Date.now();
+        const adds = [];
+        for (let i = 0; i < 300; i++) {
+          adds.push(store.add({ id: tag + i, sender: 'a@b.test', receivedAt: new Date(now).toISOString(), size: 1,
+            held: false, attempting: false, recipients: [{ address: 'r' + i + '@b.test', status: 'delivered', attempts: 1,
+            nextAttemptAt: null, lastReply: null, lastAttemptAt: null, transport: 't' }],
+            finishedAt: new Date(now).toISOString(), outcome: 'delivered' }));
+          if (i % 50 === 0) await new Promise((r) => setTimeout(r, 5));
+        }
+        await Promise.all(adds);
+        HistoryStore.release(store);
+      `;
+      const run = (tag: string): Promise<void> =>
+        new Promise((resolve, reject) =>
+          execFile(process.execPath, ['--input-type=module', '-e', script, path, tag], (err, _out, stderr) =>
+            err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(),
+          ),
+        );
+      await Promise.all([run('W1-'), run('W2-'), run('W3-')]);
+      const reader = HistoryStore.reader(path)!;
+      try {
+        assert.equal(reader.find({ limit: 10_000 }).length, 900);
+        assert.equal(reader.find({ to: 'r299@b.test', limit: 10 }).length, 3);
+      } finally {
+        reader.close();
+      }
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
