@@ -164,6 +164,11 @@ export interface RecipientReply extends ReplySpec {
    * peer: the text names that peer. Bounces report `Remote-MTA` and an `smtp;` diagnostic from it.
    */
   readonly remote?: string;
+  /**
+   * With `remote`: the TLS version and cipher of the connection the reply came over (e.g.
+   * `TLSv1.3 TLS_AES_256_GCM_SHA384`); absent when it was plain text. For the message's history.
+   */
+  readonly tls?: string;
 }
 
 export type DeliveryStatus = 'delivered' | 'deferred' | 'failed';

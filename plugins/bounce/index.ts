@@ -278,6 +278,7 @@ async function send(batch: Batch, ctx: SendContext): Promise<void> {
     sender: null,
     recipients: [{ address: to }],
     content: report.content,
+    reportFor: message.id,
     mailParams: {
       smtputf8: report.smtputf8,
       ...(report.eightBit ? { body: '8BITMIME' as const } : {}),

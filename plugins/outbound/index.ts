@@ -341,7 +341,12 @@ export default definePlugin({
             'local problem during delivery',
           );
         }
-        out.decisions.forEach((d, k) => (decisions[pending[k]!] = d));
+        // A reply the peer sent says how it came (for the message's history).
+        const tls = conn.tlsDescription;
+        out.decisions.forEach(
+          (d, k) =>
+            (decisions[pending[k]!] = tls && d.reply.remote ? { ...d, reply: { ...d.reply, tls } } : d),
+        );
         log.debug(
           {
             queueId: ctx.message.id,

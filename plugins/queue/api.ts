@@ -8,6 +8,7 @@ import {
   type RecipientReply,
   type TransactionView,
 } from '../../core/index.js';
+import type { AttemptRecord, Origin } from './history.js';
 
 /** A message a plugin puts into the queue itself (a bounce, a report). */
 export interface Submission {
@@ -17,6 +18,11 @@ export interface Submission {
   /** The whole message, headers included, with CRLF line ends. */
   readonly content: Buffer;
   readonly mailParams?: Partial<MailParams>;
+  /**
+   * The queue id of the message this one reports on (a delivery status notification): each
+   * message's history then names the other (`petrel trace`).
+   */
+  readonly reportFor?: string;
 }
 
 export interface RecipientSummary {
@@ -37,6 +43,12 @@ export interface RecipientSummary {
    * counts no attempt: `reason` as the plugin gave it, `by` the plugin. Gone at the next outcome.
    */
   readonly postponed?: { readonly reason: string; readonly by: string };
+  /**
+   * `get` only (not `list`): the attempts kept, oldest first — the first few and the latest
+   * (`history.attempts` in the config); `omitted` counts those dropped between them.
+   */
+  readonly history?: readonly AttemptRecord[];
+  readonly omitted?: number;
 }
 
 export interface MessageSummary {
@@ -57,6 +69,10 @@ export interface MessageSummary {
    */
   readonly unrecorded?: string;
   readonly recipients: readonly RecipientSummary[];
+  /** `get` only: where the message came from, as recorded at acceptance (see history.ts). */
+  readonly origin?: Origin;
+  /** `get` only: the queue ids of the reports (DSNs) sent about it so far. */
+  readonly reports?: readonly string[];
 }
 
 /** How the queue treats a message; other plugins read it here, not from the queue's config. */

@@ -16,6 +16,7 @@ import {
   type WireRecipient,
 } from './control.js';
 import type { QueueConfig } from './config.js';
+import type { AttemptRecord, Origin } from './history.js';
 import { existingParts, partDir, queueDir } from './parts.js';
 import { describeVerify, verifyQueue, VERIFY_CLEAN, VERIFY_DAMAGED, VERIFY_NO_JOURNAL } from './verify.js';
 
@@ -179,8 +180,8 @@ export async function requestAllParts(
   const good = answers.filter((a) => a.ok);
   const first = good[0];
   if (!first) return answers.find((a) => !a.ok && a.error !== 'not-found') ?? answers[0]!;
-  if (first.op === 'list') {
-    const messages = good.flatMap((a) => (a.ok && a.op === 'list' ? a.messages : []));
+  if (first.op === 'list' || first.op === 'find') {
+    const messages = good.flatMap((a) => (a.ok && (a.op === 'list' || a.op === 'find') ? a.messages : []));
     messages.sort((a, b) => Date.parse(a.receivedAt) - Date.parse(b.receivedAt));
     return { ...first, messages };
   }
@@ -266,6 +267,8 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   const now = new Date(res.now);
   const out = (text: string): void => void io.stdout.write(`${text}\n`);
   switch (res.op) {
+    case 'find':
+      throw new CommandError('the server answered another question than the one asked', 70);
     case 'list': {
       if (res.messages.length === 0) {
         out(values.held ? `No message is held (${where.dir}).` : `The queue is empty (${where.dir}).`);
@@ -413,10 +416,48 @@ function size(n: number): string {
   return `${(n / 1_000_000).toFixed(1)} MB`;
 }
 
-/** One message as a block of text that says why it is still in the queue. */
+/** Where a message came from, as lines of its story (see Origin in history.ts). */
+function describeOrigin(o: Origin): string[] {
+  const lines: string[] = [];
+  if (o.client) {
+    const how = [
+      o.helo ? `HELO ${o.helo}` : 'no HELO',
+      o.user ? `AUTH ${o.user}` : null,
+      o.tls ?? 'no TLS',
+      o.listener ? `on ${o.listener}` : null,
+    ].filter(Boolean);
+    lines.push(`  client: [${o.client.address}]:${o.client.port}, ${how.join(', ')}`);
+  } else if (o.submitted) {
+    lines.push(`  client: none, submitted by a plugin${o.reportFor ? ` as a report on ${o.reportFor}` : ''}`);
+  }
+  if (o.messageId) lines.push(`  message-id: ${o.messageId}`);
+  for (const v of o.verdicts ?? []) lines.push(`  verdict: ${v}`);
+  return lines;
+}
+
+/** One attempt of a recipient: when, by what route, to whom (with TLS), and the reply. */
+function describeAttempt(a: AttemptRecord, now: Date): string[] {
+  const what =
+    a.kind === 'deleted' || a.kind === 'returned'
+      ? `administrator (${a.kind})`
+      : [a.transport ?? 'no route', a.route].filter(Boolean).join(' ');
+  const peer = a.reply.remote ? `  ${a.reply.remote}${a.reply.tls ? ` (${a.reply.tls})` : ' (no TLS)'}` : '';
+  const end = a.kind === 'expired' ? '; lifetime over, failed' : '';
+  const n = a.n !== undefined ? `#${a.n} ` : '';
+  return [
+    `           ${n}${at(a.t, now)}  ${what}${peer}  ${a.status}${end}`,
+    `             ${a.reply.code} ${a.reply.enhanced} ${replyText(a.reply.text)}`,
+  ];
+}
+
+/**
+ * One message as a block of text that says why it is still in the queue; `detail` (show, trace)
+ * adds its origin, each recipient's kept attempts, and the reports sent about it.
+ */
 export function describeMessage(m: WireMessage, now: Date, detail = false): string {
   const lines = [`${m.id}  ${size(m.size)}  arrived ${at(Date.parse(m.receivedAt), now)}`];
   lines.push(`  from:  <${m.sender}>`);
+  if (detail && m.origin) lines.push(...describeOrigin(m.origin));
   if (m.held) {
     lines.push(`  held:  no delivery attempts until petrel queue release ${m.id}`);
     // A hold given at acceptance names the plugin that asked for it first (`clamav: virus …`).
@@ -438,7 +479,20 @@ export function describeMessage(m: WireMessage, now: Date, detail = false): stri
       lines.push(`           ${r.lastReply.code} ${r.lastReply.enhanced} ${replyText(r.lastReply.text)}`);
     }
     if (detail && r.transport) lines.push(`         transport: ${r.transport}`);
+    if (detail && r.history?.length) {
+      lines.push('         attempts:');
+      let prev = 0;
+      for (const a of r.history) {
+        // Attempts dropped to keep the history bounded leave a gap in the numbers.
+        if (a.n !== undefined && a.n - prev > 1 && prev > 0)
+          lines.push(`           … ${plural(a.n - prev - 1, 'attempt')} not kept …`);
+        if (a.n !== undefined) prev = a.n;
+        lines.push(...describeAttempt(a, now));
+      }
+    }
   }
+  if (detail && m.reports?.length)
+    lines.push(`  reports: ${m.reports.map((id) => `${id} (a delivery status notification)`).join(', ')}`);
   return lines.join('\n');
 }
 

@@ -56,6 +56,24 @@ export const queueConfig = z
       .default(16 * 1024 * 1024),
     /** More `Received:` fields than this is a mail loop: refused with 554 5.4.6. */
     maxReceived: z.number().int().positive().default(50),
+    /** Every message's history: what is kept while it is queued, and for how long after. */
+    history: z
+      .object({
+        /** Attempts kept per recipient while queued: the first few, then the latest. */
+        attempts: z
+          .object({
+            first: z.number().int().nonnegative().default(3),
+            last: z.number().int().positive().default(10),
+          })
+          .strict()
+          .prefault({}),
+        /** How long a delivered, bounced or deleted message's story is kept (`petrel trace`). */
+        retention: durationText.default('7d'),
+        /** Finished messages' stories kept at most; the oldest go first. */
+        maxMessages: z.number().int().positive().default(1_000_000),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 

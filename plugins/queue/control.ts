@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { SocketReader, writeDrained } from '../../core/index.js';
 import type { MessageSummary, RecipientSummary } from './api.js';
+import type { TraceQuery } from './history-store.js';
 
 /**
  * What the control socket needs of a queue part. The engine provides it; this module does not
@@ -17,12 +18,14 @@ export interface ControlTarget {
   flushMessages(target: { id?: string; domain?: string }): { flushed: string[]; held: string[] };
   hold(id: string, held: boolean): Promise<MessageSummary | null>;
   end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null>;
+  /** The queued messages that match, with their histories (for `petrel trace`). */
+  find(query: TraceQuery): MessageSummary[];
 }
 
 /** The control socket's name inside the queue folder. */
 export const CONTROL_SOCKET = 'control.sock';
 
-export const CONTROL_OPS = ['list', 'show', 'flush', 'delete', 'bounce', 'hold', 'release'] as const;
+export const CONTROL_OPS = ['list', 'show', 'flush', 'delete', 'bounce', 'hold', 'release', 'find'] as const;
 export type ControlOp = (typeof CONTROL_OPS)[number];
 
 /** One request: a line of JSON. `show`, `delete`, `bounce`, `hold`, `release` need `id`. */
@@ -31,6 +34,8 @@ export interface ControlRequest {
   readonly id?: string;
   /** `flush` only: the messages with a recipient in this domain. */
   readonly domain?: string;
+  /** `find` only: what to look for. */
+  readonly query?: TraceQuery;
 }
 
 /** A RecipientSummary as it travels: dates are ISO strings. */
@@ -47,7 +52,12 @@ export type WireMessage = Omit<MessageSummary, 'receivedAt' | 'recipients'> & {
 
 /** One response: a line of JSON. `now` is the server's clock, for "in 12m" that does not drift. */
 export type ControlResponse =
-  | { readonly ok: true; readonly op: 'list'; readonly now: string; readonly messages: WireMessage[] }
+  | {
+      readonly ok: true;
+      readonly op: 'list' | 'find';
+      readonly now: string;
+      readonly messages: WireMessage[];
+    }
   | {
       readonly ok: true;
       readonly op: 'show';
@@ -84,7 +94,7 @@ const IDLE_MS = 10 * 60_000;
 /** A client that does not take a response within this long is cut off. */
 const WRITE_MS = 60_000;
 
-function wire(m: MessageSummary): WireMessage {
+export function wire(m: MessageSummary): WireMessage {
   return JSON.parse(JSON.stringify(m)) as WireMessage;
 }
 
@@ -97,12 +107,17 @@ export function parseRequest(line: string): ControlRequest | string {
     return 'expected a line of JSON';
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'expected a JSON object';
-  const { op, id, domain } = v as Record<string, unknown>;
+  const { op, id, domain, query } = v as Record<string, unknown>;
   if (typeof op !== 'string' || !(CONTROL_OPS as readonly string[]).includes(op))
     return `expected "op" to be one of ${CONTROL_OPS.join(', ')}`;
   if (id !== undefined && (typeof id !== 'string' || id === '')) return 'expected "id" to be a string';
   if (domain !== undefined && (typeof domain !== 'string' || domain === ''))
     return 'expected "domain" to be a string';
+  if (op === 'find') {
+    const q = parseQuery(query);
+    return typeof q === 'string' ? q : { op, query: q };
+  }
+  if (query !== undefined) return '"query" is only for "find"';
   if (op !== 'list' && op !== 'flush' && id === undefined) return `"${op}" needs an "id"`;
   if (domain !== undefined && op !== 'flush') return '"domain" is only for "flush"';
   if (op === 'flush' && id !== undefined && domain !== undefined)
@@ -112,6 +127,27 @@ export function parseRequest(line: string): ControlRequest | string {
     ...(id === undefined ? {} : { id }),
     ...(domain === undefined ? {} : { domain }),
   };
+}
+
+/** Reads a `find` request's query, or says what is wrong with it. */
+function parseQuery(v: unknown): TraceQuery | string {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return '"find" needs a "query" object';
+  const q = v as Record<string, unknown>;
+  const out: Record<string, string | number> = {};
+  for (const k of ['id', 'messageId', 'to', 'from'] as const) {
+    if (q[k] === undefined) continue;
+    if (typeof q[k] !== 'string') return `expected "query.${k}" to be a string`;
+    out[k] = q[k];
+  }
+  if (q.since !== undefined) {
+    if (typeof q.since !== 'number' || !Number.isFinite(q.since))
+      return 'expected "query.since" to be epoch ms';
+    out.since = q.since;
+  }
+  if (typeof q.limit !== 'number' || !Number.isInteger(q.limit) || q.limit < 1 || q.limit > 10_000)
+    return 'expected "query.limit" to be an integer from 1 to 10000';
+  out.limit = q.limit;
+  return out as unknown as TraceQuery;
 }
 
 /**
@@ -246,6 +282,8 @@ async function handle(engine: ControlTarget, req: ControlRequest): Promise<Contr
   switch (req.op) {
     case 'list':
       return { ok: true, op: 'list', now, messages: engine.list().map(wire) };
+    case 'find':
+      return { ok: true, op: 'find', now, messages: engine.find(req.query!).map(wire) };
     case 'show': {
       const m = engine.get(req.id!);
       if (!m) return missing(req.id!);

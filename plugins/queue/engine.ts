@@ -11,10 +11,12 @@ import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
 import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
-import { ControlServer, type ControlTarget } from './control.js';
+import { ControlServer, wire, type ControlTarget } from './control.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
+import { outcomeOf, type AttemptLimits, type AttemptRecord } from './history.js';
+import { bareMessageId, HistoryStore, type FinishedMessage, type TraceQuery } from './history-store.js';
 
 export interface EngineOptions {
   log: Logger;
@@ -27,6 +29,13 @@ export interface EngineOptions {
   hooks: PluginHooks;
   /** Where attempts and journal syncs are counted (absent: not counted). */
   metrics?: QueueMetrics;
+  /** Message histories: attempts kept per recipient, and the store of finished messages' stories. */
+  history: {
+    readonly attempts: AttemptLimits;
+    readonly path: string;
+    readonly retention: number;
+    readonly maxMessages: number;
+  };
 }
 
 const COMPACT_EVERY = 60_000;
@@ -68,12 +77,20 @@ export class QueueEngine implements ControlTarget {
   private releaseLock: () => Promise<void> = async () => undefined;
   /** Messages whose last attempt's outcome is not on disk yet, with the error that stops it. */
   private readonly unrecorded = new Map<string, string>();
+  /**
+   * The reports (DSNs) queued here, by the id of the message they report on. An id leaves when
+   * either message finishes (a finished report is found in the history store), so this holds no
+   * more than the queue does.
+   */
+  private readonly reports = new Map<string, Set<string>>();
   /** Back-off waits in progress, woken early when the queue closes. */
   private readonly sleepers = new Set<() => void>();
 
   private constructor(
     readonly store: QueueStore,
     private opts: EngineOptions,
+    /** Null when the history store could not be opened: mail flows, histories end with the queue. */
+    private readonly history: HistoryStore | null,
   ) {}
 
   static async acquire(dir: string, opts: EngineOptions): Promise<QueueEngine> {
@@ -89,15 +106,35 @@ export class QueueEngine implements ControlTarget {
     // One process per queue part: a lock file, then the control socket's own check (which also
     // removes a stale socket).
     const unlock = await lockPart(dir);
-    const store = new QueueStore(dir, opts.segmentSize, opts.log, opts.memoryCache, opts.metrics?.synced);
+    const store = new QueueStore(
+      dir,
+      opts.segmentSize,
+      opts.log,
+      opts.memoryCache,
+      opts.metrics?.synced,
+      opts.history.attempts,
+    );
+    let history: HistoryStore | null = null;
+    let engine: QueueEngine | null = null;
     try {
       await ControlServer.claim(dir);
-      await store.open();
+      try {
+        history = HistoryStore.acquire({ ...opts.history, log: opts.log });
+      } catch (err) {
+        // A full disk or a broken file must not stop the mail: the queue's own records go on.
+        opts.log.error(
+          { err, path: opts.history.path },
+          'message history unavailable until the next start: finished messages are not kept for petrel trace',
+        );
+      }
+      engine = new QueueEngine(store, opts, history);
+      const opened = engine;
+      await store.open((finished) => opened.recovered(finished));
     } catch (err) {
+      if (history) HistoryStore.release(history);
       await unlock();
       throw err;
     }
-    const engine = new QueueEngine(store, opts);
     engine.releaseLock = unlock;
     QueueEngine.open.set(dir, { engine, users: 1 });
     try {
@@ -110,7 +147,10 @@ export class QueueEngine implements ControlTarget {
       { dir, messages: store.entries.size, recoveredFromCrash: store.recoveredFromCrash },
       'queue opened',
     );
-    for (const id of store.entries.keys()) engine.ready.add(id);
+    for (const [id, entry] of store.entries) {
+      engine.ready.add(id);
+      engine.noteReport(entry);
+    }
     engine.compactor = setInterval(() => {
       engine.store.compact().catch((err: unknown) => opts.log.error({ err }, 'queue compaction failed'));
     }, COMPACT_EVERY);
@@ -138,6 +178,7 @@ export class QueueEngine implements ControlTarget {
   /** Stores a message durably and schedules its first attempt now. */
   async accept(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<void> {
     const entry = await this.store.add(env, body);
+    this.noteReport(entry);
     this.ready.add(entry.env.id);
     this.pump();
   }
@@ -184,7 +225,32 @@ export class QueueEngine implements ControlTarget {
 
   get(id: string): MessageSummary | null {
     const e = this.store.entries.get(id);
-    return e ? this.summary(e) : null;
+    return e ? this.withReports(this.summary(e, true)) : null;
+  }
+
+  /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
+  find(query: TraceQuery): MessageSummary[] {
+    const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
+    const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
+    const to = lower(query.to);
+    const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
+    const found: MessageSummary[] = [];
+    for (const e of this.store.entries.values()) {
+      const { env } = e;
+      if (query.id !== undefined && env.id !== query.id) continue;
+      if (messageId !== undefined && bareMessageId(env.origin?.messageId ?? '') !== messageId) continue;
+      if (from !== undefined && (env.sender?.address ?? '').toLowerCase() !== from) continue;
+      if (query.since !== undefined && env.receivedAt < query.since) continue;
+      if (
+        to !== undefined &&
+        !env.recipients.some(
+          (r) => r.address.address.toLowerCase() === to || lower(r.expandedFrom?.address) === to,
+        )
+      )
+        continue;
+      found.push(this.withReports(this.summary(e, true)));
+    }
+    return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
   }
 
   /** A message's header section as stored (up to `limit` characters), for `petrel queue show`. */
@@ -243,6 +309,8 @@ export class QueueEngine implements ControlTarget {
         const message = this.store.view(entry);
         const notices: (() => Promise<void>)[] = [];
         const states = new Map<number, RecipientState>();
+        const attempts = new Map<number, AttemptRecord>();
+        const now = Date.now();
         entry.rcpts.forEach((st, i) => {
           if (st.status === 'delivered' || st.status === 'failed') return;
           const recipient = this.recipient(entry, i);
@@ -253,20 +321,26 @@ export class QueueEngine implements ControlTarget {
               ? { code: 550, enhanced: '5.0.0', text: `Deleted by the administrator${why}` }
               : { code: 550, enhanced: '5.0.0', text: `Returned by the administrator${why}` };
           states.set(i, { ...st, status: 'failed', lastReply: reply, maybeDelivered: false });
+          attempts.set(i, {
+            t: now,
+            status: 'failed',
+            reply,
+            kind: how === 'delete' ? 'deleted' : 'returned',
+          });
           const result: RecipientResult = { recipient: recipient.address.address, status: 'failed', reply };
           const route = st.route ?? null;
           const reason = how === 'delete' ? 'deleted' : 'refused';
           notices.push(() => hooks.notify('failed', { message, recipient, route, result, reason }));
         });
         // Not recorded (it throws): the message stays as it was, as the disk has it.
-        const final = await this.store.update(entry, states);
+        const final = await this.store.update(entry, states, attempts);
         const summary = this.summary(entry);
         log.info(
           { queueId: id, recipients: states.size },
           how === 'delete' ? 'message deleted by the administrator' : 'message returned by the administrator',
         );
         for (const n of notices) await n();
-        if (final) await this.store.discard(entry);
+        if (final) this.finish(entry);
         return summary;
       }),
     );
@@ -320,8 +394,11 @@ export class QueueEngine implements ControlTarget {
     else this.store.setBusy(entry, false);
   }
 
-  /** A summary of one message for administration. */
-  summary(entry: Entry): MessageSummary {
+  /**
+   * A summary of one message for administration; `detail` adds its history (origin, attempts kept,
+   * the reports sent about it).
+   */
+  summary(entry: Entry, detail = false): MessageSummary {
     return {
       id: entry.env.id,
       sender: entry.env.sender?.address ?? '',
@@ -341,8 +418,97 @@ export class QueueEngine implements ControlTarget {
         lastReply: r.lastReply ?? null,
         lastAttemptAt: r.lastAttemptAt ? new Date(r.lastAttemptAt) : null,
         ...(r.postponed ? { postponed: r.postponed } : {}),
+        ...(detail ? { history: r.history, omitted: r.omitted } : {}),
       })),
+      ...(detail && entry.env.origin ? { origin: entry.env.origin } : {}),
+      ...(detail ? { reports: [...(this.reports.get(entry.env.id) ?? [])] } : {}),
     };
+  }
+
+  /** Indexes a message that reports on another (a DSN). */
+  private noteReport(entry: Entry): void {
+    const about = entry.env.origin?.reportFor;
+    if (!about) return;
+    const known = this.reports.get(about) ?? new Set<string>();
+    known.add(entry.env.id);
+    this.reports.set(about, known);
+  }
+
+  /** Drops a finished message from the report index, as a report and as a message reported on. */
+  private forgetReports(entry: Entry): void {
+    this.reports.delete(entry.env.id);
+    const about = entry.env.origin?.reportFor;
+    const known = about ? this.reports.get(about) : undefined;
+    if (!about || !known) return;
+    known.delete(entry.env.id);
+    if (known.size === 0) this.reports.delete(about);
+  }
+
+  /** For `show` and `find`: the reports about a message, queued here or finished. */
+  private withReports(summary: MessageSummary): MessageSummary {
+    let done: string[] = [];
+    const id = summary.id;
+    try {
+      done = this.history?.reportsOn(id) ?? [];
+    } catch (err) {
+      this.opts.log.error({ err, queueId: id }, 'message history: could not read the reports on a message');
+    }
+    return { ...summary, reports: [...new Set([...done, ...(summary.reports ?? [])])] };
+  }
+
+  /** A finished message's story, for the history store. */
+  private story(entry: Entry, finishedAt: number): FinishedMessage {
+    const { unrecorded: _unrecorded, ...rest } = wire(this.summary(entry, true));
+    return {
+      ...rest,
+      attempting: false,
+      held: false,
+      finishedAt: new Date(finishedAt).toISOString(),
+      outcome: outcomeOf(entry.rcpts),
+    };
+  }
+
+  /**
+   * Hands a message that just finished to the history store, and removes its files once the
+   * story is committed (until then its journal records are what a restart would rebuild the story
+   * from). Off the delivery path: the caller does not wait. A story that cannot be stored is
+   * logged, and the files go anyway: the spool must not grow because the history cannot.
+   */
+  private finish(entry: Entry): void {
+    const id = entry.env.id;
+    const story = this.history?.add(this.story(entry, Date.now())) ?? Promise.resolve();
+    this.forgetReports(entry);
+    const done = story
+      .catch((err: unknown) =>
+        this.opts.log.error(
+          { err, queueId: id },
+          'message history: could not store the story of a finished message',
+        ),
+      )
+      .then(() => this.store.discard(entry))
+      .catch((err: unknown) =>
+        this.opts.log.error({ err, queueId: id }, 'queue: removing a finished message failed'),
+      );
+    void this.tracked(done);
+  }
+
+  /**
+   * At open: messages the journal shows finished. Their stories are stored again (the same id
+   * replaces the same story), since a crash may have come before the first write was committed.
+   */
+  private async recovered(entries: readonly Entry[]): Promise<void> {
+    const last = (e: Entry): number =>
+      Math.max(e.env.receivedAt, ...e.rcpts.map((r) => r.history.at(-1)?.t ?? r.lastAttemptAt ?? 0));
+    const { history } = this;
+    if (!history) return;
+    const stored = Promise.allSettled(entries.map((e) => history.add(this.story(e, last(e)))));
+    history.flush();
+    const failed = (await stored).filter((r) => r.status === 'rejected');
+    if (failed.length)
+      this.opts.log.error(
+        { err: failed[0]!.reason as Error, messages: failed.length },
+        'message history: could not store the stories of messages that finished before this start',
+      );
   }
 
   private pump(): void {
@@ -493,6 +659,7 @@ export class QueueEngine implements ControlTarget {
     const finished = Date.now();
     const notices: (() => Promise<void>)[] = [];
     const states = new Map<number, RecipientState>();
+    const attempts = new Map<number, AttemptRecord>();
     for (const [i, { result, route }] of results) {
       // A copy: the entry changes only once the outcome is recorded (`store.update`).
       const st: RecipientState = { ...entry.rcpts[i]! };
@@ -543,6 +710,14 @@ export class QueueEngine implements ControlTarget {
           notices.push(() => hooks.notify('deferred', { message, recipient, route, result, nextAttemptAt }));
         }
       }
+      attempts.set(i, {
+        t: finished,
+        n: st.attempts,
+        status: st.status,
+        ...(route ? { transport: route.transport, route: route.key } : {}),
+        reply: result.reply,
+        ...(result.status === 'deferred' && st.status === 'failed' ? { kind: 'expired' as const } : {}),
+      });
       log.info(
         {
           queueId: entry.env.id,
@@ -555,12 +730,12 @@ export class QueueEngine implements ControlTarget {
         'delivery attempt',
       );
     }
-    const final = await this.record(entry, states);
+    const final = await this.record(entry, states, attempts);
     // Not recorded before shutdown: the next start tries these recipients again, and tells them then.
     if (final === null) return;
     for (const n of notices) await n();
-    // The files go only now: the hooks above (a bounce quoting the message) may read it.
-    if (final) await this.store.discard(entry);
+    // The files go only after this: the hooks above (a bounce quoting the message) may read it.
+    if (final) this.finish(entry);
   }
 
   /**
@@ -611,12 +786,16 @@ export class QueueEngine implements ControlTarget {
    * "delivered" before the disk says so), stays busy, and `list` says why (`unrecorded`).
    * Resolves like `store.update`, or null when the queue closes first.
    */
-  private async record(entry: Entry, states: ReadonlyMap<number, RecipientState>): Promise<boolean | null> {
+  private async record(
+    entry: Entry,
+    states: ReadonlyMap<number, RecipientState>,
+    attempts: ReadonlyMap<number, AttemptRecord>,
+  ): Promise<boolean | null> {
     const { log } = this.opts;
     const id = entry.env.id;
     for (let tries = 1, delay = RECORD_RETRY_FIRST; ; tries++) {
       try {
-        const final = await this.store.update(entry, states);
+        const final = await this.store.update(entry, states, attempts);
         if (this.unrecorded.delete(id))
           log.warn({ queueId: id, tries }, 'delivery state recorded after earlier failures');
         return final;
@@ -665,6 +844,8 @@ export class QueueEngine implements ControlTarget {
         }),
       );
     }
+    // Stories waiting for their commit are committed now, so the removals waiting on them can run.
+    this.history?.flush();
     await bound(Promise.allSettled([...this.changes]));
     // An outcome not on disk: no clean-stop mark, so the next start treats those recipients as
     // maybe delivered (and the transports can spot a duplicate).
@@ -674,6 +855,7 @@ export class QueueEngine implements ControlTarget {
         'queue closed with delivery outcomes not recorded; the next start treats them as after a crash',
       );
     await this.store.close(this.unrecorded.size === 0);
+    if (this.history) HistoryStore.release(this.history);
     await this.releaseLock();
   }
 }

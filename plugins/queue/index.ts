@@ -18,6 +18,10 @@ import { queueCommand } from './cli.js';
 import type { StoredEnvelope } from './store.js';
 import { expandRecipients } from './expand.js';
 import { QueueMetrics } from './metrics.js';
+import { originOf } from './origin.js';
+import { join } from 'node:path';
+import { traceCommand } from './trace-cli.js';
+import { HISTORY_FILE } from './history-store.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
 
@@ -31,7 +35,7 @@ export { queueConfig, type QueueConfig } from './config.js';
 export default definePlugin({
   name: 'queue',
   config: queueConfig,
-  commands: { queue: queueCommand },
+  commands: { queue: queueCommand, trace: traceCommand },
   async setup({ config, log, resolve: resolveService, baseDir, hooks, onClose, provide }) {
     const core = resolveService(Tokens.Config);
     const dir = queueDir(config.dir, baseDir, core.spool.dir);
@@ -48,6 +52,12 @@ export default definePlugin({
       memoryCache: config.memoryCache,
       hooks,
       metrics,
+      history: {
+        attempts: config.history.attempts,
+        path: join(dir, HISTORY_FILE),
+        retention: parseDuration(config.history.retention),
+        maxMessages: config.history.maxMessages,
+      },
     };
     // This worker's own part takes new mail; parts it adopted are delivered from (see parts.ts).
     const engines: QueueEngine[] = [];
@@ -87,6 +97,7 @@ export default definePlugin({
             recipients,
             receivedAt: Date.now(),
             size: message.content.length,
+            origin: { submitted: true, ...(message.reportFor ? { reportFor: message.reportFor } : {}) },
           },
           { inline: [message.content] },
         );
@@ -118,7 +129,7 @@ export default definePlugin({
         return proceed();
       },
 
-      async queue({ transaction, message }) {
+      async queue({ session, transaction, message }) {
         const added = message.addedHeaders.map((f) => formatHeaderField(f.name, f.value)).join('');
         let recipients;
         try {
@@ -137,6 +148,7 @@ export default definePlugin({
           size: message.storedSize,
           ...(message.size > config.inlineLimit ? { blob: { headers: added } } : {}),
           ...(hold ? { hold: { reason: hold.reasons.join('; ') } } : {}),
+          origin: originOf(session, message),
         };
         try {
           if (env.blob) {

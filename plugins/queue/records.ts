@@ -1,5 +1,6 @@
 import type { Address, MailParams, RecipientParams, RecipientReply } from '../../core/index.js';
 import type { DeliveryStatus } from '../../core/index.js';
+import type { AttemptRecord, Origin } from './history.js';
 
 /**
  * What the queue's journal records mean: the payload of each record type, read without ever
@@ -7,7 +8,7 @@ import type { DeliveryStatus } from '../../core/index.js';
  * CRC-32 missed) is reported as a reason string, and recovery sets it aside like any damage.
  */
 
-export const RecordType = { Message: 1, State: 2, Hold: 3 } as const;
+export const RecordType = { Message: 1, State: 2, Hold: 3, History: 4 } as const;
 
 /** A recipient as stored: after expansion (see the `expand` hook), one per delivery target. */
 export interface StoredRecipient {
@@ -35,6 +36,8 @@ export interface StoredEnvelope {
    * later Hold record overrides it, as for any hold.
    */
   readonly hold?: { readonly reason: string };
+  /** Where the message came from (see history.ts); absent in envelopes written before it existed. */
+  readonly origin?: Origin;
 }
 
 export type RecipientStatus = 'pending' | DeliveryStatus;
@@ -51,6 +54,22 @@ export interface StateUpdate {
   readonly r?: RecipientReply;
   /** Epoch ms of the last attempt. */
   readonly t?: number;
+  /**
+   * The attempt (or administrator's action) that led to this state, for the message's history.
+   * Absent in a snapshot, and in records written before histories were kept; a reader that does
+   * not know it ignores it, so the record stays what it was.
+   */
+  readonly h?: AttemptRecord;
+}
+
+/** One recipient's kept attempts, in a History record. */
+export interface HistoryEntry {
+  /** The recipient's index in the envelope. */
+  readonly i: number;
+  /** The attempts kept (the first few and the latest, see history.ts). */
+  readonly k: readonly AttemptRecord[];
+  /** Attempts dropped between them. */
+  readonly o: number;
 }
 
 export type DecodedRecord =
@@ -61,6 +80,8 @@ export type DecodedRecord =
     }
   | { readonly type: 2; readonly id: string; readonly u: readonly StateUpdate[] }
   | { readonly type: 3; readonly id: string; readonly held: boolean }
+  /** The kept attempts of some recipients, replacing what earlier records said (written by compaction). */
+  | { readonly type: 4; readonly id: string; readonly h: readonly HistoryEntry[] }
   /** A record type this version does not know (written by a later one): skipped, not damage. */
   | { readonly type: 0 };
 
@@ -111,6 +132,23 @@ export function decodeRecord(type: number, payload: Buffer): DecodedRecord | str
       return 'hold record is not { id, held }';
     return { type: 3, id: v.id, held: v.held };
   }
+  if (type === RecordType.History) {
+    const v = json(payload);
+    if (!v || typeof v.id !== 'string' || !Array.isArray(v.h)) return 'history record is not { id, h }';
+    const ok = (v.h as unknown[]).every((x) => {
+      const e = x as Partial<HistoryEntry> | null;
+      return (
+        typeof e === 'object' &&
+        e !== null &&
+        Number.isInteger(e.i) &&
+        Array.isArray(e.k) &&
+        typeof e.o === 'number' &&
+        e.k.every((a) => typeof a === 'object' && a !== null && typeof a.t === 'number' && !!a.reply)
+      );
+    });
+    if (!ok) return 'history record has a malformed recipient entry';
+    return { type: 4, id: v.id, h: v.h as HistoryEntry[] };
+  }
   return { type: 0 };
 }
 
@@ -124,6 +162,8 @@ export interface DamageContents {
   readonly states: readonly string[];
   /** Queue ids named by Hold records in the range. */
   readonly holds: readonly string[];
+  /** Queue ids named by History records in the range (a lost one costs attempts kept, not mail). */
+  readonly histories: readonly string[];
 }
 
 const MAGIC = Buffer.from('PTRL', 'latin1');
@@ -131,14 +171,14 @@ const MAGIC = Buffer.from('PTRL', 'latin1');
 /**
  * Looks for legible envelopes and state records in damaged bytes. Their JSON starts the same way
  * every time (`{"id":"…","sender":` for a Message's envelope, `{"id":"…","u":[` for State,
- * `{"id":"…","held":` for Hold), so an id is found even when the record's header is gone.
+ * `{"id":"…","held":` for Hold, `{"id":"…","h":[` for History), so an id is found even when the record's header is gone.
  */
 export function describeDamage(bytes: Buffer): DamageContents {
   let headers = 0;
   for (let at = bytes.indexOf(MAGIC); at >= 0; at = bytes.indexOf(MAGIC, at + 1)) {
     // A header: a known type, then the three zero bytes (the magic alone may be in a message).
     const type = bytes[at + 4];
-    if (type !== undefined && type >= 1 && type <= 3 && !bytes[at + 5] && !bytes[at + 6] && !bytes[at + 7])
+    if (type !== undefined && type >= 1 && type <= 4 && !bytes[at + 5] && !bytes[at + 6] && !bytes[at + 7])
       headers++;
   }
   const text = bytes.toString('latin1');
@@ -148,5 +188,6 @@ export function describeDamage(bytes: Buffer): DamageContents {
     messages: ids(/\{"id":"([\w.-]{1,128})","sender":/g),
     states: ids(/\{"id":"([\w.-]{1,128})","u":\[/g),
     holds: ids(/\{"id":"([\w.-]{1,128})","held":/g),
+    histories: ids(/\{"id":"([\w.-]{1,128})","h":\[/g),
   };
 }

@@ -6,6 +6,7 @@ import type { QueuedMessageView, RecipientReply, Route } from '../../core/index.
 import { syncDir } from './durable-fs.js';
 import { Journal, listSegments, type DamageReport, type RecordRef } from './journal.js';
 import { QUARANTINE_DIR, quarantineBlob } from './quarantine.js';
+import { keepAttempt, type AttemptLimits, type AttemptRecord } from './history.js';
 import {
   decodeRecord,
   describeDamage,
@@ -33,6 +34,10 @@ export interface RecipientState {
    * recorded outcome. In memory only (see `postpone`).
    */
   postponed?: { readonly reason: string; readonly by: string } | undefined;
+  /** The attempts kept (the first few and the latest, see history.ts), oldest first. */
+  history: readonly AttemptRecord[];
+  /** Attempts dropped from `history` to keep it bounded. */
+  omitted: number;
 }
 
 export interface Entry {
@@ -67,6 +72,8 @@ function freshStates(env: StoredEnvelope): RecipientState[] {
     attempts: 0,
     nextAttemptAt: env.receivedAt,
     maybeDelivered: false,
+    history: [],
+    omitted: 0,
   }));
 }
 
@@ -78,8 +85,15 @@ function envelopeParts(env: StoredEnvelope): [Buffer, Buffer] {
   return [len, json];
 }
 
-/** A State record's payload: the given states of some recipients (by index) of a message. */
-function statePayload(id: string, states: ReadonlyMap<number, RecipientState>): Buffer {
+/**
+ * A State record's payload: the given states of some recipients (by index) of a message, each
+ * with the attempt that led to it when there is one (`h`, for the history).
+ */
+function statePayload(
+  id: string,
+  states: ReadonlyMap<number, RecipientState>,
+  attempts?: ReadonlyMap<number, AttemptRecord>,
+): Buffer {
   const u: StateUpdate[] = [...states].map(([i, r]) => ({
     i,
     s: r.status,
@@ -87,8 +101,17 @@ function statePayload(id: string, states: ReadonlyMap<number, RecipientState>): 
     n: r.nextAttemptAt,
     r: r.lastReply,
     t: r.lastAttemptAt,
+    ...(attempts?.has(i) ? { h: attempts.get(i)! } : {}),
   }));
   return Buffer.from(JSON.stringify({ id, u }), 'utf8');
+}
+
+/** A History record's payload: every recipient's kept attempts (for a compaction's copy). */
+function historyPayload(entry: Entry): Buffer | null {
+  const h = entry.rcpts
+    .map((r, i) => ({ i, k: r.history, o: r.omitted }))
+    .filter((e) => e.k.length > 0 || e.o > 0);
+  return h.length ? Buffer.from(JSON.stringify({ id: entry.env.id, h }), 'utf8') : null;
 }
 
 /** Every recipient's state, for a snapshot. */
@@ -143,11 +166,18 @@ export class QueueStore {
     private readonly memoryLimit = 0,
     /** Told after each journal batch is durable (the queue's metrics). */
     private readonly onSync?: (seconds: number, records: number) => void,
+    /** Attempts kept per recipient (see history.ts). */
+    private readonly attemptLimits: AttemptLimits = { first: 3, last: 10 },
   ) {
     this.blobDir = join(dir, 'blobs');
   }
 
-  async open(): Promise<void> {
+  /**
+   * Opens the queue. `finished` is given the messages whose recipients the journal shows all final
+   * (the last run ended them, and a crash may have come before their history was stored): it
+   * runs before their records are removed, so a history is never lost with them.
+   */
+  async open(finished?: (entries: readonly Entry[]) => Promise<void>): Promise<void> {
     await mkdir(this.blobDir, { recursive: true, mode: 0o700 });
     const cleanMarker = join(this.dir, CLEAN_SHUTDOWN);
     const journalDir = join(this.dir, 'journal');
@@ -156,11 +186,13 @@ export class QueueStore {
     const found: DamageReport[] = [];
     /** Ids of the Message records read intact (a damaged one may have an intact copy). */
     const intact = new Set<string>();
+    /** Messages that finished in the journal, by id (a compaction copy may finish one twice). */
+    const done = new Map<string, Entry>();
     this.journal = await Journal.open(journalDir, {
       segmentSize: this.segmentSize,
       cleanStop,
       quarantineDir: join(this.dir, QUARANTINE_DIR),
-      onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact),
+      onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact, done),
       onDamage: (d) => found.push(d),
       describe: describeDamage,
       ...(this.onSync ? { onSync: this.onSync } : {}),
@@ -194,6 +226,7 @@ export class QueueStore {
         );
       }
     }
+    if (finished && done.size) await finished([...done.values()]);
     // Finished messages leave no entry: their segments can go, except the one being written.
     for (const seg of await listSegments(journalDir)) {
       if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
@@ -271,7 +304,13 @@ export class QueueStore {
   }
 
   /** Replays one record; answers why when it cannot be read (then it is damage). */
-  private replay(type: number, payload: Buffer, ref: RecordRef, intact: Set<string>): string | void {
+  private replay(
+    type: number,
+    payload: Buffer,
+    ref: RecordRef,
+    intact: Set<string>,
+    done: Map<string, Entry>,
+  ): string | void {
     const rec = decodeRecord(type, payload);
     if (typeof rec === 'string') return rec;
     if (rec.type === RecordType.Message) {
@@ -298,7 +337,21 @@ export class QueueStore {
       if (!entry) return;
       this.applyUpdates(entry, rec.u);
       this.ref(entry, ref.segment);
-      if (this.isFinal(entry)) this.forget(entry);
+      if (this.isFinal(entry)) {
+        this.forget(entry);
+        this.release(entry);
+        done.set(entry.env.id, entry);
+      }
+    } else if (rec.type === RecordType.History) {
+      const entry = this.entries.get(rec.id);
+      if (!entry) return;
+      for (const h of rec.h) {
+        const r = entry.rcpts[h.i];
+        if (!r) continue;
+        r.history = h.k;
+        r.omitted = h.o;
+      }
+      this.ref(entry, ref.segment);
     } else if (rec.type === RecordType.Hold) {
       const entry = this.entries.get(rec.id);
       if (!entry) return;
@@ -316,6 +369,13 @@ export class QueueStore {
       r.nextAttemptAt = u.n;
       if (u.r) r.lastReply = u.r;
       if (u.t) r.lastAttemptAt = u.t;
+      if (u.h)
+        ({ kept: r.history, omitted: r.omitted } = keepAttempt(
+          r.history,
+          r.omitted,
+          u.h,
+          this.attemptLimits,
+        ));
     }
   }
 
@@ -323,14 +383,22 @@ export class QueueStore {
     return entry.rcpts.every((r) => r.status === 'delivered' || r.status === 'failed');
   }
 
-  /** Drops a final entry and its claim on segments (`discard` removes the files). */
+  /**
+   * Drops a final entry. Its claim on segments stays until `release` (by `discard`): its records
+   * are what a restart would rebuild its history from, should the history store not have it yet.
+   */
   private forget(entry: Entry): void {
     this.entries.delete(entry.env.id);
+  }
+
+  /** Gives up a forgotten entry's claim on segments (`sweep` then removes those nothing else uses). */
+  private release(entry: Entry): void {
     for (const seg of entry.segments) {
       const n = (this.segmentRefs.get(seg) ?? 1) - 1;
       if (n > 0) this.segmentRefs.set(seg, n);
       else this.segmentRefs.delete(seg);
     }
+    entry.segments.clear();
   }
 
   /**
@@ -388,9 +456,18 @@ export class QueueStore {
    * until `discard`, so that the hooks told about the outcome can still read it. A crash in
    * between leaves nothing behind: at start, segments and blobs of final messages are removed.
    */
-  async update(entry: Entry, states: ReadonlyMap<number, RecipientState>): Promise<boolean> {
-    const ref = await this.journal.append(RecordType.State, [statePayload(entry.env.id, states)]);
-    for (const [i, st] of states) Object.assign(entry.rcpts[i]!, st);
+  async update(
+    entry: Entry,
+    states: ReadonlyMap<number, RecipientState>,
+    attempts?: ReadonlyMap<number, AttemptRecord>,
+  ): Promise<boolean> {
+    const ref = await this.journal.append(RecordType.State, [statePayload(entry.env.id, states, attempts)]);
+    for (const [i, st] of states) {
+      const r = Object.assign(entry.rcpts[i]!, st);
+      const a = attempts?.get(i);
+      if (a)
+        ({ kept: r.history, omitted: r.omitted } = keepAttempt(r.history, r.omitted, a, this.attemptLimits));
+    }
     if (this.entries.get(entry.env.id) !== entry) return false;
     this.ref(entry, ref.segment);
     if (!this.isFinal(entry)) return false;
@@ -453,6 +530,7 @@ export class QueueStore {
   /** Removes the files of a message `update` forgot: its blob, and segments nothing else uses. */
   async discard(entry: Entry): Promise<void> {
     if (this.entries.get(entry.env.id) === entry) return;
+    this.release(entry);
     this.dropMemory(entry);
     if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
     await this.sweep();
@@ -497,6 +575,9 @@ export class QueueStore {
         const st = await this.journal.append(RecordType.State, [
           statePayload(entry.env.id, allStates(entry)),
         ]);
+        // The kept attempts must outlive the segments their State records were in.
+        const kept = historyPayload(entry);
+        const hist = kept ? await this.journal.append(RecordType.History, [kept]) : null;
         // The hold must outlive the segment its record was in; a release of a message held at
         // acceptance must too, or the copied envelope would hold it again.
         const hold =
@@ -522,6 +603,7 @@ export class QueueStore {
         this.ref(entry, copy.segment);
         this.ref(entry, st.segment);
         if (hold) this.ref(entry, hold.segment);
+        if (hist) this.ref(entry, hist.segment);
       }
       if (!this.segmentRefs.get(seg)) await this.journal.removeSegment(seg);
     }

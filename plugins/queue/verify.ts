@@ -40,6 +40,8 @@ export interface SegmentCheck {
   readonly messages: number;
   readonly states: number;
   readonly holds: number;
+  /** History records (the kept attempts a compaction carried forward). */
+  readonly histories: number;
   /** Records of a type this version does not know (skipped by recovery too). */
   readonly other: number;
   readonly ranges: readonly RangeCheck[];
@@ -86,7 +88,7 @@ async function verifyPart(dir: string): Promise<PartCheck> {
       if (err.code === 'ENOENT') return null;
       throw err;
     });
-    const counts = { messages: 0, states: 0, holds: 0, other: 0 };
+    const counts = { messages: 0, states: 0, holds: 0, histories: 0, other: 0 };
     if (!data) {
       scanned.push({ check: { file, bytes: 0, records: 0, ...counts, vanished: true }, ranges: [] });
       continue;
@@ -101,6 +103,7 @@ async function verifyPart(dir: string): Promise<PartCheck> {
           intact.add(rec.env.id);
         } else if (rec.type === RecordType.State) counts.states++;
         else if (rec.type === RecordType.Hold) counts.holds++;
+        else if (rec.type === RecordType.History) counts.histories++;
         else counts.other++;
       },
     });
@@ -116,7 +119,7 @@ async function verifyPart(dir: string): Promise<PartCheck> {
         quarantine: existsSync(copy) ? copy : null,
       };
     });
-    const records = counts.messages + counts.states + counts.holds + counts.other;
+    const records = counts.messages + counts.states + counts.holds + counts.histories + counts.other;
     scanned.push({ check: { file, bytes: data.length, records, ...counts, vanished: false }, ranges });
   }
   // Lost only when no intact copy exists in any segment (compaction writes copies forward).
@@ -169,7 +172,7 @@ export function describeVerify(result: VerifyResult): string[] {
         continue;
       }
       const damaged = s.ranges.filter((r) => !r.tornTail).length;
-      const counts = `${plural(s.records, 'record')}: ${plural(s.messages, 'message')}, ${s.states} state, ${s.holds} hold${s.other ? `, ${s.other} of unknown type` : ''}`;
+      const counts = `${plural(s.records, 'record')}: ${plural(s.messages, 'message')}, ${s.states} state, ${s.holds} hold${s.histories ? `, ${s.histories} history` : ''}${s.other ? `, ${s.other} of unknown type` : ''}`;
       lines.push(`  ${name}  ${counts}; ${damaged ? plural(damaged, 'damaged range') : 'no damage'}`);
       for (const r of s.ranges) {
         const where = `bytes ${r.start}-${r.end} (${plural(r.bytes, 'byte')}): ${r.reason}`;
@@ -187,10 +190,11 @@ export function describeVerify(result: VerifyResult): string[] {
             : `no legible envelope among ${plural(c.headers, 'record header')}`;
         const states = c.states.length ? `; state of ${c.states.join(', ')}` : '';
         const holds = c.holds.length ? `; hold of ${c.holds.join(', ')}` : '';
+        const histories = c.histories.length ? `; kept attempts of ${c.histories.join(', ')}` : '';
         const copy = r.quarantine
           ? `; set aside as ${r.quarantine}`
           : '; not set aside yet (the next start does it)';
-        lines.push(`    damaged ${where}; ${lost}${states}${holds}${copy}`);
+        lines.push(`    damaged ${where}; ${lost}${states}${holds}${histories}${copy}`);
       }
     }
     if (part.quarantine.length)
