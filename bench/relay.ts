@@ -18,7 +18,9 @@
  * Figures are written to var/bench-relay-results.json. Environment: BENCH_SCALE multiplies the
  * message counts (default 1); BENCH_DIR is the folder for the queue (default: the system's
  * temporary folder, unless that is in memory, then var/ in the repository); BENCH_PROFILE=1 has
- * each of Petrel's processes write a CPU profile into var/profiles/.
+ * each of Petrel's processes write a CPU profile into var/profiles/. BENCH_ONLY=dkim runs only
+ * the two rows the DKIM ratio compares (`petrel` and `petrel+dkim`, 1 KB at 50 sessions), and
+ * BENCH_DKIM_THREADS sets the dkim plugin's `signingThreads` for `petrel+dkim`.
  */
 import { generateKeyPairSync } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
@@ -67,6 +69,14 @@ const PROFILES = join(ROOT, 'var', 'profiles');
 
 const SIZES = [1 * KB, 100 * KB] as const;
 const SESSIONS = [10, 50] as const;
+
+/** BENCH_ONLY=dkim: only the two rows the DKIM ratio compares (see the header). */
+function only(): 'all' | 'dkim' {
+  const raw = process.env.BENCH_ONLY;
+  if (raw === undefined || raw === '') return 'all';
+  if (raw === 'dkim') return raw;
+  throw new Error(`BENCH_ONLY must be "dkim" or unset, got "${raw}"`);
+}
 /** Messages per run at BENCH_SCALE=1: a few seconds each at relay rates, so the run stays short. */
 const BASE_COUNT: Record<number, Record<number, number>> = {
   [1 * KB]: { 10: 2000, 50: 3000 },
@@ -217,7 +227,8 @@ async function main(): Promise<number> {
     // (open it in Chrome DevTools); the file names carry the process ids logged below.
     const profile = process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${PROFILES}`] : [];
     const petrels: Server[] = [];
-    for (const workers of WORKER_COUNTS) {
+    const subset = only();
+    for (const workers of subset === 'all' ? WORKER_COUNTS : [1]) {
       // Each Petrel has a folder (and so a queue) of its own; both relay to the same sink.
       const own = join(dir, `workers-${workers}`);
       const plugins = [
@@ -254,7 +265,17 @@ async function main(): Promise<number> {
         { name: PLUGIN },
         { name: 'queue', config: { dir: join(own, 'queue'), retry: '1m...' } },
         // onError defer: a message that somehow went unsigned would fail the run (deferred), not count.
-        { name: 'dkim', config: { keyDir, domains: { 'bench.test': ['bench'] }, onError: 'defer' } },
+        {
+          name: 'dkim',
+          config: {
+            keyDir,
+            domains: { 'bench.test': ['bench'] },
+            onError: 'defer',
+            ...(process.env.BENCH_DKIM_THREADS
+              ? { signingThreads: Number(process.env.BENCH_DKIM_THREADS) }
+              : {}),
+          },
+        },
         {
           name: 'outbound',
           config: { smarthost: { host: HOST, port: relaySink.port, tls: 'opportunistic' } },
@@ -273,9 +294,9 @@ async function main(): Promise<number> {
       Math.max(sessions, Math.round((BASE_COUNT[size]?.[sessions] ?? 500) * factor));
 
     const runs = await runMatrix({
-      servers: [...petrels, smtpSink],
-      sizes: SIZES,
-      sessions: SESSIONS,
+      servers: subset === 'all' ? [...petrels, smtpSink] : petrels,
+      sizes: subset === 'all' ? SIZES : [1 * KB],
+      sessions: subset === 'all' ? SESSIONS : [50],
       rounds: ROUNDS,
       warmupMessages: Math.max(10, Math.round(500 * factor)),
       count,

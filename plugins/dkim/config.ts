@@ -147,12 +147,12 @@ export const dkimConfig = z
     /**
      * Signatures a worker makes at once, each on a thread of libuv's pool (4 threads unless
      * UV_THREADPOOL_SIZE says otherwise). The pool also does the queue's disk writes and
-     * fsyncs; one signing thread (an RSA-2048 signature takes about 0.25 ms of CPU, so some
-     * 4000 signatures a second) leaves the other threads to them and, on a small machine, a
-     * core to the event loop. Raise it on a machine with cores to spare when signing is what
-     * holds deliveries back.
+     * fsyncs, which keep the other two threads. An RSA-2048 signature takes about 0.25 ms of
+     * CPU alone and about 1 ms of wall time on a busy two-core machine, where one signing
+     * thread could not keep up with relaying (measured with `npm run bench:relay`); two did.
+     * Raise it on a machine with cores to spare when signing is what holds deliveries back.
      */
-    signingThreads: z.number().int().min(1).max(64).default(1),
+    signingThreads: z.number().int().min(1).max(64).default(2),
   })
   .strict()
   .superRefine((c, ctx) => {
