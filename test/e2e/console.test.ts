@@ -241,6 +241,18 @@ describe('web console', { timeout: 120_000 }, () => {
     } finally {
       c.close();
     }
+
+    // The overview: the whole server's counters, and the rate graph once two intervals are sampled.
+    await page.getByRole('link', { name: 'Overview' }).click();
+    const accepted = await text(page.locator('.figure', { hasText: 'Accepted' }));
+    assert.ok(Number(/\d+/.exec(accepted)?.[0]) >= 2, accepted);
+    for (let i = 0; (await page.locator('svg polyline').count()) < 2; i++) {
+      if (i === 60) throw new Error('no rate graph after 15 s of sampling');
+      await new Promise((r) => setTimeout(r, 250));
+      await page.reload();
+    }
+    assert.match(await text(page.locator('svg')), /accepted [\d.]+\/s delivered [\d.]+\/s/);
+
     assert.deepEqual(dialogs, []);
     await context.close();
   });

@@ -84,6 +84,8 @@ export class QueueUnavailable extends Error {}
 
 /** Longest answer read from a part (a list of many messages): beyond it the answer is refused. */
 const MAX_ANSWER = 64 * 1024 * 1024;
+/** Longer than the history store's commit interval (200 ms). */
+const STORY_COMMIT_MS = 400;
 /** A part's answer deadline, total (delete and bounce wait for an attempt in progress). */
 const ANSWER_MS = 30_000;
 
@@ -111,8 +113,17 @@ export class QueueClient {
   async show(id: string): Promise<QueueMessage | null> {
     const queued = (await this.all({ op: 'show', id })).find((a) => a.ok)?.message;
     if (queued) return queued;
-    const finished = await this.all({ op: 'finished', query: { id, limit: 1 } });
-    return finished.flatMap((a) => (a.ok ? (a.messages ?? []) : []))[0] ?? null;
+    const story = await this.finished(id);
+    if (story) return story;
+    // A message that has just finished leaves the queue's list before the history commits its
+    // story (a commit every 200 ms, plugins/queue/history-store.ts): look once more after that.
+    await new Promise((r) => setTimeout(r, STORY_COMMIT_MS));
+    return this.finished(id);
+  }
+
+  private async finished(id: string): Promise<QueueMessage | null> {
+    const answers = await this.all({ op: 'finished', query: { id, limit: 1 } });
+    return answers.flatMap((a) => (a.ok ? (a.messages ?? []) : []))[0] ?? null;
   }
 
   /**
