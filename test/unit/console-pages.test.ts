@@ -1,7 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { html } from '../../core/http/console/html.js';
-import { filterQueue, messagePage, queuePage } from '../../core/http/console/pages.js';
+import { filterQueue, messagePage, queuePage } from '../../core/http/console/queue-pages.js';
 import type { QueueMessage } from '../../core/http/console/queue-client.js';
 import { figures } from '../../core/http/console/rates.js';
 

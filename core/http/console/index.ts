@@ -7,16 +7,8 @@ import type { OpenSession } from '../../smtp/server.js';
 import type { HttpServer } from '../server.js';
 import { ConsoleAuth, type ConsoleSession } from './auth.js';
 import { href, STYLE } from './html.js';
-import {
-  confirmPage,
-  loginPage,
-  messagePage,
-  overviewPage,
-  problemPage,
-  queuePage,
-  QUEUE_STATES,
-  sessionsPage,
-} from './pages.js';
+import { loginPage, overviewPage, problemPage, sessionsPage } from './pages.js';
+import { confirmPage, messagePage, queuePage, QUEUE_STATES } from './queue-pages.js';
 import { QUEUE_ACTIONS, QueueClient, QueueUnavailable, type QueueAction } from './queue-client.js';
 import { figures, RateSampler } from './rates.js';
 
