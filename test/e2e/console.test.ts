@@ -58,8 +58,6 @@ describe('web console', { timeout: 120_000 }, () => {
         return null;
       },
     });
-    smtpPort = await freePort();
-    const httpPort = await freePort();
     const config = join(dir, 'petrel.config.yaml');
     writeFileSync(
       config,
@@ -67,8 +65,8 @@ describe('web console', { timeout: 120_000 }, () => {
         hostname: 'mx.console.test',
         workers: 2,
         listeners: [
-          { kind: 'smtp', name: 'mx', address: '127.0.0.1', port: smtpPort },
-          { kind: 'http', address: '127.0.0.1', port: httpPort, console: { token: TOKEN } },
+          { kind: 'smtp', name: 'mx', address: '127.0.0.1', port: 0 },
+          { kind: 'http', address: '127.0.0.1', port: 0, console: { token: TOKEN } },
         ],
         spool: { dir: './spool' },
         log: { level: 'info', format: 'json' },
@@ -84,7 +82,11 @@ describe('web console', { timeout: 120_000 }, () => {
       }),
     );
     server = await PetrelProcess.start(config, dir, 30_000);
-    base = `http://127.0.0.1:${httpPort}`;
+    // Both listeners on port 0: the ports bound are in the start line.
+    const started = server.logs.find((l) => l.msg === 'petrel started')!;
+    const bound = started.listeners as { kind: string; port: number }[];
+    smtpPort = bound.find((l) => l.kind === 'smtp')!.port;
+    base = `http://127.0.0.1:${bound.find((l) => l.kind === 'http')!.port}`;
     return server;
   }
 
