@@ -14,12 +14,14 @@ import { createLogger } from './services/logger.js';
 import { MetricsRegistry } from './services/metrics.js';
 import { SmtpCounters } from './smtp/counters.js';
 import { HealthChecks } from './services/health.js';
+import { ControlSockets, type ControlSocket } from './services/control-sockets.js';
 import { HttpServer } from './http/server.js';
 import { addObservabilityRoutes } from './http/observability.js';
+import { addConsoleRoutes } from './http/console/index.js';
 import { httpListener } from './config/schema.js';
 import type { StateStore } from './services/state.js';
 import type { Generation } from './smtp/generation.js';
-import { SmtpServer, type BoundListener } from './smtp/server.js';
+import { SmtpServer, type BoundListener, type OpenSession } from './smtp/server.js';
 import { ensureSelfSigned, loadTls } from './smtp/tls.js';
 
 export interface PetrelOptions {
@@ -75,6 +77,8 @@ export class Petrel {
    * `petrel start` the primary does): add routes with `http.route(...)` (see HttpServer).
    */
   http: HttpServer | null = null;
+  /** Stops the web console's sampling (set when this process serves the console). */
+  private closeConsole: () => void = () => undefined;
 
   private constructor(
     gen: Generation,
@@ -93,7 +97,8 @@ export class Petrel {
     const state = openState(loaded.config, loaded.file, log);
     const metrics = new MetricsRegistry();
     const health = new HealthChecks();
-    const gen = await Petrel.build(loaded, opts, log, { state, metrics, health }).catch(
+    const controlSockets = new ControlSockets();
+    const gen = await Petrel.build(loaded, opts, log, { state, metrics, health, controlSockets }).catch(
       async (err: unknown) => {
         await state.close();
         throw err;
@@ -113,6 +118,19 @@ export class Petrel {
           { collect: async () => [metrics.collect()], readiness: () => app.readiness() },
           { metricsToken: httpConfig.metricsToken },
         );
+        if (httpConfig.console) {
+          const web = addConsoleRoutes(
+            http,
+            {
+              collect: async () => [metrics.collect()],
+              sessions: async () => [{ worker: 0, sessions: app.openSessions() }],
+              controlSockets: async () => app.controlSockets(),
+            },
+            httpConfig.console,
+            log,
+          );
+          app.closeConsole = () => web.close();
+        }
         app.http = http;
         const bound = await http.listen(httpConfig).catch((err: NodeJS.ErrnoException) => {
           const index = loaded.config.listeners.indexOf(httpConfig);
@@ -126,6 +144,7 @@ export class Petrel {
         app.listeners.push({ name: httpConfig.name ?? 'http', kind: 'http', ...bound });
       }
     } catch (err) {
+      app.closeConsole();
       await app.http?.close();
       await app.server.close(0);
       await gen.plugins.retire();
@@ -178,7 +197,12 @@ export class Petrel {
     loaded: LoadedConfig,
     opts: PetrelOptions,
     log: Logger,
-    shared: { state: StateStore; metrics: MetricsRegistry; health: HealthChecks },
+    shared: {
+      state: StateStore;
+      metrics: MetricsRegistry;
+      health: HealthChecks;
+      controlSockets: ControlSockets;
+    },
   ): Promise<Generation> {
     const { config, file, baseDir } = loaded;
     await ensureSelfSigned(config, log);
@@ -236,6 +260,16 @@ export class Petrel {
     return problems;
   }
 
+  /** The open SMTP sessions, for the web console (see `OpenSession`). */
+  openSessions(): OpenSession[] {
+    return this.server.openSessions();
+  }
+
+  /** The control sockets this process's plugins serve, for the web console. */
+  controlSockets(): ControlSocket[] {
+    return resolveToken(this.gen.container, Tokens.ControlSockets).list();
+  }
+
   /** Port of the first listener of a kind (handy with port 0). */
   port(kind: BoundListener['kind'] = 'smtp'): number {
     const l = this.listeners.find((x) => x.kind === kind);
@@ -273,6 +307,7 @@ export class Petrel {
       next = await Petrel.build(loaded, this.opts, this.log, {
         metrics: this.gen.metrics,
         health: resolveToken(this.gen.container, Tokens.Health),
+        controlSockets: resolveToken(this.gen.container, Tokens.ControlSockets),
         state: resolveToken(this.gen.container, Tokens.State),
       });
       const sockets = (c: typeof next.config): string =>
@@ -318,6 +353,7 @@ export class Petrel {
     if (this.closed) return;
     this.closed = true;
     this.log.info({ sessions: this.server.connectionCount, deadlineMs }, 'shutting down');
+    this.closeConsole();
     await this.http?.close();
     await this.server.close(deadlineMs);
     await this.gen.plugins.retire();

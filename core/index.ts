@@ -64,6 +64,8 @@ export {
 } from './services/metrics.js';
 /** Readiness checks for `/readyz` (`resolve(Tokens.Health)`). */
 export type { HealthChecks, ReadinessCheck } from './services/health.js';
+/** Control sockets for the web console to find (`resolve(Tokens.ControlSockets)`). */
+export type { ControlSockets, ControlSocket } from './services/control-sockets.js';
 /** The `http` listener's route seam (see `HttpServer`): `Petrel.http`, and the primary's. */
 export type { HttpServer, HttpHandler, HttpMethod } from './http/server.js';
 export { StateError, type StateStore } from './services/state.js';

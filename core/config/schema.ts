@@ -133,6 +133,24 @@ const httpListenerSchema = z
     port: z.number().int().min(0).max(65535),
     /** When set, `/metrics` answers only a request with `Authorization: Bearer <metricsToken>`. */
     metricsToken: z.string().min(16, { message: 'expected a token of at least 16 characters' }).optional(),
+    /** The web console under `/console/` (docs/operations.md "Web console"); off unless set. */
+    console: z
+      .object({
+        /**
+         * What an operator types to log in. Kept in the primary's memory only as a SHA-256 digest
+         * and compared in constant time; at least 24 characters (`openssl rand -base64 24`).
+         */
+        token: z.string().min(24, { message: 'expected a token of at least 24 characters' }),
+        /** How long a login lasts without being used (every page view renews it). */
+        sessionIdle: duration.default(30 * 60_000),
+        /**
+         * Marks the session cookie `Secure`. The listener speaks plain HTTP (reach it through an
+         * SSH tunnel or a TLS reverse proxy): set it when browsers reach it over HTTPS.
+         */
+        secureCookie: z.boolean().default(false),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 

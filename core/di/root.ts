@@ -7,6 +7,7 @@ import { Spool } from '../message/spool.js';
 import { Clock } from '../services/clock.js';
 import { DnsResolver } from '../services/dns.js';
 import { HealthChecks } from '../services/health.js';
+import { ControlSockets } from '../services/control-sockets.js';
 import { MetricsRegistry } from '../services/metrics.js';
 import type { StateStore } from '../services/state.js';
 import { RedisState } from '../services/state-redis.js';
@@ -25,6 +26,7 @@ export function buildContainer(
     state: StateStore;
     metrics?: MetricsRegistry;
     health?: HealthChecks;
+    controlSockets?: ControlSockets;
     worker?: WorkerInfo;
   },
 ): DependencyContainer {
@@ -34,6 +36,7 @@ export function buildContainer(
   c.register(Tokens.Logger, { useValue: shared.logger });
   c.register(Tokens.Metrics, { useValue: shared.metrics ?? new MetricsRegistry() });
   c.register(Tokens.Health, { useValue: shared.health ?? new HealthChecks() });
+  c.register(Tokens.ControlSockets, { useValue: shared.controlSockets ?? new ControlSockets() });
   c.register(Tokens.State, { useValue: shared.state });
   c.registerSingleton(Tokens.Clock, Clock);
   c.registerSingleton(Tokens.Dns, DnsResolver);

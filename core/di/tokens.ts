@@ -3,6 +3,7 @@ import type { PetrelConfig } from '../config/schema.js';
 import type { Clock } from '../services/clock.js';
 import type { DnsResolver } from '../services/dns.js';
 import type { HealthChecks } from '../services/health.js';
+import type { ControlSockets } from '../services/control-sockets.js';
 import type { MetricsRegistry } from '../services/metrics.js';
 import type { Spool } from '../message/spool.js';
 import type { StateStore } from '../services/state.js';
@@ -57,6 +58,8 @@ export const Tokens = {
   Metrics: token<MetricsRegistry>('Metrics'),
   /** Readiness checks asked by `/readyz` (see `HealthChecks`). One per process. */
   Health: token<HealthChecks>('Health'),
+  /** Control sockets plugins serve, for the web console to find (see `ControlSockets`). One per process. */
+  ControlSockets: token<ControlSockets>('ControlSockets'),
   /** Where message bodies are spooled while a session receives them. */
   Spool: token<Spool>('Spool'),
   /**

@@ -17,7 +17,9 @@
  * - The `http` listener is served here, not by the workers: `/metrics` asks every serving worker
  *   for its metric families over IPC and sums them (a worker that does not answer within
  *   `ASK_TIMEOUT_MS` is left out of that scrape), so a scrape survives a worker's restart and
- *   reports it; `/readyz` asks each worker what keeps it from serving.
+ *   reports it; `/readyz` asks each worker what keeps it from serving. The web console (when
+ *   configured) asks the workers for their open sessions and their plugins' control sockets, and
+ *   speaks to the queue through those sockets.
  * - Started as root, it binds the sockets as root and then becomes the configured `user` before it
  *   writes a file or forks a worker (core/process/privileges.ts): no process that runs plugin
  *   code ever holds root, and nothing after the bind needs it.
@@ -47,8 +49,9 @@ import {
 import { BEAT_MS, REPORT_FD, type FromWorker, type Questions, type ToWorker } from './protocol.js';
 import { HttpServer } from '../http/server.js';
 import { addObservabilityRoutes } from '../http/observability.js';
+import { addConsoleRoutes } from '../http/console/index.js';
 import { httpListener } from '../config/schema.js';
-import { MetricsRegistry } from '../services/metrics.js';
+import { MetricsRegistry, type MetricFamilyJson } from '../services/metrics.js';
 
 const WORKER = fileURLToPath(new URL('./worker.js', import.meta.url));
 /** Time a stopping worker gets beyond `timeouts.shutdown` before it is killed. */
@@ -121,6 +124,8 @@ export class Supervisor {
    * (a web console) add pages to the same listener (see HttpServer).
    */
   http: HttpServer | null = null;
+  /** The web console on the http listener, when configured (its rate sampler stops with us). */
+  private console: { close(): void } | null = null;
   private httpBound: BoundListener[] = [];
   /** The primary's own metrics: worker restarts and how many serve, its memory and event loop. */
   readonly metrics = new MetricsRegistry();
@@ -237,17 +242,36 @@ export class Supervisor {
     }, [serving]);
     this.metrics.trackProcess('primary');
     const http = new HttpServer(this.log);
+    const collect = async (): Promise<MetricFamilyJson[][]> => {
+      const answers = await Promise.all(this.servingSlots().map((s) => this.ask(s, 'metrics')));
+      return [this.metrics.collect(), ...answers.filter((a) => a !== null)];
+    };
     addObservabilityRoutes(
       http,
-      {
-        collect: async () => {
-          const answers = await Promise.all(this.servingSlots().map((s) => this.ask(s, 'metrics')));
-          return [this.metrics.collect(), ...answers.filter((a) => a !== null)];
-        },
-        readiness: () => this.readiness(),
-      },
+      { collect, readiness: () => this.readiness() },
       { metricsToken: l.metricsToken },
     );
+    if (l.console) {
+      this.console = addConsoleRoutes(
+        http,
+        {
+          collect,
+          sessions: () =>
+            Promise.all(
+              this.slots.map(async (s) => ({
+                worker: s.slot,
+                sessions: s.child && s.ready ? await this.ask(s, 'sessions') : null,
+              })),
+            ),
+          controlSockets: async () =>
+            (await Promise.all(this.servingSlots().map((s) => this.ask(s, 'controlSockets')))).flatMap(
+              (a) => a ?? [],
+            ),
+        },
+        l.console,
+        this.log,
+      );
+    }
     try {
       const bound = await http.listen(l);
       this.httpBound = [{ name: l.name ?? 'http', kind: 'http', ...bound }];
@@ -658,6 +682,7 @@ export class Supervisor {
     );
     for (const h of this.handles) h?.close();
     this.handles.length = 0;
+    this.console?.close();
     await this.http?.close();
     this.metrics.close();
     this.log.info('stopped');

@@ -1,7 +1,8 @@
 import type { ConfigSource } from '../app.js';
 import type { ConnectionLimits } from '../smtp/gate.js';
 import type { MetricFamilyJson } from '../services/metrics.js';
-import type { BoundListener } from '../smtp/server.js';
+import type { BoundListener, OpenSession } from '../smtp/server.js';
+import type { ControlSocket } from '../services/control-sockets.js';
 
 /**
  * What the primary may ask a worker (for the http listener's routes), and the answer's type. A
@@ -13,6 +14,10 @@ export interface Questions {
   readonly metrics: MetricFamilyJson[];
   /** What keeps the worker from serving mail (empty: ready), for `/readyz`. */
   readonly readiness: string[];
+  /** The worker's open SMTP sessions, for the web console (no contents, no credentials). */
+  readonly sessions: OpenSession[];
+  /** The control sockets its plugins serve (the queue's parts), for the web console. */
+  readonly controlSockets: ControlSocket[];
 }
 
 /**

@@ -189,6 +189,10 @@ async function answer(what: keyof Questions): Promise<Questions[keyof Questions]
       return app ? app.metrics.collect() : [];
     case 'readiness':
       return app ? app.readiness() : ['starting'];
+    case 'sessions':
+      return app ? app.openSessions() : [];
+    case 'controlSockets':
+      return app ? app.controlSockets() : [];
   }
 }
 

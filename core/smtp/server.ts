@@ -17,6 +17,28 @@ export interface BoundListener {
 }
 
 /**
+ * One open SMTP session as the web console lists it: who, where and how far, never what was
+ * said (no envelope, no content, no credentials beyond the authenticated user's name).
+ */
+export interface OpenSession {
+  readonly id: string;
+  /** The client's address and port (as the PROXY header or XCLIENT gave them, if any). */
+  readonly client: string;
+  readonly listener: string;
+  /** `connected` (no HELO yet), `greeted`, or `in a transaction` (after MAIL FROM). */
+  readonly state: 'connected' | 'greeted' | 'in a transaction';
+  readonly helo: string | null;
+  /** The TLS protocol (`TLSv1.3`), or null for a clear-text session. */
+  readonly tls: string | null;
+  readonly user: string | null;
+  /** When the connection was accepted (ISO 8601). */
+  readonly since: string;
+}
+
+/** Sessions one process reports to the console at most (the oldest first). */
+export const MAX_REPORTED_SESSIONS = 500;
+
+/**
  * The listeners and the connections on them. It enforces connection limits (in total and per
  * client address), hands each connection to a session on the current generation, and drains
  * sessions on shutdown.
@@ -39,6 +61,27 @@ export class SmtpServer implements SessionHost {
 
   get connectionCount(): number {
     return this.sessions.size;
+  }
+
+  /** The open sessions, oldest first, at most MAX_REPORTED_SESSIONS (see `OpenSession`). */
+  openSessions(): OpenSession[] {
+    const out: OpenSession[] = [];
+    // A Set iterates in insertion order: the oldest connections first.
+    for (const s of this.sessions) {
+      if (out.length >= MAX_REPORTED_SESSIONS) break;
+      const ip = s.remote.address;
+      out.push({
+        id: s.id,
+        client: ip.includes(':') ? `[${ip}]:${s.remote.port}` : `${ip}:${s.remote.port}`,
+        listener: s.listener.name,
+        state: s.inTransaction ? 'in a transaction' : s.helo ? 'greeted' : 'connected',
+        helo: s.helo?.hostname ?? null,
+        tls: s.tls?.protocol ?? null,
+        user: s.user,
+        since: s.startedAt.toISOString(),
+      });
+    }
+    return out;
   }
 
   /**

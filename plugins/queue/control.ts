@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { SocketReader, writeDrained } from '../../core/index.js';
 import type { MessageSummary, RecipientSummary } from './api.js';
-import type { TraceQuery } from './history-store.js';
+import type { FinishedMessage, TraceQuery } from './history-store.js';
 
 /**
  * What the control socket needs of a queue part. The engine provides it; this module does not
@@ -20,12 +20,24 @@ export interface ControlTarget {
   end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null>;
   /** The queued messages that match, with their histories (for `petrel trace`). */
   find(query: TraceQuery): MessageSummary[];
+  /** The finished messages' stories that match, from history.sqlite (for the web console). */
+  finished(query: TraceQuery): FinishedMessage[];
 }
 
 /** The control socket's name inside the queue folder. */
 export const CONTROL_SOCKET = 'control.sock';
 
-export const CONTROL_OPS = ['list', 'show', 'flush', 'delete', 'bounce', 'hold', 'release', 'find'] as const;
+export const CONTROL_OPS = [
+  'list',
+  'show',
+  'flush',
+  'delete',
+  'bounce',
+  'hold',
+  'release',
+  'find',
+  'finished',
+] as const;
 export type ControlOp = (typeof CONTROL_OPS)[number];
 
 /** One request: a line of JSON. `show`, `delete`, `bounce`, `hold`, `release` need `id`. */
@@ -34,7 +46,10 @@ export interface ControlRequest {
   readonly id?: string;
   /** `flush` only: the messages with a recipient in this domain. */
   readonly domain?: string;
-  /** `find` only: what to look for. */
+  /**
+   * `find` and `finished`: what to look for. `finished` searches the stories of finished
+   * messages (history.sqlite, shared by every part: any one part's answer is the whole answer).
+   */
   readonly query?: TraceQuery;
 }
 
@@ -57,6 +72,13 @@ export type ControlResponse =
       readonly op: 'list' | 'find';
       readonly now: string;
       readonly messages: WireMessage[];
+    }
+  | {
+      readonly ok: true;
+      readonly op: 'finished';
+      readonly now: string;
+      /** Newest first, at most `query.limit`; empty when the history store is unavailable. */
+      readonly messages: FinishedMessage[];
     }
   | {
       readonly ok: true;
@@ -113,11 +135,11 @@ export function parseRequest(line: string): ControlRequest | string {
   if (id !== undefined && (typeof id !== 'string' || id === '')) return 'expected "id" to be a string';
   if (domain !== undefined && (typeof domain !== 'string' || domain === ''))
     return 'expected "domain" to be a string';
-  if (op === 'find') {
-    const q = parseQuery(query);
+  if (op === 'find' || op === 'finished') {
+    const q = parseQuery(query, op);
     return typeof q === 'string' ? q : { op, query: q };
   }
-  if (query !== undefined) return '"query" is only for "find"';
+  if (query !== undefined) return '"query" is only for "find" and "finished"';
   if (op !== 'list' && op !== 'flush' && id === undefined) return `"${op}" needs an "id"`;
   if (domain !== undefined && op !== 'flush') return '"domain" is only for "flush"';
   if (op === 'flush' && id !== undefined && domain !== undefined)
@@ -130,8 +152,8 @@ export function parseRequest(line: string): ControlRequest | string {
 }
 
 /** Reads a `find` request's query, or says what is wrong with it. */
-function parseQuery(v: unknown): TraceQuery | string {
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) return '"find" needs a "query" object';
+function parseQuery(v: unknown, op: 'find' | 'finished'): TraceQuery | string {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return `"${op}" needs a "query" object`;
   const q = v as Record<string, unknown>;
   const out: Record<string, string | number> = {};
   for (const k of ['id', 'messageId', 'to', 'from'] as const) {
@@ -284,6 +306,8 @@ async function handle(engine: ControlTarget, req: ControlRequest): Promise<Contr
       return { ok: true, op: 'list', now, messages: engine.list().map(wire) };
     case 'find':
       return { ok: true, op: 'find', now, messages: engine.find(req.query!).map(wire) };
+    case 'finished':
+      return { ok: true, op: 'finished', now, messages: engine.finished(req.query!) };
     case 'show': {
       const m = engine.get(req.id!);
       if (!m) return missing(req.id!);

@@ -228,6 +228,11 @@ export class QueueEngine implements ControlTarget {
     return e ? this.withReports(this.summary(e, true)) : null;
   }
 
+  /** Finished messages' stories that match, newest first (empty without a history store). */
+  finished(query: TraceQuery): FinishedMessage[] {
+    return this.history?.find(query) ?? [];
+  }
+
   /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
   find(query: TraceQuery): MessageSummary[] {
     const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);

@@ -22,6 +22,7 @@ import { originOf } from './origin.js';
 import { join } from 'node:path';
 import { traceCommand } from './trace-cli.js';
 import { HISTORY_FILE } from './history-store.js';
+import { CONTROL_SOCKET } from './control.js';
 
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EIO', 'EROFS', 'EACCES', 'EPERM', 'EMFILE', 'ENFILE']);
 
@@ -66,6 +67,10 @@ export default definePlugin({
       engines.push(await QueueEngine.acquire(partDir(dir, part), options));
     }
     const engine = engines[0]!;
+    // The web console (served by the primary, which runs no plugin code) finds the parts here and
+    // speaks the same control protocol as `petrel queue`.
+    const sockets = resolveService(Tokens.ControlSockets);
+    for (const e of engines) onClose(sockets.add({ kind: 'queue', path: join(e.store.dir, CONTROL_SOCKET) }));
     onClose(
       metrics.sample(function* () {
         for (const e of engines) yield* e.store.entries.values();
