@@ -268,6 +268,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   const out = (text: string): void => void io.stdout.write(`${text}\n`);
   switch (res.op) {
     case 'find':
+    case 'status':
       throw new CommandError('the server answered another question than the one asked', 70);
     case 'list': {
       if (res.messages.length === 0) {

@@ -11,7 +11,7 @@ import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
 import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from './store.js';
 import type { MessageSummary } from './api.js';
-import { ControlServer, wire, type ControlTarget } from './control.js';
+import { ControlServer, wire, type ControlTarget, type QueueStatus } from './control.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
@@ -85,6 +85,8 @@ export class QueueEngine implements ControlTarget {
   private readonly reports = new Map<string, Set<string>>();
   /** Back-off waits in progress, woken early when the queue closes. */
   private readonly sleepers = new Set<() => void>();
+  /** How the journal's reading went at open (for `status`). */
+  private indexed = { seconds: 0, messages: 0 };
 
   private constructor(
     readonly store: QueueStore,
@@ -129,7 +131,9 @@ export class QueueEngine implements ControlTarget {
       }
       engine = new QueueEngine(store, opts, history);
       const opened = engine;
+      const started = performance.now();
       await store.open((finished) => opened.recovered(finished));
+      engine.indexed = { seconds: (performance.now() - started) / 1000, messages: store.entries.size };
     } catch (err) {
       if (history) HistoryStore.release(history);
       await unlock();
@@ -144,7 +148,12 @@ export class QueueEngine implements ControlTarget {
       opts.log.error({ err, dir }, 'queue control socket unavailable; petrel queue cannot reach this server');
     }
     opts.log.info(
-      { dir, messages: store.entries.size, recoveredFromCrash: store.recoveredFromCrash },
+      {
+        dir,
+        messages: store.entries.size,
+        recoveredFromCrash: store.recoveredFromCrash,
+        indexSeconds: engine.indexed.seconds,
+      },
       'queue opened',
     );
     for (const [id, entry] of store.entries) {
@@ -226,6 +235,23 @@ export class QueueEngine implements ControlTarget {
   get(id: string): MessageSummary | null {
     const e = this.store.entries.get(id);
     return e ? this.withReports(this.summary(e, true)) : null;
+  }
+
+  status(): QueueStatus {
+    let recipients = 0;
+    for (const e of this.store.entries.values())
+      for (const r of e.rcpts) if (r.status === 'pending' || r.status === 'deferred') recipients++;
+    const { rss, heapUsed } = process.memoryUsage();
+    return {
+      messages: this.store.entries.size,
+      recipients,
+      attempting: this.attempting.size,
+      // The journal is read whole before the part serves anything (see `acquire`).
+      indexed: true,
+      indexSeconds: this.indexed.seconds,
+      indexedMessages: this.indexed.messages,
+      memory: { rss, heapUsed },
+    };
   }
 
   /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
