@@ -25,6 +25,7 @@
  * memory, then var/ in the repository). Figures are written to var/bench-queue-results.json.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { request } from '../plugins/queue/cli.js';
 import { CONTROL_SOCKET, type ControlResponse, type QueueStatus } from '../plugins/queue/control.js';
@@ -56,6 +57,7 @@ import {
   writeResults,
   type Server,
 } from './harness.js';
+import { gcSocketPath } from './queue-plugin.js';
 
 const PLUGIN = join(ROOT, 'dist', 'bench', 'queue-plugin.js');
 const RESULTS = join(ROOT, 'var', 'bench-queue-results.json');
@@ -117,6 +119,27 @@ async function status(queueDir: string): Promise<(QueueStatus & { ok: true }) | 
   }
 }
 
+/**
+ * The worker's V8 heap in use after a full garbage collection, in bytes (the bench plugin's gc
+ * socket; Petrel runs with `--expose-gc`), then the RSS of all of Petrel's processes in KiB.
+ */
+async function collected(
+  server: Server,
+): Promise<{ heap: number; heapTotal: number; buffers: number; rssKiB: number }> {
+  const [pid] = workerPids(server);
+  const line = await new Promise<string>((resolve, reject) => {
+    const socket = connect(gcSocketPath(server.dir!, pid!));
+    let got = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (d: string) => (got += d));
+    socket.once('error', reject);
+    socket.once('end', () => resolve(got));
+  });
+  const [heap = 0, heapTotal = 0, buffers = 0] = line.split(' ').map(Number);
+  if (!(heap > 0)) throw new BenchError(`the gc socket answered "${line.trim()}"`);
+  return { heap, heapTotal, buffers, rssKiB: serverRssKiB(server) };
+}
+
 /** smtp-source against `port`, checked: every message counted by smtp-source. Returns seconds. */
 async function send(source: string, port: number, messages: number, timeoutMs: number): Promise<number> {
   const r = await runSource(source, port, SIZE, messages, SESSIONS, timeoutMs, ['-d']);
@@ -156,14 +179,15 @@ async function main(): Promise<number> {
       { name: 'queue', config: { dir: queueDir, retry: '1h...' } },
       { name: 'outbound', config: { smarthost: { host: HOST, port: destPort, tls: 'opportunistic' } } },
     ];
-    let petrel = await startPetrel(own, plugins, 1);
+    const gcArgs = ['--expose-gc'];
+    let petrel = await startPetrel(own, plugins, 1, gcArgs);
     servers.push(petrel);
     log(
       `petrel on ${HOST}:${petrel.port} (worker ${workerPids(petrel).join(', ')}), smarthost ${HOST}:${destPort} down`,
     );
     await counts(petrel); // the worker is up
-    const before = await status(queueDir);
     const rssEmpty = serverRssKiB(petrel);
+    const empty = await collected(petrel);
 
     // The fill: every message accepted, then tried once and deferred.
     log(`filling the queue with ${n} messages…`);
@@ -173,9 +197,9 @@ async function main(): Promise<number> {
     const fillSeconds = since(fillStart);
     if (filled.queued !== n || filled.delivered || filled.failed)
       throw new BenchError(`the fill counted ${JSON.stringify(filled)}; expected ${n} queued and deferred`);
-    await sleep(2000); // let the last attempts' garbage go
     const full = await status(queueDir);
     const rssFull = serverRssKiB(petrel);
+    const fullGc = await collected(petrel);
     if (full?.messages !== n) throw new BenchError(`the queue holds ${full?.messages} of ${n} messages`);
 
     // A clean restart with the queue full.
@@ -183,7 +207,7 @@ async function main(): Promise<number> {
     await stop(petrel.child);
     servers.length = 0;
     const restart = process.hrtime.bigint();
-    petrel = await startPetrel(own, plugins, 1, [], {}, slow);
+    petrel = await startPetrel(own, plugins, 1, gcArgs, {}, slow);
     servers.push(petrel);
     const greetSeconds = since(restart);
     let indexed = await status(queueDir);
@@ -196,6 +220,7 @@ async function main(): Promise<number> {
       throw new BenchError(`after the restart the queue holds ${indexed.messages} of ${n} messages`);
     await counts(petrel);
     const rssRestarted = serverRssKiB(petrel);
+    const restartedGc = await collected(petrel);
 
     // smtp-sink alone, for the drain rate's yardstick.
     const alone = await startSink(sink);
@@ -225,13 +250,19 @@ async function main(): Promise<number> {
       rssEmptyKiB: rssEmpty,
       rssFullKiB: rssFull,
       rssPerMessageBytes: ((rssFull - rssEmpty) * 1024) / n,
-      heapPerMessageBytes: full && before ? (full.memory.heapUsed - before.memory.heapUsed) / n : null,
+      heapPerMessageBytes: (fullGc.heap - empty.heap) / n,
+      heapTotalPerMessageBytes: (fullGc.heapTotal - empty.heapTotal) / n,
+      buffersPerMessageBytes: (fullGc.buffers - empty.buffers) / n,
+      rssAfterGcPerMessageBytes: ((fullGc.rssKiB - empty.rssKiB) * 1024) / n,
       greetSeconds,
       indexedSeconds,
       journalReadSeconds: indexed.indexSeconds,
       rssRestartedKiB: rssRestarted,
       rssPerMessageAfterRestartBytes: ((rssRestarted - rssEmpty) * 1024) / n,
-      heapPerMessageAfterRestartBytes: before ? (indexed.memory.heapUsed - before.memory.heapUsed) / n : null,
+      heapPerMessageAfterRestartBytes: (restartedGc.heap - empty.heap) / n,
+      heapTotalPerMessageAfterRestartBytes: (restartedGc.heapTotal - empty.heapTotal) / n,
+      buffersPerMessageAfterRestartBytes: (restartedGc.buffers - empty.buffers) / n,
+      rssAfterGcPerMessageAfterRestartBytes: ((restartedGc.rssKiB - empty.rssKiB) * 1024) / n,
       drainSeconds,
       drainPerSecond: (n + extra) / drainSeconds,
       sinkPerSecond: extra / sinkSeconds,
@@ -241,15 +272,19 @@ async function main(): Promise<number> {
     };
     const f1 = (x: number): string => x.toFixed(1);
     const f2 = (x: number): string => x.toFixed(2);
+    const b = (x: number): string => `${x.toFixed(0)} B`;
     out.write(
       `\nQueue through an outage (scale ${factor}): ${n} messages of ${SIZE / KB} KB, one recipient each, ` +
         `filled by smtp-source with ${SESSIONS} sessions, many messages per connection (-d), while the ` +
         `smarthost refused connections; retry 1h, so each was tried once and deferred.\n\n` +
         `  fill: ${f1(fig.fillSeconds)} s to the last deferral (${f1(fig.acceptPerSecond)} msg/s accepted)\n` +
         `  RSS: ${mib(rssEmpty)} empty, ${mib(rssFull)} with the queue full, ${mib(rssRestarted)} after a restart\n` +
-        `  per deferred message: ${fig.rssPerMessageBytes.toFixed(0)} B RSS, ` +
-        `${fig.heapPerMessageBytes?.toFixed(0) ?? 'n/a'} B heap; after a restart ` +
-        `${fig.rssPerMessageAfterRestartBytes.toFixed(0)} B RSS, ${fig.heapPerMessageAfterRestartBytes?.toFixed(0) ?? 'n/a'} B heap\n` +
+        `  per deferred message, with the queue full: ${b(fig.rssPerMessageBytes)} RSS; after a full GC ` +
+        `${b(fig.rssAfterGcPerMessageBytes)} RSS, ${b(fig.heapPerMessageBytes)} V8 heap in use ` +
+        `(${b(fig.heapTotalPerMessageBytes)} kept by V8), ${b(fig.buffersPerMessageBytes)} Buffers\n` +
+        `  per deferred message, after a restart: ${b(fig.rssPerMessageAfterRestartBytes)} RSS; after a full GC ` +
+        `${b(fig.rssAfterGcPerMessageAfterRestartBytes)} RSS, ${b(fig.heapPerMessageAfterRestartBytes)} V8 heap in use ` +
+        `(${b(fig.heapTotalPerMessageAfterRestartBytes)} kept by V8), ${b(fig.buffersPerMessageAfterRestartBytes)} Buffers\n` +
         `  restart: first greeting after ${f2(greetSeconds)} s, whole queue indexed after ${f2(indexedSeconds)} s ` +
         `(reading the journal: ${f2(fig.journalReadSeconds)} s)\n` +
         `  drain: ${n + extra} messages delivered in ${f1(drainSeconds)} s = ${f1(fig.drainPerSecond)} msg/s; ` +
