@@ -38,6 +38,7 @@ import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
 import { holdOnAccept, Queue } from './api.js';
 import { QueueStore, type Entry, type RecipientState } from './store.js';
+import { DueHeap } from './due-heap.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
@@ -656,6 +657,29 @@ describe('queue space', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('the due heap', () => {
+  it('gives every message back in the order it is due, however they were pushed', () => {
+    const heap = new DueHeap();
+    const times = Array.from({ length: 500 }, (_, i) => 1_700_000_000_000 + ((i * 7919) % 503) * 1000);
+    times.forEach((at, i) => heap.push(at, `m${i}`));
+    assert.equal(heap.size, 500);
+    const out: { at: number; id: string }[] = [];
+    while (heap.peek()) {
+      const top = heap.peek()!;
+      const popped = heap.pop()!;
+      assert.deepEqual(popped, top);
+      out.push(popped);
+    }
+    assert.equal(heap.pop(), undefined);
+    assert.deepEqual(
+      out.map((o) => o.at),
+      [...times].sort((a, b) => a - b),
+    );
+    // Each id comes back with its own time.
+    for (const o of out) assert.equal(o.at, times[Number(o.id.slice(1))]);
   });
 });
 
