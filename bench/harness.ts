@@ -5,9 +5,17 @@
  * every worker of a Petrel for its counts, and printing the results as a table.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  accessSync,
+  constants,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  statfsSync,
+  writeFileSync,
+} from 'node:fs';
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
-import { cpus, release, totalmem } from 'node:os';
+import { cpus, release, tmpdir, totalmem } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
@@ -160,6 +168,21 @@ export function machineLine(machine: Machine, idle: number): string {
     `Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memoryMiB} MiB, Linux ${machine.kernel}, ` +
     `Node ${machine.node}; ${percent(idle)} busy before the start\n`
   );
+}
+
+const IN_MEMORY = new Set([0x01021994, 0x858458f6]); // tmpfs, ramfs
+
+/** A folder for the queue on a filesystem with a disk under it. */
+export function queueBase(): string {
+  const chosen = process.env.BENCH_DIR;
+  if (chosen) {
+    mkdirSync(chosen, { recursive: true });
+    return chosen;
+  }
+  if (!IN_MEMORY.has(statfsSync(tmpdir()).type)) return tmpdir();
+  const fallback = join(ROOT, 'var');
+  mkdirSync(fallback, { recursive: true });
+  return fallback;
 }
 
 export async function freePort(): Promise<number> {
@@ -411,8 +434,9 @@ async function waitForGreeting(
   child: ChildProcess,
   name: string,
   output: () => string,
+  timeoutMs = 15_000,
 ): Promise<void> {
-  const deadline = Date.now() + 15_000;
+  const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       throw new BenchError(
@@ -426,9 +450,11 @@ async function waitForGreeting(
       return;
     } catch {
       if (Date.now() > deadline) {
-        throw new BenchError(`${name} did not greet on ${HOST}:${port} within 15 s:\n${output()}`);
+        throw new BenchError(
+          `${name} did not greet on ${HOST}:${port} within ${timeoutMs / 1000} s:\n${output()}`,
+        );
       }
-      await sleep(100);
+      await sleep(20);
     }
   }
 }
@@ -481,6 +507,8 @@ export async function startPetrel(
   nodeArgs: readonly string[] = [],
   /** More top-level config keys (`dns`, …); `listeners` are added after the SMTP one. */
   extra: Record<string, unknown> = {},
+  /** How long it may take to greet (a start that reads a large queue takes longer). */
+  greetTimeoutMs = 15_000,
 ): Promise<Server> {
   mkdirSync(dir, { recursive: true });
   const port = await freePort();
@@ -505,13 +533,14 @@ export async function startPetrel(
   collectLines(child, complaints, isComplaint);
   await ready(
     child,
-    waitForGreeting(port, child, 'Petrel', () => complaints.join('\n')),
+    waitForGreeting(port, child, 'Petrel', () => complaints.join('\n'), greetTimeoutMs),
   );
   return { target: petrelTarget(workers), dir, port, child, complaints };
 }
 
-export async function startSink(program: string): Promise<Server> {
-  const port = await freePort();
+/** Starts smtp-sink, on `port` when given (a destination that comes back), else on a free one. */
+export async function startSink(program: string, port?: number): Promise<Server> {
+  port ??= await freePort();
   // As root smtp-sink insists on dropping privileges after binding.
   const args = [...(process.getuid?.() === 0 ? ['-u', 'nobody'] : []), `${HOST}:${port}`, '1024'];
   const child = spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -545,7 +574,7 @@ export async function stop(child: ChildProcess): Promise<void> {
 
 // ---------------------------------------------------------------- throughput
 
-interface SourceResult {
+export interface SourceResult {
   readonly seconds: number;
   readonly code: number | null;
   readonly signal: NodeJS.Signals | null;
@@ -554,15 +583,17 @@ interface SourceResult {
   readonly stderr: string;
 }
 
-function runSource(
+/** Runs smtp-source; `extra` are more of its options (`-d`: many messages per connection). */
+export function runSource(
   program: string,
   port: number,
   size: number,
   messages: number,
   sessions: number,
   timeoutMs: number,
+  extra: readonly string[] = [],
 ): Promise<SourceResult> {
-  const args = ['-c', '-l', String(size), '-m', String(messages), '-s', String(sessions)];
+  const args = ['-c', ...extra, '-l', String(size), '-m', String(messages), '-s', String(sessions)];
   args.push('-f', 'from@bench.test', '-t', 'to@bench.test', `${HOST}:${port}`);
   return new Promise((resolve, reject) => {
     const started = process.hrtime.bigint();

@@ -23,8 +23,7 @@
  * BENCH_DKIM_THREADS sets the dkim plugin's `signingThreads` for `petrel+dkim`.
  */
 import { generateKeyPairSync } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   backgroundLoad,
@@ -38,6 +37,7 @@ import {
   machineLine,
   peerPrograms,
   processColumns,
+  queueBase,
   ratioLine,
   ratiosOf,
   requireBuilt,
@@ -90,21 +90,6 @@ const TARGET_RATIO = 0.25;
 const DKIM_TARGET_RATIO = 0.75;
 /** How long Petrel may take to deliver a run's messages after the client is done. */
 const DRAIN_TIMEOUT_MS = 60_000;
-
-const IN_MEMORY = new Set([0x01021994, 0x858458f6]); // tmpfs, ramfs
-
-/** A folder for the queue on a filesystem with a disk under it. */
-function queueBase(): string {
-  const chosen = process.env.BENCH_DIR;
-  if (chosen) {
-    mkdirSync(chosen, { recursive: true });
-    return chosen;
-  }
-  if (!IN_MEMORY.has(statfsSync(tmpdir()).type)) return tmpdir();
-  const fallback = join(ROOT, 'var');
-  mkdirSync(fallback, { recursive: true });
-  return fallback;
-}
 
 interface Counts {
   readonly queued: number;

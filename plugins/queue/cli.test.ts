@@ -206,11 +206,13 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
         reject(new Error(`no answers within 5 s: ${text}`));
       }, 5000);
       s.setEncoding('utf8');
-      s.on('connect', () => s.write('not json\n{"op":"hold"}\n{"op":"show","id":"NOSUCH"}\n{"op":"list"}\n'));
+      s.on('connect', () =>
+        s.write('not json\n{"op":"hold"}\n{"op":"show","id":"NOSUCH"}\n{"op":"list"}\n{"op":"status"}\n'),
+      );
       s.on('data', (d: string) => {
         text += d;
         const lines = text.split('\n').filter(Boolean);
-        if (lines.length === 4 && text.endsWith('\n')) {
+        if (lines.length === 5 && text.endsWith('\n')) {
           clearTimeout(timer);
           s.destroy();
           resolve(lines);
@@ -218,12 +220,21 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       });
       s.on('error', reject);
     });
-    const [bad, noId, missing, list] = answers.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const [bad, noId, missing, list, status] = answers.map((l) => JSON.parse(l) as Record<string, unknown>);
     assert.deepEqual(bad, { ok: false, error: 'bad-request', message: 'expected a line of JSON' });
     assert.equal(noId!.error, 'bad-request');
     assert.equal(missing!.error, 'not-found');
     assert.equal(list!.ok, true);
     assert.equal((list!.messages as unknown[]).length, 1);
+    // The part at a glance, without its messages: what a console polls at any queue size.
+    assert.equal(status!.ok, true);
+    assert.equal(status!.op, 'status');
+    assert.equal(status!.messages, 1);
+    assert.equal(status!.recipients, 1);
+    assert.equal(status!.indexed, true);
+    assert.equal(status!.indexedMessages, 0, 'the queue was empty when this server started');
+    assert.equal(typeof status!.indexSeconds, 'number');
+    assert.ok((status!.memory as { rss: number }).rss > 0);
   });
 
   it('show adds the header and the transport', async () => {

@@ -269,6 +269,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   switch (res.op) {
     case 'find':
     case 'finished':
+    case 'status':
       throw new CommandError('the server answered another question than the one asked', 70);
     case 'list': {
       if (res.messages.length === 0) {

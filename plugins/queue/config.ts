@@ -48,6 +48,21 @@ export const queueConfig = z
       .int()
       .nonnegative()
       .default(32 * 1024 * 1024),
+    /**
+     * Queued messages whose envelopes are held as objects, at most: by count, and by the octets of
+     * their envelopes' JSON. The others keep the JSON text and are parsed again when next looked at.
+     */
+    activeWindow: z
+      .object({
+        messages: z.number().int().positive().default(10_000),
+        bytes: z
+          .number()
+          .int()
+          .positive()
+          .default(16 * 1024 * 1024),
+      })
+      .strict()
+      .prefault({}),
     /** Journal segment size before a new one is started. */
     segmentSize: z
       .number()

@@ -22,6 +22,26 @@ export interface ControlTarget {
   find(query: TraceQuery): MessageSummary[];
   /** The finished messages' stories that match, from history.sqlite (for the web console). */
   finished(query: TraceQuery): FinishedMessage[];
+  /** How big the part is and how its opening went, without listing its messages. */
+  status(): QueueStatus;
+}
+
+/** A queue part at a glance (the `status` request): counts, not messages, so it stays cheap at any size. */
+export interface QueueStatus {
+  /** Messages not yet final. */
+  readonly messages: number;
+  /** Their recipients not yet final. */
+  readonly recipients: number;
+  /** Messages with a delivery attempt in progress. */
+  readonly attempting: number;
+  /** True once every journal record has been read (the queue knows every message it holds). */
+  readonly indexed: boolean;
+  /** Seconds the journal took to read at the last start. */
+  readonly indexSeconds: number;
+  /** Messages the journal held at the last start. */
+  readonly indexedMessages: number;
+  /** The serving process's memory, in bytes (`process.memoryUsage()`). */
+  readonly memory: { readonly rss: number; readonly heapUsed: number };
 }
 
 /** The control socket's name inside the queue folder. */
@@ -37,6 +57,7 @@ export const CONTROL_OPS = [
   'release',
   'find',
   'finished',
+  'status',
 ] as const;
 export type ControlOp = (typeof CONTROL_OPS)[number];
 
@@ -103,6 +124,7 @@ export type ControlResponse =
       readonly now: string;
       readonly message: WireMessage;
     }
+  | ({ readonly ok: true; readonly op: 'status'; readonly now: string } & QueueStatus)
   | {
       readonly ok: false;
       readonly error: 'not-found' | 'held' | 'bad-request' | 'failed';
@@ -140,7 +162,7 @@ export function parseRequest(line: string): ControlRequest | string {
     return typeof q === 'string' ? q : { op, query: q };
   }
   if (query !== undefined) return '"query" is only for "find" and "finished"';
-  if (op !== 'list' && op !== 'flush' && id === undefined) return `"${op}" needs an "id"`;
+  if (op !== 'list' && op !== 'flush' && op !== 'status' && id === undefined) return `"${op}" needs an "id"`;
   if (domain !== undefined && op !== 'flush') return '"domain" is only for "flush"';
   if (op === 'flush' && id !== undefined && domain !== undefined)
     return 'flush takes "id" or "domain", not both';
@@ -304,6 +326,8 @@ async function handle(engine: ControlTarget, req: ControlRequest): Promise<Contr
   switch (req.op) {
     case 'list':
       return { ok: true, op: 'list', now, messages: engine.list().map(wire) };
+    case 'status':
+      return { ok: true, op: 'status', now, ...engine.status() };
     case 'find':
       return { ok: true, op: 'find', now, messages: engine.find(req.query!).map(wire) };
     case 'finished':

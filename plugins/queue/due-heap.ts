@@ -1,45 +1,60 @@
-/** A min-heap of (time, message id): when each queued message is next due. */
+/**
+ * A min-heap of (time, message id): when each queued message is next due. Two parallel arrays
+ * rather than an object per item: one item per queued message, so with a million of them the
+ * objects (and the boxed times in them) would be tens of megabytes.
+ */
 export class DueHeap {
-  private readonly items: { at: number; id: string }[] = [];
+  private readonly ats: number[] = [];
+  private readonly ids: string[] = [];
 
   get size(): number {
-    return this.items.length;
+    return this.ats.length;
   }
 
   push(at: number, id: string): void {
-    const a = this.items;
-    a.push({ at, id });
-    let i = a.length - 1;
+    const { ats, ids } = this;
+    ats.push(at);
+    ids.push(id);
+    let i = ats.length - 1;
     while (i > 0) {
       const p = (i - 1) >> 1;
-      if (a[p]!.at <= a[i]!.at) break;
-      [a[p], a[i]] = [a[i]!, a[p]!];
+      if (ats[p]! <= ats[i]!) break;
+      this.swap(p, i);
       i = p;
     }
   }
 
   peek(): { at: number; id: string } | undefined {
-    return this.items[0];
+    return this.ats.length ? { at: this.ats[0]!, id: this.ids[0]! } : undefined;
   }
 
   pop(): { at: number; id: string } | undefined {
-    const a = this.items;
-    const top = a[0];
-    const last = a.pop();
-    if (a.length && last) {
-      a[0] = last;
+    const { ats, ids } = this;
+    if (!ats.length) return undefined;
+    const top = { at: ats[0]!, id: ids[0]! };
+    const lastAt = ats.pop()!;
+    const lastId = ids.pop()!;
+    if (ats.length) {
+      ats[0] = lastAt;
+      ids[0] = lastId;
       let i = 0;
       for (;;) {
         const l = 2 * i + 1;
         const r = l + 1;
         let m = i;
-        if (l < a.length && a[l]!.at < a[m]!.at) m = l;
-        if (r < a.length && a[r]!.at < a[m]!.at) m = r;
+        if (l < ats.length && ats[l]! < ats[m]!) m = l;
+        if (r < ats.length && ats[r]! < ats[m]!) m = r;
         if (m === i) break;
-        [a[m], a[i]] = [a[i]!, a[m]!];
+        this.swap(m, i);
         i = m;
       }
     }
     return top;
+  }
+
+  private swap(a: number, b: number): void {
+    const { ats, ids } = this;
+    [ats[a], ats[b]] = [ats[b]!, ats[a]!];
+    [ids[a], ids[b]] = [ids[b]!, ids[a]!];
   }
 }

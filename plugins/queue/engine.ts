@@ -9,9 +9,15 @@ import type {
 } from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
-import { QueueStore, type Entry, type RecipientState, type StoredEnvelope } from './store.js';
+import {
+  QueueStore,
+  type Entry,
+  type RecipientState,
+  type StoredEnvelope,
+  type WindowLimits,
+} from './store.js';
 import type { MessageSummary } from './api.js';
-import { ControlServer, wire, type ControlTarget } from './control.js';
+import { ControlServer, wire, type ControlTarget, type QueueStatus } from './control.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
@@ -26,6 +32,8 @@ export interface EngineOptions {
   segmentSize: number;
   /** Octets of new messages kept in memory for their first attempt. */
   memoryCache: number;
+  /** Envelopes held parsed at most (the active window); absent: the store's defaults. */
+  activeWindow?: WindowLimits;
   hooks: PluginHooks;
   /** Where attempts and journal syncs are counted (absent: not counted). */
   metrics?: QueueMetrics;
@@ -85,6 +93,8 @@ export class QueueEngine implements ControlTarget {
   private readonly reports = new Map<string, Set<string>>();
   /** Back-off waits in progress, woken early when the queue closes. */
   private readonly sleepers = new Set<() => void>();
+  /** How the journal's reading went at open (for `status`). */
+  private indexed = { seconds: 0, messages: 0 };
 
   private constructor(
     readonly store: QueueStore,
@@ -113,6 +123,7 @@ export class QueueEngine implements ControlTarget {
       opts.memoryCache,
       opts.metrics?.synced,
       opts.history.attempts,
+      opts.activeWindow,
     );
     let history: HistoryStore | null = null;
     let engine: QueueEngine | null = null;
@@ -129,7 +140,9 @@ export class QueueEngine implements ControlTarget {
       }
       engine = new QueueEngine(store, opts, history);
       const opened = engine;
+      const started = performance.now();
       await store.open((finished) => opened.recovered(finished));
+      engine.indexed = { seconds: (performance.now() - started) / 1000, messages: store.entries.size };
     } catch (err) {
       if (history) HistoryStore.release(history);
       await unlock();
@@ -144,7 +157,12 @@ export class QueueEngine implements ControlTarget {
       opts.log.error({ err, dir }, 'queue control socket unavailable; petrel queue cannot reach this server');
     }
     opts.log.info(
-      { dir, messages: store.entries.size, recoveredFromCrash: store.recoveredFromCrash },
+      {
+        dir,
+        messages: store.entries.size,
+        recoveredFromCrash: store.recoveredFromCrash,
+        indexSeconds: engine.indexed.seconds,
+      },
       'queue opened',
     );
     for (const [id, entry] of store.entries) {
@@ -179,7 +197,7 @@ export class QueueEngine implements ControlTarget {
   async accept(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<void> {
     const entry = await this.store.add(env, body);
     this.noteReport(entry);
-    this.ready.add(entry.env.id);
+    this.ready.add(entry.id);
     this.pump();
   }
 
@@ -197,15 +215,15 @@ export class QueueEngine implements ControlTarget {
     const flushed: string[] = [];
     const held: string[] = [];
     for (const e of this.store.entries.values()) {
-      if (id && e.env.id !== id) continue;
+      if (id && e.id !== id) continue;
       if (domain && !e.env.recipients.some((r) => r.address.domain === domain.toLowerCase())) continue;
       if (e.held) {
-        held.push(e.env.id);
+        held.push(e.id);
         continue;
       }
       this.store.makeDue(e, Date.now());
-      this.ready.add(e.env.id);
-      flushed.push(e.env.id);
+      this.ready.add(e.id);
+      flushed.push(e.id);
     }
     this.pump();
     return { flushed, held };
@@ -218,9 +236,10 @@ export class QueueEngine implements ControlTarget {
 
   /** Every message not yet final, oldest first. */
   list(): MessageSummary[] {
+    // Summaries first: each reads its envelope once, where a sort by envelope would read it often.
     return [...this.store.entries.values()]
-      .sort((a, b) => a.env.receivedAt - b.env.receivedAt)
-      .map((e) => this.summary(e));
+      .map((e) => this.summary(e))
+      .sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
   }
 
   get(id: string): MessageSummary | null {
@@ -231,6 +250,23 @@ export class QueueEngine implements ControlTarget {
   /** Finished messages' stories that match, newest first (empty without a history store). */
   finished(query: TraceQuery): FinishedMessage[] {
     return this.history?.find(query) ?? [];
+  }
+
+  status(): QueueStatus {
+    let recipients = 0;
+    for (const e of this.store.entries.values())
+      for (const r of e.rcpts) if (r.status === 'pending' || r.status === 'deferred') recipients++;
+    const { rss, heapUsed } = process.memoryUsage();
+    return {
+      messages: this.store.entries.size,
+      recipients,
+      attempting: this.attempting.size,
+      // The journal is read whole before the part serves anything (see `acquire`).
+      indexed: true,
+      indexSeconds: this.indexed.seconds,
+      indexedMessages: this.indexed.messages,
+      memory: { rss, heapUsed },
+    };
   }
 
   /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
@@ -392,9 +428,9 @@ export class QueueEngine implements ControlTarget {
 
   /** Ends a message's busy time, or hands it to the next administrative change waiting for it. */
   private unlock(entry: Entry): void {
-    const queue = this.waiting.get(entry.env.id);
+    const queue = this.waiting.get(entry.id);
     const next = queue?.shift();
-    if (queue && queue.length === 0) this.waiting.delete(entry.env.id);
+    if (queue && queue.length === 0) this.waiting.delete(entry.id);
     if (next) next();
     else this.store.setBusy(entry, false);
   }
@@ -405,14 +441,14 @@ export class QueueEngine implements ControlTarget {
    */
   summary(entry: Entry, detail = false): MessageSummary {
     return {
-      id: entry.env.id,
+      id: entry.id,
       sender: entry.env.sender?.address ?? '',
       receivedAt: new Date(entry.env.receivedAt),
       size: entry.env.size,
       held: entry.held,
       ...(entry.held && entry.env.hold ? { heldReason: entry.env.hold.reason } : {}),
-      attempting: this.attempting.has(entry.env.id),
-      ...(this.unrecorded.has(entry.env.id) ? { unrecorded: this.unrecorded.get(entry.env.id)! } : {}),
+      attempting: this.attempting.has(entry.id),
+      ...(this.unrecorded.has(entry.id) ? { unrecorded: this.unrecorded.get(entry.id)! } : {}),
       recipients: entry.rcpts.map((r, i) => ({
         address: entry.env.recipients[i]!.address.address,
         ...expansionOf(entry.env.recipients[i]!),
@@ -426,26 +462,26 @@ export class QueueEngine implements ControlTarget {
         ...(detail ? { history: r.history, omitted: r.omitted } : {}),
       })),
       ...(detail && entry.env.origin ? { origin: entry.env.origin } : {}),
-      ...(detail ? { reports: [...(this.reports.get(entry.env.id) ?? [])] } : {}),
+      ...(detail ? { reports: [...(this.reports.get(entry.id) ?? [])] } : {}),
     };
   }
 
   /** Indexes a message that reports on another (a DSN). */
   private noteReport(entry: Entry): void {
-    const about = entry.env.origin?.reportFor;
+    const about = entry.reportFor;
     if (!about) return;
     const known = this.reports.get(about) ?? new Set<string>();
-    known.add(entry.env.id);
+    known.add(entry.id);
     this.reports.set(about, known);
   }
 
   /** Drops a finished message from the report index, as a report and as a message reported on. */
   private forgetReports(entry: Entry): void {
-    this.reports.delete(entry.env.id);
-    const about = entry.env.origin?.reportFor;
+    this.reports.delete(entry.id);
+    const about = entry.reportFor;
     const known = about ? this.reports.get(about) : undefined;
     if (!about || !known) return;
-    known.delete(entry.env.id);
+    known.delete(entry.id);
     if (known.size === 0) this.reports.delete(about);
   }
 
@@ -480,7 +516,7 @@ export class QueueEngine implements ControlTarget {
    * logged, and the files go anyway: the spool must not grow because the history cannot.
    */
   private finish(entry: Entry): void {
-    const id = entry.env.id;
+    const id = entry.id;
     const story = this.history?.add(this.story(entry, Date.now())) ?? Promise.resolve();
     this.forgetReports(entry);
     const done = story
@@ -553,7 +589,7 @@ export class QueueEngine implements ControlTarget {
   /** Puts a message on the timetable after an attempt (or a recovery that found it not yet due). */
   private schedule(entry: Entry): void {
     const at = this.nextDue(entry);
-    if (at !== Infinity && this.store.entries.get(entry.env.id) === entry) this.due.push(at, entry.env.id);
+    if (at !== Infinity && this.store.entries.get(entry.id) === entry) this.due.push(at, entry.id);
   }
 
   /**
@@ -613,12 +649,13 @@ export class QueueEngine implements ControlTarget {
   private async attempt(entry: Entry): Promise<void> {
     const { hooks, log, schedule, lifetime } = this.opts;
     const now = Date.now();
-    const message = this.store.view(entry);
     const due = entry.rcpts
       .map((r, i) => ({ r, i }))
       .filter(({ r }) => (r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt <= now)
       .map(({ i }) => i);
+    // Not due (every message is looked at once after a start): its envelope is not even read.
     if (due.length === 0) return;
+    const message = this.store.view(entry);
     const results = new Map<number, { result: RecipientResult; route: Route | null }>();
     const groups = new Map<string, { route: Route; sender: Address | null; indices: number[] }>();
     for (const i of due) {
@@ -642,10 +679,7 @@ export class QueueEngine implements ControlTarget {
         const reply = verdict.reply ?? { code: 451, enhanced: '4.3.0', text: 'Try again later' };
         results.set(i, { result: { recipient: address, status: 'deferred', reply }, route: null });
       } else {
-        log.error(
-          { queueId: entry.env.id, rcpt: address, plugin },
-          'no plugin routes this recipient; deferred',
-        );
+        log.error({ queueId: entry.id, rcpt: address, plugin }, 'no plugin routes this recipient; deferred');
         const reply = { code: 451, enhanced: '4.3.0', text: 'No route to this recipient yet' };
         results.set(i, { result: { recipient: address, status: 'deferred', reply }, route: null });
       }
@@ -725,7 +759,7 @@ export class QueueEngine implements ControlTarget {
       });
       log.info(
         {
-          queueId: entry.env.id,
+          queueId: entry.id,
           rcpt: result.recipient,
           status: st.status,
           transport: route?.transport,
@@ -771,7 +805,7 @@ export class QueueEngine implements ControlTarget {
     this.store.postpone(entry, indices, until, { reason, by: plugin });
     log.info(
       {
-        queueId: entry.env.id,
+        queueId: entry.id,
         rcpts,
         transport: route.transport,
         // (`plugin` is this logger's own: the queue.)
@@ -797,7 +831,7 @@ export class QueueEngine implements ControlTarget {
     attempts: ReadonlyMap<number, AttemptRecord>,
   ): Promise<boolean | null> {
     const { log } = this.opts;
-    const id = entry.env.id;
+    const id = entry.id;
     for (let tries = 1, delay = RECORD_RETRY_FIRST; ; tries++) {
       try {
         const final = await this.store.update(entry, states, attempts);

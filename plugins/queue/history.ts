@@ -85,7 +85,8 @@ export function keepAttempt(
   add: AttemptRecord,
   limits: AttemptLimits,
 ): { kept: AttemptRecord[]; omitted: number } {
-  const next = [...kept, attemptRecord(add)];
+  // concat: an array of the exact length (kept for every queued recipient).
+  const next = kept.concat([attemptRecord(add)]);
   const max = limits.first + limits.last;
   if (next.length <= max) return { kept: next, omitted };
   const drop = next.length - max;

@@ -51,6 +51,7 @@ export default definePlugin({
       concurrency: config.concurrency,
       segmentSize: config.segmentSize,
       memoryCache: config.memoryCache,
+      activeWindow: config.activeWindow,
       hooks,
       metrics,
       history: {

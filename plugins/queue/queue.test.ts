@@ -38,6 +38,7 @@ import { Journal, segmentName } from './journal.js';
 import { QueueEngine } from './engine.js';
 import { holdOnAccept, Queue } from './api.js';
 import { QueueStore, type Entry, type RecipientState } from './store.js';
+import { DueHeap } from './due-heap.js';
 import { resolveToken } from '../../core/di/tokens.js';
 import { address } from '../../core/testing/index.js';
 import { parseSchedule } from './schedule.js';
@@ -652,6 +653,72 @@ describe('queue space', () => {
       const segments = readdirSync(join(dir, 'journal')).filter((f) => f.endsWith('.seg'));
       assert.equal(store.entries.size, 0);
       assert.ok(segments.length <= 2, `only the current segment is left, found ${segments.length}`);
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the due heap', () => {
+  it('gives every message back in the order it is due, however they were pushed', () => {
+    const heap = new DueHeap();
+    const times = Array.from({ length: 500 }, (_, i) => 1_700_000_000_000 + ((i * 7919) % 503) * 1000);
+    times.forEach((at, i) => heap.push(at, `m${i}`));
+    assert.equal(heap.size, 500);
+    const out: { at: number; id: string }[] = [];
+    while (heap.peek()) {
+      const top = heap.peek()!;
+      const popped = heap.pop()!;
+      assert.deepEqual(popped, top);
+      out.push(popped);
+    }
+    assert.equal(heap.pop(), undefined);
+    assert.deepEqual(
+      out.map((o) => o.at),
+      [...times].sort((a, b) => a - b),
+    );
+    // Each id comes back with its own time.
+    for (const o of out) assert.equal(o.at, times[Number(o.id.slice(1))]);
+  });
+});
+
+describe('the active window', () => {
+  it('holds at most its count of envelopes parsed; the others read back whole, also after a restart and a compaction', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-window-'));
+    const log = { warn: () => undefined, error: () => undefined };
+    const window = { messages: 3, bytes: 1 << 20 };
+    const env = (i: number) => ({
+      id: `w${i}`,
+      sender: address(`from${i}@example.test`),
+      mailParams: { smtputf8: false },
+      recipients: [{ address: address(`to${i}@example.org`), params: {} }],
+      receivedAt: 1_700_000_000_000 + i,
+      size: 100,
+      origin: { listener: 'mx (smtp)', messageId: `<${i}@example.test>` },
+    });
+    try {
+      let store = new QueueStore(dir, 65_536, log, 0, undefined, undefined, window);
+      await store.open();
+      for (let i = 0; i < 10; i++) await store.add(env(i), { inline: [Buffer.from(`message ${i}\r\n`)] });
+      assert.equal(store.window.size, 3, 'only the latest three stay parsed');
+      // Every envelope reads back as stored, parsed again from its text when it left the window.
+      for (let i = 0; i < 10; i++) assert.deepEqual(store.entries.get(`w${i}`)!.env, env(i));
+      assert.equal(store.window.size, 3);
+      await store.close();
+
+      store = new QueueStore(dir, 65_536, log, 0, undefined, undefined, window);
+      await store.open();
+      assert.equal(store.window.size, 0, 'a restart parses no envelope until one is looked at');
+      await store.compact();
+      for (let i = 0; i < 10; i++) {
+        const e = store.entries.get(`w${i}`)!;
+        assert.deepEqual(e.env, env(i));
+        const body: Buffer[] = [];
+        for await (const c of store.view(e).stream()) body.push(c as Buffer);
+        assert.equal(Buffer.concat(body).toString(), `message ${i}\r\n`);
+      }
+      assert.ok(store.window.size <= 3);
       await store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -40,24 +40,118 @@ export interface RecipientState {
   omitted: number;
 }
 
-export interface Entry {
-  readonly env: StoredEnvelope;
+/**
+ * How many queued messages keep their envelope parsed, at most (see `EnvelopeWindow`): by count,
+ * and by the octets of those envelopes' JSON.
+ */
+export interface WindowLimits {
+  readonly messages: number;
+  readonly bytes: number;
+}
+
+export const DEFAULT_WINDOW: WindowLimits = { messages: 10_000, bytes: 16 * 1024 * 1024 };
+
+/**
+ * The active window: the queued messages whose envelopes are held as objects, the latest loaded
+ * last. Every other message keeps its envelope as the JSON text of its Message record (one
+ * string, about a third of the memory of the parsed objects: the addresses, parameters and origin
+ * with their strings), parsed again when something next reads it (a delivery attempt, `petrel
+ * queue show`). The envelope never changes once stored, so a copy parsed again is the same
+ * envelope a restart would read. Beyond either bound the envelope loaded longest ago goes back to
+ * text; one being used keeps its objects for whoever holds them.
+ */
+export class EnvelopeWindow {
+  /** Entries whose envelope is parsed, in the order they were loaded, with their JSON's length. */
+  private readonly loaded = new Map<Entry, number>();
+  private bytes = 0;
+
+  constructor(private readonly limits: WindowLimits = DEFAULT_WINDOW) {}
+
+  /** Envelopes held parsed now. */
+  get size(): number {
+    return this.loaded.size;
+  }
+
+  /** Notes that an entry's envelope is parsed, and sends the oldest back to text beyond the limits. */
+  add(entry: Entry, bytes: number): void {
+    if (this.loaded.has(entry)) return;
+    this.loaded.set(entry, bytes);
+    this.bytes += bytes;
+    while (this.loaded.size > this.limits.messages || this.bytes > this.limits.bytes) {
+      const oldest = this.loaded.keys().next().value!;
+      if (oldest === entry) break;
+      this.remove(oldest);
+      oldest.unload();
+    }
+  }
+
+  /** Forgets an entry (it finished). */
+  remove(entry: Entry): void {
+    const bytes = this.loaded.get(entry);
+    if (bytes === undefined) return;
+    this.loaded.delete(entry);
+    this.bytes -= bytes;
+  }
+}
+
+/** A message not yet final, as the store keeps it. */
+export class Entry {
+  readonly id: string;
+  /** The queue id of the message this one reports on (a DSN), kept out of the envelope for the engine's index. */
+  readonly reportFor: string | undefined;
+  /** The envelope's JSON, exactly as in the Message record. */
+  readonly envelopeJson: string;
+  /** The envelope as objects, while the message is in the active window. */
+  private parsed: StoredEnvelope | null;
   /** Where the message octets are (inline messages). */
-  location: RecordRef | null;
+  location: RecordRef | null = null;
   /** Offset of the message octets inside the record's payload. */
-  skip: number;
+  skip = 0;
   readonly rcpts: RecipientState[];
-  /** Segments holding records about this message: they stay until it is final. */
-  readonly segments: Set<number>;
+  /**
+   * Segments holding records about this message: they stay until it is final. A few numbers,
+   * replaced rather than grown (a grown array keeps room for 16 more).
+   */
+  segments: readonly number[] = [];
   /** A delivery attempt or an administrative change is in progress. */
-  busy: boolean;
+  busy = false;
   /** Held by the administrator: never attempted until released. */
   held: boolean;
   /**
    * The message octets of a new inline message, kept in memory (within the store's budget) so that
    * its first delivery attempt need not read them back from disk; dropped when that attempt ends.
    */
-  memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null;
+  memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null = null;
+
+  constructor(
+    private readonly window: EnvelopeWindow,
+    env: StoredEnvelope,
+    envelopeJson: string,
+    /** Keep `env` parsed (a new message, about to be tried), or only its text (one read from the journal). */
+    keep: boolean,
+  ) {
+    this.id = env.id;
+    this.reportFor = env.origin?.reportFor;
+    this.envelopeJson = envelopeJson;
+    this.rcpts = freshStates(env);
+    this.held = env.hold !== undefined;
+    this.parsed = keep ? env : null;
+    if (keep) window.add(this, envelopeJson.length);
+  }
+
+  /** The envelope (parsed again if it left the active window). */
+  get env(): StoredEnvelope {
+    if (this.parsed) return this.parsed;
+    const env = JSON.parse(this.envelopeJson) as StoredEnvelope;
+    this.parsed = env;
+    this.window.add(this, this.envelopeJson.length);
+    return env;
+  }
+
+  /** Back to text only (the window is full). */
+  unload(): void {
+    this.parsed = null;
+  }
 }
 
 /** Present in the queue folder only after an orderly stop. */
@@ -67,19 +161,25 @@ const HIGH_WATER = 256 * 1024;
 
 /** A new message's recipients: all pending, due at arrival. */
 function freshStates(env: StoredEnvelope): RecipientState[] {
+  // Every field from the start: one shape for all, with the fields in the object itself (a field
+  // added later costs a separate property store per recipient, for a million queued recipients).
   return env.recipients.map(() => ({
     status: 'pending',
     attempts: 0,
     nextAttemptAt: env.receivedAt,
+    lastReply: undefined,
+    lastAttemptAt: undefined,
+    route: undefined,
     maybeDelivered: false,
+    postponed: undefined,
     history: [],
     omitted: 0,
   }));
 }
 
 /** The head of a Message record: the envelope's length, then the envelope as JSON. */
-function envelopeParts(env: StoredEnvelope): [Buffer, Buffer] {
-  const json = Buffer.from(JSON.stringify(env), 'utf8');
+function envelopeParts(envelopeJson: string): [Buffer, Buffer] {
+  const json = Buffer.from(envelopeJson, 'utf8');
   const len = Buffer.alloc(4);
   len.writeUInt32BE(json.length);
   return [len, json];
@@ -111,12 +211,17 @@ function historyPayload(entry: Entry): Buffer | null {
   const h = entry.rcpts
     .map((r, i) => ({ i, k: r.history, o: r.omitted }))
     .filter((e) => e.k.length > 0 || e.o > 0);
-  return h.length ? Buffer.from(JSON.stringify({ id: entry.env.id, h }), 'utf8') : null;
+  return h.length ? Buffer.from(JSON.stringify({ id: entry.id, h }), 'utf8') : null;
 }
 
 /** Every recipient's state, for a snapshot. */
 function allStates(entry: Entry): Map<number, RecipientState> {
   return new Map(entry.rcpts.map((r, i) => [i, r]));
+}
+
+/** Two replies that say the same (as parsed from one State record). */
+function sameReply(a: RecipientReply, b: RecipientReply): boolean {
+  return a === b || JSON.stringify(a) === JSON.stringify(b);
 }
 
 /** A stream of buffers held in memory. */
@@ -158,6 +263,8 @@ export class QueueStore {
   recoveredFromCrash = false;
   /** Octets of message bodies held in memory (`Entry.memory`), at most `memoryLimit`. */
   private memoryBytes = 0;
+  /** The messages whose envelopes are held parsed. */
+  readonly window: EnvelopeWindow;
 
   constructor(
     readonly dir: string,
@@ -168,8 +275,11 @@ export class QueueStore {
     private readonly onSync?: (seconds: number, records: number) => void,
     /** Attempts kept per recipient (see history.ts). */
     private readonly attemptLimits: AttemptLimits = { first: 3, last: 10 },
+    /** Envelopes held parsed at most (see `EnvelopeWindow`). */
+    window: WindowLimits = DEFAULT_WINDOW,
   ) {
     this.blobDir = join(dir, 'blobs');
+    this.window = new EnvelopeWindow(window);
   }
 
   /**
@@ -298,8 +408,8 @@ export class QueueStore {
 
   private ref(entry: Entry, segment: number): void {
     this.onDisk.add(segment);
-    if (entry.segments.has(segment)) return;
-    entry.segments.add(segment);
+    if (entry.segments.includes(segment)) return;
+    entry.segments = entry.segments.concat(segment);
     this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
   }
 
@@ -317,16 +427,8 @@ export class QueueStore {
       const { env, skip } = rec;
       intact.add(env.id);
       const existing = this.entries.get(env.id);
-      const entry: Entry = existing ?? {
-        env,
-        location: null,
-        skip: 0,
-        rcpts: freshStates(env),
-        segments: new Set(),
-        busy: false,
-        held: env.hold !== undefined,
-        memory: null,
-      };
+      // The envelope is kept as its text: parsed again when the message is next looked at.
+      const entry = existing ?? new Entry(this.window, env, payload.toString('utf8', 4, skip), false);
       // A relocated copy replaces the old location; the state carries over.
       entry.location = env.blob ? null : ref;
       entry.skip = skip;
@@ -340,7 +442,7 @@ export class QueueStore {
       if (this.isFinal(entry)) {
         this.forget(entry);
         this.release(entry);
-        done.set(entry.env.id, entry);
+        done.set(entry.id, entry);
       }
     } else if (rec.type === RecordType.History) {
       const entry = this.entries.get(rec.id);
@@ -376,6 +478,10 @@ export class QueueStore {
           u.h,
           this.attemptLimits,
         ));
+      // The record carries the last reply twice (as the state's and as the attempt's): one copy
+      // is kept, as while the server ran.
+      const last = r.history.at(-1)?.reply;
+      if (u.h && last && r.lastReply && sameReply(last, r.lastReply)) r.lastReply = last;
     }
   }
 
@@ -388,7 +494,8 @@ export class QueueStore {
    * are what a restart would rebuild its history from, should the history store not have it yet.
    */
   private forget(entry: Entry): void {
-    this.entries.delete(entry.env.id);
+    this.entries.delete(entry.id);
+    this.window.remove(entry);
   }
 
   /** Gives up a forgotten entry's claim on segments (`sweep` then removes those nothing else uses). */
@@ -398,7 +505,7 @@ export class QueueStore {
       if (n > 0) this.segmentRefs.set(seg, n);
       else this.segmentRefs.delete(seg);
     }
-    entry.segments.clear();
+    entry.segments = [];
   }
 
   /**
@@ -406,7 +513,8 @@ export class QueueStore {
    * from the receiving spool, fsynced) plus a record for large ones. Resolves after fsync.
    */
   async add(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<Entry> {
-    const head = envelopeParts(env);
+    const envelopeJson = JSON.stringify(env);
+    const head = envelopeParts(envelopeJson);
     if ('file' in body) {
       const target = join(this.blobDir, `${env.id}.eml`);
       const fh = await open(body.file, 'r');
@@ -433,16 +541,10 @@ export class QueueStore {
       if (memory) this.memoryBytes -= bytes;
       throw err;
     }
-    const entry: Entry = {
-      env,
-      location: 'inline' in body ? ref : null,
-      skip: 4 + head[1].length,
-      rcpts: freshStates(env),
-      segments: new Set(),
-      busy: false,
-      held: env.hold !== undefined,
-      memory,
-    };
+    const entry = new Entry(this.window, env, envelopeJson, true);
+    entry.location = 'inline' in body ? ref : null;
+    entry.skip = 4 + head[1].length;
+    entry.memory = memory;
     this.entries.set(env.id, entry);
     this.ref(entry, ref.segment);
     return entry;
@@ -461,14 +563,14 @@ export class QueueStore {
     states: ReadonlyMap<number, RecipientState>,
     attempts?: ReadonlyMap<number, AttemptRecord>,
   ): Promise<boolean> {
-    const ref = await this.journal.append(RecordType.State, [statePayload(entry.env.id, states, attempts)]);
+    const ref = await this.journal.append(RecordType.State, [statePayload(entry.id, states, attempts)]);
     for (const [i, st] of states) {
       const r = Object.assign(entry.rcpts[i]!, st);
       const a = attempts?.get(i);
       if (a)
         ({ kept: r.history, omitted: r.omitted } = keepAttempt(r.history, r.omitted, a, this.attemptLimits));
     }
-    if (this.entries.get(entry.env.id) !== entry) return false;
+    if (this.entries.get(entry.id) !== entry) return false;
     this.ref(entry, ref.segment);
     if (!this.isFinal(entry)) return false;
     this.forget(entry);
@@ -478,10 +580,10 @@ export class QueueStore {
   /** Records that a message is held, or no longer held, durably. */
   async setHeld(entry: Entry, held: boolean): Promise<void> {
     const ref = await this.journal.append(RecordType.Hold, [
-      Buffer.from(JSON.stringify({ id: entry.env.id, held }), 'utf8'),
+      Buffer.from(JSON.stringify({ id: entry.id, held }), 'utf8'),
     ]);
     entry.held = held;
-    if (this.entries.get(entry.env.id) === entry) this.ref(entry, ref.segment);
+    if (this.entries.get(entry.id) === entry) this.ref(entry, ref.segment);
   }
 
   /**
@@ -529,10 +631,10 @@ export class QueueStore {
 
   /** Removes the files of a message `update` forgot: its blob, and segments nothing else uses. */
   async discard(entry: Entry): Promise<void> {
-    if (this.entries.get(entry.env.id) === entry) return;
+    if (this.entries.get(entry.id) === entry) return;
     this.release(entry);
     this.dropMemory(entry);
-    if (entry.env.blob) await rm(join(this.blobDir, `${entry.env.id}.eml`), { force: true });
+    if (entry.env.blob) await rm(join(this.blobDir, `${entry.id}.eml`), { force: true });
     await this.sweep();
   }
 
@@ -562,19 +664,17 @@ export class QueueStore {
     const current = this.journal.currentSegment;
     const old = [...this.segmentRefs.keys()].filter((s) => s < current);
     for (const seg of old) {
-      const live = [...this.entries.values()].filter((e) => e.segments.has(seg));
+      const live = [...this.entries.values()].filter((e) => e.segments.includes(seg));
       if (live.some((e) => e.busy)) continue;
       for (const entry of live) {
         const parts: Buffer[] = [];
         for await (const c of this.rawStream(entry)) parts.push(c as Buffer);
-        const head = envelopeParts(entry.env);
+        const head = envelopeParts(entry.envelopeJson);
         const copy = await this.journal.append(
           RecordType.Message,
           entry.env.blob ? head : [...head, ...parts],
         );
-        const st = await this.journal.append(RecordType.State, [
-          statePayload(entry.env.id, allStates(entry)),
-        ]);
+        const st = await this.journal.append(RecordType.State, [statePayload(entry.id, allStates(entry))]);
         // The kept attempts must outlive the segments their State records were in.
         const kept = historyPayload(entry);
         const hist = kept ? await this.journal.append(RecordType.History, [kept]) : null;
@@ -583,7 +683,7 @@ export class QueueStore {
         const hold =
           entry.held || entry.env.hold
             ? await this.journal.append(RecordType.Hold, [
-                Buffer.from(JSON.stringify({ id: entry.env.id, held: entry.held }), 'utf8'),
+                Buffer.from(JSON.stringify({ id: entry.id, held: entry.held }), 'utf8'),
               ])
             : null;
         if (!entry.env.blob) {
@@ -598,7 +698,7 @@ export class QueueStore {
             if (n > 0) this.segmentRefs.set(s, n);
             else this.segmentRefs.delete(s);
           }
-          entry.segments.clear();
+          entry.segments = [];
         }
         this.ref(entry, copy.segment);
         this.ref(entry, st.segment);
@@ -613,7 +713,7 @@ export class QueueStore {
   private rawStream(entry: Entry): Readable {
     if (entry.memory) return memoryStream(entry.memory.chunks);
     if (entry.env.blob)
-      return createReadStream(join(this.blobDir, `${entry.env.id}.eml`), { highWaterMark: HIGH_WATER });
+      return createReadStream(join(this.blobDir, `${entry.id}.eml`), { highWaterMark: HIGH_WATER });
     return this.journal.read(entry.location!, entry.skip);
   }
 
