@@ -20,7 +20,8 @@
  * temporary folder, unless that is in memory, then var/ in the repository); BENCH_PROFILE=1 has
  * each of Petrel's processes write a CPU profile into var/profiles/. BENCH_ONLY=dkim runs only
  * the two rows the DKIM ratio compares (`petrel` and `petrel+dkim`, 1 KB at 50 sessions), and
- * BENCH_DKIM_THREADS sets the dkim plugin's `signingThreads` for `petrel+dkim`.
+ * BENCH_DKIM_THREADS and BENCH_DKIM_NICE set the dkim plugin's `signingThreads` and
+ * `signingNice` for `petrel+dkim`.
  */
 import { generateKeyPairSync } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -259,6 +260,7 @@ async function main(): Promise<number> {
             ...(process.env.BENCH_DKIM_THREADS
               ? { signingThreads: Number(process.env.BENCH_DKIM_THREADS) }
               : {}),
+            ...(process.env.BENCH_DKIM_NICE ? { signingNice: Number(process.env.BENCH_DKIM_NICE) } : {}),
           },
         },
         {

@@ -145,14 +145,17 @@ export const dkimConfig = z
     /** Where a larger message waits while it is signed. Default: the system's temporary folder. */
     tempDir: z.string().min(1).optional(),
     /**
-     * Signatures a worker makes at once, each on a thread of libuv's pool (4 threads unless
-     * UV_THREADPOOL_SIZE says otherwise). The pool also does the queue's disk writes and
-     * fsyncs, which keep the other two threads. An RSA-2048 signature takes about 0.25 ms of
-     * CPU alone and about 1 ms of wall time on a busy two-core machine, where one signing
-     * thread could not keep up with relaying (measured with `npm run bench:relay`); two did.
-     * Raise it on a machine with cores to spare when signing is what holds deliveries back.
+     * Threads that make the signatures (each one at a time), per worker process: an RSA-2048
+     * signature is about 0.25 ms of CPU, so one thread makes some 4000 a second where a core is
+     * free. Raise it on a machine with cores to spare when signing holds deliveries back.
      */
-    signingThreads: z.number().int().min(1).max(64).default(2),
+    signingThreads: z.number().int().min(1).max(64).default(1),
+    /**
+     * How much lower than the event loop's the signing threads' CPU priority is (Linux nice
+     * increment, 0–19): on a busy machine the sessions get the CPU first and signatures wait.
+     * 0 gives them the same priority. Ignored where a thread's priority cannot be set.
+     */
+    signingNice: z.number().int().min(0).max(19).default(10),
   })
   .strict()
   .superRefine((c, ctx) => {

@@ -11,7 +11,8 @@ import { dkimCommand } from './cli.js';
 import { dkimConfig, keyLocations } from './config.js';
 import { loadKeys, signingDomainFor } from './keys.js';
 import { MARK_NAME, MARK_VALUE, readHead, rejoined, remainder } from './mark.js';
-import { fromDomain, signCopy, SigningSlots } from './sign.js';
+import { fromDomain, signCopy } from './sign.js';
+import { SigningThreads } from './signer.js';
 
 export { dkimConfig, type DkimConfig } from './config.js';
 
@@ -34,14 +35,15 @@ export default definePlugin({
   // The signature covers the octets as sent: it must come after anything that changes them.
   transformPhase: 'sign',
   commands: { dkim: dkimCommand },
-  async setup({ config, log, baseDir }) {
+  async setup({ config, log, baseDir, onClose }) {
     const trusted = compileCidrs(config.trustedNetworks);
     const tempDir = config.tempDir ?? tmpdir();
     const configured = new Set(Object.keys(config.domains));
     const action = config.onError === 'defer' ? 'deferred' : 'sent unsigned';
     // Keys are read and checked once per plugin set (at start and at each reload), never per message.
-    const keys = await loadKeys(keyLocations(config, baseDir), config.signingThreads);
-    const slots = new SigningSlots(config.signingThreads);
+    const keys = await loadKeys(keyLocations(config, baseDir));
+    const signer = new SigningThreads(config.signingThreads, config.signingNice);
+    onClose(() => signer.close());
     for (const [domain, { keys: usable, problems }] of keys) {
       for (const k of usable)
         log.info({ domain, selector: k.selector, algorithm: k.algorithm }, 'DKIM key loaded');
@@ -106,7 +108,7 @@ export default definePlugin({
         try {
           signed = await signCopy(copy, {
             keys: domainKeys.keys,
-            slots,
+            signer,
             headers: config.headers,
             oversign: config.oversign,
           });

@@ -9,14 +9,6 @@ export interface SigningKey {
   readonly algorithm: 'rsa-sha256' | 'ed25519-sha256';
   /** The key, parsed once. */
   readonly key: KeyObject;
-  /**
-   * Copies of `key` (each parsed from the same file), one per signing slot (see sign.ts): a
-   * signature in slot i uses copy i. Node holds a key object's lock for the whole of a signature
-   * made on the pool, and `crypto.sign` takes the same lock on the event loop to hand a job
-   * over: with one key object for concurrent signatures, the event loop waited for the pool's
-   * RSA operations, milliseconds at a time under load.
-   */
-  readonly copies: readonly KeyObject[];
   readonly file: string;
 }
 
@@ -37,11 +29,8 @@ export interface DomainKeys {
 /** RFC 8301 §3.2: verifiers must refuse RSA keys under 1024 bits; we refuse them for signing too. */
 const MIN_RSA_BITS = 1024;
 
-/**
- * Reads and checks one key file: an RSA (≥ 1024 bits) or Ed25519 private key in PEM, parsed
- * `copies` times.
- */
-export async function loadKey(loc: KeyLocation, copies = 1): Promise<SigningKey | KeyProblem> {
+/** Reads and checks one key file: an RSA (≥ 1024 bits) or Ed25519 private key in PEM. */
+export async function loadKey(loc: KeyLocation): Promise<SigningKey | KeyProblem> {
   let pem: Buffer;
   try {
     pem = await readFile(loc.file);
@@ -55,27 +44,19 @@ export async function loadKey(loc: KeyLocation, copies = 1): Promise<SigningKey 
   } catch (err) {
     return { ...loc, reason: `${loc.file} is not a PEM private key (${(err as Error).message})` };
   }
-  const parsed = [
-    key,
-    ...Array.from({ length: copies - 1 }, () => createPrivateKey({ key: pem, format: 'pem' })),
-  ];
-  if (key.asymmetricKeyType === 'ed25519')
-    return { ...loc, algorithm: 'ed25519-sha256', key, copies: parsed };
+  if (key.asymmetricKeyType === 'ed25519') return { ...loc, algorithm: 'ed25519-sha256', key };
   if (key.asymmetricKeyType === 'rsa') {
     const bits = key.asymmetricKeyDetails?.modulusLength ?? 0;
     if (bits < MIN_RSA_BITS)
       return { ...loc, reason: `${loc.file}: RSA key of ${bits} bits (at least 1024)` };
-    return { ...loc, algorithm: 'rsa-sha256', key, copies: parsed };
+    return { ...loc, algorithm: 'rsa-sha256', key };
   }
   return { ...loc, reason: `${loc.file}: a ${key.asymmetricKeyType} key; DKIM signs with RSA or Ed25519` };
 }
 
 /** Loads every configured key, grouped by domain. A key that fails is a problem, not a throw. */
-export async function loadKeys(
-  locations: readonly KeyLocation[],
-  copies = 1,
-): Promise<Map<string, DomainKeys>> {
-  const loaded = await Promise.all(locations.map((loc) => loadKey(loc, copies)));
+export async function loadKeys(locations: readonly KeyLocation[]): Promise<Map<string, DomainKeys>> {
+  const loaded = await Promise.all(locations.map(loadKey));
   const out = new Map<string, { keys: SigningKey[]; problems: KeyProblem[] }>();
   for (const k of loaded) {
     const entry = out.get(k.domain) ?? { keys: [], problems: [] };

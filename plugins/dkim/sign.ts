@@ -1,5 +1,4 @@
 import { domainToASCII } from 'node:url';
-import { createHash, sign } from 'node:crypto';
 import { RelaxedHash } from 'mailauth/lib/dkim/body/relaxed.js';
 import {
   formatRelaxedLine,
@@ -10,6 +9,7 @@ import {
 } from 'mailauth/lib/tools.js';
 import { Headers, type MessageCopy } from '../../core/index.js';
 import type { SigningKey } from './keys.js';
+import type { SigningThreads } from './signer.js';
 
 /**
  * Signing one message: read it whole (the signature goes in front of it), hash it with mailauth,
@@ -41,48 +41,6 @@ export function fromDomain(headerBlock: Buffer): string | null {
     .replace(/\.$/, '');
   const ascii = domainToASCII(domain).toLowerCase();
   return ascii || null;
-}
-
-/**
- * The signatures a worker makes at once on libuv's thread pool (`signingThreads`): a signature
- * takes a free slot, or waits in turn for one. Slot i signs with copy i of the key
- * (SigningKey.copies), so no two signatures in flight share a key object.
- */
-export class SigningSlots {
-  private readonly free: number[];
-  private readonly waiting: ((slot: number) => void)[] = [];
-
-  constructor(readonly size: number) {
-    this.free = Array.from({ length: size }, (_, i) => i);
-  }
-
-  /** Runs `fn` in a slot, and frees the slot when it settles. */
-  async run<T>(fn: (slot: number) => Promise<T>): Promise<T> {
-    const slot = this.free.pop() ?? (await new Promise<number>((resolve) => this.waiting.push(resolve)));
-    try {
-      return await fn(slot);
-    } finally {
-      const next = this.waiting.shift();
-      if (next) next(slot);
-      else this.free.push(slot);
-    }
-  }
-}
-
-/**
- * The signature over the canonicalized header: RSA-SHA256 (RFC 6376 §3.3.1), or Ed25519 over
- * its SHA-256 digest (RFC 8463 §3), on the thread pool, in a signing slot.
- */
-function signHeader(key: SigningKey, data: Buffer, slots: SigningSlots): Promise<Buffer> {
-  const rsa = key.algorithm === 'rsa-sha256';
-  const input = rsa ? data : createHash('sha256').update(data).digest();
-  return slots.run(
-    (slot) =>
-      new Promise((resolve, reject) => {
-        const copy = key.copies[slot % key.copies.length]!;
-        sign(rsa ? 'sha256' : null, input, copy, (err, sig) => (err ? reject(err) : resolve(sig)));
-      }),
-  );
 }
 
 /**
@@ -120,7 +78,7 @@ function spaced(base64: string, n = 64): string {
  * mailauth picks the fields for `h=`, canonicalizes them and the signature field itself, and
  * lays out the tags (in its order, `b=` last); the names in `oversign` are appended to `h=` after every real instance,
  * where a verifier finds no field left for them and hashes nothing (RFC 6376 §5.4.2). The
- * private-key operation runs on libuv's thread pool, not on the event loop.
+ * private-key operation runs on a signing thread (signer.ts), not on the event loop.
  */
 async function signatureFields(
   headers: ParsedHeaderLine[],
@@ -157,7 +115,7 @@ async function signatureFields(
         false,
       );
       try {
-        const b = await signHeader(k, Buffer.concat([...signed, formatRelaxedLine(unsigned)]), opts.slots);
+        const b = await opts.signer.sign(k.key, Buffer.concat([...signed, formatRelaxedLine(unsigned)]));
         // Folding only turns spaces into CRLF + space, which relaxed canonicalization undoes,
         // and the b= value with the spaces around it is not hashed: the folded field verifies.
         return foldAtSpaces(`${unsigned}${spaced(b.toString('base64'))}`);
@@ -172,8 +130,8 @@ async function signatureFields(
 
 export interface SignOptions {
   readonly keys: readonly SigningKey[];
-  /** Where the private-key operations run (one instance per plugin set). */
-  readonly slots: SigningSlots;
+  /** Where the private-key operations run (one instance per plugin set, see signer.ts). */
+  readonly signer: SigningThreads;
   readonly headers: readonly string[];
   readonly oversign: readonly string[];
 }

@@ -1,9 +1,11 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { generateKeyPairSync } from 'node:crypto';
+import { createHash, generateKeyPairSync, verify } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
 import { checkRecord, parseTagList, recordText, splitTxt, zoneLine } from './dns-record.js';
 import { signingDomainFor } from './keys.js';
-import { fromDomain, signCopy, SigningSlots } from './sign.js';
+import { fromDomain, signCopy } from './sign.js';
+import { SigningThreads } from './signer.js';
 import { MessageCopy } from '../../core/index.js';
 import { tmpdir } from 'node:os';
 import { dkimVerify } from 'mailauth';
@@ -140,14 +142,13 @@ describe('dkim: the mark', () => {
 });
 
 describe('dkim: signing, checked by mailauth', () => {
-  it('signs CRLF, bare-LF, 8-bit, NBSP and empty bodies, whatever the chunking, in memory or not, so that they verify', async () => {
+  it('signs CRLF, bare-LF, 8-bit, NBSP and empty bodies, whatever the chunking, in memory or not, so that they verify', async (t) => {
     const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
     const key = {
       domain: 'crepes.test',
       selector: 's1',
       algorithm: 'rsa-sha256' as const,
       key: rsa,
-      copies: [rsa],
       file: '',
     };
     const zone = new Map([['s1._domainkey.crepes.test', [[recordText(rsa)]]]]);
@@ -157,6 +158,8 @@ describe('dkim: signing, checked by mailauth', () => {
       throw Object.assign(new Error('not found'), { code: 'ENOTFOUND' });
     };
     const crlf = 'From: alice@crepes.test\r\nSubject: lines\r\n\r\nfirst  \r\nsecond\t\r\n\r\n';
+    const signer = new SigningThreads(1, 10);
+    t.after(() => signer.close());
     const head = 'From: alice@crepes.test\r\nSubject: a subject folded\r\n\tover  two lines \r\n';
     const messages = [
       Buffer.from(crlf),
@@ -186,7 +189,7 @@ describe('dkim: signing, checked by mailauth', () => {
         });
         const { signatures, failures } = await signCopy(copy, {
           keys: [key],
-          slots: new SigningSlots(1),
+          signer,
           headers: ['From', 'Subject'],
           oversign: ['From'],
         });
@@ -205,29 +208,28 @@ describe('dkim: signing, checked by mailauth', () => {
   });
 });
 
-describe('dkim: signing slots', () => {
-  it('runs at most `size` signatures at once, in turn, each in a slot no other holds, and frees a slot that failed', async () => {
-    const slots = new SigningSlots(2);
-    const holding = new Set<number>();
-    let most = 0;
-    const order: number[] = [];
-    const job = (n: number, fail = false) =>
-      slots.run(async (slot) => {
-        assert.ok(!holding.has(slot), `slot ${slot} is held by one job only`);
-        holding.add(slot);
-        most = Math.max(most, holding.size);
-        order.push(n);
-        await new Promise((r) => setTimeout(r, 5));
-        holding.delete(slot);
-        if (fail) throw new Error(`job ${n} failed`);
-        return n;
-      });
-    const results = await Promise.allSettled([job(1), job(2, true), job(3), job(4), job(5)]);
-    assert.equal(most, 2);
-    assert.deepEqual(order, [1, 2, 3, 4, 5]);
-    assert.deepEqual(
-      results.map((r) => r.status),
-      ['fulfilled', 'rejected', 'fulfilled', 'fulfilled', 'fulfilled'],
+describe('dkim: signing threads', () => {
+  it('signs with RSA and Ed25519 on lower-priority threads, in turn, and says when it cannot', async () => {
+    const signer = new SigningThreads(2, 10);
+    const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const ed = generateKeyPairSync('ed25519');
+    const data = Buffer.from('from:alice@crepes.test\r\ndkim-signature:v=1; b=');
+    const sigs = await Promise.all([signer.sign(rsa.privateKey, data), signer.sign(ed.privateKey, data)]);
+    assert.ok(verify('sha256', data, rsa.publicKey, sigs[0]!), 'RSA-SHA256 over the data');
+    assert.ok(
+      verify(null, createHash('sha256').update(data).digest(), ed.publicKey, sigs[1]!),
+      'Ed25519 over its digest',
     );
+    // Both threads run below the event loop's priority (Linux: `nice` in /proc/<pid>/task/<tid>/stat).
+    const niceOf = (tid: string): number =>
+      Number(readFileSync(`/proc/self/task/${tid}/stat`, 'utf8').split(') ')[1]!.split(' ')[16]);
+    const nices = readdirSync('/proc/self/task').map(niceOf);
+    assert.equal(nices.filter((n) => n === 10).length, 2, `two threads at nice 10: ${nices.join(' ')}`);
+    // A key that cannot sign rejects with the reason, and the thread goes on signing.
+    const dh = generateKeyPairSync('x25519');
+    await assert.rejects(signer.sign(dh.privateKey, data));
+    assert.ok(verify('sha256', data, rsa.publicKey, await signer.sign(rsa.privateKey, data)));
+    await signer.close();
+    await assert.rejects(signer.sign(rsa.privateKey, data), /closed/);
   });
 });
