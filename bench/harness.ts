@@ -409,6 +409,30 @@ function readCounts(path: string, fields: number): Promise<number[]> {
   });
 }
 
+/**
+ * What a queue bench plugin (relay-plugin.ts, queue-plugin.ts) reports, added up over every
+ * worker: recipients queued, delivered, deferred and failed, in that order on its count socket.
+ */
+export interface QueueCounts {
+  readonly queued: number;
+  readonly delivered: number;
+  readonly deferred: number;
+  readonly failed: number;
+  /** Each worker's counts, in the plugin's order. */
+  readonly byWorker: WorkerCounts;
+}
+
+export async function queueCounts(server: Server): Promise<QueueCounts> {
+  const byWorker = await countEveryWorker(server, 4);
+  const [queued, delivered, deferred, failed] = [0, 1, 2, 3].map((i) => sumOf(byWorker, i)) as [
+    number,
+    number,
+    number,
+    number,
+  ];
+  return { queued, delivered, deferred, failed, byWorker };
+}
+
 /** One count (`field`) added up over every worker. */
 export function sumOf(counts: WorkerCounts, field: number): number {
   let sum = 0;

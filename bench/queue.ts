@@ -33,7 +33,8 @@ import {
   backgroundLoad,
   BenchError,
   CLI,
-  countEveryWorker,
+  queueCounts,
+  type QueueCounts,
   describeMachine,
   freePort,
   HOST,
@@ -52,7 +53,6 @@ import {
   startPetrel,
   startSink,
   stop,
-  sumOf,
   workerPids,
   writeResults,
   type Server,
@@ -70,34 +70,16 @@ const SESSIONS = 20;
 /** New messages sent during the drain, as a share of N. */
 const DURING_DRAIN = 0.1;
 
-interface Counts {
-  readonly queued: number;
-  readonly delivered: number;
-  readonly deferred: number;
-  readonly failed: number;
-}
-
-async function counts(server: Server): Promise<Counts> {
-  const byWorker = await countEveryWorker(server, 4);
-  const [queued, delivered, deferred, failed] = [0, 1, 2, 3].map((i) => sumOf(byWorker, i)) as [
-    number,
-    number,
-    number,
-    number,
-  ];
-  return { queued, delivered, deferred, failed };
-}
-
 /** Polls the counts until `done` holds, or fails after `timeoutMs` saying what was counted. */
 async function until(
   server: Server,
   what: string,
-  done: (c: Counts) => boolean,
+  done: (c: QueueCounts) => boolean,
   timeoutMs: number,
-): Promise<Counts> {
+): Promise<QueueCounts> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const c = await counts(server);
+    const c = await queueCounts(server);
     if (done(c)) return c;
     if (Date.now() > deadline)
       throw new BenchError(`${what}: not within ${timeoutMs / 1000} s (counted ${JSON.stringify(c)})`);
@@ -185,7 +167,7 @@ async function main(): Promise<number> {
     log(
       `petrel on ${HOST}:${petrel.port} (worker ${workerPids(petrel).join(', ')}), smarthost ${HOST}:${destPort} down`,
     );
-    await counts(petrel); // the worker is up
+    await queueCounts(petrel); // the worker is up
     const rssEmpty = serverRssKiB(petrel);
     const empty = await collected(petrel);
 
@@ -218,7 +200,7 @@ async function main(): Promise<number> {
     const indexedSeconds = since(restart);
     if (indexed.messages !== n)
       throw new BenchError(`after the restart the queue holds ${indexed.messages} of ${n} messages`);
-    await counts(petrel);
+    await queueCounts(petrel);
     const rssRestarted = serverRssKiB(petrel);
     const restartedGc = await collected(petrel);
 

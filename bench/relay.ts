@@ -30,7 +30,8 @@ import {
   backgroundLoad,
   CLI,
   busiestShare,
-  countEveryWorker,
+  queueCounts,
+  type QueueCounts,
   describeMachine,
   HOST,
   KB,
@@ -51,7 +52,6 @@ import {
   startPetrel,
   startSink,
   stop,
-  sumOf,
   table,
   WORKER_COUNTS,
   workerPids,
@@ -59,7 +59,6 @@ import {
   type Run,
   type Sample,
   type Server,
-  type WorkerCounts,
   runMatrix,
   finishRuns,
 } from './harness.js';
@@ -92,51 +91,30 @@ const DKIM_TARGET_RATIO = 0.75;
 /** How long Petrel may take to deliver a run's messages after the client is done. */
 const DRAIN_TIMEOUT_MS = 60_000;
 
-interface Counts {
-  readonly queued: number;
-  readonly delivered: number;
-  readonly deferred: number;
-  readonly failed: number;
-  /** Each worker's counts, in the plugin's order. */
-  readonly byWorker: WorkerCounts;
-}
-
-/** The bench plugin's counts, added up over every worker. */
-async function counts(server: Server): Promise<Counts> {
-  const byWorker = await countEveryWorker(server, 4);
-  const [queued, delivered, deferred, failed] = [0, 1, 2, 3].map((i) => sumOf(byWorker, i)) as [
-    number,
-    number,
-    number,
-    number,
-  ];
-  return { queued, delivered, deferred, failed, byWorker };
-}
-
 /**
  * Starts the clock just before smtp-source starts and stops it when the plugin has counted every
  * message of the run delivered to the sink; checks that the queue took exactly the run's messages
  * and that none was deferred or failed.
  */
 function relayProbe(petrel: Server): Probe {
-  let before: Counts = { queued: 0, delivered: 0, deferred: 0, failed: 0, byWorker: new Map() };
+  let before: QueueCounts = { queued: 0, delivered: 0, deferred: 0, failed: 0, byWorker: new Map() };
   let started = 0n;
   let cpuBefore = 0;
   return {
     async start() {
-      before = await counts(petrel);
+      before = await queueCounts(petrel);
       cpuBefore = serverCpuSeconds(petrel);
       started = process.hrtime.bigint();
     },
     async finish(messages, seconds) {
       const clientDone = Date.now();
-      let now = await counts(petrel);
+      let now = await queueCounts(petrel);
       // Every recipient must have an outcome; the run fails unless all of them are deliveries.
-      const unfinished = (c: Counts): boolean =>
+      const unfinished = (c: QueueCounts): boolean =>
         c.delivered + c.deferred + c.failed - (before.delivered + before.deferred + before.failed) < messages;
       while (unfinished(now) && Date.now() - clientDone < DRAIN_TIMEOUT_MS) {
         await sleep(10);
-        now = await counts(petrel);
+        now = await queueCounts(petrel);
       }
       const relaySeconds = Number(process.hrtime.bigint() - started) / 1e9;
       const relayCpu = (serverCpuSeconds(petrel) - cpuBefore) / relaySeconds;
