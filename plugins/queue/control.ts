@@ -11,15 +11,15 @@ import type { FinishedMessage, TraceQuery } from './history-store.js';
  * know the engine, so the two depend on each other in one direction only (engine → control).
  */
 export interface ControlTarget {
-  list(): MessageSummary[];
-  get(id: string): MessageSummary | null;
+  list(): Promise<MessageSummary[]>;
+  get(id: string): Promise<MessageSummary | null>;
   /** The message's header section as stored, cut at a limit. */
   headers(id: string): Promise<string>;
-  flushMessages(target: { id?: string; domain?: string }): { flushed: string[]; held: string[] };
+  flushMessages(target: { id?: string; domain?: string }): Promise<{ flushed: string[]; held: string[] }>;
   hold(id: string, held: boolean): Promise<MessageSummary | null>;
   end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null>;
   /** The queued messages that match, with their histories (for `petrel trace`). */
-  find(query: TraceQuery): MessageSummary[];
+  find(query: TraceQuery): Promise<MessageSummary[]>;
   /** The finished messages' stories that match, from history.sqlite (for the web console). */
   finished(query: TraceQuery): FinishedMessage[];
   /** How big the part is and how its opening went, without listing its messages. */
@@ -40,6 +40,10 @@ export interface QueueStatus {
   readonly indexSeconds: number;
   /** Messages the journal held at the last start. */
   readonly indexedMessages: number;
+  /** Messages held loaded (the active window). */
+  readonly loaded: number;
+  /** Messages due now and waiting for a delivery slot. */
+  readonly ready: number;
   /** The serving process's memory, in bytes (`process.memoryUsage()`). */
   readonly memory: { readonly rss: number; readonly heapUsed: number };
 }
@@ -325,21 +329,21 @@ async function handle(engine: ControlTarget, req: ControlRequest): Promise<Contr
   });
   switch (req.op) {
     case 'list':
-      return { ok: true, op: 'list', now, messages: engine.list().map(wire) };
+      return { ok: true, op: 'list', now, messages: (await engine.list()).map(wire) };
     case 'status':
       return { ok: true, op: 'status', now, ...engine.status() };
     case 'find':
-      return { ok: true, op: 'find', now, messages: engine.find(req.query!).map(wire) };
+      return { ok: true, op: 'find', now, messages: (await engine.find(req.query!)).map(wire) };
     case 'finished':
       return { ok: true, op: 'finished', now, messages: engine.finished(req.query!) };
     case 'show': {
-      const m = engine.get(req.id!);
+      const m = await engine.get(req.id!);
       if (!m) return missing(req.id!);
       return { ok: true, op: 'show', now, message: wire(m), headers: await engine.headers(req.id!) };
     }
     case 'flush': {
-      if (req.id && !engine.get(req.id)) return missing(req.id);
-      const { flushed, held } = engine.flushMessages(req);
+      if (req.id && !(await engine.get(req.id))) return missing(req.id);
+      const { flushed, held } = await engine.flushMessages(req);
       if (req.id && held.length)
         return {
           ok: false,
