@@ -18,7 +18,9 @@
  * - the drain: from the `flush` request until every message (the old ones and those sent during
  *   the drain) is delivered at the sink, as messages per second, beside smtp-sink's own rate
  *   (smtp-source straight into a second smtp-sink, same sessions, same run);
- * - the accept rate of new mail while the queue drains.
+ * - the accept rate of new mail while the queue drains;
+ * - the relay rate of the same Petrel once its queue is empty again (new mail accepted and passed
+ *   on to the sink, first accept to last delivery), and the drain rate as a share of it.
  *
  * Environment: BENCH_SCALE multiplies N (default 100,000; BENCH_SCALE=10 is the million);
  * BENCH_DIR is the folder for the queue (default: the system's temporary folder, unless that is in
@@ -223,6 +225,14 @@ async function main(): Promise<number> {
     if (drained.failed) throw new BenchError(`${drained.failed} recipient(s) failed during the drain`);
     const left = await status(queueDir);
 
+    // The relay rate, for the drain's target: the same Petrel, its queue empty again and the
+    // smarthost up, takes new mail and passes it on (first accept to last delivery).
+    log(`relaying ${extra} new messages with the queue empty…`);
+    const relayStart = process.hrtime.bigint();
+    await send(source, petrel.port, extra, slow);
+    await until(petrel, 'every relayed message delivered', (c) => c.delivered >= n + 2 * extra, slow);
+    const relaySeconds = since(relayStart);
+
     const fig = {
       messages: n,
       size: SIZE,
@@ -250,6 +260,8 @@ async function main(): Promise<number> {
       sinkPerSecond: extra / sinkSeconds,
       drainToSink: (n + extra) / drainSeconds / (extra / sinkSeconds),
       acceptDuringDrainPerSecond: extra / duringSeconds,
+      relayPerSecond: extra / relaySeconds,
+      drainToRelay: (n + extra) / drainSeconds / (extra / relaySeconds),
       leftInQueue: left?.messages ?? null,
     };
     const f1 = (x: number): string => x.toFixed(1);
@@ -270,7 +282,8 @@ async function main(): Promise<number> {
         `  restart: first greeting after ${f2(greetSeconds)} s, whole queue indexed after ${f2(indexedSeconds)} s ` +
         `(reading the journal: ${f2(fig.journalReadSeconds)} s)\n` +
         `  drain: ${n + extra} messages delivered in ${f1(drainSeconds)} s = ${f1(fig.drainPerSecond)} msg/s; ` +
-        `smtp-sink alone ${f1(fig.sinkPerSecond)} msg/s (ratio ${f2(fig.drainToSink)})\n` +
+        `smtp-sink alone ${f1(fig.sinkPerSecond)} msg/s (ratio ${f2(fig.drainToSink)}); ` +
+        `relaying with the queue empty ${f1(fig.relayPerSecond)} msg/s (drain/relay ${f2(fig.drainToRelay)})\n` +
         `  accept rate during the drain: ${f1(fig.acceptDuringDrainPerSecond)} msg/s ` +
         `(${extra} messages, ${SESSIONS} sessions)\n`,
     );
