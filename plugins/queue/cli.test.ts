@@ -95,7 +95,11 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
   const listJson = async (): Promise<WireMessage[]> => {
     const r = await queue('list', '--json');
     assert.equal(r.code, 0, describeRun(r));
-    return (JSON.parse(r.stdout) as { messages: WireMessage[] }).messages;
+    // One message per line (ndjson).
+    return r.stdout
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as WireMessage);
   };
 
   /** Sends a message and waits for the queue's first attempt at it (deferred while stuck). */
@@ -150,7 +154,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     const id = await send('bob@stuck.test');
     const r = await queue('list');
     assert.equal(r.code, 0, describeRun(r));
-    assert.match(r.stdout, /^1 message in the queue, 1 recipient waiting \(.*spool\/queue\)$/m);
+    assert.match(r.stdout, /^1 message shown, 1 recipient waiting \(.*spool\/queue\)$/m);
     assert.match(
       r.stdout,
       new RegExp(`^${id}  \\d+ bytes  arrived \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d:\\d\\d `, 'm'),
@@ -193,7 +197,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     assert.equal((await listJson()).length, 1, 'the server goes on');
   });
 
-  it('the control socket is owner-only (0600) and speaks one line of JSON per request', async () => {
+  it('the control socket is owner-only (0600) and speaks lines of JSON: one per answer, a list a line per batch', async () => {
     const path = join(dir, 'spool', 'queue', 'control.sock');
     const st = statSync(path);
     assert.ok(st.isSocket());
@@ -212,7 +216,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       s.on('data', (d: string) => {
         text += d;
         const lines = text.split('\n').filter(Boolean);
-        if (lines.length === 5 && text.endsWith('\n')) {
+        if (lines.length === 6 && text.endsWith('\n')) {
           clearTimeout(timer);
           s.destroy();
           resolve(lines);
@@ -220,12 +224,20 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       });
       s.on('error', reject);
     });
-    const [bad, noId, missing, list, status] = answers.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const [bad, noId, missing, batch, end, status] = answers.map(
+      (l) => JSON.parse(l) as Record<string, unknown>,
+    );
     assert.deepEqual(bad, { ok: false, error: 'bad-request', message: 'expected a line of JSON' });
     assert.equal(noId!.error, 'bad-request');
     assert.equal(missing!.error, 'not-found');
-    assert.equal(list!.ok, true);
-    assert.equal((list!.messages as unknown[]).length, 1);
+    // The list streams: a line per batch (here one), then the totals.
+    assert.equal(batch!.ok, true);
+    assert.equal(batch!.more, true);
+    assert.equal((batch!.messages as unknown[]).length, 1);
+    assert.deepEqual(
+      { ...end, now: undefined },
+      { ok: true, op: 'list', now: undefined, messages: [], more: false, matched: 1, shown: 1 },
+    );
     // The part at a glance, without its messages: what a console polls at any queue size.
     assert.equal(status!.ok, true);
     assert.equal(status!.op, 'status');
@@ -380,8 +392,8 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       [['frobnicate'], 64, /unknown command "frobnicate"/],
       [['hold'], 64, /hold needs a queue id/],
       [['show', 'a', 'b'], 64, /unexpected argument "b"/],
-      [['flush', 'X', '--domain', 'stuck.test'], 64, /an id or --domain, not both/],
-      [['list', '--domain', 'stuck.test'], 64, /--domain is only for flush/],
+      [['flush', 'X', '--domain', 'stuck.test'], 64, /takes an id or filters .*, not both/],
+      [['show', 'X', '--domain', 'stuck.test'], 64, /--domain is not for show/],
       [['list', '--bogus'], 64, /Unknown option/],
       [['verify', 'X'], 64, /verify takes no id/],
       [['list', '--dir', 'x'], 64, /--dir is only for verify/],

@@ -18,6 +18,7 @@ import {
 } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer, wire, type ControlTarget, type QueueStatus } from './control.js';
+import { matcher, type MessageBrief, type Selection } from './select.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
@@ -201,22 +202,146 @@ export class QueueEngine implements ControlTarget {
     this.pump();
   }
 
-  /**
-   * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
-   * Held messages are left alone. Returns how many messages were made due.
-   */
-  flush(target: string | { id?: string; domain?: string } = {}): number {
-    return this.flushMessages(typeof target === 'string' ? { id: target } : target).flushed.length;
+  // --- administration: the control socket's and the Queue service's view of the index --------
+  //
+  // Everything administration reads of the queue goes through this block: a brief per message
+  // (`brief`, what an index entry holds), walks over them (`select`), and full summaries of some
+  // (`summaries`, `get`, `find`). Here they read `store.entries` in memory; a store that keeps
+  // envelopes on disk provides the same methods from its index.
+
+  /** What the index knows of a message (see MessageBrief): no disk read. */
+  private brief(e: Entry): MessageBrief {
+    const { env } = e;
+    const domains = new Set<string>();
+    let waiting = 0;
+    let next = Infinity;
+    let deferred = false;
+    e.rcpts.forEach((r, i) => {
+      if (r.status !== 'pending' && r.status !== 'deferred') return;
+      waiting++;
+      domains.add(env.recipients[i]!.address.domain.toLowerCase());
+      if (r.nextAttemptAt < next) next = r.nextAttemptAt;
+      if (r.attempts > 0) deferred = true;
+    });
+    return {
+      id: e.id,
+      sender: env.sender?.address ?? '',
+      receivedAt: env.receivedAt,
+      size: env.size,
+      held: e.held,
+      attempting: this.attempting.has(e.id),
+      domains: [...domains],
+      waiting,
+      nextAttemptAt: next === Infinity ? null : next,
+      deferred,
+    };
   }
 
-  /** `flush`, saying which messages were made due and which matched but are held. */
-  flushMessages(target: { id?: string; domain?: string }): { flushed: string[]; held: string[] } {
-    const { id, domain } = target;
+  /** The matching messages' briefs, in batches, in arrival order (ControlTarget.select). */
+  async *select(sel: Selection, batch = 1000): AsyncGenerator<readonly MessageBrief[]> {
+    const matches = matcher(sel, Date.now());
+    if (sel.id !== undefined) {
+      const e = this.store.entries.get(sel.id);
+      const b = e ? this.brief(e) : null;
+      if (b && matches(b)) yield [b];
+      return;
+    }
+    let out: MessageBrief[] = [];
+    let scanned = 0;
+    // The map's own iterator: entries added during the walk come at its end, finished ones are
+    // skipped, and none is visited twice.
+    for (const e of this.store.entries.values()) {
+      const b = this.brief(e);
+      if (matches(b)) out.push(b);
+      if (out.length >= batch) {
+        yield out;
+        out = [];
+      }
+      // A walk that matches little still lets the event loop (SMTP sessions, attempts) run.
+      if (++scanned % 10_000 === 0) await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (out.length) yield out;
+  }
+
+  /** Full summaries of these messages, as listed; gone ones are left out (ControlTarget.summaries). */
+  async summaries(ids: readonly string[]): Promise<MessageSummary[]> {
+    return ids.flatMap((id) => {
+      const e = this.store.entries.get(id);
+      return e ? [this.summary(e)] : [];
+    });
+  }
+
+  /** One message with its history, or null. */
+  async get(id: string): Promise<MessageSummary | null> {
+    return this.getNow(id);
+  }
+
+  /**
+   * The Queue service's `get` and `list` (api.ts), which are synchronous: they read the entries
+   * in memory, and turn async (as `get`) with an index on disk.
+   */
+  getNow(id: string): MessageSummary | null {
+    const e = this.store.entries.get(id);
+    return e ? this.withReports(this.summary(e, true)) : null;
+  }
+
+  /** Every message not yet final, oldest first. */
+  list(): MessageSummary[] {
+    // Summaries first: each reads its envelope once, where a sort by envelope would read it often.
+    return [...this.store.entries.values()]
+      .map((e) => this.summary(e))
+      .sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
+  }
+
+  /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
+  async find(query: TraceQuery): Promise<MessageSummary[]> {
+    const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
+    const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
+    const to = lower(query.to);
+    const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
+    const found: MessageSummary[] = [];
+    for (const e of this.store.entries.values()) {
+      const { env } = e;
+      if (query.id !== undefined && env.id !== query.id) continue;
+      if (messageId !== undefined && bareMessageId(env.origin?.messageId ?? '') !== messageId) continue;
+      if (from !== undefined && (env.sender?.address ?? '').toLowerCase() !== from) continue;
+      if (query.since !== undefined && env.receivedAt < query.since) continue;
+      if (
+        to !== undefined &&
+        !env.recipients.some(
+          (r) => r.address.address.toLowerCase() === to || lower(r.expandedFrom?.address) === to,
+        )
+      )
+        continue;
+      found.push(this.withReports(this.summary(e, true)));
+    }
+    return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
+  }
+
+  /**
+   * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
+   * Held messages are left alone. Returns how many messages were made due (the Queue service's
+   * `flush`).
+   */
+  flush(target: string | { id?: string; domain?: string } = {}): number {
+    return this.flushNow(typeof target === 'string' ? { id: target } : target).flushed.length;
+  }
+
+  /** `flush` for the matching messages, saying which were made due and which are held. */
+  async flushMessages(sel: Selection): Promise<{ flushed: string[]; held: string[] }> {
+    return this.flushNow(sel);
+  }
+
+  private flushNow(sel: Selection): { flushed: string[]; held: string[] } {
     const flushed: string[] = [];
     const held: string[] = [];
-    for (const e of this.store.entries.values()) {
-      if (id && e.id !== id) continue;
-      if (domain && !e.env.recipients.some((r) => r.address.domain === domain.toLowerCase())) continue;
+    const matches = matcher(sel, Date.now());
+    const entries =
+      sel.id === undefined
+        ? this.store.entries.values()
+        : [this.store.entries.get(sel.id)].filter((e) => !!e);
+    for (const e of entries) {
+      if (!matches(this.brief(e))) continue;
       if (e.held) {
         held.push(e.id);
         continue;
@@ -229,22 +354,11 @@ export class QueueEngine implements ControlTarget {
     return { flushed, held };
   }
 
+  // --- end of administration -------------------------------------------------------------------
+
   /** False once the part is closing (for the readiness check). */
   get isOpen(): boolean {
     return !this.closing;
-  }
-
-  /** Every message not yet final, oldest first. */
-  list(): MessageSummary[] {
-    // Summaries first: each reads its envelope once, where a sort by envelope would read it often.
-    return [...this.store.entries.values()]
-      .map((e) => this.summary(e))
-      .sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
-  }
-
-  get(id: string): MessageSummary | null {
-    const e = this.store.entries.get(id);
-    return e ? this.withReports(this.summary(e, true)) : null;
   }
 
   /** Finished messages' stories that match, newest first (empty without a history store). */
@@ -267,31 +381,6 @@ export class QueueEngine implements ControlTarget {
       indexedMessages: this.indexed.messages,
       memory: { rss, heapUsed },
     };
-  }
-
-  /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
-  find(query: TraceQuery): MessageSummary[] {
-    const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
-    const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
-    const to = lower(query.to);
-    const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
-    const found: MessageSummary[] = [];
-    for (const e of this.store.entries.values()) {
-      const { env } = e;
-      if (query.id !== undefined && env.id !== query.id) continue;
-      if (messageId !== undefined && bareMessageId(env.origin?.messageId ?? '') !== messageId) continue;
-      if (from !== undefined && (env.sender?.address ?? '').toLowerCase() !== from) continue;
-      if (query.since !== undefined && env.receivedAt < query.since) continue;
-      if (
-        to !== undefined &&
-        !env.recipients.some(
-          (r) => r.address.address.toLowerCase() === to || lower(r.expandedFrom?.address) === to,
-        )
-      )
-        continue;
-      found.push(this.withReports(this.summary(e, true)));
-    }
-    return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
   }
 
   /** A message's header section as stored (up to `limit` characters), for `petrel queue show`. */

@@ -83,7 +83,7 @@ export default definePlugin({
       ),
     );
     /** The engine holding a message, if any. */
-    const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.get(id) !== null);
+    const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.getNow(id) !== null);
     provide(Queue, {
       settings: Object.freeze({ lifetime, retryDelays: schedule.delays, repeatLast: schedule.repeatLast }),
       async submit(message) {
@@ -117,7 +117,7 @@ export default definePlugin({
         engines.length === 1
           ? engine.list()
           : engines.flatMap((e) => e.list()).sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()),
-      get: (id) => holding(id)?.get(id) ?? null,
+      get: (id) => holding(id)?.getNow(id) ?? null,
       flush: (target) => engines.reduce((n, e) => n + e.flush(target), 0),
       hold: async (id) => (await holding(id)?.hold(id, true)) ?? null,
       release: async (id) => (await holding(id)?.hold(id, false)) ?? null,
