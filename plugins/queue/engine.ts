@@ -18,7 +18,7 @@ import {
 } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer, wire, type ControlTarget, type QueueStatus } from './control.js';
-import { matcher, type MessageBrief, type Selection } from './select.js';
+import { matcher, selectsAll, type MessageBrief, type Selection } from './select.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
@@ -336,12 +336,14 @@ export class QueueEngine implements ControlTarget {
     const flushed: string[] = [];
     const held: string[] = [];
     const matches = matcher(sel, Date.now());
+    // By id alone (a bulk flush goes message by message) or every message: no brief to build.
+    const any = selectsAll({ ...sel, id: undefined });
     const entries =
       sel.id === undefined
         ? this.store.entries.values()
         : [this.store.entries.get(sel.id)].filter((e) => !!e);
     for (const e of entries) {
-      if (!matches(this.brief(e))) continue;
+      if (!any && !matches(this.brief(e))) continue;
       if (e.held) {
         held.push(e.id);
         continue;
