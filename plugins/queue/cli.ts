@@ -342,8 +342,9 @@ function describeBulk(
   const lines: string[] = [];
   const where = scope(sel);
   const some = messages(res.done, sel);
+  // A few ids say which; `list --held` lists them all.
   const more = (ids: readonly string[], n: number): string =>
-    `${ids.join(', ')}${n > ids.length ? ', …' : ''}`;
+    `${ids.slice(0, 5).join(', ')}${n > Math.min(ids.length, 5) ? ', …' : ''}`;
   if (res.op === 'flush') {
     if (id) return [`Flushed ${id}: its deferred recipients are being tried now (petrel queue show ${id}).`];
     if (res.done === 0 && res.held === 0) lines.push(`No message${where} to flush.`);
@@ -390,9 +391,26 @@ async function list(
   };
   let waiting = 0;
   let first = true;
+  // Whoever reads the output sets the pace (`| less`); one who stops (`| head`) ends the list.
+  let closed = false;
   const write = (text: string): Promise<void> =>
-    io.stdout.write(text) ? Promise.resolve() : new Promise((resolve) => io.stdout.once('drain', resolve));
-  const { matched, shown } = await listAllParts(dir, req, ANSWER_TIMEOUT_MS, async (batch, now) => {
+    io.stdout.write(text)
+      ? Promise.resolve()
+      : new Promise((resolve, reject) => {
+          const done = (err?: unknown): void => {
+            io.stdout.off('drain', done);
+            io.stdout.off('error', done);
+            io.stdout.off('close', done);
+            if (err !== undefined || io.stdout.destroyed) {
+              closed = true;
+              reject(new OutputClosed());
+            } else resolve();
+          };
+          io.stdout.on('drain', done);
+          io.stdout.on('error', done);
+          io.stdout.on('close', done);
+        });
+  const listed = await listAllParts(dir, req, ANSWER_TIMEOUT_MS, async (batch, now) => {
     let text = '';
     for (const m of batch) {
       if (values.json) text += `${JSON.stringify(m)}\n`;
@@ -406,7 +424,12 @@ async function list(
       first = false;
     }
     await write(text);
+  }).catch((err: unknown) => {
+    if (closed) return null;
+    throw err;
   });
+  if (!listed) return 0;
+  const { matched, shown } = listed;
   if (values.json) return 0;
   const out = (text: string): void => void io.stdout.write(`${text}\n`);
   if (shown === 0) {
@@ -420,6 +443,9 @@ async function list(
   out(`\n${messages(shown, select)} shown${of}, ${plural(waiting, 'recipient')} waiting (${dir})`);
   return 0;
 }
+
+/** The output of a list was closed by its reader. */
+class OutputClosed extends Error {}
 
 /** One message on one line, from what the index knows (`list --brief`). */
 export function describeBrief(b: WireBrief, now: Date): string {

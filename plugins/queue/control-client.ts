@@ -292,29 +292,34 @@ export async function listAllParts(
     if (out.length) await onBatch(out, now);
     out = [];
   };
-  for (;;) {
-    // Every part that has more has a message at hand, or is asked for its next line.
-    for (const p of parts) {
-      while (p.at >= p.batch.length && !p.done) {
-        await flush();
-        take(p, await p.stream.next());
+  try {
+    for (;;) {
+      // Every part that has more has a message at hand, or is asked for its next line.
+      for (const p of parts) {
+        while (p.at >= p.batch.length && !p.done) {
+          await flush();
+          take(p, await p.stream.next());
+        }
+      }
+      let pick: Part | null = null;
+      for (const p of parts) {
+        if (p.at >= p.batch.length) continue;
+        if (!pick || Date.parse(p.batch[p.at]!.receivedAt) < Date.parse(pick.batch[pick.at]!.receivedAt))
+          pick = p;
+      }
+      if (!pick) break;
+      const m = pick.batch[pick.at++]!;
+      // Past the limit, the rest is read only for the totals (each part sent at most `limit`).
+      if (shown < limit) {
+        out.push(m);
+        shown++;
+        if (out.length >= 100) await flush();
       }
     }
-    let pick: Part | null = null;
-    for (const p of parts) {
-      if (p.at >= p.batch.length) continue;
-      if (!pick || Date.parse(p.batch[p.at]!.receivedAt) < Date.parse(pick.batch[pick.at]!.receivedAt))
-        pick = p;
-    }
-    if (!pick) break;
-    const m = pick.batch[pick.at++]!;
-    // Past the limit, the rest is read only for the totals (each part sent at most `limit`).
-    if (shown < limit) {
-      out.push(m);
-      shown++;
-      if (out.length >= 100) await flush();
-    }
+    await flush();
+  } finally {
+    // Also when the caller stops early (its output closed): no part keeps a connection open.
+    for (const p of parts) p.stream.close();
   }
-  await flush();
   return { matched, shown, now };
 }
