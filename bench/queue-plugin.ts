@@ -1,3 +1,4 @@
+import { getHeapSpaceStatistics } from 'node:v8';
 /**
  * The queue benchmark's plugin, listed before the built-in `queue` and `outbound` plugins: it
  * accepts every recipient at `rcpt` (so any client may send to any domain) and counts what the
@@ -10,9 +11,10 @@
  * the queue's `250` and the others count recipients.
  *
  * On a second socket, `gc-<pid>.sock` beside it, it runs a full garbage collection when asked
- * (Petrel started with `--expose-gc`) and answers `<heap used> <heap total> <array buffers>` in
- * bytes after it: the heap the live objects take, without the garbage a moment's figure includes;
- * the heap V8 keeps for them; and the memory of Buffers, outside the heap.
+ * (Petrel started with `--expose-gc`) and answers `<heap used> <heap total> <array buffers>
+ * <young generation>` in bytes after it: the heap the live objects take, without the garbage a
+ * moment's figure includes; the heap V8 keeps for them; the memory of Buffers, outside the heap;
+ * and the size of V8's young generation (new space), which it grows under load and keeps.
  */
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -30,7 +32,8 @@ async function serveGc(dir: string, onClose: (fn: () => Promise<void>) => void):
     socket.on('error', () => undefined);
     gc?.();
     const { heapUsed, heapTotal, arrayBuffers } = process.memoryUsage();
-    socket.end(`${gc ? heapUsed : -1} ${heapTotal} ${arrayBuffers}\n`);
+    const young = getHeapSpaceStatistics().find((s) => s.space_name === 'new_space')?.space_size ?? 0;
+    socket.end(`${gc ? heapUsed : -1} ${heapTotal} ${arrayBuffers} ${young}\n`);
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

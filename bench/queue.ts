@@ -18,7 +18,12 @@
  * - the drain: from the `flush` request until every message (the old ones and those sent during
  *   the drain) is delivered at the sink, as messages per second, beside smtp-sink's own rate
  *   (smtp-source straight into a second smtp-sink, same sessions, same run);
- * - the accept rate of new mail while the queue drains.
+ * - the accept rate of new mail while the queue drains;
+ * - the relay rate of the same Petrel, measured first with its queue empty and the smarthost up
+ *   (new mail accepted and passed on to a sink, first accept to last delivery), and the drain rate
+ *   as a share of it. That relay is also the warm-up: the memory per deferred message is counted
+ *   from the empty server after it, so that what V8 grows once under any load is not counted as
+ *   the queue's.
  *
  * Environment: BENCH_SCALE multiplies N (default 100,000; BENCH_SCALE=10 is the million);
  * BENCH_DIR is the folder for the queue (default: the system's temporary folder, unless that is in
@@ -107,7 +112,7 @@ async function status(queueDir: string): Promise<(QueueStatus & { ok: true }) | 
  */
 async function collected(
   server: Server,
-): Promise<{ heap: number; heapTotal: number; buffers: number; rssKiB: number }> {
+): Promise<{ heap: number; heapTotal: number; buffers: number; newSpace: number; rssKiB: number }> {
   const [pid] = workerPids(server);
   const line = await new Promise<string>((resolve, reject) => {
     const socket = connect(gcSocketPath(server.dir!, pid!));
@@ -117,9 +122,9 @@ async function collected(
     socket.once('error', reject);
     socket.once('end', () => resolve(got));
   });
-  const [heap = 0, heapTotal = 0, buffers = 0] = line.split(' ').map(Number);
+  const [heap = 0, heapTotal = 0, buffers = 0, newSpace = 0] = line.split(' ').map(Number);
   if (!(heap > 0)) throw new BenchError(`the gc socket answered "${line.trim()}"`);
-  return { heap, heapTotal, buffers, rssKiB: serverRssKiB(server) };
+  return { heap, heapTotal, buffers, newSpace, rssKiB: serverRssKiB(server) };
 }
 
 /** smtp-source against `port`, checked: every message counted by smtp-source. Returns seconds. */
@@ -134,6 +139,7 @@ async function send(source: string, port: number, messages: number, timeoutMs: n
 
 const since = (start: bigint): number => Number(process.hrtime.bigint() - start) / 1e9;
 const mib = (kib: number): string => `${(kib / 1024).toFixed(0)} MiB`;
+const mb = (bytes: number): string => `${(bytes / 1024 / 1024).toFixed(0)} MiB`;
 
 async function main(): Promise<number> {
   const factor = scale();
@@ -168,6 +174,21 @@ async function main(): Promise<number> {
       `petrel on ${HOST}:${petrel.port} (worker ${workerPids(petrel).join(', ')}), smarthost ${HOST}:${destPort} down`,
     );
     await queueCounts(petrel); // the worker is up
+    const rssFresh = serverRssKiB(petrel);
+    const fresh = await collected(petrel);
+
+    // The relay rate, for the drain's target, and a warm-up: with the smarthost up for a while,
+    // the same Petrel takes `extra` new messages and passes them on (first accept to last
+    // delivery). The empty queue's memory is measured after it, on a server that has worked (V8
+    // grows its young generation under load, once, whatever the queue holds).
+    const warm = await startSink(sink, destPort);
+    log(`relaying ${extra} messages to a sink on the smarthost's port…`);
+    const relayStart = process.hrtime.bigint();
+    await send(source, petrel.port, extra, slow);
+    await until(petrel, 'every relayed message delivered', (c) => c.delivered >= extra, slow);
+    const relaySeconds = since(relayStart);
+    await stop(warm.child);
+    log(`smarthost ${HOST}:${destPort} down again`);
     const rssEmpty = serverRssKiB(petrel);
     const empty = await collected(petrel);
 
@@ -177,8 +198,10 @@ async function main(): Promise<number> {
     const acceptSeconds = await send(source, petrel.port, n, slow);
     const filled = await until(petrel, 'every message deferred once', (c) => c.deferred >= n, slow);
     const fillSeconds = since(fillStart);
-    if (filled.queued !== n || filled.delivered || filled.failed)
-      throw new BenchError(`the fill counted ${JSON.stringify(filled)}; expected ${n} queued and deferred`);
+    if (filled.queued !== n + extra || filled.delivered !== extra || filled.failed)
+      throw new BenchError(
+        `the fill counted ${JSON.stringify(filled)}; expected ${n} more queued and deferred after ${extra} relayed`,
+      );
     const full = await status(queueDir);
     const rssFull = serverRssKiB(petrel);
     const fullGc = await collected(petrel);
@@ -229,6 +252,11 @@ async function main(): Promise<number> {
       sessions: SESSIONS,
       fillSeconds,
       acceptPerSecond: n / acceptSeconds,
+      rssFreshKiB: rssFresh,
+      heapFresh: fresh.heap,
+      newSpaceFresh: fresh.newSpace,
+      newSpaceEmpty: empty.newSpace,
+      newSpaceRestarted: restartedGc.newSpace,
       rssEmptyKiB: rssEmpty,
       rssFullKiB: rssFull,
       rssPerMessageBytes: ((rssFull - rssEmpty) * 1024) / n,
@@ -250,6 +278,8 @@ async function main(): Promise<number> {
       sinkPerSecond: extra / sinkSeconds,
       drainToSink: (n + extra) / drainSeconds / (extra / sinkSeconds),
       acceptDuringDrainPerSecond: extra / duringSeconds,
+      relayPerSecond: extra / relaySeconds,
+      drainToRelay: (n + extra) / drainSeconds / (extra / relaySeconds),
       leftInQueue: left?.messages ?? null,
     };
     const f1 = (x: number): string => x.toFixed(1);
@@ -260,7 +290,10 @@ async function main(): Promise<number> {
         `filled by smtp-source with ${SESSIONS} sessions, many messages per connection (-d), while the ` +
         `smarthost refused connections; retry 1h, so each was tried once and deferred.\n\n` +
         `  fill: ${f1(fig.fillSeconds)} s to the last deferral (${f1(fig.acceptPerSecond)} msg/s accepted)\n` +
-        `  RSS: ${mib(rssEmpty)} empty, ${mib(rssFull)} with the queue full, ${mib(rssRestarted)} after a restart\n` +
+        `  relay (the warm-up): ${extra} messages at ${f1(fig.relayPerSecond)} msg/s, first accept to last delivery\n` +
+        `  RSS: ${mib(rssFresh)} fresh, ${mib(rssEmpty)} empty after the warm-up (V8's young generation ` +
+        `${mb(fresh.newSpace)} fresh, ${mb(empty.newSpace)} after it, ${mb(restartedGc.newSpace)} after the restart), ` +
+        `${mib(rssFull)} with the queue full, ${mib(rssRestarted)} after a restart\n` +
         `  per deferred message, with the queue full: ${b(fig.rssPerMessageBytes)} RSS; after a full GC ` +
         `${b(fig.rssAfterGcPerMessageBytes)} RSS, ${b(fig.heapPerMessageBytes)} V8 heap in use ` +
         `(${b(fig.heapTotalPerMessageBytes)} kept by V8), ${b(fig.buffersPerMessageBytes)} Buffers\n` +
@@ -270,7 +303,8 @@ async function main(): Promise<number> {
         `  restart: first greeting after ${f2(greetSeconds)} s, whole queue indexed after ${f2(indexedSeconds)} s ` +
         `(reading the journal: ${f2(fig.journalReadSeconds)} s)\n` +
         `  drain: ${n + extra} messages delivered in ${f1(drainSeconds)} s = ${f1(fig.drainPerSecond)} msg/s; ` +
-        `smtp-sink alone ${f1(fig.sinkPerSecond)} msg/s (ratio ${f2(fig.drainToSink)})\n` +
+        `smtp-sink alone ${f1(fig.sinkPerSecond)} msg/s (ratio ${f2(fig.drainToSink)}); ` +
+        `drain/relay ${f2(fig.drainToRelay)}\n` +
         `  accept rate during the drain: ${f1(fig.acceptDuringDrainPerSecond)} msg/s ` +
         `(${extra} messages, ${SESSIONS} sessions)\n`,
     );

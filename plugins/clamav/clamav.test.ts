@@ -220,7 +220,7 @@ export default definePlugin({
     assert.equal(reply.code, 250, reply.raw);
     const id = /queued as (\S+)/.exec(reply.text)?.[1];
     assert.ok(id, reply.raw);
-    const held = resolveToken(srv.app.generation.container, Queue).get(id);
+    const held = await resolveToken(srv.app.generation.container, Queue).get(id);
     assert.equal(held?.held, true);
     assert.equal(held?.heldReason, `clamav: virus ${EICAR_SIGNATURE}`);
     assert.equal(scans(srv)[0]?.action, 'quarantine');

@@ -135,7 +135,7 @@ describe('limit: outbound rate per destination domain', () => {
     const first = await until(() => postponements(srv.logs)[0], 'a postponement');
     assert.equal(first.postponedBy, 'limit');
     assert.equal(first.reason, 'throttled: at most 2 per 3s to slow.test');
-    const waiting = queue.get(first.queueId as string)!.recipients[0]!;
+    const waiting = (await queue.get(first.queueId as string))!.recipients[0]!;
     assert.equal(waiting.attempts, 0);
     assert.equal(waiting.status, 'pending');
     assert.deepEqual(waiting.postponed, { reason: 'throttled: at most 2 per 3s to slow.test', by: 'limit' });
@@ -175,9 +175,9 @@ describe('limit: outbound rate per destination domain', () => {
     await until(() => peer.messages.length === 1, 'the first message at the peer');
     const id = await send(srv.port, 'bob@slow.test', 'second');
     await until(() => postponements(srv.logs, id).length === 1, 'the second postponed');
-    assert.equal(queue.flush({ id }), 1);
+    assert.equal(await queue.flush({ id }), 1);
     await until(() => postponements(srv.logs, id).length === 2, 'postponed again after the flush');
-    const r = queue.get(id)!.recipients[0]!;
+    const r = (await queue.get(id))!.recipients[0]!;
     assert.equal(r.attempts, 0);
     assert.equal(r.postponed?.by, 'limit');
     assert.equal(attempts(srv.logs, id).length, 0);

@@ -494,7 +494,7 @@ describe('mailauth: quarantine holds the message in the queue, with the reason',
     const id = /queued as (\S+)/.exec(r.data!.text)?.[1];
     assert.ok(id, r.data!.raw);
     const queue = resolveToken(srv.app.generation.container, Queue);
-    const held = queue.get(id);
+    const held = await queue.get(id);
     assert.equal(held?.held, true);
     assert.match(held?.heldReason ?? '', /^mailauth: dmarc=fail policy=quarantine header\.from=held\.test/);
     assert.ok(srv.logs.some((l) => l.msg === 'message held at acceptance' && l.queueId === id));

@@ -91,11 +91,18 @@ export interface QueueService {
   readonly settings: QueueSettings;
   /** Stores a new message durably (resolves after fsync) and schedules it now. Returns its id. */
   submit(message: Submission): Promise<string>;
-  /** Every message not yet final. */
-  list(): MessageSummary[];
-  get(id: string): MessageSummary | null;
-  /** Makes deferred recipients due now: one message, the messages with a recipient in `domain`, or all. */
-  flush(target?: { id?: string; domain?: string }): number;
+  /**
+   * Every message not yet final, oldest first. Messages outside the active window are read from
+   * disk for this: with a large queue, prefer `petrel queue list`, which streams.
+   */
+  list(): Promise<MessageSummary[]>;
+  /** One message, or null when no message has this id (read from disk when it is not loaded). */
+  get(id: string): Promise<MessageSummary | null>;
+  /**
+   * Makes deferred recipients due now: one message, the messages with a recipient in `domain`, or
+   * all. Resolves to how many were made due, once the queue knows every message it holds.
+   */
+  flush(target?: { id?: string; domain?: string }): Promise<number>;
   /**
    * Holds a message: it is not attempted (nor flushed) until released. Recorded durably; an
    * attempt in progress finishes. Resolves to the message, or null when no message has this id.

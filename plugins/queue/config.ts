@@ -49,8 +49,8 @@ export const queueConfig = z
       .nonnegative()
       .default(32 * 1024 * 1024),
     /**
-     * Queued messages whose envelopes are held as objects, at most: by count, and by the octets of
-     * their envelopes' JSON. The others keep the JSON text and are parsed again when next looked at.
+     * Queued messages held loaded (envelope, replies, kept attempts), at most: by count, and by the
+     * octets of their envelopes. The others are an index entry, read back from the journal when needed.
      */
     activeWindow: z
       .object({

@@ -56,6 +56,10 @@ export interface QueueStatus {
   readonly indexSeconds: number;
   /** Messages the journal held at the last start. */
   readonly indexedMessages: number;
+  /** Messages held loaded (the active window). */
+  readonly loaded: number;
+  /** Messages due now and waiting for a delivery slot. */
+  readonly ready: number;
   /** The serving process's memory, in bytes (`process.memoryUsage()`). */
   readonly memory: { readonly rss: number; readonly heapUsed: number };
 }

@@ -9,6 +9,7 @@ import type {
 } from '../../core/index.js';
 import type { RetrySchedule } from './schedule.js';
 import { DueHeap } from './due-heap.js';
+import { ReadyQueue } from './ready.js';
 import {
   QueueStore,
   type Entry,
@@ -48,6 +49,10 @@ export interface EngineOptions {
 }
 
 const COMPACT_EVERY = 60_000;
+/** A message whose records do not read back is tried again after this long. */
+const UNREADABLE_RETRY = 30 * 60_000;
+/** Messages read from disk at once for administration. */
+const SUMMARY_READS = 16;
 const MAX_TIMER = 60_000;
 /** Back-off between tries to record an attempt's outcome: doubling from the first to the last. */
 const RECORD_RETRY_FIRST = 500;
@@ -65,7 +70,7 @@ function replyText(text: string | readonly string[]): string {
 export class QueueEngine implements ControlTarget {
   private static readonly open = new Map<string, { engine: QueueEngine; users: number }>();
 
-  private readonly ready = new Set<string>();
+  private readonly ready = new ReadyQueue();
   /** Messages with a delivery attempt in progress. */
   private readonly attempting = new Set<string>();
   private active = 0;
@@ -94,8 +99,6 @@ export class QueueEngine implements ControlTarget {
   private readonly reports = new Map<string, Set<string>>();
   /** Back-off waits in progress, woken early when the queue closes. */
   private readonly sleepers = new Set<() => void>();
-  /** How the journal's reading went at open (for `status`). */
-  private indexed = { seconds: 0, messages: 0 };
 
   private constructor(
     readonly store: QueueStore,
@@ -141,9 +144,7 @@ export class QueueEngine implements ControlTarget {
       }
       engine = new QueueEngine(store, opts, history);
       const opened = engine;
-      const started = performance.now();
       await store.open((finished) => opened.recovered(finished));
-      engine.indexed = { seconds: (performance.now() - started) / 1000, messages: store.entries.size };
     } catch (err) {
       if (history) HistoryStore.release(history);
       await unlock();
@@ -157,19 +158,15 @@ export class QueueEngine implements ControlTarget {
       // Mail still flows; only `petrel queue` cannot reach this server.
       opts.log.error({ err, dir }, 'queue control socket unavailable; petrel queue cannot reach this server');
     }
-    opts.log.info(
-      {
-        dir,
-        messages: store.entries.size,
-        recoveredFromCrash: store.recoveredFromCrash,
-        indexSeconds: engine.indexed.seconds,
+    opts.log.info({ dir, recoveredFromCrash: store.recoveredFromCrash }, 'queue opened; reading its journal');
+    const indexed = engine;
+    store.indexed.then(
+      () => indexed.onIndexed(),
+      (err: unknown) => {
+        if (indexed.closing) return;
+        opts.log.error({ err, dir }, 'queue journal could not be read; its messages wait for the next start');
       },
-      'queue opened',
     );
-    for (const [id, entry] of store.entries) {
-      engine.ready.add(id);
-      engine.noteReport(entry);
-    }
     engine.compactor = setInterval(() => {
       engine.store.compact().catch((err: unknown) => opts.log.error({ err }, 'queue compaction failed'));
     }, COMPACT_EVERY);
@@ -179,6 +176,28 @@ export class QueueEngine implements ControlTarget {
       engine.pump();
     });
     return engine;
+  }
+
+  /**
+   * The journal is read: every message it held is known. Each is put on the timetable (due ones
+   * are tried at once), and reports are indexed. Until now only mail accepted since the start was
+   * delivered.
+   */
+  private onIndexed(): void {
+    const { store } = this;
+    let messages = 0;
+    for (const entry of store.entries.values()) {
+      if (!entry.recovered) continue;
+      messages++;
+      this.noteReport(entry);
+      this.schedule(entry);
+    }
+    this.opts.log.info(
+      { dir: store.dir, messages, indexSeconds: store.indexing.seconds },
+      'queue journal read; every message it held is scheduled',
+    );
+    this.arm();
+    this.pump();
   }
 
   /** The open engine of a queue folder, if any (for administration and tests). */
@@ -198,20 +217,18 @@ export class QueueEngine implements ControlTarget {
   async accept(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<void> {
     const entry = await this.store.add(env, body);
     this.noteReport(entry);
-    this.ready.add(entry.id);
+    this.ready.add(entry);
     this.pump();
   }
 
   // --- administration: the control socket's and the Queue service's view of the index --------
   //
   // Everything administration reads of the queue goes through this block: a brief per message
-  // (`brief`, what an index entry holds), walks over them (`select`), and full summaries of some
-  // (`summaries`, `get`, `find`). Here they read `store.entries` in memory; a store that keeps
-  // envelopes on disk provides the same methods from its index.
+  // (`brief`, from its index entry alone), walks over them (`select`), and full summaries of some
+  // (`summaries`, `get`, `find`, `list`), which read from disk the messages not loaded.
 
   /** What the index knows of a message (see MessageBrief): no disk read. */
   private brief(e: Entry): MessageBrief {
-    const { env } = e;
     const domains = new Set<string>();
     let waiting = 0;
     let next = Infinity;
@@ -219,15 +236,15 @@ export class QueueEngine implements ControlTarget {
     e.rcpts.forEach((r, i) => {
       if (r.status !== 'pending' && r.status !== 'deferred') return;
       waiting++;
-      domains.add(env.recipients[i]!.address.domain.toLowerCase());
+      domains.add(e.domains[i]!);
       if (r.nextAttemptAt < next) next = r.nextAttemptAt;
       if (r.attempts > 0) deferred = true;
     });
     return {
       id: e.id,
-      sender: env.sender?.address ?? '',
-      receivedAt: env.receivedAt,
-      size: env.size,
+      sender: e.sender,
+      receivedAt: e.receivedAt,
+      size: e.size,
       held: e.held,
       attempting: this.attempting.has(e.id),
       domains: [...domains],
@@ -263,93 +280,112 @@ export class QueueEngine implements ControlTarget {
     if (out.length) yield out;
   }
 
-  /** Full summaries of these messages, as listed; gone ones are left out (ControlTarget.summaries). */
-  async summaries(ids: readonly string[]): Promise<MessageSummary[]> {
-    return ids.flatMap((id) => {
-      const e = this.store.entries.get(id);
-      return e ? [this.summary(e)] : [];
-    });
+  /** Whether a message is in this part (from the index: no disk read). */
+  has(id: string): boolean {
+    return this.store.entries.has(id);
+  }
+
+  /**
+   * Every message not yet final, oldest first (the Queue service's `list`): reads from disk each
+   * one not loaded. With a large queue, `select` and `summaries` in batches are the way.
+   */
+  async list(): Promise<MessageSummary[]> {
+    const all = await this.summaries([...this.store.entries.keys()]);
+    return all.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
+  }
+
+  /**
+   * Summaries of these messages, in the order given (ControlTarget.summaries); a message that is
+   * gone, or whose records cannot be read (logged), is left out. Messages not loaded are read
+   * from the journal, a few at a time, and do not stay loaded on account of this.
+   */
+  async summaries(ids: readonly string[], detail = false): Promise<MessageSummary[]> {
+    const out: (MessageSummary | null)[] = new Array<MessageSummary | null>(ids.length).fill(null);
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < ids.length) {
+        const k = next++;
+        const entry = this.store.entries.get(ids[k]!);
+        if (!entry) continue;
+        try {
+          out[k] = await this.store.use(entry, (e) => this.summary(e, detail));
+        } catch (err) {
+          this.opts.log.error(
+            { err, queueId: entry.id },
+            'queue: a message could not be read for administration',
+          );
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(SUMMARY_READS, ids.length) }, worker));
+    return out.filter((m): m is MessageSummary => m !== null);
   }
 
   /** One message with its history, or null. */
   async get(id: string): Promise<MessageSummary | null> {
-    return this.getNow(id);
+    const [m] = await this.summaries([id], true);
+    return m ? this.withReports(m) : null;
   }
 
   /**
-   * The Queue service's `get` and `list` (api.ts), which are synchronous: they read the entries
-   * in memory, and turn async (as `get`) with an index on disk.
+   * The queued messages that match (for `petrel trace`), with their histories, oldest first. The
+   * index narrows by id, sender and arrival; the rest is read from disk.
    */
-  getNow(id: string): MessageSummary | null {
-    const e = this.store.entries.get(id);
-    return e ? this.withReports(this.summary(e, true)) : null;
-  }
-
-  /** Every message not yet final, oldest first. */
-  list(): MessageSummary[] {
-    // Summaries first: each reads its envelope once, where a sort by envelope would read it often.
-    return [...this.store.entries.values()]
-      .map((e) => this.summary(e))
-      .sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
-  }
-
-  /** The queued messages that match (for `petrel trace`), with their histories, oldest first. */
   async find(query: TraceQuery): Promise<MessageSummary[]> {
     const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
     const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
     const to = lower(query.to);
     const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
-    const found: MessageSummary[] = [];
+    const candidates: string[] = [];
     for (const e of this.store.entries.values()) {
-      const { env } = e;
-      if (query.id !== undefined && env.id !== query.id) continue;
-      if (messageId !== undefined && bareMessageId(env.origin?.messageId ?? '') !== messageId) continue;
-      if (from !== undefined && (env.sender?.address ?? '').toLowerCase() !== from) continue;
-      if (query.since !== undefined && env.receivedAt < query.since) continue;
-      if (
-        to !== undefined &&
-        !env.recipients.some(
-          (r) => r.address.address.toLowerCase() === to || lower(r.expandedFrom?.address) === to,
+      if (query.id !== undefined && e.id !== query.id) continue;
+      if (from !== undefined && e.sender.toLowerCase() !== from) continue;
+      if (query.since !== undefined && e.receivedAt < query.since) continue;
+      candidates.push(e.id);
+    }
+    const found: MessageSummary[] = [];
+    for (let i = 0; i < candidates.length; i += 1000) {
+      const batch = await this.summaries(candidates.slice(i, i + 1000), true);
+      for (const m of batch) {
+        if (messageId !== undefined && bareMessageId(m.origin?.messageId ?? '') !== messageId) continue;
+        if (
+          to !== undefined &&
+          !m.recipients.some((r) => r.address.toLowerCase() === to || lower(r.expandedFrom) === to)
         )
-      )
-        continue;
-      found.push(this.withReports(this.summary(e, true)));
+          continue;
+        found.push(this.withReports(m));
+      }
     }
     return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
   }
 
   /**
    * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
-   * Held messages are left alone. Returns how many messages were made due (the Queue service's
-   * `flush`).
+   * Held messages are left alone. Resolves to how many messages were made due (the Queue
+   * service's `flush`), once the journal is read: a message it holds may be due.
    */
-  flush(target: string | { id?: string; domain?: string } = {}): number {
-    return this.flushNow(typeof target === 'string' ? { id: target } : target).flushed.length;
+  async flush(target: string | { id?: string; domain?: string } = {}): Promise<number> {
+    return (await this.flushMessages(typeof target === 'string' ? { id: target } : target)).flushed.length;
   }
 
   /** `flush` for the matching messages, saying which were made due and which are held. */
   async flushMessages(sel: Selection): Promise<{ flushed: string[]; held: string[] }> {
-    return this.flushNow(sel);
-  }
-
-  private flushNow(sel: Selection): { flushed: string[]; held: string[] } {
+    await this.store.indexed;
     const flushed: string[] = [];
     const held: string[] = [];
-    const matches = matcher(sel, Date.now());
+    const now = Date.now();
+    const matches = matcher(sel, now);
     // By id alone (a bulk flush goes message by message) or every message: no brief to build.
     const any = selectsAll({ ...sel, id: undefined });
-    const entries =
-      sel.id === undefined
-        ? this.store.entries.values()
-        : [this.store.entries.get(sel.id)].filter((e) => !!e);
-    for (const e of entries) {
+    const one = sel.id === undefined ? undefined : this.store.entries.get(sel.id);
+    for (const e of one ? [one] : sel.id === undefined ? this.store.entries.values() : []) {
       if (!any && !matches(this.brief(e))) continue;
       if (e.held) {
         held.push(e.id);
         continue;
       }
-      this.store.makeDue(e, Date.now());
-      this.ready.add(e.id);
+      this.store.makeDue(e, now);
+      if (!e.busy) this.ready.add(e);
       flushed.push(e.id);
     }
     this.pump();
@@ -377,10 +413,11 @@ export class QueueEngine implements ControlTarget {
       messages: this.store.entries.size,
       recipients,
       attempting: this.attempting.size,
-      // The journal is read whole before the part serves anything (see `acquire`).
-      indexed: true,
-      indexSeconds: this.indexed.seconds,
-      indexedMessages: this.indexed.messages,
+      indexed: this.store.isIndexed,
+      indexSeconds: this.store.indexing.seconds,
+      indexedMessages: this.store.indexing.messages,
+      loaded: this.store.window.size,
+      ready: this.ready.size,
       memory: { rss, heapUsed },
     };
   }
@@ -389,21 +426,23 @@ export class QueueEngine implements ControlTarget {
   async headers(id: string, limit = 16_384): Promise<string> {
     const entry = this.store.entries.get(id);
     if (!entry) return '';
-    let text = '';
-    const stream = this.store.view(entry).stream();
-    try {
-      for await (const chunk of stream) {
-        text += (chunk as Buffer).toString('latin1');
-        const end = text.indexOf('\r\n\r\n');
-        if (end >= 0) return Buffer.from(text.slice(0, end + 2), 'latin1').toString('utf8');
-        if (text.length >= limit) break;
-      }
-    } catch {
-      return ''; // finished and removed meanwhile
-    } finally {
-      stream.destroy();
-    }
-    return Buffer.from(text.slice(0, limit), 'latin1').toString('utf8');
+    return this.store
+      .use(entry, async () => {
+        let text = '';
+        const stream = this.store.view(entry).stream();
+        try {
+          for await (const chunk of stream) {
+            text += (chunk as Buffer).toString('latin1');
+            const end = text.indexOf('\r\n\r\n');
+            if (end >= 0) return Buffer.from(text.slice(0, end + 2), 'latin1').toString('utf8');
+            if (text.length >= limit) break;
+          }
+        } finally {
+          stream.destroy();
+        }
+        return Buffer.from(text.slice(0, limit), 'latin1').toString('utf8');
+      })
+      .catch(() => ''); // finished and removed meanwhile
   }
 
   /**
@@ -411,6 +450,7 @@ export class QueueEngine implements ControlTarget {
    * progress is not interrupted. Null when no message has this id.
    */
   async hold(id: string, held: boolean): Promise<MessageSummary | null> {
+    await this.store.indexed;
     const entry = this.store.entries.get(id);
     if (!entry) return null;
     this.check();
@@ -420,11 +460,11 @@ export class QueueEngine implements ControlTarget {
       if (held) this.store.dropMemory(entry);
       this.opts.log.info({ queueId: id }, held ? 'message held by the administrator' : 'message released');
     }
-    if (!held && this.store.entries.has(id)) {
-      this.ready.add(id);
+    if (!held && this.store.entries.get(id) === entry && !entry.busy) {
+      this.ready.add(entry);
       this.pump();
     }
-    return this.summary(entry);
+    return (await this.summaries([id]))[0] ?? null;
   }
 
   /**
@@ -435,8 +475,10 @@ export class QueueEngine implements ControlTarget {
    */
   async end(id: string, how: 'delete' | 'bounce'): Promise<MessageSummary | null> {
     this.check();
+    await this.store.indexed;
     return this.tracked(
       this.exclusive(id, async (entry) => {
+        await this.store.load(entry);
         const { hooks, log } = this.opts;
         const message = this.store.view(entry);
         const notices: (() => Promise<void>)[] = [];
@@ -512,7 +554,7 @@ export class QueueEngine implements ControlTarget {
       return await fn(entry);
     } finally {
       this.unlock(entry);
-      if (this.store.entries.has(id)) this.ready.add(id);
+      if (this.store.entries.get(id) === entry) this.ready.add(entry);
       this.pump();
     }
   }
@@ -533,9 +575,9 @@ export class QueueEngine implements ControlTarget {
   summary(entry: Entry, detail = false): MessageSummary {
     return {
       id: entry.id,
-      sender: entry.env.sender?.address ?? '',
-      receivedAt: new Date(entry.env.receivedAt),
-      size: entry.env.size,
+      sender: entry.sender,
+      receivedAt: new Date(entry.receivedAt),
+      size: entry.size,
       held: entry.held,
       ...(entry.held && entry.env.hold ? { heldReason: entry.env.hold.reason } : {}),
       attempting: this.attempting.has(entry.id),
@@ -630,7 +672,7 @@ export class QueueEngine implements ControlTarget {
    */
   private async recovered(entries: readonly Entry[]): Promise<void> {
     const last = (e: Entry): number =>
-      Math.max(e.env.receivedAt, ...e.rcpts.map((r) => r.history.at(-1)?.t ?? r.lastAttemptAt ?? 0));
+      Math.max(e.receivedAt, ...e.rcpts.map((r) => r.history.at(-1)?.t ?? r.lastAttemptAt ?? 0));
     const { history } = this;
     if (!history) return;
     const stored = Promise.allSettled(entries.map((e) => history.add(this.story(e, last(e)))));
@@ -645,10 +687,9 @@ export class QueueEngine implements ControlTarget {
 
   private pump(): void {
     while (this.started && !this.closing && this.active < this.opts.concurrency && this.ready.size) {
-      const id = this.ready.values().next().value as string;
-      this.ready.delete(id);
-      const entry = this.store.entries.get(id);
-      if (!entry || entry.busy || entry.held) continue;
+      const entry = this.ready.take()!;
+      const { id } = entry;
+      if (this.store.entries.get(id) !== entry || entry.busy || entry.held) continue;
       this.active++;
       this.store.setBusy(entry, true);
       this.attempting.add(id);
@@ -669,12 +710,7 @@ export class QueueEngine implements ControlTarget {
 
   /** When a message is next due: its earliest pending or deferred recipient, or Infinity. */
   private nextDue(entry: Entry): number {
-    let next = Infinity;
-    for (const r of entry.rcpts) {
-      if ((r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt < next)
-        next = r.nextAttemptAt;
-    }
-    return next;
+    return entry.nextDue();
   }
 
   /** Puts a message on the timetable after an attempt (or a recovery that found it not yet due). */
@@ -694,7 +730,7 @@ export class QueueEngine implements ControlTarget {
       const head = this.due.peek();
       if (!head) break;
       const entry = this.store.entries.get(head.id);
-      if (entry && !entry.held && !entry.busy && !this.ready.has(head.id) && this.nextDue(entry) === head.at)
+      if (entry && !entry.held && !entry.busy && !this.ready.has(entry) && this.nextDue(entry) === head.at)
         break;
       this.due.pop();
     }
@@ -714,7 +750,7 @@ export class QueueEngine implements ControlTarget {
         for (let top = this.due.peek(); top && top.at <= now; top = this.due.peek()) {
           this.due.pop();
           const entry = this.store.entries.get(top.id);
-          if (entry && !entry.held && this.nextDue(entry) <= now) this.ready.add(top.id);
+          if (entry && !entry.held && !entry.busy && this.nextDue(entry) <= now) this.ready.add(entry);
         }
         this.pump();
       },
@@ -744,8 +780,20 @@ export class QueueEngine implements ControlTarget {
       .map((r, i) => ({ r, i }))
       .filter(({ r }) => (r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt <= now)
       .map(({ i }) => i);
-    // Not due (every message is looked at once after a start): its envelope is not even read.
+    // Not due (flushed and tried meanwhile, say): its records are not even read.
     if (due.length === 0) return;
+    try {
+      await this.store.load(entry);
+    } catch (err) {
+      // Records that do not read back (damage since they were written): the message stays, and
+      // is tried again later, when the next start's recovery has set the damage aside.
+      log.error(
+        { err, queueId: entry.id, retryInMs: UNREADABLE_RETRY },
+        'queue: a message due for delivery could not be read back from the journal; not tried now',
+      );
+      for (const i of due) entry.rcpts[i]!.nextAttemptAt = Date.now() + UNREADABLE_RETRY;
+      return;
+    }
     const message = this.store.view(entry);
     const results = new Map<number, { result: RecipientResult; route: Route | null }>();
     const groups = new Map<string, { route: Route; sender: Address | null; indices: number[] }>();
@@ -813,9 +861,9 @@ export class QueueEngine implements ControlTarget {
         const delay = schedule.delay(st.attempts);
         // ±10% so that a batch deferred together does not come back as a thundering herd.
         const next = delay === null ? Infinity : finished + Math.round(delay * (0.9 + Math.random() * 0.2));
-        if (next - entry.env.receivedAt > lifetime) {
+        if (next - entry.receivedAt > lifetime) {
           st.status = 'failed';
-          const days = Math.round((finished - entry.env.receivedAt) / 3_600_000) / 24;
+          const days = Math.round((finished - entry.receivedAt) / 3_600_000) / 24;
           // The queue gives up, not the peer: the reply is ours, so it carries no `remote`
           // (which would make a bounce report it as the peer's), and its text names the peer.
           const { code, enhanced, text, remote } = result.reply;
@@ -885,7 +933,7 @@ export class QueueEngine implements ControlTarget {
     const { log, lifetime } = this.opts;
     const { reason } = postponement;
     const now = Date.now();
-    const end = entry.env.receivedAt + lifetime;
+    const end = entry.receivedAt + lifetime;
     const rcpts = indices.map((i) => entry.env.recipients[i]!.address.address);
     if (now >= end) {
       // RFC 3463 §3.5: X.4.5 is "mail system congestion", which a rate held back is.

@@ -404,7 +404,9 @@ describe('the history store', () => {
 
       const store = new QueueStore(dir, 1 << 20, log);
       await store.open();
+      await store.indexed;
       const entry = store.entries.get('OLDFORMAT')!;
+      await store.load(entry);
       assert.equal(entry.env.origin, undefined);
       assert.deepEqual(
         [
@@ -436,6 +438,7 @@ describe('the history store', () => {
     try {
       const store = new QueueStore(dir, 65_536, log);
       await store.open();
+      await store.indexed;
       const done = await store.add(envelope('DONE', 4), { inline: [Buffer.from('Hi\r\n')] });
       // A second message starts the next segment; it finishes and its files go (a sweep).
       const other = await store.add(envelope('OTHER', 70_000), { inline: [Buffer.alloc(70_000, 0x61)] });
@@ -459,6 +462,7 @@ describe('the history store', () => {
         finished = entries.map((e) => e.env.id);
         history = entries.find((e) => e.env.id === 'DONE')?.rcpts[0]?.history ?? [];
       });
+      await again.indexed;
       assert.ok(finished.includes('DONE'), `finished at start: ${finished.join(', ')}`);
       assert.deepEqual(
         history.map((a) => [a.n, a.status]),
@@ -476,6 +480,7 @@ describe('the history store', () => {
     try {
       const store = new QueueStore(dir, 65_536, log, 0, undefined, { first: 1, last: 2 });
       await store.open();
+      await store.indexed;
       const address = { local: 'bob', domain: 'remote.test', address: 'bob@remote.test' };
       const entry = await store.add(
         {
@@ -512,10 +517,12 @@ describe('the history store', () => {
       );
       await store.update(filler, new Map([[0, { ...filler.rcpts[0]!, status: 'delivered' as const }]]));
       await store.discard(filler);
-      await store.compact();
+      await store.compact({ everything: true });
       await store.close();
       const again = new QueueStore(dir, 65_536, log, 0, undefined, { first: 1, last: 2 });
       await again.open();
+      await again.indexed;
+      await again.load(again.entries.get('COMPACTME')!);
       const r = again.entries.get('COMPACTME')!.rcpts[0]!;
       assert.deepEqual(
         r.history.map((a) => a.n),

@@ -83,7 +83,7 @@ export default definePlugin({
       ),
     );
     /** The engine holding a message, if any. */
-    const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.getNow(id) !== null);
+    const holding = (id: string): QueueEngine | undefined => engines.find((e) => e.has(id));
     provide(Queue, {
       settings: Object.freeze({ lifetime, retryDelays: schedule.delays, repeatLast: schedule.repeatLast }),
       async submit(message) {
@@ -113,12 +113,13 @@ export default definePlugin({
         );
         return id;
       },
-      list: () =>
-        engines.length === 1
-          ? engine.list()
-          : engines.flatMap((e) => e.list()).sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()),
-      get: (id) => holding(id)?.getNow(id) ?? null,
-      flush: (target) => engines.reduce((n, e) => n + e.flush(target), 0),
+      list: async () =>
+        (await Promise.all(engines.map((e) => e.list())))
+          .flat()
+          .sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()),
+      get: async (id) => (await holding(id)?.get(id)) ?? null,
+      flush: async (target) =>
+        (await Promise.all(engines.map((e) => e.flush(target)))).reduce((a, b) => a + b, 0),
       hold: async (id) => (await holding(id)?.hold(id, true)) ?? null,
       release: async (id) => (await holding(id)?.hold(id, false)) ?? null,
       delete: async (id) => (await holding(id)?.end(id, 'delete')) ?? null,

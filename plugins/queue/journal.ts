@@ -29,6 +29,39 @@ const MAGIC_BYTES = Buffer.from('PTRL', 'latin1');
 const HEADER = 16;
 const MAX_BATCH_BYTES = 8 * 1024 * 1024;
 
+/** Positions (`positionOf`) are `segment * SEGMENT_SPAN + offset of the record's header`: one number. */
+const SEGMENT_SPAN = 2 ** 32;
+/** `readRecord` reads this much at first: most records fit, so one read does. */
+const READ_AHEAD = 8192;
+/** Segments `readRecord` keeps a handle open on. */
+const READERS = 16;
+
+/** A record's position in the journal as one number (a double holds it exactly). */
+export function positionOf(ref: RecordRef): number {
+  return ref.segment * SEGMENT_SPAN + ref.offset - HEADER;
+}
+
+/** The segment of a position. */
+export function segmentOf(pos: number): number {
+  return Math.floor(pos / SEGMENT_SPAN);
+}
+
+interface StartOptions {
+  segmentSize: number;
+  /** Told after each batch is durable: how long its write and sync took, and its records. */
+  onSync?: (seconds: number, records: number) => void;
+}
+
+interface ReplayOptions {
+  /** The last run stopped cleanly: then nothing at all can be a torn write. */
+  cleanStop: boolean;
+  quarantineDir: string;
+  onRecord: (type: number, payload: Buffer, ref: RecordRef) => string | void;
+  onDamage: (report: DamageReport) => void;
+  /** What the damaged bytes held, for the quarantine's metadata. */
+  describe?: (bytes: Buffer) => object;
+}
+
 export interface RecordRef {
   readonly segment: number;
   /** Offset of the payload in the segment file. */
@@ -174,8 +207,13 @@ export class Journal {
     private readonly segmentSize: number,
     /** Damaged segments whose quarantine copy failed: never removed while this process runs. */
     private readonly pinned: Set<number>,
+    /** The segments there at `start`, for `replay` to read. */
+    private older: number[],
     private readonly onSync?: (seconds: number, records: number) => void,
   ) {}
+
+  /** Read-only handles for `readRecord`, least recently used first. */
+  private readonly readers = new Map<number, Promise<FileHandle>>();
 
   /** The segment being appended to (never compacted away). */
   get currentSegment(): number {
@@ -188,29 +226,42 @@ export class Journal {
 
   /**
    * Opens the journal in `dir`, replaying every intact record through `onRecord` in order (see
-   * `scanSegment`). Each damaged range is copied to `quarantineDir` and fsynced, then reported
-   * through `onDamage`; a torn tail is cut off instead. Appending continues in a fresh segment.
+   * `start` and `replay`, which this is both of, one after the other).
    */
-  static async open(
-    dir: string,
-    opts: {
-      segmentSize: number;
-      /** The last run stopped cleanly: then nothing at all can be a torn write. */
-      cleanStop: boolean;
-      quarantineDir: string;
-      onRecord: (type: number, payload: Buffer, ref: RecordRef) => string | void;
-      /** Told after each batch is durable: how long its write and sync took, and its records. */
-      onSync?: (seconds: number, records: number) => void;
-      onDamage: (report: DamageReport) => void;
-      /** What the damaged bytes held, for the quarantine's metadata. */
-      describe?: (bytes: Buffer) => object;
-    },
-  ): Promise<Journal> {
+  static async open(dir: string, opts: StartOptions & ReplayOptions): Promise<Journal> {
+    const journal = await Journal.start(dir, opts);
+    await journal.replay(opts);
+    return journal;
+  }
+
+  /**
+   * Opens the journal in `dir` for appending, without reading it: appending continues in a fresh
+   * segment, numbered after every segment already there. Those older segments are read by
+   * `replay`, which may run while records are appended (recovery in the background): no record
+   * about a message that only they hold is appended before they are read, since nothing knows
+   * that message yet.
+   */
+  static async start(dir: string, opts: StartOptions): Promise<Journal> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    const segments = await listSegments(dir);
-    const pinned = new Set<number>();
+    const older = await listSegments(dir);
+    const next = (older.at(-1) ?? 0) + 1;
+    const fh = await Journal.create(dir, next);
+    return new Journal(dir, fh, next, 0, opts.segmentSize, new Set(), older, opts.onSync);
+  }
+
+  /**
+   * Reads the segments that were there at `start`, oldest first, handing every intact record to
+   * `onRecord` in order (see `scanSegment`). Each damaged range is copied to `quarantineDir` and
+   * fsynced, then reported through `onDamage`; a torn tail is cut off instead. One segment at a
+   * time, so the event loop runs between segments. Runs once.
+   */
+  async replay(opts: ReplayOptions): Promise<void> {
+    const segments = this.older;
+    this.older = [];
     for (const n of segments) {
-      const path = join(dir, segmentName(n));
+      // Closing stops the reading (the caller sees `isClosed`).
+      if (this.closed) return;
+      const path = join(this.dir, segmentName(n));
       const data = await readFile(path);
       const damage = scanSegment(data, n, {
         tornTailPossible: !opts.cleanStop && n === segments.at(-1),
@@ -231,7 +282,7 @@ export class Journal {
             alreadyQuarantined: q.existed,
           });
         } catch (err) {
-          pinned.add(n);
+          this.pinned.add(n);
           opts.onDamage({ ...d, file: path, bytes, action: 'kept', error: err as Error });
         }
       }
@@ -247,9 +298,62 @@ export class Journal {
         opts.onDamage({ ...torn, file: path, bytes: data.subarray(torn.start, torn.end), action: 'cut' });
       }
     }
-    const next = (segments.at(-1) ?? 0) + 1;
-    const fh = await Journal.create(dir, next);
-    return new Journal(dir, fh, next, 0, opts.segmentSize, pinned, opts.onSync);
+  }
+
+  /** True once `close` was called. */
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /**
+   * Reads back the record at a position (`positionOf`), checking its checksum: for a message
+   * whose details are not held in memory. Rejects when the record there does not verify.
+   */
+  async readRecord(pos: number): Promise<{ type: number; payload: Buffer; ref: RecordRef }> {
+    const segment = segmentOf(pos);
+    const at = pos - segment * SEGMENT_SPAN;
+    const fh = await this.reader(segment);
+    let buf = Buffer.allocUnsafe(READ_AHEAD);
+    let { bytesRead } = await fh.read(buf, 0, READ_AHEAD, at);
+    if (bytesRead >= HEADER && buf.readUInt32BE(0) === MAGIC) {
+      const whole = HEADER + buf.readUInt32BE(8);
+      if (whole > bytesRead) {
+        buf = Buffer.allocUnsafe(whole);
+        ({ bytesRead } = await fh.read(buf, 0, whole, at));
+      }
+    }
+    const found = recordAt(buf.subarray(0, bytesRead), 0);
+    if (typeof found === 'string')
+      throw new Error(`queue journal record at ${segmentName(segment)}:${at} unreadable: ${found}`);
+    // A copy of the payload alone, so that a small record does not keep the read-ahead's buffer.
+    const payload = Buffer.from(buf.subarray(HEADER, HEADER + found.length));
+    return { type: found.type, payload, ref: { segment, offset: at + HEADER, length: found.length } };
+  }
+
+  /** A read-only handle on a segment, kept open for the next reads (a few segments at most). */
+  private reader(n: number): Promise<FileHandle> {
+    const known = this.readers.get(n);
+    if (known) {
+      this.readers.delete(n);
+      this.readers.set(n, known);
+      return known;
+    }
+    const fh = open(this.segmentPath(n), 'r');
+    this.readers.set(n, fh);
+    fh.catch(() => this.readers.delete(n));
+    while (this.readers.size > READERS) {
+      const [oldest, handle] = this.readers.entries().next().value!;
+      this.readers.delete(oldest);
+      void handle.then((h) => h.close()).catch(() => undefined);
+    }
+    return fh;
+  }
+
+  private closeReader(n: number): void {
+    const handle = this.readers.get(n);
+    if (!handle) return;
+    this.readers.delete(n);
+    void handle.then((h) => h.close()).catch(() => undefined);
   }
 
   private static async create(dir: string, n: number): Promise<FileHandle> {
@@ -344,6 +448,7 @@ export class Journal {
 
   async removeSegment(n: number): Promise<void> {
     if (n === this.segment || this.pinned.has(n)) return;
+    this.closeReader(n);
     await rm(this.segmentPath(n), { force: true });
     await syncDir(this.dir);
   }
@@ -351,6 +456,7 @@ export class Journal {
   async close(): Promise<void> {
     this.closed = true;
     while (this.flushing) await this.flushing;
+    for (const n of [...this.readers.keys()]) this.closeReader(n);
     await finish(this.fh, this.offset);
   }
 }

@@ -112,7 +112,7 @@ export class QueueMetrics {
             : e.rcpts.some((r) => r.attempts > 0)
               ? 'deferred'
               : 'queued';
-        const age = Math.max(0, (now - e.env.receivedAt) / 1000);
+        const age = Math.max(0, (now - e.receivedAt) / 1000);
         const band = AGE_BANDS.find(([max]) => age < max)![1];
         this.depthCells.get(`${state} ${band}`)!.inc();
         oldest.set(state, Math.max(oldest.get(state) ?? 0, age));

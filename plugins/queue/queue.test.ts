@@ -129,9 +129,9 @@ async function send(port: number, rcpts: string[], body = 'Subject: test\r\n\r\n
   return /queued as (\S+)/.exec(reply.text)![1]!;
 }
 
-async function until(check: () => boolean, ms = 5000): Promise<void> {
+async function until(check: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
   const end = Date.now() + ms;
-  while (!check()) {
+  while (!(await check())) {
     if (Date.now() > end) throw new Error('condition not met in time');
     await new Promise((r) => setTimeout(r, 20));
   }
@@ -226,7 +226,7 @@ describe('the durable queue', () => {
     try {
       const engine = QueueEngine.get(join(dir, 'spool', 'queue'))!;
       assert.equal(engine.store.entries.size, 5, 'all five found again');
-      assert.equal(engine.flush(), 5);
+      assert.equal(await engine.flush(), 5);
       await until(() => delivered.length === 5);
       assert.deepEqual(delivered.map((d) => d.id).sort(), [...ids].sort());
       assert.ok(
@@ -349,8 +349,8 @@ describe('postponed deliveries (postpone())', () => {
     try {
       const id = await send(app.port(), ['bob@h.test']);
       const queue = resolveToken(app.generation.container, Queue);
-      await until(() => queue.get(id)?.recipients[0]?.postponed !== undefined);
-      const r = queue.get(id)!.recipients[0]!;
+      await until(async () => (await queue.get(id))?.recipients[0]?.postponed !== undefined);
+      const r = (await queue.get(id))!.recipients[0]!;
       assert.deepEqual(r.postponed, { reason: 'throttled: test rate', by: 'test-pacer' });
       assert.equal(r.attempts, 0);
       assert.equal(r.status, 'pending');
@@ -358,7 +358,7 @@ describe('postponed deliveries (postpone())', () => {
       // A short retry schedule changes nothing: a postponement is not a deferral.
       await new Promise((resolve) => setTimeout(resolve, 300));
       assert.deepEqual(events, []);
-      assert.equal(queue.get(id)!.recipients[0]!.attempts, 0);
+      assert.equal((await queue.get(id))!.recipients[0]!.attempts, 0);
       await app.stop(1000);
 
       closed = false;
@@ -412,16 +412,16 @@ describe('the queue service', () => {
         recipients: [{ address: address('alice@crepes.test') }],
         content: Buffer.from('Subject: Undelivered Mail\r\n\r\nreport\r\n'),
       });
-      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
-      const listed = queue.list().find((m) => m.id === id)!;
+      await until(async () => (await queue.get(id))?.recipients[0]?.status === 'deferred');
+      const listed = (await queue.list()).find((m) => m.id === id)!;
       assert.equal(listed.sender, '');
       assert.equal(listed.recipients[0]!.lastReply?.text, 'busy');
       assert.ok(listed.recipients[0]!.nextAttemptAt! > new Date(), 'says when it will try again');
       open = true;
-      assert.equal(queue.flush({ domain: 'CREPES.test' }), 1);
+      assert.equal(await queue.flush({ domain: 'CREPES.test' }), 1);
       await until(() => delivered.length === 1);
       assert.equal(delivered[0]!.body, 'Subject: Undelivered Mail\r\n\r\nreport\r\n');
-      await until(() => queue.get(id) === null);
+      await until(async () => (await queue.get(id)) === null);
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });
@@ -461,15 +461,16 @@ describe('queue administration', () => {
       const m1 = await send(app.port(), ['one@h.test'], big);
       const m2 = await send(app.port(), ['two@h.test']);
       const m3 = await send(app.port(), ['three@h.test']);
-      const attempts = (id: string): number => queue.get(id)?.recipients[0]?.attempts ?? -1;
-      await until(() => [m1, m2, m3].every((id) => attempts(id) === 1));
+      const attempts = async (id: string): Promise<number> =>
+        (await queue.get(id))?.recipients[0]?.attempts ?? -1;
+      await until(async () => (await Promise.all([m1, m2, m3].map(attempts))).every((n) => n === 1));
 
       const held = await queue.hold(m3);
       assert.equal(held?.held, true);
-      assert.equal(queue.get(m3)?.held, true);
-      assert.equal(queue.flush(), 2, 'a held message is not flushed');
-      await until(() => attempts(m1) === 2 && attempts(m2) === 2);
-      assert.equal(attempts(m3), 1, 'nor attempted');
+      assert.equal((await queue.get(m3))?.held, true);
+      assert.equal(await queue.flush(), 2, 'a held message is not flushed');
+      await until(async () => (await attempts(m1)) === 2 && (await attempts(m2)) === 2);
+      assert.equal(await attempts(m3), 1, 'nor attempted');
 
       const deleted = await queue.delete(m1);
       assert.equal(deleted?.recipients[0]?.status, 'failed');
@@ -478,7 +479,7 @@ describe('queue administration', () => {
         /^Deleted by the administrator; last error: 451 /,
       );
       assert.ok(seen.includes('failed one@h.test deleted 5.0.0'), seen.join('\n'));
-      assert.equal(queue.get(m1), null);
+      assert.equal(await queue.get(m1), null);
       const size = Number(/read (\d+)/.exec(read.find((r) => r.startsWith('one@h.test')) ?? '')?.[1]);
       assert.ok(size > big.length, `the failed hook read the whole stored message (${size})`);
       await until(() => readdirSync(join(dir, 'spool', 'queue', 'blobs')).length === 0);
@@ -487,20 +488,20 @@ describe('queue administration', () => {
       assert.equal(bounced?.recipients[0]?.lastReply?.code, 550);
       assert.match(String(bounced?.recipients[0]?.lastReply?.text), /^Returned by the administrator/);
       assert.ok(seen.includes('failed two@h.test refused 5.0.0'), seen.join('\n'));
-      assert.equal(queue.get(m2), null);
+      assert.equal(await queue.get(m2), null);
 
       assert.equal(await queue.delete('NOSUCH'), null);
       assert.equal(await queue.hold('NOSUCH'), null);
 
       open = true;
       assert.equal((await queue.release(m3))?.held, false);
-      assert.equal(queue.flush({ id: m3 }), 1);
-      await until(() => queue.get(m3) === null);
+      assert.equal(await queue.flush({ id: m3 }), 1);
+      await until(async () => (await queue.get(m3)) === null);
       assert.deepEqual(
         delivered.map((d) => d.rcpt),
         ['three@h.test'],
       );
-      assert.equal(queue.list().length, 0);
+      assert.equal((await queue.list()).length, 0);
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });
@@ -517,24 +518,24 @@ describe('queue administration', () => {
     try {
       let queue = resolveToken(app.generation.container, Queue);
       const id = await send(app.port(), ['held@h.test']);
-      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
+      await until(async () => (await queue.get(id))?.recipients[0]?.status === 'deferred');
       await queue.hold(id);
       await app.stop(1000);
 
       app = await start(dir, [testTransport(delivered, gate)], { retry: '1h...' });
       const segments = (): string[] => readdirSync(join(queueDir, 'journal')).sort();
       const first = segments()[0]!;
-      await QueueEngine.get(queueDir)!.store.compact();
+      await QueueEngine.get(queueDir)!.store.compact({ everything: true });
       assert.ok(!segments().includes(first), 'the segment with the Hold record was compacted away');
       await app.stop(1000);
 
       open = true;
       app = await start(dir, [testTransport(delivered, gate)], { retry: '1h...' });
       queue = resolveToken(app.generation.container, Queue);
-      assert.equal(queue.get(id)?.held, true);
-      assert.equal(queue.flush(), 0);
+      assert.equal((await queue.get(id))?.held, true);
+      assert.equal(await queue.flush(), 0);
       await queue.release(id);
-      assert.equal(queue.flush({ id }), 1);
+      assert.equal(await queue.flush({ id }), 1);
       await until(() => delivered.length === 1);
       assert.equal(delivered[0]!.id, id);
     } finally {
@@ -567,19 +568,19 @@ describe('holding a message from its acceptance (holdOnAccept)', () => {
       const plain = await send(app.port(), ['plain@h.test']);
       await until(() => delivered.length === 1);
       assert.equal(delivered[0]!.id, plain);
-      assert.equal(queue.get(held)?.held, true);
-      assert.equal(queue.get(held)?.heldReason, 'looks forged');
-      assert.equal(queue.get(held)?.recipients[0]?.attempts, 0, 'not attempted');
+      assert.equal((await queue.get(held))?.held, true);
+      assert.equal((await queue.get(held))?.heldReason, 'looks forged');
+      assert.equal((await queue.get(held))?.recipients[0]?.attempts, 0, 'not attempted');
       await app.stop(1000);
 
       app = await start(dir, plugins);
       queue = resolveToken(app.generation.container, Queue);
-      assert.equal(queue.get(held)?.held, true, 'still held after a restart');
-      assert.equal(queue.get(held)?.heldReason, 'looks forged');
+      assert.equal((await queue.get(held))?.held, true, 'still held after a restart');
+      assert.equal((await queue.get(held))?.heldReason, 'looks forged');
       await queue.release(held);
       await until(() => delivered.length === 2);
       assert.equal(delivered[1]!.id, held);
-      assert.equal(queue.get(held), null);
+      assert.equal(await queue.get(held), null);
     } finally {
       await app.stop(1000);
       rmSync(dir, { recursive: true, force: true });
@@ -597,14 +598,14 @@ describe('holding a message from its acceptance (holdOnAccept)', () => {
       let queue = resolveToken(app.generation.container, Queue);
       const id = await send(app.port(), ['held@h.test'], 'Subject: suspicious\r\n\r\nhello\r\n');
       await queue.release(id);
-      await until(() => queue.get(id)?.recipients[0]?.status === 'deferred');
+      await until(async () => (await queue.get(id))?.recipients[0]?.status === 'deferred');
       await app.stop(1000);
 
       // The envelope (which says "held") is copied by compaction: the release must come along.
       app = await start(dir, plugins, { retry: '1h...' });
       const segments = (): string[] => readdirSync(join(queueDir, 'journal')).sort();
       const first = segments()[0]!;
-      await QueueEngine.get(queueDir)!.store.compact();
+      await QueueEngine.get(queueDir)!.store.compact({ everything: true });
       assert.ok(
         !segments().includes(first),
         'the segment with the Message and Hold records was compacted away',
@@ -614,8 +615,8 @@ describe('holding a message from its acceptance (holdOnAccept)', () => {
       open = true;
       app = await start(dir, plugins, { retry: '1h...' });
       queue = resolveToken(app.generation.container, Queue);
-      assert.equal(queue.get(id)?.held, false);
-      assert.equal(queue.flush({ id }), 1);
+      assert.equal((await queue.get(id))?.held, false);
+      assert.equal(await queue.flush({ id }), 1);
       await until(() => delivered.length === 1);
     } finally {
       await app.stop(1000);
@@ -635,6 +636,7 @@ describe('queue space', () => {
     try {
       const store = new QueueStore(dir, 65_536, { warn: () => undefined, error: () => undefined });
       await store.open();
+      await store.indexed;
       for (let i = 0; i < 100; i++) {
         const entry = await store.add(
           {
@@ -700,23 +702,39 @@ describe('the active window', () => {
     try {
       let store = new QueueStore(dir, 65_536, log, 0, undefined, undefined, window);
       await store.open();
+      await store.indexed;
       for (let i = 0; i < 10; i++) await store.add(env(i), { inline: [Buffer.from(`message ${i}\r\n`)] });
-      assert.equal(store.window.size, 3, 'only the latest three stay parsed');
-      // Every envelope reads back as stored, parsed again from its text when it left the window.
-      for (let i = 0; i < 10; i++) assert.deepEqual(store.entries.get(`w${i}`)!.env, env(i));
+      assert.equal(store.window.size, 3, 'only the latest three stay loaded');
+      assert.deepEqual(
+        [...store.entries.values()].map((e) => e.isLoaded),
+        [false, false, false, false, false, false, false, true, true, true],
+      );
+      // Every message reads back as stored, loaded again from the journal when it left the window.
+      for (let i = 0; i < 10; i++)
+        await store.use(store.entries.get(`w${i}`)!, (e) => assert.deepEqual(e.env, env(i)));
       assert.equal(store.window.size, 3);
       await store.close();
 
       store = new QueueStore(dir, 65_536, log, 0, undefined, undefined, window);
       await store.open();
-      assert.equal(store.window.size, 0, 'a restart parses no envelope until one is looked at');
-      await store.compact();
+      await store.indexed;
+      await store.indexed;
+      assert.equal(store.window.size, 0, 'a restart loads no message until one is looked at');
+      // What the index holds without reading the disk.
+      const w4 = store.entries.get('w4')!;
+      assert.deepEqual(
+        { sender: w4.sender, domains: w4.domains, receivedAt: w4.receivedAt, size: w4.size },
+        { sender: 'from4@example.test', domains: ['example.org'], receivedAt: 1_700_000_000_004, size: 100 },
+      );
+      assert.throws(() => w4.env, /not loaded/);
+      await store.compact({ everything: true });
       for (let i = 0; i < 10; i++) {
-        const e = store.entries.get(`w${i}`)!;
-        assert.deepEqual(e.env, env(i));
-        const body: Buffer[] = [];
-        for await (const c of store.view(e).stream()) body.push(c as Buffer);
-        assert.equal(Buffer.concat(body).toString(), `message ${i}\r\n`);
+        await store.use(store.entries.get(`w${i}`)!, async (e) => {
+          assert.deepEqual(e.env, env(i));
+          const body: Buffer[] = [];
+          for await (const c of store.view(e).stream()) body.push(c as Buffer);
+          assert.equal(Buffer.concat(body).toString(), `message ${i}\r\n`);
+        });
       }
       assert.ok(store.window.size <= 3);
       await store.close();
@@ -732,6 +750,7 @@ describe('compaction', () => {
     try {
       const store = new QueueStore(dir, 65_536, { warn: () => undefined, error: () => undefined });
       await store.open();
+      await store.indexed;
       const env = (id: string) => ({
         id,
         sender: null,
@@ -914,7 +933,7 @@ describe('a full disk', () => {
         [],
         'a refused write leaves nothing that reads as damage or a torn tail',
       );
-      assert.equal(QueueEngine.get(join(mnt, 'spool', 'queue'))!.flush(), accepted.length);
+      assert.equal(await QueueEngine.get(join(mnt, 'spool', 'queue'))!.flush(), accepted.length);
       await until(() => delivered.length === accepted.length, 10_000);
       assert.deepEqual(delivered.map((d) => d.id).sort(), [...accepted].sort());
     } finally {
@@ -1003,7 +1022,7 @@ describe('a full disk', () => {
       fill();
       release();
       await until(() => logged('could not record delivery state; retrying', first));
-      const stuck = queue.get(first)!;
+      const stuck = (await queue.get(first))!;
       assert.equal(stuck.recipients[0]!.status, 'pending', 'not delivered until the disk says so');
       assert.equal(stuck.recipients[0]!.attempts, 0);
       assert.match(stuck.unrecorded ?? '', /^ENOSPC: /);
@@ -1015,7 +1034,7 @@ describe('a full disk', () => {
 
       // Room again: the record is written on the next try, and nothing is delivered twice.
       rmSync(filler);
-      await until(() => queue.get(first) === null, 10_000);
+      await until(async () => (await queue.get(first)) === null, 10_000);
       assert.equal(calls.length, 1, 'delivered once');
       assert.deepEqual(events, ['delivered bob@h.test']);
       assert.ok(logged('delivery state recorded after earlier failures', first));
@@ -1045,9 +1064,9 @@ describe('a full disk', () => {
       rmSync(filler);
       app = await start(mnt, [slow, notices(events)], { retry: '1h' }, logger);
       queue = resolveToken(app.generation.container, Queue);
-      assert.equal(queue.get(second)?.recipients[0]?.status, 'pending');
-      queue.flush();
-      await until(() => queue.get(second) === null, 10_000);
+      assert.equal((await queue.get(second))?.recipients[0]?.status, 'pending');
+      await queue.flush();
+      await until(async () => (await queue.get(second)) === null, 10_000);
       assert.equal(calls.length, 3);
       assert.equal(calls[2]!.id, second);
       assert.equal(calls[2]!.maybeDelivered, true, 'the transport is told it may have delivered it already');
@@ -1178,7 +1197,7 @@ describe('the queue: recipients expand at acceptance', () => {
         ],
         'a@x.test once (the alias and the direct recipient), b with its own sender, c with the message’s',
       );
-      const waiting = resolveToken(app.generation.container, Queue).get(id)!;
+      const waiting = (await resolveToken(app.generation.container, Queue).get(id))!;
       const listed = describeMessage(JSON.parse(JSON.stringify(waiting)) as WireMessage, new Date());
       assert.match(
         listed,
@@ -1206,7 +1225,7 @@ describe('the queue: recipients expand at acceptance', () => {
       c.write('Subject: x\r\n\r\nhi\r\n.\r\n');
       await c.expect(/^451 4\.3\.0 /);
       c.close();
-      assert.equal(resolveToken(app.generation.container, Queue).list().length, 0);
+      assert.equal((await resolveToken(app.generation.container, Queue).list()).length, 0);
     } finally {
       await app.stop();
       rmSync(dir, { recursive: true, force: true });

@@ -107,9 +107,9 @@ async function send(port: number, n: number): Promise<string> {
   return /queued as (\S+)/.exec(reply.text)![1]!;
 }
 
-async function until(check: () => boolean, what: string, ms = 10_000): Promise<void> {
+async function until(check: () => boolean | Promise<boolean>, what: string, ms = 10_000): Promise<void> {
   const end = Date.now() + ms;
-  while (!check()) {
+  while (!(await check())) {
     if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 20));
   }
@@ -158,7 +158,11 @@ async function queueOf(
   try {
     for (let i = 0; i < count; i++) ids.push(await send(app.port(), i));
     const queue = resolveToken(app.generation.container, Queue);
-    await until(() => ids.every((id) => queue.get(id)?.recipients[0]?.attempts === 1), 'every first attempt');
+    await until(
+      async () =>
+        (await Promise.all(ids.map((id) => queue.get(id)))).every((m) => m?.recipients[0]?.attempts === 1),
+      'every first attempt',
+    );
   } finally {
     await app.stop(1000);
   }
@@ -184,8 +188,8 @@ async function recover(
   try {
     before?.();
     const engine = QueueEngine.get(join(dir, 'spool', 'queue'))!;
-    engine.flush();
-    await until(() => engine.list().length === 0, 'the queue emptied');
+    await engine.flush();
+    await until(async () => (await engine.list()).length === 0, 'the queue emptied');
   } finally {
     await app.stop(1000);
   }
@@ -495,6 +499,7 @@ describe('journal recovery rules', () => {
       });
       let store = new QueueStore(dir, 65_536, log);
       await store.open();
+      await store.indexed;
       await store.add(env('before'), { inline: [Buffer.from('hello')] });
       // An envelope length far past the record, with a checksum that verifies: a bug's record.
       const bad = Buffer.alloc(4);
@@ -506,6 +511,7 @@ describe('journal recovery rules', () => {
       await store.close();
       store = new QueueStore(dir, 65_536, log);
       await store.open();
+      await store.indexed;
       assert.deepEqual([...store.entries.keys()], ['before', 'after']);
       assert.deepEqual(
         errors.map((e) => e.reason),
@@ -538,6 +544,7 @@ describe('journal recovery rules', () => {
     try {
       let store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       for (const id of ['one', 'two', 'three'])
         await store.add(envelope(id), { inline: [Buffer.from('hello')] });
       await store.close();
@@ -550,6 +557,7 @@ describe('journal recovery rules', () => {
 
       store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       const [report] = errors.filter((e) => e.kind === 'damage');
       assert.match(String(report?.msg), /the quarantine copy failed: the segment is kept whole/);
       assert.deepEqual([...store.entries.keys()], ['one', 'three']);
@@ -564,6 +572,7 @@ describe('journal recovery rules', () => {
       rmSync(join(dir, 'quarantine'));
       store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       const copy = readdirSync(join(dir, 'quarantine')).filter((f) => f.endsWith('.bin'));
       assert.equal(copy.length, 1, 'the next start makes the copy');
       assert.ok(!existsSync(seg), 'and only then lets the segment go');
@@ -579,6 +588,7 @@ describe('journal recovery rules', () => {
     try {
       let store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       const body = join(dir, 'incoming.eml');
       writeFileSync(body, 'a large body\r\n');
       await store.add(envelope('big', { headers: 'Received: x\r\n' }), { file: body });
@@ -593,6 +603,7 @@ describe('journal recovery rules', () => {
 
       store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       assert.deepEqual([...store.entries.keys()], ['small']);
       assert.match(String(errors.find((e) => e.queueId === 'big')?.msg), /could not be set aside; it stays/);
       assert.ok(existsSync(join(dir, 'blobs', 'big.eml')));
@@ -607,6 +618,7 @@ describe('journal recovery rules', () => {
       errors.length = 0;
       store = storeIn(dir, errors);
       await store.open();
+      await store.indexed;
       const kept = errors.find((e) => e.queueId === 'big');
       assert.match(String(kept?.msg), /body of a large message with no readable record is set aside/);
       assert.equal(readFileSync(kept!.quarantine as string, 'utf8'), 'a large body\r\n');

@@ -4,7 +4,14 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import type { QueuedMessageView, RecipientReply, Route } from '../../core/index.js';
 import { syncDir } from './durable-fs.js';
-import { Journal, listSegments, type DamageReport, type RecordRef } from './journal.js';
+import {
+  Journal,
+  listSegments,
+  positionOf,
+  segmentOf,
+  type DamageReport,
+  type RecordRef,
+} from './journal.js';
 import { QUARANTINE_DIR, quarantineBlob } from './quarantine.js';
 import { keepAttempt, type AttemptLimits, type AttemptRecord } from './history.js';
 import {
@@ -24,8 +31,11 @@ export interface RecipientState {
   attempts: number;
   /** Epoch ms of the next attempt (pending/deferred). */
   nextAttemptAt: number;
+  /** A detail: present only while the message is loaded (see `Entry`). */
   lastReply?: RecipientReply;
+  /** A detail, as `lastReply`. */
   lastAttemptAt?: number;
+  /** Set by the last attempt; in memory only (not recorded), and only while the message is loaded. */
   route?: Route;
   /** Set after an unclean stop for recipients that were not final: a delivery may have happened. */
   maybeDelivered: boolean;
@@ -34,15 +44,15 @@ export interface RecipientState {
    * recorded outcome. In memory only (see `postpone`).
    */
   postponed?: { readonly reason: string; readonly by: string } | undefined;
-  /** The attempts kept (the first few and the latest, see history.ts), oldest first. */
+  /** A detail: the attempts kept (the first few and the latest, see history.ts), oldest first. */
   history: readonly AttemptRecord[];
-  /** Attempts dropped from `history` to keep it bounded. */
+  /** A detail: attempts dropped from `history` to keep it bounded. */
   omitted: number;
 }
 
 /**
- * How many queued messages keep their envelope parsed, at most (see `EnvelopeWindow`): by count,
- * and by the octets of those envelopes' JSON.
+ * How many queued messages are held loaded at most (see `ActiveWindow`): by count, and by the
+ * octets of their Message records' envelopes.
  */
 export interface WindowLimits {
   readonly messages: number;
@@ -51,41 +61,63 @@ export interface WindowLimits {
 
 export const DEFAULT_WINDOW: WindowLimits = { messages: 10_000, bytes: 16 * 1024 * 1024 };
 
+/** A recipient's details while its message is not loaded. */
+const NO_HISTORY: readonly AttemptRecord[] = Object.freeze([]);
+
 /**
- * The active window: the queued messages whose envelopes are held as objects, the latest loaded
- * last. Every other message keeps its envelope as the JSON text of its Message record (one
- * string, about a third of the memory of the parsed objects: the addresses, parameters and origin
- * with their strings), parsed again when something next reads it (a delivery attempt, `petrel
- * queue show`). The envelope never changes once stored, so a copy parsed again is the same
- * envelope a restart would read. Beyond either bound the envelope loaded longest ago goes back to
- * text; one being used keeps its objects for whoever holds them.
+ * The active window: the queued messages held loaded (their envelope as objects, and each
+ * recipient's last reply and kept attempts), the latest loaded last. Every other message is held
+ * as its index entry only — a few numbers and shared strings (see `Entry`) — and loaded again
+ * from the journal when something needs it (a delivery attempt, `petrel queue show`). Beyond
+ * either bound the message loaded longest ago is unloaded, unless it is in use (`Entry.pins`).
  */
-export class EnvelopeWindow {
-  /** Entries whose envelope is parsed, in the order they were loaded, with their JSON's length. */
+export class ActiveWindow {
+  /** Loaded entries, in the order they were loaded, with their envelope's length. */
   private readonly loaded = new Map<Entry, number>();
   private bytes = 0;
 
   constructor(private readonly limits: WindowLimits = DEFAULT_WINDOW) {}
 
-  /** Envelopes held parsed now. */
+  /** Messages held loaded now. */
   get size(): number {
     return this.loaded.size;
   }
 
-  /** Notes that an entry's envelope is parsed, and sends the oldest back to text beyond the limits. */
+  /** Notes that an entry is loaded, and unloads the oldest beyond the limits. */
   add(entry: Entry, bytes: number): void {
     if (this.loaded.has(entry)) return;
     this.loaded.set(entry, bytes);
     this.bytes += bytes;
-    while (this.loaded.size > this.limits.messages || this.bytes > this.limits.bytes) {
+    // Entries in use go to the back; at most one pass over the window.
+    for (let looked = 0; looked < this.loaded.size; looked++) {
+      if (this.loaded.size <= this.limits.messages && this.bytes <= this.limits.bytes) break;
       const oldest = this.loaded.keys().next().value!;
       if (oldest === entry) break;
-      this.remove(oldest);
+      const size = this.loaded.get(oldest)!;
+      this.loaded.delete(oldest);
+      if (oldest.pins > 0) {
+        this.loaded.set(oldest, size);
+        continue;
+      }
+      this.bytes -= size;
       oldest.unload();
     }
   }
 
-  /** Forgets an entry (it finished). */
+  /** Unloads the oldest entries not in use while the window is beyond its limits. */
+  trim(): void {
+    const { limits } = this;
+    if (this.loaded.size <= limits.messages && this.bytes <= limits.bytes) return;
+    for (const [oldest, size] of this.loaded) {
+      if (this.loaded.size <= limits.messages && this.bytes <= limits.bytes) return;
+      if (oldest.pins > 0) continue;
+      this.loaded.delete(oldest);
+      this.bytes -= size;
+      oldest.unload();
+    }
+  }
+
+  /** Forgets an entry (it finished): it stays loaded for whoever still holds it. */
   remove(entry: Entry): void {
     const bytes = this.loaded.get(entry);
     if (bytes === undefined) return;
@@ -94,63 +126,151 @@ export class EnvelopeWindow {
   }
 }
 
-/** A message not yet final, as the store keeps it. */
+/**
+ * Strings many index entries share (a sender, a recipient domain, a message's list of domains),
+ * kept once. Rebuilt from the live entries now and then (`QueueStore.compact`), so that strings
+ * of finished messages do not stay.
+ */
+class Pool {
+  private strings = new Map<string, string>();
+  private lists = new Map<string, readonly string[]>();
+
+  string(s: string): string {
+    const known = this.strings.get(s);
+    if (known !== undefined) return known;
+    this.strings.set(s, s);
+    return s;
+  }
+
+  list(items: readonly string[]): readonly string[] {
+    const key = items.join('\u0000');
+    const known = this.lists.get(key);
+    if (known) return known;
+    const list = Object.freeze(items.map((s) => this.string(s)));
+    this.lists.set(key, list);
+    return list;
+  }
+
+  get size(): number {
+    return this.strings.size + this.lists.size;
+  }
+
+  rebuild(entries: Iterable<Entry>): void {
+    this.strings = new Map();
+    this.lists = new Map();
+    for (const e of entries) {
+      this.strings.set(e.sender, e.sender);
+      for (const d of e.domains) this.strings.set(d, d);
+      this.lists.set(e.domains.join('\u0000'), e.domains);
+    }
+  }
+}
+
+/** What a loaded message holds beyond its index entry. */
+interface Loaded {
+  readonly env: StoredEnvelope;
+  /** The Message record (inline messages: where the octets are, after `skip`). */
+  location: RecordRef | null;
+  skip: number;
+}
+
+/**
+ * A message not yet final, as the store keeps it. Always in memory: its index entry — the facts
+ * scheduling and administration need without reading the disk (arrival, size, sender, each
+ * recipient's domain, status, attempts and next attempt), and the journal positions of its
+ * records. While it is loaded (the active window) also its envelope and each recipient's last
+ * reply and kept attempts; `QueueStore.load` reads those back from the journal by replaying its
+ * records, exactly as a restart would.
+ */
 export class Entry {
   readonly id: string;
   /** The queue id of the message this one reports on (a DSN), kept out of the envelope for the engine's index. */
   readonly reportFor: string | undefined;
-  /** The envelope's JSON, exactly as in the Message record. */
-  readonly envelopeJson: string;
-  /** The envelope as objects, while the message is in the active window. */
-  private parsed: StoredEnvelope | null;
-  /** Where the message octets are (inline messages). */
-  location: RecordRef | null = null;
-  /** Offset of the message octets inside the record's payload. */
-  skip = 0;
+  readonly receivedAt: number;
+  /** Octets of the whole stored message. */
+  readonly size: number;
+  /** The envelope sender's address, '' for the null sender. */
+  readonly sender: string;
+  /** Each recipient's domain, lower case, by index. */
+  readonly domains: readonly string[];
+  /** The body is a file of its own (`blobs/<id>.eml`). */
+  readonly blob: boolean;
   readonly rcpts: RecipientState[];
   /**
-   * Segments holding records about this message: they stay until it is final. A few numbers,
-   * replaced rather than grown (a grown array keeps room for 16 more).
+   * Journal positions (`positionOf`) of the records about this message, in journal order, its
+   * Message record first: they are what `load` replays, and their segments stay until it is final.
+   * Replaced rather than grown (a grown array keeps room for more).
    */
-  segments: readonly number[] = [];
+  records: readonly number[] = [];
   /** A delivery attempt or an administrative change is in progress. */
   busy = false;
   /** Held by the administrator: never attempted until released. */
   held: boolean;
+  /** Read from the journal at start (not accepted by this run). */
+  readonly recovered: boolean;
+  /** Users of the loaded details (an attempt, a summary in progress): not unloaded while > 0. */
+  pins = 0;
   /**
    * The message octets of a new inline message, kept in memory (within the store's budget) so that
    * its first delivery attempt need not read them back from disk; dropped when that attempt ends.
    */
   memory: { readonly chunks: readonly Buffer[]; readonly bytes: number } | null = null;
+  private loaded: Loaded | null = null;
 
-  constructor(
-    private readonly window: EnvelopeWindow,
-    env: StoredEnvelope,
-    envelopeJson: string,
-    /** Keep `env` parsed (a new message, about to be tried), or only its text (one read from the journal). */
-    keep: boolean,
-  ) {
+  constructor(env: StoredEnvelope, pool: Pool, recovered: boolean) {
     this.id = env.id;
     this.reportFor = env.origin?.reportFor;
-    this.envelopeJson = envelopeJson;
+    this.receivedAt = env.receivedAt;
+    this.size = env.size;
+    this.sender = pool.string(env.sender?.address ?? '');
+    this.domains = pool.list(env.recipients.map((r) => r.address.domain.toLowerCase()));
+    this.blob = env.blob !== undefined;
     this.rcpts = freshStates(env);
     this.held = env.hold !== undefined;
-    this.parsed = keep ? env : null;
-    if (keep) window.add(this, envelopeJson.length);
+    this.recovered = recovered;
   }
 
-  /** The envelope (parsed again if it left the active window). */
+  /** The envelope and recipients' details are in memory. */
+  get isLoaded(): boolean {
+    return this.loaded !== null;
+  }
+
+  /** The envelope; only while loaded (`QueueStore.load`). */
   get env(): StoredEnvelope {
-    if (this.parsed) return this.parsed;
-    const env = JSON.parse(this.envelopeJson) as StoredEnvelope;
-    this.parsed = env;
-    this.window.add(this, this.envelopeJson.length);
-    return env;
+    if (!this.loaded) throw new Error(`queue message ${this.id} is not loaded`);
+    return this.loaded.env;
   }
 
-  /** Back to text only (the window is full). */
+  /** Where the octets of an inline message are; only while loaded. */
+  get location(): { readonly ref: RecordRef | null; readonly skip: number } {
+    if (!this.loaded) throw new Error(`queue message ${this.id} is not loaded`);
+    return { ref: this.loaded.location, skip: this.loaded.skip };
+  }
+
+  attach(loaded: Loaded): void {
+    this.loaded = loaded;
+  }
+
+  /** Back to the index entry alone (the window is full). */
   unload(): void {
-    this.parsed = null;
+    this.loaded = null;
+    for (const r of this.rcpts) {
+      r.lastReply = undefined;
+      r.lastAttemptAt = undefined;
+      r.route = undefined;
+      r.history = NO_HISTORY;
+      r.omitted = 0;
+    }
+  }
+
+  /** The earliest next attempt of a recipient not yet final, or Infinity. */
+  nextDue(): number {
+    let next = Infinity;
+    for (const r of this.rcpts) {
+      if ((r.status === 'pending' || r.status === 'deferred') && r.nextAttemptAt < next)
+        next = r.nextAttemptAt;
+    }
+    return next;
   }
 }
 
@@ -158,6 +278,15 @@ export class Entry {
 export const CLEAN_SHUTDOWN = 'clean-shutdown';
 /** Read size for stored messages. */
 const HIGH_WATER = 256 * 1024;
+/**
+ * A message with more records than this gets a snapshot (`QueueStore.checkpoint`) after its next
+ * recorded change: loading it then reads a few records, not one per attempt of days of retries.
+ */
+const MAX_RECORDS = 8;
+/** A segment whose records are less than this share live is compacted. */
+const COMPACT_BELOW = 0.5;
+/** Messages loaded at once by the store's own walks (compaction, the stories of finished ones). */
+const LOAD_BATCH = 64;
 
 /** A new message's recipients: all pending, due at arrival. */
 function freshStates(env: StoredEnvelope): RecipientState[] {
@@ -172,7 +301,7 @@ function freshStates(env: StoredEnvelope): RecipientState[] {
     route: undefined,
     maybeDelivered: false,
     postponed: undefined,
-    history: [],
+    history: NO_HISTORY,
     omitted: 0,
   }));
 }
@@ -206,7 +335,7 @@ function statePayload(
   return Buffer.from(JSON.stringify({ id, u }), 'utf8');
 }
 
-/** A History record's payload: every recipient's kept attempts (for a compaction's copy). */
+/** A History record's payload: every recipient's kept attempts (for a snapshot). */
 function historyPayload(entry: Entry): Buffer | null {
   const h = entry.rcpts
     .map((r, i) => ({ i, k: r.history, o: r.omitted }))
@@ -224,6 +353,33 @@ function sameReply(a: RecipientReply, b: RecipientReply): boolean {
   return a === b || JSON.stringify(a) === JSON.stringify(b);
 }
 
+/**
+ * Applies a State record's updates to recipients' states, as recovery and `load` do: with the
+ * details (reply, attempt time, history) when `details`, else the index's fields alone.
+ */
+function applyUpdates(
+  rcpts: RecipientState[],
+  updates: readonly StateUpdate[],
+  limits: AttemptLimits,
+  details: boolean,
+): void {
+  for (const u of updates) {
+    const r = rcpts[u.i];
+    if (!r) continue;
+    r.status = u.s;
+    r.attempts = u.a;
+    r.nextAttemptAt = u.n;
+    if (!details) continue;
+    if (u.r) r.lastReply = u.r;
+    if (u.t) r.lastAttemptAt = u.t;
+    if (u.h) ({ kept: r.history, omitted: r.omitted } = keepAttempt(r.history, r.omitted, u.h, limits));
+    // The record carries the last reply twice (as the state's and as the attempt's): one copy
+    // is kept, as while the server ran.
+    const last = r.history.at(-1)?.reply;
+    if (u.h && last && r.lastReply && sameReply(last, r.lastReply)) r.lastReply = last;
+  }
+}
+
 /** A stream of buffers held in memory. */
 function memoryStream(chunks: readonly Buffer[]): Readable {
   let next = 0;
@@ -236,25 +392,42 @@ function memoryStream(chunks: readonly Buffer[]): Readable {
   });
 }
 
+/** Runs `fn` on every item, at most `n` at once. */
+async function eachLimited<T>(items: readonly T[], n: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) await fn(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(n, items.length) }, worker));
+}
+
 /**
  * The queue's contents: every message not yet final, with per-recipient state, rebuilt from the
  * journal at start. Bodies are written once (into the journal, or as a blob file for large
  * messages); every state change is a small record appended after them.
  *
  * Contract, for the engine (its only user):
+ * - `open` resolves once new messages can be added; the journal's older records are read in the
+ *   background, and `indexed` resolves when they all are. Until then `entries` holds what has
+ *   been read so far, and nothing read from the journal may be delivered: a later record may say
+ *   it was delivered already. New messages are not in the older records and can be delivered.
  * - `add` resolves only once the message and its envelope are on stable storage; it rejects
  *   (nothing kept) on a write error, which the caller turns into a 4xx.
  * - `update` changes a recipient's recorded state only after the State record is on disk; on a
  *   write error it rejects and the entry is as before, so the caller retries. A message whose
  *   recipients are all final is forgotten then, but its files stay until `discard`.
- * - Records are applied in journal order at `open`; damaged ones are set aside (journal.ts), never
+ * - An entry's envelope, replies and kept attempts are there only while it is loaded: `load` (or
+ *   `use`) first; a pinned or busy entry is never unloaded.
+ * - Records are applied in journal order at start; damaged ones are set aside (journal.ts), never
  *   dropped silently, and after damage every waiting recipient counts as maybe delivered.
  * - One process at a time: the engine holds the part's lock while the store is open.
  */
 export class QueueStore {
   readonly entries = new Map<string, Entry>();
-  /** Live entries per segment. */
-  private readonly segmentRefs = new Map<number, number>();
+  /** Per segment: records that live messages (and finished ones not yet discarded) refer to. */
+  private readonly liveRecords = new Map<number, number>();
+  /** Per segment: every record in it, live or not (for compaction's choice). */
+  private readonly allRecords = new Map<number, number>();
   /** Segment files known to exist (from the start, and every segment written since). */
   private readonly onDisk = new Set<number>();
   private journal!: Journal;
@@ -263,8 +436,20 @@ export class QueueStore {
   recoveredFromCrash = false;
   /** Octets of message bodies held in memory (`Entry.memory`), at most `memoryLimit`. */
   private memoryBytes = 0;
-  /** The messages whose envelopes are held parsed. */
-  readonly window: EnvelopeWindow;
+  /** The messages held loaded. */
+  readonly window: ActiveWindow;
+  private readonly pool = new Pool();
+  /** Loads in progress, so that two users of one message read it once. */
+  private readonly loading = new Map<Entry, Promise<void>>();
+  /** Resolves once every record of the journal as it was at start has been read. */
+  indexed: Promise<void> = Promise.resolve();
+  /** True once `indexed` has resolved. */
+  isIndexed = false;
+  /** How the reading of the journal went: seconds taken, messages it held. */
+  indexing = { seconds: 0, messages: 0 };
+  /** Segments written by this run (the older ones are read by the background indexing). */
+  private firstNew = 0;
+  private compacting = false;
 
   constructor(
     readonly dir: string,
@@ -275,17 +460,19 @@ export class QueueStore {
     private readonly onSync?: (seconds: number, records: number) => void,
     /** Attempts kept per recipient (see history.ts). */
     private readonly attemptLimits: AttemptLimits = { first: 3, last: 10 },
-    /** Envelopes held parsed at most (see `EnvelopeWindow`). */
+    /** Messages held loaded at most (see `ActiveWindow`). */
     window: WindowLimits = DEFAULT_WINDOW,
   ) {
     this.blobDir = join(dir, 'blobs');
-    this.window = new EnvelopeWindow(window);
+    this.window = new ActiveWindow(window);
   }
 
   /**
-   * Opens the queue. `finished` is given the messages whose recipients the journal shows all final
-   * (the last run ended them, and a crash may have come before their history was stored): it
-   * runs before their records are removed, so a history is never lost with them.
+   * Opens the queue for new messages, and starts reading the journal in the background
+   * (`indexed`). `finished` is given the messages whose recipients the journal shows all final
+   * (the last run ended them, and a crash may have come before their history was stored), loaded:
+   * it runs before their records are removed, so a history is never lost with them. `indexed`
+   * rejects when the journal cannot be read (an I/O error, not damage).
    */
   async open(finished?: (entries: readonly Entry[]) => Promise<void>): Promise<void> {
     await mkdir(this.blobDir, { recursive: true, mode: 0o700 });
@@ -293,28 +480,49 @@ export class QueueStore {
     const journalDir = join(this.dir, 'journal');
     const cleanStop = existsSync(cleanMarker);
     this.recoveredFromCrash = existsSync(journalDir) && !cleanStop;
+    this.journal = await Journal.start(journalDir, {
+      segmentSize: this.segmentSize,
+      ...(this.onSync ? { onSync: this.onSync } : {}),
+    });
+    this.firstNew = this.journal.currentSegment;
+    this.onDisk.add(this.firstNew);
+    // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
+    await rm(cleanMarker, { force: true });
+    const started = performance.now();
+    this.indexed = this.index(journalDir, cleanStop, finished).then(() => {
+      this.isIndexed = true;
+      this.indexing.seconds = (performance.now() - started) / 1000;
+    });
+    // Seen by whoever waits on it; not an unhandled rejection meanwhile.
+    this.indexed.catch(() => undefined);
+  }
+
+  /** Reads the journal's older segments (see `open`). */
+  private async index(
+    journalDir: string,
+    cleanStop: boolean,
+    finished?: (entries: readonly Entry[]) => Promise<void>,
+  ): Promise<void> {
     const found: DamageReport[] = [];
     /** Ids of the Message records read intact (a damaged one may have an intact copy). */
     const intact = new Set<string>();
     /** Messages that finished in the journal, by id (a compaction copy may finish one twice). */
     const done = new Map<string, Entry>();
-    this.journal = await Journal.open(journalDir, {
-      segmentSize: this.segmentSize,
+    await this.journal.replay({
       cleanStop,
       quarantineDir: join(this.dir, QUARANTINE_DIR),
       onRecord: (type, payload, ref) => this.replay(type, payload, ref, intact, done),
       onDamage: (d) => found.push(d),
       describe: describeDamage,
-      ...(this.onSync ? { onSync: this.onSync } : {}),
     });
-    // Only now: a crash during recovery must not make the next start take a clean stop for a crash.
-    await rm(cleanMarker, { force: true });
+    // Closed before the journal was wholly read: nothing may be concluded from a part of it.
+    if (this.journal.isClosed) throw new Error('the queue closed before its journal was read');
     const damaged = this.reportDamage(found, intact, cleanStop);
     // A blob without a Message record was written before a crash and never acknowledged; unless
     // the journal is damaged, when it may be the body of a message whose record was lost.
     for (const f of await readdir(this.blobDir)) {
       const id = f.replace(/\.(eml|tmp)$/, '');
-      if (!f.endsWith('.tmp') && this.entries.get(id)?.env.blob) continue;
+      if (!f.endsWith('.tmp') && this.entries.get(id)?.blob) continue;
       const path = join(this.blobDir, f);
       // (A message whose record is intact and which finished leaves a blob that can go.)
       if (!damaged || !f.endsWith('.eml') || intact.has(id)) {
@@ -336,14 +544,36 @@ export class QueueStore {
         );
       }
     }
-    if (finished && done.size) await finished([...done.values()]);
-    // Finished messages leave no entry: their segments can go, except the one being written.
+    if (finished && done.size) {
+      const ended = [...done.values()];
+      for (let i = 0; i < ended.length; i += LOAD_BATCH) {
+        const batch = ended.slice(i, i + LOAD_BATCH);
+        const loaded: Entry[] = [];
+        await eachLimited(batch, LOAD_BATCH, async (e) => {
+          try {
+            await this.load(e);
+            loaded.push(e);
+          } catch (err) {
+            this.log.error(
+              { err, queueId: e.id },
+              'queue: the story of a finished message could not be read',
+            );
+          }
+        });
+        await finished(loaded);
+      }
+    }
+    for (const e of done.values()) this.release(e);
+    // Finished messages leave no entry: their segments can go.
     for (const seg of await listSegments(journalDir)) {
-      if (!this.segmentRefs.get(seg) && seg !== this.journal.currentSegment)
-        await this.journal.removeSegment(seg);
+      if (seg >= this.firstNew) continue;
+      if (!this.liveRecords.get(seg)) await this.journal.removeSegment(seg);
       else this.onDisk.add(seg);
     }
-    if (this.recoveredFromCrash) this.markMaybeDelivered();
+    if (this.recoveredFromCrash || damaged) this.markMaybeDelivered();
+    let recovered = 0;
+    for (const e of this.entries.values()) if (e.recovered) recovered++;
+    this.indexing.messages = recovered;
   }
 
   /**
@@ -399,21 +629,38 @@ export class QueueStore {
     return damaged;
   }
 
-  /** After a crash or damage: a waiting recipient may have been delivered without a record of it. */
+  /** After a crash or damage: a waiting recipient read from the journal may have been delivered without a record of it. */
   private markMaybeDelivered(): void {
     for (const e of this.entries.values()) {
+      if (!e.recovered) continue;
       for (const r of e.rcpts) if (r.status === 'pending' || r.status === 'deferred') r.maybeDelivered = true;
     }
   }
 
-  private ref(entry: Entry, segment: number): void {
-    this.onDisk.add(segment);
-    if (entry.segments.includes(segment)) return;
-    entry.segments = entry.segments.concat(segment);
-    this.segmentRefs.set(segment, (this.segmentRefs.get(segment) ?? 0) + 1);
+  /** Counts a record in its segment. */
+  private counted(pos: number): void {
+    const seg = segmentOf(pos);
+    this.allRecords.set(seg, (this.allRecords.get(seg) ?? 0) + 1);
   }
 
-  /** Replays one record; answers why when it cannot be read (then it is damage). */
+  /** Adds a record to an entry's, and counts it live in its segment. */
+  private ref(entry: Entry, pos: number): void {
+    entry.records = entry.records.concat(pos);
+    const seg = segmentOf(pos);
+    this.liveRecords.set(seg, (this.liveRecords.get(seg) ?? 0) + 1);
+  }
+
+  /** Drops records' claim on their segments (`sweep` then removes those nothing else uses). */
+  private unref(records: readonly number[]): void {
+    for (const pos of records) {
+      const seg = segmentOf(pos);
+      const n = (this.liveRecords.get(seg) ?? 1) - 1;
+      if (n > 0) this.liveRecords.set(seg, n);
+      else this.liveRecords.delete(seg);
+    }
+  }
+
+  /** Replays one record into the index; answers why when it cannot be read (then it is damage). */
   private replay(
     type: number,
     payload: Buffer,
@@ -423,66 +670,31 @@ export class QueueStore {
   ): string | void {
     const rec = decodeRecord(type, payload);
     if (typeof rec === 'string') return rec;
+    const pos = positionOf(ref);
+    this.counted(pos);
     if (rec.type === RecordType.Message) {
-      const { env, skip } = rec;
+      const { env } = rec;
       intact.add(env.id);
-      const existing = this.entries.get(env.id);
-      // The envelope is kept as its text: parsed again when the message is next looked at.
-      const entry = existing ?? new Entry(this.window, env, payload.toString('utf8', 4, skip), false);
-      // A relocated copy replaces the old location; the state carries over.
-      entry.location = env.blob ? null : ref;
-      entry.skip = skip;
+      // A compaction's copy of a message known already adds to its records; the state carries over.
+      const entry = this.entries.get(env.id) ?? new Entry(env, this.pool, true);
       this.entries.set(env.id, entry);
-      this.ref(entry, ref.segment);
-    } else if (rec.type === RecordType.State) {
-      const entry = this.entries.get(rec.id);
-      if (!entry) return;
-      this.applyUpdates(entry, rec.u);
-      this.ref(entry, ref.segment);
+      this.ref(entry, pos);
+      return;
+    }
+    if (rec.type === 0) return;
+    const entry = this.entries.get(rec.id);
+    if (!entry) return;
+    this.ref(entry, pos);
+    if (rec.type === RecordType.State) {
+      applyUpdates(entry.rcpts, rec.u, this.attemptLimits, false);
       if (this.isFinal(entry)) {
         this.forget(entry);
-        this.release(entry);
         done.set(entry.id, entry);
       }
-    } else if (rec.type === RecordType.History) {
-      const entry = this.entries.get(rec.id);
-      if (!entry) return;
-      for (const h of rec.h) {
-        const r = entry.rcpts[h.i];
-        if (!r) continue;
-        r.history = h.k;
-        r.omitted = h.o;
-      }
-      this.ref(entry, ref.segment);
     } else if (rec.type === RecordType.Hold) {
-      const entry = this.entries.get(rec.id);
-      if (!entry) return;
       entry.held = rec.held;
-      this.ref(entry, ref.segment);
     }
-  }
-
-  private applyUpdates(entry: Entry, updates: readonly StateUpdate[]): void {
-    for (const u of updates) {
-      const r = entry.rcpts[u.i];
-      if (!r) continue;
-      r.status = u.s;
-      r.attempts = u.a;
-      r.nextAttemptAt = u.n;
-      if (u.r) r.lastReply = u.r;
-      if (u.t) r.lastAttemptAt = u.t;
-      if (u.h)
-        ({ kept: r.history, omitted: r.omitted } = keepAttempt(
-          r.history,
-          r.omitted,
-          u.h,
-          this.attemptLimits,
-        ));
-      // The record carries the last reply twice (as the state's and as the attempt's): one copy
-      // is kept, as while the server ran.
-      const last = r.history.at(-1)?.reply;
-      if (u.h && last && r.lastReply && sameReply(last, r.lastReply)) r.lastReply = last;
-    }
+    // A History record matters only to `load`, which replays it.
   }
 
   isFinal(entry: Entry): boolean {
@@ -500,12 +712,98 @@ export class QueueStore {
 
   /** Gives up a forgotten entry's claim on segments (`sweep` then removes those nothing else uses). */
   private release(entry: Entry): void {
-    for (const seg of entry.segments) {
-      const n = (this.segmentRefs.get(seg) ?? 1) - 1;
-      if (n > 0) this.segmentRefs.set(seg, n);
-      else this.segmentRefs.delete(seg);
+    this.unref(entry.records);
+    entry.records = [];
+  }
+
+  /**
+   * Loads a message: reads its records back from the journal and replays them, as a restart
+   * would, into its envelope and each recipient's last reply and kept attempts (the index's own
+   * fields — status, attempts, next attempt, holds, and what is kept in memory only — are left as
+   * they are). Rejects when a record cannot be read; the message stays as it was.
+   */
+  load(entry: Entry): Promise<void> {
+    if (entry.isLoaded) return Promise.resolve();
+    const known = this.loading.get(entry);
+    if (known) return known;
+    const p = this.read(entry).finally(() => this.loading.delete(entry));
+    this.loading.set(entry, p);
+    return p;
+  }
+
+  /** Runs `fn` on a loaded message that stays loaded until `fn` ends. */
+  async use<T>(entry: Entry, fn: (entry: Entry) => T | Promise<T>): Promise<T> {
+    entry.pins++;
+    try {
+      await this.load(entry);
+      return await fn(entry);
+    } finally {
+      entry.pins--;
+      // Loads while it was in use may have left the window beyond its limits.
+      if (entry.pins === 0) this.window.trim();
     }
-    entry.segments = [];
+  }
+
+  private async read(entry: Entry): Promise<void> {
+    for (;;) {
+      const records = entry.records;
+      const read = await Promise.all(records.map((pos) => this.journal.readRecord(pos)));
+      // Changed meanwhile (an outcome recorded, a snapshot): read again what is recorded now.
+      if (entry.records !== records) continue;
+      if (entry.isLoaded) return;
+      let loaded: Loaded | null = null;
+      let octets: Buffer | null = null;
+      const scratch = entry.rcpts.map(() => ({
+        status: 'pending' as RecipientStatus,
+        attempts: 0,
+        nextAttemptAt: 0,
+        lastReply: undefined as RecipientReply | undefined,
+        lastAttemptAt: undefined as number | undefined,
+        maybeDelivered: false,
+        history: NO_HISTORY,
+        omitted: 0,
+      }));
+      for (const { type, payload, ref } of read) {
+        const rec = decodeRecord(type, payload);
+        if (typeof rec === 'string')
+          throw new Error(
+            `queue message ${entry.id}: a record at ${ref.segment}:${ref.offset} does not read: ${rec}`,
+          );
+        if (rec.type === RecordType.Message) {
+          loaded ??= { env: rec.env, location: null, skip: rec.skip };
+          if (!entry.blob) {
+            loaded.location = ref;
+            loaded.skip = rec.skip;
+            octets = payload.subarray(rec.skip);
+          }
+        } else if (rec.type === RecordType.State) {
+          applyUpdates(scratch, rec.u, this.attemptLimits, true);
+        } else if (rec.type === RecordType.History) {
+          for (const h of rec.h) {
+            const r = scratch[h.i];
+            if (!r) continue;
+            r.history = h.k;
+            r.omitted = h.o;
+          }
+        }
+      }
+      if (!loaded) throw new Error(`queue message ${entry.id}: no Message record among its records`);
+      entry.rcpts.forEach((r, i) => {
+        const s = scratch[i]!;
+        r.lastReply = s.lastReply;
+        r.lastAttemptAt = s.lastAttemptAt;
+        r.history = s.history;
+        r.omitted = s.omitted;
+      });
+      entry.attach(loaded);
+      // The octets were read anyway: the attempt this load is for (most often) need not read them again.
+      if (octets && !entry.memory && this.memoryBytes + octets.length <= this.memoryLimit) {
+        entry.memory = { chunks: [octets], bytes: octets.length };
+        this.memoryBytes += octets.length;
+      }
+      if (this.entries.get(entry.id) === entry) this.window.add(entry, loaded.skip);
+      return;
+    }
   }
 
   /**
@@ -513,8 +811,7 @@ export class QueueStore {
    * from the receiving spool, fsynced) plus a record for large ones. Resolves after fsync.
    */
   async add(env: StoredEnvelope, body: { inline: Buffer[] } | { file: string }): Promise<Entry> {
-    const envelopeJson = JSON.stringify(env);
-    const head = envelopeParts(envelopeJson);
+    const head = envelopeParts(JSON.stringify(env));
     if ('file' in body) {
       const target = join(this.blobDir, `${env.id}.eml`);
       const fh = await open(body.file, 'r');
@@ -541,22 +838,26 @@ export class QueueStore {
       if (memory) this.memoryBytes -= bytes;
       throw err;
     }
-    const entry = new Entry(this.window, env, envelopeJson, true);
-    entry.location = 'inline' in body ? ref : null;
-    entry.skip = 4 + head[1].length;
+    const entry = new Entry(env, this.pool, false);
+    const skip = 4 + head[1].length;
+    entry.attach({ env, location: 'inline' in body ? ref : null, skip });
     entry.memory = memory;
     this.entries.set(env.id, entry);
-    this.ref(entry, ref.segment);
+    const pos = positionOf(ref);
+    this.counted(pos);
+    this.ref(entry, pos);
+    this.window.add(entry, skip);
     return entry;
   }
 
   /**
    * Records new states of some recipients (by index) durably, and only then gives them to the
-   * entry: when the State record cannot be written (a full disk, an I/O error), this rejects and
-   * the entry still says what the disk says, so nothing looks finished that is not recorded so.
-   * A message whose recipients are now all final is forgotten (true is returned); its files stay
-   * until `discard`, so that the hooks told about the outcome can still read it. A crash in
-   * between leaves nothing behind: at start, segments and blobs of final messages are removed.
+   * entry (which must be loaded: the attempts are kept with the details): when the State record
+   * cannot be written (a full disk, an I/O error), this rejects and the entry still says what the
+   * disk says, so nothing looks finished that is not recorded so. A message whose recipients are
+   * now all final is forgotten (true is returned); its files stay until `discard`, so that the
+   * hooks told about the outcome can still read it. A crash in between leaves nothing behind: at
+   * start, segments and blobs of final messages are removed.
    */
   async update(
     entry: Entry,
@@ -570,9 +871,18 @@ export class QueueStore {
       if (a)
         ({ kept: r.history, omitted: r.omitted } = keepAttempt(r.history, r.omitted, a, this.attemptLimits));
     }
+    const pos = positionOf(ref);
+    this.counted(pos);
     if (this.entries.get(entry.id) !== entry) return false;
-    this.ref(entry, ref.segment);
-    if (!this.isFinal(entry)) return false;
+    this.ref(entry, pos);
+    if (!this.isFinal(entry)) {
+      if (entry.records.length > MAX_RECORDS)
+        await this.checkpoint(entry, false).catch((err: unknown) =>
+          // The outcome is recorded; only the snapshot is not (tried again after the next one).
+          this.log.error({ err, queueId: entry.id }, 'queue: a snapshot of a message could not be written'),
+        );
+      return false;
+    }
     this.forget(entry);
     return true;
   }
@@ -583,15 +893,20 @@ export class QueueStore {
       Buffer.from(JSON.stringify({ id: entry.id, held }), 'utf8'),
     ]);
     entry.held = held;
-    if (this.entries.get(entry.id) === entry) this.ref(entry, ref.segment);
+    const pos = positionOf(ref);
+    this.counted(pos);
+    if (this.entries.get(entry.id) === entry) this.ref(entry, pos);
   }
 
   /**
    * Marks a message as being worked on (a delivery attempt, an administrative change), or no
-   * longer: compaction leaves a busy message's segments alone.
+   * longer: compaction leaves a busy message alone, and the window does not unload it.
    */
   setBusy(entry: Entry, busy: boolean): void {
+    if (busy === entry.busy) return;
     entry.busy = busy;
+    entry.pins += busy ? 1 : -1;
+    if (entry.pins === 0) this.window.trim();
   }
 
   /**
@@ -606,7 +921,7 @@ export class QueueStore {
   /**
    * Holds some recipients (by index) back until `until` without an attempt (a plugin's
    * `postpone()`). No record of its own: after a restart they are due at their recorded time,
-   * which is no later (a compaction meanwhile may have copied `until` itself), and whoever
+   * which is no later (a snapshot meanwhile may have copied `until` itself), and whoever
    * postponed them is asked again.
    */
   postpone(
@@ -634,90 +949,131 @@ export class QueueStore {
     if (this.entries.get(entry.id) === entry) return;
     this.release(entry);
     this.dropMemory(entry);
-    if (entry.env.blob) await rm(join(this.blobDir, `${entry.id}.eml`), { force: true });
+    if (entry.blob) await rm(join(this.blobDir, `${entry.id}.eml`), { force: true });
     await this.sweep();
   }
 
   /**
    * Removes every segment older than the one being written that no live message refers to. A
    * segment whose messages all finished while it was still current is caught here once the
-   * journal has moved on (otherwise it would stay until the next start).
+   * journal has moved on (otherwise it would stay until the next start). Segments the background
+   * indexing has not read are not known here yet.
    */
   private async sweep(): Promise<void> {
     const current = this.journal.currentSegment;
     this.onDisk.add(current);
     for (const seg of [...this.onDisk]) {
-      if (seg < current && !this.segmentRefs.get(seg)) {
+      if (seg < current && !this.liveRecords.get(seg)) {
         this.onDisk.delete(seg);
+        this.allRecords.delete(seg);
         await this.journal.removeSegment(seg);
       }
     }
   }
 
   /**
-   * Moves live messages out of old segments that are mostly dead, so that one long-deferred
-   * message does not pin a whole segment for days: a copy and a state snapshot are appended,
-   * then the old segment is removed once nothing refers to it.
+   * Appends a snapshot of a message — a State record with every recipient's state, a History
+   * record with the kept attempts, a Hold record when it is held or was held at acceptance, and a
+   * copy of its Message record when `copyMessage` — and makes those its records: the older ones
+   * no longer keep their segments. Loading it afterwards reads these few records.
    */
-  async compact(): Promise<void> {
-    await this.sweep();
-    const current = this.journal.currentSegment;
-    const old = [...this.segmentRefs.keys()].filter((s) => s < current);
-    for (const seg of old) {
-      const live = [...this.entries.values()].filter((e) => e.segments.includes(seg));
-      if (live.some((e) => e.busy)) continue;
-      for (const entry of live) {
-        const parts: Buffer[] = [];
-        for await (const c of this.rawStream(entry)) parts.push(c as Buffer);
-        const head = envelopeParts(entry.envelopeJson);
-        const copy = await this.journal.append(
-          RecordType.Message,
-          entry.env.blob ? head : [...head, ...parts],
+  private async checkpoint(entry: Entry, copyMessage: boolean): Promise<void> {
+    await this.use(entry, async () => {
+      const records = entry.records;
+      const first = records[0]!;
+      const copy = copyMessage ? (await this.journal.readRecord(first)).payload : null;
+      // All appended before any is awaited: one batch, in this order, so a restart replays the
+      // copy (if any) before the state that follows it.
+      const appends: Promise<RecordRef>[] = [];
+      if (copy) appends.push(this.journal.append(RecordType.Message, [copy]));
+      appends.push(this.journal.append(RecordType.State, [statePayload(entry.id, allStates(entry))]));
+      // The kept attempts must outlive the segments their State records were in.
+      const kept = historyPayload(entry);
+      if (kept) appends.push(this.journal.append(RecordType.History, [kept]));
+      // The hold must outlive the segment its record was in; a release of a message held at
+      // acceptance must too, or the copied envelope would hold it again.
+      if (entry.held || entry.env.hold)
+        appends.push(
+          this.journal.append(RecordType.Hold, [
+            Buffer.from(JSON.stringify({ id: entry.id, held: entry.held }), 'utf8'),
+          ]),
         );
-        const st = await this.journal.append(RecordType.State, [statePayload(entry.id, allStates(entry))]);
-        // The kept attempts must outlive the segments their State records were in.
-        const kept = historyPayload(entry);
-        const hist = kept ? await this.journal.append(RecordType.History, [kept]) : null;
-        // The hold must outlive the segment its record was in; a release of a message held at
-        // acceptance must too, or the copied envelope would hold it again.
-        const hold =
-          entry.held || entry.env.hold
-            ? await this.journal.append(RecordType.Hold, [
-                Buffer.from(JSON.stringify({ id: entry.id, held: entry.held }), 'utf8'),
-              ])
-            : null;
-        if (!entry.env.blob) {
-          entry.location = copy;
-          entry.skip = 4 + head[1].length;
-        }
-        // A delivery that started while the copy was written may be reading the old place: then the
-        // message keeps its old segments until it is final, and they are not removed under it.
-        if (!entry.busy) {
-          for (const s of entry.segments) {
-            const n = (this.segmentRefs.get(s) ?? 1) - 1;
-            if (n > 0) this.segmentRefs.set(s, n);
-            else this.segmentRefs.delete(s);
-          }
-          entry.segments = [];
-        }
-        this.ref(entry, copy.segment);
-        this.ref(entry, st.segment);
-        if (hold) this.ref(entry, hold.segment);
-        if (hist) this.ref(entry, hist.segment);
+      const refs = await Promise.all(appends);
+      // Records added meanwhile (a hold) come after the snapshot's and are kept.
+      const later = entry.records.slice(records.length);
+      const positions = refs.map(positionOf);
+      for (const p of positions) this.counted(p);
+      if (this.entries.get(entry.id) !== entry) return;
+      const kept2 = copy ? [] : [first];
+      this.unref(copy ? records : records.slice(1));
+      entry.records = kept2;
+      for (const p of positions) this.ref(entry, p);
+      entry.records = entry.records.concat(later);
+      if (copy && !entry.blob) {
+        const loc = entry.location;
+        entry.attach({ env: entry.env, location: refs[0]!, skip: loc.skip });
       }
-      if (!this.segmentRefs.get(seg)) await this.journal.removeSegment(seg);
+    });
+  }
+
+  /**
+   * Moves live messages out of old segments that are mostly dead (fewer than half their records
+   * still needed; with `everything`, out of every older segment), so that one long-deferred
+   * message does not pin a whole segment for days, and a large queue is not copied over and over:
+   * a snapshot of each (`checkpoint`, with a copy of its Message record when that is in such a
+   * segment) is appended, then the old segment is removed once nothing refers to it. Busy messages
+   * are left for the next round. Runs in the background, a few messages at a time; waits for the
+   * journal to be read first.
+   */
+  async compact(opts: { everything?: boolean } = {}): Promise<void> {
+    if (this.compacting) return;
+    this.compacting = true;
+    try {
+      await this.indexed.catch(() => undefined);
+      if (!this.isIndexed) return;
+      await this.sweep();
+      const current = this.journal.currentSegment;
+      const sparse = new Set<number>();
+      for (const seg of this.onDisk) {
+        if (seg >= current) continue;
+        const all = this.allRecords.get(seg) ?? 0;
+        const live = this.liveRecords.get(seg) ?? 0;
+        if (all > 0 && (opts.everything || live / all < COMPACT_BELOW)) sparse.add(seg);
+      }
+      if (this.pool.size > 2 * this.entries.size + 1024) this.pool.rebuild(this.entries.values());
+      if (!sparse.size) return;
+      const movers: { entry: Entry; copy: boolean }[] = [];
+      for (const entry of this.entries.values()) {
+        const inSparse = entry.records.some((p) => sparse.has(segmentOf(p)));
+        if (inSparse) movers.push({ entry, copy: sparse.has(segmentOf(entry.records[0]!)) });
+      }
+      await eachLimited(movers, LOAD_BATCH, async ({ entry, copy }) => {
+        if (entry.busy || this.entries.get(entry.id) !== entry) return;
+        try {
+          await this.checkpoint(entry, copy);
+        } catch (err) {
+          this.log.error(
+            { err, queueId: entry.id },
+            'queue compaction: a message could not be moved; it stays where it is',
+          );
+        }
+      });
+      await this.sweep();
+    } finally {
+      this.compacting = false;
     }
   }
 
   /** The stored message octets (the body only for blobs). */
   private rawStream(entry: Entry): Readable {
     if (entry.memory) return memoryStream(entry.memory.chunks);
-    if (entry.env.blob)
+    if (entry.blob)
       return createReadStream(join(this.blobDir, `${entry.id}.eml`), { highWaterMark: HIGH_WATER });
-    return this.journal.read(entry.location!, entry.skip);
+    const { ref, skip } = entry.location;
+    return this.journal.read(ref!, skip);
   }
 
-  /** The message as delivery hooks see it. */
+  /** The message as delivery hooks see it (it must be loaded, and stay so while it is read). */
   view(entry: Entry): QueuedMessageView {
     const { env } = entry;
     const raw = (): Readable => this.rawStream(entry);
@@ -746,10 +1102,13 @@ export class QueueStore {
    * Closes the journal and marks a clean stop, so the next start does not treat pending
    * deliveries as maybe done. `clean: false` (an outcome that could not be recorded) leaves the
    * mark out: the next start then tells the transports those recipients may have been delivered.
+   * A stop before the journal was wholly read stops reading it; it leaves the mark out too when
+   * the start was after a crash, so that the next start knows (the journal is read again then).
    */
   async close(clean = true): Promise<void> {
     await this.journal.close();
-    if (!clean) return;
+    await this.indexed.catch(() => undefined);
+    if (!clean || (!this.isIndexed && this.recoveredFromCrash)) return;
     await writeFile(join(this.dir, CLEAN_SHUTDOWN), `${new Date().toISOString()}\n`);
     await syncDir(this.dir);
   }
