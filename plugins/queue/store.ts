@@ -747,7 +747,14 @@ export class QueueStore {
   private async read(entry: Entry): Promise<void> {
     for (;;) {
       const records = entry.records;
-      const read = await Promise.all(records.map((pos) => this.journal.readRecord(pos)));
+      let read: Awaited<ReturnType<Journal['readRecord']>>[];
+      try {
+        read = await Promise.all(records.map((pos) => this.journal.readRecord(pos)));
+      } catch (err) {
+        // A snapshot meanwhile may have let a segment go: then read what is recorded now.
+        if (entry.records !== records) continue;
+        throw err;
+      }
       // Changed meanwhile (an outcome recorded, a snapshot): read again what is recorded now.
       if (entry.records !== records) continue;
       if (entry.isLoaded) return;
