@@ -689,6 +689,18 @@ describe(
       );
     });
 
+    it('status counts the queue from memory: messages, recipients waiting, and the journal read', async () => {
+      const r = await queue('status');
+      assert.equal(r.code, 0, describeRun(r));
+      // stuck.test's five also have a recipient at other.test: 3065 messages, 3070 recipients.
+      assert.match(r.stdout, /^3065 messages in the queue, 3070 recipients waiting \(/);
+      assert.match(r.stdout, /^ {2}part 0: 3065 messages; journal read at the start: 0 messages in /m);
+      const json = await queue('status', '--json');
+      assert.equal(json.code, 0, describeRun(json));
+      const st = JSON.parse(json.stdout.trim()) as { part: number; messages: number; indexed: boolean };
+      assert.deepEqual([st.part, st.messages, st.indexed], [0, 3065, true]);
+    });
+
     it('hold --from and release act on exactly the matching messages, and no others', async () => {
       let r = await queue('hold', '--from', '@other.example');
       assert.equal(r.code, 0, describeRun(r));

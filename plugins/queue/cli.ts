@@ -9,7 +9,7 @@ import {
   type PluginCommand,
 } from '../../core/index.js';
 import type { BulkCounts, ControlRequest, WireBrief, WireMessage, WireRecipient } from './control.js';
-import { listAllParts, requestAllParts } from './control-client.js';
+import { listAllParts, requestAllParts, statusAllParts } from './control-client.js';
 import type { QueueConfig } from './config.js';
 import type { AttemptRecord, Origin } from './history.js';
 import { queueDir } from './parts.js';
@@ -32,6 +32,9 @@ Commands:
                               the queue's shape, as Postfix's qshape: messages per
                               recipient domain (or sender domain) and age band, in minutes
   show <id>                   one message, with its header
+  status                      the queue at a glance, from memory at any size: messages and
+                              recipients waiting, deliveries in progress and due, messages
+                              loaded, whether the journal has been read since the start
   flush [<id> | filters]      try deferred recipients now: every message, one, or those
                               that match (held messages are left alone)
   hold <id> | filters | --all no delivery attempts until released
@@ -107,7 +110,17 @@ export const queueCommand: PluginCommand<QueueConfig> = {
   run: (cli) => runSubcommand('queue', QUEUE_USAGE, cli.stderr, () => queue(cli)),
 };
 
-const COMMANDS = new Set(['list', 'summary', 'show', 'flush', 'hold', 'release', 'delete', 'bounce']);
+const COMMANDS = new Set([
+  'list',
+  'summary',
+  'show',
+  'status',
+  'flush',
+  'hold',
+  'release',
+  'delete',
+  'bounce',
+]);
 /** The commands that take filters (a selection) instead of an id. */
 const FILTERED = new Set(['list', 'summary', 'flush', 'hold', 'release', 'delete', 'bounce']);
 const FILTERS = ['state', 'domain', 'from', 'older-than', 'newer-than'] as const;
@@ -169,7 +182,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   if (!COMMANDS.has(sub)) throw new UsageError(`unknown command "${sub}"`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}"`);
   if (filtered.length && !FILTERED.has(sub)) throw new UsageError(`--${filtered[0]} is not for ${sub}`);
-  if ((sub === 'list' || sub === 'summary') && id)
+  if ((sub === 'list' || sub === 'summary' || sub === 'status') && id)
     throw new UsageError(`${sub} takes no id (petrel queue show <id> shows one)`);
   if (id && (filtered.length || values.all))
     throw new UsageError(`${sub} takes an id or filters (--${FILTERS.join(', --')}) or --all, not both`);
@@ -184,6 +197,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   const out = (text: string): void => void io.stdout.write(`${text}\n`);
 
   if (sub === 'list') return list(io, where.dir, select, values);
+  if (sub === 'status') return status(io, where.dir, values.json === true);
   const req: ControlRequest = {
     op: sub as ControlRequest['op'],
     ...(id ? { id } : {}),
@@ -630,4 +644,32 @@ function describeRecipient(r: WireRecipient, held: boolean, now: Date): string {
   // A postponement (`postpone()`: an outbound rate) is no attempt: say what holds it back.
   const why = r.postponed && !held ? `, ${r.postponed.reason} (${r.postponed.by})` : '';
   return `${r.status}, ${tries}${why}, ${when}`;
+}
+
+/** `petrel queue status`: each part's counts, from memory (no message is read from disk). */
+async function status(io: CommandApi<QueueConfig>, dir: string, json: boolean): Promise<number> {
+  const parts = await statusAllParts(dir, ANSWER_TIMEOUT_MS);
+  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+  if (json) {
+    for (const p of parts) out(JSON.stringify({ part: p.part, ...p.status }));
+    return 0;
+  }
+  const sum = (k: 'messages' | 'recipients' | 'attempting' | 'ready' | 'loaded'): number =>
+    parts.reduce((n, p) => n + p.status[k], 0);
+  out(
+    `${plural(sum('messages'), 'message')} in the queue, ${plural(sum('recipients'), 'recipient')} waiting (${dir})`,
+  );
+  out(
+    `  ${sum('attempting')} being delivered, ${sum('ready')} due and waiting for a delivery slot, ${sum('loaded')} loaded in memory`,
+  );
+  for (const { part, status: st } of parts) {
+    const journal = st.indexed
+      ? `journal read at the start: ${plural(st.indexedMessages, 'message')} in ${st.indexSeconds.toFixed(1)} s`
+      : `journal being read since the start: ${plural(st.messages, 'message')} known so far`;
+    const mib = (n: number): string => `${Math.round(n / 1024 / 1024)} MiB`;
+    out(
+      `  part ${part}: ${plural(st.messages, 'message')}; ${journal}; its process: ${mib(st.memory.rss)} resident, ${mib(st.memory.heapUsed)} heap in use`,
+    );
+  }
+  return 0;
 }

@@ -6,6 +6,7 @@ import {
   type BulkCounts,
   type ControlRequest,
   type ControlResponse,
+  type QueueStatus,
   type WireBrief,
   type WireMessage,
 } from './control-protocol.js';
@@ -187,6 +188,31 @@ async function openParts(
   }
   if (open.length === 0) throw unreachable;
   return open;
+}
+
+/** Each answering part's `status` (parts where no server answers are passed over, unless none answers). */
+export async function statusAllParts(
+  dir: string,
+  timeoutMs: number,
+): Promise<{ part: number; status: QueueStatus }[]> {
+  const parts = await existingParts(dir);
+  const settled = await Promise.allSettled(
+    parts.map((k) => request(join(partDir(dir, k), CONTROL_SOCKET), { op: 'status' }, timeoutMs)),
+  );
+  const out: { part: number; status: QueueStatus }[] = [];
+  let unreachable: unknown = null;
+  settled.forEach((r, i) => {
+    if (r.status === 'rejected') {
+      if (r.reason instanceof CommandError && r.reason.code === 69) unreachable ??= r.reason;
+      else throw r.reason;
+      return;
+    }
+    const a = r.value;
+    if (!a.ok) throw new CommandError(a.message, 70);
+    if (a.op === 'status') out.push({ part: parts[i]!, status: a });
+  });
+  if (out.length === 0 && unreachable) throw unreachable;
+  return out;
 }
 
 /**
