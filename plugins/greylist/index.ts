@@ -92,24 +92,24 @@ async function judge(
   // A network or triplet this process found passed a moment ago costs no State read.
   const netKnown = known.get(k.net, now);
   if (netKnown !== null) {
-    await renewed(state, known, k.net, k.net, netKnown, config.autoAllowFor, now);
+    await renewed(state, known, () => k.net, k.net, netKnown, config.autoAllowFor, now);
     return { kind: 'network' };
   }
   const passKnown = known.get(k.known, now);
   if (passKnown !== null) {
-    await renewed(state, known, k.pass, k.known, passKnown, config.expire, now);
+    await renewed(state, known, () => k.pass, k.known, passKnown, config.expire, now);
     return { kind: 'known' };
   }
   const net = await state.get(k.net);
   if (net !== null) {
     known.put(k.net, net, config.autoAllowFor, now);
-    await renewed(state, known, k.net, k.net, net, config.autoAllowFor, now);
+    await renewed(state, known, () => k.net, k.net, net, config.autoAllowFor, now);
     return { kind: 'network' };
   }
   const pass = await state.get(k.pass);
   if (pass !== null) {
     known.put(k.known, pass, config.expire, now);
-    await renewed(state, known, k.pass, k.known, pass, config.expire, now);
+    await renewed(state, known, () => k.pass, k.known, pass, config.expire, now);
     return { kind: 'known' };
   }
   const retryIn = (since: number): number => Math.max(1, Math.ceil((config.delay - (now - since)) / 1000));
@@ -150,22 +150,23 @@ const RENEW_AFTER = 0.01;
 /**
  * Renews a `pass` or `net` key found with `value`: the time it was last written (the writer's
  * clock; '1', as earlier versions wrote, reads as long ago and renews it at once); `copy` is the
- * key's name in this process's copy (Known).
+ * key's name in this process's copy (Known). `key` is asked for only to write: a triplet's key
+ * costs its hash.
  */
-async function renewed(
+function renewed(
   state: StateStore,
   known: Known,
-  key: string,
+  key: () => string,
   copy: string,
   value: string,
   ttlMs: number,
   now: number,
-): Promise<void> {
+): Promise<void> | undefined {
   const age = now - Number(value);
-  // A time ahead of this clock (another machine's, or not a time) renews it too.
-  if (age >= 0 && age < ttlMs * RENEW_AFTER) return;
-  await state.set(key, String(now), { ttlMs });
-  known.put(copy, String(now), ttlMs, now);
+  // A time ahead of this clock (another machine's, or not a time) renews it too. Not due (nearly
+  // always): nothing to wait for.
+  if (age >= 0 && age < ttlMs * RENEW_AFTER) return undefined;
+  return state.set(key(), String(now), { ttlMs }).then(() => known.put(copy, String(now), ttlMs, now));
 }
 
 /**
