@@ -238,7 +238,7 @@ async function main(): Promise<number> {
     log(`smarthost back on ${HOST}:${destPort}; flushing ${n} messages, sending ${extra} more…`);
     const drainStart = process.hrtime.bigint();
     const flushed = await request(join(queueDir, CONTROL_SOCKET), { op: 'flush' }, slow);
-    if (!flushed.ok || flushed.op !== 'flush' || flushed.flushed.length !== n)
+    if (!flushed.ok || flushed.op !== 'flush' || !('bulk' in flushed) || flushed.done !== n)
       throw new BenchError(`the flush answered ${JSON.stringify(flushed).slice(0, 300)}`);
     const duringSeconds = await send(source, petrel.port, extra, slow);
     const drained = await until(petrel, 'every message delivered', (c) => c.delivered >= n + extra, slow);

@@ -1,5 +1,4 @@
 import { timingSafeEqual, createHash } from 'node:crypto';
-import { AggregatorRegistry, Registry } from 'prom-client';
 import type { MetricFamilyJson } from '../services/metrics.js';
 import { text, type HttpServer } from './server.js';
 
@@ -34,7 +33,7 @@ export function addObservabilityRoutes(
     }
     const body = await exposition(await observed.collect());
     res.writeHead(200, {
-      'Content-Type': Registry.PROMETHEUS_CONTENT_TYPE,
+      'Content-Type': (await import('prom-client')).Registry.PROMETHEUS_CONTENT_TYPE,
       'Content-Length': Buffer.byteLength(body),
       'Cache-Control': 'no-store',
     });
@@ -50,6 +49,8 @@ export function addObservabilityRoutes(
 
 /** The Prometheus text of several processes' families, summed by name and label set. */
 export async function exposition(processes: MetricFamilyJson[][]): Promise<string> {
+  // Loaded at the first scrape: a server without an http listener never needs it.
+  const { AggregatorRegistry } = await import('prom-client');
   return AggregatorRegistry.aggregate(processes as never[]).metrics();
 }
 

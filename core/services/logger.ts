@@ -1,5 +1,5 @@
 import pino, { type Logger } from 'pino';
-import pretty from 'pino-pretty';
+import { createRequire } from 'node:module';
 
 export type LogFormat = 'auto' | 'json' | 'pretty';
 
@@ -34,6 +34,8 @@ export function createLogger(opts: {
   const usePretty =
     opts.format === 'pretty' || (opts.format === 'auto' && !opts.destination && process.stdout.isTTY);
   if (usePretty) {
+    // Loaded only for a terminal: a server logging JSON never needs it (and starts faster).
+    const pretty = createRequire(import.meta.url)('pino-pretty') as typeof import('pino-pretty');
     return pino(options, pretty({ colorize: true, destination: opts.destination ?? 1, sync: true }));
   }
   return pino(options, opts.destination ?? pino.destination({ dest: 1, sync: false }));

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import { createClient, type RedisClientType } from 'redis';
+import { createRequire } from 'node:module';
+import type { RedisClientType } from 'redis';
 import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
@@ -202,6 +203,8 @@ export class RedisState implements StateStore {
     this.timeoutMs = opts.timeoutMs ?? 2000;
     this.log = opts.log;
     this.now = opts.now;
+    // Loaded only with `state: redis`: the client is large, and most servers use SQLite.
+    const { createClient } = createRequire(import.meta.url)('redis') as typeof import('redis');
     this.client = createClient({
       url: opts.url,
       // No queue while the connection is down: an operation waits for the connection itself,

@@ -1,7 +1,6 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { generate } from 'selfsigned';
 import type { Logger } from 'pino';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { ConfigError } from '../config/errors.js';
@@ -71,6 +70,8 @@ export async function ensureSelfSigned(config: PetrelConfig, log: Logger): Promi
   const tls = config.tls;
   if (!tls?.selfSigned || (existsSync(tls.cert) && existsSync(tls.key))) return;
   const names = [...new Set([config.hostname, 'localhost'])];
+  // Loaded only here: it is large, and most starts have their certificate already.
+  const { generate } = await import('selfsigned');
   const pems = await generate([{ name: 'commonName', value: config.hostname }], {
     keyType: 'ec',
     curve: 'P-256',

@@ -89,6 +89,8 @@ export default definePlugin({
         .filter((l) => l.type === 'domain' && l.check.includes(check))
         .map((l) => ({ ...spec(l), kind: 'block' as const }));
     const bodyLists = domainLists('body');
+    const heloLists = domainLists('helo');
+    const senderLists = domainLists('sender');
     const bodyName = config.body.lookup === 'registered' ? registeredDomain : (host: string) => host;
     // Names are unique (the config schema checks): a result finds its list's action by name.
     const blockByName = new Map(config.block.map((l) => [l.name ?? l.zone, l]));
@@ -98,12 +100,19 @@ export default definePlugin({
       return new Promise((r) => setTimeout(r, config.timeout).unref());
     }
 
+    /** A step's deadline, started when the first of its lookups needs one (see Lookups). */
+    function lazyDeadline(): () => Promise<void> {
+      let end: Promise<void> | undefined;
+      return () => (end ??= deadline());
+    }
+
     function queryAll(
       targets: readonly ListSpec[],
       subject: string,
       nameOf: (zone: string) => string | null,
     ): Promise<ListResult[]> {
-      const end = deadline();
+      if (targets.length === 0) return Promise.resolve([]);
+      const end = lazyDeadline();
       return Promise.all(
         targets.flatMap((s) => {
           const q = nameOf(s.zone);
@@ -189,6 +198,8 @@ export default definePlugin({
       results: readonly ListResult[],
       extra: Record<string, unknown> = {},
     ): void {
+      // One line per message: not even built when the level leaves it out.
+      if (!log.isLevelEnabled('info')) return;
       const first = decision.hits[0];
       log.info(
         {
@@ -250,7 +261,7 @@ export default definePlugin({
         log.warn({ ...fields, reason: 'unreadable', err: String(err) }, 'dnsbl: body not scanned');
         return null;
       }
-      const end = deadline();
+      const end = lazyDeadline();
       const block = await Promise.all(
         found.domains.flatMap((d) =>
           bodyLists.flatMap((s) => {
@@ -307,25 +318,31 @@ export default definePlugin({
         return d ? verdictOf('connect', d, pending.tags) : proceed();
       },
 
-      async helo({ session, hostname }) {
-        const pending = pendingOf(session);
-        if (!pending) return proceed();
-        const name = hostname.toLowerCase();
-        if (pending.helo?.name !== name)
-          pending.helo = {
-            name,
-            results: queryAll(domainLists('helo'), name, (zone) => domainName(name, zone)),
-          };
-        const d = await judge('helo', session, null);
-        return d ? verdictOf('helo', d, pending.tags) : proceed();
-      },
+      // Without HELO lists, HELO has nothing to look up, and nothing is due at it unless the
+      // client's listing is acted on at connect (it is then judged again with the HELO name's).
+      ...(heloLists.length === 0 && config.applyAt !== 'connect'
+        ? {}
+        : {
+            async helo({ session, hostname }) {
+              const pending = pendingOf(session);
+              if (!pending) return proceed();
+              const name = hostname.toLowerCase();
+              if (pending.helo?.name !== name)
+                pending.helo = {
+                  name,
+                  results: queryAll(heloLists, name, (zone) => domainName(name, zone)),
+                };
+              const d = await judge('helo', session, null);
+              return d ? verdictOf('helo', d, pending.tags) : proceed();
+            },
+          }),
 
       async mail({ session, transaction, sender }) {
         if (!pendingOf(session)) return proceed();
         const domain = sender?.domain;
         const state = {
           sender: domain
-            ? queryAll(domainLists('sender'), domain, (zone) => domainName(domain, zone))
+            ? queryAll(senderLists, domain, (zone) => domainName(domain, zone))
             : Promise.resolve([]),
           rcpt: null,
           tags: [] as string[],

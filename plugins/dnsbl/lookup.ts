@@ -20,8 +20,12 @@ export interface ListSpec {
 }
 
 export interface Lookups {
-  /** Queries `query` (already under the list's zone) and classifies the answer. */
-  query(spec: ListSpec, subject: string, query: string, deadline: Promise<void>): Promise<ListResult>;
+  /**
+   * Queries `query` (already under the list's zone) and classifies the answer. `deadline` is
+   * asked for only when the answer is not in this process's copy of the cache (one timer per
+   * step, and none at all when every answer is at hand).
+   */
+  query(spec: ListSpec, subject: string, query: string, deadline: () => Promise<void>): Promise<ListResult>;
 }
 
 interface Logger {
@@ -77,8 +81,6 @@ export function lookups(
 
   async function fromCache(query: string): Promise<Answer | null> {
     const now = Date.now();
-    const mine = memory.get(query, now);
-    if (mine) return { codes: mine.codes, cached: true };
     try {
       const hit = await state.get(cacheKey(query));
       if (hit === null) return null;
@@ -126,10 +128,13 @@ export function lookups(
 
   return {
     async query(spec, subject, query, deadline) {
-      const answer: Answer = await Promise.race([
-        (async () => (await fromCache(query)) ?? fromDns(query))(),
-        deadline.then(() => ({ error: 'timeout' })),
-      ]);
+      const mine = memory.get(query, Date.now());
+      const answer: Answer = mine
+        ? { codes: mine.codes, cached: true }
+        : await Promise.race([
+            (async () => (await fromCache(query)) ?? fromDns(query))(),
+            deadline().then(() => ({ error: 'timeout' })),
+          ]);
       const base = { list: spec.list, zone: spec.zone, kind: spec.kind, subject };
       if ('error' in answer) {
         log.warn({ ...base, query, error: answer.error }, 'dnsbl: lookup failed, not treated as listed');

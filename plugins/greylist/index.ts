@@ -45,13 +45,26 @@ type Decision =
  * - `greylist:net:<net>`: the network is auto-allowed; lives `autoAllowFor`, renewed on use.
  */
 function keys(net: string, sender: string, recipient: string) {
-  // The one-shot form: a Hash object per recipient cost more than the State reads beside it.
-  const t = hash('sha256', `${net}\0${sender}\0${recipient}`, 'base64url');
+  const text = `${net}\0${sender}\0${recipient}`;
+  let t: string | undefined;
+  // Hashed when a key of the triplet is first asked for: not at all when this process's copy
+  // answers (Known). The one-shot form: a Hash object per recipient cost more than the reads.
+  const triplet = (): string => (t ??= hash('sha256', text, 'base64url'));
   return {
-    triplet: t,
-    wait: `greylist:wait:${t}`,
-    seen: `greylist:seen:${t}`,
-    pass: `greylist:pass:${t}`,
+    /** The triplet as this process's copy knows it: its text, never stored. */
+    known: `pass\0${text}`,
+    get triplet() {
+      return triplet();
+    },
+    get wait() {
+      return `greylist:wait:${triplet()}`;
+    },
+    get seen() {
+      return `greylist:seen:${triplet()}`;
+    },
+    get pass() {
+      return `greylist:pass:${triplet()}`;
+    },
     passes: `greylist:passes:${net}`,
     net: `greylist:net:${net}`,
   };
@@ -71,18 +84,32 @@ function keys(net: string, sender: string, recipient: string) {
  */
 async function judge(
   state: StateStore,
+  known: Known,
   config: GreylistConfig,
   k: ReturnType<typeof keys>,
 ): Promise<Decision> {
   const now = Date.now();
+  // A network or triplet this process found passed a moment ago costs no State read.
+  const netKnown = known.get(k.net, now);
+  if (netKnown !== null) {
+    await renewed(state, known, () => k.net, k.net, netKnown, config.autoAllowFor, now);
+    return { kind: 'network' };
+  }
+  const passKnown = known.get(k.known, now);
+  if (passKnown !== null) {
+    await renewed(state, known, () => k.pass, k.known, passKnown, config.expire, now);
+    return { kind: 'known' };
+  }
   const net = await state.get(k.net);
   if (net !== null) {
-    await renewed(state, k.net, net, config.autoAllowFor, now);
+    known.put(k.net, net, config.autoAllowFor, now);
+    await renewed(state, known, () => k.net, k.net, net, config.autoAllowFor, now);
     return { kind: 'network' };
   }
   const pass = await state.get(k.pass);
   if (pass !== null) {
-    await renewed(state, k.pass, pass, config.expire, now);
+    known.put(k.known, pass, config.expire, now);
+    await renewed(state, known, () => k.pass, k.known, pass, config.expire, now);
     return { kind: 'known' };
   }
   const retryIn = (since: number): number => Math.max(1, Math.ceil((config.delay - (now - since)) / 1000));
@@ -122,19 +149,65 @@ const RENEW_AFTER = 0.01;
 
 /**
  * Renews a `pass` or `net` key found with `value`: the time it was last written (the writer's
- * clock; '1', as earlier versions wrote, reads as long ago and renews it at once).
+ * clock; '1', as earlier versions wrote, reads as long ago and renews it at once); `copy` is the
+ * key's name in this process's copy (Known). `key` is asked for only to write: a triplet's key
+ * costs its hash.
  */
-async function renewed(
+function renewed(
   state: StateStore,
-  key: string,
+  known: Known,
+  key: () => string,
+  copy: string,
   value: string,
   ttlMs: number,
   now: number,
-): Promise<void> {
+): Promise<void> | undefined {
   const age = now - Number(value);
-  // A time ahead of this clock (another machine's, or not a time) renews it too.
-  if (age >= 0 && age < ttlMs * RENEW_AFTER) return;
-  await state.set(key, String(now), { ttlMs });
+  // A time ahead of this clock (another machine's, or not a time) renews it too. Not due (nearly
+  // always): nothing to wait for.
+  if (age >= 0 && age < ttlMs * RENEW_AFTER) return undefined;
+  return state.set(key(), String(now), { ttlMs }).then(() => known.put(copy, String(now), ttlMs, now));
+}
+
+/**
+ * How long this process answers from its own copy that a triplet or network passed, before it
+ * reads the State service again: a `pass` or `net` key is never removed before it expires (only
+ * renewed, which makes it live longer), so a copy can only be out of date if someone deletes the
+ * key by hand — and it then is for this long at most.
+ */
+const KNOWN_FOR_MS = 60_000;
+/** Copies this process keeps at most; past this many, the oldest is dropped. */
+const KNOWN_ENTRIES = 10_000;
+
+/**
+ * This process's copy of the `pass` and `net` keys it found in the State service: each with its
+ * value (when it was last written, for the renewal) and until when the copy answers — never past
+ * the key's own expiry as its value tells it (the writer's clock), and never past KNOWN_FOR_MS. A
+ * recipient of a known triplet then costs no State operation, where it cost two reads, nor the
+ * triplet's hash: a triplet is held by its text (`keys().known`; memory only, never stored). A Map
+ * keeps insertion order, so the first entry is the oldest.
+ */
+class Known {
+  private readonly entries = new Map<string, { readonly value: string; readonly until: number }>();
+
+  get(key: string, now: number): string | null {
+    const hit = this.entries.get(key);
+    if (!hit) return null;
+    if (hit.until > now) return hit.value;
+    this.entries.delete(key);
+    return null;
+  }
+
+  put(key: string, value: string, ttlMs: number, now: number): void {
+    const written = Number(value);
+    // A time ahead of this clock or not a time: no copy, the store is asked each time.
+    if (!(written <= now)) return;
+    const until = Math.min(written + ttlMs, now + KNOWN_FOR_MS);
+    if (until <= now) return;
+    this.entries.delete(key);
+    if (this.entries.size >= KNOWN_ENTRIES) this.entries.delete(this.entries.keys().next().value!);
+    this.entries.set(key, { value, until });
+  }
 }
 
 /**
@@ -166,6 +239,7 @@ export default definePlugin({
   config: greylistConfig,
   setup({ config, log, resolve }) {
     const state = resolve(Tokens.State);
+    const known = new Known();
     const trusted = compileCidrs(config.trustedNetworks);
 
     /** Why the whole session is exempt, or null. */
@@ -238,7 +312,7 @@ export default definePlugin({
         const k = keys(network, sender, recipient.address.toLowerCase());
         let decision: Decision;
         try {
-          decision = await judge(state, config, k);
+          decision = await judge(state, known, config, k);
         } catch (err) {
           log.error(
             { ...fields, network, err },

@@ -179,10 +179,19 @@ export default definePlugin({
         return v;
       },
 
-      async helo({ session }) {
-        await renew(session);
-        return proceed();
-      },
+      // HELO and DATA only renew the lease of an open connection: without concurrency, no hook.
+      ...(config.concurrency
+        ? {
+            async helo({ session }) {
+              await renew(session);
+              return proceed();
+            },
+            async data({ session }) {
+              await renew(session);
+              return proceed();
+            },
+          }
+        : {}),
 
       async mail({ session, sender }) {
         await renew(session);
@@ -259,11 +268,6 @@ export default definePlugin({
             ),
           );
         return takeAll(session, checks);
-      },
-
-      async data({ session }) {
-        await renew(session);
-        return proceed();
       },
 
       async disconnect({ session }) {

@@ -102,6 +102,9 @@ describe('limit: config', () => {
     assert.equal(networkOf('192.0.2.77', { ipv4: 32, ipv6: 64 }), '192.0.2.77/32');
     assert.equal(networkOf('192.0.2.77', { ipv4: 24, ipv6: 64 }), '192.0.2.0/24');
     assert.equal(networkOf('::ffff:192.0.2.77', { ipv4: 24, ipv6: 64 }), '192.0.2.0/24');
+    assert.equal(networkOf('203.0.113.255', { ipv4: 8, ipv6: 64 }), '203.0.0.0/8');
+    assert.equal(networkOf('198.51.100.130', { ipv4: 25, ipv6: 64 }), '198.51.100.128/25');
+    assert.equal(networkOf('198.51.100.130', { ipv4: 1, ipv6: 64 }), '128.0.0.0/1');
     assert.equal(networkOf('2001:db8:1:2:aa::5', { ipv4: 32, ipv6: 64 }), '2001:db8:1:2::/64');
     assert.equal(networkOf('2001:db8:1:2:aa::5', { ipv4: 32, ipv6: 48 }), '2001:db8:1::/48');
   });

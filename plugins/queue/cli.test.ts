@@ -9,6 +9,9 @@ import { freePort, petrel, PetrelProcess } from '../../test/e2e/cli.js';
 import { describeRun, killRunning, type RunResult } from '../../test/e2e/run.js';
 import { SmtpClient } from '../../test/harness/smtp-client.js';
 import { describeMessage, span } from './cli.js';
+import { request } from './control-client.js';
+import { formatShape, ShapeTally } from './qshape.js';
+import { matcher, type MessageBrief } from './select.js';
 
 /**
  * A transport as a user would write one: it takes mail for `domain` and cannot reach the next
@@ -95,7 +98,11 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
   const listJson = async (): Promise<WireMessage[]> => {
     const r = await queue('list', '--json');
     assert.equal(r.code, 0, describeRun(r));
-    return (JSON.parse(r.stdout) as { messages: WireMessage[] }).messages;
+    // One message per line (ndjson).
+    return r.stdout
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as WireMessage);
   };
 
   /** Sends a message and waits for the queue's first attempt at it (deferred while stuck). */
@@ -150,7 +157,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     const id = await send('bob@stuck.test');
     const r = await queue('list');
     assert.equal(r.code, 0, describeRun(r));
-    assert.match(r.stdout, /^1 message in the queue, 1 recipient waiting \(.*spool\/queue\)$/m);
+    assert.match(r.stdout, /^1 message shown, 1 recipient waiting \(.*spool\/queue\)$/m);
     assert.match(
       r.stdout,
       new RegExp(`^${id}  \\d+ bytes  arrived \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d:\\d\\d `, 'm'),
@@ -193,7 +200,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     assert.equal((await listJson()).length, 1, 'the server goes on');
   });
 
-  it('the control socket is owner-only (0600) and speaks one line of JSON per request', async () => {
+  it('the control socket is owner-only (0600) and speaks lines of JSON: one per answer, a list a line per batch', async () => {
     const path = join(dir, 'spool', 'queue', 'control.sock');
     const st = statSync(path);
     assert.ok(st.isSocket());
@@ -212,7 +219,7 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       s.on('data', (d: string) => {
         text += d;
         const lines = text.split('\n').filter(Boolean);
-        if (lines.length === 5 && text.endsWith('\n')) {
+        if (lines.length === 6 && text.endsWith('\n')) {
           clearTimeout(timer);
           s.destroy();
           resolve(lines);
@@ -220,12 +227,20 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       });
       s.on('error', reject);
     });
-    const [bad, noId, missing, list, status] = answers.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const [bad, noId, missing, batch, end, status] = answers.map(
+      (l) => JSON.parse(l) as Record<string, unknown>,
+    );
     assert.deepEqual(bad, { ok: false, error: 'bad-request', message: 'expected a line of JSON' });
     assert.equal(noId!.error, 'bad-request');
     assert.equal(missing!.error, 'not-found');
-    assert.equal(list!.ok, true);
-    assert.equal((list!.messages as unknown[]).length, 1);
+    // The list streams: a line per batch (here one), then the totals.
+    assert.equal(batch!.ok, true);
+    assert.equal(batch!.more, true);
+    assert.equal((batch!.messages as unknown[]).length, 1);
+    assert.deepEqual(
+      { ...end, now: undefined },
+      { ok: true, op: 'list', now: undefined, messages: [], more: false, matched: 1, shown: 1 },
+    );
     // The part at a glance, without its messages: what a console polls at any queue size.
     assert.equal(status!.ok, true);
     assert.equal(status!.op, 'status');
@@ -380,8 +395,8 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
       [['frobnicate'], 64, /unknown command "frobnicate"/],
       [['hold'], 64, /hold needs a queue id/],
       [['show', 'a', 'b'], 64, /unexpected argument "b"/],
-      [['flush', 'X', '--domain', 'stuck.test'], 64, /an id or --domain, not both/],
-      [['list', '--domain', 'stuck.test'], 64, /--domain is only for flush/],
+      [['flush', 'X', '--domain', 'stuck.test'], 64, /takes an id or filters .*, not both/],
+      [['show', 'X', '--domain', 'stuck.test'], 64, /--domain is not for show/],
       [['list', '--bogus'], 64, /Unknown option/],
       [['verify', 'X'], 64, /verify takes no id/],
       [['list', '--dir', 'x'], 64, /--dir is only for verify/],
@@ -413,6 +428,400 @@ describe('petrel queue, against a running server', { timeout: 180_000 }, () => {
     assert.equal(r.stdout, '');
   });
 });
+
+/**
+ * A transport for an outage: it cannot reach the next hop for stuck.test, other.test and
+ * late.test (451), and an outbound rate holds later.test back (postponed: never tried).
+ */
+const OUTAGE_PLUGIN = `
+import { accept, definePlugin, postpone, proceed, routeTo } from 'petrel';
+
+const DOWN = new Set(['stuck.test', 'other.test', 'late.test']);
+export default definePlugin({
+  name: 'outage',
+  setup() {
+    return {
+      async rcpt({ recipient }) {
+        return DOWN.has(recipient.domain) || recipient.domain === 'later.test' ? accept() : proceed();
+      },
+      async route({ recipient }) {
+        return routeTo('outage');
+      },
+      async deliver({ route, recipients }) {
+        if (route.transport !== 'outage') return { kind: 'proceed' };
+        if (recipients.some((r) => r.address.domain === 'later.test'))
+          return postpone(Date.now() + 3_600_000, 'throttled: at most 1 per 1h to later.test');
+        return {
+          kind: 'results',
+          results: recipients.map((r) => ({
+            recipient: r.address.address,
+            status: 'deferred',
+            reply: { code: 451, enhanced: '4.4.1', text: 'Connection refused', remote: 'mx.example.test [192.0.2.1]' },
+          })),
+        };
+      },
+    };
+  },
+});
+`;
+
+interface Feed {
+  readonly from: string;
+  readonly to: readonly string[];
+}
+
+/**
+ * Sends messages over a few connections at once, each pipelining MAIL, RCPT and DATA (RFC 2920),
+ * and returns their queue ids, in the order given.
+ */
+async function feed(port: number, messages: readonly Feed[], connections = 8): Promise<string[]> {
+  const ids: string[] = [];
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(connections, messages.length) }, async () => {
+      const c = await SmtpClient.connect(port);
+      try {
+        await c.expect(/^220 /);
+        await c.ehlo();
+        for (let i = next++; i < messages.length; i = next++) {
+          const m = messages[i]!;
+          c.write(`MAIL FROM:<${m.from}>\r\n${m.to.map((t) => `RCPT TO:<${t}>\r\n`).join('')}DATA\r\n`);
+          await c.expect(/^250 /);
+          for (let k = 0; k < m.to.length; k++) await c.expect(/^250 /);
+          await c.expect(/^354 /);
+          c.write(`From: someone@example.test\r\nSubject: message ${i}\r\n\r\nHello\r\n.\r\n`);
+          const reply = await c.expect(/^250 2\.0\.0 Ok: queued as /);
+          ids[i] = /queued as (\S+)/.exec(reply.text)![1]!;
+        }
+        await c.cmd('QUIT', /^221 /);
+      } finally {
+        c.close();
+      }
+    }),
+  );
+  return ids;
+}
+
+/** `list --json` and friends: one JSON object per line. */
+function ndjson<T>(stdout: string): T[] {
+  return stdout
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as T);
+}
+
+interface Brief {
+  id: string;
+  sender: string;
+  held: boolean;
+  deferred: boolean;
+  domains: string[];
+  waiting: number;
+}
+
+describe(
+  'petrel queue at the size of an outage: selections, streamed lists, bulk actions',
+  { timeout: 300_000 },
+  () => {
+    let dir: string;
+    let config: string;
+    let socket: string;
+    let server: PetrelProcess | null = null;
+    /** Queue ids by what they are: 3000 deferred to stuck.test, and a few of each other kind. */
+    const ids = {
+      bulk: [] as string[],
+      other: [] as string[],
+      bounces: [] as string[],
+      both: [] as string[],
+      late: [] as string[],
+    };
+    const queue = (...args: string[]): Promise<RunResult> =>
+      petrel(['queue', ...args, '--config', config], dir, 60_000);
+    const briefs = async (...args: string[]): Promise<Brief[]> => {
+      const r = await queue('list', '--brief', '--json', ...args);
+      assert.equal(r.code, 0, describeRun(r));
+      return ndjson<Brief>(r.stdout);
+    };
+    const sorted = (list: readonly string[]): string[] => [...list].sort();
+
+    before(async () => {
+      dir = mkdtempSync(join(tmpdir(), 'petrel-cli-outage-'));
+      writeFileSync(join(dir, 'outage.mjs'), OUTAGE_PLUGIN);
+      const port = await freePort();
+      config = join(dir, 'petrel.config.yaml');
+      socket = join(dir, 'spool', 'queue', 'control.sock');
+      writeFileSync(
+        config,
+        stringify({
+          hostname: 'mx.outage.test',
+          listeners: [{ kind: 'smtp', address: '127.0.0.1', port }],
+          spool: { dir: './spool' },
+          log: { level: 'info', format: 'json' },
+          plugins: ['./outage.mjs', { name: 'queue', config: { retry: '1h...' } }],
+        }),
+      );
+      server = await PetrelProcess.start(config, dir);
+      const few = await feed(
+        port,
+        [
+          ...Array.from({ length: 20 }, (_, i) => ({
+            from: 'carol@other.example',
+            to: [`o${i}@other.test`],
+          })),
+          ...Array.from({ length: 10 }, (_, i) => ({ from: '', to: [`p${i}@later.test`] })),
+          ...Array.from({ length: 5 }, (_, i) => ({
+            from: 'dave@example.test',
+            to: [`a${i}@stuck.test`, `b${i}@OTHER.test`],
+          })),
+        ],
+        1,
+      );
+      ids.other = few.slice(0, 20);
+      ids.bounces = few.slice(20, 30);
+      ids.both = few.slice(30);
+      ids.bulk = await feed(
+        port,
+        Array.from({ length: 3000 }, (_, i) => ({ from: 'bulk@example.test', to: [`x${i}@stuck.test`] })),
+      );
+      ids.late = await feed(
+        port,
+        Array.from({ length: 30 }, (_, i) => ({ from: 'erin@example.test', to: [`w${i}@late.test`] })),
+        1,
+      );
+      // Every message has had its first attempt (deferred) or its postponement (still pending).
+      const count = async (select: Record<string, unknown>): Promise<number> => {
+        const r = await request(socket, { op: 'list', brief: true, select, limit: 1 }, 10_000);
+        if (!r.ok || r.op !== 'list' || r.more)
+          throw new Error(`not a list's last line: ${JSON.stringify(r)}`);
+        return r.matched;
+      };
+      const end = Date.now() + 120_000;
+      while ((await count({ state: 'deferred' })) !== 3055) {
+        if (Date.now() > end) throw new Error('the first attempts did not all happen within 120 s');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    });
+
+    after(() => {
+      server?.kill();
+      killRunning();
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    it('list --brief --json sees every message exactly once, oldest first, one JSON object per line', async () => {
+      const all = await briefs();
+      const listed = all.map((b) => b.id);
+      assert.equal(new Set(listed).size, listed.length, 'no message twice');
+      assert.deepEqual(
+        sorted(listed),
+        sorted([...ids.other, ...ids.bounces, ...ids.both, ...ids.bulk, ...ids.late]),
+      );
+      // The first ones fed (over one connection) come first.
+      assert.deepEqual(listed.slice(0, 20), ids.other);
+      const both = all.find((b) => b.id === ids.both[0])!;
+      assert.deepEqual(sorted(both.domains), ['other.test', 'stuck.test'], 'lower case, each once');
+      assert.equal(both.waiting, 2);
+      assert.equal(all.find((b) => b.id === ids.bounces[0])!.sender, '', 'the null sender');
+    });
+
+    it('list filters by state, destination, sender and age; every filter given must match', async () => {
+      const cases: [string[], string[]][] = [
+        [['--state', 'pending'], ids.bounces],
+        [
+          ['--state', 'deferred', '--domain', 'OTHER.test'],
+          [...ids.other, ...ids.both],
+        ],
+        [['--domain', 'later.test'], ids.bounces],
+        [['--from', '<>'], ids.bounces],
+        [['--from', 'Carol@Other.Example'], ids.other],
+        [['--from', '@example.test', '--domain', 'other.test'], ids.both],
+        [['--newer-than', '1d', '--from', '@other.example'], ids.other],
+        [['--older-than', '1d'], []],
+        [['--held'], []],
+      ];
+      for (const [args, expected] of cases) {
+        const got = (await briefs(...args)).map((b) => b.id);
+        assert.deepEqual(sorted(got), sorted(expected), args.join(' '));
+      }
+    });
+
+    it('list --limit pages from the oldest, and says how many more match; the text form prints totals last', async () => {
+      const first = await briefs('--limit', '10');
+      assert.deepEqual(
+        first.map((b) => b.id),
+        ids.other.slice(0, 10),
+      );
+      const r = await queue('list', '--domain', 'other.test', '--limit', '3');
+      assert.equal(r.code, 0, describeRun(r));
+      assert.equal(r.stdout.match(/^\S+ {2}\d+ bytes {2}arrived /gm)?.length, 3);
+      assert.match(
+        r.stdout,
+        /\n\n3 messages shown of 25 matching \(--limit 3\), 3 recipients waiting \(.*\)\n$/,
+      );
+      const none = await queue('list', '--older-than', '2d');
+      assert.match(none.stdout, /^No message matches \(/);
+    });
+
+    it('summary draws the queue as qshape does: domains by age band, a message in two domains in both rows', async () => {
+      let r = await queue('summary');
+      assert.equal(r.code, 0, describeRun(r));
+      const lines = r.stdout.split('\n');
+      assert.match(lines[0]!, /^ +T +5 +10 +20 +40 +80 +160 +320 +640 +1280 +1280\+$/);
+      // Everything arrived within the last five minutes: the first band holds it all.
+      assert.match(lines[1]!, /^ +TOTAL +3065 +3065( +0){9}$/);
+      assert.match(lines[2]!, /^ *stuck\.test +3005 +3005( +0){9}$/);
+      assert.match(lines[3]!, /^ *late\.test +30 +30 /);
+      assert.match(lines[4]!, /^ *other\.test +25 +25 /);
+      assert.match(lines[5]!, /^ *later\.test +10 +10 /);
+      r = await queue('summary', '--by', 'sender', '--state', 'deferred', '--json');
+      assert.equal(r.code, 0, describeRun(r));
+      const shape = JSON.parse(r.stdout) as {
+        total: { total: number };
+        rows: { domain: string; total: number }[];
+      };
+      assert.equal(shape.total.total, 3055);
+      assert.deepEqual(
+        shape.rows.map((x) => [x.domain, x.total]),
+        [
+          ['example.test', 3035],
+          ['other.example', 20],
+        ],
+      );
+    });
+
+    it('status counts the queue from memory: messages, recipients waiting, and the journal read', async () => {
+      const r = await queue('status');
+      assert.equal(r.code, 0, describeRun(r));
+      // stuck.test's five also have a recipient at other.test: 3065 messages, 3070 recipients.
+      assert.match(r.stdout, /^3065 messages in the queue, 3070 recipients waiting \(/);
+      assert.match(r.stdout, /^ {2}part 0: 3065 messages; journal read at the start: 0 messages in /m);
+      const json = await queue('status', '--json');
+      assert.equal(json.code, 0, describeRun(json));
+      const st = JSON.parse(json.stdout.trim()) as { part: number; messages: number; indexed: boolean };
+      assert.deepEqual([st.part, st.messages, st.indexed], [0, 3065, true]);
+    });
+
+    it('hold --from and release act on exactly the matching messages, and no others', async () => {
+      let r = await queue('hold', '--from', '@other.example');
+      assert.equal(r.code, 0, describeRun(r));
+      assert.match(
+        r.stdout,
+        /^Held 20 messages from @other\.example: no delivery attempts until they are released\.$/m,
+      );
+      const held = await briefs('--state', 'held');
+      assert.deepEqual(sorted(held.map((b) => b.id)), sorted(ids.other));
+      assert.ok(held.every((b) => b.held && b.sender === 'carol@other.example'));
+      // The flush leaves them alone, and says so.
+      r = await queue('flush', '--domain', 'other.test', '--json');
+      assert.equal(r.code, 0, describeRun(r));
+      const flushed = JSON.parse(r.stdout) as {
+        done: number;
+        held: number;
+        ids: string[];
+        heldIds: string[];
+      };
+      assert.equal(flushed.done, 5);
+      assert.deepEqual(sorted(flushed.ids), sorted(ids.both));
+      assert.equal(flushed.held, 20);
+      assert.deepEqual(sorted(flushed.heldIds), sorted(ids.other));
+      r = await queue('release', '--all');
+      assert.equal(r.code, 0, describeRun(r));
+      assert.match(r.stdout, /^Released 20 messages: attempts resume on their schedule/m);
+      assert.deepEqual(await briefs('--state', 'held'), []);
+    });
+
+    it('delete and bounce refuse to act on everything unless asked in so many words', async () => {
+      let r = await queue('delete');
+      assert.equal(r.code, 64, describeRun(r));
+      assert.match(r.stderr, /delete needs a queue id .*, filters .*, or --all/);
+      r = await queue('bounce', '--limit', '1');
+      assert.equal(r.code, 64, describeRun(r));
+      const refused = await request(socket, { op: 'delete', select: {} }, 10_000);
+      assert.deepEqual(refused, {
+        ok: false,
+        error: 'bad-request',
+        message: 'refusing to delete every message: give a non-empty "select", or "all": true',
+      });
+      assert.equal((await briefs()).length, 3065, 'nothing was deleted');
+    });
+
+    it('a list whose reader stops is walked no further: the server holds a batch, not the list', async () => {
+      // A client asks for every message in full and reads the first batch only.
+      const s = createConnection(socket);
+      let text = '';
+      s.setEncoding('utf8');
+      s.on('error', () => undefined);
+      const firstLine = new Promise<void>((resolve) => {
+        const first = (d: string): void => {
+          text += d;
+          if (!text.includes('\n')) return;
+          s.pause(); // from now on, not one more octet is read
+          s.off('data', first);
+          resolve();
+        };
+        s.on('data', first);
+      });
+      s.write('{"op":"list"}\n');
+      await firstLine;
+      // Meanwhile the last messages to arrive are deleted (another client is served all the same).
+      const r = await queue('delete', '--domain', 'late.test', '--json');
+      assert.equal(r.code, 0, describeRun(r));
+      const deleted = JSON.parse(r.stdout) as { done: number; matched: number; ids: string[] };
+      assert.equal(deleted.done, 30);
+      assert.deepEqual(sorted(deleted.ids), sorted(ids.late));
+      // The reader goes on: the walk had not reached them, so they are not in its list, which has
+      // every other message once, in several lines.
+      const lines = await new Promise<string[]>((resolve, reject) => {
+        const done = (): boolean => {
+          const all = text.split('\n').filter(Boolean);
+          const last = all.at(-1);
+          if (!text.endsWith('\n') || !last || (JSON.parse(last) as { more?: boolean }).more !== false)
+            return false;
+          resolve(all);
+          return true;
+        };
+        s.on('data', (d: string) => {
+          text += d;
+          done();
+        });
+        s.on('end', () => (done() ? undefined : reject(new Error('the list ended early'))));
+        s.resume();
+      });
+      s.destroy();
+      const answers = lines.map(
+        (l) => JSON.parse(l) as { more: boolean; messages: { id: string }[]; matched?: number },
+      );
+      assert.ok(answers.length > 10, `a line per batch: ${answers.length}`);
+      const listed = answers.flatMap((a) => a.messages.map((m) => m.id));
+      assert.equal(new Set(listed).size, listed.length, 'no message twice');
+      assert.deepEqual(sorted(listed), sorted([...ids.other, ...ids.bounces, ...ids.both, ...ids.bulk]));
+      assert.equal(answers.at(-1)!.matched, 3035);
+      // And the queue holds exactly those.
+      assert.equal((await briefs()).length, 3035);
+      assert.deepEqual(await briefs('--domain', 'late.test'), []);
+    });
+
+    it('list prints thousands of messages in full as they come, with the totals last', async () => {
+      const r = await queue('list', '--domain', 'stuck.test');
+      assert.equal(r.code, 0, describeRun(r));
+      const shown = [...r.stdout.matchAll(/^(\S+) {2}\d+ bytes {2}arrived /gm)].map((m) => m[1]!);
+      assert.equal(shown.length, 3005);
+      assert.deepEqual(sorted(shown), sorted([...ids.both, ...ids.bulk]));
+      assert.match(r.stdout, /\n\n3005 messages shown, 3010 recipients waiting \(.*\)\n$/);
+    });
+
+    it('delete --domain removes exactly the matching messages; the rest stay', async () => {
+      const r = await queue('delete', '--domain', 'other.test');
+      assert.equal(r.code, 0, describeRun(r));
+      assert.match(
+        r.stdout,
+        /^Deleted 25 messages with a recipient in other\.test: their recipients not yet final are dropped; the senders are not told\.$/m,
+      );
+      const left = (await briefs()).map((b) => b.id);
+      assert.deepEqual(sorted(left), sorted([...ids.bounces, ...ids.bulk]));
+    });
+  },
+);
 
 describe('petrel queue, formatting', () => {
   it('writes durations as a person would', () => {
@@ -475,5 +884,61 @@ describe('petrel queue, formatting', () => {
     assert.match(quarantined, /next attempt: none while held/);
     const byHand = describeMessage({ ...message, held: true }, now);
     assert.match(byHand, /^ {2}why: {3}held by the administrator$/m);
+  });
+});
+
+describe('petrel queue, selections and the queue shape', () => {
+  const now = Date.parse('2026-05-04T10:00:00Z');
+  const brief = (over: Partial<MessageBrief>): MessageBrief => ({
+    id: 'A',
+    sender: 'alice@example.test',
+    receivedAt: now,
+    size: 100,
+    held: false,
+    attempting: false,
+    domains: ['example.org'],
+    waiting: 1,
+    nextAttemptAt: now + 60_000,
+    deferred: true,
+    ...over,
+  });
+
+  it('matches ages at both ends, the null sender, a sender domain, and a state', () => {
+    const old = brief({ receivedAt: now - 2 * 3600_000 });
+    const young = brief({ receivedAt: now - 10 * 60_000 });
+    assert.equal(matcher({ olderThan: 3600_000 }, now)(old), true);
+    assert.equal(matcher({ olderThan: 3600_000 }, now)(young), false);
+    assert.equal(matcher({ newerThan: 3600_000 }, now)(young), true);
+    assert.equal(matcher({ newerThan: 3600_000 }, now)(old), false);
+    assert.equal(matcher({ sender: '<>' }, now)(brief({ sender: '' })), true);
+    assert.equal(matcher({ sender: '<>' }, now)(old), false);
+    assert.equal(matcher({ sender: '@EXAMPLE.test' }, now)(old), true);
+    assert.equal(matcher({ sender: '@example' }, now)(old), false, 'a domain, not a suffix');
+    assert.equal(matcher({ state: 'pending' }, now)(brief({ deferred: false })), true);
+    assert.equal(matcher({ state: 'deferred' }, now)(brief({ held: true })), false, 'held comes first');
+  });
+
+  it('counts messages in qshape age bands; one in two domains counts in both rows and once in TOTAL', () => {
+    const tally = new ShapeTally('recipient', now);
+    const minutes = (m: number): number => now - m * 60_000;
+    tally.add(brief({ receivedAt: minutes(1), domains: ['a.test', 'b.test'] }));
+    tally.add(brief({ receivedAt: minutes(5), domains: ['a.test'] }));
+    tally.add(brief({ receivedAt: minutes(700), domains: ['b.test'] }));
+    tally.add(brief({ receivedAt: minutes(3000), domains: ['a.test'] }));
+    const shape = tally.result(10);
+    assert.deepEqual(shape.total.counts, [1, 1, 0, 0, 0, 0, 0, 0, 1, 1]);
+    assert.deepEqual(
+      shape.rows.map((r) => [r.domain, r.total]),
+      [
+        ['a.test', 3],
+        ['b.test', 2],
+      ],
+    );
+    assert.deepEqual(formatShape(shape), [
+      '       T 5 10 20 40 80 160 320 640 1280 1280+',
+      ' TOTAL 4 1  1  0  0  0   0   0   0    1     1',
+      'a.test 3 1  1  0  0  0   0   0   0    0     1',
+      'b.test 2 1  0  0  0  0   0   0   0    1     0',
+    ]);
   });
 });

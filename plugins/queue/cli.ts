@@ -1,51 +1,74 @@
-import { createConnection } from 'node:net';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   CommandError,
+  parseDuration,
   runSubcommand,
   UsageError,
   type CommandApi,
   type PluginCommand,
 } from '../../core/index.js';
-import {
-  CONTROL_SOCKET,
-  type ControlRequest,
-  type ControlResponse,
-  type WireMessage,
-  type WireRecipient,
-} from './control.js';
+import type { BulkCounts, ControlRequest, WireBrief, WireMessage, WireRecipient } from './control.js';
+import { listAllParts, requestAllParts, statusAllParts } from './control-client.js';
 import type { QueueConfig } from './config.js';
 import type { AttemptRecord, Origin } from './history.js';
-import { existingParts, partDir, queueDir } from './parts.js';
+import { queueDir } from './parts.js';
+import { formatShape } from './qshape.js';
+import { MESSAGE_STATES, type MessageState, type Selection } from './select.js';
 import { describeVerify, verifyQueue, VERIFY_CLEAN, VERIFY_DAMAGED, VERIFY_NO_JOURNAL } from './verify.js';
+
+export { request, requestAllParts } from './control-client.js';
 
 export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--json]
        petrel queue verify [--config FILE | --dir DIR] [--json]
 
 Commands:
-  list [--held]               every message waiting, and why: per recipient its status,
-                              attempts, next attempt and the last reply (and who gave it),
-                              or what holds it back (a quarantine, an outbound rate);
-                              --held: only the held messages (quarantined or held by hand)
+  list [filters] [--limit N] [--brief]
+                              the messages waiting, oldest first, and why: per recipient
+                              its status, attempts, next attempt and the last reply (and
+                              who gave it), or what holds it back (a quarantine, an
+                              outbound rate); printed as they come, the totals last
+  summary [filters] [--by sender] [--top N]
+                              the queue's shape, as Postfix's qshape: messages per
+                              recipient domain (or sender domain) and age band, in minutes
   show <id>                   one message, with its header
-  flush [<id> | --domain D]   try deferred recipients now: all messages, one, or those
-                              with a recipient in domain D
-  hold <id>                   no delivery attempts until it is released
-  release <id>                attempts resume on schedule (flush it to try at once); a
+  status                      the queue at a glance, from memory at any size: messages and
+                              recipients waiting, deliveries in progress and due, messages
+                              loaded, whether the journal has been read since the start
+  flush [<id> | filters]      try deferred recipients now: every message, one, or those
+                              that match (held messages are left alone)
+  hold <id> | filters | --all no delivery attempts until released
+  release <id> | filters | --all
+                              attempts resume on schedule (flush to try at once); a
                               message quarantined at acceptance is delivered now
-  delete <id>                 remove it; its recipients fail without a bounce
-  bounce <id>                 fail it now and return it to its sender (a bounce plugin
-                              sends the delivery status notification)
+  delete <id> | filters | --all
+                              remove; the recipients fail without a bounce
+  bounce <id> | filters | --all
+                              fail now and return to the sender (a bounce plugin sends
+                              the delivery status notification)
   verify                      read every record of the journal, without a server and
                               without changing anything: one line per segment, and each
                               damaged range with what it held
 
+Filters (every one given must match):
+  --state S         held, deferred (tried at least once) or pending (not tried yet)
+  --domain D        a recipient not yet final in domain D
+  --from S          the sender: an address, <> for the null sender, @example.com for a domain
+  --older-than T    received at least T ago (30s, 30m, 4h, 2d)
+  --newer-than T    received at most T ago
+  --held            list only: --state held
+
 Options:
   --config FILE   the config the server runs with (found as petrel start finds it)
+  --limit N       list only: the N oldest that match (the totals still count them all)
+  --brief         list only: one line per message, from what the queue holds in memory
+  --by sender     summary only: rows by sender domain instead of recipient domain
+  --top N         summary only: the N largest rows (default 50)
+  --all           hold, release, delete, bounce: every message (delete and bounce refuse
+                  to act on every message without it)
   --dir DIR       verify only: the queue folder to check, instead of the config's
-  --held          list only: only the messages held (by a quarantine or petrel queue hold)
-  --json          print the server's answer (verify: the findings) as JSON
+  --json          print the server's answer (verify: the findings) as JSON; list prints
+                  one JSON object per message per line (ndjson), as they come
 
 The commands but verify talk to the running server through control.sock in the queue folder
 (the "queue" plugin entry's dir, default <spool.dir>/queue), which only the server's user (and
@@ -53,7 +76,10 @@ root) may open. Exit status: 0 done, 1 no such message (or it is held), 64 bad u
 server running, 70 the server failed, 75 no answer in time, 77 no permission, 78 bad config.
 verify: 0 no damage, 65 damage found, 66 no journal in the folder.`;
 
-/** How long to wait for the server's answer (delete and bounce wait for an attempt in progress). */
+/**
+ * How long to wait for each line of the server's answer (delete and bounce wait for an attempt
+ * in progress; a long list or bulk action sends a line per batch).
+ */
 const ANSWER_TIMEOUT_MS = 60_000;
 
 /** The queue folder a config uses. */
@@ -78,128 +104,26 @@ export function locateQueueDir(
   return { dir: queueDir(cli.config.dir, cli.baseDir, cli.petrel.spool.dir), configFile: cli.configFile };
 }
 
-/** Sends one request over the control socket and reads its one-line answer. */
-export function request(
-  socketPath: string,
-  req: ControlRequest,
-  timeoutMs: number,
-): Promise<ControlResponse> {
-  const hint =
-    'Start it with `petrel start` (`npm start` in the project), or pass the --config it runs with.';
-  return new Promise((resolvePromise, reject) => {
-    const socket = createConnection(socketPath);
-    let buffer = '';
-    let settled = false;
-    const finish = (err: Error | null, res?: ControlResponse): void => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      socket.destroy();
-      if (err) reject(err);
-      else resolvePromise(res!);
-    };
-    const timer = setTimeout(
-      () =>
-        finish(
-          new CommandError(
-            `the server did not answer within ${Math.round(timeoutMs / 1000)} s on ${socketPath}`,
-            75,
-          ),
-        ),
-      timeoutMs,
-    );
-    socket.setEncoding('utf8');
-    socket.once('connect', () => socket.write(`${JSON.stringify(req)}\n`));
-    socket.on('data', (chunk: string) => {
-      buffer += chunk;
-      const nl = buffer.indexOf('\n');
-      if (nl < 0) return;
-      try {
-        finish(null, JSON.parse(buffer.slice(0, nl)) as ControlResponse);
-      } catch {
-        finish(new CommandError(`the server sent an answer that is not JSON: ${buffer.slice(0, 200)}`, 1));
-      }
-    });
-    socket.once('end', () =>
-      finish(new CommandError('the server closed the connection without an answer (is it stopping?)', 69)),
-    );
-    socket.once('error', (err: NodeJS.ErrnoException) => {
-      switch (err.code) {
-        case 'ENOENT':
-          return finish(
-            new CommandError(
-              `no Petrel server is running for this queue: there is no control socket at ${socketPath}.\n${hint}`,
-              69,
-            ),
-          );
-        case 'ECONNREFUSED':
-          return finish(
-            new CommandError(
-              `no Petrel server is running for this queue: nothing answers on ${socketPath} (left by a server that stopped abruptly).\n${hint}`,
-              69,
-            ),
-          );
-        case 'EACCES':
-        case 'EPERM':
-          return finish(
-            new CommandError(
-              `permission denied on ${socketPath}: run petrel queue as the user the server runs as, or as root`,
-              77,
-            ),
-          );
-        default:
-          return finish(new CommandError(`cannot reach the server on ${socketPath}: ${err.message}`, 69));
-      }
-    });
-  });
-}
-
-/**
- * Sends a request to every part of the queue (one per worker, see plugins/queue/parts.ts) and
- * merges the answers as if they came from one queue: lists are joined (oldest first), a flush
- * adds up, and a request about one message gets the answer of the part that holds it. Parts
- * where no server answers are passed over, unless none answers at all.
- */
-export async function requestAllParts(
-  dir: string,
-  req: ControlRequest,
-  timeoutMs: number,
-): Promise<ControlResponse> {
-  const parts = await existingParts(dir);
-  const settled = await Promise.allSettled(
-    parts.map((k) => request(join(partDir(dir, k), CONTROL_SOCKET), req, timeoutMs)),
-  );
-  const answers: ControlResponse[] = [];
-  let unreachable: unknown = null;
-  for (const r of settled) {
-    if (r.status === 'fulfilled') answers.push(r.value);
-    else if (r.reason instanceof CommandError && r.reason.code === 69) unreachable ??= r.reason;
-    else throw r.reason;
-  }
-  if (answers.length === 0) throw unreachable;
-  const good = answers.filter((a) => a.ok);
-  const first = good[0];
-  if (!first) return answers.find((a) => !a.ok && a.error !== 'not-found') ?? answers[0]!;
-  if (first.op === 'list' || first.op === 'find') {
-    const messages = good.flatMap((a) => (a.ok && (a.op === 'list' || a.op === 'find') ? a.messages : []));
-    messages.sort((a, b) => Date.parse(a.receivedAt) - Date.parse(b.receivedAt));
-    return { ...first, messages };
-  }
-  if (first.op === 'flush') {
-    const flushed = good.flatMap((a) => (a.ok && a.op === 'flush' ? a.flushed : []));
-    const held = good.flatMap((a) => (a.ok && a.op === 'flush' ? a.held : []));
-    return { ...first, flushed, held };
-  }
-  return first;
-}
-
-/** `petrel queue list|show|flush|hold|release|delete|bounce|verify`; the exit codes are in QUEUE_USAGE. */
+/** `petrel queue list|summary|show|flush|hold|release|delete|bounce|verify`; the exit codes are in QUEUE_USAGE. */
 export const queueCommand: PluginCommand<QueueConfig> = {
   description: "the running server's queue: why mail waits (petrel queue --help)",
   run: (cli) => runSubcommand('queue', QUEUE_USAGE, cli.stderr, () => queue(cli)),
 };
 
-const NEEDS_ID = new Set(['show', 'hold', 'release', 'delete', 'bounce']);
+const COMMANDS = new Set([
+  'list',
+  'summary',
+  'show',
+  'status',
+  'flush',
+  'hold',
+  'release',
+  'delete',
+  'bounce',
+]);
+/** The commands that take filters (a selection) instead of an id. */
+const FILTERED = new Set(['list', 'summary', 'flush', 'hold', 'release', 'delete', 'bounce']);
+const FILTERS = ['state', 'domain', 'from', 'older-than', 'newer-than'] as const;
 
 async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   let parsed;
@@ -209,9 +133,18 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
       allowPositionals: true,
       options: {
         config: { type: 'string', short: 'c' },
+        state: { type: 'string' },
         domain: { type: 'string', short: 'd' },
-        dir: { type: 'string' },
+        from: { type: 'string' },
+        'older-than': { type: 'string' },
+        'newer-than': { type: 'string' },
         held: { type: 'boolean' },
+        limit: { type: 'string' },
+        brief: { type: 'boolean' },
+        by: { type: 'string' },
+        top: { type: 'string' },
+        all: { type: 'boolean' },
+        dir: { type: 'string' },
         json: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -226,90 +159,93 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   }
   const [sub, id, ...extra] = positionals;
   if (!sub) throw new UsageError('missing command');
-  if (values.dir !== undefined && sub !== 'verify') throw new UsageError('--dir is only for verify');
-  if (values.held && sub !== 'list') throw new UsageError('--held is only for list');
+  const onlyFor = (flag: string, given: unknown, subs: readonly string[]): void => {
+    if (given !== undefined && !subs.includes(sub))
+      throw new UsageError(`--${flag} is only for ${subs.join(', ')}`);
+  };
+  onlyFor('dir', values.dir, ['verify']);
+  onlyFor('held', values.held, ['list']);
+  onlyFor('limit', values.limit, ['list']);
+  onlyFor('brief', values.brief, ['list']);
+  onlyFor('by', values.by, ['summary']);
+  onlyFor('top', values.top, ['summary']);
+  onlyFor('all', values.all, ['hold', 'release', 'delete', 'bounce']);
+  const filtered = FILTERS.filter((f) => values[f] !== undefined);
   if (sub === 'verify') {
     if (id) throw new UsageError('verify takes no id');
-    if (values.domain !== undefined) throw new UsageError('--domain is only for flush');
+    if (filtered.length) throw new UsageError(`--${filtered[0]} is not for verify`);
     if (values.dir === '') throw new UsageError('--dir needs a folder');
     if (values.dir !== undefined && values.config !== undefined)
       throw new UsageError('verify takes --config or --dir, not both');
     return verify(values.dir, values.json === true, io);
   }
-  if (sub !== 'list' && sub !== 'flush' && !NEEDS_ID.has(sub))
-    throw new UsageError(`unknown command "${sub}"`);
+  if (!COMMANDS.has(sub)) throw new UsageError(`unknown command "${sub}"`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}"`);
-  if (NEEDS_ID.has(sub) && !id) throw new UsageError(`${sub} needs a queue id (see petrel queue list)`);
-  if (sub === 'list' && id) throw new UsageError('list takes no id (petrel queue show <id> shows one)');
-  if (values.domain !== undefined && sub !== 'flush') throw new UsageError('--domain is only for flush');
-  if (values.domain !== undefined && id) throw new UsageError('flush takes an id or --domain, not both');
-  if (values.domain === '') throw new UsageError('--domain needs a domain');
-
+  if (filtered.length && !FILTERED.has(sub)) throw new UsageError(`--${filtered[0]} is not for ${sub}`);
+  if ((sub === 'list' || sub === 'summary' || sub === 'status') && id)
+    throw new UsageError(`${sub} takes no id (petrel queue show <id> shows one)`);
+  if (id && (filtered.length || values.all))
+    throw new UsageError(`${sub} takes an id or filters (--${FILTERS.join(', --')}) or --all, not both`);
+  if (sub === 'show' && !id) throw new UsageError('show needs a queue id (see petrel queue list)');
+  const select = selection(values);
+  const many = ['hold', 'release', 'delete', 'bounce'].includes(sub);
+  if (many && !id && !filtered.length && !values.all)
+    throw new UsageError(
+      `${sub} needs a queue id (see petrel queue list), filters (--${FILTERS.join(', --')}), or --all`,
+    );
   const where = locateQueueDir(io);
-  const req = {
-    op: sub,
+  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+
+  if (sub === 'list') return list(io, where.dir, select, values);
+  if (sub === 'status') return status(io, where.dir, values.json === true);
+  const req: ControlRequest = {
+    op: sub as ControlRequest['op'],
     ...(id ? { id } : {}),
-    ...(values.domain ? { domain: values.domain } : {}),
-  } as ControlRequest;
-  const answer = await requestAllParts(where.dir, req, ANSWER_TIMEOUT_MS);
-  if (!answer.ok) {
-    throw new CommandError(answer.message, answer.error === 'not-found' || answer.error === 'held' ? 1 : 70);
-  }
-  // `list --held`: the same answer, with only the held messages in it.
-  const res =
-    values.held && answer.op === 'list'
-      ? { ...answer, messages: answer.messages.filter((m) => m.held) }
-      : answer;
+    ...(Object.keys(select).length ? { select } : {}),
+    ...(values.all ? { all: true } : {}),
+    ...(sub === 'summary' ? { by: by(values.by), top: count('top', values.top ?? '50') } : {}),
+  };
+  const res = await requestAllParts(where.dir, req, ANSWER_TIMEOUT_MS);
+  if (!res.ok)
+    throw new CommandError(res.message, res.error === 'not-found' || res.error === 'held' ? 1 : 70);
   if (values.json) {
     io.stdout.write(`${JSON.stringify(res, null, 2)}\n`);
-    return 0;
   }
   const now = new Date(res.now);
-  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+  if ('bulk' in res) {
+    if (!values.json) for (const line of describeBulk(res, id, select)) out(line);
+    if (res.failed)
+      throw new CommandError(
+        `${sub} failed on ${plural(res.failed, 'message')}, and stopped there: ${res.error ?? 'see the server log'}`,
+        70,
+      );
+    return 0;
+  }
+  if (values.json) return 0;
   switch (res.op) {
+    case 'list':
     case 'find':
     case 'finished':
     case 'status':
       throw new CommandError('the server answered another question than the one asked', 70);
-    case 'list': {
-      if (res.messages.length === 0) {
-        out(values.held ? `No message is held (${where.dir}).` : `The queue is empty (${where.dir}).`);
+    case 'summary': {
+      if (res.total.total === 0) {
+        out(
+          Object.keys(select).length
+            ? `No message matches (${where.dir}).`
+            : `The queue is empty (${where.dir}).`,
+        );
         return 0;
       }
-      if (values.held) {
-        out(`${plural(res.messages.length, 'held message')} (${where.dir})`);
-        for (const m of res.messages) out(`\n${describeMessage(m, now)}`);
-        return 0;
-      }
-      const waiting = res.messages.reduce(
-        (n, m) => n + m.recipients.filter((r) => r.status === 'pending' || r.status === 'deferred').length,
-        0,
-      );
-      out(
-        `${plural(res.messages.length, 'message')} in the queue, ${plural(waiting, 'recipient')} waiting (${where.dir})`,
-      );
-      for (const m of res.messages) out(`\n${describeMessage(m, now)}`);
+      for (const line of formatShape(res)) out(line);
+      if (res.domains > res.rows.length)
+        out(`(the ${res.rows.length} largest of ${res.domains} domains; --top N shows more)`);
       return 0;
     }
     case 'show':
       out(describeMessage(res.message, now, true));
       if (res.headers) out(`\n  header:\n${indent(res.headers.replace(/\r?\n$/, ''), '    ')}`);
       return 0;
-    case 'flush': {
-      const scope = id ? '' : values.domain ? ` with a recipient in ${values.domain}` : '';
-      if (res.flushed.length === 0 && res.held.length === 0) out(`No message${scope} to flush.`);
-      else if (id)
-        out(`Flushed ${id}: its deferred recipients are being tried now (petrel queue show ${id}).`);
-      else if (res.flushed.length)
-        out(
-          `Flushed ${plural(res.flushed.length, 'message')}${scope}: deferred recipients are being tried now.`,
-        );
-      if (res.held.length)
-        out(
-          `Left ${plural(res.held.length, 'held message')} alone: ${res.held.join(', ')} (petrel queue release <id> first).`,
-        );
-      return 0;
-    }
     case 'hold':
       out(`Held ${res.message.id}: no delivery attempts until petrel queue release ${res.message.id}.`);
       if (res.message.attempting) out('A delivery attempt already in progress is finishing.');
@@ -341,6 +277,201 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
       return 0;
     }
   }
+}
+
+type Values = {
+  readonly [K in (typeof FILTERS)[number] | 'held' | 'limit' | 'brief' | 'json']?: string | boolean;
+};
+
+/** The filters given on the command line, as a selection (ages in ms). */
+function selection(values: Values): Selection {
+  const text = (k: (typeof FILTERS)[number]): string | undefined => {
+    const v = values[k] as string | undefined;
+    if (v === '') throw new UsageError(`--${k} needs a value`);
+    return v;
+  };
+  const age = (k: 'older-than' | 'newer-than'): number | undefined => {
+    const v = text(k);
+    if (v === undefined) return undefined;
+    try {
+      return parseDuration(v);
+    } catch (err) {
+      throw new UsageError(`--${k}: ${(err as Error).message}`);
+    }
+  };
+  let state = text('state');
+  if (values.held) {
+    if (state !== undefined && state !== 'held')
+      throw new UsageError('--held is --state held: give one of them');
+    state = 'held';
+  }
+  if (state !== undefined && !(MESSAGE_STATES as readonly string[]).includes(state))
+    throw new UsageError(`--state is one of ${MESSAGE_STATES.join(', ')}`);
+  const sel = {
+    state: state as MessageState | undefined,
+    domain: text('domain'),
+    sender: text('from'),
+    olderThan: age('older-than'),
+    newerThan: age('newer-than'),
+  };
+  return Object.fromEntries(Object.entries(sel).filter(([, v]) => v !== undefined)) as Selection;
+}
+
+function count(flag: string, v: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < 1)
+    throw new UsageError(`--${flag} needs a whole number above 0`);
+  return n;
+}
+
+function by(v: string | undefined): 'recipient' | 'sender' {
+  if (v === undefined || v === 'recipient' || v === 'sender') return v ?? 'recipient';
+  throw new UsageError('--by is recipient or sender');
+}
+
+/** How a selection reads after "messages": ` with a recipient in example.org from <a@b> older than 30m`. */
+function scope(sel: Selection): string {
+  const parts: string[] = [];
+  if (sel.domain) parts.push(`with a recipient in ${sel.domain}`);
+  if (sel.sender)
+    parts.push(
+      sel.sender.startsWith('@') ? `from ${sel.sender}` : `from <${sel.sender === '<>' ? '' : sel.sender}>`,
+    );
+  if (sel.olderThan !== undefined) parts.push(`older than ${span(sel.olderThan)}`);
+  if (sel.newerThan !== undefined) parts.push(`newer than ${span(sel.newerThan)}`);
+  return parts.length ? ` ${parts.join(' ')}` : '';
+}
+
+/** `3 deferred messages`: a count of messages, with the state the selection asked for. */
+function messages(n: number, sel: Selection): string {
+  return plural(n, sel.state ? `${sel.state} message` : 'message');
+}
+
+/** What a flush or a bulk action did, in sentences. */
+function describeBulk(
+  res: BulkCounts & { readonly op: string },
+  id: string | undefined,
+  sel: Selection,
+): string[] {
+  const lines: string[] = [];
+  const where = scope(sel);
+  const some = messages(res.done, sel);
+  // A few ids say which; `list --held` lists them all.
+  const more = (ids: readonly string[], n: number): string =>
+    `${ids.slice(0, 5).join(', ')}${n > Math.min(ids.length, 5) ? ', …' : ''}`;
+  if (res.op === 'flush') {
+    if (id) return [`Flushed ${id}: its deferred recipients are being tried now (petrel queue show ${id}).`];
+    if (res.done === 0 && res.held === 0) lines.push(`No message${where} to flush.`);
+    else if (res.done) lines.push(`Flushed ${some}${where}: deferred recipients are being tried now.`);
+    if (res.held)
+      lines.push(
+        `Left ${plural(res.held, 'held message')} alone: ${more(res.heldIds, res.held)} (petrel queue release <id> first).`,
+      );
+  } else if (res.done === 0 && !res.failed) {
+    lines.push(`No ${res.op === 'release' ? 'held ' : ''}message${where} to ${res.op}.`);
+  } else if (res.op === 'hold') {
+    lines.push(`Held ${some}${where}: no delivery attempts until they are released.`);
+  } else if (res.op === 'release') {
+    lines.push(
+      `Released ${some}${where}: attempts resume on their schedule (petrel queue flush tries at once).`,
+    );
+  } else if (res.op === 'delete') {
+    lines.push(
+      `Deleted ${some}${where}: their recipients not yet final are dropped; the senders are not told.`,
+    );
+  } else {
+    lines.push(
+      `Returned ${some}${where}: their recipients not yet final failed with 550 5.0.0; a bounce plugin tells the senders.`,
+    );
+  }
+  if (res.notFound) lines.push(`${plural(res.notFound, 'message')} finished before its turn.`);
+  return lines;
+}
+
+/** `petrel queue list`: prints each batch as it comes; the totals come last. */
+async function list(
+  io: CommandApi<QueueConfig>,
+  dir: string,
+  select: Selection,
+  values: Values,
+): Promise<number> {
+  const limit = values.limit === undefined ? undefined : count('limit', values.limit as string);
+  const brief = values.brief === true;
+  const req = {
+    op: 'list' as const,
+    ...(Object.keys(select).length ? { select } : {}),
+    ...(limit ? { limit } : {}),
+    ...(brief ? { brief } : {}),
+  };
+  let waiting = 0;
+  let first = true;
+  // Whoever reads the output sets the pace (`| less`); one who stops (`| head`) ends the list.
+  let closed = false;
+  const write = (text: string): Promise<void> =>
+    io.stdout.write(text)
+      ? Promise.resolve()
+      : new Promise((resolve, reject) => {
+          const done = (err?: unknown): void => {
+            io.stdout.off('drain', done);
+            io.stdout.off('error', done);
+            io.stdout.off('close', done);
+            if (err !== undefined || io.stdout.destroyed) {
+              closed = true;
+              reject(new OutputClosed());
+            } else resolve();
+          };
+          io.stdout.on('drain', done);
+          io.stdout.on('error', done);
+          io.stdout.on('close', done);
+        });
+  const listed = await listAllParts(dir, req, ANSWER_TIMEOUT_MS, async (batch, now) => {
+    let text = '';
+    for (const m of batch) {
+      if (values.json) text += `${JSON.stringify(m)}\n`;
+      else if ('recipients' in m) {
+        waiting += m.recipients.filter((r) => r.status === 'pending' || r.status === 'deferred').length;
+        text += `${first ? '' : '\n'}${describeMessage(m, now)}\n`;
+      } else {
+        waiting += m.waiting;
+        text += `${describeBrief(m, now)}\n`;
+      }
+      first = false;
+    }
+    await write(text);
+  }).catch((err: unknown) => {
+    if (closed) return null;
+    throw err;
+  });
+  if (!listed) return 0;
+  const { matched, shown } = listed;
+  if (values.json) return 0;
+  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+  if (shown === 0) {
+    if (matched > 0) out(`No message shown of ${matched} matching (${dir}).`);
+    else if (!Object.keys(select).length) out(`The queue is empty (${dir}).`);
+    else if (select.state === 'held' && Object.keys(select).length === 1) out(`No message is held (${dir}).`);
+    else out(`No message matches (${dir}).`);
+    return 0;
+  }
+  const of = limit !== undefined && matched > shown ? ` of ${matched} matching (--limit ${limit})` : '';
+  out(`\n${messages(shown, select)} shown${of}, ${plural(waiting, 'recipient')} waiting (${dir})`);
+  return 0;
+}
+
+/** The output of a list was closed by its reader. */
+class OutputClosed extends Error {}
+
+/** One message on one line, from what the index knows (`list --brief`). */
+export function describeBrief(b: WireBrief, now: Date): string {
+  const state = b.held ? 'held' : b.attempting ? 'attempting' : b.deferred ? 'deferred' : 'pending';
+  const next =
+    b.held || b.nextAttemptAt === null
+      ? ''
+      : Date.parse(b.nextAttemptAt) <= now.getTime()
+        ? '  due now'
+        : `  next in ${span(Date.parse(b.nextAttemptAt) - now.getTime())}`;
+  const age = span(now.getTime() - Date.parse(b.receivedAt));
+  return `${b.id}  ${size(b.size)}  ${age} old  ${state}  <${b.sender}>  ${b.waiting} waiting: ${b.domains.join(', ')}${next}`;
 }
 
 /** `petrel queue verify`: reads the journal files; never talks to the server. */
@@ -513,4 +644,32 @@ function describeRecipient(r: WireRecipient, held: boolean, now: Date): string {
   // A postponement (`postpone()`: an outbound rate) is no attempt: say what holds it back.
   const why = r.postponed && !held ? `, ${r.postponed.reason} (${r.postponed.by})` : '';
   return `${r.status}, ${tries}${why}, ${when}`;
+}
+
+/** `petrel queue status`: each part's counts, from memory (no message is read from disk). */
+async function status(io: CommandApi<QueueConfig>, dir: string, json: boolean): Promise<number> {
+  const parts = await statusAllParts(dir, ANSWER_TIMEOUT_MS);
+  const out = (text: string): void => void io.stdout.write(`${text}\n`);
+  if (json) {
+    for (const p of parts) out(JSON.stringify({ part: p.part, ...p.status }));
+    return 0;
+  }
+  const sum = (k: 'messages' | 'recipients' | 'attempting' | 'ready' | 'loaded'): number =>
+    parts.reduce((n, p) => n + p.status[k], 0);
+  out(
+    `${plural(sum('messages'), 'message')} in the queue, ${plural(sum('recipients'), 'recipient')} waiting (${dir})`,
+  );
+  out(
+    `  ${sum('attempting')} being delivered, ${sum('ready')} due and waiting for a delivery slot, ${sum('loaded')} loaded in memory`,
+  );
+  for (const { part, status: st } of parts) {
+    const journal = st.indexed
+      ? `journal read at the start: ${plural(st.indexedMessages, 'message')} in ${st.indexSeconds.toFixed(1)} s`
+      : `journal being read since the start: ${plural(st.messages, 'message')} known so far`;
+    const mib = (n: number): string => `${Math.round(n / 1024 / 1024)} MiB`;
+    out(
+      `  part ${part}: ${plural(st.messages, 'message')}; ${journal}; its process: ${mib(st.memory.rss)} resident, ${mib(st.memory.heapUsed)} heap in use`,
+    );
+  }
+  return 0;
 }

@@ -19,6 +19,7 @@ import {
 } from './store.js';
 import type { MessageSummary } from './api.js';
 import { ControlServer, wire, type ControlTarget, type QueueStatus } from './control.js';
+import { matcher, selectsAll, type MessageBrief, type Selection } from './select.js';
 import { lockPart } from './lock.js';
 import { expansionOf } from './expand.js';
 import type { QueueMetrics } from './metrics.js';
@@ -220,44 +221,63 @@ export class QueueEngine implements ControlTarget {
     this.pump();
   }
 
-  /**
-   * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
-   * Held messages are left alone. Resolves to how many messages were made due (once the journal
-   * is read: a message it holds may be due).
-   */
-  async flush(target: string | { id?: string; domain?: string } = {}): Promise<number> {
-    return (await this.flushMessages(typeof target === 'string' ? { id: target } : target)).flushed.length;
+  // --- administration: the control socket's and the Queue service's view of the index --------
+  //
+  // Everything administration reads of the queue goes through this block: a brief per message
+  // (`brief`, from its index entry alone), walks over them (`select`), and full summaries of some
+  // (`summaries`, `get`, `find`, `list`), which read from disk the messages not loaded.
+
+  /** What the index knows of a message (see MessageBrief): no disk read. */
+  private brief(e: Entry): MessageBrief {
+    const domains = new Set<string>();
+    let waiting = 0;
+    let next = Infinity;
+    let deferred = false;
+    e.rcpts.forEach((r, i) => {
+      if (r.status !== 'pending' && r.status !== 'deferred') return;
+      waiting++;
+      domains.add(e.domains[i]!);
+      if (r.nextAttemptAt < next) next = r.nextAttemptAt;
+      if (r.attempts > 0) deferred = true;
+    });
+    return {
+      id: e.id,
+      sender: e.sender,
+      receivedAt: e.receivedAt,
+      size: e.size,
+      held: e.held,
+      attempting: this.attempting.has(e.id),
+      domains: [...domains],
+      waiting,
+      nextAttemptAt: next === Infinity ? null : next,
+      deferred,
+    };
   }
 
-  /** `flush`, saying which messages were made due and which matched but are held. */
-  async flushMessages(target: {
-    id?: string;
-    domain?: string;
-  }): Promise<{ flushed: string[]; held: string[] }> {
-    await this.store.indexed;
-    const { id } = target;
-    const domain = target.domain?.toLowerCase();
-    const flushed: string[] = [];
-    const held: string[] = [];
-    const now = Date.now();
-    const one = id === undefined ? undefined : this.store.entries.get(id);
-    for (const e of one ? [one] : id === undefined ? this.store.entries.values() : []) {
-      if (domain && !e.domains.includes(domain)) continue;
-      if (e.held) {
-        held.push(e.id);
-        continue;
-      }
-      this.store.makeDue(e, now);
-      if (!e.busy) this.ready.add(e);
-      flushed.push(e.id);
+  /** The matching messages' briefs, in batches, in arrival order (ControlTarget.select). */
+  async *select(sel: Selection, batch = 1000): AsyncGenerator<readonly MessageBrief[]> {
+    const matches = matcher(sel, Date.now());
+    if (sel.id !== undefined) {
+      const e = this.store.entries.get(sel.id);
+      const b = e ? this.brief(e) : null;
+      if (b && matches(b)) yield [b];
+      return;
     }
-    this.pump();
-    return { flushed, held };
-  }
-
-  /** False once the part is closing (for the readiness check). */
-  get isOpen(): boolean {
-    return !this.closing;
+    let out: MessageBrief[] = [];
+    let scanned = 0;
+    // The map's own iterator: entries added during the walk come at its end, finished ones are
+    // skipped, and none is visited twice.
+    for (const e of this.store.entries.values()) {
+      const b = this.brief(e);
+      if (matches(b)) out.push(b);
+      if (out.length >= batch) {
+        yield out;
+        out = [];
+      }
+      // A walk that matches little still lets the event loop (SMTP sessions, attempts) run.
+      if (++scanned % 10_000 === 0) await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (out.length) yield out;
   }
 
   /** Whether a message is in this part (from the index: no disk read). */
@@ -265,16 +285,19 @@ export class QueueEngine implements ControlTarget {
     return this.store.entries.has(id);
   }
 
-  /** Every message not yet final, oldest first (reads each from disk that is not loaded). */
+  /**
+   * Every message not yet final, oldest first (the Queue service's `list`): reads from disk each
+   * one not loaded. With a large queue, `select` and `summaries` in batches are the way.
+   */
   async list(): Promise<MessageSummary[]> {
     const all = await this.summaries([...this.store.entries.keys()]);
     return all.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime());
   }
 
   /**
-   * Summaries of these messages, in the order given; a message that is gone, or whose records
-   * cannot be read (logged), is left out. Messages not loaded are read from the journal, a few at
-   * a time, and do not stay loaded on account of this.
+   * Summaries of these messages, in the order given (ControlTarget.summaries); a message that is
+   * gone, or whose records cannot be read (logged), is left out. Messages not loaded are read
+   * from the journal, a few at a time, and do not stay loaded on account of this.
    */
   async summaries(ids: readonly string[], detail = false): Promise<MessageSummary[]> {
     const out: (MessageSummary | null)[] = new Array<MessageSummary | null>(ids.length).fill(null);
@@ -298,9 +321,82 @@ export class QueueEngine implements ControlTarget {
     return out.filter((m): m is MessageSummary => m !== null);
   }
 
+  /** One message with its history, or null. */
   async get(id: string): Promise<MessageSummary | null> {
     const [m] = await this.summaries([id], true);
     return m ? this.withReports(m) : null;
+  }
+
+  /**
+   * The queued messages that match (for `petrel trace`), with their histories, oldest first. The
+   * index narrows by id, sender and arrival; the rest is read from disk.
+   */
+  async find(query: TraceQuery): Promise<MessageSummary[]> {
+    const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
+    const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
+    const to = lower(query.to);
+    const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
+    const candidates: string[] = [];
+    for (const e of this.store.entries.values()) {
+      if (query.id !== undefined && e.id !== query.id) continue;
+      if (from !== undefined && e.sender.toLowerCase() !== from) continue;
+      if (query.since !== undefined && e.receivedAt < query.since) continue;
+      candidates.push(e.id);
+    }
+    const found: MessageSummary[] = [];
+    for (let i = 0; i < candidates.length; i += 1000) {
+      const batch = await this.summaries(candidates.slice(i, i + 1000), true);
+      for (const m of batch) {
+        if (messageId !== undefined && bareMessageId(m.origin?.messageId ?? '') !== messageId) continue;
+        if (
+          to !== undefined &&
+          !m.recipients.some((r) => r.address.toLowerCase() === to || lower(r.expandedFrom) === to)
+        )
+          continue;
+        found.push(this.withReports(m));
+      }
+    }
+    return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
+  }
+
+  /**
+   * Makes deferred recipients due now: one message, those with a recipient in a domain, or all.
+   * Held messages are left alone. Resolves to how many messages were made due (the Queue
+   * service's `flush`), once the journal is read: a message it holds may be due.
+   */
+  async flush(target: string | { id?: string; domain?: string } = {}): Promise<number> {
+    return (await this.flushMessages(typeof target === 'string' ? { id: target } : target)).flushed.length;
+  }
+
+  /** `flush` for the matching messages, saying which were made due and which are held. */
+  async flushMessages(sel: Selection): Promise<{ flushed: string[]; held: string[] }> {
+    await this.store.indexed;
+    const flushed: string[] = [];
+    const held: string[] = [];
+    const now = Date.now();
+    const matches = matcher(sel, now);
+    // By id alone (a bulk flush goes message by message) or every message: no brief to build.
+    const any = selectsAll({ ...sel, id: undefined });
+    const one = sel.id === undefined ? undefined : this.store.entries.get(sel.id);
+    for (const e of one ? [one] : sel.id === undefined ? this.store.entries.values() : []) {
+      if (!any && !matches(this.brief(e))) continue;
+      if (e.held) {
+        held.push(e.id);
+        continue;
+      }
+      this.store.makeDue(e, now);
+      if (!e.busy) this.ready.add(e);
+      flushed.push(e.id);
+    }
+    this.pump();
+    return { flushed, held };
+  }
+
+  // --- end of administration -------------------------------------------------------------------
+
+  /** False once the part is closing (for the readiness check). */
+  get isOpen(): boolean {
+    return !this.closing;
   }
 
   /** Finished messages' stories that match, newest first (empty without a history store). */
@@ -324,40 +420,6 @@ export class QueueEngine implements ControlTarget {
       ready: this.ready.size,
       memory: { rss, heapUsed },
     };
-  }
-
-  /**
-   * The queued messages that match (for `petrel trace`), with their histories, oldest first. The
-   * index narrows by id, sender and arrival; the rest is read from disk.
-   */
-  async find(query: TraceQuery): Promise<MessageSummary[]> {
-    const messageId = query.messageId === undefined ? undefined : bareMessageId(query.messageId);
-    const lower = (s: string | undefined): string | undefined => s?.toLowerCase();
-    const to = lower(query.to);
-    const from = query.from === undefined ? undefined : query.from === '<>' ? '' : query.from.toLowerCase();
-    const candidates: string[] = [];
-    for (const e of this.store.entries.values()) {
-      if (query.id !== undefined && e.id !== query.id) continue;
-      if (from !== undefined && e.sender.toLowerCase() !== from) continue;
-      if (query.since !== undefined && e.receivedAt < query.since) continue;
-      candidates.push(e.id);
-    }
-    const found: MessageSummary[] = [];
-    for (let i = 0; i < candidates.length; i += 1000) {
-      const batch = await this.summaries(candidates.slice(i, i + 1000), true);
-      for (const m of batch) {
-        const entry = this.store.entries.get(m.id);
-        if (!entry) continue;
-        if (messageId !== undefined && bareMessageId(m.origin?.messageId ?? '') !== messageId) continue;
-        if (
-          to !== undefined &&
-          !m.recipients.some((r) => r.address.toLowerCase() === to || lower(r.expandedFrom) === to)
-        )
-          continue;
-        found.push(this.withReports(m));
-      }
-    }
-    return found.sort((a, b) => a.receivedAt.getTime() - b.receivedAt.getTime()).slice(-query.limit);
   }
 
   /** A message's header section as stored (up to `limit` characters), for `petrel queue show`. */

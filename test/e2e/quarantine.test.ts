@@ -23,6 +23,14 @@ interface Listed {
   recipients: { address: string; status: string; attempts: number }[];
 }
 
+/** `petrel queue list --json`: a message per line. */
+function ndjson<T>(stdout: string): T[] {
+  return stdout
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as T);
+}
+
 const INFECTED = (subject: string): string =>
   [
     'From: alice@example.test',
@@ -139,7 +147,7 @@ describe(
       // `list --held`: the two quarantined messages, with who held them and why; not the other.
       let r = await queue('list', '--held');
       assert.equal(r.code, 0, describeRun(r));
-      assert.match(r.stdout, /^2 held messages \(/);
+      assert.match(r.stdout, /^2 held messages shown, 2 recipients waiting \(/m);
       for (const id of [released, deleted]) {
         assert.match(r.stdout, new RegExp(`^${id} `, 'm'));
         assert.match(r.stdout, new RegExp(`held: {2}no delivery attempts until petrel queue release ${id}`));
@@ -152,7 +160,7 @@ describe(
       assert.ok(r.stdout.includes(EICAR_SIGNATURE), r.stdout);
       assert.doesNotMatch(r.stdout, new RegExp(waiting));
       r = await queue('list', '--held', '--json');
-      const held = (JSON.parse(r.stdout) as { messages: Listed[] }).messages;
+      const held = ndjson<Listed>(r.stdout);
       assert.deepEqual(
         held.map((m) => [m.id, m.held, m.heldReason, m.recipients[0]!.attempts]),
         [
@@ -162,7 +170,7 @@ describe(
       );
       // The whole list has the waiting message too.
       r = await queue('list');
-      assert.match(r.stdout, /^3 messages in the queue/);
+      assert.match(r.stdout, /^3 messages shown, /m);
       r = await queue('show', released);
       assert.match(r.stdout, /why: {3}quarantined at acceptance by clamav: virus /);
       assert.equal(peer.messages.length, 0, 'nothing held was delivered');
@@ -199,7 +207,7 @@ describe(
       assert.equal(r.code, 1, describeRun(r));
       r = await queue('list', '--json');
       assert.deepEqual(
-        (JSON.parse(r.stdout) as { messages: Listed[] }).messages.map((m) => m.id),
+        ndjson<Listed>(r.stdout).map((m) => m.id),
         [waiting],
       );
       assert.equal(peer.messages.length, 1, 'the deleted message was not delivered, and no bounce went out');

@@ -176,15 +176,20 @@ describe('petrel start with several workers', () => {
       assert.deepEqual([...by].sort(), [0, 1], 'both parts hold some');
       const r = await petrel(['queue', 'list', '--json', '--config', setup.config], setup.dir);
       assert.equal(r.code, 0, r.stderr);
-      const res = JSON.parse(r.stdout) as { ok: boolean; messages: { id: string }[] };
-      assert.deepEqual(res.messages.map((m) => m.id).sort(), [...ids].sort());
+      // `list --json` is ndjson: a message per line.
+      const listed = (stdout: string): string[] =>
+        stdout
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => (JSON.parse(l) as { id: string }).id);
+      assert.deepEqual(listed(r.stdout).sort(), [...ids].sort());
       for (const id of [ids[0]!, ids.at(-1)!]) {
         const shown = await petrel(['queue', 'show', id, '--config', setup.config], setup.dir);
         assert.equal(shown.code, 0, shown.stderr);
         assert.match(shown.stdout, new RegExp(`^${id} `));
       }
       const flushed = await petrel(['queue', 'flush', '--json', '--config', setup.config], setup.dir);
-      assert.equal((JSON.parse(flushed.stdout) as { flushed: string[] }).flushed.length, 30);
+      assert.equal((JSON.parse(flushed.stdout) as { done: number }).done, 30);
       // One message of each part, by id: the command finds the part that holds it.
       const parts = [0, 1].map(
         (w) =>
@@ -198,7 +203,7 @@ describe('petrel start with several workers', () => {
         assert.match(d.stdout, new RegExp(`^Deleted ${id}`));
       }
       const left = await petrel(['queue', 'list', '--json', '--config', setup.config], setup.dir);
-      const rest = (JSON.parse(left.stdout) as { messages: { id: string }[] }).messages.map((m) => m.id);
+      const rest = listed(left.stdout);
       assert.deepEqual(rest.sort(), ids.filter((id) => !parts.includes(id)).sort());
     });
 

@@ -292,6 +292,30 @@ describe('State service: the sqlite store', () => {
     assert.equal(await a.get('test:v'), 'v');
   });
 
+  it('answers rate counts of one key in one batch as if each ran alone, across sub-buckets and deletes', async () => {
+    now = 7_200_000;
+    const a = store(join(dir, 'runs.sqlite'));
+    const minute = { windowMs: 60_000 };
+    const batch = [
+      a.addToRate('test:run', minute),
+      a.addToRate('test:run', { ...minute, by: 2 }),
+      a.addToRate('test:other', minute),
+      a.addToRate('test:run', { ...minute, by: -5 }),
+      a.addToRate('test:run', minute),
+      a.delete('test:run'),
+      a.addToRate('test:run', minute),
+    ];
+    // The next sub-bucket (60 s / 20): a count of its own, still in the same batch.
+    now += 3000;
+    batch.push(a.addToRate('test:run', minute), a.addToRate('test:run', { ...minute, by: 3 }));
+    assert.deepEqual(await Promise.all(batch), [1, 3, 1, 0, 0, true, 1, 2, 5]);
+    assert.equal(await a.addToRate('test:run', { ...minute, by: 0 }), 5);
+    assert.equal(await a.addToRate('test:other', { ...minute, by: 0 }), 1);
+    // Once the first sub-bucket has left the window, only the second counts.
+    now += 60_000;
+    assert.equal(await a.addToRate('test:run', { ...minute, by: 0 }), 4);
+  });
+
   it('rejects every write of a batch and keeps none when the file stays locked', async () => {
     now = 7_500_000;
     const path = join(dir, 'locked.sqlite');

@@ -82,7 +82,7 @@ type Answer =
 /** The queue could not be asked: no part answers, or a part failed the request. */
 export class QueueUnavailable extends Error {}
 
-/** Longest answer read from a part (a list of many messages): beyond it the answer is refused. */
+/** Most read from a part for one answer (a list of many messages): beyond it the answer is refused. */
 const MAX_ANSWER = 64 * 1024 * 1024;
 /** Longer than the history store's commit interval (200 ms). */
 const STORY_COMMIT_MS = 400;
@@ -157,12 +157,16 @@ export class QueueClient {
   }
 }
 
-/** One request, one line of answer, within ANSWER_MS and MAX_ANSWER. */
+/**
+ * One request and its answer, within ANSWER_MS and MAX_ANSWER. A `list` answer streams, a line
+ * per batch with `more: true` and a last one with `more: false`: its messages are joined.
+ */
 function ask(path: string, req: Request): Promise<Answer> {
   return new Promise((resolve, reject) => {
     const socket = createConnection(path);
-    const chunks: Buffer[] = [];
+    let partial: Buffer[] = [];
     let size = 0;
+    const messages: QueueMessage[] = [];
     let settled = false;
     const finish = (err: Error | null, answer?: Answer): void => {
       if (settled) return;
@@ -176,18 +180,30 @@ function ask(path: string, req: Request): Promise<Answer> {
       () => finish(new Error(`no answer within ${ANSWER_MS} ms on ${path}`)),
       ANSWER_MS,
     );
+    /** One whole line: the answer, or (with `more: true`) a part of it. */
+    const line = (text: string): void => {
+      let a: Answer & { readonly more?: boolean };
+      try {
+        a = JSON.parse(text) as Answer & { readonly more?: boolean };
+      } catch {
+        return finish(new Error(`an answer that is not JSON on ${path}`));
+      }
+      if (a.ok && a.messages) messages.push(...a.messages);
+      if (a.ok && a.more === true) return;
+      finish(null, a.ok && a.messages ? { ...a, messages } : a);
+    };
     socket.once('connect', () => socket.write(`${JSON.stringify(req)}\n`));
     socket.on('data', (chunk: Buffer) => {
-      const nl = chunk.indexOf(0x0a);
-      chunks.push(nl < 0 ? chunk : chunk.subarray(0, nl));
       size += chunk.length;
-      if (nl >= 0) {
-        try {
-          finish(null, JSON.parse(Buffer.concat(chunks).toString('utf8')) as Answer);
-        } catch {
-          finish(new Error(`an answer that is not JSON on ${path}`));
-        }
-      } else if (size > MAX_ANSWER) finish(new Error(`an answer larger than ${MAX_ANSWER} bytes on ${path}`));
+      if (size > MAX_ANSWER) return finish(new Error(`an answer larger than ${MAX_ANSWER} bytes on ${path}`));
+      let rest = chunk;
+      for (let nl = rest.indexOf(0x0a); nl >= 0 && !settled; nl = rest.indexOf(0x0a)) {
+        partial.push(rest.subarray(0, nl));
+        line(Buffer.concat(partial).toString('utf8'));
+        partial = [];
+        rest = rest.subarray(nl + 1);
+      }
+      if (rest.length) partial.push(rest);
     });
     socket.once('end', () => finish(new Error(`closed without an answer on ${path}`)));
     socket.once('error', (err) => finish(err));
