@@ -49,6 +49,8 @@ export interface EngineOptions {
 }
 
 const COMPACT_EVERY = 60_000;
+/** Long walks over the queue (a million messages) let the event loop run every this many. */
+const YIELD_EVERY = 10_000;
 /** A message whose records do not read back is tried again after this long. */
 const UNREADABLE_RETRY = 30 * 60_000;
 /** Messages read from disk at once for administration. */
@@ -76,7 +78,9 @@ export class QueueEngine implements ControlTarget {
   private active = 0;
   private timer: NodeJS.Timeout | null = null;
   private timerAt = Infinity;
-  private readonly due = new DueHeap();
+  /** An `arm` is scheduled for the next turn of the event loop. */
+  private arming = false;
+  private due = new DueHeap();
   private compactor: NodeJS.Timeout | null = null;
   private closing = false;
   /** False until the plugin set that delivers is complete (a transport may come after the queue). */
@@ -161,7 +165,7 @@ export class QueueEngine implements ControlTarget {
     opts.log.info({ dir, recoveredFromCrash: store.recoveredFromCrash }, 'queue opened; reading its journal');
     const indexed = engine;
     store.indexed.then(
-      () => indexed.onIndexed(),
+      () => void indexed.onIndexed(),
       (err: unknown) => {
         if (indexed.closing) return;
         opts.log.error({ err, dir }, 'queue journal could not be read; its messages wait for the next start');
@@ -183,11 +187,15 @@ export class QueueEngine implements ControlTarget {
    * are tried at once), and reports are indexed. Until now only mail accepted since the start was
    * delivered.
    */
-  private onIndexed(): void {
+  private async onIndexed(): Promise<void> {
     const { store } = this;
     let messages = 0;
+    let walked = 0;
     for (const entry of store.entries.values()) {
-      if (!entry.recovered) continue;
+      // A million of them: the event loop runs between every few thousand.
+      if (++walked % YIELD_EVERY === 0) await new Promise((resolve) => setImmediate(resolve));
+      if (this.closing) return;
+      if (!entry.recovered || store.entries.get(entry.id) !== entry) continue;
       messages++;
       this.noteReport(entry);
       this.schedule(entry);
@@ -378,7 +386,13 @@ export class QueueEngine implements ControlTarget {
     // By id alone (a bulk flush goes message by message) or every message: no brief to build.
     const any = selectsAll({ ...sel, id: undefined });
     const one = sel.id === undefined ? undefined : this.store.entries.get(sel.id);
+    // Every message made due: the timetable is all out of date, and is started again (those not
+    // flushed now — held, or in an attempt — are put back on it when released or tried).
+    if (sel.id === undefined && any) this.due = new DueHeap();
+    let walked = 0;
     for (const e of one ? [one] : sel.id === undefined ? this.store.entries.values() : []) {
+      if (++walked % YIELD_EVERY === 0) await new Promise((resolve) => setImmediate(resolve));
+      if (this.store.entries.get(e.id) !== e) continue;
       if (!any && !matches(this.brief(e))) continue;
       if (e.held) {
         held.push(e.id);
@@ -726,9 +740,21 @@ export class QueueEngine implements ControlTarget {
    */
   private arm(): void {
     if (this.closing) return;
-    for (;;) {
+    for (let popped = 0; ; popped++) {
       const head = this.due.peek();
       if (!head) break;
+      // Many stale items (a domain flushed in bulk): dropped a slice at a time, the event loop
+      // running between slices.
+      if (popped === YIELD_EVERY) {
+        if (!this.arming) {
+          this.arming = true;
+          setImmediate(() => {
+            this.arming = false;
+            this.arm();
+          });
+        }
+        return;
+      }
       const entry = this.store.entries.get(head.id);
       if (entry && !entry.held && !entry.busy && !this.ready.has(entry) && this.nextDue(entry) === head.at)
         break;

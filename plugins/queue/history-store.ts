@@ -21,7 +21,8 @@ import type { WireMessage } from './control.js';
  * still shows finished, so a crash between the two loses no history.
  *
  * Bounded: a story is kept `retention` after the message finished, and at most `maxMessages`
- * stories (the oldest go first); a sweep deletes them in batches at open and every minute.
+ * stories (those stored before the last `maxMessages` go, the oldest first); a sweep deletes them
+ * at open and every minute, one batch per transaction with the event loop running between.
  * Stories waiting for their commit are at most MAX_PENDING; more are refused (and logged) rather
  * than held in memory while the disk is stuck.
  *
@@ -92,7 +93,17 @@ export class HistoryStore {
 
   private readonly db: DatabaseSync;
   private readonly q: Record<
-    'begin' | 'commit' | 'rollback' | 'put' | 'clearRcpts' | 'putRcpt' | 'pruneRcpts' | 'prune' | 'nth',
+    | 'begin'
+    | 'commit'
+    | 'rollback'
+    | 'put'
+    | 'clearRcpts'
+    | 'putRcpt'
+    | 'pruneRcpts'
+    | 'prune'
+    | 'lastRow'
+    | 'pruneRcptsBefore'
+    | 'pruneBefore',
     StatementSync
   >;
   private pending: Pending[] = [];
@@ -100,6 +111,7 @@ export class HistoryStore {
   private readonly sweeper: NodeJS.Timeout | null = null;
   private readonly now: () => number;
   private closed = false;
+  private sweeping = false;
 
   private constructor(private readonly opts: HistoryOptions & { readonly reader?: boolean }) {
     this.now = opts.now ?? Date.now;
@@ -132,7 +144,17 @@ export class HistoryStore {
           `DELETE FROM messages WHERE id IN
              (SELECT id FROM messages WHERE finished_at < ? ORDER BY finished_at LIMIT ${BATCH})`,
         ),
-        nth: p('SELECT finished_at FROM messages ORDER BY finished_at DESC LIMIT 1 OFFSET ?'),
+        // The stories stored before the last `maxMessages` (rowids grow with each story stored):
+        // found through the rowid index, never by counting a million rows.
+        lastRow: p('SELECT max(rowid) AS n FROM messages'),
+        pruneRcptsBefore: p(
+          `DELETE FROM recipients WHERE id IN
+             (SELECT id FROM messages WHERE rowid <= ? ORDER BY rowid LIMIT ${BATCH})`,
+        ),
+        pruneBefore: p(
+          `DELETE FROM messages WHERE rowid IN
+             (SELECT rowid FROM messages WHERE rowid <= ? ORDER BY rowid LIMIT ${BATCH})`,
+        ),
       };
     } catch (err) {
       this.db.close();
@@ -270,20 +292,25 @@ export class HistoryStore {
     }
   }
 
-  /** Deletes stories past the retention, then the oldest beyond `maxMessages`. Returns how many went. */
-  sweep(): number {
-    let cutoff = this.now() - this.opts.retention;
-    if (Number.isFinite(this.opts.maxMessages)) {
-      const nth = this.q.nth.get(this.opts.maxMessages - 1) as { finished_at: number } | undefined;
-      if (nth) cutoff = Math.max(cutoff, nth.finished_at);
-    }
+  /**
+   * Deletes stories past the retention, then those stored before the last `maxMessages` (the
+   * oldest first), at most `batches` transactions of `BATCH` rows each. Returns how many went.
+   */
+  sweep(batches = Infinity): number {
+    const cutoff = this.now() - this.opts.retention;
+    const last = Number((this.q.lastRow.get() as { n: number | null } | undefined)?.n ?? 0);
+    const beyond = Number.isFinite(this.opts.maxMessages) ? last - this.opts.maxMessages : 0;
     let removed = 0;
-    for (;;) {
+    for (let done = 0; done < batches; done++) {
       this.q.begin.run();
       let n: number;
       try {
         this.q.pruneRcpts.run(cutoff);
         n = Number(this.q.prune.run(cutoff).changes);
+        if (n < BATCH && beyond > 0) {
+          this.q.pruneRcptsBefore.run(beyond);
+          n += Number(this.q.pruneBefore.run(beyond).changes);
+        }
         this.q.commit.run();
       } catch (err) {
         this.rollback();
@@ -292,6 +319,7 @@ export class HistoryStore {
       removed += n;
       if (n < BATCH) return removed;
     }
+    return removed;
   }
 
   /** Ends a failed transaction (SQLite may have rolled it back itself already, after a full disk). */
@@ -299,13 +327,29 @@ export class HistoryStore {
     if (this.db.isTransaction) this.q.rollback.run();
   }
 
+  /**
+   * The periodic sweep: one transaction at a time, the event loop running between them, so that a
+   * sweep of a hundred thousand stories never holds up the mail.
+   */
   private sweepLogged(): void {
-    if (this.closed || this.opts.reader) return;
-    try {
-      this.sweep();
-    } catch (err) {
-      this.opts.log?.error({ err, path: this.opts.path }, 'message history: sweeping old entries failed');
-    }
+    if (this.closed || this.opts.reader || this.sweeping) return;
+    this.sweeping = true;
+    const step = (): void => {
+      if (this.closed) {
+        this.sweeping = false;
+        return;
+      }
+      try {
+        if (this.sweep(1) >= BATCH) {
+          setImmediate(step);
+          return;
+        }
+      } catch (err) {
+        this.opts.log?.error({ err, path: this.opts.path }, 'message history: sweeping old entries failed');
+      }
+      this.sweeping = false;
+    };
+    step();
   }
 
   /** Finished messages that match, newest first. */

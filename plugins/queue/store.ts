@@ -1050,7 +1050,10 @@ export class QueueStore {
       if (this.pool.size > 2 * this.entries.size + 1024) this.pool.rebuild(this.entries.values());
       if (!sparse.size) return;
       const movers: { entry: Entry; copy: boolean }[] = [];
+      let walked = 0;
       for (const entry of this.entries.values()) {
+        // A million messages: the event loop runs between every few thousand.
+        if (++walked % 10_000 === 0) await new Promise((resolve) => setImmediate(resolve));
         const inSparse = entry.records.some((p) => sparse.has(segmentOf(p)));
         if (inSparse) movers.push({ entry, copy: sparse.has(segmentOf(entry.records[0]!)) });
       }
