@@ -1,5 +1,5 @@
 import { constants, createReadStream } from 'node:fs';
-import { mkdir, open, readdir, readFile, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rm, type FileHandle } from 'node:fs/promises';
 import { syncDir } from './durable-fs.js';
 import { quarantine } from './quarantine.js';
 import { join } from 'node:path';
@@ -258,11 +258,30 @@ export class Journal {
   async replay(opts: ReplayOptions): Promise<void> {
     const segments = this.older;
     this.older = [];
+    // One buffer for every segment, read into again and again: a million messages are a hundred
+    // segments, and a fresh buffer each would stay in memory until the next garbage collection.
+    // `onRecord` must copy what it keeps of a payload (the store decodes it); a damage report gets
+    // its own copy of the damaged bytes.
+    let buffer = Buffer.alloc(0);
     for (const n of segments) {
       // Closing stops the reading (the caller sees `isClosed`).
       if (this.closed) return;
       const path = join(this.dir, segmentName(n));
-      const data = await readFile(path);
+      const fh = await open(path, 'r');
+      let data: Buffer;
+      try {
+        const { size } = await fh.stat();
+        if (buffer.length < size) buffer = Buffer.allocUnsafe(Math.max(size, this.segmentSize));
+        let got = 0;
+        while (got < size) {
+          const { bytesRead } = await fh.read(buffer, got, size - got, got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
+        }
+        data = buffer.subarray(0, got);
+      } finally {
+        await fh.close();
+      }
       const damage = scanSegment(data, n, {
         tornTailPossible: !opts.cleanStop && n === segments.at(-1),
         onRecord: opts.onRecord,
@@ -270,7 +289,7 @@ export class Journal {
       // Copies first: the torn tail is cut (the only change to a segment) once they are stable.
       for (const d of damage) {
         if (d.tornTail) continue;
-        const bytes = data.subarray(d.start, d.end);
+        const bytes = Buffer.from(data.subarray(d.start, d.end));
         try {
           const q = await quarantine(opts.quarantineDir, path, d, bytes, opts.describe?.(bytes) ?? {});
           opts.onDamage({
@@ -295,7 +314,12 @@ export class Journal {
         } finally {
           await fh.close();
         }
-        opts.onDamage({ ...torn, file: path, bytes: data.subarray(torn.start, torn.end), action: 'cut' });
+        opts.onDamage({
+          ...torn,
+          file: path,
+          bytes: Buffer.from(data.subarray(torn.start, torn.end)),
+          action: 'cut',
+        });
       }
     }
   }
