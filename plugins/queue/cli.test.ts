@@ -662,6 +662,18 @@ describe(
       assert.match(none.stdout, /^No message matches \(/);
     });
 
+    it('list --skip and --limit page through every message, each once, in arrival order', async () => {
+      const all = (await briefs()).map((b) => b.id);
+      const pages: string[] = [];
+      for (let skip = 0; skip < all.length; skip += 1000)
+        pages.push(...(await briefs('--skip', String(skip), '--limit', '1000')).map((b) => b.id));
+      assert.equal(all.length, 3065);
+      assert.deepEqual(pages, all);
+      const r = await queue('list', '--domain', 'other.test', '--skip', '20', '--limit', '3');
+      assert.equal(r.code, 0, describeRun(r));
+      assert.match(r.stdout, /\n\n3 messages shown of 25 matching \(--skip 20 --limit 3\), /);
+    });
+
     it('summary draws the queue as qshape does: domains by age band, a message in two domains in both rows', async () => {
       let r = await queue('summary');
       assert.equal(r.code, 0, describeRun(r));

@@ -23,7 +23,7 @@ export const QUEUE_USAGE = `Usage: petrel queue <command> [--config FILE] [--jso
        petrel queue verify [--config FILE | --dir DIR] [--json]
 
 Commands:
-  list [filters] [--limit N] [--brief]
+  list [filters] [--skip N] [--limit N] [--brief]
                               the messages waiting, oldest first, and why: per recipient
                               its status, attempts, next attempt and the last reply (and
                               who gave it), or what holds it back (a quarantine, an
@@ -61,6 +61,8 @@ Filters (every one given must match):
 Options:
   --config FILE   the config the server runs with (found as petrel start finds it)
   --limit N       list only: the N oldest that match (the totals still count them all)
+  --skip N        list only: leave out the N oldest that match first (a page:
+                  --skip 2000 --limit 1000 is the third thousand)
   --brief         list only: one line per message, from what the queue holds in memory
   --by sender     summary only: rows by sender domain instead of recipient domain
   --top N         summary only: the N largest rows (default 50)
@@ -140,6 +142,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
         'newer-than': { type: 'string' },
         held: { type: 'boolean' },
         limit: { type: 'string' },
+        skip: { type: 'string' },
         brief: { type: 'boolean' },
         by: { type: 'string' },
         top: { type: 'string' },
@@ -166,6 +169,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
   onlyFor('dir', values.dir, ['verify']);
   onlyFor('held', values.held, ['list']);
   onlyFor('limit', values.limit, ['list']);
+  onlyFor('skip', values.skip, ['list']);
   onlyFor('brief', values.brief, ['list']);
   onlyFor('by', values.by, ['summary']);
   onlyFor('top', values.top, ['summary']);
@@ -280,7 +284,7 @@ async function queue(io: CommandApi<QueueConfig>): Promise<number> {
 }
 
 type Values = {
-  readonly [K in (typeof FILTERS)[number] | 'held' | 'limit' | 'brief' | 'json']?: string | boolean;
+  readonly [K in (typeof FILTERS)[number] | 'held' | 'limit' | 'skip' | 'brief' | 'json']?: string | boolean;
 };
 
 /** The filters given on the command line, as a selection (ages in ms). */
@@ -317,10 +321,10 @@ function selection(values: Values): Selection {
   return Object.fromEntries(Object.entries(sel).filter(([, v]) => v !== undefined)) as Selection;
 }
 
-function count(flag: string, v: string): number {
+function count(flag: string, v: string, min = 1): number {
   const n = Number(v);
-  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < 1)
-    throw new UsageError(`--${flag} needs a whole number above 0`);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min)
+    throw new UsageError(`--${flag} needs a whole number${min ? ' above 0' : ''}`);
   return n;
 }
 
@@ -396,11 +400,14 @@ async function list(
   values: Values,
 ): Promise<number> {
   const limit = values.limit === undefined ? undefined : count('limit', values.limit as string);
+  const skip = values.skip === undefined ? 0 : count('skip', values.skip as string, 0);
   const brief = values.brief === true;
+  // Each part sends at most the messages a page can need (the oldest `skip + limit`); the pages
+  // are cut from the merged stream, here.
   const req = {
     op: 'list' as const,
     ...(Object.keys(select).length ? { select } : {}),
-    ...(limit ? { limit } : {}),
+    ...(limit ? { limit: skip + limit } : {}),
     ...(brief ? { brief } : {}),
   };
   let waiting = 0;
@@ -424,9 +431,14 @@ async function list(
           io.stdout.on('error', done);
           io.stdout.on('close', done);
         });
+  let skipped = 0;
   const listed = await listAllParts(dir, req, ANSWER_TIMEOUT_MS, async (batch, now) => {
     let text = '';
     for (const m of batch) {
+      if (skipped < skip) {
+        skipped++;
+        continue;
+      }
       if (values.json) text += `${JSON.stringify(m)}\n`;
       else if ('recipients' in m) {
         waiting += m.recipients.filter((r) => r.status === 'pending' || r.status === 'deferred').length;
@@ -443,7 +455,8 @@ async function list(
     throw err;
   });
   if (!listed) return 0;
-  const { matched, shown } = listed;
+  const { matched } = listed;
+  const shown = listed.shown - skipped;
   if (values.json) return 0;
   const out = (text: string): void => void io.stdout.write(`${text}\n`);
   if (shown === 0) {
@@ -453,7 +466,11 @@ async function list(
     else out(`No message matches (${dir}).`);
     return 0;
   }
-  const of = limit !== undefined && matched > shown ? ` of ${matched} matching (--limit ${limit})` : '';
+  const page = [
+    ...(skip ? [`--skip ${skip}`] : []),
+    ...(limit !== undefined ? [`--limit ${limit}`] : []),
+  ].join(' ');
+  const of = page && matched > shown ? ` of ${matched} matching (${page})` : '';
   out(`\n${messages(shown, select)} shown${of}, ${plural(waiting, 'recipient')} waiting (${dir})`);
   return 0;
 }
