@@ -722,14 +722,9 @@ export class QueueEngine implements ControlTarget {
     this.arm();
   }
 
-  /** When a message is next due: its earliest pending or deferred recipient, or Infinity. */
-  private nextDue(entry: Entry): number {
-    return entry.nextDue();
-  }
-
   /** Puts a message on the timetable after an attempt (or a recovery that found it not yet due). */
   private schedule(entry: Entry): void {
-    const at = this.nextDue(entry);
+    const at = entry.nextDue();
     if (at !== Infinity && this.store.entries.get(entry.id) === entry) this.due.push(at, entry.id);
   }
 
@@ -756,8 +751,7 @@ export class QueueEngine implements ControlTarget {
         return;
       }
       const entry = this.store.entries.get(head.id);
-      if (entry && !entry.held && !entry.busy && !this.ready.has(entry) && this.nextDue(entry) === head.at)
-        break;
+      if (entry && !entry.held && !entry.busy && !this.ready.has(entry) && entry.nextDue() === head.at) break;
       this.due.pop();
     }
     const head = this.due.peek();
@@ -776,7 +770,7 @@ export class QueueEngine implements ControlTarget {
         for (let top = this.due.peek(); top && top.at <= now; top = this.due.peek()) {
           this.due.pop();
           const entry = this.store.entries.get(top.id);
-          if (entry && !entry.held && !entry.busy && this.nextDue(entry) <= now) this.ready.add(entry);
+          if (entry && !entry.held && !entry.busy && entry.nextDue() <= now) this.ready.add(entry);
         }
         this.pump();
       },

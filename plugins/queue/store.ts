@@ -88,29 +88,18 @@ export class ActiveWindow {
     if (this.loaded.has(entry)) return;
     this.loaded.set(entry, bytes);
     this.bytes += bytes;
-    // Entries in use go to the back; at most one pass over the window.
-    for (let looked = 0; looked < this.loaded.size; looked++) {
-      if (this.loaded.size <= this.limits.messages && this.bytes <= this.limits.bytes) break;
-      const oldest = this.loaded.keys().next().value!;
-      if (oldest === entry) break;
-      const size = this.loaded.get(oldest)!;
-      this.loaded.delete(oldest);
-      if (oldest.pins > 0) {
-        this.loaded.set(oldest, size);
-        continue;
-      }
-      this.bytes -= size;
-      oldest.unload();
-    }
+    this.trim(entry);
   }
 
-  /** Unloads the oldest entries not in use while the window is beyond its limits. */
-  trim(): void {
+  /**
+   * Unloads the oldest entries while the window is beyond its limits, passing over those in use
+   * (and `keep`, the one just loaded): one pass at most.
+   */
+  trim(keep?: Entry): void {
     const { limits } = this;
-    if (this.loaded.size <= limits.messages && this.bytes <= limits.bytes) return;
     for (const [oldest, size] of this.loaded) {
       if (this.loaded.size <= limits.messages && this.bytes <= limits.bytes) return;
-      if (oldest.pins > 0) continue;
+      if (oldest.pins > 0 || oldest === keep) continue;
       this.loaded.delete(oldest);
       this.bytes -= size;
       oldest.unload();
@@ -1011,9 +1000,9 @@ export class QueueStore {
       const positions = refs.map(positionOf);
       for (const p of positions) this.counted(p);
       if (this.entries.get(entry.id) !== entry) return;
-      const kept2 = copy ? [] : [first];
+      // The Message record stays where it is unless it was copied.
       this.unref(copy ? records : records.slice(1));
-      entry.records = kept2;
+      entry.records = copy ? [] : [first];
       for (const p of positions) this.ref(entry, p);
       entry.records = entry.records.concat(later);
       if (copy && !entry.blob) {
