@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { createRequire } from 'node:module';
 import type { RedisClientType } from 'redis';
+import { Holdings } from './holdings.js';
 import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
 
 /*
@@ -14,11 +15,13 @@ import { RATE_BUCKETS, StateError, type StateStore } from './state.js';
  *   <prefix>k:K  a hash { v: value, x: expiry ms }           — get/set/increment/CAS
  *             or a sorted set  id → time it was added (ms)   — sliding windows
  *             or a hash { x: expiry ms, <sub-bucket start ms>: count, … } — rate counters
+ *             or a hash { h: 1, n:<holder>: share, x:<holder>: expiry ms, … } — held shares
  *   <prefix>e:K  a sorted set  id → expiry ms of that event  (windows only)
  * Every stored thing carries its own expiry, checked by each script against the store's clock
  * (Redis's `TIME`); Redis's own key expiry (PEXPIREAT, same instant) reclaims the storage, and
  * each window drops its expired events whenever it is written or counted, each rate counter its
- * sub-buckets that left the window (so it holds at most RATE_BUCKETS + 1 of them).
+ * sub-buckets that left the window (so it holds at most RATE_BUCKETS + 1 of them), each key of
+ * held shares the shares whose lease ended.
  *
  * Unreachable Redis: the client reconnects on its own (backing off up to 2 s). An operation waits
  * for the connection and the answer together at most `timeoutMs`, then rejects with a StateError
@@ -56,8 +59,11 @@ local function prune(k, e, t)
   end
 end
 local function is_window(k) return redis.call('TYPE', k).ok == 'zset' end
+local function is_hold(k)
+  return redis.call('TYPE', k).ok == 'hash' and redis.call('HEXISTS', k, 'h') == 1
+end
 local function is_rate(k)
-  return redis.call('TYPE', k).ok == 'hash' and redis.call('HEXISTS', k, 'v') == 0
+  return redis.call('TYPE', k).ok == 'hash' and redis.call('HEXISTS', k, 'v') == 0 and not is_hold(k)
 end
 `;
 
@@ -73,6 +79,11 @@ const SCRIPTS = {
       live = redis.call('ZCOUNT', KEYS[2], '(' .. ms(t), '+inf') > 0
     elseif not live and is_rate(KEYS[1]) then
       live = tonumber(redis.call('HGET', KEYS[1], 'x') or '0') > t
+    elseif not live and is_hold(KEYS[1]) then
+      local flat = redis.call('HGETALL', KEYS[1])
+      for i = 1, #flat, 2 do
+        if string.sub(flat[i], 1, 2) == 'x:' and tonumber(flat[i + 1]) > t then live = true end
+      end
     end
     redis.call('DEL', KEYS[1], KEYS[2])
     if live then return 1 else return 0 end`,
@@ -162,6 +173,48 @@ const SCRIPTS = {
     end
     if total < 0 then total = 0 end
     return total`,
+  // ARGV: now, holder, by, leaseMs. Sums the live shares, dropping the others; a share of 0 is
+  // no field at all. Adding replaces a value, window or rate under the key.
+  hold: `
+    local t = now()
+    local k = KEYS[1]
+    local by = tonumber(ARGV[3])
+    if not is_hold(k) then
+      if by == 0 then return 0 end
+      redis.call('DEL', k, KEYS[2])
+    end
+    local own = 'n:' .. ARGV[2]
+    local flat = redis.call('HGETALL', k)
+    local shares, expiry, gone = {}, {}, {}
+    for i = 1, #flat, 2 do
+      local f = flat[i]
+      if string.sub(f, 1, 2) == 'x:' then expiry[string.sub(f, 3)] = tonumber(flat[i + 1])
+      elseif string.sub(f, 1, 2) == 'n:' then shares[string.sub(f, 3)] = tonumber(flat[i + 1]) end
+    end
+    local total, last = 0, 0
+    local mine = 0
+    for holder, n in pairs(shares) do
+      local x = expiry[holder] or 0
+      if x <= t then
+        gone[#gone + 1] = 'n:' .. holder
+        gone[#gone + 1] = 'x:' .. holder
+      elseif 'n:' .. holder == own then mine = n
+      else
+        total = total + n
+        if x > last then last = x end
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', k, unpack(gone)) end
+    mine = math.max(0, mine + by)
+    if mine > 0 then
+      local x = t + tonumber(ARGV[4])
+      redis.call('HSET', k, 'h', '1', own, ms(mine), 'x:' .. ARGV[2], ms(x))
+      if x > last then last = x end
+    else
+      redis.call('HDEL', k, own, 'x:' .. ARGV[2])
+    end
+    if last > 0 then redis.call('PEXPIREAT', k, ms(last)) else redis.call('DEL', k) end
+    return total + mine`,
 } as const;
 
 type ScriptName = keyof typeof SCRIPTS;
@@ -197,12 +250,18 @@ export class RedisState implements StateStore {
   private ready: { promise: Promise<void>; resolve: () => void } | undefined;
   /** Reported once per outage, not once per reconnection attempt. */
   private down = false;
+  private readonly holdings: Holdings;
 
   constructor(opts: RedisStateOptions) {
     this.prefix = opts.prefix ?? 'petrel:';
     this.timeoutMs = opts.timeoutMs ?? 2000;
     this.log = opts.log;
     this.now = opts.now;
+    this.holdings = new Holdings((key, leaseMs) => {
+      this.hold(key, { leaseMs, by: 0 }).catch((err: unknown) =>
+        this.log?.warn({ key, err }, 'state: a held share was not renewed'),
+      );
+    }, opts.now ?? Date.now);
     // Loaded only with `state: redis`: the client is large, and most servers use SQLite.
     const { createClient } = createRequire(import.meta.url)('redis') as typeof import('redis');
     this.client = createClient({
@@ -298,8 +357,25 @@ export class RedisState implements StateStore {
     }).then(Number);
   }
 
+  hold(key: string, opts: { leaseMs: number; by?: number }): Promise<number> {
+    const by = opts.by ?? 1;
+    return this.run('hold', key, () => {
+      if (!Number.isSafeInteger(by)) throw new TypeError(`expected an integer to add, got ${by}`);
+      const lease = ttl(opts.leaseMs);
+      this.holdings.asked(key, by, opts.leaseMs);
+      return [this.holdings.holder, String(by), lease];
+    }).then(Number);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
+    // Its shares end with it, if Redis answers in time; otherwise they end with their lease.
+    const held = this.holdings.inUse();
+    this.holdings.stop();
+    if (this.client.isReady)
+      await Promise.all(
+        held.map(({ key, n, leaseMs }) => this.hold(key, { leaseMs, by: -n }).catch(() => undefined)),
+      );
     this.closed = true;
     // Nothing is waiting to be written that must survive: drop the connection (and any retries).
     this.client.destroy();

@@ -7,18 +7,20 @@ import { RATE_BUCKETS } from './state.js';
  * The embedded State store's file (state-sqlite.ts): how it is opened, its schema, its
  * statements, and each write as data (`WriteOp`), applied in batches (`applyBatch`). Writes are
  * data so that a batch can see them all before it runs them (rate counts of one key share their
- * statements: rateRuns).
+ * statements, and so do held shares of one key: runs).
  *
- * Tables (schema version 2, in `PRAGMA user_version`; 2 added state_rates):
+ * Tables (schema version 3, in `PRAGMA user_version`; 2 added state_rates, 3 state_holds):
  *   state_values (key PRIMARY KEY, value TEXT, expires_at ms)      — get/set/increment/CAS
  *   state_events (key, id, at ms, expires_at ms; PRIMARY KEY (key, id)) — sliding windows
  *   state_rates (key, bucket start ms, n, expires_at ms; PRIMARY KEY (key, bucket)) — rate counters
+ *   state_holds (key, holder, n, expires_at ms; PRIMARY KEY (key, holder)) — held shares, one row
+ *     per store holding the key, none for a share of 0
  * A row whose expires_at has passed is treated as absent by every query and deleted by the sweep.
  * A rate counter is at most RATE_BUCKETS + 1 rows: each operation upserts one and sums the rest,
  * a range of the primary key.
  */
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 /** Rows deleted per statement when sweeping, so one sweep never holds the lock for long. */
 export const SWEEP_BATCH = 1000;
 
@@ -58,6 +60,14 @@ export type WriteOp =
       readonly windowMs: number;
       readonly by: number;
       readonly t: number;
+    }
+  | {
+      readonly op: 'hold';
+      readonly key: string;
+      readonly holder: string;
+      readonly by: number;
+      readonly leaseMs: number;
+      readonly t: number;
     };
 
 export type Statements = Record<
@@ -75,9 +85,15 @@ export type Statements = Record<
   | 'putRate'
   | 'sumRate'
   | 'deleteRates'
+  | 'getHold'
+  | 'putHold'
+  | 'deleteHold'
+  | 'sumHolds'
+  | 'deleteHolds'
   | 'sweepValues'
   | 'sweepEvents'
-  | 'sweepRates',
+  | 'sweepRates'
+  | 'sweepHolds',
   StatementSync
 >;
 
@@ -130,6 +146,14 @@ function prepare(db: DatabaseSync): Statements {
     ),
     sumRate: p('SELECT total(n) AS n FROM state_rates WHERE key = ? AND bucket > ?'),
     deleteRates: p('DELETE FROM state_rates WHERE key = ? RETURNING expires_at'),
+    getHold: p('SELECT n FROM state_holds WHERE key = ? AND holder = ? AND expires_at > ?'),
+    putHold: p(
+      `INSERT INTO state_holds (key, holder, n, expires_at) VALUES (?, ?, ?, ?)
+       ON CONFLICT (key, holder) DO UPDATE SET n = excluded.n, expires_at = excluded.expires_at`,
+    ),
+    deleteHold: p('DELETE FROM state_holds WHERE key = ? AND holder = ?'),
+    sumHolds: p('SELECT total(n) AS n FROM state_holds WHERE key = ? AND expires_at > ?'),
+    deleteHolds: p('DELETE FROM state_holds WHERE key = ? RETURNING expires_at'),
     sweepValues: p(
       `DELETE FROM state_values WHERE key IN
          (SELECT key FROM state_values WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
@@ -141,6 +165,10 @@ function prepare(db: DatabaseSync): Statements {
     sweepRates: p(
       `DELETE FROM state_rates WHERE (key, bucket) IN
          (SELECT key, bucket FROM state_rates WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
+    ),
+    sweepHolds: p(
+      `DELETE FROM state_holds WHERE (key, holder) IN
+         (SELECT key, holder FROM state_holds WHERE expires_at <= ? LIMIT ${SWEEP_BATCH})`,
     ),
   };
 }
@@ -161,6 +189,23 @@ export function readRate(q: Statements, key: string, windowMs: number, t: number
   return Math.max(0, Number((q.sumRate.get(key, rateBuckets(t, windowMs).oldest) as Row).n));
 }
 
+/** Every live share held under `key` at `t`, summed. */
+export function readHeld(q: Statements, key: string, t: number): number {
+  return Number((q.sumHolds.get(key, t) as Row).n);
+}
+
+/** `holder`'s live share under `key` at `t` (0 when it holds none). */
+function ownShare(q: Statements, key: string, holder: string, t: number): number {
+  const row = q.getHold.get(key, holder, t) as Row | undefined;
+  return row ? Number(row.n) : 0;
+}
+
+/** Writes `holder`'s share under `key`: a row until `expiresAt`, or none for 0. */
+function writeShare(q: Statements, key: string, holder: string, n: number, expiresAt: number): void {
+  if (n === 0) q.deleteHold.run(key, holder);
+  else q.putHold.run(key, holder, n, expiresAt);
+}
+
 /**
  * Runs one write; the caller holds the write lock (`BEGIN IMMEDIATE`), so nothing another
  * connection writes comes in between its reads and its writes. It checks what it reads before it
@@ -173,7 +218,12 @@ export function applyWrite(q: Statements, w: WriteOp): unknown {
       q.putValue.run(w.key, w.value, w.expiresAt);
       return undefined;
     case 'delete': {
-      const rows = [...q.deleteValue.all(w.key), ...q.deleteEvents.all(w.key), ...q.deleteRates.all(w.key)];
+      const rows = [
+        ...q.deleteValue.all(w.key),
+        ...q.deleteEvents.all(w.key),
+        ...q.deleteRates.all(w.key),
+        ...q.deleteHolds.all(w.key),
+      ];
       return rows.some((r) => Number(r.expires_at) > w.t);
     }
     case 'increment': {
@@ -204,6 +254,11 @@ export function applyWrite(q: Statements, w: WriteOp): unknown {
       q.putRate.run(w.key, bucket, w.by, bucket + width + Math.ceil(w.windowMs));
       return readRate(q, w.key, w.windowMs, w.t);
     }
+    case 'hold': {
+      const n = Math.max(0, ownShare(q, w.key, w.holder, w.t) + w.by);
+      writeShare(q, w.key, w.holder, n, w.t + Math.ceil(w.leaseMs));
+      return readHeld(q, w.key, w.t);
+    }
   }
 }
 
@@ -211,7 +266,7 @@ export function applyWrite(q: Statements, w: WriteOp): unknown {
  * Runs `ops` in one transaction and says how each went: what it returned, or the TypeError it
  * refused with (it alone fails). Any other error is the store's: the transaction is rolled back
  * and it is thrown, so every write of the batch fails. Rate counts of one key that follow each
- * other share their statements (rateRuns), with the same answers.
+ * other share their statements, and so do held shares of one key (runs), with the same answers.
  */
 export function applyBatch(
   q: Statements,
@@ -219,14 +274,15 @@ export function applyBatch(
   ops: readonly WriteOp[],
 ): Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }> {
   const results: Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }> = [];
-  const runs = rateRuns(ops);
+  const shared = runs(ops);
   try {
     q.begin.run();
     ops.forEach((w, i) => {
       try {
-        const run = runs.get(i);
+        const run = shared.get(i);
         if (run === undefined) results[i] = { ok: true, value: applyWrite(q, w) };
         // A run's later members were answered with its first.
+        else if (run.length > 0 && w.op === 'hold') applyHoldRun(q, ops, run, results);
         else if (run.length > 0) applyRateRun(q, ops, run, results);
       } catch (err) {
         if (!(err instanceof TypeError)) throw err;
@@ -246,42 +302,46 @@ export function applyBatch(
 }
 
 /**
- * Rate counts of one batch that can share one upsert and one sum: `addToRate` writes to the same
- * key in the same sub-bucket that sum the same sub-buckets, with no other write to that key
- * between them (a flood from one client asks for many such at once). Keyed by the index of a
- * run's first write, whose entry lists the run's indexes; the others' entries are empty. Runs of
- * one write are left out.
+ * Writes of one batch that can share their statements, with the same answers as one after the
+ * other: `addToRate` writes to one key in one sub-bucket that sum the same sub-buckets (a flood
+ * from one client asks for many such at once), and `hold` writes of one store to one key
+ * (connections opening and closing) — in both cases with no other write to that key between
+ * them. Keyed by the index of a run's first write, whose entry lists the run's indexes; the
+ * others' entries are empty. Runs of one write are left out.
  */
-function rateRuns(ops: readonly WriteOp[]): Map<number, number[]> {
-  /** The run each key is in, while its writes so far in the batch are such rate counts. */
+function runs(ops: readonly WriteOp[]): Map<number, number[]> {
+  /** The run each key is in, while its writes so far in the batch can share. */
   const current = new Map<string, { readonly group: string; readonly members: number[] }>();
-  const runs = new Map<number, number[]>();
+  const found = new Map<number, number[]>();
   ops.forEach((w, i) => {
-    if (w.op !== 'addToRate') {
+    let group: string;
+    if (w.op === 'addToRate') {
+      const { width, bucket, oldest } = rateBuckets(w.t, w.windowMs);
+      // Sub-buckets start at multiples of `width`: the ones counted are those after `oldest`.
+      group = `rate ${w.windowMs} ${bucket} ${Math.floor(oldest / width)}`;
+    } else if (w.op === 'hold') group = `hold ${w.holder}`;
+    else {
       current.delete(w.key);
       return;
     }
-    const { width, bucket, oldest } = rateBuckets(w.t, w.windowMs);
-    // Sub-buckets start at multiples of `width`: the ones counted are those after `oldest`.
-    const group = `${w.windowMs} ${bucket} ${Math.floor(oldest / width)}`;
     const run = current.get(w.key);
     if (run?.group === group) {
       run.members.push(i);
-      runs.set(i, []);
+      found.set(i, []);
     } else {
       const members = [i];
       current.set(w.key, { group, members });
-      runs.set(i, members);
+      found.set(i, members);
     }
   });
-  for (const [i, members] of runs) if (members.length === 1) runs.delete(i);
-  return runs;
+  for (const [i, members] of found) if (members.length === 1) found.delete(i);
+  return found;
 }
 
 type AddToRate = Extract<WriteOp, { op: 'addToRate' }>;
 
 /**
- * A run of rate counts (rateRuns) in one upsert of their sum and one read: each is answered what
+ * A run of rate counts (runs) in one upsert of their sum and one read: each is answered what
  * it would have read had they run one after the other, since nothing else wrote the key between
  * them and this connection holds the write lock.
  */
@@ -302,13 +362,36 @@ function applyRateRun(
   }
 }
 
+type Hold = Extract<WriteOp, { op: 'hold' }>;
+
+/**
+ * A run of one store's `hold` writes to one key (runs) in one read of its share, one write and
+ * one sum: each is answered the sum as it stood after it, the other stores' shares being those
+ * at the run's last time (they cannot change in between: this connection holds the write lock;
+ * one may only expire, a few milliseconds early). The share is written with the last one's lease.
+ */
+function applyHoldRun(
+  q: Statements,
+  ops: readonly WriteOp[],
+  run: readonly number[],
+  results: Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }>,
+): void {
+  const first = ops[run[0]!] as Hold;
+  const last = ops[run[run.length - 1]!] as Hold;
+  let n = ownShare(q, first.key, first.holder, first.t);
+  const after = run.map((i) => (n = Math.max(0, n + (ops[i] as Hold).by)));
+  writeShare(q, first.key, first.holder, n, last.t + Math.ceil(last.leaseMs));
+  const others = readHeld(q, first.key, last.t) - n;
+  run.forEach((i, k) => (results[i] = { ok: true, value: others + after[k]! }));
+}
+
 /**
  * Deletes up to SWEEP_BATCH expired rows of each table at `t`; true when a table had that many
  * (more may be left: call again).
  */
 export function sweepStep(q: Statements, t: number): boolean {
   let more = false;
-  for (const stmt of [q.sweepValues, q.sweepEvents, q.sweepRates]) {
+  for (const stmt of [q.sweepValues, q.sweepEvents, q.sweepRates, q.sweepHolds]) {
     if (Number(stmt.run(t).changes) === SWEEP_BATCH) more = true;
   }
   return more;
@@ -344,6 +427,14 @@ function migrate(db: DatabaseSync): void {
         PRIMARY KEY (key, bucket)
       ) WITHOUT ROWID;
       CREATE INDEX IF NOT EXISTS state_rates_expiry ON state_rates (expires_at);
+      CREATE TABLE IF NOT EXISTS state_holds (
+        key TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (key, holder)
+      ) WITHOUT ROWID;
+      CREATE INDEX IF NOT EXISTS state_holds_expiry ON state_holds (expires_at);
       PRAGMA user_version = ${SCHEMA_VERSION};
     `);
     db.exec('COMMIT');

@@ -1,6 +1,7 @@
 import type { DatabaseSync } from 'node:sqlite';
 import type { Logger } from 'pino';
 import { GroupCommit } from './group-commit.js';
+import { Holdings } from './holdings.js';
 import {
   applyBatch,
   countEventsAt,
@@ -25,8 +26,9 @@ export { rateBuckets } from './state-sqlite-db.js';
  *
  * Writes are committed in groups: those asked within 4 ms share one transaction
  * (group-commit.ts), each still atomic under the write lock and none answered before its commit;
- * rate counts of one key in a group share one upsert and one sum (state-sqlite-db.ts, rateRuns),
- * answered as if run one after the other. Each write is stamped with the time it was asked.
+ * rate counts of one key in a group share one upsert and one sum, and one store's held shares of
+ * one key one read, one write and one sum (state-sqlite-db.ts, runs), answered as if run one after
+ * the other. Each write is stamped with the time it was asked.
  * Reads (`get`, `countEvents`, `addToRate` by 0) do not wait: each runs at once, on what was
  * committed.
  *
@@ -64,6 +66,7 @@ export class SqliteState implements StateStore {
   private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
   private readonly batch: GroupCommit<WriteOp>;
+  private readonly holdings: Holdings;
 
   constructor(opts: SqliteStateOptions) {
     this.now = opts.now ?? Date.now;
@@ -71,6 +74,11 @@ export class SqliteState implements StateStore {
     ({ db: this.db, q: this.q } = openStateDb(opts.path, opts.busyTimeoutMs ?? BUSY_TIMEOUT_MS));
     const q = this.q;
     this.batch = new GroupCommit<WriteOp>((ops) => applyBatch(q, () => this.db.isTransaction, ops));
+    this.holdings = new Holdings((key, leaseMs) => {
+      this.hold(key, { leaseMs, by: 0 }).catch((err: unknown) =>
+        this.log?.warn({ key, err }, 'state: a held share was not renewed'),
+      );
+    }, this.now);
     // A store in memory belongs to one test and is dropped with it; a timer would keep it alive.
     if (opts.path !== ':memory:') {
       this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
@@ -153,8 +161,29 @@ export class SqliteState implements StateStore {
     });
   }
 
+  hold(key: string, opts: { leaseMs: number; by?: number }): Promise<number> {
+    const by = opts.by ?? 1;
+    return this.write('hold', key, () => {
+      this.expiry(opts.leaseMs);
+      const op: WriteOp = {
+        op: 'hold',
+        key,
+        holder: this.holdings.holder,
+        by: integer(by),
+        leaseMs: opts.leaseMs,
+        t: this.now(),
+      };
+      this.holdings.asked(key, by, opts.leaseMs);
+      return op;
+    });
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
+    // Its shares end with it (a failure to write that leaves them to their lease).
+    for (const { key, n, leaseMs } of this.holdings.inUse())
+      this.hold(key, { leaseMs, by: -n }).catch(() => undefined);
+    this.holdings.stop();
     this.closed = true;
     clearInterval(this.sweeper);
     // What was asked before the close is written (or rejected) first.

@@ -9,7 +9,8 @@
  * - **Keys** are strings that the caller namespaces with its own name first
  *   (`users:auth:failures:<client>`, `greylist:<triplet>`). A key holds one of: a value (`get`,
  *   `set`, `increment`, `compareAndSet`), a window of events (`addEvent`, `removeEvent`,
- *   `countEvents`) or a rate counter (`addToRate`); `delete` removes any of them.
+ *   `countEvents`), a rate counter (`addToRate`) or held shares (`hold`); `delete` removes any of
+ *   them.
  * - **Windows or rates.** A window of events is exact: it knows each event by its id, so an
  *   event can be moved or removed, and the count is exactly the events of the last `windowMs`.
  *   It costs one stored event per event, and adding or counting reads every event in the
@@ -22,6 +23,15 @@
  *   sub-bucket before it: it never counts less than an exact window would, and an event stops
  *   counting at most `windowMs / RATE_BUCKETS` (5 %) after it would leave an exact one. Use it
  *   for "at most N per time" over many events (messages, recipients, connections per client).
+ * - **Held shares** (`hold`) count what is in use now, such as a client's open connections: each
+ *   store (each worker process opens its own) holds its own share of the key, changes only that
+ *   share, and reads the sum of every store's. A share lives while its store is open: the store
+ *   renews its shares in use (every third of their `leaseMs`) and gives them up when it closes.
+ *   A store that ends without closing (a killed worker, a lost machine) stops counting once
+ *   `leaseMs` has passed since its last renewal, so a crash never leaves a count high for good,
+ *   as a counter incremented and decremented (`increment`) would. A key stores one number per
+ *   store holding it, and each `hold` reads every one of them: the cost grows with the number of
+ *   workers and machines, not with what they count. Use it for "at most N at once".
  * - **Everything expires.** Every write gives a lifetime (`ttlMs`, `windowMs`); there are no
  *   keys that live for ever, so what an attacker can make the store hold is bounded by time.
  *   A key reads as absent from the moment it expires; its storage is reclaimed later.
@@ -92,7 +102,18 @@ export interface StateStore {
    * has left the window.
    */
   addToRate(key: string, opts: { windowMs: number; by?: number }): Promise<number>;
-  /** Closes the store; later operations reject. The server calls it when it stops. */
+  /**
+   * Adds `by` (an integer, default 1; negative gives back) to this store's share under `key` and
+   * returns every live share of the key summed, this one included (see "Held shares"). A share
+   * never goes below 0: giving back more than is held leaves 0. `by` 0 only reads (and renews).
+   * Every `hold` on a key renews this store's share for `leaseMs` from now; a key is meant to be
+   * used with one `leaseMs`.
+   */
+  hold(key: string, opts: { leaseMs: number; by?: number }): Promise<number>;
+  /**
+   * Closes the store: gives up its held shares (as far as the store can still be written), then
+   * later operations reject. The server calls it when it stops.
+   */
   close(): Promise<void>;
 }
 

@@ -20,7 +20,14 @@ interface Backend {
   setup(): Promise<void>;
   teardown(): Promise<void>;
   open(clock: () => number): StateStore;
+  /**
+   * What a child process runs to open a store on the same storage with the real clock: the
+   * module to import and the statement that makes `s` from it.
+   */
+  child(): { module: string; open: string };
 }
+
+const REDIS_MODULE = new URL('../../core/services/state-redis.js', import.meta.url).href;
 
 /**
  * The contract of state.ts, the same tests for every back end. The stores' clock is the test's,
@@ -202,6 +209,93 @@ function contract(backend: Backend): void {
       now += 2000;
       assert.equal(await b.delete('test:rate-old'), false, 'a rate whose events all left is not there');
     });
+
+    it("holds a share per store and reads every store's, never below 0; close gives its share up", async () => {
+      now = base + 9_000_000;
+      const a = store();
+      const b = store();
+      const lease = { leaseMs: 60_000 };
+      const results = await Promise.all(
+        Array.from({ length: 10 }, (_, i) => (i % 2 ? a : b).hold('test:held', lease)),
+      );
+      assert.deepEqual(
+        results.sort((x, y) => x - y),
+        Array.from({ length: 10 }, (_, i) => i + 1),
+        'atomic: no two holds see the same sum',
+      );
+      assert.equal(await a.hold('test:held', { ...lease, by: -2 }), 8);
+      assert.equal(
+        await a.hold('test:held', { ...lease, by: -9 }),
+        5,
+        'a store gives back only its own share',
+      );
+      assert.equal(await b.hold('test:held', { ...lease, by: 0 }), 5, 'by 0 only reads');
+      await assert.rejects(a.hold('test:held', { ...lease, by: 0.5 }), StateError);
+      await assert.rejects(a.hold('test:held', { leaseMs: 0 }), StateError);
+      assert.equal(await a.hold('test:held-none', { ...lease, by: 0 }), 0, 'an absent key holds 0');
+      const c = store();
+      assert.equal(await c.hold('test:held', { ...lease, by: 3 }), 8);
+      await c.close();
+      assert.equal(await a.hold('test:held', { ...lease, by: 0 }), 5, "a closed store's share is given up");
+      assert.equal(await a.delete('test:held'), true, 'delete removes every share');
+      assert.equal(await b.hold('test:held', { ...lease, by: 0 }), 0);
+    });
+
+    it('renews a share in use while its store is open; a share not renewed ends with its lease', async () => {
+      now = base + 10_000_000;
+      const a = store();
+      const b = store();
+      const leaseMs = 1000;
+      assert.equal(await a.hold('test:renewed', { leaseMs }), 1);
+      now += 600;
+      // a looks at its shares every 250 ms and renews those past a third of their lease.
+      await sleep(400);
+      now += 600;
+      assert.equal(await b.hold('test:renewed', { leaseMs, by: 0 }), 1, 'renewed before its lease ended');
+      await sleep(400);
+      now += 900;
+      assert.equal(await b.hold('test:renewed', { leaseMs, by: 0 }), 1, 'and again');
+      await a.hold('test:renewed', { leaseMs, by: -1 });
+      now += 5000;
+      assert.equal(await b.hold('test:renewed', { leaseMs, by: 0 }), 0, 'a share given back is not renewed');
+    });
+
+    it('stops counting the share of a store whose process was killed, once its lease ends', async () => {
+      const a = backend.open(Date.now);
+      open.push(a);
+      const { module, open: opener } = backend.child();
+      const child = spawn(
+        process.execPath,
+        [
+          '--input-type=module',
+          '-e',
+          `const m = await import(${JSON.stringify(module)});
+           const s = ${opener};
+           await s.hold('test:killed', { leaseMs: 1000, by: 2 });
+           process.stdout.write('held\\n');
+           setInterval(() => {}, 1000);`,
+        ],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let stderr = '';
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+      await new Promise<void>((resolve, reject) => {
+        child.stdout.once('data', () => resolve());
+        child.once('exit', (code) => reject(new Error(`child exited with ${code}: ${stderr}`)));
+      });
+      assert.equal(await a.hold('test:killed', { leaseMs: 1000 }), 3);
+      // Renewed while it lives.
+      await sleep(1200);
+      assert.equal(await a.hold('test:killed', { leaseMs: 1000, by: 0 }), 3, 'the living process renews');
+      child.kill('SIGKILL');
+      await new Promise((resolve) => child.once('exit', resolve));
+      await sleep(1100);
+      assert.equal(
+        await a.hold('test:killed', { leaseMs: 1000, by: 0 }),
+        1,
+        "only this store's share is left",
+      );
+    });
   });
 }
 
@@ -214,6 +308,10 @@ contract({
   },
   teardown: async () => rmSync(sqliteDir, { recursive: true, force: true }),
   open: (now) => new SqliteState({ path: join(sqliteDir, 'state.sqlite'), now }),
+  child: () => ({
+    module: STATE_MODULE,
+    open: `new m.SqliteState({ path: ${JSON.stringify(join(sqliteDir, 'state.sqlite'))} })`,
+  }),
 });
 
 let contractRedis: RedisPeer | undefined;
@@ -225,6 +323,10 @@ contract({
   },
   teardown: async () => contractRedis?.stop(),
   open: (now) => new RedisState({ url: contractRedis!.url, prefix: 'test:', now }),
+  child: () => ({
+    module: REDIS_MODULE,
+    open: `new m.RedisState({ url: ${JSON.stringify(contractRedis!.url)}, prefix: 'test:' })`,
+  }),
 });
 
 describe('State service: the sqlite store', () => {
@@ -314,6 +416,28 @@ describe('State service: the sqlite store', () => {
     // Once the first sub-bucket has left the window, only the second counts.
     now += 60_000;
     assert.equal(await a.addToRate('test:run', { ...minute, by: 0 }), 4);
+  });
+
+  it("answers one store's holds of one key in one batch as if each ran alone, with other stores' shares", async () => {
+    now = 7_400_000;
+    const path = join(dir, 'hold-runs.sqlite');
+    const a = store(path);
+    const b = store(path);
+    const lease = { leaseMs: 60_000 };
+    assert.equal(await b.hold('test:hold-run', { ...lease, by: 4 }), 4);
+    // Connections opening and closing: one batch of a's writes.
+    const batch = [
+      a.hold('test:hold-run', lease),
+      a.hold('test:hold-run', lease),
+      a.hold('test:hold-run', { ...lease, by: -1 }),
+      a.hold('test:hold-other', lease),
+      a.hold('test:hold-run', { ...lease, by: -7 }),
+      a.hold('test:hold-run', lease),
+      a.delete('test:hold-other'),
+      a.hold('test:hold-other', { ...lease, by: 0 }),
+    ];
+    assert.deepEqual(await Promise.all(batch), [5, 6, 5, 1, 4, 5, true, 0]);
+    assert.equal(await b.hold('test:hold-run', { ...lease, by: 0 }), 5, "a's share is 1, b's 4");
   });
 
   it('rejects every write of a batch and keeps none when the file stays locked', async () => {
