@@ -17,12 +17,13 @@ import { Windows } from './windows.js';
 
 export { limitConfig, type LimitConfig } from './config.js';
 
-/** This connection's event in the concurrency window, and when it was last renewed. */
-const Open = defineNote<{ readonly key: string; renewedAt: number }>('limit.open');
+/** This connection, counted among its client's open connections under `key`. */
+const Open = defineNote<{ readonly key: string }>('limit.open');
 
 /**
- * One limit to check: its name (as in the config and the log), what it counts, its window and
- * its refusal. A rate counts events; `open` counts this connection by its session id.
+ * One limit to check: its name (as in the config and the log), what it counts, its window (for
+ * open connections, the lease) and its refusal. A rate counts events; `open` counts this
+ * connection among those open.
  */
 interface Check {
   readonly limit: string;
@@ -30,7 +31,7 @@ interface Check {
   readonly max: number;
   readonly windowMs: number;
   readonly refusal: Verdict;
-  readonly open?: string;
+  readonly open?: true;
 }
 
 /**
@@ -91,9 +92,9 @@ export default definePlugin({
       const keyOf = (c: Check): string => `limit:${c.limit}:${c.key}`;
       const results = await Promise.all(
         checks.map((c) =>
-          (c.open === undefined
-            ? windows.take(keyOf(c), c)
-            : windows.open(keyOf(c), c.open, { max: c.max, lease: c.windowMs })
+          (c.open
+            ? windows.open(keyOf(c), { max: c.max, lease: c.windowMs })
+            : windows.take(keyOf(c), c)
           ).catch((err: unknown) => {
             // Fail open: see the README. Said at error level, once per limit, so it is noticed.
             log.error(
@@ -122,27 +123,12 @@ export default definePlugin({
         checks.map((t, i) =>
           results[i]?.allowed !== true
             ? undefined
-            : (t.open === undefined
-                ? windows.giveBack(keyOf(t), t.windowMs)
-                : windows.release(keyOf(t), t.open)
-              ).catch(() => undefined),
+            : (t.open ? windows.close(keyOf(t), t.windowMs) : windows.giveBack(keyOf(t), t.windowMs)).catch(
+                () => undefined,
+              ),
         ),
       );
       return c.refusal;
-    }
-
-    /** A connection still open renews its lease when half of it has passed (one State write). */
-    async function renew(session: SessionView): Promise<void> {
-      const open = session.notes.get(Open);
-      const lease = config.concurrency?.lease;
-      if (!open || lease === undefined || Date.now() - open.renewedAt < lease / 2) return;
-      open.renewedAt = Date.now();
-      await windows.renew(open.key, session.id, lease).catch((err: unknown) => {
-        log.error(
-          { session: session.id, limit: 'concurrency', err },
-          'connection lease not renewed: the State store failed',
-        );
-      });
     }
 
     return {
@@ -166,35 +152,21 @@ export default definePlugin({
           checks.push({
             limit: 'concurrency',
             key,
-            open: session.id,
+            open: true,
             max: config.concurrency.max,
             windowMs: config.concurrency.lease,
             refusal: disconnect(421, '4.7.0', 'Too many open connections from your network'),
           });
         const v = await takeAll(session, checks);
-        // Counted unless refused (or not counted at all because the store failed: then releasing
-        // it at disconnect is a harmless no-op).
+        // Counted unless refused. When the store failed it may not have been; giving it back at
+        // disconnect then takes one off this worker's other connections from the client, if it
+        // has any: the count errs low, never high (README, "When the State store fails").
         if (v.kind === 'proceed' && config.concurrency)
-          session.notes.set(Open, { key: `limit:concurrency:${key}`, renewedAt: Date.now() });
+          session.notes.set(Open, { key: `limit:concurrency:${key}` });
         return v;
       },
 
-      // HELO and DATA only renew the lease of an open connection: without concurrency, no hook.
-      ...(config.concurrency
-        ? {
-            async helo({ session }) {
-              await renew(session);
-              return proceed();
-            },
-            async data({ session }) {
-              await renew(session);
-              return proceed();
-            },
-          }
-        : {}),
-
       async mail({ session, sender }) {
-        await renew(session);
         if (exempt(session)) return proceed();
         const m = config.messages;
         const checks: Check[] = [];
@@ -229,7 +201,6 @@ export default definePlugin({
       },
 
       async rcpt({ session, transaction }) {
-        await renew(session);
         if (exempt(session)) return proceed();
         const r = config.recipients;
         // RFC 5321 §4.5.3.1.10: too many recipients is 452, and the client sends the rest later
@@ -272,9 +243,10 @@ export default definePlugin({
 
       async disconnect({ session }) {
         const open = session.notes.get(Open);
-        if (!open) return;
-        await windows.release(open.key, session.id).catch((err: unknown) => {
-          // The lease ends it: the count comes down by itself within `concurrency.lease`.
+        if (!open || !config.concurrency) return;
+        await windows.close(open.key, config.concurrency.lease).catch((err: unknown) => {
+          // The worker's share stays one too high until it has no other connection from this
+          // client and its lease has passed (README, "When the State store fails").
           log.error(
             { session: session.id, limit: 'concurrency', err },
             'connection not released: the State store failed',

@@ -5,6 +5,7 @@
  * client in again once its window has moved on.
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
+import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,6 +21,8 @@ import { PetrelProcess, type LogLine } from '../../test/e2e/cli.js';
 import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq } from '../../test/harness/dnsmasq.js';
 import { requirePeer } from '../../test/harness/peers.js';
 import { limitConfig } from './config.js';
+
+const STATE_MODULE = new URL('../../core/services/state-sqlite.js', import.meta.url).href;
 
 const testAuth = definePlugin({
   name: 'test-auth',
@@ -163,28 +166,44 @@ describe('limit: open connections per client', () => {
     b.close();
   });
 
-  it('stops counting a connection that was never released (its worker died) once its lease ends', async (t) => {
+  it("stops counting a dead worker's connections once their lease ends", async (t) => {
     const srv = await startLimited(t, { trustedNetworks: [], concurrency: { max: 1, lease: '2s' } });
-    // What a worker killed mid-session leaves behind: its connection, counted, never released.
-    const state = resolveToken(srv.app.generation.container, Tokens.State);
-    await state.addEvent('limit:concurrency:127.0.0.22/32', 'session-of-a-dead-worker', { windowMs: 2000 });
+    // Another worker, on the same State file, holding a connection from the client: then killed
+    // (kill -9) before it could give it back.
+    const worker = spawn(
+      process.execPath,
+      [
+        '--input-type=module',
+        '-e',
+        `const { SqliteState } = await import(${JSON.stringify(STATE_MODULE)});
+         const s = new SqliteState({ path: ${JSON.stringify(join(srv.spoolDir, 'state.sqlite'))} });
+         await s.hold('limit:concurrency:127.0.0.22/32', { leaseMs: 2000 });
+         process.stdout.write('held\\n');
+         setInterval(() => {}, 1000);`,
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    t.after(() => worker.kill('SIGKILL'));
+    await new Promise((resolve) => worker.stdout.once('data', resolve));
     const refused = await connect(srv.port, '127.0.0.22');
     assert.match(refused.greeting.raw, /^421 .*Too many open connections/);
+    // While it lived, its share was renewed past the lease.
+    await sleep(2500);
+    assert.match((await connect(srv.port, '127.0.0.22')).greeting.raw, /^421 /);
+    worker.kill('SIGKILL');
+    await new Promise((resolve) => worker.once('exit', resolve));
     await sleep(2100);
     (await admittedEventually(srv.port, '127.0.0.22')).close();
   });
 
-  it('keeps counting a connection that outlives its lease while it is in use', async (t) => {
+  it('keeps counting a connection open longer than its lease, even one that sends nothing', async (t) => {
     const srv = await startLimited(t, { trustedNetworks: [], concurrency: { max: 1, lease: '2s' } });
-    const busy = await helloFrom(srv.port, '127.0.0.23');
-    for (let i = 0; i < 3; i++) {
-      await sleep(900);
-      await busy.cmd('RSET', /^250 /);
-      await busy.cmd('MAIL FROM:<a@crepes.test>', /^250 /);
-    }
+    const idle = await helloFrom(srv.port, '127.0.0.23');
+    await sleep(3000);
     const refused = await connect(srv.port, '127.0.0.23');
     assert.match(refused.greeting.raw, /^421 /);
-    busy.close();
+    await idle.cmd('QUIT', /^221 /);
+    (await admittedEventually(srv.port, '127.0.0.23')).close();
   });
 });
 

@@ -7,13 +7,15 @@ import type { StateStore } from '../../core/index.js';
  * - a rate ("at most N per time": connections, messages, recipients) is a rate counter
  *   (`addToRate`): its cost does not grow with the rate, and it never counts less than the
  *   exact sliding window (an event may count up to 1/20 of the window longer: state.ts);
- * - open connections are a window of events (`addEvent`), one per connection by its session id,
- *   exact: a closing connection removes its own event, and the lease bounds one never removed.
+ * - open connections are held shares (`hold`): each worker holds the connections it has open,
+ *   adds one when a connection is let in and gives it back when it closes; the count is every
+ *   worker's share summed. A worker that dies without giving its connections back (killed, its
+ *   machine lost) stops counting once the lease has passed; while it lives, the store renews it.
  *
  * An event is counted first and checked after: two workers cannot both slip under the limit
  * between a check and a count. An event over the limit is taken back out at once, so a refused
  * attempt does not count: a client that keeps trying is let in again as soon as its earlier,
- * accepted events leave the window.
+ * accepted events leave the window (or, for connections, close).
  */
 export class Windows {
   constructor(private readonly state: StateStore) {}
@@ -31,22 +33,17 @@ export class Windows {
     await this.state.addToRate(key, { windowMs, by: -1 });
   }
 
-  /** Counts the open connection `id` under `key` if there is room for it (see `Taken`). */
-  async open(key: string, id: string, opts: { max: number; lease: number }): Promise<Taken> {
-    const count = await this.state.addEvent(key, id, { windowMs: opts.lease });
+  /** Counts one more open connection under `key` if there is room for it (see `Taken`). */
+  async open(key: string, opts: { max: number; lease: number }): Promise<Taken> {
+    const count = await this.state.hold(key, { leaseMs: opts.lease });
     if (count <= opts.max) return { allowed: true, count };
-    await this.release(key, id);
+    await this.close(key, opts.lease);
     return { allowed: false, count };
   }
 
-  /** Moves connection `id` to now: a connection still open renews its lease. */
-  async renew(key: string, id: string, lease: number): Promise<void> {
-    await this.state.addEvent(key, id, { windowMs: lease });
-  }
-
-  /** Removes connection `id` (it closed, or a later limit refused it). */
-  async release(key: string, id: string): Promise<void> {
-    await this.state.removeEvent(key, id);
+  /** Gives back a connection `open` counted (it closed, or a later limit refused it). */
+  async close(key: string, lease: number): Promise<void> {
+    await this.state.hold(key, { leaseMs: lease, by: -1 });
   }
 }
 
