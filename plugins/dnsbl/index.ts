@@ -31,11 +31,12 @@ const Pending = defineNote<{
   readonly tags: string[];
 }>('dnsbl.pending');
 /** The sender domain's lookups and this transaction's RCPT decision. */
-const TxState = defineNote<{
+interface Transaction {
   readonly sender: Promise<ListResult[]>;
   rcpt: Decision | null;
   readonly tags: string[];
-}>('dnsbl.transaction');
+}
+const TxState = defineNote<Transaction>('dnsbl.transaction');
 
 interface Decision {
   readonly action: Action | 'pass' | 'allow';
@@ -286,6 +287,20 @@ export default definePlugin({
       return decision;
     }
 
+    /** The transaction's state: its sender domain's lookups, started at MAIL or (no MAIL hook) at RCPT. */
+    function startTransaction(transaction: TransactionView): Transaction {
+      const domain = transaction.sender?.domain;
+      const state: Transaction = {
+        sender: domain
+          ? queryAll(senderLists, domain, (zone) => domainName(domain, zone))
+          : Promise.resolve([]),
+        rcpt: null,
+        tags: [],
+      };
+      transaction.notes.set(TxState, state);
+      return state;
+    }
+
     function verdictOf(stage: Stage, d: Decision, tags: string[]): Verdict {
       if (d.action === 'tag') tags.push(...d.hits.map(describe));
       if (d.action !== 'reject' && d.action !== 'defer') return proceed();
@@ -337,24 +352,22 @@ export default definePlugin({
             },
           }),
 
-      async mail({ session, transaction, sender }) {
-        if (!pendingOf(session)) return proceed();
-        const domain = sender?.domain;
-        const state = {
-          sender: domain
-            ? queryAll(senderLists, domain, (zone) => domainName(domain, zone))
-            : Promise.resolve([]),
-          rcpt: null,
-          tags: [] as string[],
-        };
-        transaction.notes.set(TxState, state);
-        const d = await judge('mail', session, transaction);
-        return d ? verdictOf('mail', d, state.tags) : proceed();
-      },
+      // Without sender lists, MAIL has nothing to look up, and nothing is due at it unless the
+      // client's listing is acted on at MAIL: the transaction's state is then made at its first RCPT.
+      ...(senderLists.length === 0 && config.applyAt !== 'mail'
+        ? {}
+        : {
+            async mail({ session, transaction }) {
+              if (!pendingOf(session)) return proceed();
+              const state = startTransaction(transaction);
+              const d = await judge('mail', session, transaction);
+              return d ? verdictOf('mail', d, state.tags) : proceed();
+            },
+          }),
 
       async rcpt({ session, transaction, recipient }) {
-        const state = transaction.notes.get(TxState);
-        if (!state) return proceed();
+        if (!pendingOf(session)) return proceed();
+        const state = transaction.notes.get(TxState) ?? startTransaction(transaction);
         // Decided once per transaction (one log line), applied to each recipient.
         const first = state.rcpt === null;
         state.rcpt ??= (await judge('rcpt', session, transaction)) ?? { action: 'pass', hits: [] };
@@ -365,14 +378,22 @@ export default definePlugin({
         return verdictOf('rcpt', state.rcpt, []);
       },
 
-      async data_post({ session, transaction, message, prependHeader }) {
-        const tags = [...(pendingOf(session)?.tags ?? []), ...(transaction.notes.get(TxState)?.tags ?? [])];
-        const body = await judgeBody(session, transaction, message);
-        const verdict = body ? verdictOf('data_post', body, tags) : proceed();
-        if (verdict.kind !== 'proceed') return verdict;
-        if (tags.length > 0) prependHeader(config.tagHeader, tags.join('; '));
-        return proceed();
-      },
+      // After DATA there is something to do only with body lists or a list that tags.
+      ...(bodyLists.length === 0 && !config.block.some((l) => l.action === 'tag')
+        ? {}
+        : {
+            async data_post({ session, transaction, message, prependHeader }) {
+              const tags = [
+                ...(pendingOf(session)?.tags ?? []),
+                ...(transaction.notes.get(TxState)?.tags ?? []),
+              ];
+              const body = await judgeBody(session, transaction, message);
+              const verdict = body ? verdictOf('data_post', body, tags) : proceed();
+              if (verdict.kind !== 'proceed') return verdict;
+              if (tags.length > 0) prependHeader(config.tagHeader, tags.join('; '));
+              return proceed();
+            },
+          }),
     };
   },
 });
