@@ -13,6 +13,7 @@ import type {
 import { Readable } from 'node:stream';
 import { defer, isVerdict, proceed, type Verdict } from './verdict.js';
 import { enterHook, leaveHook } from '../process/activity.js';
+import { Deadlines } from './deadlines.js';
 import type { HistogramCell } from '../services/metrics.js';
 
 export interface RegisteredHook<K extends HookName> {
@@ -98,6 +99,8 @@ const NO_DECISION: VerdictOutcome = Object.freeze({ verdict: proceed(), plugin: 
  * and hook. Never a crash, never a silent accept.
  */
 export class HookRunner {
+  private readonly deadlines = new Deadlines();
+
   constructor(
     private readonly table: HookTable,
     private readonly log: Logger,
@@ -298,35 +301,47 @@ export class HookRunner {
     return content;
   }
 
-  private async call<K extends HookName>(
-    name: K,
-    hook: RegisteredHook<K>,
-    ctx: CallContext<K>,
-  ): Promise<unknown> {
+  /**
+   * Calls one hook within its timeout: a synchronous throw, a rejection and a timeout all reject
+   * (the timeout with a HookTimeoutError, after aborting the call's signal). The deadline is kept
+   * in `deadlines` (one timer per timeout length, not one per call) and the result is passed on
+   * directly rather than raced against a timer: a busy server makes several calls per command.
+   */
+  private call<K extends HookName>(name: K, hook: RegisteredHook<K>, ctx: CallContext<K>): Promise<unknown> {
     const controller = new AbortController();
     const started = performance.now();
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
+    const observe = (): void => hook.latency?.observe((performance.now() - started) / 1000);
+    const fn = hook.fn as (c: HookContext<K>) => unknown;
+    // The mark covers the hook's synchronous part: a watchdog can name a hook stuck in it.
+    const previous = enterHook(hook.plugin, name);
+    let pending: unknown;
+    try {
+      pending = fn({ ...ctx, signal: controller.signal } as HookContext<K>);
+    } catch (err) {
+      observe();
+      return Promise.reject(err);
+    } finally {
+      leaveHook(previous);
+    }
+    return new Promise((resolve, reject) => {
+      const deadline = this.deadlines.add(hook.timeoutMs, () => {
         const err = new HookTimeoutError(hook.plugin, name, hook.timeoutMs);
         controller.abort(err);
+        observe();
         reject(err);
-      }, hook.timeoutMs);
+      });
+      Promise.resolve(pending).then(
+        (value) => {
+          if (!this.deadlines.end(deadline, hook.timeoutMs)) return;
+          observe();
+          resolve(value);
+        },
+        (err: unknown) => {
+          if (!this.deadlines.end(deadline, hook.timeoutMs)) return;
+          observe();
+          reject(err);
+        },
+      );
     });
-    try {
-      const fn = hook.fn as (c: HookContext<K>) => Promise<unknown>;
-      // The mark covers the hook's synchronous part: a watchdog can name a hook stuck in it.
-      const previous = enterHook(hook.plugin, name);
-      let pending: Promise<unknown>;
-      try {
-        pending = fn({ ...ctx, signal: controller.signal } as HookContext<K>);
-      } finally {
-        leaveHook(previous);
-      }
-      return await Promise.race([pending, timeout]);
-    } finally {
-      clearTimeout(timer);
-      hook.latency?.observe((performance.now() - started) / 1000);
-    }
   }
 }
