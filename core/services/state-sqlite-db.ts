@@ -99,6 +99,12 @@ export type Statements = Record<
 
 type Row = Record<string, unknown>;
 
+/** How one write of a batch went: what it returned, or the TypeError it refused with. */
+type Result = { ok: true; value: unknown } | { ok: false; err: TypeError };
+
+/** Applies a run of writes (runs) that share their statements, answering each in `results`. */
+type RunApplier = (q: Statements, ops: readonly WriteOp[], run: readonly number[], results: Result[]) => void;
+
 /**
  * Opens (and creates, or migrates) the store's file. WAL: readers do not block the writer nor it
  * them. NORMAL: a commit is not fsynced (only checkpoints are); safe against a crashed process,
@@ -268,12 +274,8 @@ export function applyWrite(q: Statements, w: WriteOp): unknown {
  * and it is thrown, so every write of the batch fails. Rate counts of one key that follow each
  * other share their statements, and so do held shares of one key (runs), with the same answers.
  */
-export function applyBatch(
-  q: Statements,
-  inTransaction: () => boolean,
-  ops: readonly WriteOp[],
-): Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }> {
-  const results: Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }> = [];
+export function applyBatch(q: Statements, inTransaction: () => boolean, ops: readonly WriteOp[]): Result[] {
+  const results: Result[] = [];
   const shared = runs(ops);
   try {
     q.begin.run();
@@ -345,12 +347,7 @@ type AddToRate = Extract<WriteOp, { op: 'addToRate' }>;
  * it would have read had they run one after the other, since nothing else wrote the key between
  * them and this connection holds the write lock.
  */
-function applyRateRun(
-  q: Statements,
-  ops: readonly WriteOp[],
-  run: readonly number[],
-  results: Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }>,
-): void {
+const applyRateRun: RunApplier = (q, ops, run, results) => {
   const first = ops[run[0]!] as AddToRate;
   const { width, bucket, oldest } = rateBuckets(first.t, first.windowMs);
   const total = run.reduce((n, i) => n + (ops[i] as AddToRate).by, 0);
@@ -360,7 +357,7 @@ function applyRateRun(
     count += (ops[i] as AddToRate).by;
     results[i] = { ok: true, value: Math.max(0, count) };
   }
-}
+};
 
 type Hold = Extract<WriteOp, { op: 'hold' }>;
 
@@ -370,12 +367,7 @@ type Hold = Extract<WriteOp, { op: 'hold' }>;
  * at the run's last time (they cannot change in between: this connection holds the write lock;
  * one may only expire, a few milliseconds early). The share is written with the last one's lease.
  */
-function applyHoldRun(
-  q: Statements,
-  ops: readonly WriteOp[],
-  run: readonly number[],
-  results: Array<{ ok: true; value: unknown } | { ok: false; err: TypeError }>,
-): void {
+const applyHoldRun: RunApplier = (q, ops, run, results) => {
   const first = ops[run[0]!] as Hold;
   const last = ops[run[run.length - 1]!] as Hold;
   let n = ownShare(q, first.key, first.holder, first.t);
@@ -383,7 +375,7 @@ function applyHoldRun(
   writeShare(q, first.key, first.holder, n, last.t + Math.ceil(last.leaseMs));
   const others = readHeld(q, first.key, last.t) - n;
   run.forEach((i, k) => (results[i] = { ok: true, value: others + after[k]! }));
-}
+};
 
 /**
  * Deletes up to SWEEP_BATCH expired rows of each table at `t`; true when a table had that many
