@@ -31,6 +31,7 @@ interface PendingWrite<Op> {
   readonly op: Op;
   readonly resolve: (value: unknown) => void;
   readonly reject: (err: unknown) => void;
+  readonly fail: (err: unknown) => unknown;
 }
 
 /**
@@ -44,10 +45,13 @@ export class GroupCommit<Op> {
 
   constructor(private readonly commit: (ops: readonly Op[]) => readonly BatchResult[]) {}
 
-  /** Queues `op` for the next batch; resolves with what it returned once that is committed. */
-  run(op: Op): Promise<unknown> {
+  /**
+   * Queues `op` for the next batch; resolves with what it returned once that is committed, or
+   * rejects with `fail(err)` of what went wrong.
+   */
+  run(op: Op, fail: (err: unknown) => unknown = (err) => err): Promise<unknown> {
     return new Promise((resolve, reject) => {
-      this.pending.push({ op, resolve, reject });
+      this.pending.push({ op, resolve, reject, fail });
       if (this.pending.length === 1) this.schedule();
     });
   }
@@ -74,13 +78,13 @@ export class GroupCommit<Op> {
       results = this.commit(batch.map((w) => w.op));
       this.committedAt = performance.now();
     } catch (err) {
-      for (const w of batch) w.reject(err);
+      for (const w of batch) w.reject(w.fail(err));
       return;
     }
     batch.forEach((w, i) => {
       const r = results[i]!;
       if (r.ok) w.resolve(r.value);
-      else w.reject(r.err);
+      else w.reject(w.fail(r.err));
     });
   }
 }

@@ -313,31 +313,53 @@ export function applyBatch(q: Statements, inTransaction: () => boolean, ops: rea
  */
 function runs(ops: readonly WriteOp[]): Map<number, number[]> {
   /** The run each key is in, while its writes so far in the batch can share. */
-  const current = new Map<string, { readonly group: string; readonly members: number[] }>();
+  const current = new Map<string, Run>();
   const found = new Map<number, number[]>();
   ops.forEach((w, i) => {
-    let group: string;
-    if (w.op === 'addToRate') {
-      const { width, bucket, oldest } = rateBuckets(w.t, w.windowMs);
-      // Sub-buckets start at multiples of `width`: the ones counted are those after `oldest`.
-      group = `rate ${w.windowMs} ${bucket} ${Math.floor(oldest / width)}`;
-    } else if (w.op === 'hold') group = `hold ${w.holder}`;
-    else {
+    if (w.op !== 'addToRate' && w.op !== 'hold') {
       current.delete(w.key);
       return;
     }
     const run = current.get(w.key);
-    if (run?.group === group) {
+    if (run && sameRun(run, w)) {
       run.members.push(i);
       found.set(i, []);
     } else {
       const members = [i];
-      current.set(w.key, { group, members });
+      current.set(w.key, runOf(w, members));
       found.set(i, members);
     }
   });
   for (const [i, members] of found) if (members.length === 1) found.delete(i);
   return found;
+}
+
+/**
+ * What the writes of one run share: a rate's window, sub-bucket and first sub-bucket counted
+ * (sub-buckets start at multiples of the width: those counted are after `oldest`), or a hold's
+ * store.
+ */
+type Run =
+  | {
+      readonly op: 'addToRate';
+      readonly windowMs: number;
+      readonly bucket: number;
+      readonly first: number;
+      readonly members: number[];
+    }
+  | { readonly op: 'hold'; readonly holder: string; readonly members: number[] };
+
+function runOf(w: Extract<WriteOp, { op: 'addToRate' | 'hold' }>, members: number[]): Run {
+  if (w.op === 'hold') return { op: 'hold', holder: w.holder, members };
+  const { width, bucket, oldest } = rateBuckets(w.t, w.windowMs);
+  return { op: 'addToRate', windowMs: w.windowMs, bucket, first: Math.floor(oldest / width), members };
+}
+
+function sameRun(run: Run, w: Extract<WriteOp, { op: 'addToRate' | 'hold' }>): boolean {
+  if (run.op === 'hold') return w.op === 'hold' && run.holder === w.holder;
+  if (w.op === 'hold' || run.windowMs !== w.windowMs) return false;
+  const { width, bucket, oldest } = rateBuckets(w.t, w.windowMs);
+  return run.bucket === bucket && run.first === Math.floor(oldest / width);
 }
 
 type AddToRate = Extract<WriteOp, { op: 'addToRate' }>;

@@ -216,17 +216,16 @@ export class SqliteState implements StateStore {
    * writes can come in between its reads and its writes.
    */
   private write<T>(name: string, key: string, describe: () => WriteOp): Promise<T> {
-    const fail = (err: unknown): never => {
-      throw new StateError(`state ${name} "${key}": ${(err as Error).message}`, { cause: err });
-    };
+    const wrap = (err: unknown): StateError =>
+      new StateError(`state ${name} "${key}": ${(err as Error).message}`, { cause: err });
     if (this.closed) return Promise.reject(new StateError(`state ${name} "${key}": the store is closed`));
     let op: WriteOp;
     try {
       op = describe();
     } catch (err) {
-      return Promise.reject(err).catch(fail);
+      return Promise.reject(wrap(err));
     }
-    return (this.batch.run(op) as Promise<T>).catch(fail);
+    return this.batch.run(op, wrap) as Promise<T>;
   }
 
   /** A read: synchronous underneath, a promise outside, any failure a StateError. */
