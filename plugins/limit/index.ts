@@ -135,7 +135,7 @@ export default definePlugin({
       // Only with outbound rates configured: otherwise every delivery would ask in vain.
       ...(throttle.enabled ? { deliver: (ctx) => throttle.check(ctx) } : {}),
 
-      async connect({ session }) {
+      async connect({ session, signal }) {
         if (exempt(session)) return proceed();
         const key = client(session);
         const checks: Check[] = [];
@@ -158,11 +158,18 @@ export default definePlugin({
             refusal: disconnect(421, '4.7.0', 'Too many open connections from your network'),
           });
         const v = await takeAll(session, checks);
-        // Counted unless refused. When the store failed it may not have been; giving it back at
-        // disconnect then takes one off this worker's other connections from the client, if it
-        // has any: the count errs low, never high (README, "When the State store fails").
-        if (v.kind === 'proceed' && config.concurrency)
-          session.notes.set(Open, { key: `limit:concurrency:${key}` });
+        if (v.kind !== 'proceed' || !config.concurrency) return v;
+        const open = `limit:concurrency:${key}`;
+        // Given up on (the hook outran its timeout): the session went on without this answer and
+        // may have closed already, so no disconnect would give the connection back.
+        if (signal.aborted) {
+          await windows.close(open, config.concurrency.lease).catch(() => undefined);
+          return v;
+        }
+        // Counted. When the store failed it may not have been; giving it back at disconnect then
+        // takes one off this worker's other connections from the client, if it has any: the count
+        // errs low, never high (README, "When the State store fails").
+        session.notes.set(Open, { key: open });
         return v;
       },
 

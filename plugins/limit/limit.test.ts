@@ -20,7 +20,8 @@ import { redisMissing, startRedis, type RedisPeer } from '../../test/harness/red
 import { PetrelProcess, type LogLine } from '../../test/e2e/cli.js';
 import { DNSMASQ, DNSMASQ_PACKAGE, startDnsmasq } from '../../test/harness/dnsmasq.js';
 import { requirePeer } from '../../test/harness/peers.js';
-import { limitConfig } from './config.js';
+import limit, { limitConfig } from './index.js';
+import { memoryState, session as testSession, setupPlugin } from '../../core/testing/index.js';
 
 const STATE_MODULE = new URL('../../core/services/state-sqlite.js', import.meta.url).href;
 
@@ -194,6 +195,27 @@ describe('limit: open connections per client', () => {
     await new Promise((resolve) => worker.once('exit', resolve));
     await sleep(2100);
     (await admittedEventually(srv.port, '127.0.0.22')).close();
+  });
+
+  it('gives a connection back when its connect hook was given up on, which no disconnect would', async () => {
+    const state = memoryState();
+    const hooks = await setupPlugin(limit, {
+      config: { trustedNetworks: [], concurrency: { max: 5 } },
+      services: new Map([[Tokens.State, state]]),
+    });
+    const open = (): Promise<number> =>
+      state.hold('limit:concurrency:192.0.2.9/32', { leaseMs: 600_000, by: 0 });
+    const client = { remote: { address: '192.0.2.9', port: 40000 } };
+    // Answered in time: counted.
+    await hooks.connect!({ session: testSession(client), signal: new AbortController().signal });
+    assert.equal(await open(), 1);
+    // The hook runner's timeout fires before the store answers.
+    const timeout = new AbortController();
+    const late = hooks.connect!({ session: testSession(client), signal: timeout.signal });
+    timeout.abort(new Error('timed out'));
+    await late;
+    assert.equal(await open(), 1, 'the connection whose hook was given up on is not counted');
+    await state.close();
   });
 
   it('keeps counting a connection open longer than its lease, even one that sends nothing', async (t) => {
