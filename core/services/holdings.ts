@@ -1,5 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import type { Logger } from 'pino';
+
+/** The store's own `hold`, which the renewals and the giving up go through. */
+type Hold = (key: string, opts: { leaseMs: number; by: number }) => Promise<number>;
 
 /**
  * What one State store holds (state.ts, "Held shares"): its share of each key, as this process
@@ -17,13 +21,11 @@ export class Holdings {
   private readonly shares = new Map<string, { n: number; leaseMs: number; writtenAt: number }>();
   private timer: NodeJS.Timeout | undefined;
 
-  /**
-   * `renew(key, leaseMs)` writes `hold(key, { by: 0, leaseMs })`; `now` is the store's clock
-   * (tests move it).
-   */
+  /** `now` is the store's clock (tests move it); a renewal that fails is logged to `log`. */
   constructor(
-    private readonly renew: (key: string, leaseMs: number) => void,
+    private readonly hold: Hold,
     private readonly now: () => number,
+    private readonly log?: Logger,
   ) {}
 
   /** Notes a `hold` as it is asked for. */
@@ -49,9 +51,16 @@ export class Holdings {
     }
   }
 
-  /** The shares in use (key, share, lease), for the store to give up when it closes. */
-  inUse(): Array<{ key: string; n: number; leaseMs: number }> {
-    return [...this.shares].map(([key, s]) => ({ key, n: s.n, leaseMs: s.leaseMs }));
+  /**
+   * Gives up every share in use and stops renewing: the store is closing. The writes are asked
+   * for at once, in this turn; one that fails leaves its share to end with its lease.
+   */
+  giveUp(): Promise<void> {
+    this.stop();
+    const held = [...this.shares];
+    return Promise.all(
+      held.map(([key, s]) => this.hold(key, { leaseMs: s.leaseMs, by: -s.n }).catch(() => undefined)),
+    ).then(() => undefined);
   }
 
   stop(): void {
@@ -65,7 +74,9 @@ export class Holdings {
     for (const [key, s] of this.shares) {
       if (now - s.writtenAt < s.leaseMs / 3) continue;
       s.writtenAt = now;
-      this.renew(key, s.leaseMs);
+      this.hold(key, { leaseMs: s.leaseMs, by: 0 }).catch((err: unknown) =>
+        this.log?.warn({ key, err }, 'state: a held share was not renewed'),
+      );
     }
   }
 }

@@ -257,11 +257,7 @@ export class RedisState implements StateStore {
     this.timeoutMs = opts.timeoutMs ?? 2000;
     this.log = opts.log;
     this.now = opts.now;
-    this.holdings = new Holdings((key, leaseMs) => {
-      this.hold(key, { leaseMs, by: 0 }).catch((err: unknown) =>
-        this.log?.warn({ key, err }, 'state: a held share was not renewed'),
-      );
-    }, opts.now ?? Date.now);
+    this.holdings = new Holdings((key, o) => this.hold(key, o), opts.now ?? Date.now, opts.log);
     // Loaded only with `state: redis`: the client is large, and most servers use SQLite.
     const { createClient } = createRequire(import.meta.url)('redis') as typeof import('redis');
     this.client = createClient({
@@ -370,12 +366,8 @@ export class RedisState implements StateStore {
   async close(): Promise<void> {
     if (this.closed) return;
     // Its shares end with it, if Redis answers in time; otherwise they end with their lease.
-    const held = this.holdings.inUse();
-    this.holdings.stop();
-    if (this.client.isReady)
-      await Promise.all(
-        held.map(({ key, n, leaseMs }) => this.hold(key, { leaseMs, by: -n }).catch(() => undefined)),
-      );
+    if (this.client.isReady) await this.holdings.giveUp();
+    else this.holdings.stop();
     this.closed = true;
     // Nothing is waiting to be written that must survive: drop the connection (and any retries).
     this.client.destroy();

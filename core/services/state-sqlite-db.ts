@@ -1,6 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
+import type { BatchResult } from './group-commit.js';
 import { RATE_BUCKETS } from './state.js';
 
 /*
@@ -99,11 +100,13 @@ export type Statements = Record<
 
 type Row = Record<string, unknown>;
 
-/** How one write of a batch went: what it returned, or the TypeError it refused with. */
-type Result = { ok: true; value: unknown } | { ok: false; err: TypeError };
-
 /** Applies a run of writes (runs) that share their statements, answering each in `results`. */
-type RunApplier = (q: Statements, ops: readonly WriteOp[], run: readonly number[], results: Result[]) => void;
+type RunApplier = (
+  q: Statements,
+  ops: readonly WriteOp[],
+  run: readonly number[],
+  results: BatchResult[],
+) => void;
 
 /**
  * Opens (and creates, or migrates) the store's file. WAL: readers do not block the writer nor it
@@ -196,7 +199,7 @@ export function readRate(q: Statements, key: string, windowMs: number, t: number
 }
 
 /** Every live share held under `key` at `t`, summed. */
-export function readHeld(q: Statements, key: string, t: number): number {
+function readHeld(q: Statements, key: string, t: number): number {
   return Number((q.sumHolds.get(key, t) as Row).n);
 }
 
@@ -274,8 +277,12 @@ export function applyWrite(q: Statements, w: WriteOp): unknown {
  * and it is thrown, so every write of the batch fails. Rate counts of one key that follow each
  * other share their statements, and so do held shares of one key (runs), with the same answers.
  */
-export function applyBatch(q: Statements, inTransaction: () => boolean, ops: readonly WriteOp[]): Result[] {
-  const results: Result[] = [];
+export function applyBatch(
+  q: Statements,
+  inTransaction: () => boolean,
+  ops: readonly WriteOp[],
+): BatchResult[] {
+  const results: BatchResult[] = [];
   const shared = runs(ops);
   try {
     q.begin.run();

@@ -74,11 +74,7 @@ export class SqliteState implements StateStore {
     ({ db: this.db, q: this.q } = openStateDb(opts.path, opts.busyTimeoutMs ?? BUSY_TIMEOUT_MS));
     const q = this.q;
     this.batch = new GroupCommit<WriteOp>((ops) => applyBatch(q, () => this.db.isTransaction, ops));
-    this.holdings = new Holdings((key, leaseMs) => {
-      this.hold(key, { leaseMs, by: 0 }).catch((err: unknown) =>
-        this.log?.warn({ key, err }, 'state: a held share was not renewed'),
-      );
-    }, this.now);
+    this.holdings = new Holdings((key, opts) => this.hold(key, opts), this.now, this.log);
     // A store in memory belongs to one test and is dropped with it; a timer would keep it alive.
     if (opts.path !== ':memory:') {
       this.sweeper = setInterval(() => void this.sweep(), SWEEP_INTERVAL_MS);
@@ -180,10 +176,8 @@ export class SqliteState implements StateStore {
 
   async close(): Promise<void> {
     if (this.closed) return;
-    // Its shares end with it (a failure to write that leaves them to their lease).
-    for (const { key, n, leaseMs } of this.holdings.inUse())
-      this.hold(key, { leaseMs, by: -n }).catch(() => undefined);
-    this.holdings.stop();
+    // Its shares end with it: asked for now, written by the drain below.
+    void this.holdings.giveUp();
     this.closed = true;
     clearInterval(this.sweeper);
     // What was asked before the close is written (or rejected) first.
