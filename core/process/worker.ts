@@ -7,11 +7,12 @@
  */
 import 'reflect-metadata';
 import { Worker as Thread } from 'node:worker_threads';
+import type { Logger } from 'pino';
 import { Petrel, type PreparedReload } from '../app.js';
 import { ConfigError } from '../config/errors.js';
 import { validateConfig } from '../config/load.js';
 import type { ConnectionGate, ConnectionLimits } from '../smtp/gate.js';
-import { createLogger } from '../services/logger.js';
+import { abandonLogOutput, createLogger } from '../services/logger.js';
 import { beat, shareActivity } from './activity.js';
 import { BEAT_MS, REPORT_FD, type FromWorker, type Questions, type ToWorker } from './protocol.js';
 
@@ -20,8 +21,18 @@ if (!process.send) {
   process.exit(64);
 }
 
+/**
+ * A message to the primary. The primary may be gone (killed) with the channel not yet seen closed:
+ * the write then fails, and the 'disconnect' handler below ends this process. Without the
+ * callback the failure would be an uncaught exception, logged to a stdout nobody reads any more.
+ */
 function send(m: FromWorker): void {
-  if (process.connected) process.send!(m);
+  if (process.connected) process.send!(m, undefined, undefined, ignoreClosedChannel);
+}
+
+function ignoreClosedChannel(err: Error | null): void {
+  const code = (err as NodeJS.ErrnoException | null)?.code;
+  if (err && code !== 'EPIPE' && code !== 'ERR_IPC_CHANNEL_CLOSED') throw err;
 }
 
 /** Connection limits counted by the primary, across every worker. */
@@ -51,12 +62,18 @@ class PrimaryGate implements ConnectionGate {
 const handles: object[] = [];
 const prepared = new Map<number, PreparedReload>();
 let app: Petrel | null = null;
+/** This process's logger, once made (its output is the primary's to read). */
+let log: Logger | null = null;
 let gate: PrimaryGate | null = null;
 let stopping = false;
 
 // Without the primary nobody supervises this process, and a new primary must be able to take its
 // queue part: leave now. Nothing acknowledged is lost (the queue is durable).
-process.on('disconnect', () => process.exit(process.exitCode ?? 1));
+process.on('disconnect', () => {
+  // It relayed this process's stdout too: nothing logged from now on can be read.
+  if (log) abandonLogOutput(log);
+  process.exit(process.exitCode ?? 1);
+});
 
 setInterval(() => {
   beat();
@@ -82,6 +99,7 @@ async function start(m: Extract<ToWorker, { t: 'start' }>): Promise<void> {
     const logger = createLogger({ level: loaded.config.log.level, format: m.logFormat }).child({
       worker: m.slot,
     });
+    log = logger;
     gate = m.count > 1 ? new PrimaryGate() : null;
     app = await Petrel.start({
       source: m.source,

@@ -38,5 +38,30 @@ export function createLogger(opts: {
     const pretty = createRequire(import.meta.url)('pino-pretty') as typeof import('pino-pretty');
     return pino(options, pretty({ colorize: true, destination: opts.destination ?? 1, sync: true }));
   }
-  return pino(options, opts.destination ?? pino.destination({ dest: 1, sync: false }));
+  return pino(options, opts.destination ?? stdout());
+}
+
+/**
+ * Standard output as pino's destination. A reader that went away (a worker's primary killed, or
+ * `| head`) makes every write fail with EPIPE: those lines have nowhere to go, and the failure
+ * must not become an uncaught exception, whose own log line would fail the same way.
+ */
+function stdout(): ReturnType<typeof pino.destination> {
+  const dest = pino.destination({ dest: 1, sync: false });
+  dest.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+  });
+  return dest;
+}
+
+/**
+ * The reader of this process's log is gone (a worker's primary, which relays its stdout, was
+ * killed): drops what is buffered and writes nothing more. Otherwise the logger's final flush as
+ * the process exits would retry its write to the broken pipe for ever (pino's destination retries
+ * a failed synchronous write), and the process would never exit.
+ */
+export function abandonLogOutput(log: Logger): void {
+  const stream = (log as unknown as Record<symbol, unknown>)[pino.symbols.streamSym] as
+    { destroy?: () => void } | undefined;
+  stream?.destroy?.();
 }

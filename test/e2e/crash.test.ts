@@ -1,6 +1,6 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -134,6 +134,85 @@ describe('crash safety', () => {
       server.kill('SIGTERM');
     } finally {
       if (!process.env.PETREL_KEEP_CRASH_DIR) rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('after kill -9 of the primary mid-load, its workers exit on their own', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'petrel-orphans-'));
+    try {
+      const port = await freePort();
+      const config = join(dir, 'petrel.yaml');
+      writeFileSync(
+        config,
+        [
+          'hostname: mx.orphans.test',
+          'workers: 2',
+          `listeners: [{ kind: smtp, address: 127.0.0.1, port: ${port}, limits: { maxConnectionsPerIp: 100 } }]`,
+          'spool: { dir: ./spool }',
+          'log: { level: info }',
+          '',
+        ].join('\n'),
+      );
+      // Its log goes to a pipe this test reads, as under a supervisor: a worker whose primary is
+      // gone writes to a pipe with no reader.
+      const primary = spawn(NODE, [CLI, ...START, '--config', config], {
+        cwd: dir,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      children.push(primary);
+      primary.stdout!.resume();
+      primary.stderr!.resume();
+      for (let i = 0; ; i++) {
+        try {
+          const c = await SmtpClient.connect(port);
+          await c.expect(/^220 /, 2000);
+          c.close();
+          break;
+        } catch {
+          if (i > 300) throw new Error('server did not start');
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      const workers = execFileSync('pgrep', ['-P', String(primary.pid)], { encoding: 'utf8' })
+        .trim()
+        .split('\n')
+        .map(Number);
+      assert.equal(workers.length, 2);
+      // Connections opening and closing on both workers, so each is talking to the primary.
+      let stop = false;
+      const churn = async (): Promise<void> => {
+        while (!stop) {
+          try {
+            const c = await SmtpClient.connect(port);
+            await c.expect(/^220 /, 2000);
+            c.close();
+          } catch {
+            await new Promise((r) => setTimeout(r, 10));
+          }
+        }
+      };
+      const clients = Array.from({ length: 8 }, () => churn());
+      await new Promise((r) => setTimeout(r, 500));
+      primary.kill('SIGKILL');
+      primary.stdout!.destroy();
+      primary.stderr!.destroy();
+      const alive = (pid: number): boolean => {
+        try {
+          process.kill(pid, 0);
+          return true;
+        } catch {
+          return false;
+        }
+      };
+      const deadline = Date.now() + 10_000;
+      while (workers.some(alive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      stop = true;
+      await Promise.all(clients);
+      const left = workers.filter(alive);
+      for (const pid of left) process.kill(pid, 'SIGKILL');
+      assert.deepEqual(left, [], 'every worker left once its primary was gone');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
