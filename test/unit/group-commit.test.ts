@@ -73,21 +73,23 @@ describe('group commit', () => {
 });
 
 describe('commit spacing', () => {
-  /** A Spacing whose loop is as busy as `load` says, asked every `step` ms from 0. */
-  function driven(step = 20) {
-    let load = 0;
+  /** A Spacing over a simulated loop: each step of `every` ms passes with the loop `busy` of it. */
+  function driven() {
     let now = 0;
+    let active = 0;
+    let idle = 0;
     let asked = 0;
     const spacing = new Spacing(() => {
       asked++;
-      return load;
+      return { active, idle };
     }, 0);
     return {
-      at: (busy: number, steps = 1, every = step): number[] => {
-        load = busy;
+      at: (busy: number, steps = 1, every = 20): number[] => {
         const seen: number[] = [];
         for (let i = 0; i < steps; i++) {
           now += every;
+          active += busy * every;
+          idle += (1 - busy) * every;
           seen.push(spacing.current(now));
         }
         return seen;
@@ -96,30 +98,40 @@ describe('commit spacing', () => {
     };
   }
 
-  it('is none while the loop has time to spare, and doubles up to 4 ms while it is busy', () => {
+  it('is none while the loop has time to spare, and 4 ms as soon as it is busy', () => {
     const s = driven();
-    assert.deepEqual(s.at(0.3, 2), [0, 0]);
-    assert.deepEqual(s.at(0.95, 6), [0.25, 0.5, 1, 2, 4, 4]);
+    assert.deepEqual(s.at(0.3, 3), [0, 0, 0]);
+    assert.deepEqual(s.at(0.8, 3), [0, 0, 0], 'busy 80%: time to spare');
+    assert.deepEqual(s.at(0.95, 2), [4, 4]);
   });
 
-  it('stays while the loop is neither idle nor busy, and halves back to none when it idles', () => {
+  it('stays while the loop is neither idle nor busy, and halves every 50 ms back to none when it idles', () => {
     const s = driven();
-    s.at(0.95, 5);
-    assert.deepEqual(s.at(0.8, 3), [4, 4, 4]);
-    assert.deepEqual(s.at(0.5, 5), [2, 1, 0.5, 0.25, 0]);
+    s.at(0.95);
+    assert.deepEqual(s.at(0.7, 6), [4, 4, 4, 4, 4, 4]);
+    assert.deepEqual(s.at(0.2, 10, 25), [4, 2, 2, 1, 1, 0.5, 0.5, 0.25, 0.25, 0]);
+  });
+
+  it('does not drift down on a lull shorter than 50 ms', () => {
+    const s = driven();
+    s.at(0.95);
+    assert.deepEqual(s.at(0.1, 2), [4, 4], 'not yet 50 ms since the last look at idleness');
+    assert.deepEqual(s.at(0.95), [4], 'busy again: the lull is forgotten');
+    assert.deepEqual(s.at(0.4, 3), [4, 4, 2]);
   });
 
   it('after a quiet spell, starts again with none', () => {
     const s = driven();
-    s.at(0.95, 5);
-    assert.deepEqual(s.at(0.1, 1, 1000), [0], 'a second without writes: 50 halvings');
+    s.at(0.95);
+    assert.deepEqual(s.at(0.01, 1, 1000), [0], 'a second without writes: 20 halvings');
   });
 
   it('is reconsidered at most once per 20 ms, however often it is asked', () => {
     const s = driven();
-    assert.deepEqual(s.at(0.95, 10, 1), Array(10).fill(0), 'nothing reconsidered within 20 ms');
-    assert.equal(s.asked(), 0);
-    assert.deepEqual(s.at(0.95, 1, 10), [0.25]);
-    assert.equal(s.asked(), 1);
+    const before = s.asked();
+    assert.deepEqual(s.at(0.95, 19, 1), Array(19).fill(0), 'nothing reconsidered within 20 ms');
+    assert.equal(s.asked(), before);
+    assert.deepEqual(s.at(0.95, 1, 1), [4]);
+    assert.equal(s.asked(), before + 1);
   });
 });
