@@ -42,6 +42,11 @@ const BUSY = 0.9;
 const IDLE_CHECK_MS = 50;
 const IDLE = 0.5;
 
+/** How long after one commit the next may start, asked each time a batch is due. */
+export interface CommitSpacing {
+  current(now: number): number;
+}
+
 /** The event loop's time so far, busy and idle, in ms (as `performance.eventLoopUtilization()`). */
 export type LoopTime = () => { readonly active: number; readonly idle: number };
 
@@ -61,9 +66,9 @@ function busyShare(from: Mark, to: Mark): number {
 /**
  * The spacing between commits: none while the event loop has time to spare, MAX_SPACING_MS while
  * it is busy. Measured in the defence bench (one worker, 1 KB, against the fixed 4 ms before, in
- * the same runs): a lone session 682 messages a second instead of 90 (the plain engine: 1,030),
+ * the same runs; docs/benchmarks.md): a lone session about 700 messages a second instead of 90,
  * since each of its four writes a message no longer waits out the spacing while the worker idles;
- * 10 sessions 1,553 instead of 819; 50 sessions, where the loop is busy, the same within the
+ * 10 sessions 1,183 instead of 840; 50 sessions, where the loop is busy, the same within the
  * noise. No spacing at all cost a third of the rate at 50 sessions, where every turn committed a
  * handful of writes.
  */
@@ -103,11 +108,6 @@ export class Spacing implements CommitSpacing {
     const { active, idle } = this.loop();
     return { at, active, idle };
   }
-}
-
-/** How long after one commit the next may start, asked each time a batch is due. */
-export interface CommitSpacing {
-  current(now: number): number;
 }
 
 /** How each write of a batch went: what it returned, or the TypeError it refused with. */

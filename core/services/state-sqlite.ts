@@ -25,10 +25,11 @@ export { rateBuckets } from './state-sqlite-db.js';
  * could, and would then fail to commit).
  *
  * Writes are committed in groups: those asked in one turn of the event loop (while it is busy:
- * within 4 ms) share one transaction (group-commit.ts), each still atomic under the write lock and none answered before its commit;
- * rate counts of one key in a group share one upsert and one sum, and one store's held shares of
- * one key one read, one write and one sum (state-sqlite-db.ts, runs), answered as if run one after
- * the other. Each write is stamped with the time it was asked.
+ * within 4 ms) share one transaction (group-commit.ts), each still atomic under the write lock
+ * and none answered before its commit; rate counts of one key in a group share one upsert and
+ * one sum, and one store's held shares of one key one read, one write and one sum
+ * (state-sqlite-db.ts, runs), answered as if run one after the other. Each write is stamped
+ * with the time it was asked.
  * Reads (`get`, `countEvents`, `addToRate` by 0) do not wait: each runs at once, on what was
  * committed.
  *
